@@ -1,0 +1,124 @@
+"""Backend selection: which implementation of an op runs for a tensor's device.
+
+Precedence: `use_backend(...)` (innermost wins) > `set_backend(...)` > the FCK_BACKEND environment variable > "auto".
+An explicitly chosen backend that cannot serve a device raises; "auto" never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_CHOICES = ("auto",) + BACKENDS
+
+_global_choice: str | None = None
+_scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fck_backend", default=None)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    devices: tuple[str, ...]  # device types this backend can serve in this process
+    reason: str
+
+    def __str__(self) -> str:
+        state = f"available on {', '.join(self.devices)}" if self.available else "unavailable"
+        return f"{state} ({self.reason})"
+
+
+def _validate(name: str) -> str:
+    name = name.lower().strip()
+    if name not in _CHOICES:
+        raise ValueError(f"unknown fastcore_kernels backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all later calls ("auto", "reference", "cpu", "cuda" or "triton")."""
+    global _global_choice
+    _global_choice = _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Select a backend inside a `with` block only."""
+    token = _scoped_choice.set(_validate(name))
+    try:
+        yield
+    finally:
+        _scoped_choice.reset(token)
+
+
+def get_backend() -> str:
+    """The backend choice in force here (may be "auto")."""
+    scoped = _scoped_choice.get()
+    if scoped is not None:
+        return scoped
+    if _global_choice is not None:
+        return _global_choice
+    return _validate(os.environ.get("FCK_BACKEND", "auto") or "auto")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _status(name: str) -> BackendStatus:
+    return _status_cached(name, triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _status_cached(name: str, interpreting: bool) -> BackendStatus:
+    if name == "reference":
+        return BackendStatus(True, ("cpu", "cuda"), "pure PyTorch")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(False, (), "triton is not installed")
+        devices = (("cuda",) if torch.cuda.is_available() else ()) + (("cpu",) if interpreting else ())
+        if not devices:
+            return BackendStatus(False, (), "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)")
+        why = "CUDA device" if "cuda" in devices else "TRITON_INTERPRET=1, CPU interpreter"
+        return BackendStatus(True, devices, why)
+    from fastcore_kernels._ext import extension
+
+    ext = extension()
+    if not ext.ok:
+        return BackendStatus(False, (), f"C++ extension unavailable: {ext.how}")
+    if name == "cpu":
+        return BackendStatus(True, ("cpu",), f"C++ extension, {ext.how}")
+    if not ext.with_cuda:
+        return BackendStatus(False, (), "the C++ extension was built without CUDA")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, (), "CUDA kernels are built but no CUDA device is visible")
+    return BackendStatus(True, ("cuda",), f"CUDA kernels, {ext.how}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it can run in this process, where, and why (not)."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+# What "auto" tries, fastest first, per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve(device: torch.device, choice: str | None = None) -> str:
+    """The backend that will run an op on `device`: `choice` if given, else the user's selection."""
+    choice = _validate(choice) if choice is not None else get_backend()
+    kind = device.type
+    if choice == "auto":
+        for name in _AUTO_ORDER.get(kind, ("reference",)):
+            if kind in _status(name).devices:
+                return name
+        return "reference"
+    status = _status(choice)
+    if kind not in status.devices:
+        raise RuntimeError(f"fastcore_kernels backend {choice!r} cannot run on {kind} tensors: {status}")
+    return choice

@@ -1,0 +1,239 @@
+"""FusedAdam / FusedAdamW: drop-ins for torch.optim.Adam / AdamW whose step is one multi-tensor kernel per
+(dtype, master-weights) bucket of a param group, on the backend fastcore_kernels selects.
+
+Same constructor arguments, defaults, param-group keys and state layout as torch ('step' as a float32 CPU tensor,
+'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq'), so state_dicts move between the two in both directions. One addition:
+`master_weights=True` keeps an fp32 copy ('master_param') and fp32 moments for float16/bfloat16 params.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fastcore_kernels.ops.adam import _dense, adam_
+
+_HALF = (torch.float16, torch.bfloat16)
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _scalar(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class _Bucket:
+    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, [])
+
+
+class FusedAdam(torch.optim.Optimizer):
+    """Adam (L2 weight decay) or, with `decoupled_weight_decay=True`, AdamW; see torch.optim.Adam for the math.
+
+    Extra keyword arguments: `master_weights` (fp32 master copy and fp32 moments for half params) and `backend`
+    (pin this optimizer to "cpu", "cuda", "triton" or "reference"; default: fastcore_kernels' selection).
+    `foreach` and `fused` are accepted for compatibility and ignored: the step is always fused.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        betas = (_scalar(betas[0]), _scalar(betas[1]))
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable:
+            raise ValueError(f"{type(self).__name__} does not support capturable=True (CUDA-graph capture of step)")
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        if backend is not None:
+            from fastcore_kernels._backend import _validate
+
+            backend = _validate(backend)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=False, differentiable=False, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
+        )
+        super().__init__(params, defaults)
+        self.backend = backend
+        # GradScaler then hands us `grad_scale`/`found_inf` instead of unscaling the grads itself (no extra pass).
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
+                               ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False),
+                               ("master_weights", False)):
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict) -> None:
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            state = self.state.get(p)
+            if not state:
+                continue
+            step = state.get("step")
+            if step is not None and not (torch.is_tensor(step) and step.device.type == "cpu"
+                                         and step.dtype == torch.float32):
+                state["step"] = torch.tensor(_scalar(step), dtype=torch.float32)
+            saved = saved_state.get(pid, {})
+            if "master_param" in saved:
+                # The generic loader casts all floating state to the param's dtype; master-weight state is fp32.
+                for key in ("master_param",) + _MOMENTS:
+                    if key in saved:
+                        state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+    def _state_for(self, p: torch.Tensor, amsgrad: bool, master: bool) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            dtype = torch.float32 if master else p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if master:
+                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        elif master != ("master_param" in state):
+            # master_weights was switched, or the state came from torch.optim.Adam: convert once.
+            if master:
+                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            else:
+                del state["master_param"]
+            dtype = torch.float32 if master else p.dtype
+            for key in _MOMENTS:
+                if key in state:
+                    state[key] = state[key].to(dtype)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+        return state
+
+    def _buckets(self, group) -> dict[tuple, _Bucket]:
+        amsgrad, master_weights = group["amsgrad"], group["master_weights"]
+        buckets: dict[tuple, _Bucket] = {}
+        device = None
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if device is None:
+                device = p.device
+            elif p.device != device:
+                raise ValueError(
+                    f"{type(self).__name__}: all params of a param group must be on one device; found {device} and "
+                    f"{p.device}. Put params of different devices in different groups."
+                )
+            if torch.is_complex(p):
+                raise TypeError(f"{type(self).__name__} does not support complex params (got {p.dtype})")
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients, please consider SparseAdam instead"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"{type(self).__name__}: params must be floating point, got {p.dtype}")
+            master = master_weights and p.dtype in _HALF
+            dense = p.is_contiguous() or _dense(p)
+            if dense and grad.stride() != p.stride():
+                grad = torch.empty_like(p).copy_(grad)  # kernels read grad and param as equal flat arrays
+            state = self._state_for(p, amsgrad, master)
+            b = buckets.get((p.dtype, master, dense))
+            if b is None:
+                b = buckets[(p.dtype, master, dense)] = _Bucket()
+            b.params.append(p)
+            b.grads.append(grad)
+            b.exp_avgs.append(state["exp_avg"])
+            b.exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                b.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            if master:
+                b.master_params.append(state["master_param"])
+            b.state_steps.append(state["step"])
+        return buckets
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        inv_grad_scale = 1.0
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and _scalar(found_inf) != 0.0:
+            return loss  # GradScaler found inf/nan: skip the step entirely, as torch's fused Adam does
+        if grad_scale is not None:
+            inv_grad_scale = 1.0 / _scalar(grad_scale)
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for (_, _, dense), b in self._buckets(group).items():
+                adam_(
+                    b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.master_params, b.state_steps,
+                    lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2), eps=group["eps"],
+                    weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], inv_grad_scale=inv_grad_scale,
+                    backend=self.backend if dense else "reference",
+                )
+        return loss
+
+
+class FusedAdamW(FusedAdam):
+    """AdamW (decoupled weight decay, default 1e-2): a drop-in for torch.optim.AdamW."""
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        master_weights: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True, master_weights=master_weights,
+            backend=backend,
+        )
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,168 @@
+"""Multi-tensor Adam/AdamW in Triton: one launch updates every tensor of a (device, dtype) bucket.
+
+The launcher packs one row per tensor (pointers, size, per-tensor bias-corrected scalars) plus a chunk -> tensor map
+into a single int64 table, copied to the device once per step. Program `pid` updates chunk `pid`: BLOCK consecutive
+elements of one tensor. Runs on the GPU, and on the CPU under TRITON_INTERPRET=1 (the pointers are then host
+addresses, which the interpreter dereferences).
+
+Table layout (int64), ROW = 8 columns per tensor, then one entry per chunk:
+    [p, g, m, v, vmax, master, numel, chunk_begin] * ntensors  |  float64 bits of [neg_step_size, bc2_sqrt] *
+    ntensors  |  tensor index of each chunk
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROW = 8
+BLOCK = 4096
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _adam_kernel(
+    table,  # int64 table described in the module docstring
+    ntensors,
+    lerp_weight,  # fp32 scalars, rounded from the Python doubles as in fck/adam.h
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay_factor,
+    inv_grad_scale,
+    P: tl.constexpr,  # param / grad element type
+    S: tl.constexpr,  # state element type (P, or fp32 with master weights)
+    MASTER: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    t = tl.load(table + ntensors * (ROW + 2) + chunk)
+    row = table + t * ROW
+    numel = tl.load(row + 6)
+    start = (chunk - tl.load(row + 7)) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    scal = table + ntensors * ROW + t * 2
+    neg_step_size = tl.load(scal).to(tl.float64, bitcast=True).to(tl.float32)
+    bc2_sqrt = tl.load(scal + 1).to(tl.float64, bitcast=True).to(tl.float32)
+
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(S))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(S))
+
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    if MASTER:
+        w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        p = tl.load(w_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+
+    g = g * inv_grad_scale
+    if MAXIMIZE:
+        g = -g
+    if DECOUPLED:
+        p = p * decay_factor
+    else:
+        g = tl.fma(weight_decay, p, g)
+    if lerp_weight < 0.5:
+        m = tl.fma(lerp_weight, g - m, m)
+    else:
+        m = tl.fma(lerp_weight - 1.0, g - m, g)
+    v = v * beta2
+    v = v + (one_minus_beta2 * g) * g
+    if AMSGRAD:
+        vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S))
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(vmax_ptr + offs, vmax.to(S), mask=mask)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + neg_step_size * tl.div_rn(m, denom)
+
+    if MASTER:
+        tl.store(w_ptr + offs, p, mask=mask)
+    tl.store(p_ptr + offs, p.to(P), mask=mask)
+    tl.store(m_ptr + offs, m.to(S), mask=mask)
+    tl.store(v_ptr + offs, v.to(S), mask=mask)
+
+
+def adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    master_params: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    inv_grad_scale: float,
+) -> None:
+    """Launcher with the signature of the `fck::adam_` op; all tensors share a device and a param dtype."""
+    if not params:
+        return
+    torch._foreach_add_(state_steps, 1.0)
+    steps = torch.stack([s.reshape(()) for s in state_steps]).to("cpu", torch.float64)
+    neg_step_size = -(lr / (1 - beta1**steps))
+    bc2_sqrt = torch.sqrt(1 - beta2**steps)
+
+    n = len(params)
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    nchunks = (numels + BLOCK - 1) // BLOCK
+    chunk_begin = torch.cumsum(nchunks, 0) - nchunks
+    none = [0] * n
+    cols = [
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [m.data_ptr() for m in exp_avgs],
+        [v.data_ptr() for v in exp_avg_sqs],
+        [v.data_ptr() for v in max_exp_avg_sqs] if amsgrad else none,
+        [w.data_ptr() for w in master_params] if master_params else none,
+    ]
+    rows = torch.cat([torch.tensor(cols, dtype=torch.int64).T, numels[:, None], chunk_begin[:, None]], dim=1)
+    scal = torch.stack([neg_step_size, bc2_sqrt], dim=1).view(torch.int64)
+    chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), nchunks)
+    total = int(chunk_tensor.numel())
+    if total == 0:
+        return
+    device = params[0].device
+    table = torch.cat([rows.reshape(-1), scal.reshape(-1), chunk_tensor])
+    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+    p_dtype = _TL_DTYPE[params[0].dtype]
+    _adam_kernel[(total,)](
+        table,
+        n,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        0.0 if decoupled_weight_decay else weight_decay,
+        1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        inv_grad_scale,
+        P=p_dtype,
+        S=tl.float32 if master_params else p_dtype,
+        MASTER=bool(master_params),
+        AMSGRAD=amsgrad,
+        MAXIMIZE=maximize,
+        DECOUPLED=decoupled_weight_decay,
+        ROW=ROW,
+        BLOCK=BLOCK,
+        num_warps=8,
+    )

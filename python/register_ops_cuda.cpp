@@ -1,0 +1,6 @@
+// CUDA kernels of the ops defined in register_ops.cpp; compiled only when the CUDA toolchain is present.
+#include <torch/library.h>
+
+#include "fck/ops.h"
+
+TORCH_LIBRARY_IMPL(fck, CUDA, m) { m.impl("adam_", &fck::cuda::adam_); }
