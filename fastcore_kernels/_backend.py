@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -40,10 +39,11 @@ def _validate(name: str) -> str:
     return name
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for all later calls ("auto", "reference", "cpu", "cuda" or "triton")."""
+def set_backend(name: str | None) -> None:
+    """Select the backend for all later calls ("auto", "reference", "cpu", "cuda" or "triton"); None goes back to
+    the FCK_BACKEND environment variable (default "auto")."""
     global _global_choice
-    _global_choice = _validate(name)
+    _global_choice = None if name is None else _validate(name)
 
 
 @contextlib.contextmanager
@@ -70,12 +70,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_status_cache: dict[tuple[str, bool], BackendStatus] = {}
+
+
 def _status(name: str) -> BackendStatus:
-    return _status_cached(name, triton_interpreting())
+    # A plain dict rather than lru_cache: torch.compile traces through dict lookups without warnings.
+    key = (name, triton_interpreting())
+    status = _status_cache.get(key)
+    if status is None:
+        status = _status_cache[key] = _probe(name, key[1])
+    return status
 
 
-@functools.lru_cache(maxsize=None)
-def _status_cached(name: str, interpreting: bool) -> BackendStatus:
+def _probe(name: str, interpreting: bool) -> BackendStatus:
     if name == "reference":
         return BackendStatus(True, ("cpu", "cuda"), "pure PyTorch")
     if name == "triton":

@@ -70,7 +70,9 @@ def _triton(*args) -> None:
 _IMPLS = {"reference": reference.adam_, "cpu": _cxx, "cuda": _cxx, "triton": _triton}
 
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad) -> None:
+def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad,
+           flat: bool) -> None:
+    """`flat`: the kernels treat each tensor as a flat array, so all of a param's tensors must share dense strides."""
     n = len(params)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
     if amsgrad:
@@ -102,12 +104,13 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
                 f"adam_: grads[{i}] ({g.dtype}, {g.device}, {tuple(g.shape)}) does not match its param "
                 f"({dtype}, {device}, {tuple(p.shape)})"
             )
-        if g.stride() != p.stride() or not (p.is_contiguous() or _dense(p)):
+        if flat and (g.stride() != p.stride() or not (p.is_contiguous() or _dense(p))):
             raise ValueError(f"adam_: params[{i}] and grads[{i}] must be dense with identical strides")
     for name in _STATE_LISTS + (("max_exp_avg_sqs",) if amsgrad else ()) + (("master_params",) if master_params else ()):
         for i, t in enumerate(lists[name]):
             want = torch.float32 if name == "master_params" else state_dtype
-            if t.dtype != want or t.device != device or t.stride() != params[i].stride() or t.shape != params[i].shape:
+            laid_out = t.shape == params[i].shape and (not flat or t.stride() == params[i].stride())
+            if t.dtype != want or t.device != device or not laid_out:
                 raise ValueError(f"adam_: {name}[{i}] must be a {want} tensor laid out like params[{i}] on {device}")
 
 
@@ -153,12 +156,13 @@ def adam_(
     """
     args = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(master_params),
             list(state_steps)]
-    _check(*args, amsgrad)
     if not args[0]:
+        _check(*args, amsgrad, flat=False)
         return "none"
     name = _backend.resolve(args[0][0].device, backend)
     if args[0][0].dtype == torch.float64:
         name = "reference"  # the fused kernels compute in fp32; float64 keeps its precision on the reference
+    _check(*args, amsgrad, flat=name != "reference")
     _IMPLS[name](*args, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
                  bool(maximize), bool(decoupled_weight_decay), float(inv_grad_scale))
     return name

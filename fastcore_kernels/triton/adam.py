@@ -79,7 +79,7 @@ def _adam_kernel(
     else:
         m = tl.fma(lerp_weight - 1.0, g - m, g)
     v = v * beta2
-    v = v + (one_minus_beta2 * g) * g
+    v = tl.fma(one_minus_beta2 * g, g, v)
     if AMSGRAD:
         vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S))
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
@@ -87,7 +87,7 @@ def _adam_kernel(
         denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + neg_step_size * tl.div_rn(m, denom)
+    p = p + tl.div_rn(neg_step_size * m, denom)
 
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)

@@ -3,8 +3,10 @@
 // The sequence of float operations mirrors torch.optim.Adam's single-tensor path (foreach=False) so that fp32 results
 // agree to rounding: grad (+ L2 decay) -> exp_avg.lerp_ -> exp_avg_sq.mul_().addcmul_() -> [amsgrad max] ->
 // denom = sqrt(v) / sqrt(bc2) + eps -> param.addcdiv_(exp_avg, denom, -step_size). Everything is computed in fp32,
-// whatever the storage dtype. fmaf appears exactly where ATen's vectorized CPU kernels fuse (add with alpha, lerp);
-// the CPU build disables implicit contraction (-ffp-contract=off) so no other operation is fused.
+// whatever the storage dtype. fmaf appears exactly where ATen's vectorized CPU kernels fuse (add with alpha, lerp,
+// addcmul) and addcdiv is (value * m) / denom as there; the CPU build disables implicit contraction
+// (-ffp-contract=off) so nothing else is fused. ATen's CPU sqrt is not always correctly rounded and ours is, so fp32
+// results may still differ from torch by an ulp.
 #pragma once
 
 #include <cmath>
@@ -71,7 +73,7 @@ FCK_HOST_DEVICE void adam_element(float& p, float g, float& m, float& v, float& 
   const float w = h.lerp_weight;
   m = (w < 0.5f) ? fmaf(w, g - m, m) : fmaf(w - 1.0f, g - m, g);
   v = v * h.beta2;
-  v = v + (h.one_minus_beta2 * g) * g;
+  v = fmaf(h.one_minus_beta2 * g, g, v);
   float vv = v;
   if (AMSGRAD) {
     vmax = vmax > v ? vmax : v;  // NaN in v propagates through the ternary like torch.maximum
@@ -79,7 +81,7 @@ FCK_HOST_DEVICE void adam_element(float& p, float g, float& m, float& v, float& 
     vv = vmax;
   }
   const float denom = sqrtf(vv) / s.bc2_sqrt + h.eps;
-  p = p + s.neg_step_size * (m / denom);
+  p = p + (s.neg_step_size * m) / denom;
 }
 
 }  // namespace fck

@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: timing (CUDA events via triton.testing.do_bench, or repeated wall-clock on the CPU),
+the machine's measured copy bandwidth, and result rows written as JSON with the commit and date."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("FCK_COMMIT", "unknown")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return q[1], statistics.median(samples), q[7]
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> tuple[float, float, float]:
+    """(p20, p50, p80) milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, warmup=50, rep=400, quantiles=[0.2, 0.5, 0.8]))
+    fn()  # warm-up: lazy state init, first-touch page faults
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device (or RAM-to-RAM) copy rate, counting bytes read plus bytes written."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    _, p50, _ = time_ms(lambda: dst.copy_(src), device, reps=10)
+    return 2 * nbytes / (p50 * 1e-3) / 1e9
+
+
+class Results:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rows: list[dict] = []
+        self.copy_gbs = copy_bandwidth_gbs(device)
+        self.meta = dict(device=device_name(device), commit=commit(),
+                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         torch=torch.__version__, copy_gbs=round(self.copy_gbs, 1))
+
+    def add(self, op: str, provider: str, mode: str, shape: str, times: tuple[float, float, float],
+            nbytes: int, peak_mem_mb: float | None = None, **extra) -> dict:
+        p20, p50, p80 = times
+        gbs = nbytes / (p50 * 1e-3) / 1e9
+        row = dict(op=op, provider=provider, mode=mode, shape=shape, p20_ms=round(p20, 4), p50_ms=round(p50, 4),
+                   p80_ms=round(p80, 4), gbs=round(gbs, 1), frac_copy_bw=round(gbs / self.copy_gbs, 3),
+                   peak_mem_mb=None if peak_mem_mb is None else round(peak_mem_mb, 1), **extra, **self.meta)
+        self.rows.append(row)
+        return row
+
+    def print_table(self, baseline: str) -> None:
+        print(f"\n{self.meta['device']} | commit {self.meta['commit']} | torch {self.meta['torch']} | "
+              f"measured copy bandwidth {self.copy_gbs:.1f} GB/s")
+        hdr = f"{'op':<8}{'shape':<22}{'provider':<16}{'p50 ms':>10}{'GB/s':>9}{'of copy':>9}{'vs ' + baseline:>18}"
+        print(hdr)
+        print("-" * len(hdr))
+        base = {(r["op"], r["shape"]): r["p50_ms"] for r in self.rows if r["provider"] == baseline}
+        for r in self.rows:
+            b = base.get((r["op"], r["shape"]))
+            speedup = f"{b / r['p50_ms']:.2f}x" if b else "-"
+            print(f"{r['op']:<8}{r['shape']:<22}{r['provider']:<16}{r['p50_ms']:>10.3f}{r['gbs']:>9.1f}"
+                  f"{r['frac_copy_bw']:>9.2f}{speedup:>18}")
+
+    def write(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.rows, indent=1) + "\n")
+        print(f"wrote {len(self.rows)} rows to {path}")

@@ -1,0 +1,121 @@
+"""Backend selection, the extension loader and its fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastcore_kernels as fck
+from fastcore_kernels._backend import resolve
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    report = fck.backends()
+    assert set(report) == {"reference", "cpu", "cuda", "triton"}
+    assert report["reference"].available
+    for status in report.values():
+        assert status.reason
+    if not torch.cuda.is_available():
+        assert not report["cuda"].available
+
+
+def test_set_and_use_backend_nest():
+    cpu = torch.device("cpu")
+    auto = resolve(cpu)
+    assert auto in ("cpu", "reference")
+    fck.set_backend("reference")
+    assert resolve(cpu) == "reference"
+    with fck.use_backend("auto"):
+        assert resolve(cpu) == auto
+        with fck.use_backend("reference"):
+            assert resolve(cpu) == "reference"
+        assert resolve(cpu) == auto
+    assert fck.get_backend() == "reference"
+    fck.set_backend(None)
+    assert fck.get_backend() == os.environ.get("FCK_BACKEND", "auto")
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown fastcore_kernels backend"):
+        fck.set_backend("fastest")
+
+
+def test_explicit_backend_that_cannot_serve_the_device_raises():
+    with fck.use_backend("cuda"):
+        if not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="cannot run on cpu"):
+                resolve(torch.device("cpu"))
+
+
+def test_optimizer_uses_the_selected_backend(monkeypatch):
+    from fastcore_kernels.ops import adam as adam_op
+
+    seen = []
+    monkeypatch.setitem(adam_op._IMPLS, "reference", lambda *a: seen.append("reference"))
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    with fck.use_backend("reference"):
+        fck.FusedAdam([p]).step()
+    assert seen == ["reference"]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+
+
+def test_environment_variable_selects_backend():
+    out = _run(
+        """
+        import torch, fastcore_kernels as fck
+        from fastcore_kernels._backend import resolve
+        print(fck.get_backend(), resolve(torch.device("cpu")))
+        """,
+        FCK_BACKEND="reference",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "reference"]
+
+
+def test_import_never_builds_or_warns():
+    out = _run(
+        """
+        import warnings
+        warnings.simplefilter("error")
+        import fastcore_kernels, fastcore_kernels._ext as ext
+        assert ext._loaded is None, "the extension must load on first use, not at import"
+        """
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    """No prebuilt library and no way to build one: import works, one warning, reference/triton serve."""
+    out = _run(
+        """
+        import sys, warnings
+        sys.modules["fastcore_kernels._C"] = None          # as if setup.py never built it
+        import fastcore_kernels as fck, fastcore_kernels._build as build
+        build.sources_present = lambda: False              # and no sources to build from
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = fck.backends()
+            p = torch.nn.Parameter(torch.randn(5)); p.grad = torch.randn(5)
+            fck.FusedAdam([p]).step()
+            fck.backends()
+        msgs = [str(w.message) for w in caught if "fastcore_kernels" in str(w.message)]
+        assert len(msgs) == 1, msgs
+        assert "'cpu' and 'cuda' backends are disabled" in msgs[0], msgs[0]
+        assert not report["cpu"].available and "C++ extension unavailable" in report["cpu"].reason
+        from fastcore_kernels._backend import resolve
+        assert resolve(torch.device("cpu")) == "reference"
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

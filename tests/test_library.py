@@ -1,0 +1,69 @@
+"""The ops as torch.library citizens: schema/fake/autograd registration (opcheck) and torch.compile."""
+
+import pytest
+import torch
+
+import fastcore_kernels as fck
+
+from conftest import devices, skip_unless_runnable
+
+
+def _adam_args(device, dtype=torch.float32, master=False, amsgrad=True):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5,), (3, 4)]
+
+    def rnd(s, dt, pos=False):
+        t = torch.randn(s, generator=g)
+        return (t.abs() + 0.1 if pos else t).to(device, dt)
+
+    sdt = torch.float32 if master else dtype
+    params = [rnd(s, dtype) for s in shapes]
+    return (
+        params,
+        [rnd(s, dtype) for s in shapes],
+        [rnd(s, sdt) for s in shapes],
+        [rnd(s, sdt, True) for s in shapes],
+        [rnd(s, sdt, True) for s in shapes] if amsgrad else [],
+        [p.float() for p in params] if master else [],
+        [torch.tensor(2.0) for _ in shapes],
+        1e-3, 0.9, 0.999, 1e-8, 0.01, amsgrad, False, True, 1.0,
+    )
+
+
+# test_aot_dispatch_dynamic is not meaningful for an op that returns nothing and only mutates.
+_OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("op_name,backend", [("adam_", "cpu"), ("adam_triton_", "triton")])
+def test_opcheck(device, op_name, backend):
+    if backend == "cpu" and device == "cuda":
+        backend = "cuda"
+    skip_unless_runnable(backend, device)
+    op = getattr(torch.ops.fck, op_name)
+    for master, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        torch.library.opcheck(op, _adam_args(device, dtype, master), test_utils=_OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_optimizer_step_compiles_fullgraph(backend):
+    skip_unless_runnable(backend, "cpu")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    ref_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    ref_model.load_state_dict(model.state_dict())
+    opt = fck.FusedAdamW(model.parameters(), lr=1e-2, backend=backend)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    forward = torch.compile(model, fullgraph=True)
+    step = torch.compile(opt.step, fullgraph=True)
+    x, y = torch.randn(32, 8), torch.randn(32, 2)
+    for _ in range(5):
+        torch.nn.functional.mse_loss(forward(x), y).backward()
+        step()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref_model(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
