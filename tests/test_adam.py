@@ -317,14 +317,28 @@ def test_bad_hyperparameters(kwargs, match):
         fck.FusedAdam([torch.nn.Parameter(torch.randn(2))], **kwargs)
 
 
-def test_op_rejects_mismatched_lists():
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_op_rejects_mismatched_inputs(backend):
+    """Every backend refuses inputs that do not line up, naming the offending tensor (ValueError from the Python
+    checks, RuntimeError from the C++ ones), and writes nothing."""
+    skip_unless_runnable(backend, "cpu")
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, backend=backend)
     p = [torch.randn(4)]
+    before = p[0].clone()
     with pytest.raises(ValueError, match="grads has 0 tensors"):
-        adam_(p, [], [torch.zeros(4)], [torch.zeros(4)], [], [], [torch.tensor(0.0)], lr=1e-3, beta1=0.9,
-              beta2=0.999, eps=1e-8, weight_decay=0.0)
-    with pytest.raises(ValueError, match="grads\\[0\\]"):
-        adam_(p, [torch.randn(5)], [torch.zeros(4)], [torch.zeros(4)], [], [], [torch.tensor(0.0)], lr=1e-3,
-              beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        adam_(p, [], [torch.zeros(4)], [torch.zeros(4)], [], [], [torch.tensor(0.0)], **hyper)
+    bad = [
+        ([torch.randn(5)], [torch.zeros(4)], "grads\\[0\\]"),                     # wrong shape
+        ([torch.randn(4, dtype=torch.float16)], [torch.zeros(4)], "grads\\[0\\]"),  # wrong dtype
+        ([torch.randn(4)], [torch.zeros(4, dtype=torch.float16)], "exp_avgs\\[0\\]|state"),
+        ([torch.randn(8)[::2]], [torch.zeros(4)], "grads\\[0\\]|strides"),        # non-dense grad
+    ]
+    for grads, exp_avgs, match in bad:
+        if backend == "reference" and "strides" in match:
+            continue  # the reference computes on any layout
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            adam_(p, grads, exp_avgs, [torch.zeros(4)], [], [], [torch.tensor(0.0)], **hyper)
+    assert torch.equal(p[0], before)
 
 
 def test_cxx_op_guards_direct_calls():

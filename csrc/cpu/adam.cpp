@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "fck/adam.h"
@@ -24,44 +25,51 @@ struct Chunk {
   int64_t begin, end;
 };
 
-// target_clones compiles the loop twice (AVX2+FMA and baseline x86-64) and picks one at load time, so one binary
-// is fast on this machine and still runs on a CPU without AVX2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FCK_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FCK_CPU_CLONES
+// The loops are compiled twice: for AVX2+FMA (picked at run time when the CPU has them) and for baseline x86-64, so
+// one binary is fast here and still runs anywhere. `State` is P without master weights, float with them.
+template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
+FCK_HOST_DEVICE void adam_loop(P* __restrict p, const P* __restrict g, float* __restrict master,
+                               State* __restrict m, State* __restrict v, State* __restrict vmax, int64_t n,
+                               const AdamHyper& h, const AdamStepScalars& s) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = MASTER ? master[i] : static_cast<float>(p[i]);
+    float mf = static_cast<float>(m[i]), vf = static_cast<float>(v[i]);
+    float vmf = AMSGRAD ? static_cast<float>(vmax[i]) : 0.0f;
+    adam_element<AMSGRAD, L2>(pf, static_cast<float>(g[i]), mf, vf, vmf, h, s);
+    if (MASTER) master[i] = pf;
+    p[i] = static_cast<P>(pf);
+    m[i] = static_cast<State>(mf);
+    v[i] = static_cast<State>(vf);
+    if (AMSGRAD) vmax[i] = static_cast<State>(vmf);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FCK_HAVE_AVX2_CLONE 1
+template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
+__attribute__((target("avx2,fma"))) void adam_loop_avx2(P* p, const P* g, float* master, State* m, State* v,
+                                                        State* vmax, int64_t n, const AdamHyper& h,
+                                                        const AdamStepScalars& s) {
+  adam_loop<P, State, MASTER, AMSGRAD, L2>(p, g, master, m, v, vmax, n, h, s);
+}
 #endif
 
-template <typename P, bool AMSGRAD>
-FCK_CPU_CLONES void adam_range(P* __restrict p, const P* __restrict g, P* __restrict m, P* __restrict v,
-                               P* __restrict vmax, int64_t n, AdamHyper h, AdamStepScalars s) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pf = static_cast<float>(p[i]), mf = static_cast<float>(m[i]), vf = static_cast<float>(v[i]);
-    float vmf = AMSGRAD ? static_cast<float>(vmax[i]) : 0.0f;
-    adam_element<AMSGRAD>(pf, static_cast<float>(g[i]), mf, vf, vmf, h, s);
-    p[i] = static_cast<P>(pf);
-    m[i] = static_cast<P>(mf);
-    v[i] = static_cast<P>(vf);
-    if (AMSGRAD) vmax[i] = static_cast<P>(vmf);
-  }
+template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
+void adam_loop_baseline(P* p, const P* g, float* master, State* m, State* v, State* vmax, int64_t n,
+                        const AdamHyper& h, const AdamStepScalars& s) {
+  adam_loop<P, State, MASTER, AMSGRAD, L2>(p, g, master, m, v, vmax, n, h, s);
 }
 
-// Half params with fp32 master weights and fp32 state: the update runs on the master copy, the param gets its
-// rounded value.
-template <typename P, bool AMSGRAD>
-FCK_CPU_CLONES void adam_range_master(P* __restrict p, const P* __restrict g, float* __restrict master,
-                                      float* __restrict m, float* __restrict v, float* __restrict vmax, int64_t n,
-                                      AdamHyper h, AdamStepScalars s) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pf = master[i], vmf = AMSGRAD ? vmax[i] : 0.0f;
-    adam_element<AMSGRAD>(pf, static_cast<float>(g[i]), m[i], v[i], vmf, h, s);
-    master[i] = pf;
-    p[i] = static_cast<P>(pf);
-    if (AMSGRAD) vmax[i] = vmf;
-  }
+bool cpu_has_avx2_fma() {
+#ifdef FCK_HAVE_AVX2_CLONE
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
 }
 
-template <typename P, bool AMSGRAD>
+template <typename P, bool MASTER, bool AMSGRAD, bool L2>
 void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
          at::TensorList max_exp_avg_sqs, at::TensorList master_params, const std::vector<AdamStepScalars>& scal,
          const AdamHyper& h) {
@@ -70,23 +78,20 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, a
     const int64_t n = params[t].numel();
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int32_t>(t), b, std::min(n, b + kChunk)});
   }
-  const bool master = !master_params.empty();
+  using State = std::conditional_t<MASTER, float, P>;
+  auto loop = adam_loop_baseline<P, State, MASTER, AMSGRAD, L2>;
+#ifdef FCK_HAVE_AVX2_CLONE
+  if (cpu_has_avx2_fma()) loop = adam_loop_avx2<P, State, MASTER, AMSGRAD, L2>;
+#endif
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& k = chunks[c];
-      const int64_t off = k.begin, n = k.end - k.begin;
-      P* p = params[k.tensor].data_ptr<P>() + off;
-      const P* g = grads[k.tensor].data_ptr<P>() + off;
-      if (master) {
-        float* vmax = AMSGRAD ? max_exp_avg_sqs[k.tensor].data_ptr<float>() + off : nullptr;
-        adam_range_master<P, AMSGRAD>(p, g, master_params[k.tensor].data_ptr<float>() + off,
-                                      exp_avgs[k.tensor].data_ptr<float>() + off,
-                                      exp_avg_sqs[k.tensor].data_ptr<float>() + off, vmax, n, h, scal[k.tensor]);
-      } else {
-        P* vmax = AMSGRAD ? max_exp_avg_sqs[k.tensor].data_ptr<P>() + off : nullptr;
-        adam_range<P, AMSGRAD>(p, g, exp_avgs[k.tensor].data_ptr<P>() + off,
-                               exp_avg_sqs[k.tensor].data_ptr<P>() + off, vmax, n, h, scal[k.tensor]);
-      }
+      const int64_t off = k.begin;
+      loop(params[k.tensor].data_ptr<P>() + off, grads[k.tensor].data_ptr<P>() + off,
+           MASTER ? master_params[k.tensor].data_ptr<float>() + off : nullptr,
+           exp_avgs[k.tensor].data_ptr<State>() + off, exp_avg_sqs[k.tensor].data_ptr<State>() + off,
+           AMSGRAD ? max_exp_avg_sqs[k.tensor].data_ptr<State>() + off : nullptr, k.end - k.begin, h,
+           scal[k.tensor]);
     }
   });
 }
@@ -102,18 +107,22 @@ void adam_(FCK_ADAM_ARGS) {
   for (size_t i = 0; i < steps.size(); ++i) scal[i] = make_adam_step_scalars(lr, beta1, beta2, steps[i]);
   const AdamHyper h =
       make_adam_hyper(lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay, inv_grad_scale);
-  auto go = [&](auto tag) {
+  const bool master = !master_params.empty(), l2 = adam_uses_l2(weight_decay, decoupled_weight_decay);
+  // Runtime options that change the loop body become template flags; fp32 params never carry master weights.
+  auto go = [&](auto tag, auto master_tag) {
     using P = decltype(tag);
-    if (amsgrad) {
-      run<P, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
-    } else {
-      run<P, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
-    }
+    constexpr bool M = decltype(master_tag)::value;
+    if (amsgrad && l2) run<P, M, true, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
+    else if (amsgrad) run<P, M, true, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
+    else if (l2) run<P, M, false, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
+    else run<P, M, false, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
   };
+  using yes = std::true_type;
+  using no = std::false_type;
   switch (params[0].scalar_type()) {
-    case at::kFloat: go(float{}); break;
-    case at::kHalf: go(c10::Half{}); break;
-    case at::kBFloat16: go(c10::BFloat16{}); break;
+    case at::kFloat: go(float{}, no{}); break;
+    case at::kHalf: master ? go(c10::Half{}, yes{}) : go(c10::Half{}, no{}); break;
+    case at::kBFloat16: master ? go(c10::BFloat16{}, yes{}) : go(c10::BFloat16{}, no{}); break;
     default: TORCH_CHECK(false, "fck::adam_ (cpu): unsupported dtype ", params[0].scalar_type());
   }
 }

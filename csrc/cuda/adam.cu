@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "fck/adam.h"
@@ -39,7 +40,7 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 // S is the state dtype: P without master weights, float with them.
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool L2>
 __device__ __forceinline__ void update(const TensorRow& r, int64_t i, const AdamHyper& h) {
   P* p = static_cast<P*>(r.p);
   S* m = static_cast<S*>(r.m);
@@ -48,7 +49,7 @@ __device__ __forceinline__ void update(const TensorRow& r, int64_t i, const Adam
   float pf = MASTER ? r.master[i] : static_cast<float>(p[i]);
   float mf = static_cast<float>(m[i]), vf = static_cast<float>(v[i]);
   float vmf = AMSGRAD ? static_cast<float>(vmax[i]) : 0.f;
-  adam_element<AMSGRAD>(pf, static_cast<float>(static_cast<const P*>(r.g)[i]), mf, vf, vmf, h, r.s);
+  adam_element<AMSGRAD, L2>(pf, static_cast<float>(static_cast<const P*>(r.g)[i]), mf, vf, vmf, h, r.s);
   if (MASTER) r.master[i] = pf;
   p[i] = static_cast<P>(pf);
   m[i] = static_cast<S>(mf);
@@ -56,7 +57,7 @@ __device__ __forceinline__ void update(const TensorRow& r, int64_t i, const Adam
   if (AMSGRAD) vmax[i] = static_cast<S>(vmf);
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool L2>
 __device__ __forceinline__ void update_vec(const TensorRow& r, int64_t i, const AdamHyper& h) {
   Vec<P, kVec> p = *reinterpret_cast<const Vec<P, kVec>*>(static_cast<P*>(r.p) + i);
   const Vec<P, kVec> g = *reinterpret_cast<const Vec<P, kVec>*>(static_cast<const P*>(r.g) + i);
@@ -71,7 +72,7 @@ __device__ __forceinline__ void update_vec(const TensorRow& r, int64_t i, const 
     float pf = MASTER ? w.x[k] : static_cast<float>(p.x[k]);
     float mf = static_cast<float>(m.x[k]), vf = static_cast<float>(v.x[k]);
     float vmf = AMSGRAD ? static_cast<float>(vm.x[k]) : 0.f;
-    adam_element<AMSGRAD>(pf, static_cast<float>(g.x[k]), mf, vf, vmf, h, r.s);
+    adam_element<AMSGRAD, L2>(pf, static_cast<float>(g.x[k]), mf, vf, vmf, h, r.s);
     if (MASTER) w.x[k] = pf;
     p.x[k] = static_cast<P>(pf);
     m.x[k] = static_cast<S>(mf);
@@ -85,7 +86,7 @@ __device__ __forceinline__ void update_vec(const TensorRow& r, int64_t i, const 
   if (MASTER) *reinterpret_cast<Vec<float, kVec>*>(r.master + i) = w;
 }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool L2>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const TensorRow* __restrict__ rows, int ntensors,
                                                         int64_t nchunks, AdamHyper h) {
   __shared__ int row_of_chunk;
@@ -105,21 +106,21 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const TensorRow* __restr
     const int64_t end = min(begin + kChunk, r.numel);
     if (r.aligned && end - begin == kChunk) {
 #pragma unroll
-      for (int64_t i = begin + threadIdx.x * kVec; i < end; i += kThreads * kVec) update_vec<P, S, MASTER, AMSGRAD>(r, i, h);
+      for (int64_t i = begin + threadIdx.x * kVec; i < end; i += kThreads * kVec) update_vec<P, S, MASTER, AMSGRAD, L2>(r, i, h);
     } else {
-      for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) update<P, S, MASTER, AMSGRAD>(r, i, h);
+      for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) update<P, S, MASTER, AMSGRAD, L2>(r, i, h);
     }
   }
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-template <typename P, typename S, bool MASTER, bool AMSGRAD>
+template <typename P, typename S, bool MASTER, bool AMSGRAD, bool L2>
 void launch(const at::Tensor& rows_dev, int ntensors, int64_t nchunks, const AdamHyper& h) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks_per_sm = at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor / kThreads;
   const int64_t grid = std::min<int64_t>(nchunks, static_cast<int64_t>(sms) * blocks_per_sm);
-  adam_kernel<P, S, MASTER, AMSGRAD><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  adam_kernel<P, S, MASTER, AMSGRAD, L2><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const TensorRow*>(rows_dev.data_ptr()), ntensors, nchunks, h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -164,24 +165,23 @@ void adam_(FCK_ADAM_ARGS) {
   const AdamHyper h =
       make_adam_hyper(lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay, inv_grad_scale);
 
-  auto go = [&](auto tag) {
+  const bool l2 = adam_uses_l2(weight_decay, decoupled_weight_decay);
+  // Runtime options that change the loop body become template flags; fp32 params never carry master weights.
+  auto go = [&](auto tag, auto master_tag) {
     using P = decltype(tag);
-    if (master) {
-      if (amsgrad) launch<P, float, true, true>(rows_dev, used, nchunks, h);
-      else launch<P, float, true, false>(rows_dev, used, nchunks, h);
-    } else {
-      if (amsgrad) launch<P, P, false, true>(rows_dev, used, nchunks, h);
-      else launch<P, P, false, false>(rows_dev, used, nchunks, h);
-    }
+    constexpr bool M = decltype(master_tag)::value;
+    using S = std::conditional_t<M, float, P>;
+    if (amsgrad && l2) launch<P, S, M, true, true>(rows_dev, used, nchunks, h);
+    else if (amsgrad) launch<P, S, M, true, false>(rows_dev, used, nchunks, h);
+    else if (l2) launch<P, S, M, false, true>(rows_dev, used, nchunks, h);
+    else launch<P, S, M, false, false>(rows_dev, used, nchunks, h);
   };
+  using yes = std::true_type;
+  using no = std::false_type;
   switch (params[0].scalar_type()) {
-    case at::kFloat:
-      // fp32 params never carry master weights (checked above); skip instantiating that combination.
-      if (amsgrad) launch<float, float, false, true>(rows_dev, used, nchunks, h);
-      else launch<float, float, false, false>(rows_dev, used, nchunks, h);
-      break;
-    case at::kHalf: go(c10::Half{}); break;
-    case at::kBFloat16: go(c10::BFloat16{}); break;
+    case at::kFloat: go(float{}, no{}); break;
+    case at::kHalf: master ? go(c10::Half{}, yes{}) : go(c10::Half{}, no{}); break;
+    case at::kBFloat16: master ? go(c10::BFloat16{}, yes{}) : go(c10::BFloat16{}, no{}); break;
     default: TORCH_CHECK(false, "fck::adam_ (cuda): unsupported dtype ", params[0].scalar_type());
   }
 }

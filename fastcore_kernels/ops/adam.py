@@ -71,8 +71,9 @@ _IMPLS = {"reference": reference.adam_, "cpu": _cxx, "cuda": _cxx, "triton": _tr
 
 
 def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad,
-           flat: bool) -> None:
-    """`flat`: the kernels treat each tensor as a flat array, so all of a param's tensors must share dense strides."""
+           backend: str) -> None:
+    """List-level checks here; per-tensor checks here for the Python backends, and in C++ for the C++ ones
+    (csrc/include/fck/adam_checks.h, the same rules), so the per-step cost is not paid twice."""
     n = len(params)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
     if amsgrad:
@@ -84,8 +85,9 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     for name, lst in lists.items():
         if len(lst) != n:
             raise ValueError(f"adam_: {name} has {len(lst)} tensors but params has {n}")
-    if n == 0:
+    if n == 0 or backend in ("cpu", "cuda"):
         return
+    flat = backend != "reference"  # kernels treat each tensor as a flat array: dense, with its param's strides
     device, dtype = params[0].device, params[0].dtype
     if dtype not in SUPPORTED_DTYPES and not (dtype == torch.float64 and not master_params):
         raise TypeError(f"adam_: params must be float32, float16, bfloat16 (or float64), got {dtype}")
@@ -157,12 +159,12 @@ def adam_(
     args = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(master_params),
             list(state_steps)]
     if not args[0]:
-        _check(*args, amsgrad, flat=False)
+        _check(*args, amsgrad, backend="reference")
         return "none"
     name = _backend.resolve(args[0][0].device, backend)
     if args[0][0].dtype == torch.float64:
         name = "reference"  # the fused kernels compute in fp32; float64 keeps its precision on the reference
-    _check(*args, amsgrad, flat=name != "reference")
+    _check(*args, amsgrad, backend=name)
     _IMPLS[name](*args, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
                  bool(maximize), bool(decoupled_weight_decay), float(inv_grad_scale))
     return name

@@ -82,6 +82,7 @@ class FusedAdam(torch.optim.Optimizer):
             foreach=foreach, capturable=False, differentiable=False, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
         )
+        self._plans: dict[int, tuple] = {}
         super().__init__(params, defaults)
         self.backend = backend
         # GradScaler then hands us `grad_scale`/`found_inf` instead of unscaling the grads itself (no extra pass).
@@ -89,6 +90,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self._plans = {}
         for group in self.param_groups:
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
                                ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False),
@@ -99,6 +101,7 @@ class FusedAdam(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
+        self._plans = {}
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             state = self.state.get(p)
@@ -114,6 +117,10 @@ class FusedAdam(torch.optim.Optimizer):
                 for key in ("master_param",) + _MOMENTS:
                     if key in saved:
                         state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        self._plans = {}
 
     def _state_for(self, p: torch.Tensor, amsgrad: bool, master: bool) -> dict:
         state = self.state[p]
@@ -138,44 +145,62 @@ class FusedAdam(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         return state
 
-    def _buckets(self, group) -> dict[tuple, _Bucket]:
+    def _plan(self, group) -> list:
+        """Per-param facts that do not change between steps (bucket key, whether grads can be used as they come,
+        the param's state dict), computed once per group and rebuilt when the group's options, its params or the
+        optimizer's state are replaced, so a step costs a few attribute reads per param."""
+        flags = (group["amsgrad"], group["master_weights"], len(group["params"]), id(self.state))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] is group and cached[1] == flags:
+            return cached[2]
         amsgrad, master_weights = group["amsgrad"], group["master_weights"]
-        buckets: dict[tuple, _Bucket] = {}
-        device = None
+        name = type(self).__name__
+        plan, device = [], None
         for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
             if device is None:
                 device = p.device
             elif p.device != device:
                 raise ValueError(
-                    f"{type(self).__name__}: all params of a param group must be on one device; found {device} and "
-                    f"{p.device}. Put params of different devices in different groups."
+                    f"{name}: all params of a param group must be on one device; found {device} and {p.device}. "
+                    "Put params of different devices in different groups."
                 )
             if torch.is_complex(p):
-                raise TypeError(f"{type(self).__name__} does not support complex params (got {p.dtype})")
+                raise TypeError(f"{name} does not support complex params (got {p.dtype})")
+            if not p.is_floating_point():
+                raise TypeError(f"{name}: params must be floating point, got {p.dtype}")
+            master = master_weights and p.dtype in _HALF
+            dense = p.is_contiguous() or _dense(p)
+            state = self._state_for(p, amsgrad, master) if self.state.get(p) else None
+            plan.append([p, (p.dtype, master, dense), p.is_contiguous(), state])
+        self._plans[id(group)] = (group, flags, plan)
+        return plan
+
+    def _buckets(self, group) -> dict[tuple, _Bucket]:
+        amsgrad = group["amsgrad"]
+        buckets: dict[tuple, _Bucket] = {}
+        for entry in self._plan(group):
+            p, key, contiguous, state = entry
+            grad = p.grad
+            if grad is None:
+                continue
             if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients, please consider SparseAdam instead"
                 )
-            if not p.is_floating_point():
-                raise TypeError(f"{type(self).__name__}: params must be floating point, got {p.dtype}")
-            master = master_weights and p.dtype in _HALF
-            dense = p.is_contiguous() or _dense(p)
-            if dense and grad.stride() != p.stride():
+            if not (contiguous and grad.is_contiguous()) and key[2] and grad.stride() != p.stride():
                 grad = torch.empty_like(p).copy_(grad)  # kernels read grad and param as equal flat arrays
-            state = self._state_for(p, amsgrad, master)
-            b = buckets.get((p.dtype, master, dense))
+            if state is None:
+                state = entry[3] = self._state_for(p, amsgrad, key[1])
+            b = buckets.get(key)
             if b is None:
-                b = buckets[(p.dtype, master, dense)] = _Bucket()
+                b = buckets[key] = _Bucket()
             b.params.append(p)
             b.grads.append(grad)
             b.exp_avgs.append(state["exp_avg"])
             b.exp_avg_sqs.append(state["exp_avg_sq"])
             if amsgrad:
                 b.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            if master:
+            if key[1]:
                 b.master_params.append(state["master_param"])
             b.state_steps.append(state["step"])
         return buckets

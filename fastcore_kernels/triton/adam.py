@@ -26,19 +26,20 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 def _adam_kernel(
     table,  # int64 table described in the module docstring
     ntensors,
-    lerp_weight,  # fp32 scalars, rounded from the Python doubles as in fck/adam.h
+    grad_sign,  # fp32 scalars, rounded from the Python doubles as in csrc/include/fck/adam.h (AdamHyper)
+    weight_decay,
+    decay_factor,
+    lerp_coeff,
     beta2,
     one_minus_beta2,
     eps,
-    weight_decay,
-    decay_factor,
     inv_grad_scale,
     P: tl.constexpr,  # param / grad element type
     S: tl.constexpr,  # state element type (P, or fp32 with master weights)
     MASTER: tl.constexpr,
     AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    DECOUPLED: tl.constexpr,
+    L2: tl.constexpr,  # Adam's coupled weight decay
+    LERP_SMALL: tl.constexpr,  # torch's lerp formula choice: 1 - beta1 < 0.5
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -67,17 +68,14 @@ def _adam_kernel(
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
 
-    g = g * inv_grad_scale
-    if MAXIMIZE:
-        g = -g
-    if DECOUPLED:
-        p = p * decay_factor
-    else:
+    g = g * inv_grad_scale * grad_sign
+    p = p * decay_factor
+    if L2:
         g = tl.fma(weight_decay, p, g)
-    if lerp_weight < 0.5:
-        m = tl.fma(lerp_weight, g - m, m)
+    if LERP_SMALL:
+        m = tl.fma(lerp_coeff, g - m, m)
     else:
-        m = tl.fma(lerp_weight - 1.0, g - m, g)
+        m = tl.fma(lerp_coeff, g - m, g)
     v = v * beta2
     v = tl.fma(one_minus_beta2 * g, g, v)
     if AMSGRAD:
@@ -146,22 +144,25 @@ def adam_(
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
 
     p_dtype = _TL_DTYPE[params[0].dtype]
+    lerp_weight = float(torch.tensor(1.0 - beta1, dtype=torch.float32))
+    lerp_small = lerp_weight < 0.5
     _adam_kernel[(total,)](
         table,
         n,
-        1.0 - beta1,
+        -1.0 if maximize else 1.0,
+        weight_decay,
+        1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        lerp_weight if lerp_small else lerp_weight - 1.0,
         beta2,
         1.0 - beta2,
         eps,
-        0.0 if decoupled_weight_decay else weight_decay,
-        1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
         inv_grad_scale,
         P=p_dtype,
         S=tl.float32 if master_params else p_dtype,
         MASTER=bool(master_params),
         AMSGRAD=amsgrad,
-        MAXIMIZE=maximize,
-        DECOUPLED=decoupled_weight_decay,
+        L2=weight_decay != 0.0 and not decoupled_weight_decay,
+        LERP_SMALL=lerp_small,
         ROW=ROW,
         BLOCK=BLOCK,
         num_warps=8,

@@ -17,17 +17,18 @@
 namespace fck {
 
 // Hyper-parameters shared by every tensor of one launch, pre-converted from the Python doubles exactly where torch
-// converts them (a Python scalar becomes a float when it meets a float tensor).
+// converts them (a Python scalar becomes a float when it meets a float tensor). Options are folded into values
+// (a sign, a factor of 1, a select) rather than branches, so the CPU loops vectorize.
 struct AdamHyper {
-  float lerp_weight;        // 1 - beta1
+  float grad_sign;          // -1 when maximizing, else 1 (exact)
+  float weight_decay;       // L2 term of Adam, used when the L2 template flag is set
+  float decay_factor;       // 1 - lr * weight_decay for AdamW; exactly 1 otherwise
+  bool lerp_small;          // torch's lerp formula choice: weight = 1 - beta1 < 0.5
+  float lerp_coeff;         // weight, or weight - 1 for the other formula
   float beta2;
   float one_minus_beta2;    // 1 - beta2
   float eps;
-  float weight_decay;       // L2 term added to the gradient (Adam); 0 when decoupled or disabled
-  float decay_factor;       // 1 - lr * weight_decay (AdamW); 1 when not decoupled
   float inv_grad_scale;     // 1 / GradScaler scale; 1 when no scaler
-  bool maximize;
-  bool decoupled;
 };
 
 // Depends on the tensor's own step count (params may have skipped steps).
@@ -36,18 +37,21 @@ struct AdamStepScalars {
   float bc2_sqrt;           // sqrt(1 - beta2^step)
 };
 
+inline bool adam_uses_l2(double weight_decay, bool decoupled) { return weight_decay != 0.0 && !decoupled; }
+
 inline AdamHyper make_adam_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
                                  bool maximize, bool decoupled, double inv_grad_scale) {
   AdamHyper h;
-  h.lerp_weight = static_cast<float>(1.0 - beta1);
+  h.grad_sign = maximize ? -1.0f : 1.0f;
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.decay_factor = decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
+  const float w = static_cast<float>(1.0 - beta1);
+  h.lerp_small = w < 0.5f;
+  h.lerp_coeff = h.lerp_small ? w : w - 1.0f;
   h.beta2 = static_cast<float>(beta2);
   h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   h.eps = static_cast<float>(eps);
-  h.weight_decay = decoupled ? 0.0f : static_cast<float>(weight_decay);
-  h.decay_factor = decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
   h.inv_grad_scale = static_cast<float>(inv_grad_scale);
-  h.maximize = maximize;
-  h.decoupled = decoupled;
   return h;
 }
 
@@ -59,25 +63,20 @@ inline AdamStepScalars make_adam_step_scalars(double lr, double beta1, double be
 }
 
 // One element. p is the fp32 value of the parameter (master weight when there is one); m, v, vmax are fp32 state.
-template <bool AMSGRAD>
+// L2: Adam's coupled weight decay is on (a template flag so that weight_decay=0 leaves non-finite params alone, as
+// torch does, without a branch in the loop).
+template <bool AMSGRAD, bool L2>
 FCK_HOST_DEVICE void adam_element(float& p, float g, float& m, float& v, float& vmax, const AdamHyper& h,
                                   const AdamStepScalars& s) {
-  g = g * h.inv_grad_scale;
-  if (h.maximize) g = -g;
-  if (h.decoupled) {
-    p = p * h.decay_factor;
-  } else {
-    g = fmaf(h.weight_decay, p, g);
-  }
-  // torch's lerp picks the formula by weight so that weight=1 lands exactly on the end point.
-  const float w = h.lerp_weight;
-  m = (w < 0.5f) ? fmaf(w, g - m, m) : fmaf(w - 1.0f, g - m, g);
+  g = g * h.inv_grad_scale * h.grad_sign;
+  p = p * h.decay_factor;
+  if (L2) g = fmaf(h.weight_decay, p, g);
+  m = fmaf(h.lerp_coeff, g - m, h.lerp_small ? m : g);
   v = v * h.beta2;
   v = fmaf(h.one_minus_beta2 * g, g, v);
   float vv = v;
   if (AMSGRAD) {
-    vmax = vmax > v ? vmax : v;  // NaN in v propagates through the ternary like torch.maximum
-    if (v != v) vmax = v;
+    vmax = (vmax != vmax || vmax > v) ? vmax : v;  // NaN-propagating max, like torch.maximum
     vv = vmax;
   }
   const float denom = sqrtf(vv) / s.bc2_sqrt + h.eps;
