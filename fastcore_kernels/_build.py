@@ -49,10 +49,14 @@ def cuda_toolchain() -> tuple[bool, str]:
 
 
 def pip_cuda_dirs() -> tuple[list[str], list[str]]:
-    """Header and library folders of the CUDA wheels torch depends on (nvidia/cu13/..., nvidia/*/...).
-
-    torch's CUDA headers include cuBLAS/cuSPARSE/cuSOLVER headers that a bare nvcc install may lack.
+    """Header and library folders of the CUDA wheels torch depends on (nvidia/cu13/..., nvidia/*/...), used only
+    when the CUDA toolkit lacks the cuBLAS/cuSPARSE headers that torch's CUDA headers include (a bare nvcc install).
     """
+    from torch.utils import cpp_extension
+
+    homes = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    if any(h and (Path(h) / "include" / "cusparse.h").exists() for h in homes):
+        return [], []
     site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
     incs = sorted(p for p in glob.glob(str(site / "*" / "include")) if Path(p).is_dir())
     libs = sorted(p for p in glob.glob(str(site / "*" / "lib")) if Path(p).is_dir())
