@@ -82,15 +82,17 @@ class Results:
     def print_table(self, baseline: str) -> None:
         print(f"\n{self.meta['device']} | commit {self.meta['commit']} | torch {self.meta['torch']} | "
               f"measured copy bandwidth {self.copy_gbs:.1f} GB/s")
-        hdr = f"{'op':<8}{'shape':<22}{'provider':<16}{'p50 ms':>10}{'GB/s':>9}{'of copy':>9}{'vs ' + baseline:>18}"
+        hdr = (f"{'op':<8}{'shape':<22}{'provider':<16}{'p50 ms':>10}{'GB/s':>9}{'of copy':>9}{'extra MiB':>10}"
+               f"{'vs ' + baseline:>18}")
         print(hdr)
         print("-" * len(hdr))
         base = {(r["op"], r["shape"]): r["p50_ms"] for r in self.rows if r["provider"] == baseline}
         for r in self.rows:
             b = base.get((r["op"], r["shape"]))
             speedup = f"{b / r['p50_ms']:.2f}x" if b else "-"
+            mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
             print(f"{r['op']:<8}{r['shape']:<22}{r['provider']:<16}{r['p50_ms']:>10.3f}{r['gbs']:>9.1f}"
-                  f"{r['frac_copy_bw']:>9.2f}{speedup:>18}")
+                  f"{r['frac_copy_bw']:>9.2f}{mem:>10}{speedup:>18}")
 
     def write(self, path: str | Path) -> None:
         path = Path(path)

@@ -12,6 +12,11 @@ Table layout (int64), ROW = 8 columns per tensor, then one entry per chunk:
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+import math
+from array import array
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +25,19 @@ ROW = 8
 BLOCK = 4096
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _cast(x, DT: tl.constexpr):
+    """fp32 -> DT with round-to-nearest-even. Done by hand for bf16: the CPU interpreter truncates that conversion
+    while the GPU rounds, and the two must agree."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN
+    else:
+        return x.to(DT)
 
 
 @triton.jit
@@ -81,7 +99,7 @@ def _adam_kernel(
     if AMSGRAD:
         vmax_ptr = tl.load(row + 4).to(tl.pointer_type(S))
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(tl.float32), v, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(vmax_ptr + offs, vmax.to(S), mask=mask)
+        tl.store(vmax_ptr + offs, _cast(vmax, S), mask=mask)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
@@ -89,9 +107,35 @@ def _adam_kernel(
 
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, p.to(P), mask=mask)
-    tl.store(m_ptr + offs, m.to(S), mask=mask)
-    tl.store(v_ptr + offs, v.to(S), mask=mask)
+    tl.store(p_ptr + offs, _cast(p, P), mask=mask)
+    tl.store(m_ptr + offs, _cast(m, S), mask=mask)
+    tl.store(v_ptr + offs, _cast(v, S), mask=mask)
+
+
+def _advance_steps(state_steps: list[torch.Tensor]) -> list[float]:
+    """Adds 1 to each one-element float32 CPU step counter and returns the new values.
+
+    Writes through ctypes, as the C++ backends write through a pointer: a tensor op per counter costs 2-4 us of
+    dispatch, which for a ResNet's ~100 tensors is more than the GPU needs for the whole update.
+    """
+    values = []
+    for s in state_steps:
+        counter = ctypes.c_float.from_address(s.data_ptr())
+        counter.value += 1.0
+        values.append(counter.value)
+    return values
+
+
+def _step_scalars(lr: float, beta1: float, beta2: float, steps: list[float]) -> array:
+    """(-lr / (1 - beta1^step), sqrt(1 - beta2^step)) per tensor, in float64 as in csrc/include/fck/adam.h."""
+    per_step = {}
+    out = array("d")
+    for step in steps:
+        pair = per_step.get(step)
+        if pair is None:
+            pair = per_step[step] = (-(lr / (1 - beta1**step)), math.sqrt(1 - beta2**step))
+        out.extend(pair)
+    return out
 
 
 def adam_(
@@ -115,33 +159,27 @@ def adam_(
     """Launcher with the signature of the `fck::adam_` op; all tensors share a device and a param dtype."""
     if not params:
         return
-    torch._foreach_add_(state_steps, 1.0)
-    steps = torch.stack([s.reshape(()) for s in state_steps]).to("cpu", torch.float64)
-    neg_step_size = -(lr / (1 - beta1**steps))
-    bc2_sqrt = torch.sqrt(1 - beta2**steps)
-
     n = len(params)
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    nchunks = (numels + BLOCK - 1) // BLOCK
-    chunk_begin = torch.cumsum(nchunks, 0) - nchunks
-    none = [0] * n
-    cols = [
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [m.data_ptr() for m in exp_avgs],
-        [v.data_ptr() for v in exp_avg_sqs],
-        [v.data_ptr() for v in max_exp_avg_sqs] if amsgrad else none,
-        [w.data_ptr() for w in master_params] if master_params else none,
-    ]
-    rows = torch.cat([torch.tensor(cols, dtype=torch.int64).T, numels[:, None], chunk_begin[:, None]], dim=1)
-    scal = torch.stack([neg_step_size, bc2_sqrt], dim=1).view(torch.int64)
-    chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), nchunks)
-    total = int(chunk_tensor.numel())
+    steps = _advance_steps(state_steps)
+    numels = [p.numel() for p in params]
+    nchunks = [(x + BLOCK - 1) // BLOCK for x in numels]
+    begins = list(itertools.accumulate(nchunks, initial=0))
+    total = begins[-1]
     if total == 0:
         return
+
+    def ptrs(ts):
+        return [t.data_ptr() for t in ts] if ts else [0] * n
+
+    columns = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(max_exp_avg_sqs),
+               ptrs(master_params), numels, begins[:-1])
+    rows = torch.stack([torch.frombuffer(array("q", c), dtype=torch.int64) for c in columns], dim=1)
+    scal = torch.frombuffer(_step_scalars(lr, beta1, beta2, steps), dtype=torch.int64)
+    chunk_tensor = torch.repeat_interleave(torch.arange(n), torch.frombuffer(array("q", nchunks), dtype=torch.int64))
+    table = torch.cat([rows.view(-1), scal, chunk_tensor])
     device = params[0].device
-    table = torch.cat([rows.reshape(-1), scal.reshape(-1), chunk_tensor])
-    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
 
     p_dtype = _TL_DTYPE[params[0].dtype]
     lerp_weight = float(torch.tensor(1.0 - beta1, dtype=torch.float32))
