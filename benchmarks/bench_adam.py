@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
-from benchmarks.common import Results, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, time_ms  # noqa: E402
 
 BYTES_PER_PARAM = 28
 
@@ -111,9 +111,11 @@ def main(argv=None) -> Results:
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             times = time_ms(step, device, reps=args.reps)
-            res.add("adam", name, "step", label, times, BYTES_PER_PARAM * nparams, peak_mem_mb=peak,
-                    tensors=len(shapes))
-            print(f"  {label:<20} {name:<16} p50 {times[1]:9.3f} ms", flush=True)
+            extra = dict(tensors=len(shapes))
+            if device.type == "cuda":
+                extra["device_ms"] = round(device_time_ms(step), 4)
+            res.add("adam", name, "step", label, times, BYTES_PER_PARAM * nparams, peak_mem_mb=peak, **extra)
+            print(f"  {label:<20} {name:<16} p50 {times[1]:9.3f} ms  {extra}", flush=True)
             del params, step
     res.print_table(baseline="torch-fused")
     if args.out:

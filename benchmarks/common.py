@@ -51,6 +51,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> t
     return _quantiles(samples)
 
 
+def device_time_ms(fn: Callable[[], object], steps: int = 20) -> float:
+    """GPU time per call summed over the kernels and copies fn() launches (torch.profiler), without the host time
+    between them: the difference to time_ms() is host overhead that the GPU waited for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        total_us += us if us is not None else event.self_cuda_time_total
+    return total_us / steps / 1e3
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device (or RAM-to-RAM) copy rate, counting bytes read plus bytes written."""
     n = nbytes // 4
@@ -82,8 +100,8 @@ class Results:
     def print_table(self, baseline: str) -> None:
         print(f"\n{self.meta['device']} | commit {self.meta['commit']} | torch {self.meta['torch']} | "
               f"measured copy bandwidth {self.copy_gbs:.1f} GB/s")
-        hdr = (f"{'op':<8}{'shape':<22}{'provider':<16}{'p50 ms':>10}{'GB/s':>9}{'of copy':>9}{'extra MiB':>10}"
-               f"{'vs ' + baseline:>18}")
+        hdr = (f"{'op':<8}{'shape':<22}{'provider':<16}{'p50 ms':>10}{'GPU ms':>9}{'GB/s':>9}{'of copy':>9}"
+               f"{'extra MiB':>10}{'vs ' + baseline:>18}")
         print(hdr)
         print("-" * len(hdr))
         base = {(r["op"], r["shape"]): r["p50_ms"] for r in self.rows if r["provider"] == baseline}
@@ -91,7 +109,8 @@ class Results:
             b = base.get((r["op"], r["shape"]))
             speedup = f"{b / r['p50_ms']:.2f}x" if b else "-"
             mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
-            print(f"{r['op']:<8}{r['shape']:<22}{r['provider']:<16}{r['p50_ms']:>10.3f}{r['gbs']:>9.1f}"
+            dev = f"{r['device_ms']:.3f}" if "device_ms" in r else "-"
+            print(f"{r['op']:<8}{r['shape']:<22}{r['provider']:<16}{r['p50_ms']:>10.3f}{dev:>9}{r['gbs']:>9.1f}"
                   f"{r['frac_copy_bw']:>9.2f}{mem:>10}{speedup:>18}")
 
     def write(self, path: str | Path) -> None:

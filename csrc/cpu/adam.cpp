@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "fck/adam.h"
-#include "fck/adam_checks.h"
+#include "fck/adam_host.h"
 #include "fck/ops.h"
 
 namespace fck {
@@ -107,24 +107,12 @@ void adam_(FCK_ADAM_ARGS) {
   for (size_t i = 0; i < steps.size(); ++i) scal[i] = make_adam_step_scalars(lr, beta1, beta2, steps[i]);
   const AdamHyper h =
       make_adam_hyper(lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay, inv_grad_scale);
-  const bool master = !master_params.empty(), l2 = adam_uses_l2(weight_decay, decoupled_weight_decay);
-  // Runtime options that change the loop body become template flags; fp32 params never carry master weights.
-  auto go = [&](auto tag, auto master_tag) {
-    using P = decltype(tag);
-    constexpr bool M = decltype(master_tag)::value;
-    if (amsgrad && l2) run<P, M, true, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
-    else if (amsgrad) run<P, M, true, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
-    else if (l2) run<P, M, false, true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
-    else run<P, M, false, false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, scal, h);
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  switch (params[0].scalar_type()) {
-    case at::kFloat: go(float{}, no{}); break;
-    case at::kHalf: master ? go(c10::Half{}, yes{}) : go(c10::Half{}, no{}); break;
-    case at::kBFloat16: master ? go(c10::BFloat16{}, yes{}) : go(c10::BFloat16{}, no{}); break;
-    default: TORCH_CHECK(false, "fck::adam_ (cpu): unsupported dtype ", params[0].scalar_type());
-  }
+  dispatch_adam(params[0].scalar_type(), !master_params.empty(), amsgrad,
+                adam_uses_l2(weight_decay, decoupled_weight_decay), [&](auto variant) {
+                  using V = decltype(variant);
+                  run<typename V::param_t, V::master, V::amsgrad, V::l2>(params, grads, exp_avgs, exp_avg_sqs,
+                                                                         max_exp_avg_sqs, master_params, scal, h);
+                });
 }
 
 }  // namespace cpu

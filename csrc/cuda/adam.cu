@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "fck/adam.h"
-#include "fck/adam_checks.h"
+#include "fck/adam_host.h"
 #include "fck/ops.h"
 
 namespace fck {
@@ -196,25 +196,13 @@ void adam_(FCK_ADAM_ARGS) {
   const AdamHyper h =
       make_adam_hyper(lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay, inv_grad_scale);
 
-  const bool l2 = adam_uses_l2(weight_decay, decoupled_weight_decay);
-  // Runtime options that change the loop body become template flags; fp32 params never carry master weights.
-  auto go = [&](auto tag, auto master_tag) {
-    using P = decltype(tag);
-    constexpr bool M = decltype(master_tag)::value;
-    using S = std::conditional_t<M, float, P>;
-    if (amsgrad && l2) launch<P, S, M, true, true>(table_dev, used, nchunks, h);
-    else if (amsgrad) launch<P, S, M, true, false>(table_dev, used, nchunks, h);
-    else if (l2) launch<P, S, M, false, true>(table_dev, used, nchunks, h);
-    else launch<P, S, M, false, false>(table_dev, used, nchunks, h);
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  switch (params[0].scalar_type()) {
-    case at::kFloat: go(float{}, no{}); break;
-    case at::kHalf: master ? go(c10::Half{}, yes{}) : go(c10::Half{}, no{}); break;
-    case at::kBFloat16: master ? go(c10::BFloat16{}, yes{}) : go(c10::BFloat16{}, no{}); break;
-    default: TORCH_CHECK(false, "fck::adam_ (cuda): unsupported dtype ", params[0].scalar_type());
-  }
+  dispatch_adam(params[0].scalar_type(), master, amsgrad, adam_uses_l2(weight_decay, decoupled_weight_decay),
+                [&](auto variant) {
+                  using V = decltype(variant);
+                  using P = typename V::param_t;
+                  using S = std::conditional_t<V::master, float, P>;
+                  launch<P, S, V::master, V::amsgrad, V::l2>(table_dev, used, nchunks, h);
+                });
 }
 
 }  // namespace cuda

@@ -26,36 +26,27 @@ def register_fake() -> None:
     torch.library.register_fake("fck::adam_")(_fake_adam)
 
 
-@torch.library.custom_op(
-    "fck::adam_triton_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"),
+# The schema of fck::adam_ (python/register_ops.cpp), so the Triton op takes exactly the C++ op's arguments.
+ADAM_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] state_steps, float lr, float beta1, "
+    "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
+    "float inv_grad_scale) -> ()"
 )
-def _adam_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor],
-    master_params: list[torch.Tensor],
-    state_steps: list[torch.Tensor],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    inv_grad_scale: float,
-) -> None:
-    from fastcore_kernels.triton import adam as triton_adam
-
-    triton_adam.adam_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, beta1, beta2, eps,
-        weight_decay, amsgrad, maximize, decoupled_weight_decay, inv_grad_scale,
-    )
 
 
+def _adam_triton(*args) -> None:
+    from fastcore_kernels.triton import adam as triton_adam  # imported on first use: Triton is optional
+
+    triton_adam.adam_(*args)
+
+
+_adam_triton = torch.library.custom_op(
+    "fck::adam_triton_",
+    _adam_triton,
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"),
+    schema=ADAM_SCHEMA,
+)
 _adam_triton.register_fake(_fake_adam)
 
 
@@ -73,7 +64,7 @@ _IMPLS = {"reference": reference.adam_, "cpu": _cxx, "cuda": _cxx, "triton": _tr
 def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, amsgrad,
            backend: str) -> None:
     """List-level checks here; per-tensor checks here for the Python backends, and in C++ for the C++ ones
-    (csrc/include/fck/adam_checks.h, the same rules), so the per-step cost is not paid twice."""
+    (csrc/include/fck/adam_host.h, the same rules), so the per-step cost is not paid twice."""
     n = len(params)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
     if amsgrad:

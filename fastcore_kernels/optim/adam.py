@@ -8,7 +8,7 @@ Same constructor arguments, defaults, param-group keys and state layout as torch
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -22,12 +22,30 @@ def _scalar(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-class _Bucket:
-    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps")
+class _Bucket(NamedTuple):
+    """The lists one adam_ call takes: the params of one (dtype, master weights, dense) kind in a group."""
 
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, [])
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    max_exp_avg_sqs: list
+    master_params: list
+    state_steps: list
+
+    @staticmethod
+    def empty() -> "_Bucket":
+        return _Bucket([], [], [], [], [], [], [])
+
+
+class _GroupPlan:
+    """What FusedAdam knows about a param group between steps. `full`: the buckets (without grads) and the params'
+    contiguity, once every param of the group has state; reused while every param keeps getting a grad."""
+
+    __slots__ = ("group", "flags", "entries", "full")
+
+    def __init__(self, group: dict, flags: tuple, entries: list) -> None:
+        self.group, self.flags, self.entries, self.full = group, flags, entries, None
 
 
 class FusedAdam(torch.optim.Optimizer):
@@ -82,7 +100,7 @@ class FusedAdam(torch.optim.Optimizer):
             foreach=foreach, capturable=False, differentiable=False, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
         )
-        self._plans: dict[int, tuple] = {}
+        self._plans: dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
         self.backend = backend
         # GradScaler then hands us `grad_scale`/`found_inf` instead of unscaling the grads itself (no extra pass).
@@ -145,17 +163,17 @@ class FusedAdam(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         return state
 
-    def _plan(self, group) -> list:
+    def _plan(self, group) -> _GroupPlan:
         """Per-param facts that do not change between steps (bucket key, whether grads can be used as they come,
         the param's state dict), computed once per group and rebuilt when the group's options, its params or the
-        optimizer's state are replaced, so a step costs a few attribute reads per param."""
+        optimizer's state are replaced."""
         flags = (group["amsgrad"], group["master_weights"], len(group["params"]), id(self.state))
         cached = self._plans.get(id(group))
-        if cached is not None and cached[0] is group and cached[1] == flags:
-            return cached[2]
+        if cached is not None and cached.group is group and cached.flags == flags:
+            return cached
         amsgrad, master_weights = group["amsgrad"], group["master_weights"]
         name = type(self).__name__
-        plan, device = [], None
+        entries, device = [], None
         for p in group["params"]:
             if device is None:
                 device = p.device
@@ -171,29 +189,51 @@ class FusedAdam(torch.optim.Optimizer):
             master = master_weights and p.dtype in _HALF
             dense = p.is_contiguous() or _dense(p)
             state = self._state_for(p, amsgrad, master) if self.state.get(p) else None
-            plan.append([p, (p.dtype, master, dense), p.is_contiguous(), state])
-        self._plans[id(group)] = (group, flags, plan)
+            entries.append([p, (p.dtype, master, dense), p.is_contiguous(), state])
+        plan = self._plans[id(group)] = _GroupPlan(group, flags, entries)
         return plan
 
+    def _grad_for(self, p: torch.Tensor, grad: torch.Tensor, contiguous: bool, dense: bool) -> torch.Tensor:
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients, please consider SparseAdam instead"
+            )
+        if not (contiguous and grad.is_contiguous()) and dense and grad.stride() != p.stride():
+            grad = torch.empty_like(p).copy_(grad)  # kernels read grad and param as equal flat arrays
+        return grad
+
     def _buckets(self, group) -> dict[tuple, _Bucket]:
+        plan = self._plan(group)
+        if plan.full is not None:
+            # Steady state (every param has state and, so far, a grad each step): reuse the bucketed state lists
+            # and gather only the grads.
+            out = {}
+            for key, (b, contiguous) in plan.full.items():
+                grads = [p.grad for p in b.params]
+                if any(g is None for g in grads):
+                    break
+                out[key] = b._replace(
+                    grads=[self._grad_for(p, g, c, key[2]) for p, g, c in zip(b.params, grads, contiguous)]
+                )
+            else:
+                return out
+
         amsgrad = group["amsgrad"]
         buckets: dict[tuple, _Bucket] = {}
-        for entry in self._plan(group):
+        contiguity: dict[tuple, list] = {}
+        for entry in plan.entries:
             p, key, contiguous, state = entry
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients, please consider SparseAdam instead"
-                )
-            if not (contiguous and grad.is_contiguous()) and key[2] and grad.stride() != p.stride():
-                grad = torch.empty_like(p).copy_(grad)  # kernels read grad and param as equal flat arrays
+            grad = self._grad_for(p, grad, contiguous, key[2])
             if state is None:
                 state = entry[3] = self._state_for(p, amsgrad, key[1])
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = _Bucket()
+                b = buckets[key] = _Bucket.empty()
+                contiguity[key] = []
+            contiguity[key].append(contiguous)
             b.params.append(p)
             b.grads.append(grad)
             b.exp_avgs.append(state["exp_avg"])
@@ -203,6 +243,8 @@ class FusedAdam(torch.optim.Optimizer):
             if key[1]:
                 b.master_params.append(state["master_param"])
             b.state_steps.append(state["step"])
+        if sum(len(b.params) for b in buckets.values()) == len(plan.entries):
+            plan.full = {key: (b._replace(grads=[]), contiguity[key]) for key, b in buckets.items()}
         return buckets
 
     @torch.no_grad()

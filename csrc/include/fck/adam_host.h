@@ -1,8 +1,11 @@
-// Host-side guards for the adam_ op. The Python layer (fastcore_kernels/ops/adam.py) validates and explains errors to
-// users; these checks keep a direct torch.ops.fck.adam_ call from ever reading or writing out of bounds.
+// Host-side parts of the adam_ op shared by the CPU and CUDA kernels: input guards (a direct torch.ops.fck.adam_
+// call must never read or write out of bounds), step counting, and the dispatch from runtime options to kernels.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <type_traits>
+#include <vector>
 
 namespace fck {
 
@@ -71,6 +74,35 @@ inline std::vector<double> advance_steps(at::TensorList state_steps) {
     steps[i] = *s;
   }
   return steps;
+}
+
+// The compile-time form of one call's options.
+template <typename P, bool MASTER, bool AMSGRAD, bool L2>
+struct AdamVariant {
+  using param_t = P;
+  static constexpr bool master = MASTER, amsgrad = AMSGRAD, l2 = L2;
+};
+
+// Calls f(AdamVariant<...>{}) for the runtime options: options that change the loop body become template flags, so
+// the loops carry no branches. fp32 params never carry master weights, so that combination is not instantiated.
+template <typename F>
+void dispatch_adam(at::ScalarType dtype, bool master, bool amsgrad, bool l2, F&& f) {
+  auto with_flags = [&](auto param_tag, auto master_tag) {
+    using P = decltype(param_tag);
+    constexpr bool M = decltype(master_tag)::value;
+    if (amsgrad && l2) f(AdamVariant<P, M, true, true>{});
+    else if (amsgrad) f(AdamVariant<P, M, true, false>{});
+    else if (l2) f(AdamVariant<P, M, false, true>{});
+    else f(AdamVariant<P, M, false, false>{});
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  switch (dtype) {
+    case at::kFloat: with_flags(float{}, no{}); break;
+    case at::kHalf: master ? with_flags(c10::Half{}, yes{}) : with_flags(c10::Half{}, no{}); break;
+    case at::kBFloat16: master ? with_flags(c10::BFloat16{}, yes{}) : with_flags(c10::BFloat16{}, no{}); break;
+    default: TORCH_CHECK(false, "fck::adam_: unsupported dtype ", dtype);
+  }
 }
 
 }  // namespace fck
