@@ -119,3 +119,28 @@ def test_missing_extension_falls_back_with_one_warning():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.slow
+def test_builds_on_first_use_from_a_source_tree(tmp_path):
+    """Without a prebuilt fastcore_kernels._C, the first use compiles the sources with cpp_extension.load into the
+    cache, and a second process finds the cached build."""
+    code = """
+        import sys, warnings
+        sys.modules["fastcore_kernels._C"] = None          # as if setup.py never built it
+        warnings.simplefilter("error")                      # building must not warn
+        import torch, fastcore_kernels as fck
+        from fastcore_kernels._ext import extension
+        assert fck.backends()["cpu"].available, fck.backends()["cpu"]
+        print(extension().how)
+        p = torch.nn.Parameter(torch.randn(5)); p.grad = torch.randn(5)
+        assert fck.ops.adam_([p], [p.grad], [torch.zeros(5)], [torch.zeros(5)], [], [], [torch.tensor(0.0)],
+                             lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, backend="cpu") == "cpu"
+        """
+    env = dict(FCK_CACHE_DIR=str(tmp_path), FCK_NO_CUDA_BUILD="1")
+    first = _run(code, **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "built on first use" in first.stdout
+    second = _run(code, **env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert list(tmp_path.rglob("fastcore_kernels_C*.so")), "the build is cached under FCK_CACHE_DIR"
