@@ -7,7 +7,9 @@ available here and why not. The compiled kernels load (or build) on first use, n
 from fastcore_kernels import ops, optim
 from fastcore_kernels._backend import backends, get_backend, set_backend, use_backend
 from fastcore_kernels.optim import FusedAdam, FusedAdamW
+from fastcore_kernels.learner import DataLoaders, Learner, load_learner
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "get_backend", "set_backend", "use_backend", "ops", "optim", "FusedAdam", "FusedAdamW"]
+__all__ = ["backends", "get_backend", "set_backend", "use_backend", "ops", "optim", "FusedAdam", "FusedAdamW",
+           "DataLoaders", "Learner", "load_learner"]

@@ -333,6 +333,9 @@ def test_op_rejects_mismatched_inputs(backend):
         ([torch.randn(4)], [torch.zeros(4, dtype=torch.float16)], "exp_avgs\\[0\\]|state"),
         ([torch.randn(8)[::2]], [torch.zeros(4)], "grads\\[0\\]|strides"),        # non-dense grad
     ]
+    with pytest.raises((ValueError, RuntimeError), match="state_steps"):
+        adam_(p, [torch.randn(4)], [torch.zeros(4)], [torch.zeros(4)], [], [], [torch.tensor(0.0, dtype=torch.float64)],
+              **hyper)
     for grads, exp_avgs, match in bad:
         if backend == "reference" and "strides" in match:
             continue  # the reference computes on any layout

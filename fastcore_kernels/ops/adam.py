@@ -99,6 +99,10 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
             )
         if flat and (g.stride() != p.stride() or not (p.is_contiguous() or _dense(p))):
             raise ValueError(f"adam_: params[{i}] and grads[{i}] must be dense with identical strides")
+    for i, s in enumerate(state_steps):
+        # The Triton launcher increments these through their data pointers.
+        if s.device.type != "cpu" or s.dtype != torch.float32 or s.numel() != 1:
+            raise ValueError(f"adam_: state_steps[{i}] must be a one-element float32 CPU tensor (torch.optim's layout)")
     for name in _STATE_LISTS + (("max_exp_avg_sqs",) if amsgrad else ()) + (("master_params",) if master_params else ()):
         for i, t in enumerate(lists[name]):
             want = torch.float32 if name == "master_params" else state_dtype
