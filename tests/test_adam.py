@@ -197,15 +197,16 @@ def test_master_state_survives_save_and_load(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_grad_scaler_skips_inf_steps_and_unscales(backend):
-    skip_unless_runnable(backend, "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_grad_scaler_skips_inf_steps_and_unscales(device, backend):
+    skip_unless_runnable(backend, device)
     torch.manual_seed(0)
-    model_t = torch.nn.Linear(6, 3)
+    model_t = torch.nn.Linear(6, 3).to(device)
     model_f = copy.deepcopy(model_t)
     opt_t = torch.optim.Adam(model_t.parameters(), lr=1e-2, foreach=False)
     opt_f = fck.FusedAdam(model_f.parameters(), lr=1e-2, backend=backend)
-    sc_t, sc_f = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
-    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    sc_t, sc_f = torch.amp.GradScaler(device, init_scale=1024.0), torch.amp.GradScaler(device, init_scale=1024.0)
+    x, y = torch.randn(16, 6, device=device), torch.randn(16, 3, device=device)
     for it in range(6):
         for model, opt, sc in ((model_t, opt_t, sc_t), (model_f, opt_f, sc_f)):
             opt.zero_grad()
@@ -215,8 +216,9 @@ def test_grad_scaler_skips_inf_steps_and_unscales(backend):
                 model.weight.grad[0, 0] = float("inf")
             sc.step(opt)
             sc.update()
+    tol = dict(rtol=1e-6, atol=1e-7) if device == "cpu" else dict(rtol=1e-5, atol=1e-6)
     for a, b in zip(model_f.parameters(), model_t.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, **tol)
     assert float(opt_f.state[model_f.weight]["step"]) == 5.0  # the inf step did not count
     assert sc_f.get_scale() == sc_t.get_scale()
 

@@ -228,6 +228,13 @@ def test_metrics_match_hand_computed_values():
     assert e.value == pytest.approx(math.sqrt(((0 / 1) ** 2 + (1 / 3) ** 2 + (2 / 2) ** 2) / 3))
 
 
+def test_mismatched_output_and_target_shapes_are_rejected():
+    learn = regression_learner()
+    learn.model[-1] = nn.Linear(8, 2)  # two outputs per sample, one target
+    with pytest.raises(ValueError, match="match the target"):
+        learn.fit(1)
+
+
 def test_unknown_metric_is_rejected():
     with pytest.raises(TypeError, match="unknown metric"):
         regression_learner(metrics=["accuracy"])
@@ -349,3 +356,20 @@ def test_tensor_loader_batches_by_slicing():
     assert sorted(got.tolist()) == list(range(10)) and not torch.equal(got, y)
     with pytest.raises(ValueError, match="rows"):
         TensorLoader(x, y[:5])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["fused", "stock"])
+def test_mixed_precision_fp16_with_grad_scaler_on_cuda(kernels):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 2, generator=g) * 3
+    y = torch.randint(0, 3, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 2, generator=g)
+    dls = DataLoaders.from_tensors((x[:480], y[:480]), (x[480:], y[480:]), batch_size=32, device="cuda", seed=0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    learn = Learner(dls, model, nn.CrossEntropyLoss(), kernels=kernels, metrics=[accuracy], progress=False,
+                    cbs=[MixedPrecision(), GradientClip(1.0)])
+    learn.fit_one_cycle(4, 1e-2)
+    assert learn.recorder.value("accuracy") > 0.8
+    assert learn.scaler is None and all(torch.isfinite(p).all() for p in learn.model.parameters())

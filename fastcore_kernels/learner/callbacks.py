@@ -103,6 +103,8 @@ class Recorder(Callback):
 
     def after_batch(self):
         learn = self.learn
+        if learn.loss is None:  # the batch stopped before its loss (cancelled, or an error is on its way up)
+            return
         if learn.training:
             self._epoch_losses.append(learn.loss.detach().float())
             self.lrs.append(learn.opt.param_groups[-1]["lr"])

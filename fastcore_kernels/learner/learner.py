@@ -213,12 +213,15 @@ class Learner:
     def _one_batch(self, i: int, b) -> None:
         self.iter = i
         self.xb, self.yb = self._split(b)
+        self.pred = self.loss = None
         try:
             self("before_batch")
             self.pred = self.model(*self.xb)
             self("after_pred")
             if not self.yb:
                 return
+            if i == 0 and self.epoch == 0:
+                _check_shapes(self.loss_func, self.pred, self.yb[0])
             self.loss = self.loss_func(self.pred, *self.yb)
             self.loss_grad = self.loss
             self("after_loss")
@@ -420,6 +423,18 @@ def load_learner(fname: str | Path, device: str | torch.device = "cpu") -> Learn
     learn = Learner(None, state["model"].to(device), state["loss_func"], kernels=state["kernels"], progress=False)
     learn.model.eval()
     return learn
+
+
+def _check_shapes(loss_func, pred: torch.Tensor, targ: torch.Tensor) -> None:
+    """Model output vs target, checked on the first batch (no sync): torch's regression losses broadcast
+    mismatched shapes with only a warning, which trains on a silently wrong objective."""
+    if pred.shape[0] != targ.shape[0]:
+        raise ValueError(f"the model returned {pred.shape[0]} predictions for a batch of {targ.shape[0]} targets "
+                         f"(output {tuple(pred.shape)}, target {tuple(targ.shape)})")
+    elementwise = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss, nn.BCELoss)
+    if isinstance(loss_func, elementwise) and pred.shape != targ.shape:
+        raise ValueError(f"{type(loss_func).__name__} needs the model output {tuple(pred.shape)} to match the target "
+                         f"{tuple(targ.shape)}; reshape one of them")
 
 
 def _per_item_loss(loss_func, out, targ):
