@@ -59,8 +59,8 @@ class Learner:
     """Trains `model` on `dls` with `loss_func`.
 
     splitter(model) -> list of parameter lists (layer groups, body first) for freezing and discriminative lrs.
-    nan_check: "batch" stops at the first non-finite training loss before its step runs (one host sync per batch),
-    None skips the check.
+    nan_check: "batch" stops at the first non-finite training loss before its optimizer step runs (on CUDA the host
+    waits for that batch's forward pass, not for the whole queue); None skips the check.
     """
 
     def __init__(self, dls, model: nn.Module, loss_func: Callable, opt_func=FusedAdam, lr: float = 1e-3,
@@ -227,14 +227,15 @@ class Learner:
             self("after_loss")
             if not self.training:
                 return
-            if self.nan_check == "batch" and not torch.isfinite(self.loss.detach()).all():
+            finite = self._finite_flag() if self.nan_check == "batch" else None
+            self("before_backward")
+            self.loss_grad.backward()
+            self("after_backward")
+            if finite is not None and not finite():
                 raise NonFiniteLossError(
                     f"training loss is {self.loss.item()} at epoch {self.epoch}, batch {i}; stopped before the "
                     "optimizer step (lower the learning rate, check the data, or pass nan_check=None)"
                 )
-            self("before_backward")
-            self.loss_grad.backward()
-            self("after_backward")
             self("before_step")
             if self.scaler is not None:
                 self.scaler.step(self.opt)
@@ -247,6 +248,25 @@ class Learner:
             self("after_cancel_batch")
         finally:
             self("after_batch")
+
+    def _finite_flag(self) -> Callable[[], bool]:
+        """Whether this batch's loss is finite, read just before the step. On CUDA the flag is copied to pinned
+        memory behind an event, so the host waits for the forward pass only, while the backward is already queued,
+        rather than for the whole stream."""
+        flag = torch.isfinite(self.loss.detach()).all()
+        if flag.device.type != "cuda":
+            return lambda: bool(flag)
+        if getattr(self, "_flag_host", None) is None:
+            self._flag_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._flag_host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def read() -> bool:
+            done.synchronize()
+            return bool(self._flag_host)
+
+        return read
 
     def _epoch(self, train: bool) -> None:
         self.training = train
