@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
-from benchmarks.common import Results, device_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
 
 BYTES_PER_PARAM = 28
 
@@ -78,7 +78,7 @@ def main(argv=None) -> Results:
     ap.add_argument("--sets", default="resnet34,100m")
     ap.add_argument("--providers", default="", help="comma-separated subset (default: all that run here)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd torch Adam (slow to build)")
-    ap.add_argument("--reps", type=int, default=10, help="CPU repetitions per measurement")
+    ap.add_argument("--reps", type=int, default=10, help="CPU repetitions per provider (run round-robin)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -91,9 +91,17 @@ def main(argv=None) -> Results:
         makers = providers(device)
         if args.compile:
             makers["torch-compile"] = None
+        if wanted:
+            makers = {k: v for k, v in makers.items() if k in wanted}
+        if device.type == "cpu":
+            steps = {name: (compiled_torch_adam(make_params(shapes, device))[1] if make is None
+                            else make(make_params(shapes, device)).step) for name, make in makers.items()}
+            for name, times in interleaved_time_ms(steps, reps=args.reps).items():
+                res.add("adam", name, "step", label, times, BYTES_PER_PARAM * nparams, tensors=len(shapes))
+                print(f"  {label:<20} {name:<16} p50 {times[1]:9.3f} ms", flush=True)
+            del steps
+            continue
         for name, make in makers.items():
-            if wanted and name not in wanted:
-                continue
             params = make_params(shapes, device)
             if make is None:
                 _, step = compiled_torch_adam(params)

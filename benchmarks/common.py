@@ -51,6 +51,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> t
     return _quantiles(samples)
 
 
+def interleaved_time_ms(fns: dict[str, Callable[[], object]], reps: int = 20) -> dict[str, tuple]:
+    """CPU timing of several competitors in round-robin, so drift in the machine's load (shared cores, turbo,
+    other processes) falls on all of them alike instead of on whichever ran during the noisy minute."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _quantiles(s) for name, s in samples.items()}
+
+
 def device_time_ms(fn: Callable[[], object], steps: int = 20) -> float:
     """GPU time per call summed over the kernels and copies fn() launches (torch.profiler), without the host time
     between them: the difference to time_ms() is host overhead that the GPU waited for."""
