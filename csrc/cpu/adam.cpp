@@ -10,6 +10,7 @@
 
 #include "fck/adam.h"
 #include "fck/adam_host.h"
+#include "fck/cpu_float.h"
 #include "fck/ops.h"
 
 namespace fck {
@@ -25,38 +26,87 @@ struct Chunk {
   int64_t begin, end;
 };
 
+// How the loops read and write each storage dtype as fp32: raw bits and branch-free conversions (fck/cpu_float.h),
+// so that fp16/bf16 loops vectorize like fp32 ones.
+template <typename T>
+struct Storage {
+  using raw = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+template <>
+struct Storage<c10::Half> {
+  using raw = uint16_t;
+  static float load(uint16_t x) { return cpu_float::fp16_to_float(x); }
+  static uint16_t store(float x) { return cpu_float::float_to_fp16(x); }
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using raw = uint16_t;
+  static float load(uint16_t x) { return cpu_float::bf16_to_float(x); }
+  static uint16_t store(float x) { return cpu_float::float_to_bf16(x); }
+};
+
+template <typename T>
+using raw_t = typename Storage<T>::raw;
+
 // The loops are compiled twice: for AVX2+FMA (picked at run time when the CPU has them) and for baseline x86-64, so
 // one binary is fast here and still runs anywhere. `State` is P without master weights, float with them.
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
-FCK_HOST_DEVICE void adam_loop(P* __restrict p, const P* __restrict g, float* __restrict master,
-                               State* __restrict m, State* __restrict v, State* __restrict vmax, int64_t n,
-                               const AdamHyper& h, const AdamStepScalars& s) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pf = MASTER ? master[i] : static_cast<float>(p[i]);
-    float mf = static_cast<float>(m[i]), vf = static_cast<float>(v[i]);
-    float vmf = AMSGRAD ? static_cast<float>(vmax[i]) : 0.0f;
-    adam_element<AMSGRAD, L2>(pf, static_cast<float>(g[i]), mf, vf, vmf, h, s);
-    if (MASTER) master[i] = pf;
-    p[i] = static_cast<P>(pf);
-    m[i] = static_cast<State>(mf);
-    v[i] = static_cast<State>(vf);
-    if (AMSGRAD) vmax[i] = static_cast<State>(vmf);
+FCK_HOST_DEVICE void adam_loop(raw_t<P>* __restrict p, const raw_t<P>* __restrict g, float* __restrict master,
+                               raw_t<State>* __restrict m, raw_t<State>* __restrict v,
+                               raw_t<State>* __restrict vmax, int64_t n, const AdamHyper& h,
+                               const AdamStepScalars& s) {
+  using SP = Storage<P>;
+  using SS = Storage<State>;
+  const AdamHyper hv = h;  // local copies: provably loop-invariant, whatever the stores below may alias
+  const AdamStepScalars sv = s;
+  if constexpr (std::is_same_v<P, float>) {
+    for (int64_t i = 0; i < n; ++i) {
+      float vmf = AMSGRAD ? vmax[i] : 0.0f;
+      adam_element<AMSGRAD, L2>(p[i], g[i], m[i], v[i], vmf, hv, sv);
+      if (AMSGRAD) vmax[i] = vmf;
+    }
+  } else {
+    // GCC does not vectorize the update and the 16-bit conversions in one loop (mixed 16/32-bit lanes), so a tile
+    // is widened to fp32 in L1-resident buffers, updated, and narrowed back: three loops that each vectorize.
+    constexpr int64_t kTile = 256;
+    alignas(64) float pf[kTile], gf[kTile], mf[kTile], vf[kTile], vmf[kTile];
+    for (int64_t t = 0; t < n; t += kTile) {
+      const int64_t len = n - t < kTile ? n - t : kTile;
+      for (int64_t i = 0; i < len; ++i) {
+        pf[i] = MASTER ? master[t + i] : SP::load(p[t + i]);
+        gf[i] = SP::load(g[t + i]);
+        mf[i] = SS::load(m[t + i]);
+        vf[i] = SS::load(v[t + i]);
+        vmf[i] = AMSGRAD ? SS::load(vmax[t + i]) : 0.0f;
+      }
+      for (int64_t i = 0; i < len; ++i) adam_element<AMSGRAD, L2>(pf[i], gf[i], mf[i], vf[i], vmf[i], hv, sv);
+      for (int64_t i = 0; i < len; ++i) {
+        if (MASTER) master[t + i] = pf[i];
+        p[t + i] = SP::store(pf[i]);
+        m[t + i] = SS::store(mf[i]);
+        v[t + i] = SS::store(vf[i]);
+        if (AMSGRAD) vmax[t + i] = SS::store(vmf[i]);
+      }
+    }
   }
 }
+
+#define FCK_ADAM_LOOP_ARGS                                                                                   \
+  raw_t<P>*p, const raw_t<P>*g, float *master, raw_t<State>*m, raw_t<State>*v, raw_t<State>*vmax, int64_t n, \
+      const AdamHyper &h, const AdamStepScalars &s
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FCK_HAVE_AVX2_CLONE 1
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
-__attribute__((target("avx2,fma"))) void adam_loop_avx2(P* p, const P* g, float* master, State* m, State* v,
-                                                        State* vmax, int64_t n, const AdamHyper& h,
-                                                        const AdamStepScalars& s) {
+__attribute__((target("avx2,fma"))) void adam_loop_avx2(FCK_ADAM_LOOP_ARGS) {
   adam_loop<P, State, MASTER, AMSGRAD, L2>(p, g, master, m, v, vmax, n, h, s);
 }
 #endif
 
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
-void adam_loop_baseline(P* p, const P* g, float* master, State* m, State* v, State* vmax, int64_t n,
-                        const AdamHyper& h, const AdamStepScalars& s) {
+void adam_loop_baseline(FCK_ADAM_LOOP_ARGS) {
   adam_loop<P, State, MASTER, AMSGRAD, L2>(p, g, master, m, v, vmax, n, h, s);
 }
 
@@ -87,11 +137,14 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, a
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& k = chunks[c];
       const int64_t off = k.begin;
-      loop(params[k.tensor].data_ptr<P>() + off, grads[k.tensor].data_ptr<P>() + off,
-           MASTER ? master_params[k.tensor].data_ptr<float>() + off : nullptr,
-           exp_avgs[k.tensor].data_ptr<State>() + off, exp_avg_sqs[k.tensor].data_ptr<State>() + off,
-           AMSGRAD ? max_exp_avg_sqs[k.tensor].data_ptr<State>() + off : nullptr, k.end - k.begin, h,
-           scal[k.tensor]);
+      auto raw = [&](const at::Tensor& t, auto tag) {
+        using T = decltype(tag);
+        return reinterpret_cast<raw_t<T>*>(t.data_ptr<T>()) + off;
+      };
+      loop(raw(params[k.tensor], P{}), raw(grads[k.tensor], P{}),
+           MASTER ? master_params[k.tensor].data_ptr<float>() + off : nullptr, raw(exp_avgs[k.tensor], State{}),
+           raw(exp_avg_sqs[k.tensor], State{}), AMSGRAD ? raw(max_exp_avg_sqs[k.tensor], State{}) : nullptr,
+           k.end - k.begin, h, scal[k.tensor]);
     }
   });
 }

@@ -76,7 +76,8 @@ FCK_HOST_DEVICE void adam_element(float& p, float g, float& m, float& v, float& 
   v = fmaf(h.one_minus_beta2 * g, g, v);
   float vv = v;
   if (AMSGRAD) {
-    vmax = (vmax != vmax || vmax > v) ? vmax : v;  // NaN-propagating max, like torch.maximum
+    vmax = ((vmax != vmax) | (vmax > v)) ? vmax : v;  // NaN-propagating max, like torch.maximum; `|`, not `||`,
+                                                       // so the CPU loop stays free of branches
     vv = vmax;
   }
   const float denom = sqrtf(vv) / s.bc2_sqrt + h.eps;
