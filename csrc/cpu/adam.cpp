@@ -5,6 +5,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -50,9 +53,45 @@ struct Storage<c10::BFloat16> {
 template <typename T>
 using raw_t = typename Storage<T>::raw;
 
-// The loops are compiled twice: for AVX2+FMA (picked at run time when the CPU has them) and for baseline x86-64, so
-// one binary is fast here and still runs anywhere. `State` is P without master weights, float with them.
-template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
+// Whole-tile conversions. With F16C (every AVX2 CPU has it) fp16 uses the hardware conversion instructions, which
+// round to nearest even exactly like the portable code.
+template <typename T, bool F16C>
+inline void widen(const raw_t<T>* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::load(src[i]);
+}
+
+template <typename T, bool F16C>
+inline void narrow(const float* __restrict src, raw_t<T>* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FCK_HAVE_AVX2_CLONE 1
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline void widen<c10::Half, true>(const uint16_t* __restrict src,
+                                                                             float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = cpu_float::fp16_to_float(src[i]);
+}
+
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline void narrow<c10::Half, true>(const float* __restrict src,
+                                                                              uint16_t* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) dst[i] = cpu_float::float_to_fp16(src[i]);
+}
+#endif
+
+// The loops are compiled twice: for AVX2+FMA+F16C (picked at run time when the CPU has them) and for baseline
+// x86-64, so one binary is fast here and still runs anywhere. `State` is P without master weights, float with them.
+template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2, bool F16C>
 FCK_HOST_DEVICE void adam_loop(raw_t<P>* __restrict p, const raw_t<P>* __restrict g, float* __restrict master,
                                raw_t<State>* __restrict m, raw_t<State>* __restrict v,
                                raw_t<State>* __restrict vmax, int64_t n, const AdamHyper& h,
@@ -74,21 +113,23 @@ FCK_HOST_DEVICE void adam_loop(raw_t<P>* __restrict p, const raw_t<P>* __restric
     alignas(64) float pf[kTile], gf[kTile], mf[kTile], vf[kTile], vmf[kTile];
     for (int64_t t = 0; t < n; t += kTile) {
       const int64_t len = n - t < kTile ? n - t : kTile;
-      for (int64_t i = 0; i < len; ++i) {
-        pf[i] = MASTER ? master[t + i] : SP::load(p[t + i]);
-        gf[i] = SP::load(g[t + i]);
-        mf[i] = SS::load(m[t + i]);
-        vf[i] = SS::load(v[t + i]);
-        vmf[i] = AMSGRAD ? SS::load(vmax[t + i]) : 0.0f;
+      if (MASTER) {
+        for (int64_t i = 0; i < len; ++i) pf[i] = master[t + i];
+      } else {
+        widen<P, F16C>(p + t, pf, len);
       }
+      widen<P, F16C>(g + t, gf, len);
+      widen<State, F16C>(m + t, mf, len);
+      widen<State, F16C>(v + t, vf, len);
+      if (AMSGRAD) widen<State, F16C>(vmax + t, vmf, len);
       for (int64_t i = 0; i < len; ++i) adam_element<AMSGRAD, L2>(pf[i], gf[i], mf[i], vf[i], vmf[i], hv, sv);
-      for (int64_t i = 0; i < len; ++i) {
-        if (MASTER) master[t + i] = pf[i];
-        p[t + i] = SP::store(pf[i]);
-        m[t + i] = SS::store(mf[i]);
-        v[t + i] = SS::store(vf[i]);
-        if (AMSGRAD) vmax[t + i] = SS::store(vmf[i]);
+      if (MASTER) {
+        for (int64_t i = 0; i < len; ++i) master[t + i] = pf[i];
       }
+      narrow<P, F16C>(pf, p + t, len);
+      narrow<State, F16C>(mf, m + t, len);
+      narrow<State, F16C>(vf, v + t, len);
+      if (AMSGRAD) narrow<State, F16C>(vmf, vmax + t, len);
     }
   }
 }
@@ -97,22 +138,22 @@ FCK_HOST_DEVICE void adam_loop(raw_t<P>* __restrict p, const raw_t<P>* __restric
   raw_t<P>*p, const raw_t<P>*g, float *master, raw_t<State>*m, raw_t<State>*v, raw_t<State>*vmax, int64_t n, \
       const AdamHyper &h, const AdamStepScalars &s
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FCK_HAVE_AVX2_CLONE 1
+#ifdef FCK_HAVE_AVX2_CLONE
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
-__attribute__((target("avx2,fma"))) void adam_loop_avx2(FCK_ADAM_LOOP_ARGS) {
-  adam_loop<P, State, MASTER, AMSGRAD, L2>(p, g, master, m, v, vmax, n, h, s);
+__attribute__((target("avx2,fma,f16c"))) void adam_loop_avx2(FCK_ADAM_LOOP_ARGS) {
+  adam_loop<P, State, MASTER, AMSGRAD, L2, true>(p, g, master, m, v, vmax, n, h, s);
 }
 #endif
 
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
 void adam_loop_baseline(FCK_ADAM_LOOP_ARGS) {
-  adam_loop<P, State, MASTER, AMSGRAD, L2>(p, g, master, m, v, vmax, n, h, s);
+  adam_loop<P, State, MASTER, AMSGRAD, L2, false>(p, g, master, m, v, vmax, n, h, s);
 }
 
-bool cpu_has_avx2_fma() {
+bool cpu_runs_avx2_clone() {
 #ifdef FCK_HAVE_AVX2_CLONE
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;
@@ -131,7 +172,7 @@ void run(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, a
   using State = std::conditional_t<MASTER, float, P>;
   auto loop = adam_loop_baseline<P, State, MASTER, AMSGRAD, L2>;
 #ifdef FCK_HAVE_AVX2_CLONE
-  if (cpu_has_avx2_fma()) loop = adam_loop_avx2<P, State, MASTER, AMSGRAD, L2>;
+  if (cpu_runs_avx2_clone()) loop = adam_loop_avx2<P, State, MASTER, AMSGRAD, L2>;
 #endif
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
