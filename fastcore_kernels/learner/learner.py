@@ -367,10 +367,10 @@ class Learner:
 
     # --- inference --------------------------------------------------------------------------------------------
     def _activation(self):
-        lf = self.loss_func
-        if isinstance(lf, nn.CrossEntropyLoss) or getattr(lf, "__name__", "") == "cross_entropy":
-            return lambda x: torch.softmax(x, dim=-1)
-        if isinstance(lf, nn.BCEWithLogitsLoss) or getattr(lf, "__name__", "") == "binary_cross_entropy_with_logits":
+        kind = _loss_kind(self.loss_func)
+        if kind == "ce":
+            return lambda x: torch.softmax(x, dim=1)  # class dim 1, as cross_entropy (N,C) and (N,C,H,W) alike
+        if kind == "bce":
             return torch.sigmoid
         return lambda x: x
 
@@ -402,13 +402,8 @@ class Learner:
         x = item.to(device)
         out = self.model(x if batched else x.unsqueeze(0))
         probs = self._activation()(out.float())
-        act = self._activation()
-        if act is torch.sigmoid:
-            decoded = probs > 0.5
-        elif isinstance(self.loss_func, nn.CrossEntropyLoss) or getattr(self.loss_func, "__name__", "") == "cross_entropy":
-            decoded = probs.argmax(-1)
-        else:
-            decoded = probs
+        kind = _loss_kind(self.loss_func)
+        decoded = probs > 0.5 if kind == "bce" else probs.argmax(1) if kind == "ce" else probs
         if not batched:
             decoded, probs = decoded[0], probs[0]
         return decoded.cpu(), probs.cpu()
@@ -457,14 +452,25 @@ def _check_shapes(loss_func, pred: torch.Tensor, targ: torch.Tensor) -> None:
                          f"{tuple(targ.shape)}; reshape one of them")
 
 
+def _loss_kind(loss_func) -> str | None:
+    """'ce', 'bce' or 'mse' for torch's module and functional forms; decides activation, decoding, per-item loss."""
+    kinds = {"ce": (nn.CrossEntropyLoss, "cross_entropy"), "bce": (nn.BCEWithLogitsLoss,
+             "binary_cross_entropy_with_logits"), "mse": (nn.MSELoss, "mse_loss")}
+    for kind, (cls, fname) in kinds.items():
+        if isinstance(loss_func, cls) or getattr(loss_func, "__name__", "") == fname:
+            return kind
+    return None
+
+
 def _per_item_loss(loss_func, out, targ):
-    if isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, "__name__", "") == "cross_entropy":
-        return nn.functional.cross_entropy(out.float(), targ, reduction="none").reshape(len(targ), -1).mean(1)
-    if isinstance(loss_func, nn.BCEWithLogitsLoss):
+    kind, n = _loss_kind(loss_func), len(targ)
+    if kind == "ce":
+        return nn.functional.cross_entropy(out.float(), targ, reduction="none").reshape(n, -1).mean(1)
+    if kind == "bce":
         return nn.functional.binary_cross_entropy_with_logits(out.float(), targ.float(), reduction="none").reshape(
-            len(targ), -1).mean(1)
-    if isinstance(loss_func, (nn.MSELoss,)) or getattr(loss_func, "__name__", "") == "mse_loss":
-        return ((out.float().reshape(targ.shape) - targ.float()) ** 2).reshape(len(targ), -1).mean(1)
+            n, -1).mean(1)
+    if kind == "mse":
+        return ((out.float().reshape(targ.shape) - targ.float()) ** 2).reshape(n, -1).mean(1)
     return torch.stack([loss_func(o[None], t[None]) for o, t in zip(out, targ)])
 
 
