@@ -102,6 +102,14 @@ def test_freeze_trains_only_the_head_and_norm_layers():
         learn.freeze_to(2)
 
 
+def test_params_the_user_froze_stay_frozen():
+    learn = classification_learner()
+    learn.model[0].weight.requires_grad_(False)
+    w = learn.model[0].weight.detach().clone()
+    learn.fit(1, lr=1e-2)
+    assert not learn.model[0].weight.requires_grad and torch.equal(learn.model[0].weight, w)
+
+
 def test_discriminative_lrs_and_no_decay_groups():
     learn = classification_learner()
     m = learn.model

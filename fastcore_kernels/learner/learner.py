@@ -90,7 +90,7 @@ class Learner:
         self.epoch = self.iter = 0
         self.n_epoch = 1
         self.training = False
-        self._frozen_to = 0
+        self._frozen_to: int | None = None
 
     # --- callbacks --------------------------------------------------------------------------------------------
     def add_cbs(self, cbs: Iterable[Callback]) -> None:
@@ -143,7 +143,8 @@ class Learner:
         self.opt = self.opt_func(param_groups, **kwargs)
         self.n_layer_groups = len(self.layer_groups())
         self.set_hypers(lr=self.lr, wd=self.wd)
-        self.freeze_to(self._frozen_to)
+        if self._frozen_to is not None:  # never touch requires_grad the user set unless freeze* was called
+            self.freeze_to(self._frozen_to)
 
     def lrs_for(self, lr) -> list[float]:
         """One lr per layer group from a float, a slice (fastai semantics) or a list."""
