@@ -109,7 +109,8 @@ FCK_HOST_DEVICE void adam_loop(raw_t<P>* __restrict p, const raw_t<P>* __restric
   } else {
     // GCC does not vectorize the update and the 16-bit conversions in one loop (mixed 16/32-bit lanes), so a tile
     // is widened to fp32 in L1-resident buffers, updated, and narrowed back: three loops that each vectorize.
-    constexpr int64_t kTile = 256;
+    // 64 measured fastest here (fp16 step 14.3 ms at 64, 22 at 32, 26.6 at 256, 27.7 at 1024).
+    constexpr int64_t kTile = 64;
     alignas(64) float pf[kTile], gf[kTile], mf[kTile], vf[kTile], vmf[kTile];
     for (int64_t t = 0; t < n; t += kTile) {
       const int64_t len = n - t < kTile ? n - t : kTile;
