@@ -92,7 +92,6 @@ class Recorder(Callback):
 
     def before_fit(self):
         self.lrs, self.moms, self.losses, self.values = [], [], [], []
-        self._epoch_losses = []
         self.metric_names = ["epoch", "train_loss", "valid_loss"] + [m.name for m in self.learn.metrics] + ["time"]
 
     def before_epoch(self):
@@ -133,10 +132,7 @@ class Recorder(Callback):
         return self.values[-1][names.index(name)]
 
     def plot_loss(self, fname: str | os.PathLike = "loss.png", skip_start: int = 5) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(range(skip_start, len(self.losses)), self.losses[skip_start:], label="train")
@@ -150,10 +146,7 @@ class Recorder(Callback):
         return _save_fig(fig, fname)
 
     def plot_sched(self, fname: str | os.PathLike = "schedule.png") -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         fig, axs = plt.subplots(1, 2, figsize=(10, 4))
         axs[0].plot(self.lrs)
@@ -165,9 +158,18 @@ class Recorder(Callback):
         return _save_fig(fig, fname)
 
 
-def _save_fig(fig, fname) -> Path:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first plot (not at package import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_fig(fig, fname) -> Path:
+    plt = _pyplot()
     path = Path(fname)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -10,16 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastcore_kernels.learner.callbacks import _save_fig
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from fastcore_kernels.learner.callbacks import _pyplot, _save_fig
 
 
 class Hook:

@@ -130,7 +130,8 @@ class Learner:
     def create_opt(self) -> None:
         no_decay = set() if self.bn_wd else _no_decay_params(self.model)
         param_groups = []
-        for i, params in enumerate(self.layer_groups()):
+        layer_groups = self.layer_groups()
+        for i, params in enumerate(layer_groups):
             decay = [p for p in params if id(p) not in no_decay]
             plain = [p for p in params if id(p) in no_decay]
             if decay:
@@ -141,14 +142,15 @@ class Learner:
         if self.opt_func is FusedAdam:
             kwargs["decoupled_weight_decay"] = True
         self.opt = self.opt_func(param_groups, **kwargs)
-        self.n_layer_groups = len(self.layer_groups())
+        self.n_layer_groups = len(layer_groups)
         self.set_hypers(lr=self.lr, wd=self.wd)
         if self._frozen_to is not None:  # never touch requires_grad the user set unless freeze* was called
             self.freeze_to(self._frozen_to)
 
     def lrs_for(self, lr) -> list[float]:
         """One lr per layer group from a float, a slice (fastai semantics) or a list."""
-        n = len(self.layer_groups())
+        # The count is cached with the optimizer: the 1cycle scheduler calls this every batch.
+        n = self.n_layer_groups if self.opt is not None else len(self.layer_groups())
         if isinstance(lr, slice):
             if lr.stop is None or lr.step is not None:
                 raise ValueError(f"lr slice must be slice(hi) or slice(lo, hi), got {lr}")
@@ -549,13 +551,9 @@ def _suggestions(lrs: list, losses: list) -> tuple[float, float, float]:
 
 
 def _plot_lr_find(lrs, losses, fname) -> Path:
-    import matplotlib
+    from fastcore_kernels.learner.callbacks import _pyplot, _save_fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fastcore_kernels.learner.callbacks import _save_fig
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale("log")
