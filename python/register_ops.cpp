@@ -12,6 +12,21 @@ TORCH_LIBRARY(fck, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, Tensor(f!)[] state_steps, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "float inv_grad_scale) -> ()");
+  // Batch norm with an optional residual add and ReLU: relu?(batch_norm(input) + residual?). Returns the output
+  // and the per-channel mean and 1/std used (fp32; float64 for float64 input). Training updates the running
+  // statistics in place.
+  m.def(
+      "batch_norm_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_input, grad_residual (empty unless residual_grad), grad_weight, grad_bias), the last two
+  // in the statistics' dtype. `output` (the forward's result) supplies the ReLU mask.
+  m.def(
+      "batch_norm_bwd(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fck, CPU, m) { m.impl("adam_", &fck::cpu::adam_); }
+TORCH_LIBRARY_IMPL(fck, CPU, m) {
+  m.impl("adam_", &fck::cpu::adam_);
+  m.impl("batch_norm_fwd", &fck::cpu::batch_norm_fwd);
+  m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);
+}

@@ -1,19 +1,13 @@
 // Multi-tensor Adam on the CPU: every element of every tensor in the call is read once and written once, in one
 // parallel region over fixed-size chunks of the concatenated tensors (small tensors don't each pay a thread fork).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
 #include <type_traits>
 #include <vector>
 
 #include "fck/adam.h"
 #include "fck/adam_host.h"
-#include "fck/cpu_float.h"
+#include "fck/cpu_vec.h"
 #include "fck/ops.h"
 
 namespace fck {
@@ -29,66 +23,6 @@ struct Chunk {
   int64_t begin, end;
 };
 
-// How the loops read and write each storage dtype as fp32: raw bits and branch-free conversions (fck/cpu_float.h),
-// so that fp16/bf16 loops vectorize like fp32 ones.
-template <typename T>
-struct Storage {
-  using raw = float;
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
-};
-template <>
-struct Storage<c10::Half> {
-  using raw = uint16_t;
-  static float load(uint16_t x) { return cpu_float::fp16_to_float(x); }
-  static uint16_t store(float x) { return cpu_float::float_to_fp16(x); }
-};
-template <>
-struct Storage<c10::BFloat16> {
-  using raw = uint16_t;
-  static float load(uint16_t x) { return cpu_float::bf16_to_float(x); }
-  static uint16_t store(float x) { return cpu_float::float_to_bf16(x); }
-};
-
-template <typename T>
-using raw_t = typename Storage<T>::raw;
-
-// Whole-tile conversions. With F16C (every AVX2 CPU has it) fp16 uses the hardware conversion instructions, which
-// round to nearest even exactly like the portable code.
-template <typename T, bool F16C>
-inline void widen(const raw_t<T>* __restrict src, float* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::load(src[i]);
-}
-
-template <typename T, bool F16C>
-inline void narrow(const float* __restrict src, raw_t<T>* __restrict dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FCK_HAVE_AVX2_CLONE 1
-template <>
-__attribute__((target("avx2,fma,f16c"))) inline void widen<c10::Half, true>(const uint16_t* __restrict src,
-                                                                             float* __restrict dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = cpu_float::fp16_to_float(src[i]);
-}
-
-template <>
-__attribute__((target("avx2,fma,f16c"))) inline void narrow<c10::Half, true>(const float* __restrict src,
-                                                                              uint16_t* __restrict dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < n; ++i) dst[i] = cpu_float::float_to_fp16(src[i]);
-}
-#endif
-
 // The loops are compiled twice: for AVX2+FMA+F16C (picked at run time when the CPU has them) and for baseline
 // x86-64, so one binary is fast here and still runs anywhere. `State` is P without master weights, float with them.
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2, bool F16C>
@@ -96,8 +30,6 @@ FCK_HOST_DEVICE void adam_loop(raw_t<P>* __restrict p, const raw_t<P>* __restric
                                raw_t<State>* __restrict m, raw_t<State>* __restrict v,
                                raw_t<State>* __restrict vmax, int64_t n, const AdamHyper& h,
                                const AdamStepScalars& s) {
-  using SP = Storage<P>;
-  using SS = Storage<State>;
   const AdamHyper hv = h;  // local copies: provably loop-invariant, whatever the stores below may alias
   const AdamStepScalars sv = s;
   if constexpr (std::is_same_v<P, float>) {
@@ -149,16 +81,6 @@ __attribute__((target("avx2,fma,f16c"))) void adam_loop_avx2(FCK_ADAM_LOOP_ARGS)
 template <typename P, typename State, bool MASTER, bool AMSGRAD, bool L2>
 void adam_loop_baseline(FCK_ADAM_LOOP_ARGS) {
   adam_loop<P, State, MASTER, AMSGRAD, L2, false>(p, g, master, m, v, vmax, n, h, s);
-}
-
-bool cpu_runs_avx2_clone() {
-#ifdef FCK_HAVE_AVX2_CLONE
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return yes;
-#else
-  return false;
-#endif
 }
 
 template <typename P, bool MASTER, bool AMSGRAD, bool L2>

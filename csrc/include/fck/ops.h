@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
+
 namespace fck {
 
 #define FCK_ADAM_ARGS                                                                                          \
@@ -11,11 +14,25 @@ namespace fck {
       double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,              \
       bool decoupled_weight_decay, double inv_grad_scale
 
+#define FCK_BATCH_NORM_FWD_ARGS                                                                              \
+  const at::Tensor &input, const std::optional<at::Tensor>&residual, const std::optional<at::Tensor>&weight,  \
+      const std::optional<at::Tensor>&bias, const std::optional<at::Tensor>&running_mean,                     \
+      const std::optional<at::Tensor>&running_var, bool training, double momentum, double eps, bool relu
+
+#define FCK_BATCH_NORM_BWD_ARGS                                                                              \
+  const at::Tensor &grad_output, const at::Tensor &input, const std::optional<at::Tensor>&output,             \
+      const std::optional<at::Tensor>&weight, const at::Tensor &save_mean, const at::Tensor &save_invstd,     \
+      bool training, bool relu, bool residual_grad
+
 namespace cpu {
 void adam_(FCK_ADAM_ARGS);
-}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
+}  // namespace cpu
 namespace cuda {
 void adam_(FCK_ADAM_ARGS);
-}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
+}  // namespace cuda
 
 }  // namespace fck

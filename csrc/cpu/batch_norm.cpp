@@ -1,0 +1,594 @@
+// Batch norm (+ residual add, + ReLU) on the CPU, forward and backward.
+//
+// Training forward reads the input twice (statistics, then normalize) and writes the output once; backward reads
+// grad_output, input and (for the ReLU mask) output twice and writes grad_input (and grad_residual) once. Work is
+// split into units that each stream through memory once in L1-sized tiles: planar inputs into runs of one (n, c)
+// plane, channels-last inputs into blocks of whole rows. Per-unit partial statistics are merged in double.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "fck/batch_norm.h"
+#include "fck/batch_norm_host.h"
+#include "fck/cpu_vec.h"
+#include "fck/ops.h"
+
+namespace fck {
+namespace cpu {
+namespace {
+
+constexpr int64_t kRun = 16384;          // elements of one planar work unit
+constexpr int64_t kTile = 256;           // elements converted to the accumulation type at a time
+constexpr int64_t kBlockElems = 65536;   // elements of one interleaved work unit (whole rows)
+constexpr int64_t kRowTileElems = 8192;  // interleaved: rows per tile of the two-pass statistics
+
+// The tile as accumulation-type values: the storage itself for fp32/fp64, a widened copy for fp16/bf16.
+template <typename T, bool F16C>
+FCK_HOST_DEVICE const acc_t<T>* as_acc(const raw_t<T>* src, acc_t<T>* buf, int64_t n) {
+  if constexpr (std::is_same_v<raw_t<T>, acc_t<T>>) {
+    return src;
+  } else {
+    widen<T, F16C>(src, buf, n);
+    return buf;
+  }
+}
+
+// Where a tile's results go before `store`: straight into the output for fp32/fp64.
+template <typename T>
+FCK_HOST_DEVICE acc_t<T>* out_buf(raw_t<T>* dst, acc_t<T>* buf) {
+  if constexpr (std::is_same_v<raw_t<T>, acc_t<T>>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void store(const acc_t<T>* buf, raw_t<T>* dst, int64_t n) {
+  if constexpr (!std::is_same_v<raw_t<T>, acc_t<T>>) narrow<T, F16C>(buf, dst, n);
+}
+
+// ---- workers: one unit each; compiled for baseline x86-64 and for AVX2+FMA+F16C (see FCK_BN_CLONES) ----
+
+// (count, mean, M2) of a run: per tile an exact two-pass mean and M2 over L1-resident data, merged across tiles.
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void stats_run(const raw_t<T>* x, int64_t n, double* out) {
+  using A = acc_t<T>;
+  alignas(64) A buf[kTile];
+  A cnt = 0, mean = 0, m2 = 0;
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t len = std::min(kTile, n - t);
+    const A* xs = as_acc<T, F16C>(x + t, buf, len);
+    A s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) s += xs[i];
+    const A tm = s / A(len);
+    A q = 0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t i = 0; i < len; ++i) q += (xs[i] - tm) * (xs[i] - tm);
+    welford_merge<A>(cnt, mean, m2, A(len), tm, q);
+  }
+  out[0] = cnt;
+  out[1] = mean;
+  out[2] = m2;
+}
+
+// Per-channel (mean, M2) of `rows` rows of C elements (the count is `rows`), written as mean[C], m2[C].
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void stats_rows(const raw_t<T>* x, int64_t rows, int64_t C, double* mean_out, double* m2_out) {
+  using A = acc_t<T>;
+  std::vector<A> scratch(5 * C);
+  A *buf = scratch.data(), *s = buf + C, *q = s + C, *mean = q + C, *m2 = mean + C;
+  std::fill(mean, mean + 2 * C, A(0));
+  const int64_t tile_rows = std::max<int64_t>(1, kRowTileElems / C);
+  A cnt = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+    const int64_t nr = std::min(tile_rows, rows - r0);
+    std::fill(s, s + 2 * C, A(0));
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const A* xs = as_acc<T, F16C>(x + r * C, buf, C);
+      for (int64_t c = 0; c < C; ++c) s[c] += xs[c];
+    }
+    const A inv = A(1) / A(nr);
+    for (int64_t c = 0; c < C; ++c) s[c] *= inv;  // the tile's mean
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const A* xs = as_acc<T, F16C>(x + r * C, buf, C);
+      for (int64_t c = 0; c < C; ++c) q[c] += (xs[c] - s[c]) * (xs[c] - s[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A n = cnt;
+      welford_merge<A>(n, mean[c], m2[c], A(nr), s[c], q[c]);
+    }
+    cnt += A(nr);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean_out[c] = mean[c];
+    m2_out[c] = m2[c];
+  }
+}
+
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void forward_run(const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t n, acc_t<T> mean,
+                                 acc_t<T> k, acc_t<T> beta, bool relu) {
+  using A = acc_t<T>;
+  alignas(64) A xb[kTile], rb[kTile], yb[kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t len = std::min(kTile, n - t);
+    const A* xs = as_acc<T, F16C>(x + t, xb, len);
+    A* z = out_buf<T>(y + t, yb);
+    for (int64_t i = 0; i < len; ++i) z[i] = bn_normalize<A>(xs[i], mean, k, beta);
+    if (res) {
+      const A* rs = as_acc<T, F16C>(res + t, rb, len);
+      for (int64_t i = 0; i < len; ++i) z[i] += rs[i];
+    }
+    if (relu) {
+      for (int64_t i = 0; i < len; ++i) z[i] = bn_relu<A>(z[i]);
+    }
+    store<T, F16C>(z, y + t, len);
+  }
+}
+
+// `coef` holds mean[C], k[C], beta[C].
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void forward_rows(const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t rows, int64_t C,
+                                  const acc_t<T>* coef, bool relu) {
+  using A = acc_t<T>;
+  std::vector<A> scratch(3 * C);
+  A *xb = scratch.data(), *rb = xb + C, *yb = rb + C;
+  const A *mean = coef, *k = coef + C, *beta = coef + 2 * C;
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* xs = as_acc<T, F16C>(x + r * C, xb, C);
+    A* z = out_buf<T>(y + r * C, yb);
+    for (int64_t c = 0; c < C; ++c) z[c] = bn_normalize<A>(xs[c], mean[c], k[c], beta[c]);
+    if (res) {
+      const A* rs = as_acc<T, F16C>(res + r * C, rb, C);
+      for (int64_t c = 0; c < C; ++c) z[c] += rs[c];
+    }
+    if (relu) {
+      for (int64_t c = 0; c < C; ++c) z[c] = bn_relu<A>(z[c]);
+    }
+    store<T, F16C>(z, y + r * C, C);
+  }
+}
+
+// g = dy through the ReLU (mask from y), into `gb`.
+template <typename T, bool F16C>
+FCK_HOST_DEVICE const acc_t<T>* relu_masked(const raw_t<T>* dy, const raw_t<T>* y, int64_t n, acc_t<T>* db,
+                                            acc_t<T>* yb, acc_t<T>* gb) {
+  using A = acc_t<T>;
+  const A* ds = as_acc<T, F16C>(dy, db, n);
+  if (!y) return ds;
+  const A* ys = as_acc<T, F16C>(y, yb, n);
+  for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], ys[i]);
+  return gb;
+}
+
+// (sum g, sum g (x - mean)) of a run.
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void backward_reduce_run(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n,
+                                         acc_t<T> mean, double* out) {
+  using A = acc_t<T>;
+  alignas(64) A db[kTile], yb[kTile], gb[kTile], xb[kTile];
+  double sg = 0, sgx = 0;
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t len = std::min(kTile, n - t);
+    const A* g = relu_masked<T, F16C>(dy + t, y ? y + t : nullptr, len, db, yb, gb);
+    const A* xs = as_acc<T, F16C>(x + t, xb, len);
+    A a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = 0; i < len; ++i) {
+      a += g[i];
+      b += g[i] * (xs[i] - mean);
+    }
+    sg += a;
+    sgx += b;
+  }
+  out[0] = sg;
+  out[1] = sgx;
+}
+
+// Per-channel sums over `rows` rows, written as sum_g[C], sum_gxm[C]; `mean` has C entries.
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void backward_reduce_rows(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t rows,
+                                          int64_t C, const acc_t<T>* mean, double* sg_out, double* sgx_out) {
+  using A = acc_t<T>;
+  std::vector<A> scratch(6 * C);
+  A *db = scratch.data(), *yb = db + C, *gb = yb + C, *xb = gb + C, *a = xb + C, *b = a + C;
+  std::fill(sg_out, sg_out + C, 0.0);
+  std::fill(sgx_out, sgx_out + C, 0.0);
+  const int64_t tile_rows = std::max<int64_t>(1, kRowTileElems / C);
+  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+    std::fill(a, a + 2 * C, A(0));
+    for (int64_t r = r0; r < std::min(rows, r0 + tile_rows); ++r) {
+      const A* g = relu_masked<T, F16C>(dy + r * C, y ? y + r * C : nullptr, C, db, yb, gb);
+      const A* xs = as_acc<T, F16C>(x + r * C, xb, C);
+      for (int64_t c = 0; c < C; ++c) {
+        a[c] += g[c];
+        b[c] += g[c] * (xs[c] - mean[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sg_out[c] += a[c];
+      sgx_out[c] += b[c];
+    }
+  }
+}
+
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void backward_run(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx,
+                                  raw_t<T>* dres, int64_t n, acc_t<T> mean, acc_t<T> k, acc_t<T> mean_g,
+                                  acc_t<T> c) {
+  using A = acc_t<T>;
+  alignas(64) A db[kTile], yb[kTile], gb[kTile], xb[kTile], ob[kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t len = std::min(kTile, n - t);
+    const A* g = relu_masked<T, F16C>(dy + t, y ? y + t : nullptr, len, db, yb, gb);
+    const A* xs = as_acc<T, F16C>(x + t, xb, len);
+    A* o = out_buf<T>(dx + t, ob);
+    for (int64_t i = 0; i < len; ++i) o[i] = bn_grad_input<A>(g[i], xs[i], mean, k, mean_g, c);
+    store<T, F16C>(o, dx + t, len);
+    if (dres) {
+      if constexpr (std::is_same_v<raw_t<T>, acc_t<T>>) {
+        std::memcpy(dres + t, g, len * sizeof(A));
+      } else {
+        narrow<T, F16C>(g, dres + t, len);
+      }
+    }
+  }
+}
+
+// `coef` holds mean[C], k[C], mean_g[C], c[C].
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx,
+                                   raw_t<T>* dres, int64_t rows, int64_t C, const acc_t<T>* coef) {
+  using A = acc_t<T>;
+  std::vector<A> scratch(5 * C);
+  A *db = scratch.data(), *yb = db + C, *gb = yb + C, *xb = gb + C, *ob = xb + C;
+  const A *mean = coef, *k = coef + C, *mean_g = coef + 2 * C, *cc = coef + 3 * C;
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* g = relu_masked<T, F16C>(dy + r * C, y ? y + r * C : nullptr, C, db, yb, gb);
+    const A* xs = as_acc<T, F16C>(x + r * C, xb, C);
+    A* o = out_buf<T>(dx + r * C, ob);
+    for (int64_t c = 0; c < C; ++c) o[c] = bn_grad_input<A>(g[c], xs[c], mean[c], k[c], mean_g[c], cc[c]);
+    store<T, F16C>(o, dx + r * C, C);
+    if (dres) {
+      if constexpr (std::is_same_v<raw_t<T>, acc_t<T>>) {
+        std::memcpy(dres + r * C, g, C * sizeof(A));
+      } else {
+        narrow<T, F16C>(g, dres + r * C, C);
+      }
+    }
+  }
+}
+
+// Every worker compiled twice; `Workers<T>::get()` hands out the AVX2 set when the CPU runs it.
+#define FCK_BN_WORKERS(X)                                                                                           \
+  X(stats_run, (const raw_t<T>* x, int64_t n, double* out), (x, n, out))                                          \
+  X(stats_rows, (const raw_t<T>* x, int64_t rows, int64_t C, double* m, double* q), (x, rows, C, m, q))           \
+  X(forward_run,                                                                                                   \
+    (const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t n, acc_t<T> mean, acc_t<T> k, acc_t<T> beta,  \
+     bool relu),                                                                                                   \
+    (x, res, y, n, mean, k, beta, relu))                                                                           \
+  X(forward_rows,                                                                                                  \
+    (const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t rows, int64_t C, const acc_t<T>* coef,         \
+     bool relu),                                                                                                   \
+    (x, res, y, rows, C, coef, relu))                                                                              \
+  X(backward_reduce_run,                                                                                           \
+    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n, acc_t<T> mean, double* out),           \
+    (dy, x, y, n, mean, out))                                                                                      \
+  X(backward_reduce_rows,                                                                                          \
+    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t rows, int64_t C, const acc_t<T>* mean,    \
+     double* a, double* b),                                                                                        \
+    (dy, x, y, rows, C, mean, a, b))                                                                               \
+  X(backward_run,                                                                                                  \
+    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx, raw_t<T>* dres, int64_t n,          \
+     acc_t<T> mean, acc_t<T> k, acc_t<T> mean_g, acc_t<T> c),                                                      \
+    (dy, x, y, dx, dres, n, mean, k, mean_g, c))                                                                   \
+  X(backward_rows,                                                                                                 \
+    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx, raw_t<T>* dres, int64_t rows,       \
+     int64_t C, const acc_t<T>* coef),                                                                             \
+    (dy, x, y, dx, dres, rows, C, coef))
+
+#ifdef FCK_HAVE_AVX2_CLONE
+#define FCK_BN_AVX2(name, params, args) \
+  template <typename T>                 \
+  __attribute__((target("avx2,fma,f16c"))) void name##_avx2 params { name<T, true> args; }
+FCK_BN_WORKERS(FCK_BN_AVX2)
+#endif
+#define FCK_BN_BASE(name, params, args) \
+  template <typename T>                 \
+  void name##_base params { name<T, false> args; }
+FCK_BN_WORKERS(FCK_BN_BASE)
+
+template <typename T>
+struct Workers {
+#define FCK_BN_FIELD(name, params, args) decltype(&name##_base<T>) name;
+  FCK_BN_WORKERS(FCK_BN_FIELD)
+  static Workers get() {
+#ifdef FCK_HAVE_AVX2_CLONE
+#define FCK_BN_PICK_AVX2(name, params, args) &name##_avx2<T>,
+    if (cpu_runs_avx2_clone()) return {FCK_BN_WORKERS(FCK_BN_PICK_AVX2)};
+#endif
+#define FCK_BN_PICK_BASE(name, params, args) &name##_base<T>,
+    return {FCK_BN_WORKERS(FCK_BN_PICK_BASE)};
+  }
+};
+
+template <typename T>
+const raw_t<T>* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const raw_t<T>*>(t.data_ptr()) : nullptr;
+}
+template <typename T>
+raw_t<T>* mptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<raw_t<T>*>(t.data_ptr()) : nullptr;
+}
+
+// Per-channel values as a double vector (missing -> `fill`).
+std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (has(t)) {
+    const at::Tensor d = t->detach().to(at::kDouble).contiguous();
+    std::copy(d.data_ptr<double>(), d.data_ptr<double>() + C, v.begin());
+  }
+  return v;
+}
+
+void write_channels(at::Tensor& dst, const std::vector<double>& v) {
+  dst.copy_(at::from_blob(const_cast<double*>(v.data()), {static_cast<int64_t>(v.size())}, at::kDouble));
+}
+
+// Number of units a planar plane is cut into, and the unit -> (plane, offset, length) map.
+struct PlanarUnits {
+  int64_t S, per_plane, total;
+  PlanarUnits(const BnLayout& L) : S(L.S), per_plane((L.S + kRun - 1) / kRun), total(L.N * L.C * per_plane) {}
+  int64_t plane(int64_t u) const { return u / per_plane; }
+  int64_t offset(int64_t u) const { return plane(u) * S + (u % per_plane) * kRun; }
+  int64_t length(int64_t u) const { return std::min(kRun, S - (u % per_plane) * kRun); }
+};
+
+struct RowBlocks {
+  int64_t rows, per_block, total;
+  RowBlocks(const BnLayout& L)
+      : rows(L.rows()), per_block(std::max<int64_t>(1, kBlockElems / std::max<int64_t>(L.C, 1))),
+        total((L.rows() + per_block - 1) / per_block) {}
+  int64_t first(int64_t b) const { return b * per_block; }
+  int64_t count(int64_t b) const { return std::min(per_block, rows - b * per_block); }
+};
+
+// Batch mean and biased variance per channel.
+template <typename T>
+void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, std::vector<double>& mean,
+                 std::vector<double>& var) {
+  const int64_t C = L.C;
+  const raw_t<T>* xp = cptr<T>(x);
+  std::vector<double> n(C, 0.0), m(C, 0.0), q(C, 0.0);
+  if (L.planar) {
+    const PlanarUnits U(L);
+    std::vector<double> part(3 * U.total);
+    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) w.stats_run(xp + U.offset(u), U.length(u), &part[3 * u]);
+    });
+    for (int64_t u = 0; u < U.total; ++u) {
+      const int64_t c = U.plane(u) % C;
+      welford_merge<double>(n[c], m[c], q[c], part[3 * u], part[3 * u + 1], part[3 * u + 2]);
+    }
+  } else {
+    const RowBlocks B(L);
+    std::vector<double> pm(B.total * C), pq(B.total * C);
+    at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) w.stats_rows(xp + B.first(b) * C, B.count(b), C, &pm[b * C], &pq[b * C]);
+    });
+    for (int64_t b = 0; b < B.total; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        welford_merge<double>(n[c], m[c], q[c], double(B.count(b)), pm[b * C + c], pq[b * C + c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = m[c];
+    var[c] = q[c] / n[c];
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& res,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const std::optional<at::Tensor>& running_mean,
+                                                       const std::optional<at::Tensor>& running_var, bool training,
+                                                       double momentum, double eps, bool relu, const BnLayout& L) {
+  using A = acc_t<T>;
+  const int64_t C = L.C;
+  const auto acc = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+  at::Tensor y = at::empty_like(x);
+  const Workers<T> w = Workers<T>::get();
+  std::vector<double> mean(C), var(C);
+  if (training) {
+    batch_stats<T>(x, L, w, mean, var);
+    if (has(running_mean)) {
+      std::vector<double> rm = channel_values(running_mean, C, 0), rv = channel_values(running_var, C, 1);
+      const double unbias = double(L.count()) / double(L.count() - 1);
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = bn_running<double>(rm[c], mean[c], momentum);
+        rv[c] = bn_running<double>(rv[c], var[c] * unbias, momentum);
+      }
+      at::Tensor rmt = *running_mean, rvt = *running_var;
+      write_channels(rmt, rm);
+      write_channels(rvt, rv);
+    }
+  } else {
+    mean = channel_values(running_mean, C, 0);
+    var = channel_values(running_var, C, 1);
+  }
+  const std::vector<double> gamma = channel_values(weight, C, 1), beta = channel_values(bias, C, 0);
+  std::vector<A> coef(3 * C);
+  std::vector<double> invstd(C);
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = bn_invstd<double>(var[c], eps);
+    coef[c] = A(mean[c]);
+    coef[C + c] = A(gamma[c] * invstd[c]);
+    coef[2 * C + c] = A(beta[c]);
+  }
+  const raw_t<T>*xp = cptr<T>(x), *rp = cptr<T>(res);
+  raw_t<T>* yp = mptr<T>(y);
+  if (L.planar) {
+    const PlanarUnits U(L);
+    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t c = U.plane(u) % C, o = U.offset(u);
+        w.forward_run(xp + o, rp ? rp + o : nullptr, yp + o, U.length(u), coef[c], coef[C + c], coef[2 * C + c],
+                      relu);
+      }
+    });
+  } else {
+    const RowBlocks B(L);
+    at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t o = B.first(b) * C;
+        w.forward_rows(xp + o, rp ? rp + o : nullptr, yp + o, B.count(b), C, coef.data(), relu);
+      }
+    });
+  }
+  at::Tensor save_mean = at::empty({C}, x.options().dtype(acc)), save_invstd = at::empty_like(save_mean);
+  write_channels(save_mean, mean);
+  write_channels(save_invstd, invstd);
+  return {y, save_mean, save_invstd};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool residual_grad,
+    const BnLayout& L) {
+  using A = acc_t<T>;
+  const int64_t C = L.C;
+  const Workers<T> w = Workers<T>::get();
+  const std::vector<double> mean = channel_values(save_mean, C, 0), invstd = channel_values(save_invstd, C, 1),
+                            gamma = channel_values(weight, C, 1);
+  std::vector<A> mean_a(mean.begin(), mean.end());
+  const raw_t<T>*dyp = cptr<T>(dy), *xp = cptr<T>(x), *yp = cptr<T>(y);
+  std::vector<double> sg(C, 0.0), sgx(C, 0.0);
+  if (L.planar) {
+    const PlanarUnits U(L);
+    std::vector<double> part(2 * U.total);
+    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t o = U.offset(u);
+        w.backward_reduce_run(dyp + o, xp + o, yp ? yp + o : nullptr, U.length(u), mean_a[U.plane(u) % C],
+                              &part[2 * u]);
+      }
+    });
+    for (int64_t u = 0; u < U.total; ++u) {
+      const int64_t c = U.plane(u) % C;
+      sg[c] += part[2 * u];
+      sgx[c] += part[2 * u + 1];
+    }
+  } else {
+    const RowBlocks B(L);
+    std::vector<double> pa(B.total * C), pb(B.total * C);
+    at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t o = B.first(b) * C;
+        w.backward_reduce_rows(dyp + o, xp + o, yp ? yp + o : nullptr, B.count(b), C, mean_a.data(), &pa[b * C],
+                               &pb[b * C]);
+      }
+    });
+    for (int64_t b = 0; b < B.total; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        sg[c] += pa[b * C + c];
+        sgx[c] += pb[b * C + c];
+      }
+    }
+  }
+  std::vector<A> coef(4 * C);
+  std::vector<double> dweight(C), dbias(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const BnBackwardCoef<double> k =
+        bn_backward_coef<double>(training, double(L.count()), sg[c], sgx[c], invstd[c], gamma[c]);
+    coef[c] = A(mean[c]);
+    coef[C + c] = A(k.k);
+    coef[2 * C + c] = A(k.mean_g);
+    coef[3 * C + c] = A(k.c);
+    dweight[c] = k.dweight;
+    dbias[c] = k.dbias;
+  }
+  at::Tensor dx = at::empty_like(x), dres = residual_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  raw_t<T>*dxp = mptr<T>(dx), *drp = residual_grad ? mptr<T>(dres) : nullptr;
+  if (L.planar) {
+    const PlanarUnits U(L);
+    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t c = U.plane(u) % C, o = U.offset(u);
+        w.backward_run(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, U.length(u),
+                       coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]);
+      }
+    });
+  } else {
+    const RowBlocks B(L);
+    at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t o = B.first(b) * C;
+        w.backward_rows(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, B.count(b), C,
+                        coef.data());
+      }
+    });
+  }
+  const auto acc = save_mean.scalar_type();
+  at::Tensor dw = at::empty({C}, x.options().dtype(acc)), db = at::empty_like(dw);
+  write_channels(dw, dweight);
+  write_channels(db, dbias);
+  return {dx, dres, dw, db};
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kDouble: return f(double{});
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fck::batch_norm: unsupported dtype ", t);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS) {
+  const BnLayout L = check_batch_norm_fwd(input, residual, weight, bias, running_mean, running_var, training);
+  TORCH_CHECK(input.device().is_cpu(), "fck::batch_norm_fwd (cpu): input must be a CPU tensor");
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (input.numel() == 0) {  // torch's behaviour: empty output, running statistics untouched
+    at::Tensor zeros = at::zeros({L.C}, input.options().dtype(acc));
+    return {at::empty_like(input), zeros, zeros.clone()};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  dispatch_float(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    out = forward<T>(input, has(residual) ? *residual : at::Tensor(), weight, bias, running_mean, running_var,
+                     training, momentum, eps, relu, L);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS) {
+  const BnLayout L = check_batch_norm_bwd(grad_output, input, output, weight, save_mean, save_invstd, relu);
+  TORCH_CHECK(input.device().is_cpu(), "fck::batch_norm_bwd (cpu): input must be a CPU tensor");
+  if (input.numel() == 0) {
+    at::Tensor zeros = at::zeros({L.C}, save_mean.options());
+    return {at::empty_like(input), residual_grad ? at::empty_like(input) : at::empty({0}, input.options()), zeros,
+            zeros.clone()};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  dispatch_float(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    out = backward<T>(grad_output, input, relu ? *output : at::Tensor(), weight, save_mean, save_invstd, training,
+                      residual_grad, L);
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace fck

@@ -1,0 +1,102 @@
+// CPU-only helpers shared by the C++ kernels in csrc/cpu: fp32 views of fp16/bf16 storage that vectorize, and the
+// run-time choice between the AVX2+FMA+F16C clone of a loop and its baseline x86-64 build.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include "fck/cpu_float.h"
+
+namespace fck {
+namespace cpu {
+
+// How the loops read and write each storage dtype as fp32: raw bits and branch-free conversions (fck/cpu_float.h),
+// so that fp16/bf16 loops vectorize like fp32 ones.
+// `acc` is the type the math runs in: fp32 for every storage dtype but float64.
+template <typename T>
+struct Storage {
+  using raw = float;
+  using acc = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+template <>
+struct Storage<double> {
+  using raw = double;
+  using acc = double;
+  static double load(double x) { return x; }
+  static double store(double x) { return x; }
+};
+template <>
+struct Storage<c10::Half> {
+  using raw = uint16_t;
+  using acc = float;
+  static float load(uint16_t x) { return cpu_float::fp16_to_float(x); }
+  static uint16_t store(float x) { return cpu_float::float_to_fp16(x); }
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using raw = uint16_t;
+  using acc = float;
+  static float load(uint16_t x) { return cpu_float::bf16_to_float(x); }
+  static uint16_t store(float x) { return cpu_float::float_to_bf16(x); }
+};
+
+template <typename T>
+using raw_t = typename Storage<T>::raw;
+template <typename T>
+using acc_t = typename Storage<T>::acc;
+
+// Whole-tile conversions. With F16C (every AVX2 CPU has it) fp16 uses the hardware conversion instructions, which
+// round to nearest even exactly like the portable code.
+template <typename T, bool F16C>
+inline void widen(const raw_t<T>* __restrict src, acc_t<T>* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::load(src[i]);
+}
+
+template <typename T, bool F16C>
+inline void narrow(const acc_t<T>* __restrict src, raw_t<T>* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FCK_HAVE_AVX2_CLONE 1
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline void widen<c10::Half, true>(const uint16_t* __restrict src,
+                                                                             float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = cpu_float::fp16_to_float(src[i]);
+}
+
+template <>
+__attribute__((target("avx2,fma,f16c"))) inline void narrow<c10::Half, true>(const float* __restrict src,
+                                                                              uint16_t* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) dst[i] = cpu_float::float_to_fp16(src[i]);
+}
+#endif
+
+inline bool cpu_runs_avx2_clone() {
+#ifdef FCK_HAVE_AVX2_CLONE
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fck

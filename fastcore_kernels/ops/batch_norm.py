@@ -1,0 +1,164 @@
+"""Batch norm with an optional fused residual add and ReLU: `relu?(batch_norm(x) + residual?)`, forward and backward
+on every backend.
+
+The compiled kernels are two torch.library ops with one schema per direction — `fck::batch_norm_fwd`/`_bwd` (C++,
+CPU and CUDA) and `fck::batch_norm_fwd_triton`/`_bwd_triton` — tied together by one autograd.Function. The forward
+saves the input and, with a ReLU, its own output, from which the backward recovers the ReLU mask: no pre-activation
+tensor is ever stored, and the output is usually kept alive anyway as the next layer's input. The reference backend
+is plain PyTorch differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcore_kernels import _backend
+from fastcore_kernels.reference import batch_norm as reference
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+FWD_SCHEMA = (
+    "(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+    "bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _fake_fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    stats = x.new_empty(x.shape[1], dtype=reference.acc_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _fake_bwd(dy, x, y, weight, save_mean, save_invstd, training, relu, residual_grad):
+    stats = torch.empty_like(save_mean)
+    dres = torch.empty_like(x) if residual_grad else x.new_empty(0)
+    return torch.empty_like(x), dres, stats, torch.empty_like(stats)
+
+
+def register_fake() -> None:
+    torch.library.register_fake("fck::batch_norm_fwd")(_fake_fwd)
+    torch.library.register_fake("fck::batch_norm_bwd")(_fake_bwd)
+
+
+def _triton_fwd(*args):
+    from fastcore_kernels.triton import batch_norm as kernels  # imported on first use: Triton is optional
+
+    return kernels.batch_norm_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from fastcore_kernels.triton import batch_norm as kernels
+
+    return kernels.batch_norm_bwd(*args)
+
+
+_triton_fwd_op = torch.library.custom_op("fck::batch_norm_fwd_triton", _triton_fwd,
+                                         mutates_args=("running_mean", "running_var"), schema=FWD_SCHEMA)
+_triton_fwd_op.register_fake(_fake_fwd)
+_triton_bwd_op = torch.library.custom_op("fck::batch_norm_bwd_triton", _triton_bwd, mutates_args=(),
+                                         schema=BWD_SCHEMA)
+_triton_bwd_op.register_fake(_fake_bwd)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        return torch.ops.fck.batch_norm_fwd_triton, torch.ops.fck.batch_norm_bwd_triton
+    return torch.ops.fck.batch_norm_fwd, torch.ops.fck.batch_norm_bwd  # resolve() has loaded the library
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format  # any other strides: the kernels get a contiguous copy
+
+
+def _like(t: torch.Tensor, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """t laid out like x, the layout the kernels require of every full-size tensor."""
+    same = all(a == b for a, b, n in zip(t.stride(), x.stride(), x.shape) if n > 1)
+    return t if same else t.contiguous(memory_format=fmt)
+
+
+class _BatchNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu, backend):
+        fwd, _ = _kernels(backend)
+        y, mean, invstd = fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+        ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
+        ctx.backend, ctx.training, ctx.relu = backend, training, relu
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, y, weight, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _, bwd = _kernels(ctx.backend)
+        dx, dres, dw, db = bwd(_like(dy, x, _memory_format(x)), x, y, weight, mean, invstd, ctx.training, ctx.relu,
+                               need[1])
+        dw = dw.to(weight.dtype) if need[2] else None
+        db = db.to(ctx.bias_dtype) if need[3] else None
+        return dx if need[0] else None, dres if need[1] else None, dw, db, None, None, None, None, None, None, None
+
+
+def _check(x, residual, weight, bias, running_mean, running_var, training, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: input must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected an input of 2 to 5 dimensions (N, C, ...), got {x.dim()}-D")
+    C = x.shape[1]
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but input has {tuple(x.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(f"{name}: residual is {residual.dtype} on {residual.device}, "
+                            f"input is {x.dtype} on {x.device}")
+    for what, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        if t.numel() != C or t.dim() != 1:
+            raise RuntimeError(f"{what} should contain {C} elements not {t.numel()}")  # torch's message
+        if t.device != x.device:
+            raise ValueError(f"{name}: {what} is on {t.device} but input is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {what} must be a floating-point tensor, got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")  # torch's message
+    if training and x.numel() > 0 and x.numel() // C <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+
+
+def batch_norm_act(x, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                   backend=None, name="batch_norm"):
+    """relu?(batch_norm(x) + residual?) on the selected backend; see fastcore_kernels.functional for the API."""
+    _check(x, residual, weight, bias, running_mean, running_var, training, name)
+    training, momentum, eps, relu = bool(training), float(momentum), float(eps), bool(relu)
+    impl = _backend.resolve(x.device, backend)
+    if impl == "reference":
+        return reference.batch_norm_act(x, residual, running_mean, running_var, weight, bias, training, momentum,
+                                        eps, relu)
+    fmt = _memory_format(x)
+    x = x if x.is_contiguous(memory_format=fmt) else x.contiguous()
+    if residual is not None:
+        residual = _like(residual, x, fmt)
+    # Running statistics are updated by the kernels in place: they must be dense vectors.
+    if running_mean is not None and not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        raise ValueError(f"{name}: running_mean and running_var must be contiguous")
+    tensors = (x, residual, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _BatchNormAct.apply(x, residual, weight, bias, running_mean, running_var, training, momentum, eps,
+                                   relu, impl)
+    fwd, _ = _kernels(impl)
+    return fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)[0]

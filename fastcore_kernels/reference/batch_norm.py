@@ -1,0 +1,56 @@
+"""Batch norm, optionally followed by a residual add and a ReLU, in plain PyTorch: the specification every backend of
+`fck::batch_norm_fwd`/`fck::batch_norm_bwd` is tested against. Autograd through these ops gives the reference
+gradients.
+
+Statistics are computed in fp32 (float64 for float64 input) whatever the input dtype, with the biased variance for
+normalising and the unbiased one for the running estimate, as torch.nn.functional.batch_norm does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    """relu?(batch_norm(x) + residual?), the running statistics updated in place when training."""
+    acc = acc_dtype(x.dtype)
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.to(acc)
+    if training:
+        var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
+        if running_mean is not None or running_var is not None:
+            count = x.numel() // x.shape[1]
+            with torch.no_grad():
+                if running_mean is not None:
+                    running_mean.copy_(running_mean * (1 - momentum) + mean.detach() * momentum)
+                if running_var is not None:
+                    unbiased = var.detach() * (count / (count - 1))
+                    running_var.copy_(running_var * (1 - momentum) + unbiased * momentum)
+    else:
+        mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
+    z = (xf - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        z = z * weight.to(acc).view(shape)
+    if bias is not None:
+        z = z + bias.to(acc).view(shape)
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
