@@ -4,12 +4,14 @@ Pick where ops run with `set_backend(name)`, `with use_backend(name): ...` or FC
 available here and why not. The compiled kernels load (or build) on first use, never at import.
 """
 
-from fastcore_kernels import ops, optim
+from fastcore_kernels import functional, nn, ops, optim
 from fastcore_kernels._backend import backends, get_backend, set_backend, use_backend
+from fastcore_kernels.nn import fuse
 from fastcore_kernels.optim import FusedAdam, FusedAdamW
 from fastcore_kernels.learner import DataLoaders, Learner, load_learner
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "get_backend", "set_backend", "use_backend", "ops", "optim", "FusedAdam", "FusedAdamW",
+__all__ = ["backends", "get_backend", "set_backend", "use_backend", "functional", "nn", "ops", "optim", "fuse",
+           "FusedAdam", "FusedAdamW",
            "DataLoaders", "Learner", "load_learner"]

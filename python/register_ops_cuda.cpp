@@ -3,4 +3,8 @@
 
 #include "fck/ops.h"
 
-TORCH_LIBRARY_IMPL(fck, CUDA, m) { m.impl("adam_", &fck::cuda::adam_); }
+TORCH_LIBRARY_IMPL(fck, CUDA, m) {
+  m.impl("adam_", &fck::cuda::adam_);
+  m.impl("batch_norm_fwd", &fck::cuda::batch_norm_fwd);
+  m.impl("batch_norm_bwd", &fck::cuda::batch_norm_bwd);
+}

@@ -53,9 +53,14 @@ FCK_HOST_DEVICE void store(const acc_t<T>* buf, raw_t<T>* dst, int64_t n) {
 
 // ---- workers: one unit each; compiled for baseline x86-64 and for AVX2+FMA+F16C (see FCK_BN_CLONES) ----
 
-// (count, mean, M2) of a run: per tile an exact two-pass mean and M2 over L1-resident data, merged across tiles.
+// Statistics are taken of x - pivot, pivot a value of the channel (its first): the shifted values are small and
+// exact, so fp32 tile sums and merges keep full precision even when |mean| >> std (at mean 1e4, fp32 cannot even
+// represent the mean to better than 5e-4, and that error enters M2 squared).
+
+// (count, shifted mean, M2) of a run: per tile an exact two-pass mean and M2 over L1-resident data, merged across
+// tiles with Chan's formula.
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void stats_run(const raw_t<T>* x, int64_t n, double* out) {
+FCK_HOST_DEVICE void stats_run(const raw_t<T>* x, int64_t n, acc_t<T> pivot, double* out) {
   using A = acc_t<T>;
   alignas(64) A buf[kTile];
   A cnt = 0, mean = 0, m2 = 0;
@@ -64,11 +69,11 @@ FCK_HOST_DEVICE void stats_run(const raw_t<T>* x, int64_t n, double* out) {
     const A* xs = as_acc<T, F16C>(x + t, buf, len);
     A s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < len; ++i) s += xs[i];
+    for (int64_t i = 0; i < len; ++i) s += xs[i] - pivot;
     const A tm = s / A(len);
     A q = 0;
 #pragma omp simd reduction(+ : q)
-    for (int64_t i = 0; i < len; ++i) q += (xs[i] - tm) * (xs[i] - tm);
+    for (int64_t i = 0; i < len; ++i) q += (xs[i] - pivot - tm) * (xs[i] - pivot - tm);
     welford_merge<A>(cnt, mean, m2, A(len), tm, q);
   }
   out[0] = cnt;
@@ -76,9 +81,10 @@ FCK_HOST_DEVICE void stats_run(const raw_t<T>* x, int64_t n, double* out) {
   out[2] = m2;
 }
 
-// Per-channel (mean, M2) of `rows` rows of C elements (the count is `rows`), written as mean[C], m2[C].
+// Per-channel (shifted mean, M2) of `rows` rows of C elements (the count is `rows`), written as mean[C], m2[C].
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void stats_rows(const raw_t<T>* x, int64_t rows, int64_t C, double* mean_out, double* m2_out) {
+FCK_HOST_DEVICE void stats_rows(const raw_t<T>* x, int64_t rows, int64_t C, const acc_t<T>* pivot,
+                                double* mean_out, double* m2_out) {
   using A = acc_t<T>;
   std::vector<A> scratch(5 * C);
   A *buf = scratch.data(), *s = buf + C, *q = s + C, *mean = q + C, *m2 = mean + C;
@@ -90,13 +96,13 @@ FCK_HOST_DEVICE void stats_rows(const raw_t<T>* x, int64_t rows, int64_t C, doub
     std::fill(s, s + 2 * C, A(0));
     for (int64_t r = r0; r < r0 + nr; ++r) {
       const A* xs = as_acc<T, F16C>(x + r * C, buf, C);
-      for (int64_t c = 0; c < C; ++c) s[c] += xs[c];
+      for (int64_t c = 0; c < C; ++c) s[c] += xs[c] - pivot[c];
     }
     const A inv = A(1) / A(nr);
-    for (int64_t c = 0; c < C; ++c) s[c] *= inv;  // the tile's mean
+    for (int64_t c = 0; c < C; ++c) s[c] *= inv;  // the tile's shifted mean
     for (int64_t r = r0; r < r0 + nr; ++r) {
       const A* xs = as_acc<T, F16C>(x + r * C, buf, C);
-      for (int64_t c = 0; c < C; ++c) q[c] += (xs[c] - s[c]) * (xs[c] - s[c]);
+      for (int64_t c = 0; c < C; ++c) q[c] += (xs[c] - pivot[c] - s[c]) * (xs[c] - pivot[c] - s[c]);
     }
     for (int64_t c = 0; c < C; ++c) {
       A n = cnt;
@@ -266,8 +272,9 @@ FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, const 
 
 // Every worker compiled twice; `Workers<T>::get()` hands out the AVX2 set when the CPU runs it.
 #define FCK_BN_WORKERS(X)                                                                                           \
-  X(stats_run, (const raw_t<T>* x, int64_t n, double* out), (x, n, out))                                          \
-  X(stats_rows, (const raw_t<T>* x, int64_t rows, int64_t C, double* m, double* q), (x, rows, C, m, q))           \
+  X(stats_run, (const raw_t<T>* x, int64_t n, acc_t<T> pivot, double* out), (x, n, pivot, out))                  \
+  X(stats_rows, (const raw_t<T>* x, int64_t rows, int64_t C, const acc_t<T>* pivot, double* m, double* q),       \
+    (x, rows, C, pivot, m, q))                                                                                     \
   X(forward_run,                                                                                                   \
     (const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t n, acc_t<T> mean, acc_t<T> k, acc_t<T> beta,  \
      bool relu),                                                                                                   \
@@ -362,14 +369,19 @@ struct RowBlocks {
 template <typename T>
 void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, std::vector<double>& mean,
                  std::vector<double>& var) {
+  using A = acc_t<T>;
   const int64_t C = L.C;
   const raw_t<T>* xp = cptr<T>(x);
+  std::vector<A> pivot(C);  // each channel's first element (n = 0, s = 0)
+  for (int64_t c = 0; c < C; ++c) pivot[c] = Storage<T>::load(xp[L.planar ? c * L.S : c]);
   std::vector<double> n(C, 0.0), m(C, 0.0), q(C, 0.0);
   if (L.planar) {
     const PlanarUnits U(L);
     std::vector<double> part(3 * U.total);
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) w.stats_run(xp + U.offset(u), U.length(u), &part[3 * u]);
+      for (int64_t u = lo; u < hi; ++u) {
+        w.stats_run(xp + U.offset(u), U.length(u), pivot[U.plane(u) % C], &part[3 * u]);
+      }
     });
     for (int64_t u = 0; u < U.total; ++u) {
       const int64_t c = U.plane(u) % C;
@@ -379,7 +391,9 @@ void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, st
     const RowBlocks B(L);
     std::vector<double> pm(B.total * C), pq(B.total * C);
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) w.stats_rows(xp + B.first(b) * C, B.count(b), C, &pm[b * C], &pq[b * C]);
+      for (int64_t b = lo; b < hi; ++b) {
+        w.stats_rows(xp + B.first(b) * C, B.count(b), C, pivot.data(), &pm[b * C], &pq[b * C]);
+      }
     });
     for (int64_t b = 0; b < B.total; ++b) {
       for (int64_t c = 0; c < C; ++c) {
@@ -388,7 +402,7 @@ void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, st
     }
   }
   for (int64_t c = 0; c < C; ++c) {
-    mean[c] = m[c];
+    mean[c] = double(pivot[c]) + m[c];
     var[c] = q[c] / n[c];
   }
 }

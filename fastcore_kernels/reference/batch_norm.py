@@ -32,7 +32,9 @@ def batch_norm_act(
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     dims = [0] + list(range(2, x.dim()))
     xf = x.to(acc)
-    if training:
+    if training and x.numel() == 0:  # an empty batch normalizes nothing and leaves the running statistics alone
+        mean, var = xf.new_zeros(x.shape[1]), xf.new_ones(x.shape[1])
+    elif training:
         var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
         if running_mean is not None or running_var is not None:
             count = x.numel() // x.shape[1]

@@ -4,8 +4,8 @@ Every kernel sees the input as (N, C, S) with element strides (sN, sC, sS), so o
 NC(S) and channels-last memory; rows r = n * S + s run over the N*S elements of a channel. A program owns BLOCK_C
 channels and a range of rows, walked in [BLOCK_R, BLOCK_C] tiles.
 
-Forward (training): `_stats` writes per-program partial (mean, M2) — each tile's exactly, merged with Chan's formula
-— then `_finalize_forward` merges the partials per channel, updates the running statistics and writes mean/invstd,
+Forward (training): `_stats` writes per-program partial (mean, M2) of x - x[row 0] — each tile's exactly, merged with
+Chan's formula — then `_finalize_forward` merges the partials per channel, updates the running statistics and writes mean/invstd,
 then `_forward` normalizes. Backward: `_backward_reduce` writes partial sums of g and g * (x - mean), then
 `_finalize_backward` turns them into grad_weight, grad_bias and per-channel coefficients, then `_backward` writes
 grad_input (and grad_residual). Accumulation is fp32, or fp64 for float64 inputs.
@@ -44,12 +44,17 @@ def _stats(
     pid_r = tl.program_id(1)
     r_begin = pid_r * ROWS_PER_PROG
     r_end = tl.minimum(r_begin + ROWS_PER_PROG, R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # Statistics of x - x[row 0]: small exact values, so fp32 sums and merges stay accurate when |mean| >> std
+    # (near 1e4, fp32 cannot hold the mean to better than 5e-4, and that error would enter M2 squared).
+    pivot = tl.load(X + cols.to(tl.int64) * sC, mask=cols < C, other=0).to(ACC)
     cnt = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for r0 in range(r_begin, r_end, BLOCK_R):
         offs, mask, rmask = _tile_offsets(pid_c, r0, r_end, S, sN, sC, sS, BLOCK_R, BLOCK_C, C)
         x = tl.load(X + offs, mask=mask, other=0).to(ACC)
+        x = tl.where(mask, x - pivot[None, :], 0)
         nb = tl.sum(rmask.to(ACC), axis=0)
         tile_mean = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - tile_mean[None, :], 0)
@@ -60,13 +65,13 @@ def _stats(
         mean += delta * w_b
         m2 += tile_m2 + delta * delta * cnt * w_b
         cnt = total
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     tl.store(PART_MEAN + pid_r * C + cols, mean, mask=cols < C)
     tl.store(PART_M2 + pid_r * C + cols, m2, mask=cols < C)
 
 
 @triton.jit
 def _finalize_forward(
+    X, sC,  # the input, for each channel's pivot x[row 0]
     PART_MEAN, PART_M2, P, ROWS_PER_PROG, R,
     RUNNING_MEAN, RUNNING_VAR,  # [C], any float dtype, updated in place when training
     MEAN, INVSTD,  # [C] ACC outputs
@@ -90,6 +95,7 @@ def _finalize_forward(
             m2 += pq + delta * delta * cnt * w_b
             cnt = total
         var = m2 / cnt
+        mean += tl.load(X + cols.to(tl.int64) * sC, mask=cmask, other=0).to(ACC)
         if HAS_RUNNING:
             rm = tl.load(RUNNING_MEAN + cols, mask=cmask).to(ACC)
             rv = tl.load(RUNNING_VAR + cols, mask=cmask).to(ACC)
@@ -279,7 +285,7 @@ def batch_norm_fwd(x, residual, weight, bias, running_mean, running_var, trainin
     else:
         part_mean = part_m2 = dummy
     _finalize_forward[(n_cblocks,)](
-        part_mean, part_m2, progs_r, rpp, R,
+        x, sC, part_mean, part_m2, progs_r, rpp, R,
         running_mean if has_running else dummy, running_var if has_running else dummy,
         mean, invstd, C, float(momentum), float(eps),
         TRAINING=bool(training), HAS_RUNNING=has_running, BLOCK_C=block_c, ACC=ACC,

@@ -41,7 +41,9 @@ inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* wha
               x.scalar_type());
   TORCH_CHECK(t.sizes().equals(x.sizes()), op, ": ", what, " has shape ", t.sizes(), " but input has shape ",
               x.sizes());
-  TORCH_CHECK(t.strides().equals(x.strides()), op, ": ", what, " must have the input's strides (memory format)");
+  bool same = true;  // strides of size-1 dims never matter, nor any of an empty tensor
+  for (int64_t d = 0; d < x.dim(); ++d) same = same && (x.size(d) == 1 || t.stride(d) == x.stride(d));
+  TORCH_CHECK(same || x.numel() == 0, op, ": ", what, " must have the input's strides (memory format)");
 }
 
 inline void check_per_channel(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* what,

@@ -1,0 +1,9 @@
+"""Drop-in modules on fastcore_kernels' fused ops, and `fuse(model)` to swap them into an existing model."""
+
+from fastcore_kernels.nn.batch_norm import (AbsorbedBatchNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+                                            BatchNormAddReLU2d, BatchNormReLU1d, BatchNormReLU2d, ConvBNReLU2d,
+                                            FusedConv2d)
+from fastcore_kernels.nn.fuse import fuse
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU2d",
+           "ConvBNReLU2d", "FusedConv2d", "AbsorbedBatchNorm2d", "fuse"]

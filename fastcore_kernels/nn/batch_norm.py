@@ -1,0 +1,153 @@
+"""Batch-norm modules on the fused kernels: drop-ins for torch's (same constructor, parameters, buffers and
+state_dict keys, so checkpoints move both ways), plus the fused BN-ReLU, BN-add-ReLU and conv-BN-ReLU blocks.
+
+They subclass torch's classes, so code that checks `isinstance(m, nn.BatchNorm2d)` (weight-decay exclusions,
+freezing) keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcore_kernels.ops.batch_norm import batch_norm_act
+from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
+
+
+class _FusedBatchNormMixin:
+    """torch's _BatchNorm.forward bookkeeping (batch counter, momentum=None cumulative average, which statistics
+    to use), leading to one fused kernel call."""
+
+    _relu = False
+
+    def _bn_args(self):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if keep_running else None
+        running_var = self.running_var if keep_running else None
+        return running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        return batch_norm_act(input, residual, *self._bn_args(), relu=self._relu or residual is not None,
+                              name=type(self).__name__)
+
+
+class BatchNorm1d(_FusedBatchNormMixin, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on the fused kernels: (N, C) or (N, C, L) input."""
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+class BatchNorm2d(_FusedBatchNormMixin, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on the fused kernels: (N, C, H, W), contiguous or channels_last."""
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+class BatchNorm3d(_FusedBatchNormMixin, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on the fused kernels: (N, C, D, H, W)."""
+
+    def forward(self, input):
+        return super().forward(input)
+
+
+class BatchNormReLU1d(BatchNorm1d):
+    """relu(BatchNorm1d(x)) in one pass, with BatchNorm1d's parameters and state_dict (the tabular MLP block)."""
+
+    _relu = True
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """relu(BatchNorm2d(x)) in one pass, with BatchNorm2d's parameters and state_dict."""
+
+    _relu = True
+
+
+class BatchNormAddReLU2d(BatchNorm2d):
+    """relu(BatchNorm2d(x) + residual) in one pass: the tail of a ResNet block. `forward(x, residual)`."""
+
+    _relu = True
+
+    def forward(self, input, residual=None):
+        if residual is None:
+            raise TypeError("BatchNormAddReLU2d.forward needs the residual: forward(input, residual)")
+        return _FusedBatchNormMixin.forward(self, input, residual)
+
+
+class AbsorbedBatchNorm2d(BatchNorm2d):
+    """A BatchNorm2d whose work is done by the fused convolution before it (FusedConv2d): it keeps its parameters,
+    buffers and state_dict keys where the model had them, and passes its input through."""
+
+    def forward(self, input):
+        return input
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", absorbed by the preceding FusedConv2d"
+
+
+class FusedConv2d(nn.Conv2d):
+    """A Conv2d followed by the batch norm it absorbed and a ReLU: relu(bn(conv(x))) in training (torch's
+    convolution + the fused BN-ReLU kernel) and a BN-folded convolution with the ReLU fused in eval.
+
+    The batch norm module stays registered where it was (as an AbsorbedBatchNorm2d), so state_dict keys do not move;
+    this module refers to it without owning it.
+    """
+
+    @classmethod
+    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FusedConv2d":
+        """Turn `conv` (an exact nn.Conv2d) into a FusedConv2d and `bn` into its AbsorbedBatchNorm2d, in place."""
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"cannot fuse: {bn.num_features} batch-norm features after {conv.out_channels} "
+                             "convolution channels")
+        conv.__class__ = cls
+        bn.__class__ = AbsorbedBatchNorm2d
+        conv._absorbed = [bn]  # a list: not registered as a child, so it is not saved twice
+        return conv
+
+    @property
+    def bn(self) -> AbsorbedBatchNorm2d:
+        return self._absorbed[0]
+
+    def forward(self, input):
+        bn = self.bn
+        running_mean, running_var, weight, bias, use_batch_stats, factor, eps = bn._bn_args()
+        if use_batch_stats:
+            return batch_norm_act(self._conv_forward(input, self.weight, self.bias), None, running_mean,
+                                  running_var, weight, bias, True, factor, eps, True, name="FusedConv2d")
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return conv_bn_relu(input, self.weight, self.bias, running_mean, running_var, weight, bias, False, factor,
+                            eps, self.stride, padding, self.dilation, self.groups)
+
+
+class ConvBNReLU2d(nn.Sequential):
+    """Conv2d -> BatchNorm2d -> ReLU as one fused block, with the state_dict of `nn.Sequential(Conv2d, BatchNorm2d,
+    ReLU)` (keys `0.weight`, `1.weight`, `1.running_mean`, ...), the layout of fastai's ConvLayer and torchvision's
+    Conv2dNormActivation. Children: 0 a FusedConv2d, 1 its AbsorbedBatchNorm2d, 2 an Identity."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None):
+        kw = {"device": device, "dtype": dtype}
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, **kw)
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **kw)
+        super().__init__(FusedConv2d.absorb(conv, bn), bn, nn.Identity())
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ConvBNReLU2d":
+        """A block around existing modules (they are converted in place and shared)."""
+        block = cls.__new__(cls)
+        nn.Sequential.__init__(block, FusedConv2d.absorb(conv, bn), bn, nn.Identity())
+        return block

@@ -1,0 +1,193 @@
+"""`fuse(model)`: swap the fused modules into a model the user already has.
+
+Patterns, found in `nn.Sequential` containers by position and in any other module's forward with torch.fx (one
+module at a time, its children kept as leaves, so the user's classes survive everywhere the patterns are absent):
+
+    Conv2d -> BatchNorm2d -> ReLU          conv becomes FusedConv2d, the BN its AbsorbedBatchNorm2d
+    BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
+    BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
+    any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
+
+Modules are converted in place (their class changes; parameters, buffers and hooks stay), and fused-away ReLUs
+disappear from the graph or become nn.Identity, so every parameter and buffer keeps its state_dict key: the fused
+model's state_dict loads into the original architecture and back. Only exact torch classes are converted; a user's
+subclass of them is left alone and reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fastcore_kernels.nn import batch_norm as fused
+
+_DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d}
+_BN_RELU = {nn.BatchNorm1d: fused.BatchNormReLU1d, nn.BatchNorm2d: fused.BatchNormReLU2d}
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def _is_relu_module(m) -> bool:
+    return type(m) is nn.ReLU
+
+
+class _Fuser:
+    def __init__(self):
+        self.report: list[str] = []
+
+    # ---- nn.Sequential: patterns by position ----
+    def sequential(self, seq: nn.Sequential, prefix: str) -> set[int]:
+        mods = list(seq._modules.items())
+        done: set[int] = set()
+        i = 0
+        while i < len(mods):
+            name, m = mods[i]
+            nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+            nxt2 = mods[i + 2][1] if i + 2 < len(mods) else None
+            if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _is_relu_module(nxt2):
+                fused.FusedConv2d.absorb(m, nxt)
+                seq._modules[mods[i + 2][0]] = nn.Identity()
+                self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]} + {prefix}{mods[i + 2][0]}: "
+                                   "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d")
+                done.update((id(m), id(nxt)))
+                i += 3
+            elif type(m) in _BN_RELU and _is_relu_module(nxt):
+                m.__class__ = _BN_RELU[type(m)]
+                seq._modules[mods[i + 1][0]] = nn.Identity()
+                self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]}: BatchNorm -> ReLU as "
+                                   f"{type(m).__name__}")
+                done.add(id(m))
+                i += 2
+            else:
+                i += 1
+        return done
+
+    # ---- any other module: patterns in its own forward, traced with torch.fx ----
+    def traced(self, module: nn.Module, prefix: str) -> nn.Module:
+        kinds = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+        if not any(type(c) in kinds for c in module.children()):
+            return module
+
+        class LeafTracer(fx.Tracer):
+            def is_leaf_module(self, m, qualname):  # only this module's own forward goes into the graph
+                return True
+
+        try:
+            graph = LeafTracer().trace(module)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "leave the module as it is"
+            self.report.append(f"left {prefix or type(module).__name__}: torch.fx cannot trace its forward "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            return module
+        mods = dict(module.named_children())
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_module" or type(mods.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d):
+                continue
+            bn = mods[node.target]
+            user = _only_user(node)
+            prev = node.args[0] if node.args else None
+            if (type(bn) is nn.BatchNorm2d and isinstance(prev, fx.Node) and prev.op == "call_module"
+                    and type(mods.get(prev.target)) is nn.Conv2d and _only_user(prev) is node
+                    and user is not None and _is_relu_node(user, mods)):
+                fused.FusedConv2d.absorb(mods[prev.target], bn)
+                user.replace_all_uses_with(prev)
+                graph.erase_node(user)
+                graph.erase_node(node)
+                self.report.append(f"fused {prefix}{prev.target} + {prefix}{node.target} + ReLU: Conv2d -> "
+                                   "BatchNorm2d -> ReLU as FusedConv2d")
+                changed = True
+            elif (type(bn) is nn.BatchNorm2d and user is not None and _is_add_node(user)
+                  and _only_user(user) is not None and _is_relu_node(_only_user(user), mods)):
+                relu = _only_user(user)
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                bn.__class__ = fused.BatchNormAddReLU2d
+                with graph.inserting_before(user):  # where both the BN input and the residual exist
+                    fused_node = graph.call_module(node.target, (node.args[0], other))
+                relu.replace_all_uses_with(fused_node)
+                graph.erase_node(relu)
+                graph.erase_node(user)
+                graph.erase_node(node)
+                self.report.append(f"fused {prefix}{node.target} + add + ReLU as BatchNormAddReLU2d")
+                changed = True
+            elif user is not None and _is_relu_node(user, mods):
+                bn.__class__ = _BN_RELU[type(bn)]
+                user.replace_all_uses_with(node)
+                graph.erase_node(user)
+                self.report.append(f"fused {prefix}{node.target} + ReLU as {type(bn).__name__}")
+                changed = True
+        if not changed:
+            return module
+        graph.lint()
+        gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        # Every child and direct parameter/buffer stays registered under its name and in its order, used by the
+        # graph or not (an absorbed batch norm is not called): state_dict keys and parameters() order are unchanged.
+        gm._modules = OrderedDict(module._modules)
+        gm._parameters = OrderedDict(module._parameters)
+        gm._buffers = OrderedDict(module._buffers)
+        gm.train(module.training)
+        return gm
+
+    def walk(self, module: nn.Module, prefix: str = "") -> nn.Module:
+        done = self.sequential(module, prefix) if type(module) is nn.Sequential else set()
+        if type(module) is not nn.Sequential and not isinstance(module, (fused.FusedConv2d, fx.GraphModule)):
+            module = self.traced(module, prefix)
+        for name, child in list(module.named_children()):
+            if id(child) in done:
+                continue
+            new = self.leaf(child, prefix + name) if not list(child.children()) else self.walk(child,
+                                                                                              prefix + name + ".")
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+    def leaf(self, m: nn.Module, name: str) -> nn.Module:
+        if type(m) in _DROP_IN:
+            m.__class__ = _DROP_IN[type(m)]
+            self.report.append(f"swapped {name}: {type(m).__name__} drop-in (no ReLU follows it)")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, fused._FusedBatchNormMixin):
+            self.report.append(f"left {name}: {type(m).__name__} is not a torch class fuse() converts")
+        return m
+
+
+def _only_user(node: fx.Node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu_node(node: fx.Node, mods: dict) -> bool:
+    if node.op == "call_module":
+        return _is_relu_module(mods.get(node.target))
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_add_node(node: fx.Node) -> bool:
+    plain = len(node.args) == 2 and not node.kwargs
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS and plain
+    return node.op == "call_method" and node.target in ("add", "add_") and plain
+
+
+def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+    """The model with fastcore_kernels' fused modules swapped in (see the module docstring for what is fused).
+
+    Outputs and gradients match the original within dtype tolerance in train and eval mode; state_dict keys are
+    unchanged. With `inplace=False` the original is left untouched. `verbose=True` prints what was fused, swapped
+    and left alone; the same lines are kept in `model.fck_fuse_report`.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    fuser = _Fuser()
+    if not list(model.children()):
+        model = fuser.leaf(model, type(model).__name__)
+    else:
+        model = fuser.walk(model)
+    model.fck_fuse_report = fuser.report
+    if verbose:
+        print("\n".join(fuser.report) if fuser.report else "fuse: nothing to fuse")
+    return model

@@ -1,0 +1,358 @@
+"""batch_norm / batch_norm_relu / batch_norm_add_relu / conv_bn_relu: every backend against the float64 reference
+and torch.nn.functional, forward and backward, plus the bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcore_kernels as fck
+import fastcore_kernels.functional as fckF
+from fastcore_kernels.reference.batch_norm import batch_norm_act as reference_bn
+
+from conftest import ALL_BACKENDS, devices, skip_unless_runnable
+
+VARIANTS = ("plain", "relu", "add_relu")
+
+# Rank 2 to 5; C = 1; N = 1 with spatial size > 1; sizes that are not multiples of any block; channels_last.
+SHAPES = [
+    ((7, 5), False),
+    ((3, 4, 11), False),
+    ((2, 3, 5, 7), False),
+    ((2, 3, 5, 7), True),
+    ((1, 3, 4, 5), False),
+    ((4, 1, 3, 5), True),
+    ((2, 3, 2, 3, 4), False),
+    ((2, 3, 2, 3, 4), True),
+]
+
+# (rtol, atol) per dtype, against a float64 computation from the same (rounded) inputs.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (4e-3, 4e-3)}
+
+
+def _fmt(shape, channels_last):
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+
+
+def _inputs(shape, dtype, device, channels_last=False, seed=0, mean=0.0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    fmt = _fmt(shape, channels_last)
+
+    def full():
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + mean).to(device, dtype).contiguous(
+            memory_format=fmt)
+
+    x, residual, dy = full(), full(), full()
+    weight = (torch.rand(C, generator=g) + 0.5).to(device)
+    bias = torch.randn(C, generator=g).to(device)
+    running_mean = torch.randn(C, generator=g).to(device)
+    running_var = (torch.rand(C, generator=g) + 0.5).to(device)
+    return x, residual, dy, weight, bias, running_mean, running_var
+
+
+def _call(variant, backend, x, residual, rm, rv, w, b, training, momentum=0.1, eps=1e-5):
+    if variant == "plain":
+        return fckF.batch_norm(x, rm, rv, w, b, training, momentum, eps, backend=backend)
+    if variant == "relu":
+        return fckF.batch_norm_relu(x, rm, rv, w, b, training, momentum, eps, backend=backend)
+    return fckF.batch_norm_add_relu(x, residual, rm, rv, w, b, training, momentum, eps, backend=backend)
+
+
+def _run(variant, backend, x, residual, dy, w, b, rm, rv, training):
+    """Output, running stats and gradients (x, residual, weight, bias) of one call with autograd."""
+    x = x.detach().clone().requires_grad_()
+    residual = residual.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_()
+    rm, rv = rm.clone(), rv.clone()
+    y = _call(variant, backend, x, residual, rm, rv, w, b, training)
+    y.backward(dy)
+    grads = [x.grad, residual.grad if variant == "add_relu" else None, w.grad, b.grad]
+    return y, rm, rv, grads
+
+
+def _truth(variant, x, residual, dy, w, b, rm, rv, training):
+    """The reference run in float64 on the same (already rounded) values."""
+    d = torch.float64
+    return _run(variant, "reference", x.to(d), residual.to(d), dy.to(d), w.to(d), b.to(d), rm.to(d), rv.to(d),
+                training)
+
+
+def _close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape,channels_last", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_matches_float64_reference(device, backend, shape, channels_last, variant, training):
+    skip_unless_runnable(backend, device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, res, dy, w, b, rm, rv = _inputs(shape, dtype, device, channels_last)
+        y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
+        ty, trm, trv, tgrads = _truth(variant, x, res, dy, w, b, rm, rv, training)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert y.is_contiguous(memory_format=_fmt(shape, channels_last))
+        _close(y, ty, dtype, f"{dtype} output")
+        _close(rm1, trm, torch.float32, "running_mean")
+        _close(rv1, trv, torch.float32, "running_var")
+        for name, g, tg in zip(("input", "residual", "weight", "bias"), grads, tgrads):
+            if tg is None:
+                assert g is None
+                continue
+            # weight/bias grads are sums over N*S values, rounded once: compare at the input dtype's tolerance
+            _close(g, tg, dtype if name in ("input", "residual") else torch.float32, f"{dtype} grad {name}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_against_torch_functional(device, backend, variant):
+    skip_unless_runnable(backend, device)
+    x, res, dy, w, b, rm, rv = _inputs((6, 5, 4, 3), torch.float32, device)
+    for training in (True, False):
+        y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
+        xs, rs = x.clone().requires_grad_(), res.clone().requires_grad_()
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        rm2, rv2 = rm.clone(), rv.clone()
+        ys = F.batch_norm(xs, rm2, rv2, ws, bs, training, 0.1, 1e-5)
+        if variant == "add_relu":
+            ys = ys + rs
+        if variant != "plain":
+            ys = F.relu(ys)
+        ys.backward(dy)
+        torch.testing.assert_close(y, ys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rm1, rm2)
+        torch.testing.assert_close(rv1, rv2)
+        for g, gs in zip(grads, (xs.grad, rs.grad if variant == "add_relu" else None, ws.grad, bs.grad)):
+            if gs is not None:
+                torch.testing.assert_close(g, gs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_gradcheck_float64(device, backend, channels_last, variant):
+    skip_unless_runnable(backend, device)
+    x, res, _, w, b, rm, rv = _inputs((3, 4, 3, 2), torch.float64, device, channels_last)
+    w, b = w.double(), b.double()
+    for training in (True, False):
+        def f(x, res, w, b):
+            return _call(variant, backend, x, res, rm.double().clone(), rv.double().clone(), w, b, training)
+
+        args = [t.clone().requires_grad_() for t in (x, res, w, b)]
+        # The Triton interpreter runs each kernel in Python: random-projection gradcheck keeps that to seconds.
+        fast = backend == "triton" and device == "cpu"
+        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_odd_and_large_shapes(device, backend):
+    """Large C, long planes and many rows, past every kernel's tile and work-unit size."""
+    skip_unless_runnable(backend, device)
+    interp = backend == "triton" and device == "cpu"
+    shapes = [((33, 300), False), ((2, 3, 5000), False), ((3, 70, 3, 5), True)] if interp else [
+        ((4099, 300), False), ((2, 3, 40001), False), ((3, 70, 33, 17), True), ((17, 2053), False)]
+    for shape, cl in shapes:
+        x, res, dy, w, b, rm, rv = _inputs(shape, torch.float32, device, cl, seed=3)
+        y, rm1, rv1, grads = _run("add_relu", backend, x, res, dy, w, b, rm, rv, True)
+        ty, trm, trv, tgrads = _truth("add_relu", x, res, dy, w, b, rm, rv, True)
+        _close(y, ty, torch.float32, f"{shape} output")
+        _close(rv1, trv, torch.float32, f"{shape} running_var")
+        for g, tg in zip(grads, tgrads):
+            _close(g, tg, torch.float32, f"{shape} grads")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_statistics_stable_for_large_means(device, backend):
+    """|mean| / std = 1e6: a sum-of-squares variance would be pure rounding noise in fp32."""
+    skip_unless_runnable(backend, device)
+    g = torch.Generator().manual_seed(0)
+    x64 = 1e4 + 1e-2 * torch.randn(16, 3, 32, 33, generator=g, dtype=torch.float64)
+    x = x64.float().to(device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    fckF.batch_norm(x, rm, rv, training=True, momentum=1.0, backend=backend)
+    exact = x.double().cpu().var(dim=(0, 2, 3))
+    torch.testing.assert_close(rv.double().cpu(), exact, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_running_stats_over_steps_then_eval(device, backend):
+    skip_unless_runnable(backend, device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    for step in range(5):
+        x, *_ = _inputs((8, 4, 3, 3), torch.float32, device, seed=step, mean=step)
+        y = fckF.batch_norm_relu(x, rm, rv, training=True, momentum=0.3, backend=backend)
+        yt = F.relu(F.batch_norm(x, rm_t, rv_t, training=True, momentum=0.3))
+        torch.testing.assert_close(y, yt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm, rm_t)
+    torch.testing.assert_close(rv, rv_t)
+    x, *_ = _inputs((5, 4, 2, 3), torch.float32, device, seed=9)
+    torch.testing.assert_close(fckF.batch_norm_relu(x, rm, rv, backend=backend),
+                               F.relu(F.batch_norm(x, rm_t, rv_t)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_no_affine_no_running_stats_half_running_stats(device, backend):
+    skip_unless_runnable(backend, device)
+    x, res, dy, w, b, rm, rv = _inputs((5, 3, 4), torch.float16, device)
+    ours = fckF.batch_norm_relu(x, None, None, None, None, True, backend=backend)
+    torch.testing.assert_close(ours, F.relu(F.batch_norm(x.float(), None, None, training=True)).half(),
+                               rtol=4e-3, atol=4e-3)
+    # fp16 running statistics (a model.half() network) are read and written in their own dtype
+    rmh, rvh = rm.half(), rv.half()
+    fckF.batch_norm(x, rmh, rvh, w, b, training=True, backend=backend)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    F.batch_norm(x.float(), rm_t, rv_t, w, b, training=True)
+    assert rmh.dtype == torch.float16
+    torch.testing.assert_close(rmh.float(), rm_t, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(rvh.float(), rv_t, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_nan_propagates_per_channel(device, backend):
+    skip_unless_runnable(backend, device)
+    x, *_ = _inputs((4, 3, 5), torch.float32, device)
+    x[1, 2, 3] = float("nan")
+    y = fckF.batch_norm(x, None, None, training=True, backend=backend)
+    assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, :2]).any()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_empty_batch(device, backend):
+    skip_unless_runnable(backend, device)
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    w = torch.rand(3, device=device, requires_grad=True)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = fckF.batch_norm_relu(x, rm, rv, w, None, training=True, backend=backend)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.equal(w.grad, torch.zeros(3, device=device))
+
+
+def test_triton_writes_every_output_element(monkeypatch):
+    """Outputs allocated by the Triton launchers start as NaN: an element a kernel skipped would stay NaN."""
+    skip_unless_runnable("triton", "cpu")
+    from fastcore_kernels.triton import batch_norm as kernels
+
+    real = torch.empty_like
+
+    def poisoned(t, *args, **kwargs):
+        out = real(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(kernels.torch, "empty_like", poisoned)
+    for shape, cl in [((5, 3, 7, 3), True), ((3, 37), False), ((2, 5, 19), False)]:
+        x, res, dy, w, b, rm, rv = _inputs(shape, torch.float32, "cpu", cl)
+        y, _, _, grads = _run("add_relu", "triton", x, res, dy, w, b, rm, rv, True)
+        assert not torch.isnan(y).any()
+        assert not any(torch.isnan(g).any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_input_is_handled(device, backend):
+    skip_unless_runnable(backend, device)
+    base = torch.randn(6, 8, 5, device=device)
+    x = base[:, ::2].transpose(0, 2).transpose(0, 2)  # strided view, neither contiguous nor channels_last
+    assert not x.is_contiguous()
+    torch.testing.assert_close(fckF.batch_norm(x, None, None, training=True, backend=backend),
+                               F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_input_gets_a_clear_error(backend):
+    skip_unless_runnable(backend, "cpu")
+    x = torch.randn(4, 3, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def call(*args, **kw):
+        kw.setdefault("backend", backend)
+        return fckF.batch_norm(*args, **kw)
+
+    with pytest.raises(ValueError, match="2 to 5 dimensions"):
+        call(torch.randn(5), None, None, training=True)
+    with pytest.raises(RuntimeError, match="should contain 3 elements not 4"):
+        call(x, torch.zeros(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="should contain 3 elements not 2"):
+        call(x, rm, rv, torch.ones(2))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        call(torch.randn(1, 3), rm, rv, training=True)
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        call(x, None, None, training=False)
+    with pytest.raises(TypeError, match="float64, float32, float16 or bfloat16"):
+        call(torch.ones(4, 3, dtype=torch.int64), rm, rv)
+    with pytest.raises(TypeError, match="residual"):
+        fckF.batch_norm_add_relu(x, x.double(), rm, rv, backend=backend)
+    with pytest.raises(ValueError, match="residual has shape"):
+        fckF.batch_norm_add_relu(x, x[:, :, :4], rm, rv, backend=backend)
+    with pytest.raises(ValueError, match="both running_mean and running_var"):
+        call(x, rm, None, training=True)
+
+
+def test_cxx_op_rejects_what_would_read_out_of_bounds():
+    """Direct torch.ops.fck calls skip the Python checks; the C++ guards must hold on their own."""
+    skip_unless_runnable("cpu", "cpu")
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match="strides"):
+        torch.ops.fck.batch_norm_fwd(x, torch.randn(4, 5, 3).transpose(1, 2), None, None, None, None, True, 0.1,
+                                     1e-5, True)
+    with pytest.raises(RuntimeError, match="should contain 3 elements"):
+        torch.ops.fck.batch_norm_fwd(x, None, torch.ones(2), None, None, None, True, 0.1, 1e-5, False)
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        torch.ops.fck.batch_norm_fwd(x.transpose(0, 2).contiguous().transpose(0, 2)[:, :, ::2], None, None, None,
+                                     None, None, True, 0.1, 1e-5, False)
+    y, mean, invstd = torch.ops.fck.batch_norm_fwd(x, None, None, None, None, None, True, 0.1, 1e-5, True)
+    with pytest.raises(RuntimeError, match="ReLU mask"):
+        torch.ops.fck.batch_norm_bwd(x, x, None, None, mean, invstd, True, True, False)
+    with pytest.raises(RuntimeError, match="save_mean and save_invstd"):
+        torch.ops.fck.batch_norm_bwd(x, x, y, None, mean[:2], invstd, True, True, False)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_conv_bn_relu_train_and_eval(device, backend, channels_last):
+    skip_unless_runnable(backend, device)
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 4, 9, 7, generator=g).to(device).contiguous(memory_format=fmt)
+    conv_w = (torch.randn(6, 4, 3, 3, generator=g) * 0.2).to(device)
+    conv_b = torch.randn(6, generator=g).to(device)
+    w, b = (torch.rand(6, generator=g) + 0.5).to(device), torch.randn(6, generator=g).to(device)
+    rm, rv = torch.randn(6, generator=g).to(device), (torch.rand(6, generator=g) + 0.5).to(device)
+    for training in (True, False):
+        args = [t.clone().requires_grad_() for t in (x, conv_w, conv_b, w, b)]
+        ref = [t.clone().requires_grad_() for t in (x, conv_w, conv_b, w, b)]
+        rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        y = fckF.conv_bn_relu(args[0], args[1], args[2], rm1, rv1, args[3], args[4], training, 0.1, 1e-5,
+                              stride=2, padding=1, backend=backend)
+        yt = F.relu(F.batch_norm(F.conv2d(ref[0], ref[1], ref[2], 2, 1), rm2, rv2, ref[3], ref[4], training))
+        torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+        dy = torch.randn(y.shape, generator=g).to(device)
+        y.backward(dy)
+        yt.backward(dy)
+        for a, r in zip(args, ref):
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(rm1, rm2)
+        with torch.no_grad():  # the inference path: folded weights, ReLU fused into the convolution
+            y = fckF.conv_bn_relu(x, conv_w, conv_b, rm, rv, w, b, False, padding=1, backend=backend)
+            yt = F.relu(F.batch_norm(F.conv2d(x, conv_w, conv_b, 1, 1), rm, rv, w, b, False))
+            torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,252 @@
+"""The batch-norm modules as drop-ins for torch's, and fuse(model) on Sequential chains and ResNet blocks."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastcore_kernels as fck
+from fastcore_kernels import nn as fnn
+
+from conftest import ALL_BACKENDS, devices, skip_unless_runnable
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, line for line: one ReLU module used twice, the add written in place."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck, with the ReLUs called functionally."""
+
+    def __init__(self, inplanes, planes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + x)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            return F.relu(self.bn(x))
+        return self.bn(x)
+
+
+def small_resnet():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        BasicBlock(8, 8),
+        BasicBlock(8, 16, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
+        Bottleneck(16, 4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3),
+    )
+
+
+def _randomize_bn_state(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g) * 0.1
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def _compare(original, fused_model, x, device, atol=1e-4):
+    original, fused_model = original.to(device), fused_model.to(device)
+    for mode in ("train", "eval", "train"):
+        getattr(original, mode)()
+        getattr(fused_model, mode)()
+        xa, xb = x.clone().to(device).requires_grad_(), x.clone().to(device).requires_grad_()
+        ya, yb = original(xa), fused_model(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-4, atol=atol, msg=lambda m: f"{mode} output: {m}")
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-3, atol=atol, msg=lambda m: f"{mode} input grad: {m}")
+        for (name, p), q in zip(original.named_parameters(), fused_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=atol, msg=lambda m: f"{mode} {name}: {m}")
+            p.grad = q.grad = None
+    for (name, a), b in zip(original.state_dict().items(), fused_model.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_fuse_resnet_same_outputs_gradients_and_state_dict(device, backend):
+    skip_unless_runnable(backend, device)
+    torch.manual_seed(0)
+    model = small_resnet()
+    _randomize_bn_state(model)
+    original = copy.deepcopy(model)
+    fused_model = fck.fuse(model)
+    assert list(fused_model.state_dict()) == list(original.state_dict())
+    kinds = {type(m).__name__ for m in fused_model.modules()}
+    assert {"FusedConv2d", "BatchNormAddReLU2d", "BatchNormReLU1d", "BatchNorm2d"} <= kinds
+    assert all(type(m) is not nn.BatchNorm2d for m in fused_model.modules())
+    # the original model is untouched by the default inplace=False
+    assert all(type(m) in (nn.BatchNorm2d, nn.BatchNorm1d) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    with fck.use_backend(backend):
+        _compare(original, fused_model, torch.randn(4, 3, 12, 12), device)
+    # checkpoints move both ways
+    original.load_state_dict(fused_model.state_dict())
+    fused_model.load_state_dict(original.state_dict())
+
+
+def test_fuse_channels_last_and_report(capsys):
+    torch.manual_seed(0)
+    model = small_resnet().to(memory_format=torch.channels_last)
+    _randomize_bn_state(model)
+    fused_model = fck.fuse(model, verbose=True)
+    out = capsys.readouterr().out
+    assert "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d" in out
+    assert "add + ReLU as BatchNormAddReLU2d" in out
+    assert "swapped 4.downsample.1" in out
+    assert fused_model.fck_fuse_report == out.strip().splitlines()
+    _compare(model, fused_model, torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last), "cpu")
+
+
+def test_fuse_leaves_what_it_cannot_fuse_and_says_so():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(Untraceable(), MyBN(4), nn.ReLU())
+    fused_model = fck.fuse(model)
+    report = "\n".join(fused_model.fck_fuse_report)
+    assert "torch.fx cannot trace" in report
+    assert "left 1: MyBN" in report
+    assert type(fused_model[1]) is MyBN and isinstance(fused_model[2], nn.ReLU)
+    assert type(fused_model[0].bn) is fnn.BatchNorm2d  # still swapped as a drop-in
+    _compare(model, fused_model, torch.randn(3, 4, 5, 5) + 1, "cpu")
+
+
+def test_fuse_inplace_and_idempotent():
+    model = small_resnet()
+    same = fck.fuse(model, inplace=True)
+    assert same is model
+    again = fck.fuse(model)
+    assert again.fck_fuse_report == []
+
+
+def test_fused_model_survives_deepcopy_and_pickle():
+    torch.manual_seed(0)
+    fused_model = fck.fuse(small_resnet()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    buf = io.BytesIO()
+    torch.save(fused_model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(fused_model), torch.load(buf, weights_only=False)):
+        assert other[3].conv1.bn is other[3].bn1  # the absorbed BN is still the registered one
+        torch.testing.assert_close(other(x), fused_model(x))
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", [
+    (fnn.BatchNorm1d, nn.BatchNorm1d, (6, 5)),
+    (fnn.BatchNorm1d, nn.BatchNorm1d, (6, 5, 7)),
+    (fnn.BatchNorm2d, nn.BatchNorm2d, (4, 5, 3, 6)),
+    (fnn.BatchNorm3d, nn.BatchNorm3d, (2, 5, 3, 2, 4)),
+])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_drop_in_modules_match_torch(cls, torch_cls, shape, momentum):
+    torch.manual_seed(0)
+    ours, theirs = cls(5, momentum=momentum), torch_cls(5, momentum=momentum)
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(3):
+        x = torch.randn(shape) * (step + 1) + step
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    theirs.load_state_dict(ours.state_dict())
+    with pytest.raises(ValueError, match="expected"):
+        ours(torch.randn(5))
+
+
+def test_track_running_stats_false_uses_batch_stats_in_eval():
+    ours, theirs = fnn.BatchNorm2d(3, track_running_stats=False), nn.BatchNorm2d(3, track_running_stats=False)
+    ours.eval(), theirs.eval()
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bn_relu_block_is_sequential_compatible():
+    torch.manual_seed(0)
+    block = fnn.ConvBNReLU2d(3, 6, 3, stride=2, padding=1)
+    seq = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+    assert list(block.state_dict()) == list(seq.state_dict())
+    seq.load_state_dict(block.state_dict())
+    _randomize_bn_state(seq)
+    block.load_state_dict(seq.state_dict())
+    _compare(seq, block, torch.randn(2, 3, 9, 9), "cpu")
+
+
+def test_fused_conv_with_reflect_padding_and_bias():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU())
+    _randomize_bn_state(seq)
+    _compare(seq, fck.fuse(seq), torch.randn(2, 3, 6, 6), "cpu")
+
+
+def test_batch_norm_add_relu_module_needs_residual():
+    m = fnn.BatchNormAddReLU2d(3)
+    with pytest.raises(TypeError, match="residual"):
+        m(torch.randn(2, 3, 4, 4))
+
+
+def test_fused_module_compiles_fullgraph():
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 36, 5), nn.BatchNorm1d(5))
+    fused_model = fck.fuse(model)
+    compiled = torch.compile(fused_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 6, 6, requires_grad=True)
+    with fck.use_backend("cpu"):
+        y = compiled(x)
+        y.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    y_ref = model(x2)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_model[1].running_var, model[1].running_var)
