@@ -381,3 +381,28 @@ def test_mixed_precision_fp16_with_grad_scaler_on_cuda(kernels):
     learn.fit_one_cycle(4, 1e-2)
     assert learn.recorder.value("accuracy") > 0.8
     assert learn.scaler is None and all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+def test_fused_kernels_swap_in_fused_modules_and_train_like_stock():
+    """kernels="fused" fuses the model (same parameters, same keys) and follows the stock run's trajectory."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+    losses = {}
+    for kernels in ("stock", "fused"):
+        dls = DataLoaders.from_tensors((x[:64], y[:64]), (x[64:], y[64:]), batch_size=16, device="cpu", seed=0)
+        model = make()
+        keys = list(model.state_dict())
+        learn = Learner(dls, model, nn.CrossEntropyLoss(), kernels=kernels, lr=1e-2, progress=False)
+        learn.fit(2)
+        losses[kernels] = learn.recorder.losses
+        kinds = {type(m).__name__ for m in learn.model.modules()}
+        assert ("FusedConv2d" in kinds and "BatchNormReLU1d" in kinds) == (kernels == "fused")
+        assert list(learn.model.state_dict()) == keys
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["stock"]), rtol=1e-3, atol=1e-4)

@@ -67,3 +67,30 @@ def test_optimizer_step_compiles_fullgraph(backend):
         ref_opt.zero_grad()
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _bn_args(device, channels_last):
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 4, 5, 2, generator=g).to(device).contiguous(memory_format=fmt)
+    res = torch.randn(3, 4, 5, 2, generator=g).to(device).contiguous(memory_format=fmt)
+    w, b = torch.rand(4, generator=g).to(device), torch.randn(4, generator=g).to(device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    return x, res, w, b, rm, rv
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("suffix,backend", [("", "cpu"), ("_triton", "triton")])
+def test_opcheck_batch_norm(device, suffix, backend, channels_last):
+    if backend == "cpu" and device == "cuda":
+        backend = "cuda"
+    skip_unless_runnable(backend, device)
+    x, res, w, b, rm, rv = _bn_args(device, channels_last)
+    fwd = getattr(torch.ops.fck, "batch_norm_fwd" + suffix)
+    bwd = getattr(torch.ops.fck, "batch_norm_bwd" + suffix)
+    for training in (True, False):
+        torch.library.opcheck(fwd, (x, res, w, b, rm, rv, training, 0.1, 1e-5, True))
+    y, mean, invstd = fwd(x, res, w, b, rm, rv, True, 0.1, 1e-5, True)
+    torch.library.opcheck(bwd, (torch.randn_like(x), x, y, w, mean, invstd, True, True, True))
+    torch.library.opcheck(bwd, (torch.randn_like(x), x, None, None, mean, invstd, False, False, False))

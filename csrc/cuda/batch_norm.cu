@@ -288,7 +288,7 @@ at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
 }
 
 template <typename A>
-const A* ptr_or_null(const at::Tensor& t) {
+A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 

@@ -1,7 +1,8 @@
 """Learner: the fastai training loop, kept small, on fastcore_kernels' optimizers.
 
-`kernels="fused"` trains with FusedAdam; `kernels="stock"` with torch.optim.AdamW, so a lesson can run both and
-compare. Weight decay is decoupled (AdamW); norm-layer weights and biases get none unless `bn_wd=True`.
+`kernels="fused"` trains on fastcore_kernels: `fastcore_kernels.fuse(model)` swaps the fused batch-norm/conv
+modules into the model, and FusedAdam steps it; `kernels="stock"` trains the model as given with torch.optim.AdamW,
+so a lesson can run both and compare. Weight decay is decoupled (AdamW); norm-layer weights and biases get none unless `bn_wd=True`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastcore_kernels.learner.callbacks import (
 )
 from fastcore_kernels.learner.metrics import as_metric
 from fastcore_kernels.learner.schedule import one_cycle, sched_exp
+from fastcore_kernels.nn import fuse
 from fastcore_kernels.optim import FusedAdam, FusedAdamW
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -75,6 +77,10 @@ class Learner:
             raise TypeError(f"loss_func must be callable, got {loss_func!r}")
         self.dls, self.loss_func, self.lr, self.wd = dls, loss_func, lr, wd
         self.kernels, self.bn_wd, self.train_bn, self.nan_check = kernels, bn_wd, train_bn, nan_check
+        if kernels == "fused":
+            # In place: the modules keep their parameters, so the caller's model is the one trained (use
+            # learn.model: a module whose own forward was rewritten comes back as a torch.fx GraphModule).
+            model = fuse(model, inplace=True)
         self.model = model.to(dls.device) if dls is not None else model
         if kernels == "stock" and opt_func in (FusedAdam, FusedAdamW):
             opt_func = torch.optim.AdamW

@@ -32,6 +32,15 @@ def _tile_offsets(pid_c, r0, R, S, sN, sC, sS, BLOCK_R: tl.constexpr, BLOCK_C: t
 
 
 @triton.jit
+def _chan_merge(cnt, mean, m2, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of (count, mean, M2) statistics (fck::welford_merge)."""
+    total = cnt + n_b
+    delta = mean_b - mean
+    w_b = n_b / total
+    return total, mean + delta * w_b, m2 + m2_b + delta * delta * cnt * w_b
+
+
+@triton.jit
 def _stats(
     X,  # input, (N, C, S) with strides (sN, sC, sS)
     PART_MEAN,  # [programs along rows, C] partial means (ACC)
@@ -58,13 +67,7 @@ def _stats(
         nb = tl.sum(rmask.to(ACC), axis=0)
         tile_mean = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - tile_mean[None, :], 0)
-        tile_m2 = tl.sum(d * d, axis=0)
-        total = cnt + nb
-        delta = tile_mean - mean
-        w_b = nb / total
-        mean += delta * w_b
-        m2 += tile_m2 + delta * delta * cnt * w_b
-        cnt = total
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, nb, tile_mean, tl.sum(d * d, axis=0))
     tl.store(PART_MEAN + pid_r * C + cols, mean, mask=cols < C)
     tl.store(PART_M2 + pid_r * C + cols, m2, mask=cols < C)
 
@@ -88,12 +91,7 @@ def _finalize_forward(
             nb = tl.minimum(ROWS_PER_PROG, R - j * ROWS_PER_PROG).to(ACC)
             pm = tl.load(PART_MEAN + j * C + cols, mask=cmask, other=0)
             pq = tl.load(PART_M2 + j * C + cols, mask=cmask, other=0)
-            total = cnt + nb
-            delta = pm - mean
-            w_b = nb / total
-            mean += delta * w_b
-            m2 += pq + delta * delta * cnt * w_b
-            cnt = total
+            cnt, mean, m2 = _chan_merge(cnt, mean, m2, nb, pm, pq)
         var = m2 / cnt
         mean += tl.load(X + cols.to(tl.int64) * sC, mask=cmask, other=0).to(ACC)
         if HAS_RUNNING:

@@ -1,0 +1,187 @@
+"""Batch norm + ReLU, batch norm + add + ReLU (training: fwd, bwd, fwd+bwd) and conv-BN-ReLU (eval) on ResNet-34
+and tabular shapes: fastcore_kernels' backends vs stock PyTorch eager and torch.compile, in the same run.
+
+    python benchmarks/bench_batch_norm.py [--device cpu|cuda] [--batch 64] [--compile] [--out results.json]
+
+GB/s counts the bytes our kernels must move (fwd: read x twice, write y, + read the residual; bwd: read dy, x and
+y twice, write dx, + write the residual's gradient), the same nominal bytes for every provider, so GB/s compares
+speed and its fraction of the measured copy bandwidth says how close to the memory limit a kernel runs.
+"saved MiB" is what autograd keeps between forward and backward; "peak MiB" (CUDA) is the memory a fwd+bwd step
+needs beyond its inputs and the output gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastcore_kernels as fck  # noqa: E402
+import fastcore_kernels.functional as fckF  # noqa: E402
+from benchmarks.common import Results, interleaved_time_ms, time_ms  # noqa: E402
+
+RESNET34 = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W) of the four stages
+TABULAR = (4096, 200)
+
+
+def stock(x, residual, rm, rv, w, b):
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y)
+
+
+def ours(backend):
+    def run(x, residual, rm, rv, w, b):
+        if residual is None:
+            return fckF.batch_norm_relu(x, rm, rv, w, b, True, backend=backend)
+        return fckF.batch_norm_add_relu(x, residual, rm, rv, w, b, True, backend=backend)
+    return run
+
+
+def providers(device, with_compile):
+    status = fck.backends()
+    out = {f"fck-{b}": ours(b) for b in ("cpu", "cuda", "triton")
+           if device.type in status[b].devices and not (b == "triton" and device.type == "cpu")}
+    out["torch"] = stock
+    if with_compile:
+        out["torch-compile"] = torch.compile(stock)
+    return out
+
+
+def make_inputs(shape, device, dtype, residual, channels_last):
+    g = torch.Generator().manual_seed(0)
+    C = shape[1]
+    fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+    res = (torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+           if residual else None)
+    w = torch.rand(C, generator=g).add_(0.5).to(device).requires_grad_()
+    b = torch.randn(C, generator=g).to(device).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    return x, res, torch.zeros(C, device=device), torch.ones(C, device=device), w, b, dy
+
+
+def saved_mib(fn, args) -> float:
+    """Bytes autograd saves for the backward (distinct storages), in MiB."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta" and t.numel():
+            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values()) / 2**20
+
+
+def peak_mib(step, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps):
+    op = "bn_add_relu" if residual else "bn_relu"
+    label = "x".join(map(str, shape)) + (" cl" if channels_last else "")
+    x, r, rm, rv, w, b, dy = make_inputs(shape, device, dtype, residual, channels_last)
+    n, item = x.numel(), x.element_size()
+    nbytes = {"fwd": (3 + residual) * n * item, "bwd": (7 + residual) * n * item}
+    nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
+    leaves = [t for t in (x, r, w, b) if t is not None]
+
+    def fwd_fn(fn):
+        return lambda: fn(x, r, rm, rv, w, b)
+
+    def bwd_fn(fn):
+        y = fn(x, r, rm, rv, w, b)
+        return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
+
+    def both_fn(fn):
+        return lambda: torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, dy)
+
+    for mode, build in (("fwd", fwd_fn), ("bwd", bwd_fn), ("fwd+bwd", both_fn)):
+        fns = {name: build(fn) for name, fn in makers.items()}
+        if device.type == "cpu":
+            timed = interleaved_time_ms(fns, reps=reps)
+        else:
+            timed = {name: time_ms(f, device) for name, f in fns.items()}
+        for name, times in timed.items():
+            extra = {}
+            if mode == "fwd+bwd":
+                extra["saved_mib"] = round(saved_mib(makers[name], (x, r, rm, rv, w, b)), 1)
+            res.add(op, name, mode, label, times, nbytes[mode],
+                    peak_mem_mb=peak_mib(fns[name], device) if mode == "fwd+bwd" else None, dtype=str(dtype), **extra)
+            print(f"  {op:<12}{label:<22}{mode:<8}{name:<14} p50 {times[1]:9.3f} ms {extra}", flush=True)
+        del fns
+
+
+def bench_conv_eval(res, device, dtype, C, H, batch, channels_last, with_compile, reps):
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, C, H, H, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    conv = torch.nn.Conv2d(C, C, 3, padding=1, bias=False).to(device, dtype).to(memory_format=fmt)
+    bn = torch.nn.BatchNorm2d(C).to(device, dtype)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    seq = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
+    fused = fck.fuse(seq).eval()
+    fns = {"fck": lambda: fused(x), "torch": lambda: seq(x)}
+    if with_compile:
+        compiled = torch.compile(seq)
+        fns["torch-compile"] = lambda: compiled(x)
+    label = f"{batch}x{C}x{H}x{H}" + (" cl" if channels_last else "")
+    with torch.no_grad():
+        timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
+                 else {name: time_ms(f, device) for name, f in fns.items()})
+    nbytes = 2 * x.numel() * x.element_size()  # read x, write y: the minimum of any conv
+    for name, times in timed.items():
+        res.add("conv_bn_relu", name, "eval", label, times, nbytes, dtype=str(dtype))
+        print(f"  conv_bn_relu {label:<22}eval    {name:<14} p50 {times[1]:9.3f} ms", flush=True)
+
+
+def main(argv=None) -> Results:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--stages", default="0,1,2,3", help="which ResNet-34 stages (0: 64x56x56 ... 3: 512x7x7)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd stock ops")
+    ap.add_argument("--channels-last", action="store_true", help="also run channels_last layouts")
+    ap.add_argument("--no-conv", action="store_true")
+    ap.add_argument("--reps", type=int, default=7, help="CPU repetitions per provider (round-robin)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    res = Results(device)
+    makers = providers(device, args.compile)
+    stages = [RESNET34[int(s)] for s in args.stages.split(",") if s]
+    layouts = [False, True] if args.channels_last else [False]
+    for C, H in stages:
+        for cl in layouts:
+            for residual in (False, True):
+                bench_bn(res, device, dtype, (args.batch, C, H, H), residual, cl, makers, args.reps)
+    bench_bn(res, device, dtype, TABULAR, False, False, makers, args.reps)
+    if not args.no_conv:
+        for C, H in stages:
+            for cl in layouts:
+                bench_conv_eval(res, device, dtype, C, H, args.batch, cl, args.compile, args.reps)
+    res.print_table(baseline="torch")
+    if args.out:
+        res.write(args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
