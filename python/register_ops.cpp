@@ -2,6 +2,7 @@
 // adds the fake (meta) kernels and autograd in fastcore_kernels/ops/.
 #include <torch/library.h>
 
+#include "fck/cpu_pool.h"
 #include "fck/ops.h"
 
 TORCH_LIBRARY(fck, m) {
@@ -23,6 +24,8 @@ TORCH_LIBRARY(fck, m) {
   m.def(
       "batch_norm_bwd(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
+  m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
 }
 
 TORCH_LIBRARY_IMPL(fck, CPU, m) {

@@ -13,6 +13,7 @@
 
 #include "fck/batch_norm.h"
 #include "fck/batch_norm_host.h"
+#include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
 #include "fck/ops.h"
 
@@ -417,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   using A = acc_t<T>;
   const int64_t C = L.C;
   const auto acc = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = pooled_empty_like(x);
   const Workers<T> w = Workers<T>::get();
   std::vector<double> mean(C), var(C);
   if (training) {
@@ -529,7 +530,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     dweight[c] = k.dweight;
     dbias[c] = k.dbias;
   }
-  at::Tensor dx = at::empty_like(x), dres = residual_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = pooled_empty_like(x);
+  at::Tensor dres = residual_grad ? pooled_empty_like(x) : at::empty({0}, x.options());
   raw_t<T>*dxp = mptr<T>(dx), *drp = residual_grad ? mptr<T>(dres) : nullptr;
   if (L.planar) {
     const PlanarUnits U(L);

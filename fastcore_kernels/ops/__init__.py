@@ -1,8 +1,18 @@
 """The ops users call: input checks, then dispatch to the selected backend. One module per op."""
 
+import torch
+
 from fastcore_kernels.ops.adam import adam_
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
+
+
+def release_cpu_pool() -> int:
+    """Return the large CPU output blocks the C++ kernels keep cached for reuse (csrc/include/fck/cpu_pool.h; at
+    most FCK_CPU_POOL_MB, default 2048) to the system. Returns the number of bytes released."""
+    from fastcore_kernels._ext import extension
+
+    return int(torch.ops.fck.cpu_pool_release()) if extension().ok else 0
 
 
 def _register_fakes() -> None:
@@ -13,4 +23,4 @@ def _register_fakes() -> None:
     batch_norm.register_fake()
 
 
-__all__ = ["adam_", "batch_norm_act", "conv_bn_relu"]
+__all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "release_cpu_pool"]

@@ -1,0 +1,96 @@
+// See fck/cpu_pool.h.
+#include "fck/cpu_pool.h"
+
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace fck {
+namespace cpu {
+namespace {
+
+constexpr size_t kClass = size_t(2) << 20;  // size classes and alignment: 2 MiB, one huge page
+constexpr size_t kMinPooled = size_t(1) << 20;  // smaller tensors stay in malloc's arenas, which keep them warm
+
+size_t cap_bytes() {
+  static const size_t cap = [] {
+    const char* env = std::getenv("FCK_CPU_POOL_MB");
+    return size_t(env ? std::stoll(env) : 2048) << 20;
+  }();
+  return cap;
+}
+
+struct Pool {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;
+  size_t cached = 0;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = free_blocks.find(bytes);
+      if (it != free_blocks.end()) {
+        void* p = it->second;
+        free_blocks.erase(it);
+        cached -= bytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kClass, bytes) == 0 && p, "fastcore_kernels: out of memory allocating ", bytes,
+                " bytes");
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // fewer faults and TLB misses; a hint the kernel may ignore
+#endif
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (cached + bytes <= cap_bytes()) {
+        free_blocks.emplace(bytes, p);
+        cached += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  int64_t release() {
+    std::multimap<size_t, void*> blocks;
+    size_t bytes;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      blocks.swap(free_blocks);
+      bytes = cached;
+      cached = 0;
+    }
+    for (auto& kv : blocks) std::free(kv.second);
+    return int64_t(bytes);
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: tensors may be freed during interpreter shutdown
+  return *p;
+}
+
+}  // namespace
+
+at::Tensor pooled_empty_like(const at::Tensor& x) {
+  const size_t bytes = size_t(x.numel()) * x.element_size();
+  if (bytes < kMinPooled) return at::empty_like(x);
+  const size_t rounded = (bytes + kClass - 1) / kClass * kClass;
+  void* p = pool().take(rounded);
+  return at::from_blob(
+      p, x.sizes(), x.strides(), [rounded](void* q) { pool().give(q, rounded); }, x.options());
+}
+
+int64_t pool_release_cached() { return pool().release(); }
+
+}  // namespace cpu
+}  // namespace fck
