@@ -6,13 +6,16 @@ and tabular shapes: fastcore_kernels' backends vs stock PyTorch eager and torch.
 GB/s counts the bytes our kernels must move (fwd: read x twice, write y, + read the residual; bwd: read dy, x and
 y twice, write dx, + write the residual's gradient), the same nominal bytes for every provider, so GB/s compares
 speed and its fraction of the measured copy bandwidth says how close to the memory limit a kernel runs.
-"saved MiB" is what autograd keeps between forward and backward; "peak MiB" (CUDA) is the memory a fwd+bwd step
-needs beyond its inputs and the output gradient.
+"saved MiB" is what autograd keeps between forward and backward; "peak MiB" is the memory a fwd+bwd step needs
+beyond its inputs and the output gradient: the allocator's high-water mark on CUDA, and on the CPU the process's
+peak resident set, measured in a fresh subprocess per provider (`--peak-rss`).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +53,11 @@ def providers(device, with_compile):
            if device.type in status[b].devices and not (b == "triton" and device.type == "cpu")}
     out["torch"] = stock
     if with_compile:
+        # The "bwd" mode replays one retained graph; a compiled backward that donates its buffers forbids that.
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         out["torch-compile"] = torch.compile(stock)
     return out
 
@@ -81,6 +89,26 @@ def saved_mib(fn, args) -> float:
     return sum(seen.values()) / 2**20
 
 
+def peak_rss_child(provider: str, shape: tuple, residual: bool) -> float:
+    """Run in a fresh process: one fwd+bwd step; growth of the peak resident set over the inputs', in MiB."""
+    x, r, rm, rv, w, b, dy = make_inputs(shape, torch.device("cpu"), torch.float32, residual, False)
+    fn = ours(provider[4:]) if provider.startswith("fck-") else stock
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, dy)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def peak_rss_mib(provider: str, shape: tuple, residual: bool) -> float | None:
+    if provider == "torch-compile":
+        return None
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+            f"from benchmarks.bench_batch_norm import peak_rss_child; "
+            f"print(peak_rss_child({provider!r}, {tuple(shape)!r}, {residual!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def peak_mib(step, device) -> float | None:
     if device.type != "cuda":
         return None
@@ -92,7 +120,7 @@ def peak_mib(step, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps):
+def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps, peak_rss=False):
     op = "bn_add_relu" if residual else "bn_relu"
     label = "x".join(map(str, shape)) + (" cl" if channels_last else "")
     x, r, rm, rv, w, b, dy = make_inputs(shape, device, dtype, residual, channels_last)
@@ -101,15 +129,19 @@ def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps):
     nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
     leaves = [t for t in (x, r, w, b) if t is not None]
 
+    # Each provider updates its own running statistics: a compiled graph may save them for its backward, and a
+    # retained graph must not see another provider's in-place update.
     def fwd_fn(fn):
-        return lambda: fn(x, r, rm, rv, w, b)
+        m, v = rm.clone(), rv.clone()
+        return lambda: fn(x, r, m, v, w, b)
 
     def bwd_fn(fn):
-        y = fn(x, r, rm, rv, w, b)
+        y = fn(x, r, rm.clone(), rv.clone(), w, b)
         return lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)
 
     def both_fn(fn):
-        return lambda: torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, dy)
+        m, v = rm.clone(), rv.clone()
+        return lambda: torch.autograd.grad(fn(x, r, m, v, w, b), leaves, dy)
 
     for mode, build in (("fwd", fwd_fn), ("bwd", bwd_fn), ("fwd+bwd", both_fn)):
         fns = {name: build(fn) for name, fn in makers.items()}
@@ -121,8 +153,11 @@ def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps):
             extra = {}
             if mode == "fwd+bwd":
                 extra["saved_mib"] = round(saved_mib(makers[name], (x, r, rm, rv, w, b)), 1)
-            res.add(op, name, mode, label, times, nbytes[mode],
-                    peak_mem_mb=peak_mib(fns[name], device) if mode == "fwd+bwd" else None, dtype=str(dtype), **extra)
+            peak = None
+            if mode == "fwd+bwd":
+                peak = (peak_mib(fns[name], device) if device.type == "cuda" else
+                        peak_rss_mib(name, shape, residual) if peak_rss and not channels_last else None)
+            res.add(op, name, mode, label, times, nbytes[mode], peak_mem_mb=peak, dtype=str(dtype), **extra)
             print(f"  {op:<12}{label:<22}{mode:<8}{name:<14} p50 {times[1]:9.3f} ms {extra}", flush=True)
         del fns
 
@@ -160,6 +195,7 @@ def main(argv=None) -> Results:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd stock ops")
     ap.add_argument("--channels-last", action="store_true", help="also run channels_last layouts")
     ap.add_argument("--no-conv", action="store_true")
+    ap.add_argument("--peak-rss", action="store_true", help="CPU: measure each fwd+bwd's peak memory in a subprocess")
     ap.add_argument("--reps", type=int, default=7, help="CPU repetitions per provider (round-robin)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -171,8 +207,8 @@ def main(argv=None) -> Results:
     for C, H in stages:
         for cl in layouts:
             for residual in (False, True):
-                bench_bn(res, device, dtype, (args.batch, C, H, H), residual, cl, makers, args.reps)
-    bench_bn(res, device, dtype, TABULAR, False, False, makers, args.reps)
+                bench_bn(res, device, dtype, (args.batch, C, H, H), residual, cl, makers, args.reps, args.peak_rss)
+    bench_bn(res, device, dtype, TABULAR, False, False, makers, args.reps, args.peak_rss)
     if not args.no_conv:
         for C, H in stages:
             for cl in layouts:

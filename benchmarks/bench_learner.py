@@ -1,5 +1,7 @@
 """The Learner's own cost: one epoch of the same model and data through a hand-written PyTorch loop, the Learner on
-stock PyTorch (torch.optim.AdamW) and the Learner on fastcore_kernels (FusedAdam), in one run.
+stock PyTorch (kernels="stock": torch.optim.AdamW, the model as given) and the Learner on fastcore_kernels
+(kernels="fused": fuse(model), so BatchNormReLU1d, and FusedAdam), in one run. Loop vs stock Learner is the
+Learner's overhead; stock vs fused Learner is what the kernels buy.
 
     python benchmarks/bench_learner.py [--device cpu|cuda] [--out results.json]
 

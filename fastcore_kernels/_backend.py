@@ -116,15 +116,19 @@ def backends() -> dict[str, BackendStatus]:
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-def resolve(device: torch.device, choice: str | None = None) -> str:
-    """The backend that will run an op on `device`: `choice` if given, else the user's selection."""
+def resolve(device: torch.device, choice: str | None = None, implemented: tuple[str, ...] = BACKENDS,
+            op: str = "this op") -> str:
+    """The backend that will run an op on `device`: `choice` if given, else the user's selection. `implemented`
+    names the backends the op has kernels for; "auto" skips the others, an explicit choice of one raises."""
     choice = _validate(choice) if choice is not None else get_backend()
     kind = device.type
     if choice == "auto":
         for name in _AUTO_ORDER.get(kind, ("reference",)):
-            if kind in _status(name).devices:
+            if name in implemented and kind in _status(name).devices:
                 return name
         return "reference"
+    if choice not in implemented:
+        raise NotImplementedError(f"{op} has no {choice!r} kernels yet; it runs on {', '.join(implemented)}")
     status = _status(choice)
     if kind not in status.devices:
         raise RuntimeError(f"fastcore_kernels backend {choice!r} cannot run on {kind} tensors: {status}")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CPU_SOURCES = ["csrc/cpu/adam.cpp", "csrc/cpu/batch_norm.cpp", "csrc/cpu/pool.cpp", "python/register_ops.cpp", "python/module.cpp"]
+CPU_SOURCES = ["csrc/cpu/adam.cpp", "csrc/cpu/batch_norm.cpp", "csrc/cpu/pool.cpp", "csrc/cpu/embedding_bag.cpp",
+                "python/register_ops.cpp", "python/module.cpp"]
 CUDA_SOURCES = ["csrc/cuda/adam.cu", "csrc/cuda/batch_norm.cu", "python/register_ops_cuda.cpp"]
 INCLUDE_DIRS = ["csrc/include"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
+from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
@@ -32,4 +33,4 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
                           backend, "batch_norm_add_relu")
 
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "embedding", "embedding_bag"]

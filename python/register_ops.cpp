@@ -24,6 +24,15 @@ TORCH_LIBRARY(fck, m) {
   m.def(
       "batch_norm_bwd(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Embedding bags over a 1-D index tensor with offsets ending in the number of indices; mode 0 sum, 1 mean,
+  // 2 max; padding_idx -1 for none. Returns the (bags, dim) output and, for max, the row each maximum came from.
+  m.def(
+      "embedding_bag_fwd(Tensor weight, Tensor indices, Tensor offsets, int mode, Tensor? per_sample_weights, "
+      "int padding_idx) -> (Tensor, Tensor)");
+  // The dense weight gradient, (num_weights, dim), deterministic. per_sample_weights scale each index's share.
+  m.def(
+      "embedding_bag_bwd(Tensor grad_output, Tensor indices, Tensor offsets, Tensor max_indices, int num_weights, "
+      "int mode, Tensor? per_sample_weights, int padding_idx) -> Tensor");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
 }
@@ -32,4 +41,6 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("adam_", &fck::cpu::adam_);
   m.impl("batch_norm_fwd", &fck::cpu::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);
+  m.impl("embedding_bag_fwd", &fck::cpu::embedding_bag_fwd);
+  m.impl("embedding_bag_bwd", &fck::cpu::embedding_bag_bwd);
 }

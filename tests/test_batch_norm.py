@@ -356,3 +356,26 @@ def test_conv_bn_relu_train_and_eval(device, backend, channels_last):
             y = fckF.conv_bn_relu(x, conv_w, conv_b, rm, rv, w, b, False, padding=1, backend=backend)
             yt = F.relu(F.batch_norm(F.conv2d(x, conv_w, conv_b, 1, 1), rm, rv, w, b, False))
             torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():
+    """Large CPU outputs come from a pool of reused blocks: fill returned blocks with NaN, then check that the next
+    outputs, which reuse them, hold no NaN (an element a kernel skipped would)."""
+    skip_unless_runnable("cpu", "cpu")
+    fck.ops.release_cpu_pool()
+    for shape, cl in [((3, 7, 111, 131), False), ((3, 7, 111, 131), True), ((9001, 37), False)]:
+        x, res, dy, w, b, rm, rv = _inputs(shape, torch.float32, "cpu", cl)
+        for _ in range(2):
+            y, grads = _run("add_relu", "cpu", x, res, dy, w, b, rm, rv, True)[::3]
+            assert not torch.isnan(y).any() and not any(torch.isnan(g).any() for g in grads)
+            y.fill_(float("nan"))
+            for g in grads[:2]:
+                g.fill_(float("nan"))
+            del y, grads
+        ty, _, _, tgrads = _truth("add_relu", x, res, dy, w, b, rm, rv, True)
+        y, grads = _run("add_relu", "cpu", x, res, dy, w, b, rm, rv, True)[::3]
+        _close(y, ty, torch.float32, "output")
+        for g, tg in zip(grads, tgrads):
+            _close(g, tg, torch.float32, "grads")
+    assert fck.ops.release_cpu_pool() > 0
+    assert fck.ops.release_cpu_pool() == 0

@@ -7,6 +7,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
     BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
+    Embedding, EmbeddingBag                the fastcore_kernels drop-ins
 
 Modules are converted in place (their class changes; parameters, buffers and hooks stay), and fused-away ReLUs
 disappear from the graph or become nn.Identity, so every parameter and buffer keeps its state_dict key: the fused
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fastcore_kernels.nn import batch_norm as fused
+from fastcore_kernels.nn import embedding
 
-_DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d}
+_DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d,
+            nn.Embedding: embedding.Embedding, nn.EmbeddingBag: embedding.EmbeddingBag}
 _BN_RELU = {nn.BatchNorm1d: fused.BatchNormReLU1d, nn.BatchNorm2d: fused.BatchNormReLU2d}
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -148,7 +151,7 @@ class _Fuser:
     def leaf(self, m: nn.Module, name: str) -> nn.Module:
         if type(m) in _DROP_IN:
             m.__class__ = _DROP_IN[type(m)]
-            self.report.append(f"swapped {name}: {type(m).__name__} drop-in (no ReLU follows it)")
+            self.report.append(f"swapped {name}: {type(m).__name__} drop-in")
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, fused._FusedBatchNormMixin):
             self.report.append(f"left {name}: {type(m).__name__} is not a torch class fuse() converts")
         return m

@@ -5,6 +5,7 @@ import torch
 from fastcore_kernels.ops.adam import adam_
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
+from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
 
 
 def release_cpu_pool() -> int:
@@ -18,9 +19,11 @@ def release_cpu_pool() -> int:
 def _register_fakes() -> None:
     """Called once the C++ library is loaded: its ops get fake (meta) kernels so torch.compile can trace them."""
     from fastcore_kernels.ops import adam, batch_norm
+    from fastcore_kernels.ops.embedding_bag import register_fake as register_embedding_bag_fakes
 
     adam.register_fake()
     batch_norm.register_fake()
+    register_embedding_bag_fakes()
 
 
-__all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "release_cpu_pool"]
+__all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "release_cpu_pool"]

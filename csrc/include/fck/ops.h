@@ -24,8 +24,19 @@ namespace fck {
       const std::optional<at::Tensor>&weight, const at::Tensor &save_mean, const at::Tensor &save_invstd,     \
       bool training, bool relu, bool residual_grad
 
+#define FCK_EMBEDDING_BAG_FWD_ARGS                                                                           \
+  const at::Tensor &weight, const at::Tensor &indices, const at::Tensor &offsets, int64_t mode,               \
+      const std::optional<at::Tensor>&per_sample_weights, int64_t padding_idx
+
+#define FCK_EMBEDDING_BAG_BWD_ARGS                                                                           \
+  const at::Tensor &grad_output, const at::Tensor &indices, const at::Tensor &offsets,                        \
+      const at::Tensor &max_indices, int64_t num_weights, int64_t mode,                                      \
+      const std::optional<at::Tensor>&per_sample_weights, int64_t padding_idx
+
 namespace cpu {
 void adam_(FCK_ADAM_ARGS);
+std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
+at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
 }  // namespace cpu

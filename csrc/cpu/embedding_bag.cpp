@@ -1,0 +1,182 @@
+// Embedding bags on the CPU, forward and backward.
+//
+// Forward: bags are split across threads; each bag reduces its rows into an fp32 (fp64) accumulator of `dim` values
+// and writes its output row once. Backward (dense): the rows of grad_weight are split across threads, and every
+// thread walks all indices in order, adding only the rows it owns. No sort, no atomics, and each row's sum is
+// taken in index order whatever the thread count, so the gradient is deterministic.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "fck/cpu_vec.h"
+#include "fck/embedding_bag.h"
+#include "fck/embedding_bag_host.h"
+#include "fck/ops.h"
+
+namespace fck {
+namespace cpu {
+namespace {
+
+template <typename T>
+const raw_t<T>* rows_of(const at::Tensor& t) {
+  return reinterpret_cast<const raw_t<T>*>(t.data_ptr());
+}
+
+// Row `r` of a [*, dim] storage as accumulation-type values (widened into `buf` for fp16/bf16).
+template <typename T>
+const acc_t<T>* row_acc(const raw_t<T>* base, int64_t r, int64_t dim, acc_t<T>* buf) {
+  const raw_t<T>* row = base + r * dim;
+  if constexpr (std::is_same_v<raw_t<T>, acc_t<T>>) {
+    return row;
+  } else {
+    widen<T, false>(row, buf, dim);
+    return buf;
+  }
+}
+
+template <typename T, typename I>
+void forward(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bags, int64_t mode,
+             const raw_t<T>* psw, int64_t pad, at::Tensor& out, at::Tensor& max_idx) {
+  using A = acc_t<T>;
+  const int64_t dim = weight.size(1);
+  const raw_t<T>* w = rows_of<T>(weight);
+  raw_t<T>* o = reinterpret_cast<raw_t<T>*>(out.data_ptr());
+  int64_t* arg = mode == kBagMax ? max_idx.data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, n_bags, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<A> acc(dim), buf(dim);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), mode == kBagMax ? -std::numeric_limits<A>::infinity() : A(0));
+      int64_t* ab = arg ? arg + b * dim : nullptr;
+      if (ab) std::fill(ab, ab + dim, int64_t(-1));
+      int64_t count = 0;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const int64_t r = idx[i];
+        if (r == pad) continue;
+        ++count;
+        const A* row = row_acc<T>(w, r, dim, buf.data());
+        if (mode == kBagMax) {
+          for (int64_t d = 0; d < dim; ++d) {
+            if (ab[d] < 0 || row[d] > acc[d]) {  // the first maximum wins, as torch's
+              acc[d] = row[d];
+              ab[d] = r;
+            }
+          }
+        } else {
+          const A s = psw ? Storage<T>::load(psw[i]) : A(1);
+          for (int64_t d = 0; d < dim; ++d) acc[d] += row[d] * s;
+        }
+      }
+      const A scale = bag_output_scale<A>(mode, count);
+      for (int64_t d = 0; d < dim; ++d) acc[d] = count == 0 ? A(0) : acc[d] * scale;
+      if constexpr (std::is_same_v<raw_t<T>, A>) {
+        std::memcpy(o + b * dim, acc.data(), dim * sizeof(A));
+      } else {
+        narrow<T, false>(acc.data(), o + b * dim, dim);
+      }
+    }
+  });
+}
+
+template <typename T, typename I>
+void backward(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_bags, int64_t mode,
+              const raw_t<T>* psw, int64_t pad, const int64_t* max_idx, at::Tensor& grad_w) {
+  using A = acc_t<T>;
+  const int64_t dim = grad_out.size(1), rows = grad_w.size(0);
+  const raw_t<T>* g = rows_of<T>(grad_out);
+  // fp16/bf16 gradients are summed in fp32 and rounded once.
+  at::Tensor sums = std::is_same_v<raw_t<T>, A> ? grad_w : at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
+  A* gw = reinterpret_cast<A*>(sums.data_ptr());
+  std::vector<A> inv_count(mode == kBagMean ? n_bags : 0);
+  for (int64_t b = 0; b < (mode == kBagMean ? n_bags : 0); ++b) {
+    int64_t count = 0;
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) count += idx[i] != pad;
+    inv_count[b] = bag_output_scale<A>(mode, count);
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, rows, std::max<int64_t>(1, (rows + threads - 1) / threads), [&](int64_t r0, int64_t r1) {
+    std::vector<A> buf(dim);
+    for (int64_t b = 0; b < n_bags; ++b) {
+      if (mode == kBagMax) {
+        const A* gb = row_acc<T>(g, b, dim, buf.data());
+        for (int64_t d = 0; d < dim; ++d) {
+          const int64_t r = max_idx[b * dim + d];
+          if (r >= r0 && r < r1) gw[r * dim + d] += gb[d];
+        }
+        continue;
+      }
+      bool loaded = false;
+      const A* gb = nullptr;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const int64_t r = idx[i];
+        if (r < r0 || r >= r1 || r == pad) continue;
+        if (!loaded) {
+          gb = row_acc<T>(g, b, dim, buf.data());
+          loaded = true;
+        }
+        A s = mode == kBagMean ? inv_count[b] : A(1);
+        if (psw) s *= Storage<T>::load(psw[i]);
+        A* dst = gw + r * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] += gb[d] * s;
+      }
+    }
+  });
+  if (!sums.is_same(grad_w)) grad_w.copy_(sums);
+}
+
+template <typename F>
+void dispatch(at::ScalarType w, at::ScalarType i, F&& f) {
+  auto with_index = [&](auto wtag) {
+    if (i == at::kLong) return f(wtag, int64_t{});
+    return f(wtag, int32_t{});
+  };
+  switch (w) {
+    case at::kDouble: return with_index(double{});
+    case at::kFloat: return with_index(float{});
+    case at::kHalf: return with_index(c10::Half{});
+    case at::kBFloat16: return with_index(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fck::embedding_bag: unsupported weight dtype ", w);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS) {
+  check_embedding_bag(weight, indices, offsets, mode, per_sample_weights, "fck::embedding_bag_fwd");
+  TORCH_CHECK(weight.device().is_cpu(), "fck::embedding_bag_fwd (cpu): tensors must be on the CPU");
+  check_index_range(indices, weight.size(0));
+  const int64_t n_bags = offsets.numel() - 1, dim = weight.size(1);
+  at::Tensor out = at::empty({n_bags, dim}, weight.options());
+  at::Tensor max_idx = mode == kBagMax ? at::empty({n_bags, dim}, weight.options().dtype(at::kLong))
+                                       : at::empty({0}, weight.options().dtype(at::kLong));
+  const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
+  dispatch(weight.scalar_type(), indices.scalar_type(), [&](auto wtag, auto itag) {
+    using T = decltype(wtag);
+    using I = decltype(itag);
+    forward<T, I>(weight, indices.data_ptr<I>(), offsets.data_ptr<I>(), n_bags, mode,
+                  psw.defined() ? rows_of<T>(psw) : nullptr, padding_idx, out, max_idx);
+  });
+  return {out, max_idx};
+}
+
+at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
+  check_embedding_bag_bwd(grad_output, indices, offsets, max_indices, num_weights, mode, per_sample_weights);
+  TORCH_CHECK(grad_output.device().is_cpu(), "fck::embedding_bag_bwd (cpu): tensors must be on the CPU");
+  check_index_range(indices, num_weights);
+  at::Tensor grad_w = at::zeros({num_weights, grad_output.size(1)}, grad_output.options());
+  const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
+  dispatch(grad_output.scalar_type(), indices.scalar_type(), [&](auto wtag, auto itag) {
+    using T = decltype(wtag);
+    using I = decltype(itag);
+    backward<T, I>(grad_output, indices.data_ptr<I>(), offsets.data_ptr<I>(), offsets.numel() - 1, mode,
+                   psw.defined() ? rows_of<T>(psw) : nullptr, padding_idx,
+                   mode == kBagMax ? max_indices.data_ptr<int64_t>() : nullptr, grad_w);
+  });
+  return grad_w;
+}
+
+}  // namespace cpu
+}  // namespace fck

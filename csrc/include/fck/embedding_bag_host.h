@@ -1,0 +1,87 @@
+// Host-side guards of the embedding-bag ops shared by the CPU and CUDA kernels: a direct torch.ops.fck call must
+// never read or write out of bounds, whatever it is given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "fck/batch_norm_host.h"  // has()
+#include "fck/embedding_bag.h"
+
+namespace fck {
+
+inline void check_offsets(const at::Tensor& indices, const at::Tensor& offsets, const char* op) {
+  TORCH_CHECK(indices.dim() == 1 && indices.is_contiguous(), op, ": indices must be a contiguous 1-D tensor");
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, op,
+              ": indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.is_contiguous() && offsets.scalar_type() == indices.scalar_type() &&
+                  offsets.numel() >= 1,
+              op, ": offsets must be a contiguous 1-D tensor of the indices' dtype, with the end offset last");
+  TORCH_CHECK(offsets.device() == indices.device(), op, ": offsets and indices must be on one device");
+  // Offsets are read on the host here (a CPU tensor, or one small copy of a CUDA one).
+  const at::Tensor off = offsets.to(at::kCPU, at::kLong);
+  const int64_t* o = off.data_ptr<int64_t>();
+  const int64_t n = offsets.numel();
+  TORCH_CHECK(o[0] == 0, op, ": offsets[0] has to be 0, got ", o[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK(o[i] >= o[i - 1], op, ": offsets must not decrease, but offsets[", i, "] = ", o[i],
+                " < offsets[", i - 1, "] = ", o[i - 1]);
+  }
+  TORCH_CHECK(o[n - 1] == indices.numel(), op, ": the last offset must be the number of indices, ", indices.numel(),
+              ", got ", o[n - 1]);
+}
+
+inline void check_embedding_bag(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
+                                int64_t mode, const std::optional<at::Tensor>& psw, const char* op) {
+  check_float(weight, "weight", op);
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), op, ": weight must be a contiguous 2-D tensor");
+  TORCH_CHECK(indices.device() == weight.device(), op, ": indices are on ", indices.device(), " but weight is on ",
+              weight.device());
+  TORCH_CHECK(mode == kBagSum || mode == kBagMean || mode == kBagMax, op, ": mode must be 0 (sum), 1 (mean) or 2 (max)");
+  check_offsets(indices, offsets, op);
+  if (has(psw)) {
+    TORCH_CHECK(mode == kBagSum, op, ": per_sample_weights are only supported for mode='sum'");
+    TORCH_CHECK(psw->dim() == 1 && psw->numel() == indices.numel() && psw->scalar_type() == weight.scalar_type() &&
+                    psw->device() == weight.device(),
+                op, ": per_sample_weights must be a 1-D tensor of the weight's dtype, one value per index");
+  }
+}
+
+// Every index in [0, num_weights), or an IndexError naming the first bad one.
+inline void check_index_range(const at::Tensor& indices, int64_t num_weights) {
+  if (indices.numel() == 0) return;
+  const at::Tensor bad = (indices < 0).logical_or_(indices >= num_weights);
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK_INDEX(false, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
+                    " which is not in the valid range [0, ", num_weights, ")");
+}
+
+inline void check_embedding_bag_bwd(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& offsets,
+                                    const at::Tensor& max_indices, int64_t num_weights, int64_t mode,
+                                    const std::optional<at::Tensor>& psw) {
+  const char* op = "fck::embedding_bag_bwd";
+  check_float(grad, "grad_output", op);
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(0) == offsets.numel() - 1, op,
+              ": grad_output must be a contiguous (bags, dim) tensor");
+  TORCH_CHECK(num_weights >= 0, op, ": num_weights must be >= 0");
+  TORCH_CHECK(indices.device() == grad.device(), op, ": indices and grad_output must be on one device");
+  TORCH_CHECK(mode == kBagSum || mode == kBagMean || mode == kBagMax, op, ": mode must be 0, 1 or 2");
+  check_offsets(indices, offsets, op);
+  if (mode == kBagMax) {
+    TORCH_CHECK(max_indices.sizes().equals(grad.sizes()) && max_indices.scalar_type() == at::kLong &&
+                    max_indices.is_contiguous() && max_indices.device() == grad.device(),
+                op, ": max_indices must be the forward's (bags, dim) int64 tensor");
+    const at::Tensor bad = (max_indices < -1).logical_or_(max_indices >= num_weights);
+    TORCH_CHECK_INDEX(!bad.any().item<bool>(), op, ": max_indices out of range");
+  }
+  if (has(psw)) {
+    // The backward also takes them for 'mean': the caller folds scale_grad_by_freq's 1/frequency in here.
+    TORCH_CHECK(mode != kBagMax && psw->dim() == 1 && psw->numel() == indices.numel() &&
+                    psw->scalar_type() == grad.scalar_type() && psw->device() == grad.device(),
+                op, ": per-index scales must be one value per index, of the gradient's dtype, not for mode='max'");
+  }
+}
+
+}  // namespace fck

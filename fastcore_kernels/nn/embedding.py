@@ -1,0 +1,24 @@
+"""Embedding modules on fastcore_kernels' embedding-bag kernels: drop-ins for torch's (subclasses: same constructor,
+`from_pretrained`, parameters and state_dict keys)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
+
+
+class Embedding(nn.Embedding):
+    """torch.nn.Embedding on the fused kernels."""
+
+    def forward(self, input):
+        return embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                         self.scale_grad_by_freq, self.sparse)
+
+
+class EmbeddingBag(nn.EmbeddingBag):
+    """torch.nn.EmbeddingBag on the fused kernels."""
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                             self.mode, self.sparse, per_sample_weights, self.include_last_offset, self.padding_idx)

@@ -1,0 +1,220 @@
+"""Embedding bags and plain embedding lookups, forward and backward.
+
+`embedding_bag` normalises torch.nn.functional.embedding_bag's input forms (1-D input with offsets, 2-D input of
+fixed-size bags, include_last_offset) into one: a 1-D index tensor and offsets ending with the number of indices.
+The C++ kernels are the torch.library ops `fck::embedding_bag_fwd`/`_bwd` (CPU today; the Triton and CUDA kernels
+are not written yet, so "auto" serves CUDA tensors with the reference). The dense weight gradient is
+deterministic (no atomics, no sort); `sparse=True` gives a COO gradient (one row per index, uncoalesced, as torch's)
+for torch.optim.SparseAdam/SGD.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcore_kernels import _backend
+from fastcore_kernels.reference import embedding_bag as reference
+
+MODES = {"sum": 0, "mean": 1, "max": 2}
+IMPLEMENTED = ("reference", "cpu")
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fake_fwd(weight, indices, offsets, mode, per_sample_weights, padding_idx):
+    n_bags = offsets.shape[0] - 1
+    max_idx = weight.new_empty((n_bags, weight.shape[1]) if mode == 2 else (0,), dtype=torch.long)
+    return weight.new_empty(n_bags, weight.shape[1]), max_idx
+
+
+def _fake_bwd(grad_output, indices, offsets, max_indices, num_weights, mode, per_sample_weights, padding_idx):
+    return grad_output.new_empty(num_weights, grad_output.shape[1])
+
+
+def register_fake() -> None:
+    torch.library.register_fake("fck::embedding_bag_fwd")(_fake_fwd)
+    torch.library.register_fake("fck::embedding_bag_bwd")(_fake_bwd)
+
+
+def _index_error(indices: torch.Tensor, num_weights: int) -> None:
+    """The C++ kernels check this themselves; Python backends check here. Never reads out of bounds."""
+    if indices.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= num_weights)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"embedding_bag: index {i} of input takes value {int(indices[i])} which is not in the valid "
+                         f"range [0, {num_weights})")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_index_scale(indices, offsets, mode, psw, pad, freq, acc):
+    """Each index's factor in the weight gradient: per-sample weight, 1/count for 'mean', 1/frequency for
+    scale_grad_by_freq, 0 for padding; in the accumulation dtype `acc`."""
+    n = indices.numel()
+    bags = reference.bag_ids(offsets, n)
+    scale = torch.ones(n, device=indices.device, dtype=acc) if psw is None else psw.to(acc)
+    keep = torch.ones(n, dtype=torch.bool, device=indices.device) if pad < 0 else indices != pad
+    if mode == MODES["mean"]:
+        counts = torch.zeros(len(offsets) - 1, device=indices.device, dtype=acc).index_add_(0, bags, keep.to(acc))
+        scale = scale / counts.clamp(min=1)[bags]
+    if freq:
+        scale = scale / torch.bincount(indices.long())[indices.long()].to(acc)
+    return scale * keep, bags
+
+
+class _EmbeddingBag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, psw, indices, offsets, mode, pad_fwd, pad_bwd, sparse, freq):
+        out, max_idx = torch.ops.fck.embedding_bag_fwd(weight, indices, offsets, mode, psw, pad_fwd)
+        ctx.save_for_backward(weight if psw is not None else None, psw, indices, offsets, max_idx)
+        ctx.mode, ctx.pad, ctx.sparse, ctx.freq = mode, pad_bwd, sparse, freq
+        ctx.num_weights = weight.shape[0]
+        ctx.mark_non_differentiable(max_idx)
+        return out, max_idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _unused):
+        weight, psw, indices, offsets, max_idx = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_w = grad_psw = None
+        if ctx.needs_input_grad[0]:
+            if ctx.sparse:
+                scale, bags = _per_index_scale(indices, offsets, ctx.mode, psw, ctx.pad, ctx.freq, _acc(grad.dtype))
+                values = (grad[bags].to(scale.dtype) * scale[:, None]).to(grad.dtype)
+                grad_w = torch.sparse_coo_tensor(indices.long()[None], values, (ctx.num_weights, grad.shape[1]),
+                                                 check_invariants=False)  # indices were range-checked
+            else:
+                bwd_psw = psw
+                if ctx.freq:
+                    bwd_psw = _per_index_scale(indices, offsets, 0, psw, -1, True, _acc(grad.dtype))[0].to(grad.dtype)
+                grad_w = torch.ops.fck.embedding_bag_bwd(grad, indices, offsets, max_idx, ctx.num_weights, ctx.mode,
+                                                         bwd_psw, ctx.pad)
+        if ctx.needs_input_grad[1]:
+            bags = reference.bag_ids(offsets, indices.numel())
+            acc = _acc(psw.dtype)
+            grad_psw = (grad[bags].to(acc) * weight[indices.long()].to(acc)).sum(1)
+            if ctx.pad >= 0:
+                grad_psw = grad_psw * (indices != ctx.pad)
+            grad_psw = grad_psw.to(psw.dtype)
+        return grad_w, grad_psw, None, None, None, None, None, None, None
+
+
+def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be a 2-D (num_embeddings, dim) tensor")
+    if weight.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: weight must be float64, float32, float16 or bfloat16, got {weight.dtype}")
+    if input.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
+                           f"Long, Int; but got {input.dtype} instead (while checking arguments for {name})")
+    if input.device != weight.device:
+        raise ValueError(f"{name}: input is on {input.device} but weight is on {weight.device}")
+    if mode not in MODES:
+        raise ValueError(f"{name}: mode has to be one of sum, mean or max, got {mode!r}")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise NotImplementedError(f"embedding_bag: per_sample_weights was not None. per_sample_weights is only "
+                                      f"supported for mode='sum' (got mode='{mode}')")
+        if per_sample_weights.shape != input.shape:
+            raise ValueError(f"embedding_bag: If per_sample_weights ({tuple(per_sample_weights.shape)}) is not None, "
+                             f"then it must have the same shape as the input ({tuple(input.shape)})")
+        if per_sample_weights.dtype != weight.dtype or per_sample_weights.device != weight.device:
+            raise TypeError(f"{name}: per_sample_weights must be {weight.dtype} on {weight.device}")
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("if input is 2D, then offsets has to be None, as input is treated is a mini-batch of "
+                             "fixed length sequences")
+        bags, length = input.shape
+        offsets = torch.arange(0, bags * length + 1, max(length, 1), device=input.device, dtype=input.dtype)
+        offsets = offsets[: bags + 1] if length else torch.zeros(bags + 1, dtype=input.dtype, device=input.device)
+        input = input.reshape(-1)
+        per_sample_weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets has to be a 1D Tensor but got None")
+        if offsets.dim() != 1:
+            raise ValueError("offsets has to be a 1D Tensor")
+        offsets = offsets.to(device=input.device, dtype=input.dtype)
+        n = input.numel()
+        if offsets.numel() and int(offsets[0]) != 0:
+            raise RuntimeError(f"offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start "
+                               f"from position 0. However, got {int(offsets[0])}")
+        if offsets.numel() and int(offsets[-1]) > n:
+            raise RuntimeError(f"offsets[-1] can not be greater than input's length {n} but got offsets[-1] of "
+                               f"{int(offsets[-1])}")
+        if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+            raise RuntimeError(f"{name}: offsets must not decrease")
+        if include_last_offset:
+            if offsets.numel() == 0:
+                raise ValueError("include_last_offset: offsets must hold at least the end offset")
+            end = int(offsets[-1])
+            input = input[:end]
+            per_sample_weights = None if per_sample_weights is None else per_sample_weights[:end]
+        else:
+            offsets = torch.cat([offsets, offsets.new_tensor([n])])
+    else:
+        raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
+    if padding_idx is not None:
+        if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+            raise ValueError(f"{name}: padding_idx must be within num_embeddings ({weight.shape[0]})")
+        padding_idx = padding_idx % weight.shape[0]
+    return input.contiguous(), offsets.contiguous(), per_sample_weights, -1 if padding_idx is None else padding_idx
+
+
+def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
+                  sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None, *,
+                  backend=None):
+    """torch.nn.functional.embedding_bag, on fastcore_kernels' kernels."""
+    indices, offsets, psw, pad = _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset,
+                                            padding_idx, "embedding_bag")
+    if mode == "max" and (sparse or scale_grad_by_freq):
+        raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
+    impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
+    if impl == "reference":
+        _index_error(indices, weight.shape[0])
+    if max_norm is not None:
+        with torch.no_grad():
+            _index_error(indices, weight.shape[0])
+            torch.embedding_renorm_(weight, indices, max_norm, norm_type)
+    code = MODES[mode]
+    if impl == "reference" and not sparse and not scale_grad_by_freq:
+        return reference.embedding_bag(weight, indices, offsets, mode, psw, None if pad < 0 else pad)
+    if impl == "reference":
+        raise NotImplementedError("the reference backend runs embedding_bag without sparse/scale_grad_by_freq")
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (psw is not None and psw.requires_grad))
+    if not needs_grad:
+        return torch.ops.fck.embedding_bag_fwd(weight, indices, offsets, code, psw, pad)[0]
+    return _EmbeddingBag.apply(weight, psw, indices, offsets, code, pad, pad, bool(sparse),
+                               bool(scale_grad_by_freq))[0]
+
+
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False,
+              *, backend=None):
+    """torch.nn.functional.embedding: rows for any index shape. padding_idx rows are returned as they are and get
+    no gradient."""
+    if input.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
+                           f"Long, Int; but got {input.dtype} instead (while checking arguments for embedding)")
+    flat = input.reshape(-1)
+    _, offsets, _, pad = _normalize(flat[:, None], weight, None, "sum", None, False, padding_idx, "embedding")
+    impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding")
+    _index_error(flat, weight.shape[0]) if impl == "reference" or max_norm is not None else None
+    if max_norm is not None:
+        with torch.no_grad():
+            torch.embedding_renorm_(weight, flat, max_norm, norm_type)
+    shape = (*input.shape, weight.shape[1])
+    if impl == "reference":
+        out = weight[flat.long()]
+        if pad >= 0 and weight.requires_grad:  # the padding row's value, without a gradient path
+            keep = (flat != pad)[:, None]
+            out = torch.where(keep, out, weight.detach()[flat.long()])
+        return out.reshape(shape)
+    flat = flat.contiguous()
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return torch.ops.fck.embedding_bag_fwd(weight, flat, offsets, 0, None, -1)[0].reshape(shape)
+    out = _EmbeddingBag.apply(weight, None, flat, offsets, 0, -1, pad, bool(sparse), bool(scale_grad_by_freq))[0]
+    return out.reshape(shape)

@@ -1,0 +1,44 @@
+"""Embedding bags in plain PyTorch: the specification every backend of `fck::embedding_bag_fwd`/`_bwd` is tested
+against; autograd through it gives the reference gradients.
+
+Inputs are normalised by ops/embedding_bag.py first: a 1-D index tensor, offsets with one entry per bag plus the
+end (include_last_offset form), per-sample weights or None. Rows equal to padding_idx take no part: they add
+nothing, are not counted by 'mean', cannot be the 'max', and get no gradient. Empty bags give zeros. Reduction runs
+in fp32 (float64 for float64 weights) and rounds once to the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("sum", "mean", "max")
+
+
+def bag_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """The bag of each of the n indices, from offsets with a trailing end entry."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts, output_size=n)
+
+
+def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode: str,
+                  per_sample_weights: torch.Tensor | None, padding_idx: int | None) -> torch.Tensor:
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    n_bags, dim = len(offsets) - 1, weight.shape[1]
+    bags = bag_ids(offsets, len(indices))
+    keep = torch.ones_like(indices, dtype=torch.bool) if padding_idx is None else indices != padding_idx
+    rows = weight.to(acc)[indices]
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.to(acc)[:, None]
+    rows = rows * keep[:, None].to(acc)
+    bag_index = bags[:, None].expand(-1, dim)
+    if mode == "max":
+        out = torch.full((n_bags, dim), float("-inf"), dtype=acc, device=weight.device)
+        rows = torch.where(keep[:, None], rows, torch.tensor(float("-inf"), dtype=acc, device=weight.device))
+        out = out.scatter_reduce(0, bag_index, rows, reduce="amax", include_self=True)
+        out = torch.where(torch.isinf(out) & (out < 0), torch.zeros_like(out), out)  # empty (or all-padding) bags
+    else:
+        out = torch.zeros((n_bags, dim), dtype=acc, device=weight.device).index_add(0, bags, rows)
+        if mode == "mean":
+            count = torch.zeros(n_bags, dtype=acc, device=weight.device).index_add(0, bags, keep.to(acc))
+            out = out / count.clamp(min=1)[:, None]
+    return out.to(weight.dtype)

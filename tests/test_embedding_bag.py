@@ -1,0 +1,239 @@
+"""embedding_bag / embedding: the backends that have kernels (reference, cpu) against torch.nn.functional, forward
+and backward, plus the bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastcore_kernels as fck
+import fastcore_kernels.functional as fckF
+from fastcore_kernels import nn as fnn
+from fastcore_kernels.ops.embedding_bag import IMPLEMENTED
+
+from conftest import skip_unless_runnable
+
+BACKENDS = IMPLEMENTED
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (2e-3, 2e-3)}
+
+
+def _bags(seed, n_bags=7, vocab=23, max_len=9, index_dtype=torch.int64):
+    """Bags of size 0, 1 and more, with duplicates within and across bags."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len, (n_bags,), generator=g)
+    lengths[0], lengths[1] = 0, 1
+    indices = torch.randint(0, vocab, (int(lengths.sum()),), generator=g)
+    if len(indices) > 3:
+        indices[2] = indices[3]  # a duplicate inside a bag (or across two)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    return indices.to(index_dtype), offsets.to(index_dtype)
+
+
+def _run(fn, weight, psw, **kw):
+    weight = weight.detach().clone().requires_grad_()
+    psw = None if psw is None else psw.detach().clone().requires_grad_()
+    out = fn(weight, psw, **kw)
+    g = torch.Generator().manual_seed(1)
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    return out, weight.grad, None if psw is None else psw.grad
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,use_psw", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+@pytest.mark.parametrize("padding_idx", [None, 5])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch(backend, padding_idx, mode, use_psw, dtype, index_dtype):
+    skip_unless_runnable(backend, "cpu")
+    indices, offsets = _bags(0, index_dtype=index_dtype)
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(23, 6, generator=g).to(dtype)
+    psw = torch.rand(len(indices), generator=g).to(dtype) if use_psw else None
+    kw = dict(mode=mode, padding_idx=padding_idx)
+    ours = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, per_sample_weights=p, backend=backend, **kw),
+                weight, psw)
+    # torch's CPU kernels in half precision round differently; compare against its float64 result
+    d = torch.float64
+    theirs = _run(lambda w, p: F.embedding_bag(indices.long(), w, offsets.long(), per_sample_weights=p, **kw),
+                  weight.to(d), None if psw is None else psw.to(d))
+    rtol, atol = TOL[dtype]
+    for name, a, b in zip(("output", "grad weight", "grad per_sample_weights"), ours, theirs):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_forms(backend):
+    """2-D fixed-size bags, include_last_offset, bags longer than any tile, many bags."""
+    skip_unless_runnable(backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 33, generator=g)
+    x2d = torch.randint(0, 1000, (300, 17), generator=g)
+    for mode in ("sum", "mean", "max"):
+        torch.testing.assert_close(fckF.embedding_bag(x2d, weight, mode=mode, backend=backend),
+                                   F.embedding_bag(x2d, weight, mode=mode))
+    indices = torch.randint(0, 1000, (5000,), generator=g)
+    offsets = torch.tensor([0, 1, 1, 4000, 4999, 5000])
+    for last in (False, True):
+        ours = fckF.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=last, backend=backend)
+        torch.testing.assert_close(ours, F.embedding_bag(indices, weight, offsets, mode="sum",
+                                                         include_last_offset=last), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    skip_unless_runnable(backend, "cpu")
+    indices, offsets = _bags(3, n_bags=5, vocab=8, max_len=5)
+    weight = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    psw = torch.rand(len(indices), dtype=torch.float64, requires_grad=True)
+    for mode in ("sum", "mean", "max"):
+        assert torch.autograd.gradcheck(
+            lambda w: fckF.embedding_bag(indices, w, offsets, mode=mode, padding_idx=2, backend=backend), (weight,))
+    assert torch.autograd.gradcheck(
+        lambda w, p: fckF.embedding_bag(indices, w, offsets, mode="sum", per_sample_weights=p, backend=backend),
+        (weight, psw))
+
+
+def test_sparse_gradient_matches_dense_and_trains_with_sparse_adam():
+    skip_unless_runnable("cpu", "cpu")
+    indices, offsets = _bags(4)
+    weight = torch.randn(23, 6)
+    for mode in ("sum", "mean"):
+        dense = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode=mode, padding_idx=3, backend="cpu"),
+                     weight, None)[1]
+        sparse = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode=mode, padding_idx=3, sparse=True,
+                                                      backend="cpu"), weight, None)[1]
+        assert sparse.is_sparse
+        torch.testing.assert_close(sparse.to_dense(), dense)
+    bag = fnn.EmbeddingBag(23, 6, mode="sum", sparse=True)
+    opt = torch.optim.SparseAdam(bag.parameters(), lr=0.1)
+    before = bag.weight.detach().clone()
+    bag(indices, offsets).sum().backward()
+    opt.step()
+    touched = torch.zeros(23, dtype=torch.bool)
+    touched[indices] = True
+    assert not torch.equal(bag.weight[touched], before[touched]) and torch.equal(bag.weight[~touched],
+                                                                                  before[~touched])
+
+
+def test_scale_grad_by_freq_and_max_norm_match_torch():
+    skip_unless_runnable("cpu", "cpu")
+    indices, offsets = _bags(5)
+    weight = torch.randn(23, 6) * 3
+    for mode in ("sum", "mean"):
+        ours = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode=mode, scale_grad_by_freq=True,
+                                                    backend="cpu"), weight, None)
+        theirs = _run(lambda w, p: F.embedding_bag(indices, w, offsets, mode=mode, scale_grad_by_freq=True),
+                      weight, None)
+        torch.testing.assert_close(ours[1], theirs[1])
+    w1, w2 = weight.clone(), weight.clone()
+    torch.testing.assert_close(fckF.embedding_bag(indices, w1, offsets, max_norm=1.0, backend="cpu"),
+                               F.embedding_bag(indices, w2, offsets, max_norm=1.0))
+    torch.testing.assert_close(w1, w2)  # the looked-up rows were renormalised in place, as torch does
+
+
+def test_backward_is_deterministic_across_thread_counts():
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 50, (20000,), generator=g)  # heavy duplication: order of summation matters
+    offsets = torch.arange(0, 20000, 7)
+    weight = torch.randn(50, 16, generator=g)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(_run(lambda w, p: fckF.embedding_bag(indices, w, offsets, backend="cpu"), weight, None)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_matches_torch(backend):
+    skip_unless_runnable(backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(30, 5, generator=g)
+    idx = torch.randint(0, 30, (4, 3, 2), generator=g)
+    idx[0, 0, 0] = 7
+    for padding_idx in (None, 7, -23):
+        ours = _run(lambda w, p: fckF.embedding(idx, w, padding_idx, backend=backend), weight, None)
+        theirs = _run(lambda w, p: F.embedding(idx, w, padding_idx), weight, None)
+        assert ours[0].shape == (4, 3, 2, 5)
+        torch.testing.assert_close(ours[0], theirs[0])
+        torch.testing.assert_close(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_gets_a_clear_error(backend):
+    skip_unless_runnable(backend, "cpu")
+    weight = torch.randn(10, 3)
+
+    def bag(inp, off, **kw):
+        return fckF.embedding_bag(torch.tensor(inp), weight, None if off is None else torch.tensor(off),
+                                  backend=backend, **kw)
+
+    with pytest.raises(IndexError, match="takes value 10"):
+        bag([1, 10], [0])
+    with pytest.raises(IndexError, match="takes value -1"):
+        bag([1, -1], [0])
+    with pytest.raises(IndexError, match="takes value 12"):
+        fckF.embedding(torch.tensor([[1, 12]]), weight, backend=backend)
+    with pytest.raises(RuntimeError, match="can not be greater than input's length"):
+        bag([1, 2], [0, 3])
+    with pytest.raises(RuntimeError, match="has to be 0"):
+        bag([1, 2], [1, 2])
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        bag([1, 2, 3], [0, 2, 1])
+    with pytest.raises(NotImplementedError, match="only supported for mode='sum'"):
+        bag([1, 2], [0], mode="mean", per_sample_weights=torch.ones(2))
+    with pytest.raises(ValueError, match="same shape as the input"):
+        bag([1, 2], [0], mode="sum", per_sample_weights=torch.ones(3))
+    with pytest.raises(RuntimeError, match="Long, Int"):
+        fckF.embedding_bag(torch.tensor([1.0, 2.0]), weight, torch.tensor([0]), backend=backend)
+    with pytest.raises(ValueError, match="offsets has to be None"):
+        bag([[1, 2]], [0])
+    with pytest.raises(ValueError, match="padding_idx"):
+        bag([1, 2], [0], padding_idx=10)
+
+
+def test_cxx_op_guards_hold_alone():
+    skip_unless_runnable("cpu", "cpu")
+    w = torch.randn(10, 3)
+    with pytest.raises(IndexError, match="valid range"):
+        torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 99]), torch.tensor([0, 2]), 0, None, -1)
+    with pytest.raises(RuntimeError, match="last offset"):
+        torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([0, 5]), 0, None, -1)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([0, 2, 1, 2]), 0, None, -1)
+    with pytest.raises(IndexError, match="max_indices"):
+        torch.ops.fck.embedding_bag_bwd(torch.randn(1, 3), torch.tensor([3]), torch.tensor([0, 1]),
+                                        torch.full((1, 3), 50), 10, 2, None, -1)
+
+
+def test_kernels_not_written_yet_are_refused_clearly():
+    with pytest.raises(NotImplementedError, match="no 'triton' kernels yet"):
+        fckF.embedding_bag(torch.tensor([1]), torch.randn(4, 2), torch.tensor([0]), backend="triton")
+
+
+def test_modules_are_drop_ins_and_fuse_swaps_them():
+    torch.manual_seed(0)
+    pre = torch.randn(12, 4)
+    ours, theirs = fnn.EmbeddingBag.from_pretrained(pre, mode="max"), nn.EmbeddingBag.from_pretrained(pre,
+                                                                                                       mode="max")
+    idx, off = torch.tensor([1, 2, 3, 11]), torch.tensor([0, 2])
+    torch.testing.assert_close(ours(idx, off), theirs(idx, off))
+    emb = nn.Embedding(12, 4, padding_idx=0)
+    mine = fnn.Embedding(12, 4, padding_idx=0)
+    mine.load_state_dict(emb.state_dict())
+    x = torch.tensor([[0, 3], [5, 11]])
+    torch.testing.assert_close(mine(x), emb(x))
+    model = nn.Sequential(nn.Embedding(12, 4), nn.Flatten(), nn.Linear(8, 2))
+    fused = fck.fuse(model)
+    assert type(fused[0]) is fnn.Embedding and list(fused.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(fused(x), model(x))
