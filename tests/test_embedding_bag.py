@@ -1,5 +1,5 @@
-"""embedding_bag / embedding: the backends that have kernels (reference, cpu) against torch.nn.functional, forward
-and backward, plus the bad inputs."""
+"""embedding_bag / embedding: the backends that have kernels (reference, cpu, triton) against
+torch.nn.functional, forward and backward, plus the bad inputs."""
 
 import pytest
 import torch
@@ -217,8 +217,8 @@ def test_cxx_op_guards_hold_alone():
 
 
 def test_kernels_not_written_yet_are_refused_clearly():
-    with pytest.raises(NotImplementedError, match="no 'triton' kernels yet"):
-        fckF.embedding_bag(torch.tensor([1]), torch.randn(4, 2), torch.tensor([0]), backend="triton")
+    with pytest.raises(NotImplementedError, match="no 'cuda' kernels yet"):
+        fckF.embedding_bag(torch.tensor([1]), torch.randn(4, 2), torch.tensor([0]), backend="cuda")
 
 
 def test_modules_are_drop_ins_and_fuse_swaps_them():
@@ -237,3 +237,20 @@ def test_modules_are_drop_ins_and_fuse_swaps_them():
     fused = fck.fuse(model)
     assert type(fused[0]) is fnn.Embedding and list(fused.state_dict()) == list(model.state_dict())
     torch.testing.assert_close(fused(x), model(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode(backend):
+    skip_unless_runnable(backend, "cpu")
+    indices, offsets = _bags(6, n_bags=30, vocab=5)
+    weight = torch.randn(5, 4)
+    theirs = _run(lambda w, p: F.embedding_bag(indices, w, offsets, mode="mean"), weight, None)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode="mean", backend=backend), weight,
+                     None) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(runs[0][1], runs[1][1])
+    torch.testing.assert_close(runs[0][1], theirs[1])

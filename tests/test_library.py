@@ -94,3 +94,17 @@ def test_opcheck_batch_norm(device, suffix, backend, channels_last):
     y, mean, invstd = fwd(x, res, w, b, rm, rv, True, 0.1, 1e-5, True)
     torch.library.opcheck(bwd, (torch.randn_like(x), x, y, w, mean, invstd, True, True, True))
     torch.library.opcheck(bwd, (torch.randn_like(x), x, None, None, mean, invstd, False, False, False))
+
+
+@pytest.mark.parametrize("suffix,backend", [("", "cpu"), ("_triton", "triton")])
+def test_opcheck_embedding_bag(suffix, backend):
+    skip_unless_runnable(backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 5, generator=g)
+    idx, off = torch.tensor([1, 4, 4, 8, 0]), torch.tensor([0, 2, 2, 5])
+    fwd = getattr(torch.ops.fck, "embedding_bag_fwd" + suffix)
+    bwd = getattr(torch.ops.fck, "embedding_bag_bwd" + suffix)
+    for mode in (0, 1, 2):
+        torch.library.opcheck(fwd, (w, idx, off, mode, torch.rand(5, generator=g) if mode == 0 else None, 4))
+        out, arg = fwd(w, idx, off, mode, None, -1)
+        torch.library.opcheck(bwd, (torch.randn_like(out), idx, off, arg, 9, mode, None, -1))

@@ -2,8 +2,8 @@
 
 `embedding_bag` normalises torch.nn.functional.embedding_bag's input forms (1-D input with offsets, 2-D input of
 fixed-size bags, include_last_offset) into one: a 1-D index tensor and offsets ending with the number of indices.
-The C++ kernels are the torch.library ops `fck::embedding_bag_fwd`/`_bwd` (CPU today; the Triton and CUDA kernels
-are not written yet, so "auto" serves CUDA tensors with the reference). The dense weight gradient is
+The kernels are the torch.library ops `fck::embedding_bag_fwd`/`_bwd` (C++, CPU) and `fck::embedding_bag_fwd_triton`/
+`_bwd_triton` (Triton); no CUDA C++ kernels yet, so "auto" serves CUDA tensors with Triton. The dense weight gradient is
 deterministic (no atomics, no sort); `sparse=True` gives a COO gradient (one row per index, uncoalesced, as torch's)
 for torch.optim.SparseAdam/SGD.
 """
@@ -16,7 +16,7 @@ from fastcore_kernels import _backend
 from fastcore_kernels.reference import embedding_bag as reference
 
 MODES = {"sum": 0, "mean": 1, "max": 2}
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -35,6 +35,39 @@ def register_fake() -> None:
     torch.library.register_fake("fck::embedding_bag_bwd")(_fake_bwd)
 
 
+# The schemas of python/register_ops.cpp, so the Triton ops take exactly the C++ ops' arguments.
+FWD_SCHEMA = ("(Tensor weight, Tensor indices, Tensor offsets, int mode, Tensor? per_sample_weights, int padding_idx)"
+              " -> (Tensor, Tensor)")
+BWD_SCHEMA = ("(Tensor grad_output, Tensor indices, Tensor offsets, Tensor max_indices, int num_weights, int mode, "
+              "Tensor? per_sample_weights, int padding_idx) -> Tensor")
+
+
+def _triton_fwd(*args):
+    from fastcore_kernels.triton import embedding_bag as kernels  # imported on first use: Triton is optional
+
+    return kernels.embedding_bag_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from fastcore_kernels.triton import embedding_bag as kernels
+
+    return kernels.embedding_bag_bwd(*args)
+
+
+_triton_fwd_op = torch.library.custom_op("fck::embedding_bag_fwd_triton", _triton_fwd, mutates_args=(),
+                                         schema=FWD_SCHEMA)
+_triton_fwd_op.register_fake(_fake_fwd)
+_triton_bwd_op = torch.library.custom_op("fck::embedding_bag_bwd_triton", _triton_bwd, mutates_args=(),
+                                         schema=BWD_SCHEMA)
+_triton_bwd_op.register_fake(_fake_bwd)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        return torch.ops.fck.embedding_bag_fwd_triton, torch.ops.fck.embedding_bag_bwd_triton
+    return torch.ops.fck.embedding_bag_fwd, torch.ops.fck.embedding_bag_bwd  # resolve() has loaded the library
+
+
 def _index_error(indices: torch.Tensor, num_weights: int) -> None:
     """The C++ kernels check this themselves; Python backends check here. Never reads out of bounds."""
     if indices.numel() == 0:
@@ -50,27 +83,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_index_scale(indices, offsets, mode, psw, pad, freq, acc):
-    """Each index's factor in the weight gradient: per-sample weight, 1/count for 'mean', 1/frequency for
-    scale_grad_by_freq, 0 for padding; in the accumulation dtype `acc`."""
-    n = indices.numel()
-    bags = reference.bag_ids(offsets, n)
-    scale = torch.ones(n, device=indices.device, dtype=acc) if psw is None else psw.to(acc)
-    keep = torch.ones(n, dtype=torch.bool, device=indices.device) if pad < 0 else indices != pad
-    if mode == MODES["mean"]:
-        counts = torch.zeros(len(offsets) - 1, device=indices.device, dtype=acc).index_add_(0, bags, keep.to(acc))
-        scale = scale / counts.clamp(min=1)[bags]
-    if freq:
-        scale = scale / torch.bincount(indices.long())[indices.long()].to(acc)
-    return scale * keep, bags
-
-
 class _EmbeddingBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, psw, indices, offsets, mode, pad_fwd, pad_bwd, sparse, freq):
-        out, max_idx = torch.ops.fck.embedding_bag_fwd(weight, indices, offsets, mode, psw, pad_fwd)
+    def forward(ctx, weight, psw, indices, offsets, mode, pad_fwd, pad_bwd, sparse, freq, backend):
+        out, max_idx = _kernels(backend)[0](weight, indices, offsets, mode, psw, pad_fwd)
         ctx.save_for_backward(weight if psw is not None else None, psw, indices, offsets, max_idx)
-        ctx.mode, ctx.pad, ctx.sparse, ctx.freq = mode, pad_bwd, sparse, freq
+        ctx.mode, ctx.pad, ctx.sparse, ctx.freq, ctx.backend = mode, pad_bwd, sparse, freq, backend
         ctx.num_weights = weight.shape[0]
         ctx.mark_non_differentiable(max_idx)
         return out, max_idx
@@ -83,16 +101,18 @@ class _EmbeddingBag(torch.autograd.Function):
         grad_w = grad_psw = None
         if ctx.needs_input_grad[0]:
             if ctx.sparse:
-                scale, bags = _per_index_scale(indices, offsets, ctx.mode, psw, ctx.pad, ctx.freq, _acc(grad.dtype))
+                scale, bags = reference.per_index_scale(indices, offsets, ctx.mode, psw, ctx.pad, ctx.freq,
+                                                          _acc(grad.dtype))
                 values = (grad[bags].to(scale.dtype) * scale[:, None]).to(grad.dtype)
                 grad_w = torch.sparse_coo_tensor(indices.long()[None], values, (ctx.num_weights, grad.shape[1]),
                                                  check_invariants=False)  # indices were range-checked
             else:
                 bwd_psw = psw
                 if ctx.freq:
-                    bwd_psw = _per_index_scale(indices, offsets, 0, psw, -1, True, _acc(grad.dtype))[0].to(grad.dtype)
-                grad_w = torch.ops.fck.embedding_bag_bwd(grad, indices, offsets, max_idx, ctx.num_weights, ctx.mode,
-                                                         bwd_psw, ctx.pad)
+                    bwd_psw = reference.per_index_scale(indices, offsets, 0, psw, -1, True, _acc(grad.dtype))[0]
+                    bwd_psw = bwd_psw.to(grad.dtype)
+                grad_w = _kernels(ctx.backend)[1](grad, indices, offsets, max_idx, ctx.num_weights, ctx.mode,
+                                                  bwd_psw, ctx.pad)
         if ctx.needs_input_grad[1]:
             bags = reference.bag_ids(offsets, indices.numel())
             acc = _acc(psw.dtype)
@@ -100,7 +120,7 @@ class _EmbeddingBag(torch.autograd.Function):
             if ctx.pad >= 0:
                 grad_psw = grad_psw * (indices != ctx.pad)
             grad_psw = grad_psw.to(psw.dtype)
-        return grad_w, grad_psw, None, None, None, None, None, None, None
+        return grad_w, grad_psw, None, None, None, None, None, None, None, None
 
 
 def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
@@ -174,7 +194,7 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
     if mode == "max" and (sparse or scale_grad_by_freq):
         raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
-    if impl == "reference":
+    if impl in ("reference", "triton"):
         _index_error(indices, weight.shape[0])
     if max_norm is not None:
         with torch.no_grad():
@@ -187,9 +207,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
         raise NotImplementedError("the reference backend runs embedding_bag without sparse/scale_grad_by_freq")
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (psw is not None and psw.requires_grad))
     if not needs_grad:
-        return torch.ops.fck.embedding_bag_fwd(weight, indices, offsets, code, psw, pad)[0]
+        return _kernels(impl)[0](weight, indices, offsets, code, psw, pad)[0]
     return _EmbeddingBag.apply(weight, psw, indices, offsets, code, pad, pad, bool(sparse),
-                               bool(scale_grad_by_freq))[0]
+                               bool(scale_grad_by_freq), impl)[0]
 
 
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False,
@@ -202,7 +222,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     flat = input.reshape(-1)
     _, offsets, _, pad = _normalize(flat[:, None], weight, None, "sum", None, False, padding_idx, "embedding")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding")
-    _index_error(flat, weight.shape[0]) if impl == "reference" or max_norm is not None else None
+    if impl in ("reference", "triton") or max_norm is not None:
+        _index_error(flat, weight.shape[0])
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, flat, max_norm, norm_type)
@@ -215,6 +236,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
         return out.reshape(shape)
     flat = flat.contiguous()
     if not (torch.is_grad_enabled() and weight.requires_grad):
-        return torch.ops.fck.embedding_bag_fwd(weight, flat, offsets, 0, None, -1)[0].reshape(shape)
-    out = _EmbeddingBag.apply(weight, None, flat, offsets, 0, -1, pad, bool(sparse), bool(scale_grad_by_freq))[0]
+        return _kernels(impl)[0](weight, flat, offsets, 0, None, -1)[0].reshape(shape)
+    out = _EmbeddingBag.apply(weight, None, flat, offsets, 0, -1, pad, bool(sparse), bool(scale_grad_by_freq),
+                              impl)[0]
     return out.reshape(shape)

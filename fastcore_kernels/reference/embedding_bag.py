@@ -20,6 +20,21 @@ def bag_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts, output_size=n)
 
 
+def per_index_scale(indices, offsets, mode: int, psw, pad: int, freq: bool, acc: torch.dtype):
+    """Each index's factor in the weight gradient (mode 0 sum, 1 mean): its per-sample weight, 1/count of its bag
+    for 'mean', 1/frequency in the batch for scale_grad_by_freq, 0 for padding. Also returns the bag of each."""
+    n = indices.numel()
+    bags = bag_ids(offsets, n)
+    scale = torch.ones(n, device=indices.device, dtype=acc) if psw is None else psw.to(acc)
+    keep = torch.ones(n, dtype=torch.bool, device=indices.device) if pad < 0 else indices != pad
+    if mode == 1:
+        counts = torch.zeros(len(offsets) - 1, device=indices.device, dtype=acc).index_add_(0, bags, keep.to(acc))
+        scale = scale / counts.clamp(min=1)[bags]
+    if freq:
+        scale = scale / torch.bincount(indices.long())[indices.long()].to(acc)
+    return scale * keep, bags
+
+
 def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode: str,
                   per_sample_weights: torch.Tensor | None, padding_idx: int | None) -> torch.Tensor:
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
