@@ -1,0 +1,90 @@
+"""Embedding-bag fwd+bwd on the lessons' shapes: fastcore_kernels' backends vs torch.nn.functional.embedding_bag, in
+the same run.
+
+    python benchmarks/bench_embedding_bag.py [--device cpu|cuda] [--out results.json]
+
+GB/s counts the rows touched: each index's weight row read in the forward and its gradient row written in the
+backward, plus the output and its gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastcore_kernels as fck  # noqa: E402
+import fastcore_kernels.functional as fckF  # noqa: E402
+from benchmarks.common import Results, interleaved_time_ms, time_ms  # noqa: E402
+from fastcore_kernels.ops.embedding_bag import IMPLEMENTED  # noqa: E402
+
+
+def cases(device):
+    """(name, [(num_embeddings, dim, indices, offsets, mode)]) per workload."""
+    g = torch.Generator().manual_seed(0)
+
+    def one_per_bag(rows, batch):
+        return torch.randint(0, rows, (batch,), generator=g), torch.arange(batch)
+
+    users, items = one_per_bag(100_000, 4096), one_per_bag(10_000, 4096)
+    out = [("collab 100k+10k x50, 4096", [(100_000, 50, *users, "sum"), (10_000, 50, *items, "sum")])]
+    tabular = []
+    for t in range(10):
+        rows, dim = [10, 30, 100, 300, 1000][t % 5], [4, 8, 16, 32, 50][t % 5]
+        tabular.append((rows, dim, *one_per_bag(rows, 4096), "sum"))
+    out.append(("tabular 10 tables, 4096", tabular))
+    lengths = torch.randint(20, 201, (4096,), generator=g)
+    text = torch.randint(0, 60_000, (int(lengths.sum()),), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    out.append(("text 60k x400, 4096 bags", [(60_000, 400, text, offsets, "mean")]))
+    return [(name, [(n, d, i.to(device), o.to(device), m) for n, d, i, o, m in tables]) for name, tables in out]
+
+
+def main(argv=None) -> Results:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    res = Results(device)
+    status = fck.backends()
+    providers = {f"fck-{b}": b for b in IMPLEMENTED if b != "reference" and device.type in status[b].devices
+                 and not (b == "triton" and device.type == "cpu")}
+    providers["torch"] = None
+    for name, tables in cases(device):
+        g = torch.Generator().manual_seed(1)
+        weights = [torch.randn(n, d, generator=g).to(device).requires_grad_() for n, d, *_ in tables]
+        grads = [torch.randn(len(o), d, generator=g).to(device) for (n, d, i, o, m) in tables]
+
+        def step(backend):
+            def run():
+                outs = []
+                for w, (n, d, i, o, m) in zip(weights, tables):
+                    outs.append(F.embedding_bag(i, w, o, mode=m) if backend is None
+                                else fckF.embedding_bag(i, w, o, mode=m, backend=backend))
+                torch.autograd.backward(outs, grads)
+                for w in weights:
+                    w.grad = None
+            return run
+
+        fns = {p: step(b) for p, b in providers.items()}
+        timed = (interleaved_time_ms(fns, reps=args.reps) if device.type == "cpu"
+                 else {p: time_ms(f, device) for p, f in fns.items()})
+        nbytes = sum(4 * d * (2 * len(i) + 2 * len(o)) for n, d, i, o, m in tables)
+        for p, times in timed.items():
+            res.add("embedding_bag", p, "fwd+bwd", name, times, nbytes)
+            print(f"  {name:<28}{p:<12} p50 {times[1]:9.3f} ms", flush=True)
+    res.print_table(baseline="torch")
+    if args.out:
+        res.write(args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
