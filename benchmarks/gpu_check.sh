@@ -3,7 +3,7 @@
 # benchmarks, and leave logs + JSON in $OUT (default ./bench_out). Budget: under 8 minutes on an H100 (the stage
 # timeouts add up to 600 s, one device call's limit). Each stage runs even if an earlier one failed; summary.txt
 # lists the environment and every stage's exit code. At most 8 files come back from the device tool: the benchmark
-# logs are joined into bench.log, leaving 7 (build.log, tests_gpu.log, bench.log, 3 JSON, summary.txt).
+# logs are joined into bench.log, leaving 8 (build.log, tests_gpu.log, bench.log, 4 JSON, summary.txt).
 set -u
 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
@@ -29,13 +29,15 @@ stage() {  # stage NAME TIMEOUT_S CMD...
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-stage build 150 $PY setup.py build_ext --inplace
-stage tests_gpu 120 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider
+stage build 120 $PY setup.py build_ext --inplace
+stage tests_gpu 100 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider
 stage bench_adam 120 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
   --out $OUT/adam_100m.json"
-stage bench_batch_norm 150 $PY benchmarks/bench_batch_norm.py --device cuda --compile --channels-last \
+stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda --compile --channels-last \
   --out "$OUT/bench_batch_norm_cuda.json"
+stage bench_embedding_bag 60 $PY benchmarks/bench_embedding_bag.py --device cuda \
+  --out "$OUT/bench_embedding_bag_cuda.json"
 stage bench_learner 60 $PY benchmarks/bench_learner.py --device cuda --out "$OUT/bench_learner_cuda.json"
 
 # One Adam JSON, one benchmark log: the device tool brings back at most 8 files.

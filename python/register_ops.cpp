@@ -33,6 +33,12 @@ TORCH_LIBRARY(fck, m) {
   m.def(
       "embedding_bag_bwd(Tensor grad_output, Tensor indices, Tensor offsets, Tensor max_indices, int num_weights, "
       "int mode, Tensor? per_sample_weights, int padding_idx) -> Tensor");
+  // The backward of embedding_bag fused with an optimizer step on the rows it touches (optimizer 0: SGD, 1: row-wise
+  // Adagrad with one float32 state value per row), for tables too large for a dense gradient. Updates in place.
+  m.def(
+      "embedding_bag_fused_update_(Tensor(a!) weight, Tensor(b!)? state, Tensor grad_output, Tensor indices, "
+      "Tensor offsets, int mode, Tensor? per_sample_weights, int padding_idx, int optimizer, float lr, float eps) "
+      "-> ()");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
 }
@@ -43,4 +49,5 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);
   m.impl("embedding_bag_fwd", &fck::cpu::embedding_bag_fwd);
   m.impl("embedding_bag_bwd", &fck::cpu::embedding_bag_bwd);
+  m.impl("embedding_bag_fused_update_", &fck::cpu::embedding_bag_fused_update_);
 }

@@ -254,3 +254,70 @@ def test_deterministic_mode(backend):
         torch.use_deterministic_algorithms(was)
     assert torch.equal(runs[0][1], runs[1][1])
     torch.testing.assert_close(runs[0][1], theirs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_cuda_matches_torch(backend, mode):
+    skip_unless_runnable(backend, "cuda")
+    indices, offsets = _bags(7, n_bags=300, vocab=1000, max_len=40)
+    weight = torch.randn(1000, 70).cuda()
+    idx, off = indices.cuda(), offsets.cuda()
+    psw = torch.rand(len(indices)).cuda() if mode == "sum" else None
+    ours = _run(lambda w, p: fckF.embedding_bag(idx, w, off, mode=mode, per_sample_weights=p, padding_idx=3,
+                                                backend=backend), weight, psw)
+    theirs = _run(lambda w, p: F.embedding_bag(idx, w, off, mode=mode, per_sample_weights=p, padding_idx=3),
+                  weight, psw)
+    for a, b in zip(ours, theirs):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_fused_update_equals_unfused_step(optimizer, mode):
+    skip_unless_runnable("cpu", "cpu")
+    indices, offsets = _bags(8, n_bags=40, vocab=30, max_len=12)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(30, 8, generator=g)
+    psw = torch.rand(len(indices), generator=g) if mode == "sum" else None
+    lr, eps = 0.3, 1e-10
+    fused_w = weight.clone().requires_grad_()
+    update = fnn.EmbeddingUpdate(optimizer, lr=lr, eps=eps)
+    ref_w, state = weight.clone(), torch.zeros(30)
+    for step in range(2):
+        dy = torch.randn(len(offsets), 8, generator=g)
+        out = fckF.embedding_bag(indices, fused_w, offsets, mode=mode, per_sample_weights=psw, padding_idx=4,
+                                 update=update, backend="cpu")
+        out.backward(dy)
+        assert fused_w.grad is None  # the step was taken in the backward instead
+        w = ref_w.clone().requires_grad_()
+        F.embedding_bag(indices, w, offsets, mode=mode, per_sample_weights=psw, padding_idx=4).backward(dy)
+        with torch.no_grad():
+            touched = torch.zeros(30, dtype=torch.bool)
+            touched[indices[indices != 4]] = True
+            if optimizer == "sgd":
+                ref_w -= lr * w.grad
+            else:
+                state[touched] += w.grad[touched].square().mean(1)
+                ref_w[touched] -= lr * w.grad[touched] / (state[touched].sqrt() + eps)[:, None]
+        torch.testing.assert_close(fused_w.detach(), ref_w, rtol=1e-5, atol=1e-6)
+        if optimizer == "rowwise_adagrad":
+            torch.testing.assert_close(update.state, state, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_update_module_and_refusals():
+    skip_unless_runnable("cpu", "cpu")
+    bag = fnn.EmbeddingBag(50, 4, mode="sum", update=fnn.EmbeddingUpdate("sgd", lr=1.0))
+    before = bag.weight.detach().clone()
+    idx, off = torch.tensor([3, 3, 7]), torch.tensor([0, 2])
+    bag(idx, off).sum().backward()
+    assert bag.weight.grad is None
+    torch.testing.assert_close(bag.weight[3], before[3] - 2.0)
+    torch.testing.assert_close(bag.weight[7], before[7] - 1.0)
+    assert torch.equal(bag.weight[0], before[0])
+    with pytest.raises(NotImplementedError, match="fused update"):
+        fckF.embedding_bag(idx, bag.weight, off, mode="max", update=fnn.EmbeddingUpdate("sgd", lr=1.0))
+    with pytest.raises(ValueError, match="optimizer"):
+        fnn.EmbeddingUpdate("adam", lr=1.0)

@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <cmath>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "fck/cpu_vec.h"
@@ -81,50 +83,132 @@ void forward(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bag
   });
 }
 
+// 1/count per bag for 'mean' (1 otherwise).
+template <typename A, typename I>
+std::vector<A> bag_scales(const I* idx, const I* off, int64_t n_bags, int64_t mode, int64_t pad) {
+  std::vector<A> scale(n_bags, A(1));
+  if (mode != kBagMean) return scale;
+  for (int64_t b = 0; b < n_bags; ++b) {
+    int64_t count = 0;
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) count += idx[i] != pad;
+    scale[b] = bag_output_scale<A>(mode, count);
+  }
+  return scale;
+}
+
+// Splits the table's rows across threads; each thread walks every index in order and calls
+// visit(row, grad_row, factor) for the ones whose row it owns (sum/mean; padding skipped). The order of the calls
+// for a row never depends on the thread count, so whatever `visit` accumulates is deterministic.
+template <typename T, typename I, typename Visit>
+void walk_owned_rows(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_bags, int64_t rows,
+                     int64_t mode, const raw_t<T>* psw, int64_t pad, Visit&& visit_factory) {
+  using A = acc_t<T>;
+  const int64_t dim = grad_out.size(1);
+  const raw_t<T>* g = rows_of<T>(grad_out);
+  const std::vector<A> bag_scale = bag_scales<A>(idx, off, n_bags, mode, pad);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, rows, std::max<int64_t>(1, (rows + threads - 1) / threads), [&](int64_t r0, int64_t r1) {
+    auto visit = visit_factory(r0, r1);
+    std::vector<A> buf(dim);
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const A* gb = nullptr;
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const int64_t r = idx[i];
+        if (r < r0 || r >= r1 || r == pad) continue;
+        if (!gb) gb = row_acc<T>(g, b, dim, buf.data());
+        visit.add(r, gb, psw ? bag_scale[b] * Storage<T>::load(psw[i]) : bag_scale[b]);
+      }
+    }
+    visit.finish();
+  });
+}
+
 template <typename T, typename I>
 void backward(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_bags, int64_t mode,
               const raw_t<T>* psw, int64_t pad, const int64_t* max_idx, at::Tensor& grad_w) {
   using A = acc_t<T>;
   const int64_t dim = grad_out.size(1), rows = grad_w.size(0);
-  const raw_t<T>* g = rows_of<T>(grad_out);
   // fp16/bf16 gradients are summed in fp32 and rounded once.
-  at::Tensor sums = std::is_same_v<raw_t<T>, A> ? grad_w : at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
+  at::Tensor sums =
+      std::is_same_v<raw_t<T>, A> ? grad_w : at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
   A* gw = reinterpret_cast<A*>(sums.data_ptr());
-  std::vector<A> inv_count(mode == kBagMean ? n_bags : 0);
-  for (int64_t b = 0; b < (mode == kBagMean ? n_bags : 0); ++b) {
-    int64_t count = 0;
-    for (int64_t i = off[b]; i < off[b + 1]; ++i) count += idx[i] != pad;
-    inv_count[b] = bag_output_scale<A>(mode, count);
-  }
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  at::parallel_for(0, rows, std::max<int64_t>(1, (rows + threads - 1) / threads), [&](int64_t r0, int64_t r1) {
-    std::vector<A> buf(dim);
-    for (int64_t b = 0; b < n_bags; ++b) {
-      if (mode == kBagMax) {
+  if (mode == kBagMax) {  // each column's gradient goes to the row its maximum came from
+    const raw_t<T>* g = rows_of<T>(grad_out);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    at::parallel_for(0, rows, std::max<int64_t>(1, (rows + threads - 1) / threads), [&](int64_t r0, int64_t r1) {
+      std::vector<A> buf(dim);
+      for (int64_t b = 0; b < n_bags; ++b) {
         const A* gb = row_acc<T>(g, b, dim, buf.data());
         for (int64_t d = 0; d < dim; ++d) {
           const int64_t r = max_idx[b * dim + d];
           if (r >= r0 && r < r1) gw[r * dim + d] += gb[d];
         }
-        continue;
       }
-      bool loaded = false;
-      const A* gb = nullptr;
-      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
-        const int64_t r = idx[i];
-        if (r < r0 || r >= r1 || r == pad) continue;
-        if (!loaded) {
-          gb = row_acc<T>(g, b, dim, buf.data());
-          loaded = true;
-        }
-        A s = mode == kBagMean ? inv_count[b] : A(1);
-        if (psw) s *= Storage<T>::load(psw[i]);
+    });
+  } else {
+    struct Add {
+      A* gw;
+      int64_t dim;
+      void add(int64_t r, const A* g, A s) {
         A* dst = gw + r * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] += gb[d] * s;
+        for (int64_t d = 0; d < dim; ++d) dst[d] += g[d] * s;
+      }
+      void finish() {}
+    };
+    walk_owned_rows<T, I>(grad_out, idx, off, n_bags, rows, mode, psw, pad,
+                          [&](int64_t, int64_t) { return Add{gw, dim}; });
+  }
+  if (!sums.is_same(grad_w)) grad_w.copy_(sums);
+}
+
+// The optimizer step of the rows a backward touches, without a dense gradient: each thread sums the gradient of
+// the rows it owns (in index order, in a map of touched rows) and then updates them.
+//   SGD:                w -= lr * g
+//   row-wise Adagrad:   G += mean(g^2);  w -= lr * g / (sqrt(G) + eps)     (one state value per row)
+template <typename T, typename I>
+void fused_update(at::Tensor& weight, float* state, const at::Tensor& grad_out, const I* idx, const I* off,
+                  int64_t n_bags, int64_t mode, const raw_t<T>* psw, int64_t pad, int64_t optimizer, double lr,
+                  double eps) {
+  using A = acc_t<T>;
+  const int64_t dim = weight.size(1);
+  raw_t<T>* w = reinterpret_cast<raw_t<T>*>(weight.data_ptr());
+  struct Update {
+    raw_t<T>* w;
+    float* state;
+    int64_t dim, optimizer;
+    A lr, eps;
+    std::unordered_map<int64_t, int64_t> slot;
+    std::vector<int64_t> order;
+    std::vector<A> sums;
+    void add(int64_t r, const A* g, A s) {
+      const auto [it, inserted] = slot.try_emplace(r, int64_t(order.size()));
+      if (inserted) {
+        order.push_back(r);
+        sums.resize(sums.size() + dim, A(0));
+      }
+      A* dst = sums.data() + it->second * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] += g[d] * s;
+    }
+    void finish() {
+      for (size_t k = 0; k < order.size(); ++k) {
+        const int64_t r = order[k];
+        const A* g = sums.data() + k * dim;
+        A step = lr;
+        if (optimizer == kRowwiseAdagrad) {
+          A sq = 0;
+          for (int64_t d = 0; d < dim; ++d) sq += g[d] * g[d];
+          const A G = A(state[r]) + sq / A(dim);
+          state[r] = float(G);
+          step = lr / (std::sqrt(G) + eps);
+        }
+        raw_t<T>* row = w + r * dim;
+        for (int64_t d = 0; d < dim; ++d) row[d] = Storage<T>::store(Storage<T>::load(row[d]) - step * g[d]);
       }
     }
+  };
+  walk_owned_rows<T, I>(grad_out, idx, off, n_bags, weight.size(0), mode, psw, pad, [&](int64_t, int64_t) {
+    return Update{w, state, dim, optimizer, A(lr), A(eps), {}, {}, {}};
   });
-  if (!sums.is_same(grad_w)) grad_w.copy_(sums);
 }
 
 template <typename F>
@@ -176,6 +260,33 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
                    mode == kBagMax ? max_indices.data_ptr<int64_t>() : nullptr, grad_w);
   });
   return grad_w;
+}
+
+void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS) {
+  const char* op = "fck::embedding_bag_fused_update_";
+  TORCH_CHECK(mode != kBagMax, op, ": the fused update supports mode='sum' and 'mean'");
+  TORCH_CHECK(optimizer == kSgd || optimizer == kRowwiseAdagrad, op, ": optimizer must be 0 (SGD) or 1 (row-wise Adagrad)");
+  check_embedding_bag(weight, indices, offsets, mode, per_sample_weights, op);
+  TORCH_CHECK(weight.device().is_cpu(), op, " (cpu): tensors must be on the CPU");
+  check_float(grad_output, "grad_output", op);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.is_contiguous() && grad_output.size(0) == offsets.numel() - 1 &&
+                  grad_output.size(1) == weight.size(1) && grad_output.scalar_type() == weight.scalar_type(),
+              op, ": grad_output must be a contiguous (bags, dim) tensor of the weight's dtype");
+  if (optimizer == kRowwiseAdagrad) {
+    TORCH_CHECK(has(state) && state->scalar_type() == at::kFloat && state->is_contiguous() &&
+                    state->numel() == weight.size(0) && state->device() == weight.device(),
+                op, ": row-wise Adagrad needs a contiguous float32 state of one value per row");
+  }
+  check_index_range(indices, weight.size(0));
+  const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
+  at::Tensor w = weight;
+  dispatch(weight.scalar_type(), indices.scalar_type(), [&](auto wtag, auto itag) {
+    using T = decltype(wtag);
+    using I = decltype(itag);
+    fused_update<T, I>(w, optimizer == kRowwiseAdagrad ? state->data_ptr<float>() : nullptr, grad_output,
+                       indices.data_ptr<I>(), offsets.data_ptr<I>(), offsets.numel() - 1, mode,
+                       psw.defined() ? rows_of<T>(psw) : nullptr, padding_idx, optimizer, lr, eps);
+  });
 }
 
 }  // namespace cpu

@@ -3,8 +3,9 @@
 from fastcore_kernels.nn.batch_norm import (AbsorbedBatchNorm2d, BatchNorm1d, BatchNorm2d, BatchNorm3d,
                                             BatchNormAddReLU2d, BatchNormReLU1d, BatchNormReLU2d, ConvBNReLU2d,
                                             FusedConv2d)
-from fastcore_kernels.nn.embedding import Embedding, EmbeddingBag
+from fastcore_kernels.nn.embedding import Embedding, EmbeddingBag, EmbeddingUpdate
 from fastcore_kernels.nn.fuse import fuse
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU2d",
-           "ConvBNReLU2d", "FusedConv2d", "AbsorbedBatchNorm2d", "Embedding", "EmbeddingBag", "fuse"]
+           "ConvBNReLU2d", "FusedConv2d", "AbsorbedBatchNorm2d", "Embedding", "EmbeddingBag", "EmbeddingUpdate",
+           "fuse"]

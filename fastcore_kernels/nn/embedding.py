@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
+from fastcore_kernels.ops.embedding_bag import EmbeddingUpdate, embedding, embedding_bag
 
 
 class Embedding(nn.Embedding):
@@ -17,8 +17,14 @@ class Embedding(nn.Embedding):
 
 
 class EmbeddingBag(nn.EmbeddingBag):
-    """torch.nn.EmbeddingBag on the fused kernels."""
+    """torch.nn.EmbeddingBag on the fused kernels. `update=EmbeddingUpdate("rowwise_adagrad", lr=0.1)` makes the
+    backward step the touched rows itself (leave the weight out of the optimizer's params then)."""
+
+    def __init__(self, *args, update: EmbeddingUpdate | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.update = update
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         return embedding_bag(input, self.weight, offsets, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                             self.mode, self.sparse, per_sample_weights, self.include_last_offset, self.padding_idx)
+                             self.mode, self.sparse, per_sample_weights, self.include_last_offset, self.padding_idx,
+                             update=getattr(self, "update", None))

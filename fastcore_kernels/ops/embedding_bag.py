@@ -10,6 +10,8 @@ for torch.optim.SparseAdam/SGD.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from fastcore_kernels import _backend
@@ -83,12 +85,44 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclass
+class EmbeddingUpdate:
+    """An optimizer step that embedding_bag's backward applies to the rows it touches instead of returning a weight
+    gradient (FBGEMM's table-batched-embedding idea): no dense (num_embeddings, dim) gradient is ever made, so
+    tables too large for one can train. C++ CPU kernel; mode 'sum' or 'mean'.
+
+    optimizer "sgd": w -= lr * g. "rowwise_adagrad": G += mean(g^2) over the row, w -= lr * g / (sqrt(G) + eps),
+    with one float32 state value per row (`state`, created on first use). Duplicate indices are summed first, so
+    the step equals the unfused one on the summed gradient.
+    """
+
+    optimizer: str
+    lr: float
+    eps: float = 1e-10
+    state: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "rowwise_adagrad"):
+            raise ValueError(f"EmbeddingUpdate: optimizer must be 'sgd' or 'rowwise_adagrad', got {self.optimizer!r}")
+
+    def apply(self, weight, grad, indices, offsets, mode, psw, pad):
+        code = 0
+        if self.optimizer == "rowwise_adagrad":
+            code = 1
+            if self.state is None:
+                self.state = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        with torch.no_grad():
+            torch.ops.fck.embedding_bag_fused_update_(weight, self.state, grad, indices, offsets, mode, psw, pad,
+                                                      code, float(self.lr), float(self.eps))
+
+
 class _EmbeddingBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, psw, indices, offsets, mode, pad_fwd, pad_bwd, sparse, freq, backend):
+    def forward(ctx, weight, psw, indices, offsets, mode, pad_fwd, pad_bwd, sparse, freq, backend, update=None):
         out, max_idx = _kernels(backend)[0](weight, indices, offsets, mode, psw, pad_fwd)
         ctx.save_for_backward(weight if psw is not None else None, psw, indices, offsets, max_idx)
         ctx.mode, ctx.pad, ctx.sparse, ctx.freq, ctx.backend = mode, pad_bwd, sparse, freq, backend
+        ctx.update, ctx.weight = update, weight if update is not None else None
         ctx.num_weights = weight.shape[0]
         ctx.mark_non_differentiable(max_idx)
         return out, max_idx
@@ -99,7 +133,9 @@ class _EmbeddingBag(torch.autograd.Function):
         weight, psw, indices, offsets, max_idx = ctx.saved_tensors
         grad = grad.contiguous()
         grad_w = grad_psw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.update is not None:
+            ctx.update.apply(ctx.weight, grad, indices, offsets, ctx.mode, psw, ctx.pad)
+        elif ctx.needs_input_grad[0]:
             if ctx.sparse:
                 scale, bags = reference.per_index_scale(indices, offsets, ctx.mode, psw, ctx.pad, ctx.freq,
                                                           _acc(grad.dtype))
@@ -120,7 +156,7 @@ class _EmbeddingBag(torch.autograd.Function):
             if ctx.pad >= 0:
                 grad_psw = grad_psw * (indices != ctx.pad)
             grad_psw = grad_psw.to(psw.dtype)
-        return grad_w, grad_psw, None, None, None, None, None, None, None, None
+        return grad_w, grad_psw, None, None, None, None, None, None, None, None, None
 
 
 def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
@@ -187,8 +223,9 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
 
 def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
                   sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None, *,
-                  backend=None):
-    """torch.nn.functional.embedding_bag, on fastcore_kernels' kernels."""
+                  update: EmbeddingUpdate | None = None, backend=None):
+    """torch.nn.functional.embedding_bag, on fastcore_kernels' kernels. With `update`, the backward steps the
+    touched rows of `weight` in place (see EmbeddingUpdate) and gives it no gradient."""
     indices, offsets, psw, pad = _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                                             padding_idx, "embedding_bag")
     if mode == "max" and (sparse or scale_grad_by_freq):
@@ -201,6 +238,13 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
             _index_error(indices, weight.shape[0])
             torch.embedding_renorm_(weight, indices, max_norm, norm_type)
     code = MODES[mode]
+    if update is not None:
+        if impl != "cpu" or mode == "max" or sparse or scale_grad_by_freq:
+            raise NotImplementedError("embedding_bag: the fused update runs on the cpu backend, for mode 'sum' or "
+                                      "'mean', without sparse or scale_grad_by_freq")
+        if not weight.requires_grad:
+            raise ValueError("embedding_bag: the fused update needs weight.requires_grad=True, so a backward runs")
+        return _EmbeddingBag.apply(weight, psw, indices, offsets, code, pad, pad, False, False, impl, update)[0]
     if impl == "reference" and not sparse and not scale_grad_by_freq:
         return reference.embedding_bag(weight, indices, offsets, mode, psw, None if pad < 0 else pad)
     if impl == "reference":

@@ -12,6 +12,10 @@ constexpr int64_t kBagSum = 0;
 constexpr int64_t kBagMean = 1;
 constexpr int64_t kBagMax = 2;
 
+// `optimizer` of the fused update.
+constexpr int64_t kSgd = 0;
+constexpr int64_t kRowwiseAdagrad = 1;
+
 // What a bag's reduced rows are multiplied by: 1/count for 'mean' (rows equal to padding_idx are not counted), 1
 // otherwise. The backward scales each index's gradient by the same factor.
 template <typename A>

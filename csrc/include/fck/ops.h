@@ -33,8 +33,15 @@ namespace fck {
       const at::Tensor &max_indices, int64_t num_weights, int64_t mode,                                      \
       const std::optional<at::Tensor>&per_sample_weights, int64_t padding_idx
 
+#define FCK_EMBEDDING_BAG_UPDATE_ARGS                                                                        \
+  at::Tensor &weight, const std::optional<at::Tensor>&state, const at::Tensor &grad_output,                   \
+      const at::Tensor &indices, const at::Tensor &offsets, int64_t mode,                                    \
+      const std::optional<at::Tensor>&per_sample_weights, int64_t padding_idx, int64_t optimizer, double lr,  \
+      double eps
+
 namespace cpu {
 void adam_(FCK_ADAM_ARGS);
+void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS);
 std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
 at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
