@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from fastcore_kernels import _backend
+from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import adam as reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,19 +36,8 @@ ADAM_SCHEMA = (
 )
 
 
-def _adam_triton(*args) -> None:
-    from fastcore_kernels.triton import adam as triton_adam  # imported on first use: Triton is optional
-
-    triton_adam.adam_(*args)
-
-
-_adam_triton = torch.library.custom_op(
-    "fck::adam_triton_",
-    _adam_triton,
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"),
-    schema=ADAM_SCHEMA,
-)
-_adam_triton.register_fake(_fake_adam)
+triton_op("adam_triton_", "adam.adam_", ADAM_SCHEMA, _fake_adam,
+          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"))
 
 
 def _cxx(*args) -> None:

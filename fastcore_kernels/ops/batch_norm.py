@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastcore_kernels import _backend
+from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import batch_norm as reference
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -43,24 +44,9 @@ def register_fake() -> None:
     torch.library.register_fake("fck::batch_norm_bwd")(_fake_bwd)
 
 
-def _triton_fwd(*args):
-    from fastcore_kernels.triton import batch_norm as kernels  # imported on first use: Triton is optional
-
-    return kernels.batch_norm_fwd(*args)
-
-
-def _triton_bwd(*args):
-    from fastcore_kernels.triton import batch_norm as kernels
-
-    return kernels.batch_norm_bwd(*args)
-
-
-_triton_fwd_op = torch.library.custom_op("fck::batch_norm_fwd_triton", _triton_fwd,
-                                         mutates_args=("running_mean", "running_var"), schema=FWD_SCHEMA)
-_triton_fwd_op.register_fake(_fake_fwd)
-_triton_bwd_op = torch.library.custom_op("fck::batch_norm_bwd_triton", _triton_bwd, mutates_args=(),
-                                         schema=BWD_SCHEMA)
-_triton_bwd_op.register_fake(_fake_bwd)
+triton_op("batch_norm_fwd_triton", "batch_norm.batch_norm_fwd", FWD_SCHEMA, _fake_fwd,
+          mutates_args=("running_mean", "running_var"))
+triton_op("batch_norm_bwd_triton", "batch_norm.batch_norm_bwd", BWD_SCHEMA, _fake_bwd)
 
 
 def _kernels(backend: str):

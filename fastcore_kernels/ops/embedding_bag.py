@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastcore_kernels import _backend
+from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import embedding_bag as reference
 
 MODES = {"sum": 0, "mean": 1, "max": 2}
@@ -44,24 +45,8 @@ BWD_SCHEMA = ("(Tensor grad_output, Tensor indices, Tensor offsets, Tensor max_i
               "Tensor? per_sample_weights, int padding_idx) -> Tensor")
 
 
-def _triton_fwd(*args):
-    from fastcore_kernels.triton import embedding_bag as kernels  # imported on first use: Triton is optional
-
-    return kernels.embedding_bag_fwd(*args)
-
-
-def _triton_bwd(*args):
-    from fastcore_kernels.triton import embedding_bag as kernels
-
-    return kernels.embedding_bag_bwd(*args)
-
-
-_triton_fwd_op = torch.library.custom_op("fck::embedding_bag_fwd_triton", _triton_fwd, mutates_args=(),
-                                         schema=FWD_SCHEMA)
-_triton_fwd_op.register_fake(_fake_fwd)
-_triton_bwd_op = torch.library.custom_op("fck::embedding_bag_bwd_triton", _triton_bwd, mutates_args=(),
-                                         schema=BWD_SCHEMA)
-_triton_bwd_op.register_fake(_fake_bwd)
+triton_op("embedding_bag_fwd_triton", "embedding_bag.embedding_bag_fwd", FWD_SCHEMA, _fake_fwd)
+triton_op("embedding_bag_bwd_triton", "embedding_bag.embedding_bag_bwd", BWD_SCHEMA, _fake_bwd)
 
 
 def _kernels(backend: str):
