@@ -7,6 +7,8 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
+#include <algorithm>
 
 namespace fck {
 namespace cpu {
@@ -81,13 +83,34 @@ Pool& pool() {
 
 }  // namespace
 
-at::Tensor pooled_empty_like(const at::Tensor& x) {
-  const size_t bytes = size_t(x.numel()) * x.element_size();
-  if (bytes < kMinPooled) return at::empty_like(x);
+namespace {
+
+at::Tensor from_pool(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options,
+                     size_t bytes) {
   const size_t rounded = (bytes + kClass - 1) / kClass * kClass;
   void* p = pool().take(rounded);
   return at::from_blob(
-      p, x.sizes(), x.strides(), [rounded](void* q) { pool().give(q, rounded); }, x.options());
+      p, sizes, strides, [rounded](void* q) { pool().give(q, rounded); }, options);
+}
+
+}  // namespace
+
+at::Tensor pooled_empty_like(const at::Tensor& x) {
+  const size_t bytes = size_t(x.numel()) * x.element_size();
+  if (bytes < kMinPooled) return at::empty_like(x);
+  return from_pool(x.sizes(), x.strides(), x.options(), bytes);
+}
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kMinPooled) return at::empty(sizes, options);
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  return from_pool(sizes, strides, options, bytes);
 }
 
 int64_t pool_release_cached() { return pool().release(); }

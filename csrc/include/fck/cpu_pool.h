@@ -15,6 +15,9 @@ namespace cpu {
 // An uninitialized tensor with x's sizes, strides (x must be dense) and options, from the pool when large.
 at::Tensor pooled_empty_like(const at::Tensor& x);
 
+// An uninitialized contiguous tensor, from the pool when large.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Returns every cached block to the system; the number of bytes released.
 int64_t pool_release_cached();
 
