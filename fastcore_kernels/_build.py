@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CPU_SOURCES = ["csrc/cpu/adam.cpp", "csrc/cpu/batch_norm.cpp", "csrc/cpu/pool.cpp", "csrc/cpu/embedding_bag.cpp",
                 "python/register_ops.cpp", "python/module.cpp"]
-CUDA_SOURCES = ["csrc/cuda/adam.cu", "csrc/cuda/batch_norm.cu", "python/register_ops_cuda.cpp"]
+CUDA_SOURCES = ["csrc/cuda/adam.cu", "csrc/cuda/batch_norm.cu", "csrc/cuda/embedding_bag.cu",
+                "python/register_ops_cuda.cpp"]
 INCLUDE_DIRS = ["csrc/include"]
 
 # -fopenmp matters: at::parallel_for expands to an OpenMP pragma inside the extension, which is serial without it.

@@ -7,4 +7,6 @@ TORCH_LIBRARY_IMPL(fck, CUDA, m) {
   m.impl("adam_", &fck::cuda::adam_);
   m.impl("batch_norm_fwd", &fck::cuda::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fck::cuda::batch_norm_bwd);
+  m.impl("embedding_bag_fwd", &fck::cuda::embedding_bag_fwd);
+  m.impl("embedding_bag_bwd", &fck::cuda::embedding_bag_bwd);
 }

@@ -216,9 +216,12 @@ def test_cxx_op_guards_hold_alone():
                                         torch.full((1, 3), 50), 10, 2, None, -1)
 
 
-def test_kernels_not_written_yet_are_refused_clearly():
-    with pytest.raises(NotImplementedError, match="no 'cuda' kernels yet"):
-        fckF.embedding_bag(torch.tensor([1]), torch.randn(4, 2), torch.tensor([0]), backend="cuda")
+def test_backends_an_op_lacks_are_refused_clearly():
+    from fastcore_kernels import _backend
+
+    with pytest.raises(NotImplementedError, match="no 'triton' kernels yet"):
+        _backend.resolve(torch.device("cpu"), "triton", ("reference", "cpu"), "some_op")
+    assert _backend.resolve(torch.device("cpu"), "auto", ("reference",), "some_op") == "reference"
 
 
 def test_modules_are_drop_ins_and_fuse_swaps_them():
@@ -258,7 +261,7 @@ def test_deterministic_mode(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 def test_cuda_matches_torch(backend, mode):
     skip_unless_runnable(backend, "cuda")
     indices, offsets = _bags(7, n_bags=300, vocab=1000, max_len=40)

@@ -2,8 +2,9 @@
 
 `embedding_bag` normalises torch.nn.functional.embedding_bag's input forms (1-D input with offsets, 2-D input of
 fixed-size bags, include_last_offset) into one: a 1-D index tensor and offsets ending with the number of indices.
-The kernels are the torch.library ops `fck::embedding_bag_fwd`/`_bwd` (C++, CPU) and `fck::embedding_bag_fwd_triton`/
-`_bwd_triton` (Triton); no CUDA C++ kernels yet, so "auto" serves CUDA tensors with Triton. The dense weight gradient is
+The kernels are the torch.library ops `fck::embedding_bag_fwd`/`_bwd` (C++: CPU and CUDA) and
+`fck::embedding_bag_fwd_triton`/`_bwd_triton` (Triton). The fused optimizer update (EmbeddingUpdate) is C++ CPU
+only. The dense weight gradient is
 deterministic (no atomics, no sort); `sparse=True` gives a COO gradient (one row per index, uncoalesced, as torch's)
 for torch.optim.SparseAdam/SGD.
 """
@@ -19,7 +20,7 @@ from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import embedding_bag as reference
 
 MODES = {"sum": 0, "mean": 1, "max": 2}
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -216,7 +217,7 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
     if mode == "max" and (sparse or scale_grad_by_freq):
         raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
-    if impl in ("reference", "triton"):
+    if impl in ("reference", "triton"):  # the C++ ops check on their own
         _index_error(indices, weight.shape[0])
     if max_norm is not None:
         with torch.no_grad():

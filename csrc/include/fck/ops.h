@@ -49,6 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
 }  // namespace cpu
 namespace cuda {
 void adam_(FCK_ADAM_ARGS);
+std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
+at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
 }  // namespace cuda
