@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Results  # noqa: E402
+from benchmarks.common import Results, interleaved_time_ms  # noqa: E402
 from fastcore_kernels.learner import DataLoaders, Learner  # noqa: E402
 
 
@@ -75,20 +74,19 @@ def main(argv=None):
     res = Results(device)
     runs = {"plain-torch-loop": plain_loop(dls, device), "learner-stock": learner_loop(dls, "stock"),
             "learner-fused": learner_loop(dls, "fused")}
-    for name, epoch in runs.items():
-        epoch()  # warm-up: state allocation, kernel caches
-        times = []
-        for _ in range(args.epochs):
+    def timed(epoch):
+        def run():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
             epoch()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        row = res.add("learner", name, "epoch", "mlp784 bs256", (times[0], times[len(times) // 2],
-                      times[-1]), nbytes=0, samples_per_s=round(60_000 / (times[len(times) // 2] / 1e3)))
+        return run
+
+    # Round-robin, epoch by epoch, so drift in the machine's speed falls on every provider alike (warm-up included).
+    for name, times in interleaved_time_ms({n: timed(e) for n, e in runs.items()}, reps=args.epochs).items():
+        row = res.add("learner", name, "epoch", "mlp784 bs256", times, nbytes=0,
+                      samples_per_s=round(60_000 / (times[1] / 1e3)))
         print(f"  {name:<18} epoch p50 {row['p50_ms']:9.1f} ms  {row['samples_per_s']} samples/s", flush=True)
     res.print_table(baseline="plain-torch-loop")
     if args.out:
