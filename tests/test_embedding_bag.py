@@ -324,3 +324,12 @@ def test_fused_update_module_and_refusals():
         fckF.embedding_bag(idx, bag.weight, off, mode="max", update=fnn.EmbeddingUpdate("sgd", lr=1.0))
     with pytest.raises(ValueError, match="optimizer"):
         fnn.EmbeddingUpdate("adam", lr=1.0)
+
+
+def test_reference_refuses_what_it_does_not_model():
+    w = torch.randn(5, 2, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="sparse"):
+        fckF.embedding(torch.tensor([1, 2]), w, sparse=True, backend="reference")
+    with pytest.raises(NotImplementedError, match="sparse"):
+        fckF.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), scale_grad_by_freq=True,
+                           backend="reference")

@@ -250,3 +250,18 @@ def test_fused_module_compiles_fullgraph():
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_model[1].running_var, model[1].running_var)
+
+
+def test_fuse_leaves_bn_plus_constant_alone():
+    class AddConst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return F.relu(self.bn(x) + 1.0)
+
+    model = AddConst()
+    fused_model = fck.fuse(model)
+    assert type(fused_model.bn) is not fnn.BatchNormAddReLU2d
+    _compare(model, fused_model, torch.randn(2, 3, 4, 4), "cpu")

@@ -105,6 +105,7 @@ class _Fuser:
                                    "BatchNorm2d -> ReLU as FusedConv2d")
                 changed = True
             elif (type(bn) is nn.BatchNorm2d and user is not None and _is_add_node(user)
+                  and all(isinstance(a, fx.Node) for a in user.args)  # a tensor residual, not a constant
                   and _only_user(user) is not None and _is_relu_node(_only_user(user), mods)):
                 relu = _only_user(user)
                 other = user.args[1] if user.args[0] is node else user.args[0]

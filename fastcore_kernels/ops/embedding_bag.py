@@ -258,6 +258,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
         with torch.no_grad():
             torch.embedding_renorm_(weight, flat, max_norm, norm_type)
     shape = (*input.shape, weight.shape[1])
+    if impl == "reference" and (sparse or scale_grad_by_freq):
+        raise NotImplementedError("the reference backend runs embedding without sparse/scale_grad_by_freq")
     if impl == "reference":
         out = weight[flat.long()]
         if pad >= 0 and weight.requires_grad:  # the padding row's value, without a gradient path
