@@ -559,17 +559,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   return {dx, dres, dw, db};
 }
 
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kDouble: return f(double{});
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fck::batch_norm: unsupported dtype ", t);
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS) {

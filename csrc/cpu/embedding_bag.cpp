@@ -252,19 +252,13 @@ void fused_update(at::Tensor& weight, float* state, const at::Tensor& grad_out, 
   });
 }
 
+// f(weight tag, index tag).
 template <typename F>
 void dispatch(at::ScalarType w, at::ScalarType i, F&& f) {
-  auto with_index = [&](auto wtag) {
+  dispatch_float(w, [&](auto wtag) {
     if (i == at::kLong) return f(wtag, int64_t{});
     return f(wtag, int32_t{});
-  };
-  switch (w) {
-    case at::kDouble: return with_index(double{});
-    case at::kFloat: return with_index(float{});
-    case at::kHalf: return with_index(c10::Half{});
-    case at::kBFloat16: return with_index(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fck::embedding_bag: unsupported weight dtype ", w);
-  }
+  });
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 
+#include "fck/acc.h"
 #include "fck/batch_norm.h"
 #include "fck/batch_norm_host.h"
 #include "fck/ops.h"
@@ -20,15 +21,6 @@
 namespace fck {
 namespace cuda {
 namespace {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 constexpr int kPlanarThreads = 256;
 constexpr int kLanes = 32;  // interleaved: channels per block

@@ -11,6 +11,7 @@
 
 #include <tuple>
 
+#include "fck/acc.h"
 #include "fck/embedding_bag.h"
 #include "fck/embedding_bag_host.h"
 #include "fck/ops.h"
@@ -18,15 +19,6 @@
 namespace fck {
 namespace cuda {
 namespace {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 constexpr int kCols = 128;  // columns per block
 

@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "fck/tensor_checks.h"
+
 namespace fck {
 
 // The kernels see an (N, C, S) tensor, S the product of the spatial sizes, in one of two dense layouts:
@@ -29,12 +31,6 @@ inline BnLayout bn_layout(const at::Tensor& x, const char* op) {
   return {N, C, S, false};
 }
 
-inline void check_float(const at::Tensor& t, const char* what, const char* op) {
-  const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kHalf || d == at::kBFloat16, op, ": ", what,
-              " must be float64, float32, float16 or bfloat16, got ", d);
-}
-
 inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* what, const char* op) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but input is on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", what, " is ", t.scalar_type(), " but input is ",
@@ -54,8 +50,6 @@ inline void check_per_channel(const std::optional<at::Tensor>& t, const at::Tens
               " elements not ", t->numel());
   check_float(*t, what, op);
 }
-
-inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 inline BnLayout check_batch_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

@@ -2,6 +2,7 @@
 // run-time choice between the AVX2+FMA+F16C clone of a loop and its baseline x86-64 build.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -87,6 +88,18 @@ __attribute__((target("avx2,fma,f16c"))) inline void narrow<c10::Half, true>(con
   for (; i < n; ++i) dst[i] = cpu_float::float_to_fp16(src[i]);
 }
 #endif
+
+// f(tag) with a value of the storage type of `t` (double, float, c10::Half or c10::BFloat16).
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kDouble: return f(double{});
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fastcore_kernels: unsupported dtype ", t);
+  }
+}
 
 inline bool cpu_runs_avx2_clone() {
 #ifdef FCK_HAVE_AVX2_CLONE

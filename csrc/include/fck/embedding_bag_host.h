@@ -6,7 +6,7 @@
 
 #include <optional>
 
-#include "fck/batch_norm_host.h"  // has()
+#include "fck/tensor_checks.h"
 #include "fck/embedding_bag.h"
 
 namespace fck {
