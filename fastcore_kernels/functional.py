@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
 from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
+from fastcore_kernels.ops import rnn as _rnn
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5, *,
@@ -33,4 +34,31 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
                           backend, "batch_norm_add_relu")
 
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "embedding", "embedding_bag"]
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
+    """One LSTM step, torch.nn.LSTMCell's math and gate order (i, f, g, o): returns (h', c'). The matmuls go to
+    BLAS; bias adds, gate nonlinearities and the state update are one fused kernel each way."""
+    return _rnn.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
+    """One GRU step, torch.nn.GRUCell's math and gate order (r, z, n): returns h'."""
+    return _rnn.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+
+
+def lstm(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, training=False,
+         bidirectional=False, batch_first=False, backend=None):
+    """torch.nn.LSTM's forward over a whole sequence: returns (output, (h_n, c_n)). `params` are the weights in
+    torch's flat order (w_ih, w_hh[, b_ih, b_hh] per layer and direction, as `module._flat_weights`)."""
+    return _rnn.lstm(input, params, hx, has_biases, num_layers, dropout, training, bidirectional, batch_first,
+                     backend)
+
+
+def gru(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, training=False,
+        bidirectional=False, batch_first=False, backend=None):
+    """torch.nn.GRU's forward over a whole sequence: returns (output, h_n)."""
+    return _rnn.gru(input, params, hx, has_biases, num_layers, dropout, training, bidirectional, batch_first,
+                    backend)
+
+
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "embedding", "embedding_bag", "lstm_cell",
+           "gru_cell", "lstm", "gru"]

@@ -8,6 +8,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
     Embedding, EmbeddingBag                the fastcore_kernels drop-ins
+    LSTM, GRU, LSTMCell, GRUCell           the fastcore_kernels drop-ins (an LSTM with proj_size is left alone)
 
 Modules are converted in place (their class changes; parameters, buffers and hooks stay), and fused-away ReLUs
 disappear from the graph or become nn.Identity, so every parameter and buffer keeps its state_dict key: the fused
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fastcore_kernels.nn import batch_norm as fused
-from fastcore_kernels.nn import embedding
+from fastcore_kernels.nn import embedding, rnn
 
 _DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d,
-            nn.Embedding: embedding.Embedding, nn.EmbeddingBag: embedding.EmbeddingBag}
+            nn.Embedding: embedding.Embedding, nn.EmbeddingBag: embedding.EmbeddingBag, nn.LSTM: rnn.LSTM,
+            nn.GRU: rnn.GRU, nn.LSTMCell: rnn.LSTMCell, nn.GRUCell: rnn.GRUCell}
 _BN_RELU = {nn.BatchNorm1d: fused.BatchNormReLU1d, nn.BatchNorm2d: fused.BatchNormReLU2d}
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -150,7 +152,9 @@ class _Fuser:
         return module
 
     def leaf(self, m: nn.Module, name: str) -> nn.Module:
-        if type(m) in _DROP_IN:
+        if type(m) is nn.LSTM and m.proj_size:
+            self.report.append(f"left {name}: LSTM with proj_size has no fused kernel")
+        elif type(m) in _DROP_IN:
             m.__class__ = _DROP_IN[type(m)]
             self.report.append(f"swapped {name}: {type(m).__name__} drop-in")
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, fused._FusedBatchNormMixin):

@@ -39,7 +39,27 @@ namespace fck {
       const std::optional<at::Tensor>&per_sample_weights, int64_t padding_idx, int64_t optimizer, double lr,  \
       double eps
 
+// One layer of an LSTM/GRU in one direction (csrc/include/fck/rnn_host.h).
+#define FCK_LSTM_FWD_ARGS \
+  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &c0, const at::Tensor &w_hh, bool reverse
+#define FCK_LSTM_BWD_ARGS                                                                                    \
+  const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &grad_cn, const at::Tensor &h0,     \
+      const at::Tensor &c0, const at::Tensor &w_hh, const at::Tensor &out, const at::Tensor &c_all,           \
+      const at::Tensor &gates, bool reverse
+#define FCK_GRU_FWD_ARGS                                                                                     \
+  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &w_hh, const std::optional<at::Tensor>&b_hh,   \
+      bool reverse
+#define FCK_GRU_BWD_ARGS                                                                                     \
+  const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &h0, const at::Tensor &w_hh,        \
+      const at::Tensor &out, const at::Tensor &saved, bool reverse
+#define FCK_RNN_DECLS                                                                                        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(FCK_LSTM_FWD_ARGS);   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS);               \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS);                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS);
+
 namespace cpu {
+FCK_RNN_DECLS
 void adam_(FCK_ADAM_ARGS);
 void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS);
 std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
@@ -48,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
 }  // namespace cpu
 namespace cuda {
+FCK_RNN_DECLS
 void adam_(FCK_ADAM_ARGS);
 std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
 at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);

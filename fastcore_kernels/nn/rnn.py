@@ -1,0 +1,60 @@
+"""LSTM and GRU modules on the fused recurrent kernels: drop-ins for torch's (subclasses: same constructors,
+parameter names such as `weight_hh_l0_reverse`, state_dict keys), swapped in by `fastcore_kernels.fuse(model)`.
+
+The weights are read by name at every forward, so code that replaces `weight_hh_l0` between calls (AWD-LSTM's weight
+dropout) just works, with no flatten_parameters() and no re-packing.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastcore_kernels.ops import rnn as ops
+
+
+class _Sequence:
+    """What LSTM and GRU share: the weights by name, and the options torch's module holds."""
+
+    def _check_supported(self):
+        if getattr(self, "proj_size", 0):
+            raise ValueError(f"{type(self).__name__}: proj_size > 0 is not supported by the fused kernels")
+
+    def _params(self):
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    def _options(self):
+        return dict(has_biases=self.bias, num_layers=self.num_layers, dropout=float(self.dropout),
+                    training=self.training, bidirectional=self.bidirectional, batch_first=self.batch_first)
+
+
+class LSTM(_Sequence, nn.LSTM):
+    """torch.nn.LSTM on the fused kernels: forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n))."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_supported()
+
+    def forward(self, input, hx=None):
+        self._check_supported()
+        return ops.lstm(input, self._params(), hx, **self._options())
+
+
+class GRU(_Sequence, nn.GRU):
+    """torch.nn.GRU on the fused kernels: forward(input, h_0=None) -> (output, h_n)."""
+
+    def forward(self, input, hx=None):
+        return ops.gru(input, self._params(), hx, **self._options())
+
+
+class LSTMCell(nn.LSTMCell):
+    """torch.nn.LSTMCell on the fused cell kernel: forward(input, (h, c)=None) -> (h', c')."""
+
+    def forward(self, input, hx=None):
+        return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+
+class GRUCell(nn.GRUCell):
+    """torch.nn.GRUCell on the fused cell kernel: forward(input, h=None) -> h'."""
+
+    def forward(self, input, hx=None):
+        return ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

@@ -1,0 +1,321 @@
+"""LSTM and GRU: cells and multi-layer, bidirectional sequence models on fused recurrent kernels.
+
+One layer in one direction is one torch.library op per pass — `fck::lstm_layer_fwd`/`_bwd`, `fck::gru_layer_fwd`/
+`_bwd` (C++ for CPU and CUDA, `..._triton` for Triton) — that runs the whole recurrence: per step one GEMM with
+W_hh and one fused pointwise kernel. Around it, plain PyTorch does what needs no loop: the input projection of all
+steps in one GEMM (its gradients too, by autograd), dropout between layers, and the direction concatenation. W_hh is
+read as it is at every call, so a weight-dropped W_hh (AWD-LSTM) costs nothing extra: there is no packed weight
+buffer to rebuild, unlike cuDNN's. The reference backend runs the same driver on the plain-PyTorch layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastcore_kernels import _backend
+from fastcore_kernels.ops._triton_op import triton_op
+from fastcore_kernels.reference import rnn as reference
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+LSTM_FWD_SCHEMA = "(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+LSTM_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, Tensor out, "
+                   "Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)")
+GRU_FWD_SCHEMA = "(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)"
+GRU_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
+                  "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _acc_like(x, *shape):
+    return x.new_empty(shape, dtype=reference.acc_dtype(x.dtype))
+
+
+def _fake_lstm_fwd(xg, h0, c0, w_hh, reverse):
+    T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
+    return (xg.new_empty(T, B, H), h0.new_empty(B, H), c0.new_empty(B, H), _acc_like(xg, T, B, H),
+            _acc_like(xg, T, B, 4 * H))
+
+
+def _fake_lstm_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse):
+    T, B, H = out.shape
+    return out.new_empty(T, B, 4 * H), out.new_empty(B, H), c0.new_empty(B, H), torch.empty_like(w_hh)
+
+
+def _fake_gru_fwd(xg, h0, w_hh, b_hh, reverse):
+    T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
+    return xg.new_empty(T, B, H), h0.new_empty(B, H), _acc_like(xg, T, B, 4 * H)
+
+
+def _fake_gru_bwd(grad_out, grad_hn, h0, w_hh, out, saved, reverse):
+    T, B, H = out.shape
+    return out.new_empty(T, B, 3 * H), out.new_empty(B, H), torch.empty_like(w_hh), out.new_empty(3 * H)
+
+
+_FAKES = {"lstm_layer_fwd": _fake_lstm_fwd, "lstm_layer_bwd": _fake_lstm_bwd, "gru_layer_fwd": _fake_gru_fwd,
+          "gru_layer_bwd": _fake_gru_bwd}
+
+
+def register_fake() -> None:
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"fck::{name}")(fake)
+
+
+for _name, _schema in (("lstm_layer_fwd", LSTM_FWD_SCHEMA), ("lstm_layer_bwd", LSTM_BWD_SCHEMA),
+                       ("gru_layer_fwd", GRU_FWD_SCHEMA), ("gru_layer_bwd", GRU_BWD_SCHEMA)):
+    triton_op(f"{_name}_triton", f"rnn.{_name}", _schema, _FAKES[_name])
+
+
+def _kernel(name: str, backend: str):
+    return getattr(torch.ops.fck, f"{name}_triton" if backend == "triton" else name)
+
+
+class _LSTMLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, h0, c0, w_hh, reverse, backend):
+        out, h_n, c_n, c_all, gates = _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, reverse)
+        ctx.save_for_backward(h0, c0, w_hh, out, c_all, gates)
+        ctx.reverse, ctx.backend = reverse, backend
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        h0, c0, w_hh, out, c_all, gates = ctx.saved_tensors
+        dxg, dh0, dc0, dw = _kernel("lstm_layer_bwd", ctx.backend)(
+            d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), h0, c0, w_hh, out, c_all, gates, ctx.reverse)
+        need = ctx.needs_input_grad
+        return (dxg if need[0] else None, dh0 if need[1] else None, dc0 if need[2] else None,
+                dw if need[3] else None, None, None)
+
+
+class _GRULayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, h0, w_hh, b_hh, reverse, backend):
+        out, h_n, saved = _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_hh, reverse)
+        ctx.save_for_backward(h0, w_hh, out, saved)
+        ctx.reverse, ctx.backend = reverse, backend
+        return out, h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn):
+        h0, w_hh, out, saved = ctx.saved_tensors
+        dxg, dh0, dw, db = _kernel("gru_layer_bwd", ctx.backend)(
+            d_out.contiguous(), d_hn.contiguous(), h0, w_hh, out, saved, ctx.reverse)
+        need = ctx.needs_input_grad
+        return (dxg if need[0] else None, dh0 if need[1] else None, dw if need[2] else None,
+                db if need[3] else None, None, None)
+
+
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lstm_layer(xg, h0, c0, w_hh, reverse, backend):
+    """One LSTM layer over a sequence from its input projection xg (T, B, 4H): (output, h_n, c_n)."""
+    if backend == "reference":
+        return reference.lstm_layer(xg, h0, c0, w_hh, reverse)
+    if _grad_needed(xg, h0, c0, w_hh):
+        return _LSTMLayer.apply(xg, h0, c0, w_hh, reverse, backend)
+    return _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, reverse)[:3]
+
+
+def gru_layer(xg, h0, w_hh, b_hh, reverse, backend):
+    """One GRU layer over a sequence from xg = x W_ih^T + b_ih (T, B, 3H): (output, h_n)."""
+    if backend == "reference":
+        return reference.gru_layer(xg, h0, w_hh, b_hh, reverse)
+    if _grad_needed(xg, h0, w_hh, b_hh):
+        return _GRULayer.apply(xg, h0, w_hh, b_hh, reverse, backend)
+    return _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_hh, reverse)[:2]
+
+
+# ---- input checks (torch's messages where torch has one) ----
+
+def _check_tensor(t, what, like, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {what} must be a Tensor, got {type(t).__name__}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: {what} is on {t.device} but input is on {like.device}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}: {what} is {t.dtype} but input is {like.dtype}; give every tensor the same dtype")
+
+
+def _check_input(x, name):
+    if isinstance(x, torch.nn.utils.rnn.PackedSequence):
+        raise TypeError(f"{name}: PackedSequence input is not supported; pass a padded tensor (T, B, *) "
+                        "or (B, T, *) with batch_first=True")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: input must be float64, float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _check_weights(x, w_ih, w_hh, b_ih, b_hh, gates, name, hidden=None):
+    for what, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if t is not None:
+            _check_tensor(t, what, x, name)
+    H = w_hh.shape[-1]
+    if w_hh.dim() != 2 or w_hh.shape[0] != gates * H:
+        raise ValueError(f"{name}: weight_hh must be ({gates}*hidden_size, hidden_size), got {tuple(w_hh.shape)}")
+    if w_ih.dim() != 2 or w_ih.shape[0] != gates * H:
+        raise ValueError(f"{name}: weight_ih must be ({gates * H}, input_size), got {tuple(w_ih.shape)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"{name}: give both bias_ih and bias_hh, or neither")
+    for what, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if b is not None and tuple(b.shape) != (gates * H,):
+            raise ValueError(f"{name}: {what} must have shape ({gates * H},), got {tuple(b.shape)}")
+    if x.shape[-1] != w_ih.shape[1]:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {w_ih.shape[1]}, "
+                           f"got {x.shape[-1]}")  # torch's message
+    return H
+
+
+# ---- cells ----
+
+def _cell_input(input, hx, name, what):
+    _check_input(input, name)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")  # torch's message
+    batched = input.dim() == 2
+    for i, h in enumerate(hx):
+        if h is not None and h.dim() != input.dim():
+            raise ValueError(f"{name}: Expected {what[i]} to be {input.dim()}D for a {input.dim()}D input, "
+                             f"got {h.dim()}D")
+    return batched
+
+
+def _cell_state(h, x, B, H, what, name):
+    if h is None:
+        return x.new_zeros(B, H)
+    _check_tensor(h, what, x, name)
+    if tuple(h.shape) != (B, H):
+        raise RuntimeError(f"{name}: Expected {what} to have shape ({B}, {H}), got {tuple(h.shape)}")
+    return h
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+    """torch.nn.LSTMCell's math: returns (h', c'). hx = (h, c) or None for zeros."""
+    name = "lstm_cell"
+    h, c = (None, None) if hx is None else hx
+    batched = _cell_input(input, (h, c), name, ("hx", "cx"))
+    x = input if batched else input.unsqueeze(0)
+    H = _check_weights(x, w_ih, w_hh, b_ih, b_hh, 4, name)
+    B = x.shape[0]
+    h = _cell_state(h if h is None or batched else h.unsqueeze(0), x, B, H, "hx", name)
+    c = _cell_state(c if c is None or batched else c.unsqueeze(0), x, B, H, "cx", name)
+    impl = _backend.resolve(x.device, backend, op=name)
+    b = None if b_ih is None else b_ih + b_hh
+    xg = F.linear(x, w_ih, b).unsqueeze(0)
+    _, h1, c1 = lstm_layer(xg, h, c, w_hh, False, impl)
+    return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+    """torch.nn.GRUCell's math: returns h'. hx None means zeros."""
+    name = "gru_cell"
+    batched = _cell_input(input, (hx,), name, ("hx",))
+    x = input if batched else input.unsqueeze(0)
+    H = _check_weights(x, w_ih, w_hh, b_ih, b_hh, 3, name)
+    h = _cell_state(hx if hx is None or batched else hx.unsqueeze(0), x, x.shape[0], H, "hx", name)
+    impl = _backend.resolve(x.device, backend, op=name)
+    _, h1 = gru_layer(F.linear(x, w_ih, b_ih).unsqueeze(0), h, w_hh, b_hh, False, impl)
+    return h1 if batched else h1.squeeze(0)
+
+
+# ---- sequences ----
+
+def _layer_params(params, has_biases, num_layers, num_directions):
+    """torch's flat weight order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh]."""
+    per = 4 if has_biases else 2
+    if len(params) != per * num_layers * num_directions:
+        raise ValueError(f"expected {per * num_layers * num_directions} weight tensors "
+                         f"({num_layers} layers x {num_directions} directions x {per}), got {len(params)}")
+    out = []
+    for k in range(num_layers * num_directions):
+        p = list(params[k * per:(k + 1) * per])
+        out.append(tuple(p) if has_biases else (p[0], p[1], None, None))
+    return out
+
+
+def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first, backend):
+    lstm = mode == "lstm"
+    gates = 4 if lstm else 3
+    name = mode
+    _check_input(input, name)
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")  # torch's message
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if batched and batch_first:
+        x = x.transpose(0, 1)
+    T, B = x.shape[0], x.shape[1]
+    if T == 0:
+        raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
+    D = 2 if bidirectional else 1
+    weights = _layer_params(params, has_biases, num_layers, D)
+    H = weights[0][1].shape[-1]
+    for layer in range(num_layers):
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh = weights[layer * D + d]
+            want = x.shape[-1] if layer == 0 else D * H
+            probe = x if layer == 0 else x.new_empty(0, want)
+            if _check_weights(probe, w_ih, w_hh, b_ih, b_hh, gates, name) != H:
+                raise ValueError(f"{name}: every layer must have hidden_size {H}")
+    states = hx if lstm else (hx,)
+    if hx is not None and lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0)")
+    full = []
+    for i, s in enumerate(states if hx is not None else (None,) * (2 if lstm else 1)):
+        if s is None:
+            full.append(x.new_zeros(num_layers * D, B, H))
+            continue
+        _check_tensor(s, "hx" if i == 0 else "cx", x, name)
+        want = (num_layers * D, B, H) if batched else (num_layers * D, H)
+        if tuple(s.shape) != want:
+            raise RuntimeError(f"Expected hidden[{i}] size {want}, got {list(s.shape)}")  # torch's message
+        full.append(s if batched else s.unsqueeze(1))
+    impl = _backend.resolve(x.device, backend, op=name)
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0 and training:
+            x = F.dropout(x, dropout, True)
+        x2d = x.reshape(T * B, x.shape[-1])
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            if lstm:
+                b = None if b_ih is None else b_ih + b_hh
+                xg = (F.linear(x2d, w_ih, b)).view(T, B, gates * H)
+                out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, d == 1, impl)
+                c_n.append(c)
+            else:
+                xg = F.linear(x2d, w_ih, b_ih).view(T, B, gates * H)
+                out, h = gru_layer(xg, full[0][k], w_hh, b_hh, d == 1, impl)
+            outs.append(out)
+            h_n.append(h)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=2)
+    out = x
+    if batched and batch_first:
+        out = out.transpose(0, 1)
+    h_n = torch.stack(h_n)
+    c_n = torch.stack(c_n) if lstm else None
+    if not batched:
+        out, h_n = out.squeeze(1), h_n.squeeze(1)
+        c_n = None if c_n is None else c_n.squeeze(1)
+    return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+def lstm(input, params, hx=None, has_biases=True, num_layers=1, dropout=0.0, training=False, bidirectional=False,
+         batch_first=False, backend=None):
+    """torch.nn.LSTM's forward: (output, (h_n, c_n)). `params` in torch's flat order (module._flat_weights)."""
+    return _rnn("lstm", input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first,
+                backend)
+
+
+def gru(input, params, hx=None, has_biases=True, num_layers=1, dropout=0.0, training=False, bidirectional=False,
+        batch_first=False, backend=None):
+    """torch.nn.GRU's forward: (output, h_n). `params` in torch's flat order (module._flat_weights)."""
+    return _rnn("gru", input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first,
+                backend)

@@ -1,0 +1,67 @@
+"""LSTM and GRU cells and layers in plain PyTorch: the specification every backend of `fck::lstm_layer_*` and
+`fck::gru_layer_*` is tested against. Autograd through these ops gives the reference gradients.
+
+PyTorch's gate order and equations (torch.nn.LSTMCell / GRUCell). The matmuls run in the input's dtype, as the
+kernels' BLAS calls do; the pointwise math and the LSTM cell state run in fp32 (float64 for float64), and h is
+rounded to the input's dtype after every step, as the kernels store it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _steps(T: int, reverse: bool):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def lstm_layer(xg, h0, c0, w_hh, reverse=False):
+    """One LSTM layer over a sequence, given the input projection xg = x W_ih^T + b_ih + b_hh of shape (T, B, 4H).
+    Returns (output (T, B, H), h_n, c_n)."""
+    acc = acc_dtype(xg.dtype)
+    h, c = h0, c0.to(acc)
+    outs = [None] * xg.shape[0]
+    for t in _steps(xg.shape[0], reverse):
+        p = xg[t].to(acc) + (h @ w_hh.t()).to(acc)
+        i, f, g, o = p.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = (torch.sigmoid(o) * torch.tanh(c)).to(xg.dtype)
+        outs[t] = h
+    return torch.stack(outs), h, c.to(xg.dtype)
+
+
+def gru_layer(xg, h0, w_hh, b_hh=None, reverse=False):
+    """One GRU layer over a sequence, given xg = x W_ih^T + b_ih of shape (T, B, 3H). Returns (output, h_n)."""
+    acc = acc_dtype(xg.dtype)
+    h = h0
+    outs = [None] * xg.shape[0]
+    for t in _steps(xg.shape[0], reverse):
+        hg = h @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
+        ar, az, an = xg[t].to(acc).chunk(3, 1)
+        br, bz, bn = hg.to(acc).chunk(3, 1)
+        r, z = torch.sigmoid(ar + br), torch.sigmoid(az + bz)
+        n = torch.tanh(an + r * bn)
+        h = (n + z * (h.to(acc) - n)).to(xg.dtype)
+        outs[t] = h
+    return torch.stack(outs), h
+
+
+def _project(x, w_ih, b):
+    return torch.nn.functional.linear(x, w_ih, b)
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """torch.nn.functional-style LSTM cell: returns (h', c')."""
+    h, c = hx
+    b = None if b_ih is None else (b_ih + b_hh if b_hh is not None else b_ih)
+    out, h1, c1 = lstm_layer(_project(input, w_ih, b).unsqueeze(0), h, c, w_hh)
+    return h1, c1
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """torch.nn.functional-style GRU cell: returns h'."""
+    return gru_layer(_project(input, w_ih, b_ih).unsqueeze(0), hx, w_hh, b_hh)[1]

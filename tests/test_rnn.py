@@ -1,0 +1,421 @@
+"""LSTM/GRU cells and sequences: every backend against the reference and against torch's modules with the same
+weights, forward and backward; dtypes, odd shapes, weight-dropped W_hh, fuse(), bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastcore_kernels as fck
+import fastcore_kernels.functional as fckF
+from fastcore_kernels import nn as fnn
+from fastcore_kernels.ops import rnn as rnn_ops
+from fastcore_kernels.reference import rnn as reference
+
+from conftest import skip_unless_runnable
+
+# (backend, device); the GPU pairs run where a GPU is
+PAIRS = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
+         pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (4e-2, 4e-2),
+       torch.float16: (4e-3, 4e-3)}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _close(a, b, dtype, what):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * max(1.0, b.abs().max().item()),
+                               msg=lambda m: f"{what}: {m}")
+
+
+# ---- the layer ops: float64 gradcheck of every backend, both directions ----
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_layer_gradcheck(backend, device, mode, reverse):
+    skip_unless_runnable(backend, device)
+    g = _gen(0)
+    T, B, H = 3, 2, 3
+    G = 4 if mode == "lstm" else 3
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    xg, h0, w = rnd(T, B, G * H), rnd(B, H), rnd(G * H, H)
+    if mode == "lstm":
+        c0 = rnd(B, H)
+        fn = lambda xg, h0, c0, w: rnn_ops.lstm_layer(xg, h0, c0, w, reverse, backend)  # noqa: E731
+        args = (xg, h0, c0, w)
+    else:
+        b = rnd(G * H)
+        fn = lambda xg, h0, w, b: rnn_ops.gru_layer(xg, h0, w, b, reverse, backend)  # noqa: E731
+        args = (xg, h0, w, b)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_cell_gradcheck(backend, device, mode):
+    skip_unless_runnable(backend, device)
+    g = _gen(1)
+    B, I, H = 3, 4, 5
+    G = 4 if mode == "lstm" else 3
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    x, h, w_ih, w_hh, b_ih, b_hh = rnd(B, I), rnd(B, H), rnd(G * H, I), rnd(G * H, H), rnd(G * H), rnd(G * H)
+    if mode == "lstm":
+        c = rnd(B, H)
+        fn = lambda x, h, c, *w: fckF.lstm_cell(x, (h, c), *w, backend=backend)  # noqa: E731
+        args = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        fn = lambda x, h, *w: fckF.gru_cell(x, h, *w, backend=backend)  # noqa: E731
+        args = (x, h, w_ih, w_hh, b_ih, b_hh)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+# ---- cells vs torch's modules ----
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_cell_matches_torch(backend, device, mode, batched, bias):
+    skip_unless_runnable(backend, device)
+    torch.manual_seed(2)
+    ours_cls, torch_cls = (fnn.LSTMCell, nn.LSTMCell) if mode == "lstm" else (fnn.GRUCell, nn.GRUCell)
+    theirs = torch_cls(7, 11, bias=bias).double().to(device)
+    ours = ours_cls(7, 11, bias=bias).double().to(device)
+    ours.load_state_dict(theirs.state_dict())
+    shape = (5, 7) if batched else (7,)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    hshape = (5, 11) if batched else (11,)
+    hx = (torch.randn(hshape, dtype=torch.float64, device=device),) * (2 if mode == "lstm" else 1)
+    hx = hx if mode == "lstm" else hx[0]
+    with fck.use_backend(backend):
+        a = ours(x, hx)
+        a0 = ours(x)  # zero state
+    b, b0 = theirs(x, hx), theirs(x)
+    a, b, a0, b0 = [list(v) if isinstance(v, tuple) else [v] for v in (a, b, a0, b0)]
+    sum(v.sum() for v in a + a0).backward()
+    sum(v.sum() for v in b + b0).backward()
+    for u, v in zip(a + a0, b + b0):
+        _close(u, v, torch.float64, "cell output")
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        _close(p.grad, q.grad, torch.float64, f"grad {n}")
+
+
+# ---- sequences vs torch's modules ----
+
+CONFIGS = {  # name: (input, hidden, layers, bidirectional, batch_first, T, B, bias)
+    "2-layer bidirectional batch_first": (5, 7, 2, True, True, 6, 3, True),
+    "one step, batch 1": (4, 9, 1, False, False, 1, 1, True),
+    "3 layers, odd hidden, no bias": (6, 13, 3, False, False, 5, 4, False),
+    "unbatched bidirectional": (3, 5, 2, True, False, 4, None, True),
+}
+FAST = ("2-layer bidirectional batch_first", "unbatched bidirectional")  # what the interpreter runs
+
+
+def _pair(mode, cfg, device, dtype=torch.float64):
+    I, H, L, bi, bf, T, B, bias = cfg
+    torch.manual_seed(3)
+    tcls, ocls = (nn.LSTM, fnn.LSTM) if mode == "lstm" else (nn.GRU, fnn.GRU)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
+    theirs = tcls(I, H, **kw).to(device, torch.float64)
+    ours = ocls(I, H, **kw).to(device, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    shape = ((B, T, I) if bf else (T, B, I)) if B is not None else (T, I)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    D = 2 if bi else 1
+    hshape = (L * D, B, H) if B is not None else (L * D, H)
+    h0 = torch.randn(hshape, dtype=torch.float64, device=device)
+    c0 = torch.randn(hshape, dtype=torch.float64, device=device)
+    return ours, theirs, x, h0, c0
+
+
+def _run_seq(module, mode, x, h0, c0, dtype):
+    x, h0, c0 = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
+    if mode == "lstm":
+        out, (h, c) = module(x, (h0, c0))
+        outs = [out, h, c]
+    else:
+        out, h = module(x, h0)
+        outs = [out, h]
+    g = _gen(9)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    loss.backward()
+    grads = [x.grad, h0.grad] + ([c0.grad] if mode == "lstm" else [])
+    return outs, grads, {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_sequence_matches_torch(backend, device, mode, config):
+    skip_unless_runnable(backend, device)
+    if backend == "triton" and device == "cpu" and config not in FAST:
+        pytest.skip("the interpreter runs the two configurations that cover every path")
+    ours, theirs, x, h0, c0 = _pair(mode, CONFIGS[config], device)
+    with fck.use_backend(backend):
+        a = _run_seq(ours, mode, x, h0, c0, torch.float64)
+    b = _run_seq(theirs, mode, x, h0, c0, torch.float64)
+    for what, u, v in zip(("output", "h_n", "c_n"), a[0], b[0]):
+        assert u.shape == v.shape, what
+        _close(u, v, torch.float64, what)
+    for what, u, v in zip(("grad input", "grad h0", "grad c0"), a[1], b[1]):
+        _close(u, v, torch.float64, what)
+    assert a[2].keys() == b[2].keys()
+    for n in b[2]:
+        _close(a[2][n], b[2][n], torch.float64, f"grad {n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_sequence_dtypes(backend, device, mode, dtype):
+    """Low precision against torch's float64 result on the same (rounded) weights."""
+    skip_unless_runnable(backend, device)
+    cfg = CONFIGS["2-layer bidirectional batch_first"]
+    ours, theirs, x, h0, c0 = _pair(mode, cfg, device, dtype)
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x, h0, c0 = [t.to(dtype).double() for t in (x, h0, c0)]
+    with fck.use_backend(backend):
+        a = _run_seq(ours, mode, x, h0, c0, dtype)
+    b = _run_seq(theirs, mode, x, h0, c0, torch.float64)
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        assert u.dtype == dtype
+        _close(u, v, dtype, "output/grad")
+    for n in b[2]:
+        assert a[2][n].dtype == dtype
+        _close(a[2][n], b[2][n], dtype, f"grad {n}")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_kernels_write_every_output(mode):
+    """Under deterministic mode torch fills every at::empty/torch.empty with NaN: an element a kernel forgot to
+    write would surface."""
+    skip_unless_runnable("cpu", "cpu")
+    ours, theirs, x, h0, c0 = _pair(mode, CONFIGS["3 layers, odd hidden, no bias"], "cpu", torch.float32)
+    theirs.float()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with fck.use_backend("cpu"):
+            a = _run_seq(ours, mode, x, h0, c0, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    b = _run_seq(theirs, mode, x, h0, c0, torch.float32)
+    for u, v in zip(a[0] + a[1] + list(a[2].values()), b[0] + b[1] + list(b[2].values())):
+        assert torch.isfinite(u).all()
+        _close(u, v, torch.float32, "output/grad")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_larger_shapes_fp32(backend):
+    """Past every threading grain and vector width: batch 37, hidden 131, 2 layers."""
+    skip_unless_runnable(backend, "cpu")
+    ours, theirs, x, h0, c0 = _pair("lstm", (17, 131, 2, False, False, 9, 37, True), "cpu", torch.float32)
+    theirs.float()
+    with fck.use_backend(backend):
+        a = _run_seq(ours, "lstm", x, h0, c0, torch.float32)
+    b = _run_seq(theirs, "lstm", x, h0, c0, torch.float32)
+    for u, v in zip(a[0] + a[1] + list(a[2].values()), b[0] + b[1] + list(b[2].values())):
+        _close(u, v, torch.float32, "output/grad")
+
+
+def test_nan_propagates():
+    skip_unless_runnable("cpu", "cpu")
+    m = fnn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    x[2, 1, 0] = float("nan")
+    out, (h, c) = m(x)
+    assert torch.isnan(out[2:, 1]).all() and torch.isfinite(out[:, 0]).all() and torch.isfinite(out[:2]).all()
+    out, (h, c) = m(torch.full((2, 1, 3), 1e4))  # saturated gates stay finite
+    assert torch.isfinite(out).all()
+
+
+# ---- dropout between layers, weight-dropped W_hh ----
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_dropout_between_layers(mode):
+    torch.manual_seed(4)
+    cls = fnn.LSTM if mode == "lstm" else fnn.GRU
+    m = cls(4, 6, num_layers=2, dropout=1.0)  # every value dropped: layer 2 sees zeros
+    ref = (nn.LSTM if mode == "lstm" else nn.GRU)(4, 6, num_layers=2, dropout=1.0)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+    m.eval(), ref.eval()
+    torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)  # eval: no dropout
+    m.train()
+    m.dropout = 0.5
+    torch.manual_seed(0)
+    a = m(x)[0]
+    torch.manual_seed(0)
+    assert torch.equal(a, m(x)[0])
+    assert not torch.allclose(a, m.eval()(x)[0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_weight_dropped_hidden_weights(backend):
+    """AWD-LSTM's WeightDropout: W_hh is replaced by a dropped copy of a raw parameter before every forward; the
+    gradient reaches the raw parameter and nothing is re-packed."""
+    skip_unless_runnable(backend, "cpu")
+    torch.manual_seed(5)
+    m = fnn.LSTM(4, 6)
+    raw = nn.Parameter(m.weight_hh_l0.detach().clone())
+    del m._parameters["weight_hh_l0"]
+    mask = (torch.rand_like(raw) > 0.5).float() * 2
+    x = torch.randn(7, 2, 4)
+    with fck.use_backend(backend):
+        m.weight_hh_l0 = raw * mask
+        out, _ = m(x)
+    out.sum().backward()
+    ref = nn.LSTM(4, 6)
+    with torch.no_grad():
+        for n in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(ref, n).copy_(getattr(m, n))
+        ref.weight_hh_l0.copy_(raw * mask)
+    ref_out, _ = ref(x)
+    ref_out.sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(raw.grad, ref.weight_hh_l0.grad * mask, rtol=1e-5, atol=1e-6)
+
+
+# ---- modules: state_dict both ways, fuse ----
+
+def test_fuse_swaps_rnns_and_keeps_state_dict():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.rnn = nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+            self.gru = nn.GRU(16, 5)
+            self.cell = nn.GRUCell(5, 5)
+            self.proj = nn.LSTM(5, 6, proj_size=3)
+
+        def forward(self, x):
+            y, _ = self.rnn(self.emb(x))
+            y, _ = self.gru(y)
+            return self.cell(y[-1]), self.proj(y)[0]
+
+    torch.manual_seed(6)
+    model = Net()
+    x = torch.randint(0, 10, (7, 3))
+    fused = fck.fuse(model, verbose=False)
+    assert type(fused.rnn) is fnn.LSTM and type(fused.gru) is fnn.GRU and type(fused.cell) is fnn.GRUCell
+    assert type(fused.proj) is nn.LSTM and any("proj_size" in r for r in fused.fck_fuse_report)
+    for a, b in zip(fused(x), model(x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    Net().load_state_dict(fused.state_dict())
+
+
+def test_proj_size_is_refused():
+    with pytest.raises(ValueError, match="proj_size"):
+        fnn.LSTM(4, 6, proj_size=2)
+
+
+# ---- bad input ----
+
+def test_bad_input():
+    skip_unless_runnable("cpu", "cpu")
+    m = fnn.LSTM(4, 6, num_layers=2)
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        m(torch.randn(3, 2, 5))
+    with pytest.raises(RuntimeError, match="Expected hidden\\[0\\] size"):
+        m(torch.randn(3, 2, 4), (torch.randn(2, 3, 6), torch.randn(2, 2, 6)))
+    with pytest.raises(RuntimeError, match="Expected hidden\\[1\\] size"):
+        m(torch.randn(3, 2, 4), (torch.randn(2, 2, 6), torch.randn(1, 2, 6)))
+    with pytest.raises(TypeError, match="hx must be a tuple"):
+        m(torch.randn(3, 2, 4), torch.randn(2, 2, 6))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        m(torch.randn(3, 2, 4, 1))
+    with pytest.raises(TypeError, match="float64"):
+        m(torch.randint(0, 3, (3, 2, 4)))
+    with pytest.raises(TypeError, match="float64 but input is torch.float32"):
+        m.double()(torch.randn(3, 2, 4))
+    with pytest.raises(RuntimeError, match="sequence length"):
+        fnn.GRU(4, 6)(torch.randn(0, 2, 4))
+    with pytest.raises(ValueError, match="is on meta"):
+        fnn.GRU(4, 6)(torch.randn(3, 2, 4), torch.randn(1, 2, 6, device="meta"))
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), [3, 2])
+    with pytest.raises(TypeError, match="PackedSequence"):
+        fnn.GRU(4, 6)(packed)
+    cell = fnn.LSTMCell(4, 6)
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\)"):
+        cell(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="Expected hx to have shape"):
+        cell(torch.randn(2, 4), (torch.randn(3, 6), torch.randn(2, 6)))
+    with pytest.raises(ValueError, match="1D or 2D"):
+        fnn.GRUCell(4, 6)(torch.randn(2, 2, 4))
+    with pytest.raises(ValueError, match="weight_hh must be"):
+        fckF.gru_cell(torch.randn(2, 4), None, torch.randn(18, 4), torch.randn(18, 5))
+
+
+def test_cpp_guards():
+    """The C++ ops check what Python would have checked, for callers that use torch.ops directly."""
+    skip_unless_runnable("cpu", "cpu")
+    xg, h0, w = torch.randn(3, 2, 8), torch.randn(2, 2), torch.randn(8, 2)
+    with pytest.raises(RuntimeError, match="w_hh must be"):
+        torch.ops.fck.lstm_layer_fwd(xg, h0, h0, torch.randn(6, 2), False)
+    with pytest.raises(RuntimeError, match="h0 must be"):
+        torch.ops.fck.lstm_layer_fwd(xg, torch.randn(3, 2), h0, w, False)
+    with pytest.raises(RuntimeError, match="c0 is"):
+        torch.ops.fck.lstm_layer_fwd(xg, h0, h0.double(), w, False)
+    with pytest.raises(RuntimeError, match="at least one step"):
+        torch.ops.fck.gru_layer_fwd(torch.randn(0, 2, 6), h0, torch.randn(6, 2), None, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.fck.lstm_layer_fwd(torch.randn(2, 3, 8).transpose(0, 1), h0, h0, w, False)
+
+
+# ---- library citizenship ----
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    skip_unless_runnable(backend, "cpu")
+    suffix = "_triton" if backend == "triton" else ""
+    g = _gen(7)
+    T, B, H = 3, 2, 4
+    xg4, xg3 = torch.randn(T, B, 4 * H, generator=g), torch.randn(T, B, 3 * H, generator=g)
+    h0, c0 = torch.randn(B, H, generator=g), torch.randn(B, H, generator=g)
+    w4, w3, b3 = torch.randn(4 * H, H, generator=g), torch.randn(3 * H, H, generator=g), torch.randn(3 * H, generator=g)
+    tests = ("test_schema", "test_faketensor")
+    op = lambda n: getattr(torch.ops.fck, n + suffix)  # noqa: E731
+    out, hn, cn, c_all, gates = op("lstm_layer_fwd")(xg4, h0, c0, w4, True)
+    torch.library.opcheck(op("lstm_layer_fwd"), (xg4, h0, c0, w4, True), test_utils=tests)
+    dy = torch.randn_like(out)
+    torch.library.opcheck(op("lstm_layer_bwd"), (dy, hn, cn, h0, c0, w4, out, c_all, gates, True), test_utils=tests)
+    out, hn, saved = op("gru_layer_fwd")(xg3, h0, w3, b3, False)
+    torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, b3, False), test_utils=tests)
+    torch.library.opcheck(op("gru_layer_bwd"), (dy, hn, h0, w3, out, saved, False), test_utils=tests)
+
+
+@pytest.mark.parametrize("how", ["functional", "module"])
+def test_compiles_fullgraph(how):
+    """The ops trace into one graph. Dynamo refuses to wrap any nn.RNNBase subclass unless allow_rnn is set, so the
+    module form needs that flag (stock nn.LSTM graph-breaks there either way)."""
+    skip_unless_runnable("cpu", "cpu")
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    m = fnn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    ref = nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4)
+    if how == "functional":
+        fn = torch.compile(lambda x, *w: fckF.lstm(x, w, num_layers=2, bidirectional=True)[0], fullgraph=True)
+        out = fn(x, *m._flat_weights)
+    else:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            out = torch.compile(m, fullgraph=True)(x)[0]
+    out.sum().backward()
+    ref_out = ref(x)[0]
+    ref_out.sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.weight_hh_l1_reverse.grad, ref.weight_hh_l1_reverse.grad, rtol=1e-5, atol=1e-6)
+    assert reference.acc_dtype(torch.float16) == torch.float32
