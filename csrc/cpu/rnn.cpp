@@ -5,8 +5,10 @@
 // pay for the fork, vectorized across the hidden units (the exp in fck/rnn.h is plain arithmetic), and compiled
 // a second time for AVX2+FMA+F16C, picked at run time.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "fck/cpu_vec.h"
 #include "fck/ops.h"
@@ -24,189 +26,211 @@ FCK_INLINE acc_t<T> ld(raw_t<T> v) {
   return Storage<T>::load(v);
 }
 
-template <typename T>
-const raw_t<T>* in(const at::Tensor& t) {
-  return reinterpret_cast<const raw_t<T>*>(t.data_ptr());
-}
-template <typename T>
-raw_t<T>* out(const at::Tensor& t) {
-  return reinterpret_cast<raw_t<T>*>(t.data_ptr());
-}
-template <typename T>
-const acc_t<T>* in_acc(const at::Tensor& t) {
-  return t.data_ptr<acc_t<T>>();
-}
-template <typename T>
-acc_t<T>* out_acc(const at::Tensor& t) {
-  return t.data_ptr<acc_t<T>>();
-}
-
 // ---- the row loops: rows [b0, b1) of one step; G*H values per row for gate tensors, H for states ----
+// Free functions with __restrict pointer parameters: the form GCC vectorizes (read through a functor's members,
+// the same loops stayed scalar). Gate chunk k of row b starts at b*G*H + k*H.
 
 template <typename T>
-struct LstmFwd {
-  const raw_t<T>*xg, *hg;
-  const acc_t<T>* c_prev;
-  acc_t<T>*gates, *c;
-  raw_t<T>* h;
-  int64_t H;
-  FCK_INLINE void operator()(int64_t b0, int64_t b1) const {
-    using A = acc_t<T>;
-    for (int64_t b = b0; b < b1; ++b) {
-      const raw_t<T>*x = xg + b * 4 * H, *r = hg + b * 4 * H;
-      A* g = gates + b * 4 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        A cc, hh;
-        const LstmGates<A> a =
-            lstm_forward<A>(ld<T>(x[j]) + ld<T>(r[j]), ld<T>(x[H + j]) + ld<T>(r[H + j]),
-                            ld<T>(x[2 * H + j]) + ld<T>(r[2 * H + j]), ld<T>(x[3 * H + j]) + ld<T>(r[3 * H + j]),
-                            c_prev[b * H + j], cc, hh);
-        g[j] = a.i, g[H + j] = a.f, g[2 * H + j] = a.g, g[3 * H + j] = a.o;
-        c[b * H + j] = cc;
-        h[b * H + j] = Storage<T>::store(hh);
-      }
+FCK_INLINE void lstm_fwd_rows(const raw_t<T>* __restrict xg, const raw_t<T>* __restrict hg,
+                              const acc_t<T>* __restrict c_prev, acc_t<T>* __restrict gates, acc_t<T>* __restrict c,
+                              raw_t<T>* __restrict h, int64_t H, int64_t b0, int64_t b1) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t k = b * H + j, g = b * 4 * H + j;
+      A cc, hh;
+      const LstmGates<A> a = lstm_forward<A>(
+          ld<T>(xg[g]) + ld<T>(hg[g]), ld<T>(xg[g + H]) + ld<T>(hg[g + H]), ld<T>(xg[g + 2 * H]) + ld<T>(hg[g + 2 * H]),
+          ld<T>(xg[g + 3 * H]) + ld<T>(hg[g + 3 * H]), c_prev[k], cc, hh);
+      gates[g] = a.i, gates[g + H] = a.f, gates[g + 2 * H] = a.g, gates[g + 3 * H] = a.o;
+      c[k] = cc;
+      h[k] = Storage<T>::store(hh);
     }
   }
-};
-
-template <typename T>
-struct LstmBwd {
-  const raw_t<T>*dout, *dh_rec;
-  const acc_t<T>*gates, *c_prev, *c;
-  acc_t<T>* dc;
-  raw_t<T>* dxg;
-  int64_t H;
-  FCK_INLINE void operator()(int64_t b0, int64_t b1) const {
-    using A = acc_t<T>;
-    for (int64_t b = b0; b < b1; ++b) {
-      const A* g = gates + b * 4 * H;
-      raw_t<T>* d = dxg + b * 4 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        A dcj = dc[k];
-        const LstmGates<A> p = lstm_backward<A>(ld<T>(dout[k]) + ld<T>(dh_rec[k]), dcj,
-                                                {g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev[k], c[k]);
-        dc[k] = dcj;
-        d[j] = Storage<T>::store(p.i), d[H + j] = Storage<T>::store(p.f);
-        d[2 * H + j] = Storage<T>::store(p.g), d[3 * H + j] = Storage<T>::store(p.o);
-      }
-    }
-  }
-};
-
-template <typename T>
-struct GruFwd {
-  const raw_t<T>*xg, *hg, *h_prev;
-  acc_t<T>* saved;
-  raw_t<T>* h;
-  int64_t H;
-  FCK_INLINE void operator()(int64_t b0, int64_t b1) const {
-    using A = acc_t<T>;
-    for (int64_t b = b0; b < b1; ++b) {
-      const raw_t<T>*x = xg + b * 3 * H, *r = hg + b * 3 * H;
-      A* s = saved + b * 4 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        A hh;
-        const GruSaved<A> v = gru_forward<A>(ld<T>(x[j]), ld<T>(x[H + j]), ld<T>(x[2 * H + j]), ld<T>(r[j]),
-                                             ld<T>(r[H + j]), ld<T>(r[2 * H + j]), ld<T>(h_prev[b * H + j]), hh);
-        s[j] = v.r, s[H + j] = v.z, s[2 * H + j] = v.n, s[3 * H + j] = v.bn;
-        h[b * H + j] = Storage<T>::store(hh);
-      }
-    }
-  }
-};
-
-template <typename T>
-struct GruBwd {
-  const raw_t<T>*dout, *dh_rec, *h_prev;
-  acc_t<T>* dh_direct;
-  const acc_t<T>* saved;
-  raw_t<T>*dxg, *dhg;
-  int64_t H;
-  FCK_INLINE void operator()(int64_t b0, int64_t b1) const {
-    using A = acc_t<T>;
-    for (int64_t b = b0; b < b1; ++b) {
-      const A* s = saved + b * 4 * H;
-      raw_t<T>*dx = dxg + b * 3 * H, *dg = dhg + b * 3 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t k = b * H + j;
-        const GruGrads<A> p = gru_backward<A>(ld<T>(dout[k]) + ld<T>(dh_rec[k]) + dh_direct[k],
-                                              {s[j], s[H + j], s[2 * H + j], s[3 * H + j]}, ld<T>(h_prev[k]));
-        dh_direct[k] = p.h_prev;
-        dx[j] = dg[j] = Storage<T>::store(p.r);
-        dx[H + j] = dg[H + j] = Storage<T>::store(p.z);
-        dx[2 * H + j] = Storage<T>::store(p.an);
-        dg[2 * H + j] = Storage<T>::store(p.bn);
-      }
-    }
-  }
-};
-
-// The same row loop compiled for baseline x86-64 and for AVX2+FMA+F16C (the always-inline body takes on the
-// caller's target).
-template <class K>
-void rows_base(const K& k, int64_t b0, int64_t b1) {
-  k(b0, b1);
 }
+
+template <typename T>
+FCK_INLINE void lstm_bwd_rows(const raw_t<T>* __restrict dout, const raw_t<T>* __restrict dh_rec,
+                              const acc_t<T>* __restrict gates, const acc_t<T>* __restrict c_prev,
+                              const acc_t<T>* __restrict c, acc_t<T>* __restrict dc, raw_t<T>* __restrict dxg,
+                              int64_t H, int64_t b0, int64_t b1) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t k = b * H + j, g = b * 4 * H + j;
+      A dcj = dc[k];
+      const LstmGates<A> d = lstm_backward<A>(ld<T>(dout[k]) + ld<T>(dh_rec[k]), dcj,
+                                              {gates[g], gates[g + H], gates[g + 2 * H], gates[g + 3 * H]},
+                                              c_prev[k], c[k]);
+      dc[k] = dcj;
+      dxg[g] = Storage<T>::store(d.i), dxg[g + H] = Storage<T>::store(d.f);
+      dxg[g + 2 * H] = Storage<T>::store(d.g), dxg[g + 3 * H] = Storage<T>::store(d.o);
+    }
+  }
+}
+
+template <typename T>
+FCK_INLINE void gru_fwd_rows(const raw_t<T>* __restrict xg, const raw_t<T>* __restrict hg,
+                             const raw_t<T>* __restrict bias, const raw_t<T>* __restrict h_prev, acc_t<T>* __restrict saved, raw_t<T>* __restrict h,
+                             int64_t H, int64_t b0, int64_t b1) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t k = b * H + j, g = b * 3 * H + j, s = b * 4 * H + j;
+      A hh;
+      const GruSaved<A> v = gru_forward<A>(ld<T>(xg[g]), ld<T>(xg[g + H]), ld<T>(xg[g + 2 * H]),
+                                           ld<T>(hg[g]) + ld<T>(bias[j]), ld<T>(hg[g + H]) + ld<T>(bias[H + j]),
+                                           ld<T>(hg[g + 2 * H]) + ld<T>(bias[2 * H + j]), ld<T>(h_prev[k]), hh);
+      saved[s] = v.r, saved[s + H] = v.z, saved[s + 2 * H] = v.n, saved[s + 3 * H] = v.bn;
+      h[k] = Storage<T>::store(hh);
+    }
+  }
+}
+
+template <typename T>
+FCK_INLINE void gru_bwd_rows(const raw_t<T>* __restrict dout, const raw_t<T>* __restrict dh_rec,
+                             acc_t<T>* __restrict dh_direct, const acc_t<T>* __restrict saved,
+                             const raw_t<T>* __restrict h_prev, raw_t<T>* __restrict dxg, raw_t<T>* __restrict dhg,
+                             int64_t H, int64_t b0, int64_t b1) {
+  using A = acc_t<T>;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t k = b * H + j, g = b * 3 * H + j, s = b * 4 * H + j;
+      const GruGrads<A> p = gru_backward<A>(ld<T>(dout[k]) + ld<T>(dh_rec[k]) + dh_direct[k],
+                                            {saved[s], saved[s + H], saved[s + 2 * H], saved[s + 3 * H]},
+                                            ld<T>(h_prev[k]));
+      dh_direct[k] = p.h_prev;
+      dxg[g] = dhg[g] = Storage<T>::store(p.r);
+      dxg[g + H] = dhg[g + H] = Storage<T>::store(p.z);
+      dxg[g + 2 * H] = Storage<T>::store(p.an);
+      dhg[g + 2 * H] = Storage<T>::store(p.bn);
+    }
+  }
+}
+
+// Every row loop compiled for baseline x86-64 and for AVX2+FMA+F16C: the always-inline body takes on the target of
+// the wrapper it is inlined into.
+#define FCK_RNN_CLONES(name)                                                            \
+  template <typename T, typename... P>                                                  \
+  void name##_base(P... p) {                                                            \
+    name<T>(p...);                                                                      \
+  }                                                                                     \
+  FCK_RNN_AVX2_CLONE(name)
 #ifdef FCK_HAVE_AVX2_CLONE
-template <class K>
-__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const K& k, int64_t b0, int64_t b1) {
-  k(b0, b1);
-}
+#define FCK_RNN_AVX2_CLONE(name)                                                        \
+  template <typename T, typename... P>                                                  \
+  __attribute__((target("avx2,fma,f16c"))) void name##_avx2(P... p) {                   \
+    name<T>(p...);                                                                      \
+  }
+#define FCK_RNN_PICK(name, T, ...) \
+  (cpu_runs_avx2_clone() ? name##_avx2<T>(__VA_ARGS__) : name##_base<T>(__VA_ARGS__))
+#else
+#define FCK_RNN_AVX2_CLONE(name)
+#define FCK_RNN_PICK(name, T, ...) name##_base<T>(__VA_ARGS__)
 #endif
+FCK_RNN_CLONES(lstm_fwd_rows)
+FCK_RNN_CLONES(lstm_bwd_rows)
+FCK_RNN_CLONES(gru_fwd_rows)
+FCK_RNN_CLONES(gru_bwd_rows)
 
-// A step is split across threads only when each thread gets ~16k gate values: below that the fork costs more.
-template <class K>
-void run_rows(const K& k, int64_t B, int64_t values_per_row) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, values_per_row));
-#ifdef FCK_HAVE_AVX2_CLONE
-  if (cpu_runs_avx2_clone()) {
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { rows_avx2(k, b0, b1); });
+// Fortran BLAS of the library torch links (MKL or OpenBLAS), called directly: at::mm_out costs a dispatch and two
+// tensor views per call, as much as the math of a small step. Weak, so a torch without them still loads; fp16/bf16
+// and that case go through at::mm_out.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+template <typename T>
+at::Tensor view(const T* p, at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::from_blob(const_cast<T*>(p), sizes, like.options());
+}
+
+// c (n x N) = a (n x K) @ op(w), row-major; op(w) = w^T with w (N x K) when `wt`, else w (K x N).
+template <typename T>
+void gemm(bool wt, int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
+  if (n == 0) return;
+  using F = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  auto blas = std::is_same_v<T, double> ? reinterpret_cast<void*>(&dgemm_) : reinterpret_cast<void*>(&sgemm_);
+  const bool direct = (std::is_same_v<T, float> || std::is_same_v<T, double>) && blas != nullptr &&
+                      std::max({n, N, K}) < (int64_t(1) << 31);
+  if (direct) {
+    // column-major BLAS sees each row-major matrix transposed: c^T = op(w)^T a^T
+    const int m_ = int(N), n_ = int(n), k_ = int(K), lda = int(wt ? K : N), ldb = int(K), ldc = int(N);
+    const F one = 1, zero = 0;
+    const char ta = wt ? 'T' : 'N', tb = 'N';
+    if constexpr (std::is_same_v<T, double>) {
+      dgemm_(&ta, &tb, &m_, &n_, &k_, &one, w, &lda, a, &ldb, &zero, c, &ldc);
+    } else if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&ta, &tb, &m_, &n_, &k_, &one, w, &lda, a, &ldb, &zero, c, &ldc);
+    }
     return;
   }
-#endif
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { rows_base(k, b0, b1); });
+  at::Tensor out = view(c, {n, N}, like);
+  at::mm_out(out, view(a, {n, K}, like), wt ? view(w, {N, K}, like).t() : view(w, {K, N}, like));
+}
+
+template <typename T>
+const raw_t<T>* raw(const T* p) {
+  return reinterpret_cast<const raw_t<T>*>(p);
+}
+template <typename T>
+raw_t<T>* raw(T* p) {
+  return reinterpret_cast<raw_t<T>*>(p);
 }
 
 struct RnnSteps {
-  static void lstm_fwd_step(const at::Tensor& xg, const at::Tensor& hg, const at::Tensor& c_prev,
-                            const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h) {
-    const int64_t B = h.size(0), H = h.size(1);
-    dispatch_float(xg.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      run_rows(LstmFwd<T>{in<T>(xg), in<T>(hg), in_acc<T>(c_prev), out_acc<T>(gates), out_acc<T>(c), out<T>(h), H},
-               B, 4 * H);
-    });
+  template <typename T>
+  using Acc = acc_t<T>;
+
+  template <class F>
+  static void dispatch(at::ScalarType t, F&& f) {
+    dispatch_float(t, f);
   }
-  static void lstm_bwd_step(const at::Tensor& dout, const at::Tensor& dh_rec, const at::Tensor& gates,
-                            const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dc,
-                            const at::Tensor& dxg) {
-    const int64_t B = dc.size(0), H = dc.size(1);
-    dispatch_float(dxg.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      run_rows(LstmBwd<T>{in<T>(dout), in<T>(dh_rec), in_acc<T>(gates), in_acc<T>(c_prev), in_acc<T>(c),
-                          out_acc<T>(dc), out<T>(dxg), H},
-               B, 4 * H);
-    });
+
+  // One block per thread, but none under ~2k gate values per step (a few microseconds of math). The workers take
+  // on the caller's thread-local state: its dispatch keys say the ops below run under the autograd layer.
+  template <class F>
+  static void row_blocks(int64_t B, int64_t values_per_row, const F& f) {
+    const at::ThreadLocalState state;
+    at::parallel_for(0, B, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, values_per_row)),
+                     [&](int64_t b0, int64_t b1) {
+                       const at::ThreadLocalStateGuard guard(state);
+                       f(b0, b1);
+                     });
   }
-  static void gru_fwd_step(const at::Tensor& xg, const at::Tensor& hg, const at::Tensor& h_prev,
-                           const at::Tensor& saved, const at::Tensor& h) {
-    const int64_t B = h.size(0), H = h.size(1);
-    dispatch_float(xg.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      run_rows(GruFwd<T>{in<T>(xg), in<T>(hg), in<T>(h_prev), out_acc<T>(saved), out<T>(h), H}, B, 3 * H);
-    });
+
+  template <typename T>
+  static void gemm_nt(int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
+    gemm(true, n, N, K, a, w, c, like);
   }
-  static void gru_bwd_step(const at::Tensor& dout, const at::Tensor& dh_rec, const at::Tensor& dh_direct,
-                           const at::Tensor& saved, const at::Tensor& h_prev, const at::Tensor& dxg,
-                           const at::Tensor& dhg) {
-    const int64_t B = dh_direct.size(0), H = dh_direct.size(1);
-    dispatch_float(dxg.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      run_rows(GruBwd<T>{in<T>(dout), in<T>(dh_rec), in<T>(h_prev), out_acc<T>(dh_direct), in_acc<T>(saved),
-                         out<T>(dxg), out<T>(dhg), H},
-               B, 4 * H);
-    });
+  template <typename T>
+  static void gemm_nn(int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
+    gemm(false, n, N, K, a, w, c, like);
+  }
+
+  template <typename T>
+  static void lstm_fwd(const T* xg, const T* hg, const acc_t<T>* c_prev, acc_t<T>* gates, acc_t<T>* c, T* h,
+                       int64_t n, int64_t H) {
+    FCK_RNN_PICK(lstm_fwd_rows, T, raw(xg), raw(hg), c_prev, gates, c, raw(h), H, int64_t(0), n);
+  }
+  template <typename T>
+  static void lstm_bwd(const T* dout, const T* dh_rec, const acc_t<T>* gates, const acc_t<T>* c_prev,
+                       const acc_t<T>* c, acc_t<T>* dc, T* dxg, int64_t n, int64_t H) {
+    FCK_RNN_PICK(lstm_bwd_rows, T, raw(dout), raw(dh_rec), gates, c_prev, c, dc, raw(dxg), H, int64_t(0), n);
+  }
+  template <typename T>
+  static void gru_fwd(const T* xg, const T* hg, const T* bias, const T* h_prev, acc_t<T>* saved, T* h, int64_t n,
+                      int64_t H) {
+    FCK_RNN_PICK(gru_fwd_rows, T, raw(xg), raw(hg), raw(bias), raw(h_prev), saved, raw(h), H, int64_t(0), n);
+  }
+  template <typename T>
+  static void gru_bwd(const T* dout, const T* dh_rec, acc_t<T>* dh_direct, const acc_t<T>* saved, const T* h_prev,
+                      T* dxg, T* dhg, int64_t n, int64_t H) {
+    FCK_RNN_PICK(gru_bwd_rows, T, raw(dout), raw(dh_rec), dh_direct, saved, raw(h_prev), raw(dxg), raw(dhg), H,
+                 int64_t(0), n);
   }
 };
 

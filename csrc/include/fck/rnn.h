@@ -27,10 +27,9 @@ FCK_HOST_DEVICE float rnn_exp(float x) {
 #else
   x = x > 88.3762626647949f ? 88.3762626647949f : x;
   x = x < -87.3365478515625f ? -87.3365478515625f : x;
-  float fx = x * 1.44269504088896341f + 0.5f;
-  const int32_t ti = static_cast<int32_t>(fx);  // truncation; NaN gives garbage here but NaN below
-  float fl = static_cast<float>(ti);
-  fl = fl > fx ? fl - 1.0f : fl;  // floor
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: exact IEEE arithmetic, no compare or conversion, so the loop
+  // vectorizes on every target (a floor needs SSE4.1 or a select the compiler will not if-convert).
+  const float fl = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * x + 1.3981999507e-3f;

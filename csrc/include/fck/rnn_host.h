@@ -1,11 +1,19 @@
 // The recurrent loops of one LSTM/GRU layer in one direction, written once for every device. Per time step: one
 // GEMM of the hidden state with W_hh (BLAS/cuBLAS through at::mm_out, into a reused buffer) and one fused pointwise
-// kernel, which `Dev` supplies (fck::cpu::RnnSteps, fck::cuda::RnnSteps):
+// kernel, which `Dev` supplies (fck::cpu::RnnSteps, fck::cuda::RnnSteps), with the batch split into row blocks:
 //
-//   Dev::lstm_fwd_step(xg_t, hg, c_prev, gates_t, c_t, h_t)
-//   Dev::lstm_bwd_step(dout_t, dh_rec, gates_t, c_prev, c_t, dc /*in: dc', out: dc_prev*/, dxg_t)
-//   Dev::gru_fwd_step(xg_t, hg, h_prev, saved_t, h_t)
-//   Dev::gru_bwd_step(dout_t, dh_rec, dh_direct /*in/out*/, saved_t, h_prev, dxg_t, dhg_t)
+//   Dev::row_blocks(B, values_per_row, f)   calls f(b0, b1) over blocks covering [0, B), possibly in parallel
+//
+//   Dev::lstm_fwd(xg_t, hg, c_prev, gates_t, c_t, h_t, n, H)
+//   Dev::lstm_bwd(dout_t, dh_rec, gates_t, c_prev, c_t, dc /*in: dc', out: dc_prev*/, dxg_t, n, H)
+//   Dev::gru_fwd(xg_t, hg /*h W_hh^T, no bias*/, b_hh, h_prev, saved_t, h_t, n, H)
+//   Dev::gru_bwd(dout_t, dh_rec, dh_direct /*in/out*/, saved_t, h_prev, dxg_t, dhg_t, n, H)
+//
+// each over n rows of one step (typed pointers; see below), plus Dev::dispatch, Dev::Acc<T> and the two GEMMs.
+//
+// The rows of a batch never meet in the recurrence, so the CPU gives each thread its own block of rows for the whole
+// sequence: no fork/join per step, and each thread's small GEMM runs single-threaded (nested parallelism is off).
+// CUDA runs one block (the GPU parallelizes each step itself).
 //
 // The input projection of every step (xg = x W_ih^T + b_ih [+ b_hh for the LSTM]) is one GEMM done by the caller,
 // and so are its gradients. W_hh's gradient is taken here after the loop as one GEMM over all steps (K = T*B) rather
@@ -79,6 +87,24 @@ inline at::Tensor weight_grad(const at::Tensor& dg, const at::Tensor& h0, const 
   return dw;
 }
 
+// A (T, B, W) sequence or a (B, W) state seen as a base pointer: rows [b0, b0 + n) of step t are contiguous.
+template <typename P>
+struct Seq {
+  P* p;
+  int64_t B, W;
+  P* at(int64_t t, int64_t b0) const { return p + (t * B + b0) * W; }
+  P* at(int64_t b0) const { return p + b0 * W; }
+};
+
+template <typename P>
+Seq<P> seq(const at::Tensor& t, int64_t B, int64_t W) {
+  return {reinterpret_cast<P*>(t.data_ptr()), B, W};
+}
+
+// The loops below run on typed pointers, dispatched once per call: per step they create no tensors, so the
+// framework's per-op overhead (a few microseconds a view) stays out of a step that itself takes tens.
+// Dev::gemm_nt(n, N, K, a, w, c, like): c (n x N) = a (n x K) @ w^T (w: N x K); Dev::gemm_nn: c = a @ w (w: K x N).
+
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
     const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, bool reverse) {
@@ -86,18 +112,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const Dims d = check_layer(xg, h0, w_hh, 4, op);
   check_state(c0, d, xg, "c0", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
-  at::Tensor out = at::empty({d.T, d.B, d.H}, xg.options());
-  at::Tensor c_all = at::empty({d.T, d.B, d.H}, acc);
-  at::Tensor gates = at::empty({d.T, d.B, 4 * d.H}, acc);
-  at::Tensor hg = at::empty({d.B, 4 * d.H}, xg.options());
-  const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), wt = w_hh.t();
+  const int64_t B = d.B, H = d.H, G = 4 * H;
+  at::Tensor out = at::empty({d.T, B, H}, xg.options());
+  at::Tensor c_all = at::empty({d.T, B, H}, acc);
+  at::Tensor gates = at::empty({d.T, B, G}, acc);
+  const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
-  for (int64_t s = 0; s < d.T; ++s) {
-    const int64_t t = o.fwd(s);
-    at::mm_out(hg, s == 0 ? h0c : out.select(0, o.before(t)), wt);
-    Dev::lstm_fwd_step(xg.select(0, t), hg, s == 0 ? c0a : c_all.select(0, o.before(t)), gates.select(0, t),
-                       c_all.select(0, t), out.select(0, t));
-  }
+  Dev::dispatch(xg.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Dev::template Acc<T>;
+    const auto x = seq<const T>(xg, B, G), y = seq<T>(out, B, H), h_init = seq<const T>(h0c, B, H);
+    const auto c = seq<A>(c_all, B, H), c_init = seq<const A>(c0a, B, H), g = seq<A>(gates, B, G);
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      const at::Tensor hg_buf = at::empty({n, G}, xg.options());
+      T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
+      for (int64_t s = 0; s < d.T; ++s) {
+        const int64_t t = o.fwd(s), p = o.before(t);
+        Dev::gemm_nt(n, G, H, s == 0 ? h_init.at(b0) : y.at(p, b0), wp, hg, xg);
+        Dev::lstm_fwd(x.at(t, b0), hg, s == 0 ? c_init.at(b0) : c.at(p, b0), g.at(t, b0), c.at(t, b0), y.at(t, b0),
+                      n, H);
+      }
+    });
+  });
   at::Tensor h_n = out.select(0, o.last()).clone();
   at::Tensor c_n = c_all.select(0, o.last()).to(xg.scalar_type(), false, /*copy=*/true);
   return {out, h_n, c_n, c_all, gates};
@@ -117,22 +155,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(
   check_state(grad_hn, d, out, "grad_hn", op);
   check_state(grad_cn, d, out, "grad_cn", op);
   check_state(c0, d, out, "c0", op);
+  check_like(grad_out, out, "grad_out", op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
-  at::Tensor dxg = at::empty({d.T, d.B, 4 * d.H}, out.options());
+  const int64_t B = d.B, H = d.H, G = 4 * H;
+  at::Tensor dxg = at::empty({d.T, B, G}, out.options());
   at::Tensor dc = grad_cn.to(acc, false, /*copy=*/true).contiguous();
-  at::Tensor dh_buf = at::empty({d.B, d.H}, out.options());
-  at::Tensor dh_rec = grad_hn.contiguous();
-  const at::Tensor c0a = c0.to(acc).contiguous();
+  at::Tensor dh0 = at::empty({B, H}, out.options());
+  const at::Tensor c0a = c0.to(acc).contiguous(), dhn = grad_hn.contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
-  for (int64_t s = 0; s < d.T; ++s) {
-    const int64_t t = o.bwd(s);
-    const bool first = t == o.first();
-    Dev::lstm_bwd_step(grad_out.select(0, t), dh_rec, gates.select(0, t), first ? c0a : c_all.select(0, o.before(t)),
-                       c_all.select(0, t), dc, dxg.select(0, t));
-    at::mm_out(dh_buf, dxg.select(0, t), w_hh);
-    dh_rec = dh_buf;
-  }
-  return {dxg, dh_buf, dc.to(c0.scalar_type()), weight_grad(dxg, h0.contiguous(), out, o)};
+  Dev::dispatch(out.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Dev::template Acc<T>;
+    const auto dy = seq<const T>(grad_out, B, H), dx = seq<T>(dxg, B, G), dh = seq<T>(dh0, B, H);
+    const auto dh_last = seq<const T>(dhn, B, H);
+    const auto g = seq<const A>(gates, B, G), c = seq<const A>(c_all, B, H), c_init = seq<const A>(c0a, B, H);
+    const auto dcs = seq<A>(dc, B, H);
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      for (int64_t s = 0; s < d.T; ++s) {
+        const int64_t t = o.bwd(s);
+        Dev::lstm_bwd(dy.at(t, b0), s == 0 ? dh_last.at(b0) : dh.at(b0), g.at(t, b0),
+                      t == o.first() ? c_init.at(b0) : c.at(o.before(t), b0), c.at(t, b0), dcs.at(b0), dx.at(t, b0),
+                      n, H);
+        Dev::gemm_nn(n, H, G, dx.at(t, b0), wp, dh.at(b0), out);
+      }
+    });
+  });
+  return {dxg, dh0, dc.to(c0.scalar_type()), weight_grad(dxg, h0.contiguous(), out, o)};
 }
 
 template <class Dev>
@@ -146,21 +196,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
     TORCH_CHECK(b_hh->dim() == 1 && b_hh->size(0) == 3 * d.H, op, ": b_hh must have ", 3 * d.H, " elements");
   }
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
-  at::Tensor out = at::empty({d.T, d.B, d.H}, xg.options());
-  at::Tensor saved = at::empty({d.T, d.B, 4 * d.H}, acc);
-  at::Tensor hg = at::empty({d.B, 3 * d.H}, xg.options());
-  const at::Tensor h0c = h0.contiguous(), wt = w_hh.t();
+  const int64_t B = d.B, H = d.H, G = 3 * H;
+  at::Tensor out = at::empty({d.T, B, H}, xg.options());
+  at::Tensor saved = at::empty({d.T, B, 4 * H}, acc);
+  const at::Tensor h0c = h0.contiguous(), w = w_hh.contiguous();
+  const at::Tensor bias = has(b_hh) ? b_hh->contiguous() : at::zeros({G}, xg.options());  // one loop form
   const Order o{d.T, reverse};
-  for (int64_t s = 0; s < d.T; ++s) {
-    const int64_t t = o.fwd(s);
-    const at::Tensor& h_prev = s == 0 ? h0c : out.select(0, o.before(t));
-    if (has(b_hh)) {
-      at::addmm_out(hg, *b_hh, h_prev, wt);
-    } else {
-      at::mm_out(hg, h_prev, wt);
-    }
-    Dev::gru_fwd_step(xg.select(0, t), hg, h_prev, saved.select(0, t), out.select(0, t));
-  }
+  Dev::dispatch(xg.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Dev::template Acc<T>;
+    const auto x = seq<const T>(xg, B, G), y = seq<T>(out, B, H), h_init = seq<const T>(h0c, B, H);
+    const auto sv = seq<A>(saved, B, 4 * H);
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    const T* bp = reinterpret_cast<const T*>(bias.data_ptr());
+    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      const at::Tensor hg_buf = at::empty({n, G}, xg.options());
+      T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
+      for (int64_t s = 0; s < d.T; ++s) {
+        const int64_t t = o.fwd(s);
+        const T* h_prev = s == 0 ? h_init.at(b0) : y.at(o.before(t), b0);
+        Dev::gemm_nt(n, G, H, h_prev, wp, hg, xg);
+        Dev::gru_fwd(x.at(t, b0), hg, bp, h_prev, sv.at(t, b0), y.at(t, b0), n, H);
+      }
+    });
+  });
   return {out, out.select(0, o.last()).clone(), saved};
 }
 
@@ -174,24 +234,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
               out.sizes());
   TORCH_CHECK(saved.sizes() == at::IntArrayRef({d.T, d.B, 4 * d.H}), op, ": saved tensor does not match the output");
   check_state(grad_hn, d, out, "grad_hn", op);
+  check_like(grad_out, out, "grad_out", op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
-  at::Tensor dxg = at::empty({d.T, d.B, 3 * d.H}, out.options());
-  at::Tensor dhg = at::empty({d.T, d.B, 3 * d.H}, out.options());
-  at::Tensor dh_direct = at::zeros({d.B, d.H}, acc);
-  at::Tensor dh_buf = at::empty({d.B, d.H}, out.options());
-  at::Tensor dh_rec = grad_hn.contiguous();
-  const at::Tensor h0c = h0.contiguous();
+  const int64_t B = d.B, H = d.H, G = 3 * H;
+  at::Tensor dxg = at::empty({d.T, B, G}, out.options());
+  at::Tensor dhg = at::empty({d.T, B, G}, out.options());
+  at::Tensor dh_direct = at::zeros({B, H}, acc);
+  at::Tensor dh0 = at::empty({B, H}, out.options());
+  const at::Tensor h0c = h0.contiguous(), dhn = grad_hn.contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
-  for (int64_t s = 0; s < d.T; ++s) {
-    const int64_t t = o.bwd(s);
-    const at::Tensor& h_prev = t == o.first() ? h0c : out.select(0, o.before(t));
-    Dev::gru_bwd_step(grad_out.select(0, t), dh_rec, dh_direct, saved.select(0, t), h_prev, dxg.select(0, t),
-                      dhg.select(0, t));
-    at::mm_out(dh_buf, dhg.select(0, t), w_hh);
-    dh_rec = dh_buf;
-  }
-  dh_buf.add_(dh_direct);
-  return {dxg, dh_buf, weight_grad(dhg, h0c, out, o), dhg.sum(at::IntArrayRef{0, 1})};
+  Dev::dispatch(out.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Dev::template Acc<T>;
+    const auto dy = seq<const T>(grad_out, B, H), y = seq<const T>(out, B, H), h_init = seq<const T>(h0c, B, H);
+    const auto dx = seq<T>(dxg, B, G), dg = seq<T>(dhg, B, G), dh = seq<T>(dh0, B, H);
+    const auto dh_last = seq<const T>(dhn, B, H);
+    const auto sv = seq<const A>(saved, B, 4 * H);
+    const auto direct = seq<A>(dh_direct, B, H);
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      for (int64_t s = 0; s < d.T; ++s) {
+        const int64_t t = o.bwd(s);
+        Dev::gru_bwd(dy.at(t, b0), s == 0 ? dh_last.at(b0) : dh.at(b0), direct.at(b0), sv.at(t, b0),
+                     t == o.first() ? h_init.at(b0) : y.at(o.before(t), b0), dx.at(t, b0), dg.at(t, b0), n, H);
+        Dev::gemm_nn(n, H, G, dg.at(t, b0), wp, dh.at(b0), out);
+      }
+    });
+  });
+  dh0.add_(dh_direct);
+  return {dxg, dh0, weight_grad(dhg, h0c, out, o), dhg.sum(at::IntArrayRef{0, 1})};
 }
 
 }  // namespace rnn
