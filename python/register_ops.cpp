@@ -39,20 +39,20 @@ TORCH_LIBRARY(fck, m) {
       "embedding_bag_fused_update_(Tensor(a!) weight, Tensor(b!)? state, Tensor grad_output, Tensor indices, "
       "Tensor offsets, int mode, Tensor? per_sample_weights, int padding_idx, int optimizer, float lr, float eps) "
       "-> ()");
-  // One LSTM layer in one direction over a whole sequence, after the input projection: xg = x W_ih^T + b_ih + b_hh
-  // (T, B, 4H). Returns (output (T, B, H), h_n, c_n, and for the backward every cell state and the activated gates,
-  // fp32 or float64). `reverse` runs from the last step to the first (the backward direction of a bidirectional RNN).
-  m.def("lstm_layer_fwd(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, bool reverse) -> (Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)");
-  // Its backward: (grad_xg, grad_h0, grad_c0, grad_w_hh).
+  // One LSTM layer in one direction over a whole sequence, after the input projection xg = x W_ih^T (T, B, 4H);
+  // bias = b_ih + b_hh. Returns (output (T, B, H), h_n, c_n, and for the backward every cell state and the activated
+  // gates, fp32 or float64). `reverse` runs from the last step to the first (a bidirectional RNN's second direction).
+  m.def("lstm_layer_fwd(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> (Tensor, "
+        "Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: (grad_xg, grad_h0, grad_c0, grad_w_hh, grad_bias).
   m.def("lstm_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, "
-        "Tensor out, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
-  // One GRU layer: xg = x W_ih^T + b_ih (T, B, 3H); b_hh stays inside the loop (r scales its n part). Returns
-  // (output, h_n, saved r/z/n/b_n (T, B, 4H)).
-  m.def("gru_layer_fwd(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)");
-  // Its backward: (grad_xg, grad_h0, grad_w_hh, grad_b_hh).
+        "Tensor out, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One GRU layer from xg = x W_ih^T (T, B, 3H). Returns (output, h_n, saved r/z/n/b_n (T, B, 4H)).
+  m.def("gru_layer_fwd(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, "
+        "Tensor, Tensor)");
+  // Its backward: (grad_xg, grad_h0, grad_w_hh, grad_b_ih, grad_b_hh).
   m.def("gru_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
-        "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
 }

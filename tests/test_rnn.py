@@ -45,15 +45,14 @@ def test_layer_gradcheck(backend, device, mode, reverse):
     def rnd(*s):
         return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
 
-    xg, h0, w = rnd(T, B, G * H), rnd(B, H), rnd(G * H, H)
+    xg, h0, w, b = rnd(T, B, G * H), rnd(B, H), rnd(G * H, H), rnd(G * H)
     if mode == "lstm":
         c0 = rnd(B, H)
-        fn = lambda xg, h0, c0, w: rnn_ops.lstm_layer(xg, h0, c0, w, reverse, backend)  # noqa: E731
-        args = (xg, h0, c0, w)
+        fn = lambda *a: rnn_ops.lstm_layer(*a, reverse, backend)  # noqa: E731
+        args = (xg, h0, c0, w, b)
     else:
-        b = rnd(G * H)
-        fn = lambda xg, h0, w, b: rnn_ops.gru_layer(xg, h0, w, b, reverse, backend)  # noqa: E731
-        args = (xg, h0, w, b)
+        fn = lambda *a: rnn_ops.gru_layer(*a, reverse, backend)  # noqa: E731
+        args = (xg, h0, w, b, rnd(G * H))
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
 
 
@@ -363,15 +362,17 @@ def test_cpp_guards():
     skip_unless_runnable("cpu", "cpu")
     xg, h0, w = torch.randn(3, 2, 8), torch.randn(2, 2), torch.randn(8, 2)
     with pytest.raises(RuntimeError, match="w_hh must be"):
-        torch.ops.fck.lstm_layer_fwd(xg, h0, h0, torch.randn(6, 2), False)
+        torch.ops.fck.lstm_layer_fwd(xg, h0, h0, torch.randn(6, 2), None, False)
     with pytest.raises(RuntimeError, match="h0 must be"):
-        torch.ops.fck.lstm_layer_fwd(xg, torch.randn(3, 2), h0, w, False)
+        torch.ops.fck.lstm_layer_fwd(xg, torch.randn(3, 2), h0, w, None, False)
     with pytest.raises(RuntimeError, match="c0 is"):
-        torch.ops.fck.lstm_layer_fwd(xg, h0, h0.double(), w, False)
+        torch.ops.fck.lstm_layer_fwd(xg, h0, h0.double(), w, None, False)
+    with pytest.raises(RuntimeError, match="bias must have 8 elements"):
+        torch.ops.fck.lstm_layer_fwd(xg, h0, h0, w, torch.randn(7), False)
     with pytest.raises(RuntimeError, match="at least one step"):
-        torch.ops.fck.gru_layer_fwd(torch.randn(0, 2, 6), h0, torch.randn(6, 2), None, False)
+        torch.ops.fck.gru_layer_fwd(torch.randn(0, 2, 6), h0, torch.randn(6, 2), None, None, False)
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.fck.lstm_layer_fwd(torch.randn(2, 3, 8).transpose(0, 1), h0, h0, w, False)
+        torch.ops.fck.lstm_layer_fwd(torch.randn(2, 3, 8).transpose(0, 1), h0, h0, w, None, False)
 
 
 # ---- library citizenship ----
@@ -387,12 +388,15 @@ def test_opcheck(backend):
     w4, w3, b3 = torch.randn(4 * H, H, generator=g), torch.randn(3 * H, H, generator=g), torch.randn(3 * H, generator=g)
     tests = ("test_schema", "test_faketensor")
     op = lambda n: getattr(torch.ops.fck, n + suffix)  # noqa: E731
-    out, hn, cn, c_all, gates = op("lstm_layer_fwd")(xg4, h0, c0, w4, True)
-    torch.library.opcheck(op("lstm_layer_fwd"), (xg4, h0, c0, w4, True), test_utils=tests)
+    b4 = torch.randn(4 * H, generator=g)
+    out, hn, cn, c_all, gates = op("lstm_layer_fwd")(xg4, h0, c0, w4, b4, True)
+    torch.library.opcheck(op("lstm_layer_fwd"), (xg4, h0, c0, w4, b4, True), test_utils=tests)
+    torch.library.opcheck(op("lstm_layer_fwd"), (xg4, h0, c0, w4, None, False), test_utils=tests)
     dy = torch.randn_like(out)
     torch.library.opcheck(op("lstm_layer_bwd"), (dy, hn, cn, h0, c0, w4, out, c_all, gates, True), test_utils=tests)
-    out, hn, saved = op("gru_layer_fwd")(xg3, h0, w3, b3, False)
-    torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, b3, False), test_utils=tests)
+    out, hn, saved = op("gru_layer_fwd")(xg3, h0, w3, b3, b3 * 2, False)
+    torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, b3, b3 * 2, False), test_utils=tests)
+    torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, None, None, True), test_utils=tests)
     torch.library.opcheck(op("gru_layer_bwd"), (dy, hn, h0, w3, out, saved, False), test_utils=tests)
 
 

@@ -32,16 +32,15 @@ FCK_INLINE acc_t<T> ld(raw_t<T> v) {
 
 template <typename T>
 FCK_INLINE void lstm_fwd_rows(const raw_t<T>* __restrict xg, const raw_t<T>* __restrict hg,
-                              const acc_t<T>* __restrict c_prev, acc_t<T>* __restrict gates, acc_t<T>* __restrict c,
+                              const raw_t<T>* __restrict bias, const acc_t<T>* __restrict c_prev, acc_t<T>* __restrict gates, acc_t<T>* __restrict c,
                               raw_t<T>* __restrict h, int64_t H, int64_t b0, int64_t b1) {
   using A = acc_t<T>;
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t j = 0; j < H; ++j) {
       const int64_t k = b * H + j, g = b * 4 * H + j;
       A cc, hh;
-      const LstmGates<A> a = lstm_forward<A>(
-          ld<T>(xg[g]) + ld<T>(hg[g]), ld<T>(xg[g + H]) + ld<T>(hg[g + H]), ld<T>(xg[g + 2 * H]) + ld<T>(hg[g + 2 * H]),
-          ld<T>(xg[g + 3 * H]) + ld<T>(hg[g + 3 * H]), c_prev[k], cc, hh);
+      auto p = [&](int64_t q) { return ld<T>(xg[g + q * H]) + ld<T>(hg[g + q * H]) + ld<T>(bias[j + q * H]); };
+      const LstmGates<A> a = lstm_forward<A>(p(0), p(1), p(2), p(3), c_prev[k], cc, hh);
       gates[g] = a.i, gates[g + H] = a.f, gates[g + 2 * H] = a.g, gates[g + 3 * H] = a.o;
       c[k] = cc;
       h[k] = Storage<T>::store(hh);
@@ -71,16 +70,17 @@ FCK_INLINE void lstm_bwd_rows(const raw_t<T>* __restrict dout, const raw_t<T>* _
 
 template <typename T>
 FCK_INLINE void gru_fwd_rows(const raw_t<T>* __restrict xg, const raw_t<T>* __restrict hg,
-                             const raw_t<T>* __restrict bias, const raw_t<T>* __restrict h_prev, acc_t<T>* __restrict saved, raw_t<T>* __restrict h,
+                             const raw_t<T>* __restrict b_ih, const raw_t<T>* __restrict b_hh,
+                             const raw_t<T>* __restrict h_prev, acc_t<T>* __restrict saved, raw_t<T>* __restrict h,
                              int64_t H, int64_t b0, int64_t b1) {
   using A = acc_t<T>;
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t j = 0; j < H; ++j) {
       const int64_t k = b * H + j, g = b * 3 * H + j, s = b * 4 * H + j;
       A hh;
-      const GruSaved<A> v = gru_forward<A>(ld<T>(xg[g]), ld<T>(xg[g + H]), ld<T>(xg[g + 2 * H]),
-                                           ld<T>(hg[g]) + ld<T>(bias[j]), ld<T>(hg[g + H]) + ld<T>(bias[H + j]),
-                                           ld<T>(hg[g + 2 * H]) + ld<T>(bias[2 * H + j]), ld<T>(h_prev[k]), hh);
+      auto a = [&](int64_t q) { return ld<T>(xg[g + q * H]) + ld<T>(b_ih[j + q * H]); };
+      auto b = [&](int64_t q) { return ld<T>(hg[g + q * H]) + ld<T>(b_hh[j + q * H]); };
+      const GruSaved<A> v = gru_forward<A>(a(0), a(1), a(2), b(0), b(1), b(2), ld<T>(h_prev[k]), hh);
       saved[s] = v.r, saved[s + H] = v.z, saved[s + 2 * H] = v.n, saved[s + 3 * H] = v.bn;
       h[k] = Storage<T>::store(hh);
     }
@@ -212,9 +212,9 @@ struct RnnSteps {
   }
 
   template <typename T>
-  static void lstm_fwd(const T* xg, const T* hg, const acc_t<T>* c_prev, acc_t<T>* gates, acc_t<T>* c, T* h,
-                       int64_t n, int64_t H) {
-    FCK_RNN_PICK(lstm_fwd_rows, T, raw(xg), raw(hg), c_prev, gates, c, raw(h), H, int64_t(0), n);
+  static void lstm_fwd(const T* xg, const T* hg, const T* bias, const acc_t<T>* c_prev, acc_t<T>* gates,
+                       acc_t<T>* c, T* h, int64_t n, int64_t H) {
+    FCK_RNN_PICK(lstm_fwd_rows, T, raw(xg), raw(hg), raw(bias), c_prev, gates, c, raw(h), H, int64_t(0), n);
   }
   template <typename T>
   static void lstm_bwd(const T* dout, const T* dh_rec, const acc_t<T>* gates, const acc_t<T>* c_prev,
@@ -222,9 +222,10 @@ struct RnnSteps {
     FCK_RNN_PICK(lstm_bwd_rows, T, raw(dout), raw(dh_rec), gates, c_prev, c, dc, raw(dxg), H, int64_t(0), n);
   }
   template <typename T>
-  static void gru_fwd(const T* xg, const T* hg, const T* bias, const T* h_prev, acc_t<T>* saved, T* h, int64_t n,
-                      int64_t H) {
-    FCK_RNN_PICK(gru_fwd_rows, T, raw(xg), raw(hg), raw(bias), raw(h_prev), saved, raw(h), H, int64_t(0), n);
+  static void gru_fwd(const T* xg, const T* hg, const T* b_ih, const T* b_hh, const T* h_prev, acc_t<T>* saved,
+                      T* h, int64_t n, int64_t H) {
+    FCK_RNN_PICK(gru_fwd_rows, T, raw(xg), raw(hg), raw(b_ih), raw(b_hh), raw(h_prev), saved, raw(h), H, int64_t(0),
+                 n);
   }
   template <typename T>
   static void gru_bwd(const T* dout, const T* dh_rec, acc_t<T>* dh_direct, const acc_t<T>* saved, const T* h_prev,
@@ -242,20 +243,20 @@ void check_cpu(const at::Tensor& t, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(FCK_LSTM_FWD_ARGS) {
   check_cpu(xg, "lstm_layer_fwd");
-  return rnn::lstm_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, reverse);
+  return rnn::lstm_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, bias, reverse);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS) {
   check_cpu(out, "lstm_layer_bwd");
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS) {
   check_cpu(xg, "gru_layer_fwd");
-  return rnn::gru_layer_fwd<RnnSteps>(xg, h0, w_hh, b_hh, reverse);
+  return rnn::gru_layer_fwd<RnnSteps>(xg, h0, w_hh, b_ih, b_hh, reverse);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS) {
   check_cpu(out, "gru_layer_bwd");
   return rnn::gru_layer_bwd<RnnSteps>(grad_out, grad_hn, h0, w_hh, out, saved, reverse);
 }

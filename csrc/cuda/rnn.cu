@@ -17,12 +17,13 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, typename A>
-__global__ void lstm_fwd_kernel(const T* __restrict__ xg, const T* __restrict__ hg, const A* __restrict__ c_prev,
+__global__ void lstm_fwd_kernel(const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias,
+                                const A* __restrict__ c_prev,
                                 A* __restrict__ gates, A* __restrict__ c, T* __restrict__ h, int64_t B, int64_t H) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= B * H) return;
   const int64_t b = k / H, j = k - b * H, g0 = b * 4 * H + j;
-  auto p = [&](int gate) { return A(xg[g0 + gate * H]) + A(hg[g0 + gate * H]); };
+  auto p = [&](int gate) { return A(xg[g0 + gate * H]) + A(hg[g0 + gate * H]) + A(bias[j + gate * H]); };
   A cc, hh;
   const LstmGates<A> a = lstm_forward<A>(p(0), p(1), p(2), p(3), c_prev[k], cc, hh);
   gates[g0] = a.i, gates[g0 + H] = a.f, gates[g0 + 2 * H] = a.g, gates[g0 + 3 * H] = a.o;
@@ -46,14 +47,16 @@ __global__ void lstm_bwd_kernel(const T* __restrict__ dout, const T* __restrict_
 }
 
 template <typename T, typename A>
-__global__ void gru_fwd_kernel(const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ h_prev,
+__global__ void gru_fwd_kernel(const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ b_ih,
+                               const T* __restrict__ b_hh, const T* __restrict__ h_prev,
                                A* __restrict__ saved, T* __restrict__ h, int64_t B, int64_t H) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= B * H) return;
   const int64_t b = k / H, j = k - b * H, g0 = b * 3 * H + j, s0 = b * 4 * H + j;
   A hh;
-  const GruSaved<A> s = gru_forward<A>(A(xg[g0]), A(xg[g0 + H]), A(xg[g0 + 2 * H]), A(hg[g0]), A(hg[g0 + H]),
-                                       A(hg[g0 + 2 * H]), A(h_prev[k]), hh);
+  auto a = [&](int gate) { return A(xg[g0 + gate * H]) + A(b_ih[j + gate * H]); };
+  auto b = [&](int gate) { return A(hg[g0 + gate * H]) + A(b_hh[j + gate * H]); };
+  const GruSaved<A> s = gru_forward<A>(a(0), a(1), a(2), b(0), b(1), b(2), A(h_prev[k]), hh);
   saved[s0] = s.r, saved[s0 + H] = s.z, saved[s0 + 2 * H] = s.n, saved[s0 + 3 * H] = s.bn;
   h[k] = T(hh);
 }
@@ -75,67 +78,68 @@ __global__ void gru_bwd_kernel(const T* __restrict__ dout, const T* __restrict__
   dhg[g0 + 2 * H] = T(p.bn);
 }
 
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-#define FCK_RNN_LAUNCH(kernel, B, H, ...)                                                                      \
-  do {                                                                                                         \
-    const int64_t n = (B) * (H);                                                                               \
-    if (n == 0) break;                                                                                         \
-    kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__, B, H); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                            \
+#define FCK_RNN_LAUNCH(kernel, n, H, ...)                                                                        \
+  do {                                                                                                           \
+    const int64_t count = (n) * (H);                                                                             \
+    if (count == 0) break;                                                                                       \
+    const auto kfn = kernel;                                                                                     \
+    kfn<<<(count + kThreads - 1) / kThreads, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__, n, H); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                              \
   } while (0)
 
+template <typename T>
+at::Tensor view(const T* p, at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::from_blob(const_cast<T*>(p), sizes, like.options());
+}
+
 struct RnnSteps {
+  template <typename T>
+  using Acc = typename AccOf<T>::type;
+
+  template <class F>
+  static void dispatch(at::ScalarType t, F&& f) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "fck::rnn_layer", [&] { f(scalar_t{}); });
+  }
+
   // One block of rows: the GPU parallelizes each step across the whole batch.
   template <class F>
   static void row_blocks(int64_t B, int64_t, const F& f) {
     f(0, B);
   }
-  static void lstm_fwd_step(const at::Tensor& xg, const at::Tensor& hg, const at::Tensor& c_prev,
-                            const at::Tensor& gates, const at::Tensor& c, const at::Tensor& h) {
-    const int64_t B = h.size(0), H = h.size(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xg.scalar_type(), "fck::lstm_layer_fwd", [&] {
-      using A = typename AccOf<scalar_t>::type;
-      const auto kernel = &lstm_fwd_kernel<scalar_t, A>;
-      FCK_RNN_LAUNCH(kernel, B, H, ptr<const scalar_t>(xg), ptr<const scalar_t>(hg),
-                     ptr<const A>(c_prev), ptr<A>(gates), ptr<A>(c), ptr<scalar_t>(h));
-    });
+
+  // cuBLAS through at::mm_out on views of the buffers: c (n x N) = a (n x K) @ w^T (w: N x K) or a @ w (w: K x N).
+  template <typename T>
+  static void gemm_nt(int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
+    if (n == 0) return;
+    at::Tensor out = view(c, {n, N}, like);
+    at::mm_out(out, view(a, {n, K}, like), view(w, {N, K}, like).t());
   }
-  static void lstm_bwd_step(const at::Tensor& dout, const at::Tensor& dh_rec, const at::Tensor& gates,
-                            const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& dc,
-                            const at::Tensor& dxg) {
-    const int64_t B = dc.size(0), H = dc.size(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dxg.scalar_type(), "fck::lstm_layer_bwd", [&] {
-      using A = typename AccOf<scalar_t>::type;
-      const auto kernel = &lstm_bwd_kernel<scalar_t, A>;
-      FCK_RNN_LAUNCH(kernel, B, H, ptr<const scalar_t>(dout), ptr<const scalar_t>(dh_rec),
-                     ptr<const A>(gates), ptr<const A>(c_prev), ptr<const A>(c), ptr<A>(dc), ptr<scalar_t>(dxg));
-    });
+  template <typename T>
+  static void gemm_nn(int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
+    if (n == 0) return;
+    at::Tensor out = view(c, {n, N}, like);
+    at::mm_out(out, view(a, {n, K}, like), view(w, {K, N}, like));
   }
-  static void gru_fwd_step(const at::Tensor& xg, const at::Tensor& hg, const at::Tensor& h_prev,
-                           const at::Tensor& saved, const at::Tensor& h) {
-    const int64_t B = h.size(0), H = h.size(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xg.scalar_type(), "fck::gru_layer_fwd", [&] {
-      using A = typename AccOf<scalar_t>::type;
-      const auto kernel = &gru_fwd_kernel<scalar_t, A>;
-      FCK_RNN_LAUNCH(kernel, B, H, ptr<const scalar_t>(xg), ptr<const scalar_t>(hg),
-                     ptr<const scalar_t>(h_prev), ptr<A>(saved), ptr<scalar_t>(h));
-    });
+
+  template <typename T>
+  static void lstm_fwd(const T* xg, const T* hg, const T* bias, const Acc<T>* c_prev, Acc<T>* gates, Acc<T>* c,
+                       T* h, int64_t n, int64_t H) {
+    FCK_RNN_LAUNCH((lstm_fwd_kernel<T, Acc<T>>), n, H, xg, hg, bias, c_prev, gates, c, h);
   }
-  static void gru_bwd_step(const at::Tensor& dout, const at::Tensor& dh_rec, const at::Tensor& dh_direct,
-                           const at::Tensor& saved, const at::Tensor& h_prev, const at::Tensor& dxg,
-                           const at::Tensor& dhg) {
-    const int64_t B = dh_direct.size(0), H = dh_direct.size(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dxg.scalar_type(), "fck::gru_layer_bwd", [&] {
-      using A = typename AccOf<scalar_t>::type;
-      const auto kernel = &gru_bwd_kernel<scalar_t, A>;
-      FCK_RNN_LAUNCH(kernel, B, H, ptr<const scalar_t>(dout), ptr<const scalar_t>(dh_rec),
-                     ptr<A>(dh_direct), ptr<const A>(saved), ptr<const scalar_t>(h_prev), ptr<scalar_t>(dxg),
-                     ptr<scalar_t>(dhg));
-    });
+  template <typename T>
+  static void lstm_bwd(const T* dout, const T* dh_rec, const Acc<T>* gates, const Acc<T>* c_prev, const Acc<T>* c,
+                       Acc<T>* dc, T* dxg, int64_t n, int64_t H) {
+    FCK_RNN_LAUNCH((lstm_bwd_kernel<T, Acc<T>>), n, H, dout, dh_rec, gates, c_prev, c, dc, dxg);
+  }
+  template <typename T>
+  static void gru_fwd(const T* xg, const T* hg, const T* b_ih, const T* b_hh, const T* h_prev, Acc<T>* saved, T* h,
+                      int64_t n, int64_t H) {
+    FCK_RNN_LAUNCH((gru_fwd_kernel<T, Acc<T>>), n, H, xg, hg, b_ih, b_hh, h_prev, saved, h);
+  }
+  template <typename T>
+  static void gru_bwd(const T* dout, const T* dh_rec, Acc<T>* dh_direct, const Acc<T>* saved, const T* h_prev,
+                      T* dxg, T* dhg, int64_t n, int64_t H) {
+    FCK_RNN_LAUNCH((gru_bwd_kernel<T, Acc<T>>), n, H, dout, dh_rec, dh_direct, saved, h_prev, dxg, dhg);
   }
 };
 
@@ -148,10 +152,10 @@ void check_cuda(const at::Tensor& t, const char* op) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(FCK_LSTM_FWD_ARGS) {
   check_cuda(xg, "lstm_layer_fwd");
   const c10::cuda::CUDAGuard guard(xg.device());
-  return rnn::lstm_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, reverse);
+  return rnn::lstm_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, bias, reverse);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS) {
   check_cuda(out, "lstm_layer_bwd");
   const c10::cuda::CUDAGuard guard(out.device());
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
@@ -160,10 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LS
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS) {
   check_cuda(xg, "gru_layer_fwd");
   const c10::cuda::CUDAGuard guard(xg.device());
-  return rnn::gru_layer_fwd<RnnSteps>(xg, h0, w_hh, b_hh, reverse);
+  return rnn::gru_layer_fwd<RnnSteps>(xg, h0, w_hh, b_ih, b_hh, reverse);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS) {
   check_cuda(out, "gru_layer_bwd");
   const c10::cuda::CUDAGuard guard(out.device());
   return rnn::gru_layer_bwd<RnnSteps>(grad_out, grad_hn, h0, w_hh, out, saved, reverse);

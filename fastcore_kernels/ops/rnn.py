@@ -3,7 +3,8 @@
 One layer in one direction is one torch.library op per pass — `fck::lstm_layer_fwd`/`_bwd`, `fck::gru_layer_fwd`/
 `_bwd` (C++ for CPU and CUDA, `..._triton` for Triton) — that runs the whole recurrence: per step one GEMM with
 W_hh and one fused pointwise kernel. Around it, plain PyTorch does what needs no loop: the input projection of all
-steps in one GEMM (its gradients too, by autograd), dropout between layers, and the direction concatenation. W_hh is
+steps in one GEMM without bias (its gradients too, by autograd; the kernels add the biases and return their
+gradients), dropout between layers, and the direction concatenation. W_hh is
 read as it is at every call, so a weight-dropped W_hh (AWD-LSTM) costs nothing extra: there is no packed weight
 buffer to rebuild, unlike cuDNN's. The reference backend runs the same driver on the plain-PyTorch layers.
 """
@@ -19,19 +20,21 @@ from fastcore_kernels.reference import rnn as reference
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
-LSTM_FWD_SCHEMA = "(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+LSTM_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> "
+                   "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 LSTM_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, Tensor out, "
-                   "Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)")
-GRU_FWD_SCHEMA = "(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)"
+                   "Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+GRU_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> "
+                  "(Tensor, Tensor, Tensor)")
 GRU_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
-                  "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)")
+                  "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _acc_like(x, *shape):
     return x.new_empty(shape, dtype=reference.acc_dtype(x.dtype))
 
 
-def _fake_lstm_fwd(xg, h0, c0, w_hh, reverse):
+def _fake_lstm_fwd(xg, h0, c0, w_hh, bias, reverse):
     T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
     return (xg.new_empty(T, B, H), h0.new_empty(B, H), c0.new_empty(B, H), _acc_like(xg, T, B, H),
             _acc_like(xg, T, B, 4 * H))
@@ -39,17 +42,19 @@ def _fake_lstm_fwd(xg, h0, c0, w_hh, reverse):
 
 def _fake_lstm_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse):
     T, B, H = out.shape
-    return out.new_empty(T, B, 4 * H), out.new_empty(B, H), c0.new_empty(B, H), torch.empty_like(w_hh)
+    return (out.new_empty(T, B, 4 * H), out.new_empty(B, H), c0.new_empty(B, H), torch.empty_like(w_hh),
+            out.new_empty(4 * H))
 
 
-def _fake_gru_fwd(xg, h0, w_hh, b_hh, reverse):
+def _fake_gru_fwd(xg, h0, w_hh, b_ih, b_hh, reverse):
     T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
     return xg.new_empty(T, B, H), h0.new_empty(B, H), _acc_like(xg, T, B, 4 * H)
 
 
 def _fake_gru_bwd(grad_out, grad_hn, h0, w_hh, out, saved, reverse):
     T, B, H = out.shape
-    return out.new_empty(T, B, 3 * H), out.new_empty(B, H), torch.empty_like(w_hh), out.new_empty(3 * H)
+    return (out.new_empty(T, B, 3 * H), out.new_empty(B, H), torch.empty_like(w_hh), out.new_empty(3 * H),
+            out.new_empty(3 * H))
 
 
 _FAKES = {"lstm_layer_fwd": _fake_lstm_fwd, "lstm_layer_bwd": _fake_lstm_bwd, "gru_layer_fwd": _fake_gru_fwd,
@@ -72,8 +77,8 @@ def _kernel(name: str, backend: str):
 
 class _LSTMLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, h0, c0, w_hh, reverse, backend):
-        out, h_n, c_n, c_all, gates = _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, reverse)
+    def forward(ctx, xg, h0, c0, w_hh, bias, reverse, backend):
+        out, h_n, c_n, c_all, gates = _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, bias, reverse)
         ctx.save_for_backward(h0, c0, w_hh, out, c_all, gates)
         ctx.reverse, ctx.backend = reverse, backend
         return out, h_n, c_n
@@ -82,17 +87,15 @@ class _LSTMLayer(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
         h0, c0, w_hh, out, c_all, gates = ctx.saved_tensors
-        dxg, dh0, dc0, dw = _kernel("lstm_layer_bwd", ctx.backend)(
+        grads = _kernel("lstm_layer_bwd", ctx.backend)(
             d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), h0, c0, w_hh, out, c_all, gates, ctx.reverse)
-        need = ctx.needs_input_grad
-        return (dxg if need[0] else None, dh0 if need[1] else None, dc0 if need[2] else None,
-                dw if need[3] else None, None, None)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
 
 
 class _GRULayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, h0, w_hh, b_hh, reverse, backend):
-        out, h_n, saved = _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_hh, reverse)
+    def forward(ctx, xg, h0, w_hh, b_ih, b_hh, reverse, backend):
+        out, h_n, saved = _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_ih, b_hh, reverse)
         ctx.save_for_backward(h0, w_hh, out, saved)
         ctx.reverse, ctx.backend = reverse, backend
         return out, h_n
@@ -101,33 +104,32 @@ class _GRULayer(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn):
         h0, w_hh, out, saved = ctx.saved_tensors
-        dxg, dh0, dw, db = _kernel("gru_layer_bwd", ctx.backend)(
+        grads = _kernel("gru_layer_bwd", ctx.backend)(
             d_out.contiguous(), d_hn.contiguous(), h0, w_hh, out, saved, ctx.reverse)
-        need = ctx.needs_input_grad
-        return (dxg if need[0] else None, dh0 if need[1] else None, dw if need[2] else None,
-                db if need[3] else None, None, None)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
 
 
 def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def lstm_layer(xg, h0, c0, w_hh, reverse, backend):
-    """One LSTM layer over a sequence from its input projection xg (T, B, 4H): (output, h_n, c_n)."""
+def lstm_layer(xg, h0, c0, w_hh, bias, reverse, backend):
+    """One LSTM layer over a sequence from its input projection xg = x W_ih^T (T, B, 4H) and bias = b_ih + b_hh:
+    (output, h_n, c_n)."""
     if backend == "reference":
-        return reference.lstm_layer(xg, h0, c0, w_hh, reverse)
-    if _grad_needed(xg, h0, c0, w_hh):
-        return _LSTMLayer.apply(xg, h0, c0, w_hh, reverse, backend)
-    return _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, reverse)[:3]
+        return reference.lstm_layer(xg, h0, c0, w_hh, bias, reverse)
+    if _grad_needed(xg, h0, c0, w_hh, bias):
+        return _LSTMLayer.apply(xg, h0, c0, w_hh, bias, reverse, backend)
+    return _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, bias, reverse)[:3]
 
 
-def gru_layer(xg, h0, w_hh, b_hh, reverse, backend):
-    """One GRU layer over a sequence from xg = x W_ih^T + b_ih (T, B, 3H): (output, h_n)."""
+def gru_layer(xg, h0, w_hh, b_ih, b_hh, reverse, backend):
+    """One GRU layer over a sequence from xg = x W_ih^T (T, B, 3H): (output, h_n)."""
     if backend == "reference":
-        return reference.gru_layer(xg, h0, w_hh, b_hh, reverse)
-    if _grad_needed(xg, h0, w_hh, b_hh):
-        return _GRULayer.apply(xg, h0, w_hh, b_hh, reverse, backend)
-    return _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_hh, reverse)[:2]
+        return reference.gru_layer(xg, h0, w_hh, b_ih, b_hh, reverse)
+    if _grad_needed(xg, h0, w_hh, b_ih, b_hh):
+        return _GRULayer.apply(xg, h0, w_hh, b_ih, b_hh, reverse, backend)
+    return _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_ih, b_hh, reverse)[:2]
 
 
 # ---- input checks (torch's messages where torch has one) ----
@@ -206,8 +208,7 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     c = _cell_state(c if c is None or batched else c.unsqueeze(0), x, B, H, "cx", name)
     impl = _backend.resolve(x.device, backend, op=name)
     b = None if b_ih is None else b_ih + b_hh
-    xg = F.linear(x, w_ih, b).unsqueeze(0)
-    _, h1, c1 = lstm_layer(xg, h, c, w_hh, False, impl)
+    _, h1, c1 = lstm_layer((x @ w_ih.t()).unsqueeze(0), h, c, w_hh, b, False, impl)
     return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
 
 
@@ -219,7 +220,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     H = _check_weights(x, w_ih, w_hh, b_ih, b_hh, 3, name)
     h = _cell_state(hx if hx is None or batched else hx.unsqueeze(0), x, x.shape[0], H, "hx", name)
     impl = _backend.resolve(x.device, backend, op=name)
-    _, h1 = gru_layer(F.linear(x, w_ih, b_ih).unsqueeze(0), h, w_hh, b_hh, False, impl)
+    _, h1 = gru_layer((x @ w_ih.t()).unsqueeze(0), h, w_hh, b_ih, b_hh, False, impl)
     return h1 if batched else h1.squeeze(0)
 
 
@@ -285,14 +286,13 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh = weights[k]
+            xg = torch.mm(x2d, w_ih.t()).view(T, B, gates * H)  # biases go into the kernels
             if lstm:
                 b = None if b_ih is None else b_ih + b_hh
-                xg = (F.linear(x2d, w_ih, b)).view(T, B, gates * H)
-                out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, d == 1, impl)
+                out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, b, d == 1, impl)
                 c_n.append(c)
             else:
-                xg = F.linear(x2d, w_ih, b_ih).view(T, B, gates * H)
-                out, h = gru_layer(xg, full[0][k], w_hh, b_hh, d == 1, impl)
+                out, h = gru_layer(xg, full[0][k], w_hh, b_ih, b_hh, d == 1, impl)
             outs.append(out)
             h_n.append(h)
         x = outs[0] if D == 1 else torch.cat(outs, dim=2)

@@ -19,14 +19,19 @@ def _steps(T: int, reverse: bool):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def lstm_layer(xg, h0, c0, w_hh, reverse=False):
-    """One LSTM layer over a sequence, given the input projection xg = x W_ih^T + b_ih + b_hh of shape (T, B, 4H).
-    Returns (output (T, B, H), h_n, c_n)."""
+def _bias(b, acc):
+    return 0 if b is None else b.to(acc)
+
+
+def lstm_layer(xg, h0, c0, w_hh, bias=None, reverse=False):
+    """One LSTM layer over a sequence, given the input projection xg = x W_ih^T of shape (T, B, 4H) and
+    bias = b_ih + b_hh. Returns (output (T, B, H), h_n, c_n)."""
     acc = acc_dtype(xg.dtype)
     h, c = h0, c0.to(acc)
+    b = _bias(bias, acc)
     outs = [None] * xg.shape[0]
     for t in _steps(xg.shape[0], reverse):
-        p = xg[t].to(acc) + (h @ w_hh.t()).to(acc)
+        p = xg[t].to(acc) + (h @ w_hh.t()).to(acc) + b
         i, f, g, o = p.chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = (torch.sigmoid(o) * torch.tanh(c)).to(xg.dtype)
@@ -34,15 +39,15 @@ def lstm_layer(xg, h0, c0, w_hh, reverse=False):
     return torch.stack(outs), h, c.to(xg.dtype)
 
 
-def gru_layer(xg, h0, w_hh, b_hh=None, reverse=False):
-    """One GRU layer over a sequence, given xg = x W_ih^T + b_ih of shape (T, B, 3H). Returns (output, h_n)."""
+def gru_layer(xg, h0, w_hh, b_ih=None, b_hh=None, reverse=False):
+    """One GRU layer over a sequence, given xg = x W_ih^T of shape (T, B, 3H). Returns (output, h_n)."""
     acc = acc_dtype(xg.dtype)
     h = h0
+    bi, bh = _bias(b_ih, acc), _bias(b_hh, acc)
     outs = [None] * xg.shape[0]
     for t in _steps(xg.shape[0], reverse):
-        hg = h @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h, w_hh.t())
-        ar, az, an = xg[t].to(acc).chunk(3, 1)
-        br, bz, bn = hg.to(acc).chunk(3, 1)
+        ar, az, an = (xg[t].to(acc) + bi).chunk(3, 1)
+        br, bz, bn = ((h @ w_hh.t()).to(acc) + bh).chunk(3, 1)
         r, z = torch.sigmoid(ar + br), torch.sigmoid(az + bz)
         n = torch.tanh(an + r * bn)
         h = (n + z * (h.to(acc) - n)).to(xg.dtype)
@@ -50,18 +55,14 @@ def gru_layer(xg, h0, w_hh, b_hh=None, reverse=False):
     return torch.stack(outs), h
 
 
-def _project(x, w_ih, b):
-    return torch.nn.functional.linear(x, w_ih, b)
-
-
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """torch.nn.functional-style LSTM cell: returns (h', c')."""
     h, c = hx
-    b = None if b_ih is None else (b_ih + b_hh if b_hh is not None else b_ih)
-    out, h1, c1 = lstm_layer(_project(input, w_ih, b).unsqueeze(0), h, c, w_hh)
+    b = None if b_ih is None else b_ih + b_hh
+    out, h1, c1 = lstm_layer((input @ w_ih.t()).unsqueeze(0), h, c, w_hh, b)
     return h1, c1
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """torch.nn.functional-style GRU cell: returns h'."""
-    return gru_layer(_project(input, w_ih, b_ih).unsqueeze(0), hx, w_hh, b_hh)[1]
+    return gru_layer((input @ w_ih.t()).unsqueeze(0), hx, w_hh, b_ih, b_hh)[1]

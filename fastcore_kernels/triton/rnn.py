@@ -1,7 +1,7 @@
 """LSTM and GRU layers with Triton cell kernels (the fck::lstm_layer_*/gru_layer_* contract).
 
 The loops mirror csrc/include/fck/rnn_host.h: per time step one torch.mm of the hidden state with W_hh (cuBLAS)
-into a reused buffer, then one fused pointwise kernel; W_hh's gradient is one GEMM over all steps after the loop.
+into a reused buffer, then one fused pointwise kernel that also adds the biases; W_hh's gradient is one GEMM over all steps after the loop.
 A program handles BLOCK (row, hidden unit) pairs and all gates of each, so the cell update needs no exchange.
 """
 
@@ -27,9 +27,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _pre(XG, HG, BIAS, g0, j, q, H, m, ACC: tl.constexpr):
+    """Pre-activation of gate chunk q: x part + h part + bias."""
+    return (tl.load(XG + g0 + q * H, mask=m).to(ACC) + tl.load(HG + g0 + q * H, mask=m).to(ACC)
+            + tl.load(BIAS + j + q * H, mask=m).to(ACC))
+
+
+@triton.jit
 def _lstm_fwd(
     XG,  # [B, 4H] input projection of this step
     HG,  # [B, 4H] h_prev W_hh^T
+    BIAS,  # [4H] b_ih + b_hh
     C_PREV,  # [B, H] acc dtype
     GATES,  # [B, 4H] acc dtype out: activated i, f, g, o
     C,  # [B, H] acc dtype out
@@ -39,13 +47,13 @@ def _lstm_fwd(
 ):
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = k < n
-    g0 = (k // H) * 4 * H + k % H
+    j = k % H
+    g0 = (k // H) * 4 * H + j
     ACC = C.dtype.element_ty
-    pi = tl.load(XG + g0, mask=m).to(ACC) + tl.load(HG + g0, mask=m).to(ACC)
-    pf = tl.load(XG + g0 + H, mask=m).to(ACC) + tl.load(HG + g0 + H, mask=m).to(ACC)
-    pg = tl.load(XG + g0 + 2 * H, mask=m).to(ACC) + tl.load(HG + g0 + 2 * H, mask=m).to(ACC)
-    po = tl.load(XG + g0 + 3 * H, mask=m).to(ACC) + tl.load(HG + g0 + 3 * H, mask=m).to(ACC)
-    i, f, g, o = _sigmoid(pi), _sigmoid(pf), _tanh(pg), _sigmoid(po)
+    i = _sigmoid(_pre(XG, HG, BIAS, g0, j, 0, H, m, ACC))
+    f = _sigmoid(_pre(XG, HG, BIAS, g0, j, 1, H, m, ACC))
+    g = _tanh(_pre(XG, HG, BIAS, g0, j, 2, H, m, ACC))
+    o = _sigmoid(_pre(XG, HG, BIAS, g0, j, 3, H, m, ACC))
     c = f * tl.load(C_PREV + k, mask=m) + i * g
     tl.store(GATES + g0, i, mask=m)
     tl.store(GATES + g0 + H, f, mask=m)
@@ -85,8 +93,9 @@ def _lstm_bwd(
 
 @triton.jit
 def _gru_fwd(
-    XG,  # [B, 3H] x W_ih^T + b_ih
-    HG,  # [B, 3H] h_prev W_hh^T + b_hh
+    XG,  # [B, 3H] x W_ih^T
+    HG,  # [B, 3H] h_prev W_hh^T
+    B_IH, B_HH,  # [3H]
     H_PREV,  # [B, H]
     SAVED,  # [B, 4H] acc dtype out: r, z, n, b_n
     Hout,  # [B, H] out
@@ -96,13 +105,17 @@ def _gru_fwd(
     k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = k < n
     row = k // H
-    g0 = row * 3 * H + k % H
-    s0 = row * 4 * H + k % H
+    j = k % H
+    g0 = row * 3 * H + j
+    s0 = row * 4 * H + j
     ACC = SAVED.dtype.element_ty
-    r = _sigmoid(tl.load(XG + g0, mask=m).to(ACC) + tl.load(HG + g0, mask=m).to(ACC))
-    z = _sigmoid(tl.load(XG + g0 + H, mask=m).to(ACC) + tl.load(HG + g0 + H, mask=m).to(ACC))
-    bn = tl.load(HG + g0 + 2 * H, mask=m).to(ACC)
-    nn = _tanh(tl.load(XG + g0 + 2 * H, mask=m).to(ACC) + r * bn)
+    a_r = tl.load(XG + g0, mask=m).to(ACC) + tl.load(B_IH + j, mask=m).to(ACC)
+    a_z = tl.load(XG + g0 + H, mask=m).to(ACC) + tl.load(B_IH + j + H, mask=m).to(ACC)
+    a_n = tl.load(XG + g0 + 2 * H, mask=m).to(ACC) + tl.load(B_IH + j + 2 * H, mask=m).to(ACC)
+    r = _sigmoid(a_r + tl.load(HG + g0, mask=m).to(ACC) + tl.load(B_HH + j, mask=m).to(ACC))
+    z = _sigmoid(a_z + tl.load(HG + g0 + H, mask=m).to(ACC) + tl.load(B_HH + j + H, mask=m).to(ACC))
+    bn = tl.load(HG + g0 + 2 * H, mask=m).to(ACC) + tl.load(B_HH + j + 2 * H, mask=m).to(ACC)
+    nn = _tanh(a_n + r * bn)
     h = nn + z * (tl.load(H_PREV + k, mask=m).to(ACC) - nn)
     tl.store(SAVED + s0, r, mask=m)
     tl.store(SAVED + s0 + H, z, mask=m)
@@ -172,9 +185,14 @@ def _weight_grad(dg, h0, out, reverse):
     return dw
 
 
-def lstm_layer_fwd(xg, h0, c0, w_hh, reverse):
+def _bias(b, n, like):
+    return like.new_zeros(n) if b is None else b.contiguous()
+
+
+def lstm_layer_fwd(xg, h0, c0, w_hh, bias, reverse):
     T, B, _ = xg.shape
     H = w_hh.shape[1]
+    bias = _bias(bias, 4 * H, xg)
     acc = _acc(xg.dtype)
     out = torch.empty(T, B, H, dtype=xg.dtype, device=xg.device)
     c_all = torch.empty(T, B, H, dtype=acc, device=xg.device)
@@ -184,7 +202,7 @@ def lstm_layer_fwd(xg, h0, c0, w_hh, reverse):
     steps, _, before, first, last = _order(T, reverse)
     for t in steps:
         torch.mm(h0 if t == first else out[before(t)], wt, out=hg)
-        _launch(_lstm_fwd, B, H, xg[t], hg, c0 if t == first else c_all[before(t)], gates[t], c_all[t], out[t])
+        _launch(_lstm_fwd, B, H, xg[t], hg, bias, c0 if t == first else c_all[before(t)], gates[t], c_all[t], out[t])
     return out, out[last].clone(), c_all[last].to(xg.dtype, copy=True), c_all, gates
 
 
@@ -202,12 +220,13 @@ def lstm_layer_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, 
                 dc, dxg[t])
         torch.mm(dxg[t], w_hh, out=dh_buf)
         dh_rec = dh_buf
-    return dxg, dh_buf, dc.to(c0.dtype), _weight_grad(dxg, h0.contiguous(), out, reverse)
+    return dxg, dh_buf, dc.to(c0.dtype), _weight_grad(dxg, h0.contiguous(), out, reverse), dxg.sum((0, 1))
 
 
-def gru_layer_fwd(xg, h0, w_hh, b_hh, reverse):
+def gru_layer_fwd(xg, h0, w_hh, b_ih, b_hh, reverse):
     T, B, _ = xg.shape
     H = w_hh.shape[1]
+    b_ih, b_hh = _bias(b_ih, 3 * H, xg), _bias(b_hh, 3 * H, xg)
     out = torch.empty(T, B, H, dtype=xg.dtype, device=xg.device)
     saved = torch.empty(T, B, 4 * H, dtype=_acc(xg.dtype), device=xg.device)
     hg = torch.empty(B, 3 * H, dtype=xg.dtype, device=xg.device)
@@ -215,11 +234,8 @@ def gru_layer_fwd(xg, h0, w_hh, b_hh, reverse):
     steps, _, before, first, last = _order(T, reverse)
     for t in steps:
         h_prev = h0 if t == first else out[before(t)]
-        if b_hh is None:
-            torch.mm(h_prev, wt, out=hg)
-        else:
-            torch.addmm(b_hh, h_prev, wt, out=hg)
-        _launch(_gru_fwd, B, H, xg[t], hg, h_prev, saved[t], out[t])
+        torch.mm(h_prev, wt, out=hg)
+        _launch(_gru_fwd, B, H, xg[t], hg, b_ih, b_hh, h_prev, saved[t], out[t])
     return out, out[last].clone(), saved
 
 
@@ -238,4 +254,4 @@ def gru_layer_bwd(grad_out, grad_hn, h0, w_hh, out, saved, reverse):
         torch.mm(dhg[t], w_hh, out=dh_buf)
         dh_rec = dh_buf
     dh_buf.add_(dh_direct)
-    return dxg, dh_buf, _weight_grad(dhg, h0, out, reverse), dhg.sum((0, 1))
+    return dxg, dh_buf, _weight_grad(dhg, h0, out, reverse), dxg.sum((0, 1)), dhg.sum((0, 1))

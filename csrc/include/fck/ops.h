@@ -40,23 +40,24 @@ namespace fck {
       double eps
 
 // One layer of an LSTM/GRU in one direction (csrc/include/fck/rnn_host.h).
-#define FCK_LSTM_FWD_ARGS \
-  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &c0, const at::Tensor &w_hh, bool reverse
+#define FCK_LSTM_FWD_ARGS                                                                                    \
+  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &c0, const at::Tensor &w_hh,                   \
+      const std::optional<at::Tensor>&bias, bool reverse
 #define FCK_LSTM_BWD_ARGS                                                                                    \
   const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &grad_cn, const at::Tensor &h0,     \
       const at::Tensor &c0, const at::Tensor &w_hh, const at::Tensor &out, const at::Tensor &c_all,           \
       const at::Tensor &gates, bool reverse
 #define FCK_GRU_FWD_ARGS                                                                                     \
-  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &w_hh, const std::optional<at::Tensor>&b_hh,   \
-      bool reverse
+  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &w_hh, const std::optional<at::Tensor>&b_ih,   \
+      const std::optional<at::Tensor>&b_hh, bool reverse
 #define FCK_GRU_BWD_ARGS                                                                                     \
   const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &h0, const at::Tensor &w_hh,        \
       const at::Tensor &out, const at::Tensor &saved, bool reverse
 #define FCK_RNN_DECLS                                                                                        \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(FCK_LSTM_FWD_ARGS);   \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS);               \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS);   \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS);                             \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS);
 
 namespace cpu {
 FCK_RNN_DECLS

@@ -4,9 +4,9 @@
 //
 //   Dev::row_blocks(B, values_per_row, f)   calls f(b0, b1) over blocks covering [0, B), possibly in parallel
 //
-//   Dev::lstm_fwd(xg_t, hg, c_prev, gates_t, c_t, h_t, n, H)
+//   Dev::lstm_fwd(xg_t, hg, bias, c_prev, gates_t, c_t, h_t, n, H)
 //   Dev::lstm_bwd(dout_t, dh_rec, gates_t, c_prev, c_t, dc /*in: dc', out: dc_prev*/, dxg_t, n, H)
-//   Dev::gru_fwd(xg_t, hg /*h W_hh^T, no bias*/, b_hh, h_prev, saved_t, h_t, n, H)
+//   Dev::gru_fwd(xg_t, hg, b_ih, b_hh, h_prev, saved_t, h_t, n, H)
 //   Dev::gru_bwd(dout_t, dh_rec, dh_direct /*in/out*/, saved_t, h_prev, dxg_t, dhg_t, n, H)
 //
 // each over n rows of one step (typed pointers; see below), plus Dev::dispatch, Dev::Acc<T> and the two GEMMs.
@@ -15,8 +15,9 @@
 // sequence: no fork/join per step, and each thread's small GEMM runs single-threaded (nested parallelism is off).
 // CUDA runs one block (the GPU parallelizes each step itself).
 //
-// The input projection of every step (xg = x W_ih^T + b_ih [+ b_hh for the LSTM]) is one GEMM done by the caller,
-// and so are its gradients. W_hh's gradient is taken here after the loop as one GEMM over all steps (K = T*B) rather
+// The input projection of every step (xg = x W_ih^T, without bias) is one GEMM done by the caller, and so are its
+// gradients. The biases are added inside the pointwise kernels (a bias GEMM (addmm) first copies the broadcast
+// bias into its whole (T*B, G) output: 10% of a small LSTM's time), and their gradients are sums the ops return. W_hh's gradient is taken here after the loop as one GEMM over all steps (K = T*B) rather
 // than T thin ones. Cell states and saved gates are fp32 (float64 for float64); h, the GEMM operands and the
 // gradients of xg, h0 and W_hh have the input's dtype.
 #pragma once
@@ -65,6 +66,15 @@ inline Dims check_layer(const at::Tensor& xg, const at::Tensor& h0, const at::Te
   return d;
 }
 
+// A bias vector, or zeros where there is none: the kernels have one form, and the add costs nothing in them.
+inline at::Tensor bias_or_zeros(const std::optional<at::Tensor>& b, const at::Tensor& xg, int64_t n, const char* what,
+                                const char* op) {
+  if (!has(b)) return at::zeros({n}, xg.options());
+  check_like(*b, xg, what, op);
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, op, ": ", what, " must have ", n, " elements, got ", b->sizes());
+  return b->contiguous();
+}
+
 // Step s of the loop visits time step t; the step before it in time order is `prev` (valid when s > 0).
 struct Order {
   int64_t T;
@@ -107,10 +117,12 @@ Seq<P> seq(const at::Tensor& t, int64_t B, int64_t W) {
 
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
-    const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, bool reverse) {
+    const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& bias, bool reverse) {
   constexpr const char* op = "lstm_layer_fwd";
   const Dims d = check_layer(xg, h0, w_hh, 4, op);
   check_state(c0, d, xg, "c0", op);
+  const at::Tensor b = bias_or_zeros(bias, xg, 4 * d.H, "bias", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 4 * H;
   at::Tensor out = at::empty({d.T, B, H}, xg.options());
@@ -124,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto x = seq<const T>(xg, B, G), y = seq<T>(out, B, H), h_init = seq<const T>(h0c, B, H);
     const auto c = seq<A>(c_all, B, H), c_init = seq<const A>(c0a, B, H), g = seq<A>(gates, B, G);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    const T* bp = reinterpret_cast<const T*>(b.data_ptr());
     Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
@@ -131,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.fwd(s), p = o.before(t);
         Dev::gemm_nt(n, G, H, s == 0 ? h_init.at(b0) : y.at(p, b0), wp, hg, xg);
-        Dev::lstm_fwd(x.at(t, b0), hg, s == 0 ? c_init.at(b0) : c.at(p, b0), g.at(t, b0), c.at(t, b0), y.at(t, b0),
+        Dev::lstm_fwd(x.at(t, b0), hg, bp, s == 0 ? c_init.at(b0) : c.at(p, b0), g.at(t, b0), c.at(t, b0), y.at(t, b0),
                       n, H);
       }
     });
@@ -142,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 }
 
 template <class Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(
     const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& grad_cn, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& out, const at::Tensor& c_all,
     const at::Tensor& gates, bool reverse) {
@@ -182,25 +195,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(
       }
     });
   });
-  return {dxg, dh0, dc.to(c0.scalar_type()), weight_grad(dxg, h0.contiguous(), out, o)};
+  return {dxg, dh0, dc.to(c0.scalar_type()), weight_grad(dxg, h0.contiguous(), out, o),
+          dxg.sum(at::IntArrayRef{0, 1})};
 }
 
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& xg, const at::Tensor& h0,
                                                              const at::Tensor& w_hh,
+                                                             const std::optional<at::Tensor>& b_ih,
                                                              const std::optional<at::Tensor>& b_hh, bool reverse) {
   constexpr const char* op = "gru_layer_fwd";
   const Dims d = check_layer(xg, h0, w_hh, 3, op);
-  if (has(b_hh)) {
-    check_like(*b_hh, xg, "b_hh", op);
-    TORCH_CHECK(b_hh->dim() == 1 && b_hh->size(0) == 3 * d.H, op, ": b_hh must have ", 3 * d.H, " elements");
-  }
+  const at::Tensor bi = bias_or_zeros(b_ih, xg, 3 * d.H, "b_ih", op), bh = bias_or_zeros(b_hh, xg, 3 * d.H, "b_hh", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 3 * H;
   at::Tensor out = at::empty({d.T, B, H}, xg.options());
   at::Tensor saved = at::empty({d.T, B, 4 * H}, acc);
   const at::Tensor h0c = h0.contiguous(), w = w_hh.contiguous();
-  const at::Tensor bias = has(b_hh) ? b_hh->contiguous() : at::zeros({G}, xg.options());  // one loop form
   const Order o{d.T, reverse};
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -208,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
     const auto x = seq<const T>(xg, B, G), y = seq<T>(out, B, H), h_init = seq<const T>(h0c, B, H);
     const auto sv = seq<A>(saved, B, 4 * H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    const T* bp = reinterpret_cast<const T*>(bias.data_ptr());
+    const T *bip = reinterpret_cast<const T*>(bi.data_ptr()), *bhp = reinterpret_cast<const T*>(bh.data_ptr());
     Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
@@ -217,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
         const int64_t t = o.fwd(s);
         const T* h_prev = s == 0 ? h_init.at(b0) : y.at(o.before(t), b0);
         Dev::gemm_nt(n, G, H, h_prev, wp, hg, xg);
-        Dev::gru_fwd(x.at(t, b0), hg, bp, h_prev, sv.at(t, b0), y.at(t, b0), n, H);
+        Dev::gru_fwd(x.at(t, b0), hg, bip, bhp, h_prev, sv.at(t, b0), y.at(t, b0), n, H);
       }
     });
   });
@@ -225,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
 }
 
 template <class Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
     const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& h0, const at::Tensor& w_hh,
     const at::Tensor& out, const at::Tensor& saved, bool reverse) {
   constexpr const char* op = "gru_layer_bwd";
@@ -263,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(
     });
   });
   dh0.add_(dh_direct);
-  return {dxg, dh0, weight_grad(dhg, h0c, out, o), dhg.sum(at::IntArrayRef{0, 1})};
+  return {dxg, dh0, weight_grad(dhg, h0c, out, o), dxg.sum(at::IntArrayRef{0, 1}), dhg.sum(at::IntArrayRef{0, 1})};
 }
 
 }  // namespace rnn
