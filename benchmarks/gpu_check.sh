@@ -3,7 +3,8 @@
 # benchmarks, and leave logs + JSON in $OUT (default ./bench_out). Budget: under 8 minutes on an H100 (the stage
 # timeouts add up to 600 s, one device call's limit). Each stage runs even if an earlier one failed; summary.txt
 # lists the environment and every stage's exit code. At most 8 files come back from the device tool: the benchmark
-# logs are joined into bench.log, leaving 8 (build.log, tests_gpu.log, bench.log, 4 JSON, summary.txt).
+# logs are joined into bench.log and the JSON rows into bench_cuda.json, leaving 5 (build.log, tests_gpu.log,
+# bench.log, bench_cuda.json, summary.txt).
 set -u
 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
@@ -31,18 +32,20 @@ cat "$OUT/env.txt"
 
 stage build 120 $PY setup.py build_ext --inplace
 stage tests_gpu 100 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider
-stage bench_adam 120 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
+stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
   --out $OUT/adam_100m.json"
-stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda --compile --channels-last \
+stage bench_batch_norm 120 $PY benchmarks/bench_batch_norm.py --device cuda --compile --channels-last \
   --out "$OUT/bench_batch_norm_cuda.json"
-stage bench_embedding_bag 60 $PY benchmarks/bench_embedding_bag.py --device cuda \
+stage bench_embedding_bag 50 $PY benchmarks/bench_embedding_bag.py --device cuda \
   --out "$OUT/bench_embedding_bag_cuda.json"
-stage bench_learner 60 $PY benchmarks/bench_learner.py --device cuda --out "$OUT/bench_learner_cuda.json"
+stage bench_rnn 60 $PY benchmarks/bench_rnn.py --device cuda --out "$OUT/bench_rnn_cuda.json"
+stage bench_learner 50 $PY benchmarks/bench_learner.py --device cuda --out "$OUT/bench_learner_cuda.json"
 
-# One Adam JSON, one benchmark log: the device tool brings back at most 8 files.
+# One JSON of every benchmark row, one benchmark log: the device tool brings back at most 8 files.
 $PY -c "import json,sys; json.dump(sum((json.load(open(f)) for f in sys.argv[2:]), []), open(sys.argv[1], 'w'), indent=1)" \
-  "$OUT/bench_adam_cuda.json" "$OUT"/adam_*.json 2>/dev/null && rm -f "$OUT"/adam_*.json
+  "$OUT/bench_cuda.json" "$OUT"/adam_*.json "$OUT"/bench_*_cuda.json 2>/dev/null \
+  && rm -f "$OUT"/adam_*.json "$OUT"/bench_*_cuda.json
 for f in "$OUT"/bench_*.log; do echo "##### $(basename "$f")"; cat "$f"; done >"$OUT/bench.log.tmp"
 rm -f "$OUT"/bench_*.log && mv "$OUT/bench.log.tmp" "$OUT/bench.log"
 

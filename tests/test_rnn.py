@@ -423,3 +423,20 @@ def test_compiles_fullgraph(how):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.weight_hh_l1_reverse.grad, ref.weight_hh_l1_reverse.grad, rtol=1e-5, atol=1e-6)
     assert reference.acc_dtype(torch.float16) == torch.float32
+
+
+def test_benchmark_script_runs(tmp_path):
+    """benchmarks/bench_rnn.py in its quick form: every case, both providers, a JSON row each."""
+    skip_unless_runnable("cpu", "cpu")
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import bench_rnn
+
+    out = tmp_path / "rnn.json"
+    bench_rnn.main(["--device", "cpu", "--quick", "--reps", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["provider"] for r in rows} == {"torch", "fck-cpu"}
+    assert len(rows) == 2 * len(bench_rnn.cases(quick=True))

@@ -39,8 +39,12 @@ FCK_INLINE void lstm_fwd_rows(const raw_t<T>* __restrict xg, const raw_t<T>* __r
     for (int64_t j = 0; j < H; ++j) {
       const int64_t k = b * H + j, g = b * 4 * H + j;
       A cc, hh;
-      auto p = [&](int64_t q) { return ld<T>(xg[g + q * H]) + ld<T>(hg[g + q * H]) + ld<T>(bias[j + q * H]); };
-      const LstmGates<A> a = lstm_forward<A>(p(0), p(1), p(2), p(3), c_prev[k], cc, hh);
+      // (no lambdas here: reading the pointers through a closure stops GCC from vectorizing)
+      const LstmGates<A> a = lstm_forward<A>(ld<T>(xg[g]) + ld<T>(hg[g]) + ld<T>(bias[j]),
+                                             ld<T>(xg[g + H]) + ld<T>(hg[g + H]) + ld<T>(bias[j + H]),
+                                             ld<T>(xg[g + 2 * H]) + ld<T>(hg[g + 2 * H]) + ld<T>(bias[j + 2 * H]),
+                                             ld<T>(xg[g + 3 * H]) + ld<T>(hg[g + 3 * H]) + ld<T>(bias[j + 3 * H]),
+                                             c_prev[k], cc, hh);
       gates[g] = a.i, gates[g + H] = a.f, gates[g + 2 * H] = a.g, gates[g + 3 * H] = a.o;
       c[k] = cc;
       h[k] = Storage<T>::store(hh);
@@ -78,9 +82,10 @@ FCK_INLINE void gru_fwd_rows(const raw_t<T>* __restrict xg, const raw_t<T>* __re
     for (int64_t j = 0; j < H; ++j) {
       const int64_t k = b * H + j, g = b * 3 * H + j, s = b * 4 * H + j;
       A hh;
-      auto a = [&](int64_t q) { return ld<T>(xg[g + q * H]) + ld<T>(b_ih[j + q * H]); };
-      auto b = [&](int64_t q) { return ld<T>(hg[g + q * H]) + ld<T>(b_hh[j + q * H]); };
-      const GruSaved<A> v = gru_forward<A>(a(0), a(1), a(2), b(0), b(1), b(2), ld<T>(h_prev[k]), hh);
+      const GruSaved<A> v = gru_forward<A>(
+          ld<T>(xg[g]) + ld<T>(b_ih[j]), ld<T>(xg[g + H]) + ld<T>(b_ih[j + H]),
+          ld<T>(xg[g + 2 * H]) + ld<T>(b_ih[j + 2 * H]), ld<T>(hg[g]) + ld<T>(b_hh[j]),
+          ld<T>(hg[g + H]) + ld<T>(b_hh[j + H]), ld<T>(hg[g + 2 * H]) + ld<T>(b_hh[j + 2 * H]), ld<T>(h_prev[k]), hh);
       saved[s] = v.r, saved[s + H] = v.z, saved[s + 2 * H] = v.n, saved[s + 3 * H] = v.bn;
       h[k] = Storage<T>::store(hh);
     }

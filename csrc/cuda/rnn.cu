@@ -54,9 +54,9 @@ __global__ void gru_fwd_kernel(const T* __restrict__ xg, const T* __restrict__ h
   if (k >= B * H) return;
   const int64_t b = k / H, j = k - b * H, g0 = b * 3 * H + j, s0 = b * 4 * H + j;
   A hh;
-  auto a = [&](int gate) { return A(xg[g0 + gate * H]) + A(b_ih[j + gate * H]); };
-  auto b = [&](int gate) { return A(hg[g0 + gate * H]) + A(b_hh[j + gate * H]); };
-  const GruSaved<A> s = gru_forward<A>(a(0), a(1), a(2), b(0), b(1), b(2), A(h_prev[k]), hh);
+  auto xpart = [&](int gate) { return A(xg[g0 + gate * H]) + A(b_ih[j + gate * H]); };
+  auto hpart = [&](int gate) { return A(hg[g0 + gate * H]) + A(b_hh[j + gate * H]); };
+  const GruSaved<A> s = gru_forward<A>(xpart(0), xpart(1), xpart(2), hpart(0), hpart(1), hpart(2), A(h_prev[k]), hh);
   saved[s0] = s.r, saved[s0 + H] = s.z, saved[s0 + 2 * H] = s.n, saved[s0 + 3 * H] = s.bn;
   h[k] = T(hh);
 }

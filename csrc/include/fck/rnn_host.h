@@ -133,8 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = typename Dev::template Acc<T>;
-    const auto x = seq<const T>(xg, B, G), y = seq<T>(out, B, H), h_init = seq<const T>(h0c, B, H);
-    const auto c = seq<A>(c_all, B, H), c_init = seq<const A>(c0a, B, H), g = seq<A>(gates, B, G);
+    const auto x = seq<const T>(xg, B, G);
+    const auto y = seq<T>(out, B, H);
+    const auto h_init = seq<const T>(h0c, B, H);
+    const auto c = seq<A>(c_all, B, H);
+    const auto c_init = seq<const A>(c0a, B, H);
+    const auto g = seq<A>(gates, B, G);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T* bp = reinterpret_cast<const T*>(b.data_ptr());
     Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
@@ -179,9 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   Dev::dispatch(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = typename Dev::template Acc<T>;
-    const auto dy = seq<const T>(grad_out, B, H), dx = seq<T>(dxg, B, G), dh = seq<T>(dh0, B, H);
+    const auto dy = seq<const T>(grad_out, B, H);
+    const auto dx = seq<T>(dxg, B, G);
+    const auto dh = seq<T>(dh0, B, H);
     const auto dh_last = seq<const T>(dhn, B, H);
-    const auto g = seq<const A>(gates, B, G), c = seq<const A>(c_all, B, H), c_init = seq<const A>(c0a, B, H);
+    const auto g = seq<const A>(gates, B, G);
+    const auto c = seq<const A>(c_all, B, H);
+    const auto c_init = seq<const A>(c0a, B, H);
     const auto dcs = seq<A>(dc, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
@@ -216,7 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = typename Dev::template Acc<T>;
-    const auto x = seq<const T>(xg, B, G), y = seq<T>(out, B, H), h_init = seq<const T>(h0c, B, H);
+    const auto x = seq<const T>(xg, B, G);
+    const auto y = seq<T>(out, B, H);
+    const auto h_init = seq<const T>(h0c, B, H);
     const auto sv = seq<A>(saved, B, 4 * H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T *bip = reinterpret_cast<const T*>(bi.data_ptr()), *bhp = reinterpret_cast<const T*>(bh.data_ptr());
@@ -257,8 +267,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
   Dev::dispatch(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = typename Dev::template Acc<T>;
-    const auto dy = seq<const T>(grad_out, B, H), y = seq<const T>(out, B, H), h_init = seq<const T>(h0c, B, H);
-    const auto dx = seq<T>(dxg, B, G), dg = seq<T>(dhg, B, G), dh = seq<T>(dh0, B, H);
+    const auto dy = seq<const T>(grad_out, B, H);
+    const auto y = seq<const T>(out, B, H);
+    const auto h_init = seq<const T>(h0c, B, H);
+    const auto dx = seq<T>(dxg, B, G);
+    const auto dg = seq<T>(dhg, B, G);
+    const auto dh = seq<T>(dh0, B, H);
     const auto dh_last = seq<const T>(dhn, B, H);
     const auto sv = seq<const A>(saved, B, 4 * H);
     const auto direct = seq<A>(dh_direct, B, H);

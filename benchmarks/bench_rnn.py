@@ -1,0 +1,110 @@
+"""LSTM/GRU fwd+bwd on the lessons' shapes: fastcore_kernels' modules vs torch.nn.LSTM/GRU (oneDNN on CPU, cuDNN on
+CUDA) with the same weights, in the same run.
+
+    python benchmarks/bench_rnn.py [--device cpu|cuda] [--out results.json] [--quick]
+
+Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), the AWD-LSTM shape
+(400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
+forward, which cuDNN must re-pack), and the cells alone. GB/s counts the activations each pass must move at least:
+the input projection and saved gates written and read back, the outputs and their gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastcore_kernels as fck  # noqa: E402
+from fastcore_kernels import nn as fnn  # noqa: E402
+from benchmarks.common import Results, interleaved_time_ms, time_ms  # noqa: E402
+
+
+def cases(quick: bool):
+    """(name, kind, input, hidden, layers, batch, steps, weight_drop)."""
+    out = [("lesson7 LSTM 64->64 x2, B64 T70", "lstm", 64, 64, 2, 64, 70, False),
+           ("lesson7 GRU 64->64 x2, B64 T70", "gru", 64, 64, 2, 64, 70, False),
+           ("lesson7 LSTM + weight drop", "lstm", 64, 64, 2, 64, 70, True),
+           ("LSTMCell 64->64, B64", "lstm_cell", 64, 64, 1, 64, 1, False),
+           ("GRUCell 64->64, B64", "gru_cell", 64, 64, 1, 64, 1, False)]
+    if not quick:
+        out.append(("AWD LSTM 400->1152 x3, B32 T70", "lstm", 400, 1152, 3, 32, 70, False))
+    return out
+
+
+def _modules(kind, I, H, L, device):
+    torch.manual_seed(0)
+    pairs = {"lstm": (nn.LSTM, fnn.LSTM), "gru": (nn.GRU, fnn.GRU), "lstm_cell": (nn.LSTMCell, fnn.LSTMCell),
+             "gru_cell": (nn.GRUCell, fnn.GRUCell)}
+    tcls, ocls = pairs[kind]
+    kw = {} if kind.endswith("cell") else {"num_layers": L}
+    theirs = tcls(I, H, **kw).to(device)
+    ours = ocls(I, H, **kw).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _step(module, kind, x, weight_drop, raw):
+    def run():
+        if weight_drop:  # AWD-LSTM's WeightDropout: W_hh is a new tensor every forward
+            module.weight_hh_l0 = F.dropout(raw, 0.5, True)
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def _min_bytes(kind, I, H, L, B, T, elem=4):
+    G = 4 if "lstm" in kind else 3
+    per_layer = T * B * (2 * G * H + 2 * G * H + 4 * H)  # xg + dxg, saved gates written + read, h/c and grads
+    return elem * (L * per_layer + T * B * I * 2)
+
+
+def main(argv=None) -> Results:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--quick", action="store_true", help="skip the AWD-LSTM shape (minutes on a small CPU)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    res = Results(device)
+    backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
+    backends = [b for b in backends if device.type in fck.backends()[b].devices]
+    for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
+        theirs, ours = _modules(kind, I, H, L, device)
+        x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, requires_grad=True)
+        fns = {}
+        for module, provider in ((theirs, "torch"), (ours, None)):
+            raw = None
+            if weight_drop:
+                raw = nn.Parameter(module.weight_hh_l0.detach().clone())
+                del module._parameters["weight_hh_l0"]
+            if provider:
+                fns[provider] = _step(module, kind, x, weight_drop, raw)
+            else:
+                for b in backends:
+                    def run(b=b, f=_step(module, kind, x, weight_drop, raw)):
+                        with fck.use_backend(b):
+                            f()
+                    fns[f"fck-{b}"] = run
+        reps = 3 if I >= 400 and device.type == "cpu" else args.reps
+        timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
+                 else {p: time_ms(f, device) for p, f in fns.items()})
+        for p, times in timed.items():
+            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T))
+            print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
+    res.print_table(baseline="torch")
+    if args.out:
+        res.write(args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
