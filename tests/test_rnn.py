@@ -214,15 +214,17 @@ def test_kernels_write_every_output(mode):
         _close(u, v, torch.float32, "output/grad")
 
 
+@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("lstm", 384), ("gru", 384)])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_larger_shapes_fp32(backend):
-    """Past every threading grain and vector width: batch 37, hidden 131, 2 layers."""
+def test_larger_shapes_fp32(backend, mode, hidden):
+    """Past every threading grain and vector width (batch 37, hidden 131, 2 layers), and a W_hh past the CPU's
+    row-block limit (hidden 384: one block, BLAS-threaded GEMM on a packed W_hh, row-split pointwise)."""
     skip_unless_runnable(backend, "cpu")
-    ours, theirs, x, h0, c0 = _pair("lstm", (17, 131, 2, False, False, 9, 37, True), "cpu", torch.float32)
+    ours, theirs, x, h0, c0 = _pair(mode, (17, hidden, 2, False, False, 9, 37, True), "cpu", torch.float32)
     theirs.float()
     with fck.use_backend(backend):
-        a = _run_seq(ours, "lstm", x, h0, c0, torch.float32)
-    b = _run_seq(theirs, "lstm", x, h0, c0, torch.float32)
+        a = _run_seq(ours, mode, x, h0, c0, torch.float32)
+    b = _run_seq(theirs, mode, x, h0, c0, torch.float32)
     for u, v in zip(a[0] + a[1] + list(a[2].values()), b[0] + b[1] + list(b[2].values())):
         _close(u, v, torch.float32, "output/grad")
 

@@ -103,22 +103,20 @@ struct RnnSteps {
 
   // One block of rows: the GPU parallelizes each step across the whole batch.
   template <class F>
-  static void row_blocks(int64_t B, int64_t, const F& f) {
+  static void row_blocks(int64_t B, int64_t, int64_t, const F& f) {
     f(0, B);
   }
 
-  // cuBLAS through at::mm_out on views of the buffers: c (n x N) = a (n x K) @ w^T (w: N x K) or a @ w (w: K x N).
   template <typename T>
-  static void gemm_nt(int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
-    if (n == 0) return;
-    at::Tensor out = view(c, {n, N}, like);
-    at::mm_out(out, view(a, {n, K}, like), view(w, {N, K}, like).t());
+  static rnn::Weight<T> weight(const T* w, bool wt, int64_t N, int64_t K, int64_t m, const at::Tensor&) {
+    return {w, wt, N, K, m, at::Tensor()};
   }
+  // cuBLAS through at::mm_out on views of the buffers: c (n x N) = a (n x K) @ op(w).
   template <typename T>
-  static void gemm_nn(int64_t n, int64_t N, int64_t K, const T* a, const T* w, T* c, const at::Tensor& like) {
+  static void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor& like) {
     if (n == 0) return;
-    at::Tensor out = view(c, {n, N}, like);
-    at::mm_out(out, view(a, {n, K}, like), view(w, {K, N}, like));
+    at::Tensor out = view(c, {n, W.N}, like);
+    at::mm_out(out, view(a, {n, W.K}, like), W.wt ? view(W.w, {W.N, W.K}, like).t() : view(W.w, {W.K, W.N}, like));
   }
 
   template <typename T>

@@ -2,7 +2,7 @@
 // GEMM of the hidden state with W_hh (BLAS/cuBLAS through at::mm_out, into a reused buffer) and one fused pointwise
 // kernel, which `Dev` supplies (fck::cpu::RnnSteps, fck::cuda::RnnSteps), with the batch split into row blocks:
 //
-//   Dev::row_blocks(B, values_per_row, f)   calls f(b0, b1) over blocks covering [0, B), possibly in parallel
+//   Dev::row_blocks(B, values_per_row, w_bytes, f)   calls f(b0, b1) over blocks covering [0, B), maybe in parallel
 //
 //   Dev::lstm_fwd(xg_t, hg, bias, c_prev, gates_t, c_t, h_t, n, H)
 //   Dev::lstm_bwd(dout_t, dh_rec, gates_t, c_prev, c_t, dc /*in: dc', out: dc_prev*/, dxg_t, n, H)
@@ -11,9 +11,9 @@
 //
 // each over n rows of one step (typed pointers; see below), plus Dev::dispatch, Dev::Acc<T> and the two GEMMs.
 //
-// The rows of a batch never meet in the recurrence, so the CPU gives each thread its own block of rows for the whole
-// sequence: no fork/join per step, and each thread's small GEMM runs single-threaded (nested parallelism is off).
-// CUDA runs one block (the GPU parallelizes each step itself).
+// The rows of a batch never meet in the recurrence, so with a small W_hh the CPU gives each thread its own block of
+// rows for the whole sequence: no fork/join per step, and each thread's small GEMM runs single-threaded (nested
+// parallelism is off). CUDA, and the CPU with a large W_hh, run one block and parallelize inside each step.
 //
 // The input projection of every step (xg = x W_ih^T, without bias) is one GEMM done by the caller, and so are its
 // gradients. The biases are added inside the pointwise kernels (a bias GEMM (addmm) first copies the broadcast
@@ -113,7 +113,18 @@ Seq<P> seq(const at::Tensor& t, int64_t B, int64_t W) {
 
 // The loops below run on typed pointers, dispatched once per call: per step they create no tensors, so the
 // framework's per-op overhead (a few microseconds a view) stays out of a step that itself takes tens.
-// Dev::gemm_nt(n, N, K, a, w, c, like): c (n x N) = a (n x K) @ w^T (w: N x K); Dev::gemm_nn: c = a @ w (w: K x N).
+// Dev::weight<T>(w, wt, N, K, m, tensor) describes the right operand once per call (the CPU may pack it there for
+// BLAS's packed API: one pass over W_hh instead of a re-blocking on every step); Dev::gemm(n, a, W, c, like) then
+// computes c (n x N) = a (n x K) @ op(w), op(w) = w^T for w (N x K) when wt, else w (K x N).
+
+template <typename T>
+struct Weight {
+  const T* w;
+  bool wt;
+  int64_t N, K;
+  int64_t m;          // the row count the packed form was made for
+  at::Tensor packed;  // empty unless Dev packed it
+};
 
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
@@ -141,13 +152,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto g = seq<A>(gates, B, G);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T* bp = reinterpret_cast<const T*>(b.data_ptr());
-    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, w);
+    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.fwd(s), p = o.before(t);
-        Dev::gemm_nt(n, G, H, s == 0 ? h_init.at(b0) : y.at(p, b0), wp, hg, xg);
+        Dev::gemm(n, s == 0 ? h_init.at(b0) : y.at(p, b0), W, hg, xg);
         Dev::lstm_fwd(x.at(t, b0), hg, bp, s == 0 ? c_init.at(b0) : c.at(p, b0), g.at(t, b0), c.at(t, b0), y.at(t, b0),
                       n, H);
       }
@@ -192,14 +204,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto c_init = seq<const A>(c0a, B, H);
     const auto dcs = seq<A>(dc, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, w);
+    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.bwd(s);
         Dev::lstm_bwd(dy.at(t, b0), s == 0 ? dh_last.at(b0) : dh.at(b0), g.at(t, b0),
                       t == o.first() ? c_init.at(b0) : c.at(o.before(t), b0), c.at(t, b0), dcs.at(b0), dx.at(t, b0),
                       n, H);
-        Dev::gemm_nn(n, H, G, dx.at(t, b0), wp, dh.at(b0), out);
+        Dev::gemm(n, dx.at(t, b0), W, dh.at(b0), out);
       }
     });
   });
@@ -230,14 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
     const auto sv = seq<A>(saved, B, 4 * H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T *bip = reinterpret_cast<const T*>(bi.data_ptr()), *bhp = reinterpret_cast<const T*>(bh.data_ptr());
-    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, w);
+    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.fwd(s);
         const T* h_prev = s == 0 ? h_init.at(b0) : y.at(o.before(t), b0);
-        Dev::gemm_nt(n, G, H, h_prev, wp, hg, xg);
+        Dev::gemm(n, h_prev, W, hg, xg);
         Dev::gru_fwd(x.at(t, b0), hg, bip, bhp, h_prev, sv.at(t, b0), y.at(t, b0), n, H);
       }
     });
@@ -277,13 +291,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
     const auto sv = seq<const A>(saved, B, 4 * H);
     const auto direct = seq<A>(dh_direct, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    Dev::row_blocks(B, G, [&](int64_t b0, int64_t b1) {
+    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, w);
+    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.bwd(s);
         Dev::gru_bwd(dy.at(t, b0), s == 0 ? dh_last.at(b0) : dh.at(b0), direct.at(b0), sv.at(t, b0),
                      t == o.first() ? h_init.at(b0) : y.at(o.before(t), b0), dx.at(t, b0), dg.at(t, b0), n, H);
-        Dev::gemm_nn(n, H, G, dg.at(t, b0), wp, dh.at(b0), out);
+        Dev::gemm(n, dg.at(t, b0), W, dh.at(b0), out);
       }
     });
   });
