@@ -125,10 +125,7 @@ def main(argv=None) -> Results:
             res.add("adam", name, "step", label, times, BYTES_PER_PARAM * nparams, peak_mem_mb=peak, **extra)
             print(f"  {label:<20} {name:<16} p50 {times[1]:9.3f} ms  {extra}", flush=True)
             del params, step
-    res.print_table(baseline="torch-fused")
-    if args.out:
-        res.write(args.out)
-    return res
+    return res.finish("torch-fused", args.out)
 
 
 if __name__ == "__main__":

@@ -221,10 +221,7 @@ def main(argv=None) -> Results:
         for C, H in stages:
             for cl in layouts:
                 bench_conv_eval(res, device, dtype, C, H, args.batch, cl, args.compile, args.reps)
-    res.print_table(baseline="torch")
-    if args.out:
-        res.write(args.out)
-    return res
+    return res.finish("torch", args.out)
 
 
 if __name__ == "__main__":

@@ -80,10 +80,7 @@ def main(argv=None) -> Results:
         for p, times in timed.items():
             res.add("embedding_bag", p, "fwd+bwd", name, times, nbytes)
             print(f"  {name:<28}{p:<12} p50 {times[1]:9.3f} ms", flush=True)
-    res.print_table(baseline="torch")
-    if args.out:
-        res.write(args.out)
-    return res
+    return res.finish("torch", args.out)
 
 
 if __name__ == "__main__":

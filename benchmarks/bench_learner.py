@@ -88,9 +88,7 @@ def main(argv=None):
         row = res.add("learner", name, "epoch", "mlp784 bs256", times, nbytes=0,
                       samples_per_s=round(60_000 / (times[1] / 1e3)))
         print(f"  {name:<18} epoch p50 {row['p50_ms']:9.1f} ms  {row['samples_per_s']} samples/s", flush=True)
-    res.print_table(baseline="plain-torch-loop")
-    if args.out:
-        res.write(args.out)
+    return res.finish("plain-torch-loop", args.out)
 
 
 if __name__ == "__main__":

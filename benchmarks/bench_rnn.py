@@ -100,10 +100,7 @@ def main(argv=None) -> Results:
         for p, times in timed.items():
             res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T))
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
-    res.print_table(baseline="torch")
-    if args.out:
-        res.write(args.out)
-    return res
+    return res.finish("torch", args.out)
 
 
 if __name__ == "__main__":

@@ -317,6 +317,22 @@ def test_fuse_swaps_rnns_and_keeps_state_dict():
     Net().load_state_dict(fused.state_dict())
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_packed_sequence_runs_torch_forward(mode):
+    """A model fuse() converted must keep working on PackedSequence input: the module falls back to torch's forward
+    (one warning), with the same weights and result."""
+    torch.manual_seed(9)
+    m = (fnn.LSTM if mode == "lstm" else fnn.GRU)(4, 6, num_layers=2)
+    ref = (nn.LSTM if mode == "lstm" else nn.GRU)(4, 6, num_layers=2)
+    ref.load_state_dict(m.state_dict())
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 4), [5, 4, 2])
+    import fastcore_kernels.nn.rnn as rnn_module
+    rnn_module._warned_packed = False
+    with pytest.warns(UserWarning, match="PackedSequence"):
+        out = m(packed)
+    torch.testing.assert_close(out[0].data, ref(packed)[0].data)
+
+
 def test_proj_size_is_refused():
     with pytest.raises(ValueError, match="proj_size"):
         fnn.LSTM(4, 6, proj_size=2)
@@ -347,7 +363,7 @@ def test_bad_input():
         fnn.GRU(4, 6)(torch.randn(3, 2, 4), torch.randn(1, 2, 6, device="meta"))
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), [3, 2])
     with pytest.raises(TypeError, match="PackedSequence"):
-        fnn.GRU(4, 6)(packed)
+        fckF.gru(packed, fnn.GRU(4, 6)._flat_weights)
     cell = fnn.LSTMCell(4, 6)
     with pytest.raises(RuntimeError, match="input.size\\(-1\\)"):
         cell(torch.randn(2, 3))

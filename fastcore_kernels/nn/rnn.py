@@ -7,9 +7,26 @@ dropout) just works, with no flatten_parameters() and no re-packing.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from fastcore_kernels.ops import rnn as ops
+
+_warned_packed = False
+
+
+def _packed_fallback(module, input) -> bool:
+    """PackedSequence input has no fused kernel: the module runs torch's own forward (same weights, same result), so
+    a model fuse() converted keeps working. Warned once per process."""
+    global _warned_packed
+    if not isinstance(input, nn.utils.rnn.PackedSequence):
+        return False
+    if not _warned_packed:
+        _warned_packed = True
+        warnings.warn(f"fastcore_kernels {type(module).__name__}: PackedSequence input runs torch's implementation "
+                      "(the fused kernels take padded tensors)", stacklevel=3)
+    return True
 
 
 class _Sequence:
@@ -36,6 +53,8 @@ class LSTM(_Sequence, nn.LSTM):
 
     def forward(self, input, hx=None):
         self._check_supported()
+        if _packed_fallback(self, input):
+            return super().forward(input, hx)
         return ops.lstm(input, self._params(), hx, **self._options())
 
 
@@ -43,6 +62,8 @@ class GRU(_Sequence, nn.GRU):
     """torch.nn.GRU on the fused kernels: forward(input, h_0=None) -> (output, h_n)."""
 
     def forward(self, input, hx=None):
+        if _packed_fallback(self, input):
+            return super().forward(input, hx)
         return ops.gru(input, self._params(), hx, **self._options())
 
 
