@@ -38,10 +38,12 @@ struct Dims {
   int64_t T, B, H;
 };
 
+// t must share x's device and dtype; x is the op's first tensor (xg forward, out backward).
 inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* what, const char* op) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but xg is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", what, " is ", t.scalar_type(), " but xg is ",
-              x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but the op's first tensor is on ",
+              x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", what, " is ", t.scalar_type(),
+              " but the op's first tensor is ", x.scalar_type());
 }
 
 inline void check_state(const at::Tensor& s, const Dims& d, const at::Tensor& xg, const char* what, const char* op) {
@@ -63,6 +65,19 @@ inline Dims check_layer(const at::Tensor& xg, const at::Tensor& h0, const at::Te
   TORCH_CHECK(xg.size(2) == gates * d.H, op, ": xg has ", xg.size(2), " features per step, w_hh wants ",
               gates * d.H);
   check_state(h0, d, xg, "h0", op);
+  return d;
+}
+
+// What both backward passes check: the output's gradients against the output, and the (T, B, 4H) saved gates.
+inline Dims check_backward(const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& out,
+                           const at::Tensor& saved, const char* op) {
+  TORCH_CHECK(out.dim() == 3, op, ": out must be (T, B, H), got ", out.sizes());
+  const Dims d{out.size(0), out.size(1), out.size(2)};
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
+              out.sizes());
+  check_like(grad_out, out, "grad_out", op);
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef({d.T, d.B, 4 * d.H}), op, ": saved gates do not match the output");
+  check_state(grad_hn, d, out, "grad_hn", op);
   return d;
 }
 
@@ -176,15 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& out, const at::Tensor& c_all,
     const at::Tensor& gates, bool reverse) {
   constexpr const char* op = "lstm_layer_bwd";
-  const Dims d{out.size(0), out.size(1), out.size(2)};
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
-              out.sizes());
-  TORCH_CHECK(gates.sizes() == at::IntArrayRef({d.T, d.B, 4 * d.H}) && c_all.sizes() == out.sizes(), op,
-              ": saved tensors do not match the output");
-  check_state(grad_hn, d, out, "grad_hn", op);
+  const Dims d = check_backward(grad_out, grad_hn, out, gates, op);
+  TORCH_CHECK(c_all.sizes() == out.sizes(), op, ": saved tensors do not match the output");
   check_state(grad_cn, d, out, "grad_cn", op);
   check_state(c0, d, out, "c0", op);
-  check_like(grad_out, out, "grad_out", op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 4 * H;
   at::Tensor dxg = at::empty({d.T, B, G}, out.options());
@@ -264,12 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
     const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& h0, const at::Tensor& w_hh,
     const at::Tensor& out, const at::Tensor& saved, bool reverse) {
   constexpr const char* op = "gru_layer_bwd";
-  const Dims d{out.size(0), out.size(1), out.size(2)};
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
-              out.sizes());
-  TORCH_CHECK(saved.sizes() == at::IntArrayRef({d.T, d.B, 4 * d.H}), op, ": saved tensor does not match the output");
-  check_state(grad_hn, d, out, "grad_hn", op);
-  check_like(grad_out, out, "grad_out", op);
+  const Dims d = check_backward(grad_out, grad_hn, out, saved, op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 3 * H;
   at::Tensor dxg = at::empty({d.T, B, G}, out.options());
