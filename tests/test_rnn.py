@@ -3,7 +3,6 @@ weights, forward and backward; dtypes, odd shapes, weight-dropped W_hh, fuse(), 
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastcore_kernels as fck
