@@ -33,6 +33,9 @@ TORCH_LIBRARY(fck, m) {
   m.def(
       "embedding_bag_bwd(Tensor grad_output, Tensor indices, Tensor offsets, Tensor max_indices, int num_weights, "
       "int mode, Tensor? per_sample_weights, int padding_idx) -> Tensor");
+  // A plain lookup (torch.nn.functional.embedding): weight rows for an index tensor of any shape, (*indices, dim).
+  // Its autograd is in C++ (python/register_autograd.cpp); padding_idx rows get no gradient, -1 for none.
+  m.def("embedding(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
   // The backward of embedding_bag fused with an optimizer step on the rows it touches (optimizer 0: SGD, 1: row-wise
   // Adagrad with one float32 state value per row), for tables too large for a dense gradient. Updates in place.
   m.def(

@@ -169,6 +169,42 @@ def test_embedding_matches_torch(backend):
         torch.testing.assert_close(ours[1], theirs[1])
 
 
+def test_embedding_cxx_autograd_path():
+    """The cpu backend's plain lookups run fck::embedding with its autograd in C++: float64 gradcheck, padding,
+    int32 and non-contiguous indices, an empty index tensor, and no-grad calls."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.randint(0, 9, (5, 3), generator=g)
+    idx[0, 0] = idx[2, 1] = 2
+    # (padding_idx is left out here: its row's value is returned but, as torch's, gets no gradient by design)
+    assert torch.autograd.gradcheck(lambda w: fckF.embedding(idx, w, backend="cpu"), (w,))
+    for index in (idx.t(), idx.int(), idx[:, :0]):
+        ours = _run(lambda w, p: fckF.embedding(index, w, 2, backend="cpu"), w, None)
+        theirs = _run(lambda w, p: F.embedding(index, w, 2), w, None)
+        assert ours[0].shape == theirs[0].shape
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        torch.testing.assert_close(ours[1], theirs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(fckF.embedding(idx, w, backend="cpu"), F.embedding(idx, w), rtol=0, atol=0)
+
+
+def test_embedding_compiles_fullgraph():
+    """Under torch.compile the lookup takes the Python autograd path (fck::embedding's C++ autograd is eager-only)."""
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    emb = fnn.Embedding(11, 4, padding_idx=3)
+    idx = torch.randint(0, 11, (6, 2))
+    idx[0, 0] = 3
+    compiled = torch.compile(lambda i: emb(i).square().sum(), fullgraph=True, backend="aot_eager")
+    with fck.use_backend("cpu"):
+        compiled(idx).backward()
+    ref = nn.Embedding(11, 4, padding_idx=3)
+    ref.load_state_dict(emb.state_dict())
+    ref(idx).square().sum().backward()
+    torch.testing.assert_close(emb.weight.grad, ref.weight.grad)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_gets_a_clear_error(backend):
     skip_unless_runnable(backend, "cpu")

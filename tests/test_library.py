@@ -108,3 +108,16 @@ def test_opcheck_embedding_bag(suffix, backend):
         torch.library.opcheck(fwd, (w, idx, off, mode, torch.rand(5, generator=g) if mode == 0 else None, 4))
         out, arg = fwd(w, idx, off, mode, None, -1)
         torch.library.opcheck(bwd, (torch.randn_like(out), idx, off, arg, 9, mode, None, -1))
+
+
+def test_opcheck_embedding_and_its_cxx_autograd():
+    """fck::embedding carries its autograd in C++ (python/register_autograd.cpp): schema, fake and autograd checks,
+    and AOT dispatch with static shapes. Its C++ autograd reads concrete sizes, so under torch.compile
+    fastcore_kernels.functional.embedding takes the Python autograd path instead (tested in test_compile_*)."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 5, generator=g, requires_grad=True)
+    for idx, pad in ((torch.tensor([[1, 4], [4, 8]]), -1), (torch.tensor([3, 0, 3], dtype=torch.int32), 3),
+                     (torch.zeros(0, 2, dtype=torch.long), -1)):
+        torch.library.opcheck(torch.ops.fck.embedding.default, (w, idx, pad),
+                              test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))

@@ -88,6 +88,18 @@ void forward(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bag
   at::parallel_for(0, n_bags, 64, [&](int64_t b0, int64_t b1) {
     std::vector<A> acc(dim), buf(dim);
     for (int64_t b = b0; b < b1; ++b) {
+      if (off[b + 1] - off[b] == 1 && mode != kBagMax && !psw) {
+        // A plain lookup (nn.Embedding, one index per bag): the sum or mean of one row is that row, bit for bit,
+        // in every dtype, so copy it; the accumulate-and-scale path cost 4x torch's index_select here.
+        prefetch_row<T, I>(w, idx, off[b], off[n_bags], dim);
+        const int64_t r = idx[off[b]];
+        if (r == pad) {
+          std::memset(o + b * dim, 0, dim * sizeof(raw_t<T>));
+        } else {
+          std::memcpy(o + b * dim, w + r * dim, dim * sizeof(raw_t<T>));
+        }
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), mode == kBagMax ? -std::numeric_limits<A>::infinity() : A(0));
       int64_t* ab = arg ? arg + b * dim : nullptr;
       if (ab) std::fill(ab, ab + dim, int64_t(-1));

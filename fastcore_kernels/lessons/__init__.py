@@ -7,15 +7,28 @@ Parts so far: lesson 7 `human-numbers`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-LESSONS = {7: ("human-numbers",)}
+from fastcore_kernels.learner import Learner, Timer
+
+# (lesson, part) -> "module:function" in this package; every function takes
+# (data, epochs, kernel_sets, device, quick, out) and returns a list of RunResult.
+PARTS = {
+    (4, "tabular"): "lesson4:run_tabular",
+    (6, "rossmann"): "lesson6:run_rossmann",
+    (7, "human-numbers"): "lesson7:run_human_numbers",
+}
+LESSONS: dict[int, tuple[str, ...]] = {}
+for _lesson, _part in PARTS:
+    LESSONS[_lesson] = LESSONS.get(_lesson, ()) + (_part,)
 
 
 @dataclass
@@ -62,6 +75,40 @@ def epoch_seconds(timer) -> float:
     return statistics.median(times)
 
 
+class _StageTimer(Timer):
+    """A Timer that keeps counting across several fits (freeze, then unfreeze stages)."""
+
+    def before_fit(self):
+        if not hasattr(self, "epoch_times"):
+            super().before_fit()
+
+
+def train_kernel_sets(lesson: int, part: str, model_name: str, make_model: Callable[[], torch.nn.Module], dls,
+                      loss_func, *, kernel_sets, out: Path, fit: Callable, metrics=(), metric: str | None = None,
+                      cbs: Callable[[], list] = list, learner_kwargs: dict | None = None,
+                      extra: Callable | None = None) -> list[RunResult]:
+    """Trains a fresh `make_model()` (seed 0) once per kernel set on the same data with `fit(learn)`, and returns one
+    RunResult each: the last epoch's value of `metric` (the first metric by default) and the median epoch time."""
+    results = []
+    out.mkdir(parents=True, exist_ok=True)
+    for kernels in kernel_sets:
+        torch.manual_seed(0)
+        timer = _StageTimer()
+        learn = Learner(dls, make_model(), loss_func, metrics=metrics, cbs=[*cbs(), timer], kernels=kernels,
+                        progress=False, **(learner_kwargs or {}))
+        print(f"lesson {lesson} {part}: {model_name} ({kernels})", flush=True)
+        fit(learn)
+        name = metric or (learn.recorder.metric_names[3] if learn.metrics else "valid_loss")
+        value = float(learn.recorder.value(name))
+        learn.recorder.plot_loss(out / f"loss_{model_name}_{kernels}.png", skip_start=0)
+        info = {"valid_loss": round(float(learn.recorder.value("valid_loss")), 4)}
+        info.update(extra(learn) if extra else {})
+        results.append(RunResult(lesson, part, model_name, kernels, name, round(value, 4), len(timer.epoch_times),
+                                 round(epoch_seconds(timer), 4), info))
+        print(f"  {name} {value:.4f}, {results[-1].sec_per_epoch:.3f} s/epoch", flush=True)
+    return results
+
+
 def run(lesson: int, part: str | None = None, *, data=None, epochs: int | None = None, kernels: str = "both",
         device: str | None = None, quick: bool = False, out: str | Path = "lesson_out") -> list[RunResult]:
     if lesson not in LESSONS:
@@ -76,10 +123,10 @@ def run(lesson: int, part: str | None = None, *, data=None, epochs: int | None =
     results = []
     t0 = time.perf_counter()
     for p in ([part] if part else parts):
-        if (lesson, p) == (7, "human-numbers"):
-            from fastcore_kernels.lessons.lesson7 import run_human_numbers
-            results += run_human_numbers(data=data, epochs=epochs, kernel_sets=kernel_sets, device=device,
-                                         quick=quick, out=out / f"lesson{lesson}-{p}")
+        module, fn = PARTS[(lesson, p)].split(":")
+        runner = getattr(importlib.import_module(f"fastcore_kernels.lessons.{module}"), fn)
+        results += runner(data=data, epochs=epochs, kernel_sets=kernel_sets, device=device, quick=quick,
+                          out=out / f"lesson{lesson}-{p}")
     print_results(results)
     path = write_results(results, out)
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.1f} s; results in {path}")

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from fastcore_kernels.learner import DataLoaders, Learner, Timer
-from fastcore_kernels.lessons import RunResult, epoch_seconds
+from fastcore_kernels.learner import DataLoaders
+from fastcore_kernels.learner.metrics import AvgMetric
+from fastcore_kernels.lessons import RunResult, train_kernel_sets
 from fastcore_kernels.lessons import human_numbers as hn
 
 # model: (bptt, epochs, lr) -- the course's settings (bptt 20 for the hand-written loops, 70 for GRU/LSTM)
@@ -29,22 +28,11 @@ def make_data(data_dir, bs: int, bptt: int, device, quick: bool):
 def run_human_numbers(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                       out: Path = Path("lesson_out")) -> list[RunResult]:
     results = []
-    out.mkdir(parents=True, exist_ok=True)
     for name, (bptt, n_epoch, lr) in SETTINGS.items():
         n_epoch = 1 if quick else (epochs or n_epoch)
         dls, vocab = make_data(data, 64, bptt, device, quick)
-        for kernels in kernel_sets:
-            torch.manual_seed(0)
-            model = hn.MODELS[name](len(vocab))
-            timer = Timer()
-            learn = Learner(dls, model, hn.flat_cross_entropy, lr=lr, metrics=[hn.flat_accuracy],
-                            cbs=[hn.ResetState(), timer], kernels=kernels, progress=False)
-            print(f"lesson 7 human-numbers: {name} ({kernels}), {n_epoch} epochs, vocab {len(vocab)}", flush=True)
-            learn.fit_one_cycle(n_epoch, lr)
-            acc = learn.recorder.values[-1][2]
-            learn.recorder.plot_loss(out / f"loss_{name}_{kernels}.png", skip_start=0)
-            results.append(RunResult(7, "human-numbers", name, kernels, "accuracy", round(float(acc), 4), n_epoch,
-                                     round(epoch_seconds(timer), 4),
-                                     {"valid_loss": round(float(learn.recorder.values[-1][1]), 4)}))
-            print(f"  accuracy {acc:.4f}, {results[-1].sec_per_epoch:.3f} s/epoch", flush=True)
+        results += train_kernel_sets(
+            7, "human-numbers", name, lambda: hn.MODELS[name](len(vocab)), dls, hn.flat_cross_entropy,
+            kernel_sets=kernel_sets, out=out, metrics=[AvgMetric(hn.flat_accuracy, "accuracy")], cbs=lambda: [hn.ResetState()],
+            fit=lambda learn: learn.fit_one_cycle(n_epoch, lr), learner_kwargs={"lr": lr})
     return results

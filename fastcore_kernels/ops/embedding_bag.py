@@ -145,7 +145,7 @@ class _EmbeddingBag(torch.autograd.Function):
         return grad_w, grad_psw, None, None, None, None, None, None, None, None, None
 
 
-def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
+def _check_weight(weight, input, name) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{name}: weight must be a 2-D (num_embeddings, dim) tensor")
     if weight.dtype not in _SUPPORTED_DTYPES:
@@ -155,6 +155,10 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
                            f"Long, Int; but got {input.dtype} instead (while checking arguments for {name})")
     if input.device != weight.device:
         raise ValueError(f"{name}: input is on {input.device} but weight is on {weight.device}")
+
+
+def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
+    _check_weight(weight, input, name)
     if mode not in MODES:
         raise ValueError(f"{name}: mode has to be one of sum, mean or max, got {mode!r}")
     if per_sample_weights is not None:
@@ -200,11 +204,22 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
             offsets = torch.cat([offsets, offsets.new_tensor([n])])
     else:
         raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
-    if padding_idx is not None:
-        if not -weight.shape[0] <= padding_idx < weight.shape[0]:
-            raise ValueError(f"{name}: padding_idx must be within num_embeddings ({weight.shape[0]})")
-        padding_idx = padding_idx % weight.shape[0]
-    return input.contiguous(), offsets.contiguous(), per_sample_weights, -1 if padding_idx is None else padding_idx
+    return input.contiguous(), offsets.contiguous(), per_sample_weights, _padding_index(padding_idx, weight.shape[0],
+                                                                                        name)
+
+
+def _padding_index(padding_idx, num_embeddings: int, name: str) -> int:
+    """padding_idx as a row number (negative counts from the end), -1 for none."""
+    if padding_idx is None:
+        return -1
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"{name}: padding_idx must be within num_embeddings ({num_embeddings})")
+    return padding_idx % num_embeddings
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
@@ -249,9 +264,13 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     if input.dtype not in (torch.int64, torch.int32):
         raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
                            f"Long, Int; but got {input.dtype} instead (while checking arguments for embedding)")
+    impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding")
+    if impl in ("cpu", "cuda") and max_norm is None and not sparse and not scale_grad_by_freq and not _compiling():
+        # The C++ op with C++ autograd: a small table's lookup is otherwise mostly Python overhead.
+        _check_weight(weight, input, "embedding")
+        return torch.ops.fck.embedding(weight, input, _padding_index(padding_idx, weight.shape[0], "embedding"))
     flat = input.reshape(-1)
     _, offsets, _, pad = _normalize(flat[:, None], weight, None, "sum", None, False, padding_idx, "embedding")
-    impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding")
     if impl in ("reference", "triton") or max_norm is not None:
         _index_error(flat, weight.shape[0])
     if max_norm is not None:

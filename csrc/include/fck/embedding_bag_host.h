@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "fck/tensor_checks.h"
@@ -49,8 +50,31 @@ inline void check_embedding_bag(const at::Tensor& weight, const at::Tensor& indi
 }
 
 // Every index in [0, num_weights), or an IndexError naming the first bad one.
+template <typename I>
+int64_t first_out_of_range(const I* idx, int64_t n, int64_t num_weights) {
+  // One branch-free pass (vectorizes); the position is searched for only when something is out of range.
+  I lo = idx[0], hi = idx[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, idx[i]);
+    hi = std::max(hi, idx[i]);
+  }
+  if (lo >= 0 && int64_t(hi) < num_weights) return -1;
+  for (int64_t i = 0;; ++i) {
+    if (idx[i] < 0 || int64_t(idx[i]) >= num_weights) return i;
+  }
+}
+
 inline void check_index_range(const at::Tensor& indices, int64_t num_weights) {
   if (indices.numel() == 0) return;
+  if (indices.is_cpu()) {  // a raw pass: the tensor-op version below cost four ops and ~20 us per call
+    const int64_t n = indices.numel();
+    const int64_t i = indices.scalar_type() == at::kInt
+                          ? first_out_of_range(indices.data_ptr<int32_t>(), n, num_weights)
+                          : first_out_of_range(indices.data_ptr<int64_t>(), n, num_weights);
+    TORCH_CHECK_INDEX(i < 0, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
+                      " which is not in the valid range [0, ", num_weights, ")");
+    return;
+  }
   const at::Tensor bad = (indices < 0).logical_or_(indices >= num_weights);
   if (!bad.any().item<bool>()) return;
   const int64_t i = bad.nonzero()[0][0].item<int64_t>();
