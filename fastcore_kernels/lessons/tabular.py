@@ -129,9 +129,10 @@ def emb_size(n_cat: int) -> int:
 
 
 class TabularModel(nn.Module):
-    def __init__(self, cardinalities: list[int], n_cont: int, out_sz: int, layers=(200, 100), ps=(0.0, 0.0),
+    def __init__(self, cardinalities: list[int], n_cont: int, out_sz: int, layers=(200, 100), ps=None,
                  embed_p: float = 0.0, y_range: tuple[float, float] | None = None):
         super().__init__()
+        ps = [0.0] * len(layers) if ps is None else list(ps)
         if len(ps) != len(layers):
             raise ValueError(f"{len(ps)} dropout probabilities for {len(layers)} layers")
         self.embeds = nn.ModuleList(nn.Embedding(n, emb_size(n)) for n in cardinalities)
