@@ -2,7 +2,8 @@
 `python -m fastcore_kernels.lessons lesson N ...`). Every part trains with fastcore_kernels' fused modules and with
 stock PyTorch (`--kernels both`, the default) and prints the metric and time per epoch side by side.
 
-Parts so far: lesson 7 `human-numbers`.
+Parts (PARTS below): lesson 3 imdb-lm; lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6
+rossmann; lesson 7 human-numbers.
 """
 
 from __future__ import annotations

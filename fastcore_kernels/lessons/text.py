@@ -10,9 +10,9 @@ text is lower-cased, a capitalised word is preceded by `xxmaj`, and every text s
 the training texts (most frequent first, at most `max_vocab`); anything else reads as `xxunk`.
 
 Without a network, `write_sentiment_corpus` writes a templated review corpus in the IMDB layout (synthetic,
-documented as such): each review mixes neutral sentences with sentiment sentences whose polarity comes from
-adjectives, verbs, negations ("not great") and contrast ("..., but ..."), so the label depends on word order and
-context, not on single words alone; 3% of labels are flipped.
+documented as such): each review has a verdict (its label) and mixes neutral sentences with sentiment sentences, three
+in four of which agree with the verdict; polarity comes from adjectives, verbs, negations ("not great") and contrast
+("..., but ..."), so single words mislead and word order matters; 3% of labels are flipped.
 """
 
 from __future__ import annotations
@@ -108,29 +108,27 @@ def _review(rng: random.Random) -> tuple[str, int]:
     fill = dict(movie=rng.choice(_MOVIES), genre=rng.choice(_GENRES), name=rng.choice(_NAMES),
                 name2=rng.choice(_NAMES), n=rng.randrange(80, 180), year=rng.randrange(1970, 2019),
                 day=rng.choice(["Monday", "Friday", "Sunday", "weekend"]))
-    sentences, score = [], 0.0
+    # The reviewer's verdict comes first and colours most sentiment sentences (as in real reviews, so a language
+    # model gains by tracking it); some sentences disagree with it.
+    label = int(rng.random() < 0.5)
+    sentences = []
     for _ in range(rng.randrange(3, 7)):
         kind = rng.random()
         a, b = rng.choice(_ASPECTS), rng.choice(_ASPECTS)
         if kind < 0.35:
             sentences.append(rng.choice(_NEUTRAL).format(aspect=a, **fill))
             continue
-        good = rng.random() < 0.5
-        adj, bad_adj = (rng.choice(_POS), rng.choice(_NEG)) if good else (rng.choice(_NEG), rng.choice(_POS))
+        good = bool(label) if rng.random() < 0.75 else not label
+        adj, other = (rng.choice(_POS), rng.choice(_NEG)) if good else (rng.choice(_NEG), rng.choice(_POS))
         if kind < 0.55:
             sentences.append(f"The {a} was {adj}.")
-            score += 1 if good else -1
         elif kind < 0.7:  # negation flips the adjective
-            sentences.append(f"The {a} was not {bad_adj}.")
-            score += 0.7 if good else -0.7
-        elif kind < 0.85:  # contrast: the clause after "but" is what counts
-            sentences.append(f"The {a} was {bad_adj}, but the {b} was {adj}.")
-            score += 1 if good else -1
+            sentences.append(f"The {a} was not {other}.")
+        elif kind < 0.85:  # contrast: the clause after "but" is the one that agrees
+            sentences.append(f"The {a} was {other}, but the {b} was {adj}.")
         else:
             verb = rng.choice(_POS_VERB if good else _NEG_VERB)
             sentences.append(f"I {verb} this {fill['genre']}." if rng.random() < 0.5 else f"I really {verb} it.")
-            score += 1.5 if good else -1.5
-    label = int(score > 0) if score != 0 else rng.randrange(2)
     if rng.random() < 0.03:
         label = 1 - label
     return " ".join(sentences), label
