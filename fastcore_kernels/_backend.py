@@ -133,3 +133,9 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
     if kind not in status.devices:
         raise RuntimeError(f"fastcore_kernels backend {choice!r} cannot run on {kind} tensors: {status}")
     return choice
+
+
+def compiling() -> bool:
+    """True while torch.compile traces: the ops with C++ autograd (eager-only) take their Python autograd path."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())

@@ -74,12 +74,96 @@ at::Tensor embedding_plain(const at::Tensor& weight, const at::Tensor& indices, 
   return embedding_forward(weight, indices.reshape({-1}).contiguous()).view(output_shape(indices, weight));
 }
 
+// ---- batch norm (+ residual, + ReLU) ----
+using BatchNormFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
+    double, bool);
+using BatchNormBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, bool, bool, bool);
+
+const c10::TypedOperatorHandle<BatchNormFwd>& batch_norm_fwd() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fck::batch_norm_fwd", "").typed<BatchNormFwd>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BatchNormBwd>& batch_norm_bwd() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fck::batch_norm_bwd", "").typed<BatchNormBwd>();
+  return op;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The kernels take every full-size tensor in the input's layout (contiguous or channels-last).
+at::Tensor like_input(const at::Tensor& t, const at::Tensor& x) {
+  const auto fmt = x.suggest_memory_format();
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
+  // Optional tensors stay std::optional: Function::apply treats a plain undefined Tensor as an input variable.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+                            bool relu) {
+    auto [y, mean, invstd] =
+        batch_norm_fwd().call(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+    const at::Tensor w = weight.value_or(at::Tensor());
+    ctx->save_for_backward({x, relu ? y : at::Tensor(), w, mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
+    // Which gradients to make, by argument (needs_input_grad counts only the tensors given).
+    ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), residual && residual->requires_grad(),
+                                                w.defined() && w.requires_grad(), bias && bias->requires_grad()};
+    ctx->saved_data["bias_dtype"] = bias ? bias->scalar_type() : x.scalar_type();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    auto [dx, dres, dw, db] = batch_norm_bwd().call(like_input(grads[0], x), x, opt(y), opt(weight), saved[3],
+                                                    saved[4], ctx->saved_data["training"].toBool(),
+                                                    ctx->saved_data["relu"].toBool(), need[1]);
+    const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
+    return {need[0] ? dx : at::Tensor(),
+            need[1] ? dres : at::Tensor(),
+            need[2] ? dw.to(weight.scalar_type()) : at::Tensor(),
+            need[3] ? db.to(bias_dtype) : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor batch_norm_act_autograd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& running_mean,
+                                   const std::optional<at::Tensor>& running_var, bool training, double momentum,
+                                   double eps, bool relu) {
+  return BatchNormAct::apply(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+}
+
+at::Tensor batch_norm_act_plain(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var, bool training, double momentum,
+                                double eps, bool relu) {
+  return std::get<0>(
+      batch_norm_fwd().call(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fck, Autograd, m) {
   m.impl("embedding", &embedding_autograd);
+  m.impl("batch_norm_act", &batch_norm_act_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
   m.impl("embedding", &embedding_plain);
+  m.impl("batch_norm_act", &batch_norm_act_plain);
 }

@@ -24,6 +24,11 @@ TORCH_LIBRARY(fck, m) {
   m.def(
       "batch_norm_bwd(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // relu?(batch_norm(input) + residual?) with its autograd in C++ (python/register_autograd.cpp), on the two ops
+  // above: the output alone.
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> Tensor");
   // Embedding bags over a 1-D index tensor with offsets ending in the number of indices; mode 0 sum, 1 mean,
   // 2 max; padding_idx -1 for none. Returns the (bags, dim) output and, for max, the row each maximum came from.
   m.def(

@@ -121,3 +121,23 @@ def test_opcheck_embedding_and_its_cxx_autograd():
                      (torch.zeros(0, 2, dtype=torch.long), -1)):
         torch.library.opcheck(torch.ops.fck.embedding.default, (w, idx, pad),
                               test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))
+
+
+@pytest.mark.parametrize("relu,with_residual,affine,channels_last",
+                         [(True, True, True, False), (False, False, False, False), (True, False, True, True)])
+def test_opcheck_batch_norm_act_and_its_cxx_autograd(relu, with_residual, affine, channels_last):
+    """fck::batch_norm_act (the fused forward with its autograd in C++): schema, fake, autograd registration and AOT
+    dispatch with static shapes, training (running statistics updated in place) and eval."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    res = torch.randn(3, 4, 5, 6, generator=g, requires_grad=True) if with_residual else None
+    w = torch.rand(4, generator=g, requires_grad=True) if affine else None
+    b = torch.randn(4, generator=g, requires_grad=True) if affine else None
+    for training in (True, False):
+        rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+        torch.library.opcheck(torch.ops.fck.batch_norm_act.default, (x, res, w, b, rm, rv, training, 0.1, 1e-5, relu),
+                              test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))

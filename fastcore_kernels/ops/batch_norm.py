@@ -142,6 +142,11 @@ def batch_norm_act(x, residual, running_mean, running_var, weight, bias, trainin
     # Running statistics are updated by the kernels in place: they must be dense vectors.
     if running_mean is not None and not (running_mean.is_contiguous() and running_var.is_contiguous()):
         raise ValueError(f"{name}: running_mean and running_var must be contiguous")
+    if impl in ("cpu", "cuda") and not _backend.compiling():
+        # One C++ op with its autograd in C++: the Python autograd.Function below costs more than a small batch's
+        # normalization. torch.compile traces the Python path.
+        return torch.ops.fck.batch_norm_act(x, residual, weight, bias, running_mean, running_var, training,
+                                            momentum, eps, relu)
     tensors = (x, residual, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _BatchNormAct.apply(x, residual, weight, bias, running_mean, running_var, training, momentum, eps,

@@ -217,11 +217,6 @@ def _padding_index(padding_idx, num_embeddings: int, name: str) -> int:
     return padding_idx % num_embeddings
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, mode="mean",
                   sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None, *,
                   update: EmbeddingUpdate | None = None, backend=None):
@@ -265,7 +260,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
         raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
                            f"Long, Int; but got {input.dtype} instead (while checking arguments for embedding)")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding")
-    if impl in ("cpu", "cuda") and max_norm is None and not sparse and not scale_grad_by_freq and not _compiling():
+    plain = max_norm is None and not sparse and not scale_grad_by_freq
+    if impl in ("cpu", "cuda") and plain and not _backend.compiling():
         # The C++ op with C++ autograd: a small table's lookup is otherwise mostly Python overhead.
         _check_weight(weight, input, "embedding")
         return torch.ops.fck.embedding(weight, input, _padding_index(padding_idx, weight.shape[0], "embedding"))
