@@ -76,6 +76,9 @@ Axpy<A> pick_axpy() {
   return &axpy_base<A>;
 }
 
+// Below this many values a call runs on one thread: waking the pool costs more than the work.
+constexpr int64_t kSerialWork = 1 << 15;
+
 template <typename T, typename I>
 void forward(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bags, int64_t mode,
              const raw_t<T>* psw, int64_t pad, at::Tensor& out, at::Tensor& max_idx) {
@@ -85,7 +88,9 @@ void forward(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bag
   raw_t<T>* o = reinterpret_cast<raw_t<T>*>(out.data_ptr());
   int64_t* arg = mode == kBagMax ? max_idx.data_ptr<int64_t>() : nullptr;
   const Axpy<A> axpy = pick_axpy<A>();
-  at::parallel_for(0, n_bags, 64, [&](int64_t b0, int64_t b1) {
+  const int64_t work = std::max<int64_t>(off[n_bags], n_bags) * dim;
+  const int64_t grain = work < kSerialWork ? std::max<int64_t>(n_bags, 1) : 64;
+  at::parallel_for(0, n_bags, grain, [&](int64_t b0, int64_t b1) {
     std::vector<A> acc(dim), buf(dim);
     for (int64_t b = b0; b < b1; ++b) {
       if (off[b + 1] - off[b] == 1 && mode != kBagMax && !psw) {
@@ -149,7 +154,6 @@ std::vector<A> bag_scales(const I* idx, const I* off, int64_t n_bags, int64_t mo
 // thread when the work is small. A tiny table (an RNN's 31-token embedding: 64 indices x 64) otherwise paid a
 // thread wake-up per call, 6x torch's whole backward.
 inline int64_t row_grain(int64_t rows, int64_t work) {
-  constexpr int64_t kSerialWork = 1 << 15;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   return work < kSerialWork ? std::max<int64_t>(rows, 1) : std::max<int64_t>(1, (rows + threads - 1) / threads);
 }
