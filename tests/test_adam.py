@@ -236,6 +236,23 @@ def test_channels_last_and_strided_grads():
     assert opt.state[w]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_grad_strides_differ_only_on_size_one_dims(backend):
+    """A (8, 1, 3, 3) conv weight's gradient can come back contiguous with another stride on the size-1 dimension
+    (oneDNN's convolution backward does): the same flat order, so the fused step takes it as it is."""
+    skip_unless_runnable(backend, "cpu")
+    w = torch.nn.Parameter(torch.randn(8, 1, 3, 3))
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt, opt_ref = fck.FusedAdam([w], backend=backend), torch.optim.Adam([ref], foreach=False)
+    for _ in range(3):
+        g = torch.randn(8, 1, 3, 3).as_strided((8, 1, 3, 3), (9, 1, 3, 1))
+        assert g.is_contiguous() and g.stride() != w.stride()
+        w.grad, ref.grad = g, g.clone()
+        opt.step()
+        opt_ref.step()
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
+
+
 def test_non_dense_param_falls_back_to_reference():
     base = torch.randn(6, 8)
     p = torch.nn.Parameter(base[:, ::2])  # strided, not dense

@@ -3,7 +3,7 @@
 stock PyTorch (`--kernels both`, the default) and prints the metric and time per epoch side by side.
 
 Parts (PARTS below): lesson 3 imdb-lm; lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6
-rossmann; lesson 7 human-numbers.
+rossmann; lesson 7 human-numbers, mnist-resnet.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ PARTS = {
     (5, "mnist-sgd"): "lesson5:run_mnist_sgd",
     (6, "rossmann"): "lesson6:run_rossmann",
     (7, "human-numbers"): "lesson7:run_human_numbers",
+    (7, "mnist-resnet"): "lesson7:run_mnist_resnet",
 }
 LESSONS: dict[int, tuple[str, ...]] = {}
 for _lesson, _part in PARTS:

@@ -87,7 +87,7 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
                 f"adam_: grads[{i}] ({g.dtype}, {g.device}, {tuple(g.shape)}) does not match its param "
                 f"({dtype}, {device}, {tuple(p.shape)})"
             )
-        if flat and (g.stride() != p.stride() or not (p.is_contiguous() or _dense(p))):
+        if flat and (not _same_strides(g, p) or not (p.is_contiguous() or _dense(p))):
             raise ValueError(f"adam_: params[{i}] and grads[{i}] must be dense with identical strides")
     for i, s in enumerate(state_steps):
         # The Triton launcher increments these through their data pointers.
@@ -96,9 +96,14 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     for name in _STATE_LISTS + (("max_exp_avg_sqs",) if amsgrad else ()) + (("master_params",) if master_params else ()):
         for i, t in enumerate(lists[name]):
             want = torch.float32 if name == "master_params" else state_dtype
-            laid_out = t.shape == params[i].shape and (not flat or t.stride() == params[i].stride())
+            laid_out = t.shape == params[i].shape and (not flat or _same_strides(t, params[i]))
             if t.dtype != want or t.device != device or not laid_out:
                 raise ValueError(f"adam_: {name}[{i}] must be a {want} tensor laid out like params[{i}] on {device}")
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same flat element order: strides agree wherever the size is not 1 (a size-1 dimension's stride is free)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
 def _dense(t: torch.Tensor) -> bool:
