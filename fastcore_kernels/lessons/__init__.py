@@ -2,8 +2,8 @@
 `python -m fastcore_kernels.lessons lesson N ...`). Every part trains with fastcore_kernels' fused modules and with
 stock PyTorch (`--kernels both`, the default) and prints the metric and time per epoch side by side.
 
-Parts (PARTS below): lesson 1 digits; lesson 3 imdb-lm; lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6
-rossmann; lesson 7 human-numbers, mnist-resnet.
+Parts (PARTS below): lesson 1 digits; lesson 3 imdb-lm; lesson 4 tabular, collab, imdb; lesson 5 collab-wd,
+mnist-sgd; lesson 6 rossmann, cnn-gradcam; lesson 7 human-numbers, mnist-resnet.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ PARTS = {
     (5, "collab-wd"): "lesson5:run_collab_wd",
     (5, "mnist-sgd"): "lesson5:run_mnist_sgd",
     (6, "rossmann"): "lesson6:run_rossmann",
+    (6, "cnn-gradcam"): "lesson6:run_cnn_gradcam",
     (7, "human-numbers"): "lesson7:run_human_numbers",
     (7, "mnist-resnet"): "lesson7:run_mnist_resnet",
 }

@@ -1,16 +1,20 @@
 """Lesson 6 parts. rossmann: daily store sales as tabular regression on the log of the target, with y_range, embedding
-dropout and the competition's exp_rmspe metric; the last six weeks are the validation set (a time split)."""
+dropout and the competition's exp_rmspe metric; the last six weeks are the validation set (a time split).
+cnn-gradcam: a CNN with batch norm and data augmentation on digits, and Grad-CAM heatmaps."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 
-from fastcore_kernels.learner import DataLoaders, exp_rmspe
+from fastcore_kernels.learner import DataLoaders, accuracy, exp_rmspe, grad_cam
 from fastcore_kernels.lessons import RunResult, train_kernel_sets
+from fastcore_kernels.lessons import foundations as fd
 from fastcore_kernels.lessons import tabular as tb
+from fastcore_kernels.lessons import vision as vis
 
 CATS = ["Store", "DayOfWeek", "Year", "Month", "Week", "Day", "StateHoliday", "StoreType", "Assortment", "Promo",
         "SchoolHoliday"]
@@ -41,3 +45,31 @@ def run_rossmann(*, data=None, epochs=None, kernel_sets=("fused", "stock"), devi
                                 ps=(0.001, 0.01), embed_p=0.04, y_range=y_range),
         dls, F.mse_loss, kernel_sets=kernel_sets, out=out, metrics=[exp_rmspe],
         fit=lambda learn: learn.fit_one_cycle(n_epoch, 3e-3, wd=0.2))
+
+
+def run_cnn_gradcam(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
+                    out: Path = Path("lesson_out")) -> list[RunResult]:
+    """A CNN with batch norm on MNIST digits with data augmentation (rotations up to 10 degrees, shifts by
+    reflection-padded crops, lighting; no flips for digits), then Grad-CAM heatmaps of the last conv layer for a
+    few held-out digits, saved as PNGs."""
+    (xt, yt), (xv, yv) = fd.load_mnist(data)
+    xt, xv = xt.view(-1, 1, 28, 28), xv.view(-1, 1, 28, 28)
+    if quick:
+        xt, yt, xv, yv = xt[:1000], yt[:1000], xv[:300], yv[:300]
+    print(f"lesson 6 cnn-gradcam: {len(yt)} training digits, {len(yv)} held out", flush=True)
+    dls = DataLoaders.from_tensors((xt, yt), (xv, yv), batch_size=64, device=device, seed=0)
+    n_epoch = 1 if quick else (epochs or 6)
+
+    def fit(learn):
+        learn.fit_one_cycle(n_epoch, 1e-2)
+        if learn.kernels == "fused":
+            model = learn.model
+            last_conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+            for i in range(4):
+                grad_cam(model, xv[i].to(learn.dls.device), last_conv,
+                         fname=out / f"grad_cam_{i}_label{int(yv[i])}.png")
+
+    return train_kernel_sets(
+        6, "cnn-gradcam", "bn-cnn-augmented",
+        lambda: vis.simple_cnn(10, augment=vis.Augment(pad=2, rotate=10.0, lighting=0.2)), dls, F.cross_entropy,
+        kernel_sets=kernel_sets, out=out, fit=fit, metrics=[accuracy])

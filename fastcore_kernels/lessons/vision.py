@@ -56,15 +56,56 @@ def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = N
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-class Augment(nn.Module):
-    """Training-time augmentation as a module (identity in eval): random shifts by reflection-padded crops."""
+def random_rotate(x: torch.Tensor, max_deg: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image rotated by a random angle in [-max_deg, max_deg] about its centre (reflection at the borders)."""
+    b = x.shape[0]
+    theta = (torch.rand(b, generator=generator) * 2 - 1).to(x.device) * (max_deg * torch.pi / 180)
+    cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+    mat = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(mat, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def __init__(self, pad: int = 2):
+
+def random_lighting(x: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fastai's brightness and contrast: each image's values scaled about 0.5 by a random contrast in
+    [1 - amount, 1 + amount] and shifted by a random brightness in [-amount / 2, amount / 2]."""
+    b = x.shape[0]
+    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * amount
+    bright = (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * amount
+    return ((x - 0.5) * contrast.to(x) + 0.5 + bright.to(x)).clamp(0, 1)
+
+
+class Augment(nn.Module):
+    """Training-time augmentation of a batch as a module (identity in eval): random shifts (reflection-padded crops),
+    and optionally rotations, lighting and horizontal flips (off for digits, where a flip changes the meaning)."""
+
+    def __init__(self, pad: int = 2, rotate: float = 0.0, lighting: float = 0.0, flip: bool = False):
         super().__init__()
-        self.pad = pad
+        self.pad, self.rotate, self.lighting, self.flip = pad, rotate, lighting, flip
 
     def forward(self, x):
-        return random_crop(x, self.pad) if self.training and self.pad else x
+        if not self.training:
+            return x
+        if self.flip:
+            mask = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        if self.rotate:
+            x = random_rotate(x, self.rotate)
+        if self.pad:
+            x = random_crop(x, self.pad)
+        if self.lighting:
+            x = random_lighting(x, self.lighting)
+        return x
+
+
+def simple_cnn(n_classes: int = 10, widths=(16, 32, 64, 64), augment: Augment | None = None) -> nn.Sequential:
+    """Lesson 6's CNN with batch norm: stride-2 conv layers, then global pooling and a linear head."""
+    layers = [augment or nn.Identity()]
+    ni = 1
+    for nf in widths:
+        layers.append(conv_layer(ni, nf, 2))
+        ni = nf
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ni, n_classes))
 
 
 def conv_layer(ni: int, nf: int, stride: int = 1) -> nn.Sequential:
@@ -86,7 +127,7 @@ class ResBlock(nn.Module):
 def mnist_resnet(n_classes: int = 10, augment: int = 2) -> nn.Sequential:
     """Lesson 7's ResNet for MNIST from scratch: stride-2 conv layers each followed by a residual block."""
     return nn.Sequential(
-        Augment(augment),
+        Augment(pad=augment),
         conv_layer(1, 8, 2), ResBlock(8),
         conv_layer(8, 16, 2), ResBlock(16),
         conv_layer(16, 32, 2), ResBlock(32),
