@@ -52,10 +52,10 @@ def lm_data(corpus: Corpus, device, bs: int = 32, bptt: int = 70) -> DataLoaders
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
     n_valid = max(1, len(texts) // 10)
 
-    def stream(idx):
-        return torch.tensor([t for i in idx for t in texts[i]], dtype=torch.long)
-    return DataLoaders(hn.StreamLoader(stream(order[n_valid:]), bs, bptt, device),
-                       hn.StreamLoader(stream(order[:n_valid]), bs, bptt, device), device=device)
+    def loader(idx):  # fewer rows when a (quick, small) stream cannot fill bs rows of bptt tokens
+        ids = torch.tensor([t for i in idx for t in texts[i]], dtype=torch.long)
+        return hn.StreamLoader(ids, max(1, min(bs, (len(ids) - 1) // bptt)), bptt, device)
+    return DataLoaders(loader(order[n_valid:]), loader(order[:n_valid]), device=device)
 
 
 def fit_language_model(corpus: Corpus, device, kernel_sets, out: Path, epochs: int, lesson: int, part: str):
