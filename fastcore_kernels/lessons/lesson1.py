@@ -86,7 +86,7 @@ def run_digits(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device
         missing, unexpected = learn.model.load_state_dict(bodies[learn.kernels], strict=False)
         if unexpected or any(not k.startswith("fc.") for k in missing):
             raise ValueError(f"weights do not fit a ResNet-18: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        learn.fine_tune(1 if quick else (epochs or 4), base_lr=2e-3, freeze_epochs=1)
+        learn.fine_tune(1 if quick else (epochs or 4), base_lr=1e-2, freeze_epochs=1)
         if learn.kernels == "fused":
             interp = ClassificationInterpretation.from_learner(learn, vocab=classes)
             interp.plot_confusion_matrix(out / "confusion_matrix.png")
