@@ -40,7 +40,7 @@ def run_sgd(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="c
         with torch.no_grad():
             a.sub_(0.1 * a.grad)
             a.grad.zero_()
-        losses.append(float(loss))
+        losses.append(loss.item())
     sec = time.perf_counter() - t0
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
