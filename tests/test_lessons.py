@@ -11,6 +11,7 @@ import fastcore_kernels as fck
 from fastcore_kernels.lessons import collab as cl
 from fastcore_kernels.lessons import foundations as fd
 from fastcore_kernels.lessons import human_numbers as hn
+from fastcore_kernels.lessons import shapes as sh
 from fastcore_kernels.lessons import tabular as tb
 from fastcore_kernels.lessons import text as tx
 from fastcore_kernels.lessons import vision as vis
@@ -278,7 +279,8 @@ def test_weight_dropout_keeps_the_raw_parameter():
 
 # ---- every part's quick mode, fused and stock ----
 
-QUICK_PARTS = [("1", "digits", None), ("2", "sgd", None), ("2", "webapp", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
+QUICK_PARTS = [("1", "digits", None), ("2", "sgd", None), ("2", "webapp", None), ("3", "multi-label", None),
+               ("3", "segmentation", None), ("3", "points", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
                ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None),
                ("6", "cnn-gradcam", None), ("7", "mnist-resnet", None)]
 
@@ -459,3 +461,39 @@ def test_webapp_refuses_bad_uploads(served_classifier):
     assert r.status_code == 400 and "'file'" in r.json()["error"]
     r = http.post(url + "/predict", files={"file": ("big.png", b"0" * 200_000, "image/png")})
     assert r.status_code == 413 and "larger than" in r.json()["error"]
+
+
+# ---- lesson 3 vision formats and the U-Net ----
+
+def test_shapes_formats_round_trip(tmp_path):
+    x, y, tags = sh.read_multilabel(sh.write_multilabel(tmp_path / "ml", n=12, size=16))
+    assert x.shape == (12, 1, 16, 16) and y.shape == (12, 3) and tags == sorted(sh.KINDS)
+    assert ((y == 0) | (y == 1)).all() and (y.sum(1) >= 1).all()
+    x, masks, codes = sh.read_segmentation(sh.write_segmentation(tmp_path / "seg", n=6, size=16))
+    assert codes == ["background"] + sh.KINDS and masks.shape == (6, 16, 16) and int(masks.max()) <= 3
+    assert (masks > 0).any(1).any(1).all()  # every scene has a shape
+    bright = x[:, 0] > 0.5
+    assert bool((bright == (masks > 0)).float().mean() > 0.95)  # the mask marks the shapes' pixels
+    x, pts = sh.read_points(sh.write_points(tmp_path / "pt", n=10, size=16))
+    assert pts.shape == (10, 2) and bool((pts.abs() <= 1).all())
+    with pytest.raises(FileNotFoundError, match="labels.csv"):
+        sh.read_multilabel(tmp_path / "nothing")
+    (tmp_path / "seg" / "codes.txt").write_text("background\n")
+    with pytest.raises(ValueError, match="codes.txt"):
+        sh.read_segmentation(tmp_path / "seg")
+
+
+def test_unet_on_a_fused_encoder_matches_stock():
+    """The U-Net calls its encoder's modules itself (relu(bn1(conv1(x)))), bypassing the encoder's fused forward:
+    outputs and gradients must still match the unfused model, in-place ReLU and all (float64: exact math)."""
+    torch.manual_seed(0)
+    m = vis.UNet(vis.resnet18(n_classes=4, width=4, in_channels=1, stem="small"), 4).double()
+    f = fck.fuse(copy.deepcopy(m))
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    out_m, out_f = m(x), f(x)
+    torch.testing.assert_close(out_f, out_m, rtol=1e-9, atol=1e-9)
+    out_m.square().sum().backward()
+    out_f.square().sum().backward()
+    for (name, a), (_, b) in zip(m.named_parameters(), f.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-8, msg=name)
+    assert out_m.shape == (2, 4, 16, 16)

@@ -2,8 +2,9 @@
 `python -m fastcore_kernels.lessons lesson N ...`). Every part trains with fastcore_kernels' fused modules and with
 stock PyTorch (`--kernels both`, the default) and prints the metric and time per epoch side by side.
 
-Parts (PARTS below): lesson 1 digits; lesson 2 sgd, webapp; lesson 3 imdb-lm; lesson 4 tabular, collab, imdb;
-lesson 5 collab-wd, mnist-sgd; lesson 6 rossmann, cnn-gradcam; lesson 7 human-numbers, mnist-resnet.
+Parts (PARTS below): lesson 1 digits; lesson 2 sgd, webapp; lesson 3 multi-label, segmentation, points, imdb-lm;
+lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6 rossmann, cnn-gradcam; lesson 7
+human-numbers, mnist-resnet.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ PARTS = {
     (1, "digits"): "lesson1:run_digits",
     (2, "sgd"): "lesson2:run_sgd",
     (2, "webapp"): "lesson2:run_webapp",
+    (3, "multi-label"): "lesson3:run_multilabel",
+    (3, "segmentation"): "lesson3:run_segmentation",
+    (3, "points"): "lesson3:run_points",
     (3, "imdb-lm"): "ulmfit:run_imdb_lm",
     (4, "imdb"): "ulmfit:run_imdb",
     (4, "tabular"): "lesson4:run_tabular",

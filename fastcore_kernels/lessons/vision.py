@@ -202,3 +202,34 @@ def resnet_splitter(model: ResNet) -> list[list[nn.Parameter]]:
     stem = [*model.conv1.parameters(), *model.bn1.parameters(), *model.layer1.parameters(),
             *model.layer2.parameters()]
     return [stem, [*model.layer3.parameters(), *model.layer4.parameters()], list(model.fc.parameters())]
+
+
+class UNet(nn.Module):
+    """A U-Net on a ResNet encoder (fastai's DynamicUnet idea, written out): the encoder's four stages, then at
+    each scale up-sampling, concatenation with the encoder's features there, and a conv-BN-ReLU layer; last the input
+    itself joins and a 1x1 convolution gives per-pixel class scores."""
+
+    def __init__(self, encoder: ResNet, n_classes: int, in_channels: int = 1):
+        super().__init__()
+        self.enc = encoder
+        w = encoder.bn1.num_features
+        chans = [w, 2 * w, 4 * w, 8 * w]  # layer1..layer4 outputs
+        self.blocks = nn.ModuleList([conv_layer(chans[3] + chans[2], chans[2]), conv_layer(chans[2] + chans[1],
+                                     chans[1]), conv_layer(chans[1] + chans[0], chans[0]),
+                                     conv_layer(chans[0] + in_channels, chans[0])])
+        self.head = nn.Conv2d(chans[0], n_classes, 1)
+
+    def forward(self, x):
+        e = self.enc
+        f1 = e.layer1(e.maxpool(e.relu(e.bn1(e.conv1(x)))))
+        f2 = e.layer2(f1)
+        f3 = e.layer3(f2)
+        d = e.layer4(f3)
+        for skip, block in zip((f3, f2, f1, x), self.blocks):
+            d = block(torch.cat([F.interpolate(d, size=skip.shape[-2:], mode="nearest"), skip], 1))
+        return self.head(d)
+
+
+def pixel_accuracy(pred: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+    """Fraction of pixels whose argmax class (dim 1) is the target's."""
+    return (pred.argmax(1) == targ).float().mean()

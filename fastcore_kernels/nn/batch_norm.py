@@ -87,7 +87,10 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
     buffers and state_dict keys where the model had them, and passes its input through."""
 
     def forward(self, input):
-        return input
+        # Only code that bypasses the fused forward calls this (a U-Net reading a fused encoder's modules:
+        # relu(bn1(conv1(x)))). Its next step is often an in-place ReLU, which must not touch the convolution's
+        # output: the fused backward saved it for its ReLU mask. A copy when gradients flow, the input otherwise.
+        return input.clone() if torch.is_grad_enabled() and input.requires_grad else input
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", absorbed by the preceding FusedConv2d"
