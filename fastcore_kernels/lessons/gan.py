@@ -1,0 +1,111 @@
+"""Lesson 7's image generation: U-Net restoration of "crappified" digits (pixel loss, then a GAN phase against a
+critic) and a WGAN that generates digits from noise. The GAN loops are written out (generator and critic steps
+alternate), on fastcore_kernels' fused modules and FusedAdam for the fused kernel set and stock PyTorch otherwise."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcore_kernels import fuse
+from fastcore_kernels.optim import FusedAdam
+from fastcore_kernels.lessons import vision as vis
+
+
+def crappify(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The course's crappifier for digits: halve the resolution, scale back up, add noise, quantize to 16 levels."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(h // 2, w // 2), mode="bilinear", align_corners=False, antialias=True)
+    up = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    noisy = up + 0.08 * torch.randn(up.shape, generator=generator).to(x)
+    return (noisy.clamp(0, 1) * 15).round() / 15
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    mse = F.mse_loss(pred.clamp(0, 1), target).item()
+    return 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
+
+
+def restorer(width: int = 16) -> nn.Module:
+    """A U-Net on a ResNet-18 encoder predicting the clean image (sigmoid output)."""
+    return nn.Sequential(vis.UNet(vis.resnet18(n_classes=1, width=width, in_channels=1, stem="small"), 1),
+                         nn.Sigmoid())
+
+
+def critic(width: int = 16) -> nn.Module:
+    """Real-or-generated: stride-2 conv layers with batch norm (the course's gan_critic uses spectral norm + dropout;
+    batch norm keeps it on the fused kernels), one score per image."""
+    return nn.Sequential(vis.conv_layer(1, width, 2), vis.conv_layer(width, 2 * width, 2),
+                         vis.conv_layer(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4 * width, 1))
+
+
+def _prepare(model: nn.Module, kernels: str, lr: float, betas=(0.5, 0.99)):
+    if kernels == "fused":
+        model = fuse(model, inplace=True)
+        return model, FusedAdam(model.parameters(), lr=lr, betas=betas)
+    return model, torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+
+
+def gan_phase(gen: nn.Module, crit: nn.Module, gen_opt, crit_opt, batches, adv_weight: float = 0.01) -> float:
+    """One epoch of the course's GAN fine-tuning: the critic learns real vs restored, the generator minimises pixel
+    loss + adv_weight * (fool the critic). Returns seconds taken."""
+    t0 = time.perf_counter()
+    for clean, bad in batches:
+        with torch.no_grad():
+            fake = gen(bad)
+        real_logit, fake_logit = crit(clean), crit(fake)
+        loss_c = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
+            F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+        crit_opt.zero_grad()
+        loss_c.backward()
+        crit_opt.step()
+        out = gen(bad)
+        fool = crit(out)
+        loss_g = F.l1_loss(out, clean) + adv_weight * F.binary_cross_entropy_with_logits(fool, torch.ones_like(fool))
+        gen_opt.zero_grad()
+        loss_g.backward()
+        gen_opt.step()
+    return time.perf_counter() - t0
+
+
+def wgan_generator(nz: int = 32, width: int = 32) -> nn.Module:
+    """Noise (nz) -> 16x16 image: a linear layer to 4x4 features, then two upsample + conv-BN-ReLU stages."""
+    return nn.Sequential(nn.Linear(nz, 2 * width * 16), nn.Unflatten(1, (2 * width, 4, 4)),
+                         nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+                         nn.Upsample(scale_factor=2), vis.conv_layer(2 * width, width),
+                         nn.Upsample(scale_factor=2), vis.conv_layer(width, width),
+                         nn.Conv2d(width, 1, 3, 1, 1), nn.Sigmoid())
+
+
+def wgan_critic(width: int = 32) -> nn.Module:
+    """No batch norm in a WGAN critic (it breaks the per-sample Lipschitz constraint): conv + LeakyReLU."""
+    return nn.Sequential(nn.Conv2d(1, width, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(width, 2 * width, 4, 2, 1),
+                         nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(2 * width * 16, 1))
+
+
+def wgan_epoch(gen, crit, gen_opt, crit_opt, real_batches, nz: int, n_critic: int = 5, clip: float = 0.01):
+    """Arjovsky et al.'s WGAN: n_critic critic steps (weights clipped to [-clip, clip]) per generator step.
+    Returns (seconds, last Wasserstein estimate)."""
+    t0, w_est = time.perf_counter(), float("nan")
+    for i, real in enumerate(real_batches):
+        noise = torch.randn(real.shape[0], nz, device=real.device)
+        with torch.no_grad():
+            fake = gen(noise)
+        loss_c = crit(fake).mean() - crit(real).mean()
+        crit_opt.zero_grad()
+        loss_c.backward()
+        crit_opt.step()
+        with torch.no_grad():
+            for p in crit.parameters():
+                p.clamp_(-clip, clip)
+        w_est = -loss_c.item()
+        if i % n_critic == n_critic - 1:
+            loss_g = -crit(gen(torch.randn(real.shape[0], nz, device=real.device))).mean()
+            gen_opt.zero_grad()
+            loss_g.backward()
+            gen_opt.step()
+    return time.perf_counter() - t0, w_est
