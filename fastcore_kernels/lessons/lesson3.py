@@ -43,7 +43,8 @@ def run_multilabel(*, data=None, epochs=None, kernel_sets=("fused", "stock"), de
                              lambda: vis.simple_cnn(len(tags), augment=vis.Augment(pad=2, flip=True)), dls,
                              F.binary_cross_entropy_with_logits, kernel_sets=kernel_sets, out=out,
                              metrics=[accuracy_multi(), fbeta(2.0)],
-                             fit=lambda learn: learn.fit_one_cycle(n_epoch, 1e-2))
+                             fit=lambda learn: learn.fit_one_cycle(n_epoch, 1e-2),
+                             extra=lambda learn: {"fbeta2": round(float(learn.recorder.value("fbeta2")), 4)})
 
 
 def run_segmentation(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
@@ -59,7 +60,8 @@ def run_segmentation(*, data=None, epochs=None, kernel_sets=("fused", "stock"), 
         return vis.UNet(encoder, len(codes), in_channels=x.shape[1])
     return train_kernel_sets(3, "segmentation", "resnet18 u-net", make, dls, F.cross_entropy, kernel_sets=kernel_sets,
                              out=out, metrics=[AvgMetric(vis.pixel_accuracy, "pixel_accuracy"), dice()],
-                             fit=lambda learn: learn.fit_one_cycle(n_epoch, 1e-2))
+                             fit=lambda learn: learn.fit_one_cycle(n_epoch, 1e-2),
+                             extra=lambda learn: {"dice": round(float(learn.recorder.value("dice")), 4)})
 
 
 def run_points(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
