@@ -84,6 +84,15 @@ def load_mnist(data=None, seed: int = 0):
     return (x[train], y[train]), (x[valid], y[valid])
 
 
+def load_mnist_images(data=None, quick: bool = False):
+    """load_mnist as (n, 1, 28, 28) images; a quick run keeps 1,000 training and 300 held-out digits."""
+    (xt, yt), (xv, yv) = load_mnist(data)
+    xt, xv = xt.view(-1, 1, 28, 28), xv.view(-1, 1, 28, 28)
+    if quick:
+        xt, yt, xv, yv = xt[:1000], yt[:1000], xv[:300], yv[:300]
+    return (xt, yt), (xv, yv)
+
+
 class LogReg(nn.Module):
     """Logistic regression written out: one weight matrix and a bias."""
 

@@ -45,10 +45,7 @@ def pretrained_body(device, quick: bool, kernels: str) -> dict:
     """A ResNet-18 (width WIDTH) trained on the MNIST digits: the 'pretrained weights' of this lesson."""
     from fastcore_kernels.learner import Learner
 
-    (xt, yt), (xv, yv) = fd.load_mnist()
-    xt, xv = xt.view(-1, 1, 28, 28), xv.view(-1, 1, 28, 28)
-    if quick:
-        xt, yt = xt[:1000], yt[:1000]
+    (xt, yt), (xv, yv) = fd.load_mnist_images(quick=quick)
     torch.manual_seed(0)
     model = vis.resnet18(n_classes=10, width=WIDTH, in_channels=1, stem="small")
     learn = Learner(DataLoaders.from_tensors((xt, yt), (xv, yv), batch_size=64, device=device, seed=0), model,

@@ -99,10 +99,7 @@ def serve_and_query(export: Path, images: torch.Tensor, labels: torch.Tensor) ->
 
 def run_webapp(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                out: Path = Path("lesson_out")) -> list[RunResult]:
-    (xt, yt), (xv, yv) = fd.load_mnist(data)
-    xt, xv = xt.view(-1, 1, 28, 28), xv.view(-1, 1, 28, 28)
-    if quick:
-        xt, yt, xv, yv = xt[:1000], yt[:1000], xv[:200], yv[:200]
+    (xt, yt), (xv, yv) = fd.load_mnist_images(data, quick)
     dls = DataLoaders.from_tensors((xt, yt), (xv, yv), batch_size=64, device=device, seed=0)
     n_epoch = 1 if quick else (epochs or 4)
     served = {}

@@ -52,10 +52,7 @@ def run_cnn_gradcam(*, data=None, epochs=None, kernel_sets=("fused", "stock"), d
     """A CNN with batch norm on MNIST digits with data augmentation (rotations up to 10 degrees, shifts by
     reflection-padded crops, lighting; no flips for digits), then Grad-CAM heatmaps of the last conv layer for a
     few held-out digits, saved as PNGs."""
-    (xt, yt), (xv, yv) = fd.load_mnist(data)
-    xt, xv = xt.view(-1, 1, 28, 28), xv.view(-1, 1, 28, 28)
-    if quick:
-        xt, yt, xv, yv = xt[:1000], yt[:1000], xv[:300], yv[:300]
+    (xt, yt), (xv, yv) = fd.load_mnist_images(data, quick)
     print(f"lesson 6 cnn-gradcam: {len(yt)} training digits, {len(yv)} held out", flush=True)
     dls = DataLoaders.from_tensors((xt, yt), (xv, yv), batch_size=64, device=device, seed=0)
     n_epoch = 1 if quick else (epochs or 6)

@@ -50,10 +50,7 @@ def run_human_numbers(*, data=None, epochs=None, kernel_sets=("fused", "stock"),
 def run_mnist_resnet(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                      out: Path = Path("lesson_out")) -> list[RunResult]:
     """A ResNet for MNIST trained from scratch (random-shift augmentation, 1cycle), fused vs stock."""
-    (xt, yt), (xv, yv) = fd.load_mnist(data)
-    xt, xv = xt.view(-1, 1, 28, 28), xv.view(-1, 1, 28, 28)
-    if quick:
-        xt, yt, xv, yv = xt[:1000], yt[:1000], xv[:500], yv[:500]
+    (xt, yt), (xv, yv) = fd.load_mnist_images(data, quick)
     print(f"lesson 7 mnist-resnet: {len(yt)} training digits, {len(yv)} held out", flush=True)
     dls = DataLoaders.from_tensors((xt, yt), (xv, yv), batch_size=64, device=device, seed=0)
     n_epoch = 1 if quick else (epochs or 8)
@@ -79,8 +76,7 @@ def _save_grid(rows: list[torch.Tensor], titles: list[str], fname: Path) -> None
 def run_restoration(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                     out: Path = Path("lesson_out")) -> list[RunResult]:
     """U-Net restoration of crappified digits: a pixel (L1) loss with the Learner, then a GAN phase against a critic."""
-    (xt, _), (xv, _) = fd.load_mnist(data)
-    xt, xv = xt.view(-1, 1, 28, 28)[: 1000 if quick else 4000], xv.view(-1, 1, 28, 28)[: 200 if quick else 1000]
+    (xt, _), (xv, _) = fd.load_mnist_images(data, quick)
     g = torch.Generator().manual_seed(0)
     bad_t, bad_v = gan.crappify(xt, g), gan.crappify(xv, g)
     base = gan.psnr(bad_v, xv)
