@@ -51,10 +51,10 @@ def _prepare(model: nn.Module, kernels: str, lr: float, betas=(0.5, 0.99)):
 
 
 def gan_phase(gen: nn.Module, crit: nn.Module, gen_opt, crit_opt, batches, adv_weight: float = 0.01) -> float:
-    """One epoch of the course's GAN fine-tuning: the critic learns real vs restored, the generator minimises pixel
-    loss + adv_weight * (fool the critic). Returns seconds taken."""
+    """One epoch of the course's GAN fine-tuning over (crappified, clean) batches: the critic learns real vs
+    restored, the generator minimises pixel loss + adv_weight * (fool the critic). Returns seconds taken."""
     t0 = time.perf_counter()
-    for clean, bad in batches:
+    for bad, clean in batches:  # the Learner's (input, target) pairs
         with torch.no_grad():
             fake = gen(bad)
         real_logit, fake_logit = crit(clean), crit(fake)
