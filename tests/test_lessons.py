@@ -519,22 +519,49 @@ def test_crappify_psnr_and_gan_steps():
     assert any(not torch.equal(a, b) for a, b in zip(before, gen.parameters()))  # one generator step ran
 
 
-def test_gan_phase_trains_the_generator_towards_the_clean_images():
-    """gan_phase reads (crappified, clean) pairs, as the Learner's loaders give them: with no adversarial weight it
-    is plain L1 training and must bring the output closer to the clean targets."""
+def _gan_fixture(n=32):
     torch.manual_seed(0)
-    clean = torch.nn.functional.interpolate((torch.rand(32, 1, 4, 4) > 0.5).float(), size=(16, 16))  # blocky
+    clean = torch.nn.functional.interpolate((torch.rand(n, 1, 4, 4) > 0.5).float(), size=(16, 16))  # blocky
     bad = gan.crappify(clean, torch.Generator().manual_seed(1))
     gen, crit = gan.restorer(width=4), gan.critic(width=4)
-    g_opt, c_opt = torch.optim.Adam(gen.parameters(), 1e-2), torch.optim.Adam(crit.parameters(), 1e-3)
-    batches = [(bad[i: i + 8], clean[i: i + 8]) for i in range(0, 32, 8)]
+    return clean, bad, gen, crit, [(bad[i: i + 8], clean[i: i + 8]) for i in range(0, n, 8)]
 
-    def l1():
-        gen.eval()
-        with torch.no_grad():
-            return float(torch.nn.functional.l1_loss(gen(bad), clean))
+
+def test_gan_phase_trains_the_generator_towards_the_clean_images():
+    """gan_phase reads (crappified, clean) pairs, as the Learner's loaders give them: with no adversarial weight and
+    strict alternation it is plain L1 training and must bring the output closer to the clean targets."""
+    clean, bad, gen, crit, batches = _gan_fixture()
+    g_opt, c_opt = torch.optim.Adam(gen.parameters(), 1e-2), torch.optim.Adam(crit.parameters(), 1e-3)
     gen.train(), crit.train()
-    for _ in range(15):
-        gan.gan_phase(gen, crit, g_opt, c_opt, batches, adv_weight=0.0)
+    stats = None
+    for _ in range(30):
+        stats = gan.gan_phase(gen, crit, g_opt, c_opt, batches, weights_gen=(0.0, 1.0), critic_thresh=None,
+                              stats=stats)
+    assert stats.gen_steps == stats.critic_steps == 60  # alternated, carried across epochs
     # Better than handing back the crappified input (trained the wrong way round it does worse than that).
-    assert l1() < float(torch.nn.functional.l1_loss(bad, clean))
+    restored = gan.restore(gen, bad, "cpu")
+    assert float(torch.nn.functional.l1_loss(restored, clean)) < float(torch.nn.functional.l1_loss(bad, clean))
+
+
+def test_gan_phase_switches_to_the_generator_only_when_the_critic_is_good_enough():
+    clean, bad, gen, crit, batches = _gan_fixture()
+    g_opt, c_opt = torch.optim.Adam(gen.parameters(), 1e-3), torch.optim.Adam(crit.parameters(), 1e-3)
+    before = [p.detach().clone() for p in gen.parameters()]
+    stats = gan.gan_phase(gen, crit, g_opt, c_opt, batches, critic_thresh=0.0)  # a BCE loss is never below 0
+    assert (stats.critic_steps, stats.gen_steps) == (4, 0) and not stats.gen_mode
+    assert all(torch.equal(a, b) for a, b in zip(before, gen.parameters()))
+    stats = gan.gan_phase(gen, crit, g_opt, c_opt, batches, critic_thresh=10.0)  # always good enough: alternate
+    assert (stats.critic_steps, stats.gen_steps) == (2, 2) and 0 < stats.last_critic_loss < 10
+
+
+def test_critic_pretraining_learns_real_from_generated():
+    clean, bad, _, crit, _ = _gan_fixture(64)
+    c_opt = torch.optim.Adam(crit.parameters(), 3e-3)
+    pairs = [(clean[i: i + 16], bad[i: i + 16]) for i in range(0, 64, 16)]
+    for _ in range(10):
+        gan.pretrain_critic(crit, c_opt, pairs)
+    assert gan.critic_accuracy(crit, clean, bad) > 0.9
+    with torch.no_grad():  # and the loss is fastai's: the mean of the two BCEs
+        r, f = crit.eval()(clean[:4]), crit(bad[:4])
+        torch.testing.assert_close(gan.critic_loss(crit, clean[:4], bad[:4]),
+                                   (nn.functional.softplus(-r).mean() + nn.functional.softplus(f).mean()) / 2)

@@ -5,6 +5,7 @@ alternate), on fastcore_kernels' fused modules and FusedAdam for the fused kerne
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,33 +44,102 @@ def critic(width: int = 16) -> nn.Module:
                          nn.Linear(4 * width, 1))
 
 
+def adam(params, kernels: str, lr: float, betas=(0.5, 0.99)):
+    """FusedAdam for the fused kernel set, torch's Adam for stock."""
+    return FusedAdam(params, lr=lr, betas=betas) if kernels == "fused" else torch.optim.Adam(params, lr=lr, betas=betas)
+
+
 def _prepare(model: nn.Module, kernels: str, lr: float, betas=(0.5, 0.99)):
     if kernels == "fused":
         model = fuse(model, inplace=True)
-        return model, FusedAdam(model.parameters(), lr=lr, betas=betas)
-    return model, torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+    return model, adam(model.parameters(), kernels, lr, betas)
 
 
-def gan_phase(gen: nn.Module, crit: nn.Module, gen_opt, crit_opt, batches, adv_weight: float = 0.01) -> float:
-    """One epoch of the course's GAN fine-tuning over (crappified, clean) batches: the critic learns real vs
-    restored, the generator minimises pixel loss + adv_weight * (fool the critic). Returns seconds taken."""
+def critic_loss(crit: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """fastai's GAN critic loss: the mean of BCE(real -> 1) and BCE(generated -> 0). Real and generated images go
+    through the critic as one batch: batch norm over a real-only and a generated-only batch would let the critic
+    tell them apart by their batch statistics, which eval mode and the generator's steps never see."""
+    logits = crit(torch.cat([real, fake]))
+    real_logit, fake_logit = logits[: len(real)], logits[len(real):]
+    return (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) +
+            F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))) / 2
+
+
+@torch.no_grad()
+def restore(gen: nn.Module, images: torch.Tensor, device, bs: int = 256) -> torch.Tensor:
+    """The generator's eval-mode outputs for a stack of images, on the CPU."""
+    was_training = gen.training
+    gen.eval()
+    out = torch.cat([gen(b.to(device)).cpu() for b in images.split(bs)])
+    gen.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def critic_accuracy(crit: nn.Module, real: torch.Tensor, fake: torch.Tensor, bs: int = 256) -> float:
+    """Fraction of images the critic puts on the right side (real > 0 > generated), in eval mode."""
+    was_training = crit.training
+    crit.eval()
+    right = sum(int((crit(r) > 0).sum()) + int((crit(f) <= 0).sum()) for r, f in zip(real.split(bs), fake.split(bs)))
+    crit.train(was_training)
+    return right / (len(real) + len(fake))
+
+
+def pretrain_critic(crit: nn.Module, crit_opt, pairs) -> float:
+    """One epoch of the course's critic pretraining: real images against the pixel-trained generator's outputs,
+    saved once beforehand, so the GAN phase starts against a critic that already tells them apart. `pairs` yields
+    (real, generated) batches. Returns seconds taken."""
     t0 = time.perf_counter()
-    for bad, clean in batches:  # the Learner's (input, target) pairs
-        with torch.no_grad():
-            fake = gen(bad)
-        real_logit, fake_logit = crit(clean), crit(fake)
-        loss_c = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
-            F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+    crit.train()
+    for real, fake in pairs:
+        loss = critic_loss(crit, real, fake)
         crit_opt.zero_grad()
-        loss_c.backward()
+        loss.backward()
         crit_opt.step()
-        out = gen(bad)
-        fool = crit(out)
-        loss_g = F.l1_loss(out, clean) + adv_weight * F.binary_cross_entropy_with_logits(fool, torch.ones_like(fool))
-        gen_opt.zero_grad()
-        loss_g.backward()
-        gen_opt.step()
     return time.perf_counter() - t0
+
+
+@dataclass
+class GanPhaseStats:
+    seconds: float = 0.0
+    gen_steps: int = 0
+    critic_steps: int = 0
+    last_critic_loss: float = float("nan")
+    gen_mode: bool = False  # fastai's GANTrainer starts with the critic
+
+
+def gan_phase(gen: nn.Module, crit: nn.Module, gen_opt, crit_opt, batches, weights_gen=(1.0, 50.0),
+              critic_thresh: float | None = 0.65, stats: GanPhaseStats | None = None) -> GanPhaseStats:
+    """One epoch of the course's GAN fine-tuning over the Learner's (crappified, clean) batches, switched the way
+    fastai's AdaptiveGANSwitcher(critic_thresh=0.65) does: the critic trains on real vs restored images until its
+    loss drops below critic_thresh (None: one batch), then the generator takes one batch, minimising
+    weights_gen[0] * (fool the critic) + weights_gen[1] * L1 pixel loss, and the critic takes over again.
+    Pass the returned stats back in to carry the switch state across epochs."""
+    stats = stats or GanPhaseStats()
+    t0 = time.perf_counter()
+    for bad, clean in batches:
+        if stats.gen_mode:
+            out = gen(bad)
+            fool = crit(out)
+            loss_g = weights_gen[0] * F.binary_cross_entropy_with_logits(fool, torch.ones_like(fool)) + \
+                weights_gen[1] * F.l1_loss(out, clean)
+            gen_opt.zero_grad()
+            loss_g.backward()
+            gen_opt.step()
+            stats.gen_steps += 1
+            stats.gen_mode = False
+        else:
+            with torch.no_grad():
+                fake = gen(bad)
+            loss_c = critic_loss(crit, clean, fake)
+            crit_opt.zero_grad()
+            loss_c.backward()
+            crit_opt.step()
+            stats.critic_steps += 1
+            stats.last_critic_loss = loss_c.item()
+            stats.gen_mode = critic_thresh is None or stats.last_critic_loss < critic_thresh
+    stats.seconds += time.perf_counter() - t0
+    return stats
 
 
 def wgan_generator(nz: int = 32, width: int = 32) -> nn.Module:
