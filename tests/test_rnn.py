@@ -117,6 +117,15 @@ CONFIGS = {  # name: (input, hidden, layers, bidirectional, batch_first, T, B, b
     "unbatched bidirectional": (3, 5, 2, True, False, 4, None, True),
 }
 FAST = ("2-layer bidirectional batch_first", "unbatched bidirectional")  # what the interpreter runs
+# fp32 shapes that reach every path of the CPU's packed-panel GEMM (csrc/cpu/panel_gemm.h): row tiles of 1 to 6
+# rows (13 rows -> 5 4 4, 12 -> 6 6, 7 -> 4 3, 2, 1), more than one K block (K = 4H > 256 in the backward), last
+# panels cut short (4H, 3H and H not multiples of 16), and a W_hh over 512 KB (one row block, its panels split
+# across threads).
+WIDE = {"13 rows, K blocks": (20, 70, 1, False, False, 3, 13, True),
+        "12 rows, 2 layers bidirectional": (8, 40, 2, True, False, 2, 12, True),
+        "W_hh over 512 KB, 7 rows": (16, 190, 1, False, True, 2, 7, True),
+        "2 rows": (5, 20, 1, False, False, 2, 2, True),
+        "unbatched": (5, 20, 1, False, False, 3, None, True)}
 
 
 def _pair(mode, cfg, device, dtype=torch.float64):
@@ -178,7 +187,20 @@ def test_sequence_matches_torch(backend, device, mode, config):
 def test_sequence_dtypes(backend, device, mode, dtype):
     """Low precision against torch's float64 result on the same (rounded) weights."""
     skip_unless_runnable(backend, device)
-    cfg = CONFIGS["2-layer bidirectional batch_first"]
+    _check_against_float64(backend, device, mode, dtype, CONFIGS["2-layer bidirectional batch_first"])
+
+
+@pytest.mark.parametrize("config", list(WIDE))
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_sequence_float32_wide(backend, device, mode, config):
+    skip_unless_runnable(backend, device)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("a CPU GEMM path; the interpreter's Triton kernels have their own tests")
+    _check_against_float64(backend, device, mode, torch.float32, WIDE[config])
+
+
+def _check_against_float64(backend, device, mode, dtype, cfg):
     ours, theirs, x, h0, c0 = _pair(mode, cfg, device, dtype)
     theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
     x, h0, c0 = [t.to(dtype).double() for t in (x, h0, c0)]
@@ -193,12 +215,13 @@ def test_sequence_dtypes(backend, device, mode, dtype):
         _close(a[2][n], b[2][n], dtype, f"grad {n}")
 
 
+@pytest.mark.parametrize("config", ["3 layers, odd hidden, no bias", "13 rows, K blocks"])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_kernels_write_every_output(mode):
+def test_kernels_write_every_output(mode, config):
     """Under deterministic mode torch fills every at::empty/torch.empty with NaN: an element a kernel forgot to
     write would surface."""
     skip_unless_runnable("cpu", "cpu")
-    ours, theirs, x, h0, c0 = _pair(mode, CONFIGS["3 layers, odd hidden, no bias"], "cpu", torch.float32)
+    ours, theirs, x, h0, c0 = _pair(mode, {**CONFIGS, **WIDE}[config], "cpu", torch.float32)
     theirs.float()
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -15,6 +15,7 @@
 #include "fck/ops.h"
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
+#include "panel_gemm.h"
 
 namespace fck {
 namespace cpu {
@@ -139,11 +140,11 @@ FCK_RNN_CLONES(lstm_bwd_rows)
 FCK_RNN_CLONES(gru_fwd_rows)
 FCK_RNN_CLONES(gru_bwd_rows)
 
-// Fortran BLAS of the library torch links (MKL or OpenBLAS), called directly: at::mm_out costs a dispatch and two
-// tensor views per call, as much as the math of a small step. MKL's packed-GEMM API, where torch links MKL, packs
-// a large W_hh once per call: every step's skinny GEMM (M = batch) then skips re-blocking W_hh, which is most of its
-// time (1.6x faster per step at 32 x 1152 x 4608 here). All weak, so a torch without them still loads; fp16/bf16
-// and that case go through at::mm_out.
+// Each step's GEMM: fp32 on an AVX2+FMA CPU runs panel_gemm.h on W_hh packed once per call (3.6 vs 6.2 ms per
+// AWD-LSTM step here). Otherwise the Fortran BLAS of the library torch links (MKL or OpenBLAS), called directly:
+// at::mm_out costs a dispatch and two tensor views per call, as much as the math of a small step; MKL's packed-GEMM
+// API, where torch links MKL, packs a large W_hh once per call. All weak, so a torch without them still loads;
+// fp16/bf16 and that case go through at::mm_out.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
@@ -156,6 +157,7 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
                          const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+enum PackedKind { kMklPacked = 1, kPanels = 2 };
 
 template <typename T>
 at::Tensor view(const T* p, at::IntArrayRef sizes, const at::Tensor& like) {
@@ -172,7 +174,10 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
   if (n == 0) return;
   const int64_t N = W.N, K = W.K;
   if constexpr (std::is_same_v<T, float>) {
-    if (W.packed.defined() && n == W.m) {
+#ifdef FCK_HAVE_PANEL_GEMM
+    if (W.kind == kPanels) return panel::gemm(n, a, K, W.packed.template data_ptr<float>(), N, K, c, N);
+#endif
+    if (W.kind == kMklPacked && n == W.m) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(n), int(N), int(K), a, int(K), W.packed.template data_ptr<float>(),
                           int(N), 0.f, c, int(N));
       return;
@@ -240,11 +245,20 @@ struct RnnSteps {
     at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, 4 * H)), f);
   }
 
-  // The right operand of every step's GEMM; packed (fp32, MKL) when it is large enough to run as one block.
+  // The right operand of every step's GEMM, packed once per call for fp32: into panel_gemm.h's panels where the CPU
+  // runs AVX2+FMA, else for MKL's packed API when it is large enough to run as one block.
   template <typename T>
   static rnn::Weight<T> weight(const T* w, bool wt, int64_t N, int64_t K, int64_t m, const at::Tensor& tensor) {
     rnn::Weight<T> W{w, wt, N, K, m, at::Tensor()};
     if constexpr (std::is_same_v<T, float>) {
+#ifdef FCK_HAVE_PANEL_GEMM
+      if (cpu_runs_avx2_clone()) {
+        W.packed = at::empty({panel::packed_floats(N, K)}, tensor.options());
+        panel::pack(w, wt, N, K, W.packed.template data_ptr<float>());
+        W.kind = kPanels;
+        return W;
+      }
+#endif
       const bool have = &cblas_sgemm_pack_get_size != nullptr && &cblas_sgemm_pack != nullptr &&
                         &cblas_sgemm_compute != nullptr;
       if (have && m > 0 && tensor.nbytes() > kBlockWeightBytes && fits_int({m, N, K})) {
@@ -252,6 +266,7 @@ struct RnnSteps {
         W.packed = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, tensor.options());
         cblas_sgemm_pack(kRowMajor, kBMatrix, wt ? kTrans : kNoTrans, int(m), int(N), int(K), 1.f, w,
                          int(wt ? K : N), W.packed.template data_ptr<float>());
+        W.kind = kMklPacked;
       }
     }
     return W;

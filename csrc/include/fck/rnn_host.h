@@ -139,6 +139,7 @@ struct Weight {
   int64_t N, K;
   int64_t m;          // the row count the packed form was made for
   at::Tensor packed;  // empty unless Dev packed it
+  int kind = 0;       // which packed form (Dev's own tags)
 };
 
 template <class Dev>
