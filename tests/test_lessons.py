@@ -565,3 +565,17 @@ def test_critic_pretraining_learns_real_from_generated():
         r, f = crit.eval()(clean[:4]), crit(bad[:4])
         torch.testing.assert_close(gan.critic_loss(crit, clean[:4], bad[:4]),
                                    (nn.functional.softplus(-r).mean() + nn.functional.softplus(f).mean()) / 2)
+
+
+def test_digit_judge_tells_digits_from_noise():
+    """The WGAN's sample-quality score: a classifier trained on real digits is sure of held-out real digits across
+    all ten classes, and of far fewer noise images, in far fewer classes."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(d.target)
+    judge = gan.digit_judge(x[:1500], y[:1500], epochs=15)
+    real = gan.digit_scores(judge, x[1500:])
+    noise = gan.digit_scores(judge, torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert real["classes_covered"] == 10 and real["confident_fraction"] > 0.6
+    assert noise["confident_fraction"] < real["confident_fraction"] / 2 and noise["classes_covered"] < 10

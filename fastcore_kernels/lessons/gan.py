@@ -179,3 +179,31 @@ def wgan_epoch(gen, crit, gen_opt, crit_opt, real_batches, nz: int, n_critic: in
             loss_g.backward()
             gen_opt.step()
     return time.perf_counter() - t0, w_est
+
+
+def digit_judge(images: torch.Tensor, labels: torch.Tensor, epochs: int = 8, seed: int = 0) -> nn.Module:
+    """A small CNN trained on real digits (any size), to judge generated ones: a stand-in for the Inception score
+    where no pretrained network can ship. Returns it in eval mode."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(labels), generator=g).split(128):
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def digit_scores(judge: nn.Module, images: torch.Tensor, confident: float = 0.9) -> dict:
+    """How digit-like a set of images looks to `judge`: the fraction it classifies with probability >= `confident`,
+    and how many of the ten classes those confident ones cover (a generator stuck on one digit covers one)."""
+    probs = F.softmax(judge(images), 1)
+    top, cls = probs.max(1)
+    sure = top >= confident
+    return {"confident_fraction": round(float(sure.float().mean()), 4),
+            "classes_covered": int(cls[sure].unique().numel())}

@@ -86,10 +86,16 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
     """A BatchNorm2d whose work is done by the fused convolution before it (FusedConv2d): it keeps its parameters,
     buffers and state_dict keys where the model had them, and passes its input through."""
 
+    # True where it sits in a (FusedConv2d, this, Identity) Sequential, whose ReLU the fusion removed: what follows
+    # sees the fused output as it would see a stock ReLU's (saved for the backward, like torch's ReLU output).
+    chained = False
+
     def forward(self, input):
-        # Only code that bypasses the fused forward calls this (a U-Net reading a fused encoder's modules:
-        # relu(bn1(conv1(x)))). Its next step is often an in-place ReLU, which must not touch the convolution's
-        # output: the fused backward saved it for its ReLU mask. A copy when gradients flow, the input otherwise.
+        if self.chained:
+            return input
+        # Otherwise only code that bypasses the fused forward calls this (a U-Net reading a fused encoder's modules:
+        # relu(bn1(conv1(x)))). Its next step is often the model's own in-place ReLU, which must not touch the
+        # convolution's output: the fused backward saved it for its ReLU mask. A copy when gradients flow.
         return input.clone() if torch.is_grad_enabled() and input.requires_grad else input
 
     def extra_repr(self) -> str:
@@ -147,10 +153,12 @@ class ConvBNReLU2d(nn.Sequential):
                          padding_mode, **kw)
         bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **kw)
         super().__init__(FusedConv2d.absorb(conv, bn), bn, nn.Identity())
+        bn.chained = True
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ConvBNReLU2d":
         """A block around existing modules (they are converted in place and shared)."""
         block = cls.__new__(cls)
         nn.Sequential.__init__(block, FusedConv2d.absorb(conv, bn), bn, nn.Identity())
+        bn.chained = True
         return block

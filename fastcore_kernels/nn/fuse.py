@@ -57,6 +57,7 @@ class _Fuser:
             if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _is_relu_module(nxt2):
                 fused.FusedConv2d.absorb(m, nxt)
                 seq._modules[mods[i + 2][0]] = nn.Identity()
+                nxt.chained = True
                 self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]} + {prefix}{mods[i + 2][0]}: "
                                    "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d")
                 done.update((id(m), id(nxt)))
