@@ -50,6 +50,23 @@ def test_matches_torch(backend, padding_idx, mode, use_psw, dtype, index_dtype):
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(23, 6, generator=g).to(dtype)
     psw = torch.rand(len(indices), generator=g).to(dtype) if use_psw else None
+    _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("mode,use_psw", [("sum", True), ("mean", False), ("max", False)])
+def test_wide_rows_and_long_bags_cpu(mode, use_psw, dtype):
+    """Rows of 150 values (the forward's blocks of 64, a short last block and cache line) in bags longer than the
+    prefetch distance, so every row is summed while a later one is fetched."""
+    skip_unless_runnable("cpu", "cpu")
+    indices, offsets = _bags(3, n_bags=40, vocab=200, max_len=30)
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(200, 150, generator=g).to(dtype)
+    psw = torch.rand(len(indices), generator=g).to(dtype) if use_psw else None
+    _check_against_float64("cpu", indices, offsets, weight, psw, mode, 7, dtype)
+
+
+def _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype):
     kw = dict(mode=mode, padding_idx=padding_idx)
     ours = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, per_sample_weights=p, backend=backend, **kw),
                 weight, psw)
