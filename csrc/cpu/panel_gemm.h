@@ -32,7 +32,8 @@ inline int64_t packed_floats(int64_t N, int64_t K) { return panels(N) * kNR * K;
 // B(k, j) = wt ? w[j * K + k] : w[k * N + j]. Panel p holds B(k, kNR * p + i) at (p * K + k) * kNR + i, zero past N,
 // so every tile reads whole vectors.
 inline void pack(const float* w, bool wt, int64_t N, int64_t K, float* dst) {
-  at::parallel_for(0, panels(N), std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kNR * K)), [&](int64_t p0, int64_t p1) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kNR * K));
+  at::parallel_for(0, panels(N), grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* d = dst + p * K * kNR;
       for (int64_t i = 0; i < kNR; ++i) {
@@ -74,7 +75,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile(const float*
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(bp + k * kNR), b1 = _mm256_load_ps(bp + k * kNR + 8);
     // (past the buffer's end on the last block: a prefetch never faults; the address is formed as an integer)
-    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(uintptr_t(bp + k * kNR) + kc * kNR * sizeof(float)), _MM_HINT_T0);
+    if (prefetch) {
+      _mm_prefetch(reinterpret_cast<const char*>(uintptr_t(bp + k * kNR) + kc * kNR * sizeof(float)), _MM_HINT_T0);
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
@@ -104,8 +107,8 @@ __attribute__((target("avx2,fma"))) inline void gemm_panels(int64_t n, const flo
       const float* bp = packed + (p * K + k0) * kNR;
       const bool acc = k0 > 0;
       // The first row tile also fetches the next K block (one 64-byte row of the panel per k), which the other tiles
-      // then find in L1: a large W_hh streams from memory once per step. Row tiles as even as possible (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a tile of 2 rows has 4 FMA chains,
-      // too few to hide the FMA latency.
+      // then find in L1: a large W_hh streams from memory once per step. Row tiles as even as possible (32 rows:
+      // 6 6 5 5 5 5, not 6 6 6 6 6 2): a tile of 2 rows has 4 FMA chains, too few to hide the FMA latency.
       const int64_t tiles = (n + kMR - 1) / kMR;
       for (int64_t t = 0, r = 0; t < tiles; ++t) {
         const int64_t mr = (n - r) / (tiles - t) + ((n - r) % (tiles - t) != 0);

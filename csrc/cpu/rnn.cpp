@@ -178,8 +178,8 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
     if (W.kind == kPanels) return panel::gemm(n, a, K, W.packed.template data_ptr<float>(), N, K, c, N);
 #endif
     if (W.kind == kMklPacked && n == W.m) {
-      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(n), int(N), int(K), a, int(K), W.packed.template data_ptr<float>(),
-                          int(N), 0.f, c, int(N));
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(n), int(N), int(K), a, int(K),
+                          W.packed.template data_ptr<float>(), int(N), 0.f, c, int(N));
       return;
     }
   }

@@ -112,7 +112,8 @@ def run_restoration(*, data=None, epochs=None, kernel_sets=("fused", "stock"), d
             "critic_pretrain_sec_per_epoch": round(crit_sec / crit_epochs, 3),
             "critic_accuracy_before_gan": round(crit_acc, 4), "gan_epochs": gan_epochs,
             "gan_generator_steps": stats.gen_steps, "gan_critic_steps": stats.critic_steps,
-            "gan_sec_per_epoch": round(stats.seconds / gan_epochs, 3), "gan_phase_psnr": round(gan.psnr(restored, xv), 3),
+            "gan_sec_per_epoch": round(stats.seconds / gan_epochs, 3),
+            "gan_phase_psnr": round(gan.psnr(restored, xv), 3),
             "critic_accuracy_after_gan": round(gan.critic_accuracy(crit, xv.to(dev), restored.to(dev)), 4)}
         print(f"  {info[kernels]}", flush=True)
         if kernels == kernel_sets[0]:
