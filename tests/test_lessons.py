@@ -547,9 +547,13 @@ def test_gan_phase_switches_to_the_generator_only_when_the_critic_is_good_enough
     clean, bad, gen, crit, batches = _gan_fixture()
     g_opt, c_opt = torch.optim.Adam(gen.parameters(), 1e-3), torch.optim.Adam(crit.parameters(), 1e-3)
     before = [p.detach().clone() for p in gen.parameters()]
+    buffers = [b.clone() for b in gen.buffers()]
     stats = gan.gan_phase(gen, crit, g_opt, c_opt, batches, critic_thresh=0.0)  # a BCE loss is never below 0
     assert (stats.critic_steps, stats.gen_steps) == (4, 0) and not stats.gen_mode
     assert all(torch.equal(a, b) for a, b in zip(before, gen.parameters()))
+    # the generator ran in eval mode while the critic trained: its batch-norm statistics did not move
+    assert all(torch.equal(a, b) for a, b in zip(buffers, gen.buffers()))
+    assert gen.training and crit.training  # both handed back in train mode
     stats = gan.gan_phase(gen, crit, g_opt, c_opt, batches, critic_thresh=10.0)  # always good enough: alternate
     assert (stats.critic_steps, stats.gen_steps) == (2, 2) and 0 < stats.last_critic_loss < 10
 

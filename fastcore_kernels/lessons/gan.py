@@ -114,10 +114,15 @@ def gan_phase(gen: nn.Module, crit: nn.Module, gen_opt, crit_opt, batches, weigh
     fastai's AdaptiveGANSwitcher(critic_thresh=0.65) does: the critic trains on real vs restored images until its
     loss drops below critic_thresh (None: one batch), then the generator takes one batch, minimising
     weights_gen[0] * (fool the critic) + weights_gen[1] * L1 pixel loss, and the critic takes over again.
-    Pass the returned stats back in to carry the switch state across epochs."""
+    As fastai's GANLearner (switch_eval=True), the model not being trained runs in eval mode: a batch-norm critic
+    then judges the generator's batch with its running statistics instead of that batch's own, and neither model's
+    running statistics move while it is not trained. Pass the returned stats back in to carry the switch state
+    across epochs."""
     stats = stats or GanPhaseStats()
     t0 = time.perf_counter()
     for bad, clean in batches:
+        gen.train(stats.gen_mode)
+        crit.train(not stats.gen_mode)
         if stats.gen_mode:
             out = gen(bad)
             fool = crit(out)
@@ -138,6 +143,7 @@ def gan_phase(gen: nn.Module, crit: nn.Module, gen_opt, crit_opt, batches, weigh
             stats.critic_steps += 1
             stats.last_critic_loss = loss_c.item()
             stats.gen_mode = critic_thresh is None or stats.last_critic_loss < critic_thresh
+    gen.train(), crit.train()
     stats.seconds += time.perf_counter() - t0
     return stats
 
