@@ -32,12 +32,17 @@ def _split(*tensors, valid_pct: float = 0.2, seed: int = 42):
     return tuple(t[perm[k:]] for t in tensors), tuple(t[perm[:k]] for t in tensors)
 
 
+def _loaders(*tensors, batch_size: int, device):
+    """(training size, loaders) over an 80/20 split of the tensors."""
+    train, valid = _split(*tensors)
+    return len(train[0]), DataLoaders.from_tensors(train, valid, batch_size=batch_size, device=device, seed=0)
+
+
 def run_multilabel(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                    out: Path = Path("lesson_out")) -> list[RunResult]:
     x, y, tags = sh.read_multilabel(_folder(data, out, sh.write_multilabel, quick))
-    train, valid = _split(x, y)
-    dls = DataLoaders.from_tensors(train, valid, batch_size=64, device=device, seed=0)
-    print(f"lesson 3 multi-label: {len(train[0])} images, tags {tags}", flush=True)
+    n_train, dls = _loaders(x, y, batch_size=64, device=device)
+    print(f"lesson 3 multi-label: {n_train} images, tags {tags}", flush=True)
     n_epoch = 1 if quick else (epochs or 6)
     return train_kernel_sets(3, "multi-label", "bn-cnn multi-label",
                              lambda: vis.simple_cnn(len(tags), augment=vis.Augment(pad=2, flip=True)), dls,
@@ -50,9 +55,8 @@ def run_multilabel(*, data=None, epochs=None, kernel_sets=("fused", "stock"), de
 def run_segmentation(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                      out: Path = Path("lesson_out")) -> list[RunResult]:
     x, masks, codes = sh.read_segmentation(_folder(data, out, sh.write_segmentation, quick))
-    train, valid = _split(x, masks)
-    dls = DataLoaders.from_tensors(train, valid, batch_size=32, device=device, seed=0)
-    print(f"lesson 3 segmentation: {len(train[0])} images, classes {codes}", flush=True)
+    n_train, dls = _loaders(x, masks, batch_size=32, device=device)
+    print(f"lesson 3 segmentation: {n_train} images, classes {codes}", flush=True)
     n_epoch = 1 if quick else (epochs or 6)
 
     def make():
@@ -67,10 +71,9 @@ def run_segmentation(*, data=None, epochs=None, kernel_sets=("fused", "stock"), 
 def run_points(*, data=None, epochs=None, kernel_sets=("fused", "stock"), device="cpu", quick=False,
                out: Path = Path("lesson_out")) -> list[RunResult]:
     x, pts = sh.read_points(_folder(data, out, sh.write_points, quick))
-    train, valid = _split(x, pts)
-    dls = DataLoaders.from_tensors(train, valid, batch_size=64, device=device, seed=0)
+    n_train, dls = _loaders(x, pts, batch_size=64, device=device)
     size = x.shape[-1]
-    print(f"lesson 3 points: {len(train[0])} images of {size}x{size}", flush=True)
+    print(f"lesson 3 points: {n_train} images of {size}x{size}", flush=True)
     n_epoch = 1 if quick else (epochs or 8)
 
     def extra(learn):  # root mean squared error back in pixels
