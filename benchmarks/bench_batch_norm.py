@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 import fastcore_kernels.functional as fckF  # noqa: E402
-from benchmarks.common import Results, interleaved_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
 
 RESNET34 = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W) of the four stages
 TABULAR = (4096, 200)
@@ -161,6 +161,8 @@ def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps, p
             extra = {}
             if mode == "fwd+bwd":
                 extra["saved_mib"] = round(saved_mib(makers[name], (x, r, rm, rv, w, b)), 1)
+                if device.type == "cuda":
+                    extra["device_ms"] = round(device_time_ms(fns[name], steps=5), 4)
             peak = None
             if mode == "fwd+bwd":
                 peak = (peak_mib(fns[name], device) if device.type == "cuda" else
@@ -200,7 +202,9 @@ def main(argv=None) -> Results:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--stages", default="0,1,2,3", help="which ResNet-34 stages (0: 64x56x56 ... 3: 512x7x7)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd stock ops")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd stock BN ops")
+    ap.add_argument("--compile-conv", action="store_true",
+                    help="also time torch.compile'd conv-BN-ReLU (one compile per shape: slow)")
     ap.add_argument("--channels-last", action="store_true", help="also run channels_last layouts")
     ap.add_argument("--no-conv", action="store_true")
     ap.add_argument("--peak-rss", action="store_true", help="CPU: measure each fwd+bwd's peak memory in a subprocess")
@@ -208,7 +212,7 @@ def main(argv=None) -> Results:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    res = Results(device)
+    res = Results(device, args.out)
     makers = providers(device, args.compile)
     stages = [RESNET34[int(s)] for s in args.stages.split(",") if s]
     layouts = [False, True] if args.channels_last else [False]
@@ -220,7 +224,7 @@ def main(argv=None) -> Results:
     if not args.no_conv:
         for C, H in stages:
             for cl in layouts:
-                bench_conv_eval(res, device, dtype, C, H, args.batch, cl, args.compile, args.reps)
+                bench_conv_eval(res, device, dtype, C, H, args.batch, cl, args.compile_conv, args.reps)
     return res.finish("torch", args.out)
 
 

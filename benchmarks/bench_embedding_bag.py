@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 import fastcore_kernels.functional as fckF  # noqa: E402
-from benchmarks.common import Results, interleaved_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
 from fastcore_kernels.ops.embedding_bag import IMPLEMENTED  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> Results:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    res = Results(device)
+    res = Results(device, args.out)
     status = fck.backends()
     providers = {f"fck-{b}": b for b in IMPLEMENTED if b != "reference" and device.type in status[b].devices
                  and not (b == "triton" and device.type == "cpu")}
@@ -78,7 +78,8 @@ def main(argv=None) -> Results:
                  else {p: time_ms(f, device) for p, f in fns.items()})
         nbytes = sum(4 * d * (2 * len(i) + 2 * len(o)) for n, d, i, o, m in tables)
         for p, times in timed.items():
-            res.add("embedding_bag", p, "fwd+bwd", name, times, nbytes)
+            extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
+            res.add("embedding_bag", p, "fwd+bwd", name, times, nbytes, **extra)
             print(f"  {name:<28}{p:<12} p50 {times[1]:9.3f} ms", flush=True)
     return res.finish("torch", args.out)
 

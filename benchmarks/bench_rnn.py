@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 from fastcore_kernels import nn as fnn  # noqa: E402
-from benchmarks.common import Results, interleaved_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
 
 
 def cases(quick: bool):
@@ -74,7 +74,7 @@ def main(argv=None) -> Results:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    res = Results(device)
+    res = Results(device, args.out)
     backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
     backends = [b for b in backends if device.type in fck.backends()[b].devices]
     for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
@@ -98,7 +98,8 @@ def main(argv=None) -> Results:
         timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
                  else {p: time_ms(f, device) for p, f in fns.items()})
         for p, times in timed.items():
-            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T))
+            extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
+            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T), **extra)
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
     return res.finish("torch", args.out)
 

@@ -41,7 +41,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> t
     if device.type == "cuda":
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, warmup=50, rep=400, quantiles=[0.2, 0.5, 0.8]))
+        # FCK_BENCH_REP_MS: a lent GPU's minutes are few; 100 ms of repeats is hundreds of samples of these ops.
+        rep = float(os.environ.get("FCK_BENCH_REP_MS", "100"))
+        return tuple(triton.testing.do_bench(fn, warmup=rep / 4, rep=rep, quantiles=[0.2, 0.5, 0.8]))
     fn()  # warm-up: lazy state init, first-touch page faults
     samples = []
     for _ in range(reps):
@@ -93,8 +95,8 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 class Results:
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, out: str | Path | None = None):
+        self.device, self.out = device, out  # with out, every row is written as it comes (a run cut off keeps them)
         self.rows: list[dict] = []
         self.copy_gbs = copy_bandwidth_gbs(device)
         self.meta = dict(device=device_name(device), commit=commit(),
@@ -109,6 +111,8 @@ class Results:
                    p80_ms=round(p80, 4), gbs=round(gbs, 1), frac_copy_bw=round(gbs / self.copy_gbs, 3),
                    peak_mem_mb=None if peak_mem_mb is None else round(peak_mem_mb, 1), **extra, **self.meta)
         self.rows.append(row)
+        if self.out:
+            self.write(self.out, quiet=True)
         return row
 
     def print_table(self, baseline: str) -> None:
@@ -135,8 +139,9 @@ class Results:
             self.write(out)
         return self
 
-    def write(self, path: str | Path) -> None:
+    def write(self, path: str | Path, quiet: bool = False) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.rows, indent=1) + "\n")
-        print(f"wrote {len(self.rows)} rows to {path}")
+        if not quiet:
+            print(f"wrote {len(self.rows)} rows to {path}")

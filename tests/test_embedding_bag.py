@@ -11,7 +11,7 @@ import fastcore_kernels.functional as fckF
 from fastcore_kernels import nn as fnn
 from fastcore_kernels.ops.embedding_bag import IMPLEMENTED
 
-from conftest import skip_unless_runnable
+from conftest import devices, skip_unless_runnable
 
 BACKENDS = IMPLEMENTED
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
@@ -35,8 +35,8 @@ def _run(fn, weight, psw, **kw):
     psw = None if psw is None else psw.detach().clone().requires_grad_()
     out = fn(weight, psw, **kw)
     g = torch.Generator().manual_seed(1)
-    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
-    return out, weight.grad, None if psw is None else psw.grad
+    out.backward(torch.randn(out.shape, generator=g).to(out.device, out.dtype))
+    return tuple(None if t is None else t.cpu() for t in (out, weight.grad, None if psw is None else psw.grad))
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
@@ -44,13 +44,14 @@ def _run(fn, weight, psw, **kw):
 @pytest.mark.parametrize("mode,use_psw", [("sum", False), ("sum", True), ("mean", False), ("max", False)])
 @pytest.mark.parametrize("padding_idx", [None, 5])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_torch(backend, padding_idx, mode, use_psw, dtype, index_dtype):
-    skip_unless_runnable(backend, "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_matches_torch(device, backend, padding_idx, mode, use_psw, dtype, index_dtype):
+    skip_unless_runnable(backend, device)
     indices, offsets = _bags(0, index_dtype=index_dtype)
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(23, 6, generator=g).to(dtype)
     psw = torch.rand(len(indices), generator=g).to(dtype) if use_psw else None
-    _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype)
+    _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
@@ -66,10 +67,11 @@ def test_wide_rows_and_long_bags_cpu(mode, use_psw, dtype):
     _check_against_float64("cpu", indices, offsets, weight, psw, mode, 7, dtype)
 
 
-def _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype):
+def _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype, device="cpu"):
     kw = dict(mode=mode, padding_idx=padding_idx)
-    ours = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, per_sample_weights=p, backend=backend, **kw),
-                weight, psw)
+    on = (indices.to(device), offsets.to(device), weight.to(device), None if psw is None else psw.to(device))
+    ours = _run(lambda w, p: fckF.embedding_bag(on[0], w, on[1], per_sample_weights=p, backend=backend, **kw),
+                on[2], on[3])
     # torch's CPU kernels in half precision round differently; compare against its float64 result
     d = torch.float64
     theirs = _run(lambda w, p: F.embedding_bag(indices.long(), w, offsets.long(), per_sample_weights=p, **kw),
@@ -85,17 +87,18 @@ def _check_against_float64(backend, indices, offsets, weight, psw, mode, padding
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_input_forms(backend):
+@pytest.mark.parametrize("device", devices())
+def test_input_forms(device, backend):
     """2-D fixed-size bags, include_last_offset, bags longer than any tile, many bags."""
-    skip_unless_runnable(backend, "cpu")
+    skip_unless_runnable(backend, device)
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(1000, 33, generator=g)
-    x2d = torch.randint(0, 1000, (300, 17), generator=g)
+    weight = torch.randn(1000, 33, generator=g).to(device)
+    x2d = torch.randint(0, 1000, (300, 17), generator=g).to(device)
     for mode in ("sum", "mean", "max"):
         torch.testing.assert_close(fckF.embedding_bag(x2d, weight, mode=mode, backend=backend),
                                    F.embedding_bag(x2d, weight, mode=mode))
-    indices = torch.randint(0, 1000, (5000,), generator=g)
-    offsets = torch.tensor([0, 1, 1, 4000, 4999, 5000])
+    indices = torch.randint(0, 1000, (5000,), generator=g).to(device)
+    offsets = torch.tensor([0, 1, 1, 4000, 4999, 5000], device=device)
     for last in (False, True):
         ours = fckF.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=last, backend=backend)
         torch.testing.assert_close(ours, F.embedding_bag(indices, weight, offsets, mode="sum",
@@ -103,11 +106,12 @@ def test_input_forms(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_float64(backend):
-    skip_unless_runnable(backend, "cpu")
-    indices, offsets = _bags(3, n_bags=5, vocab=8, max_len=5)
-    weight = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    psw = torch.rand(len(indices), dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", devices())
+def test_gradcheck_float64(device, backend):
+    skip_unless_runnable(backend, device)
+    indices, offsets = (t.to(device) for t in _bags(3, n_bags=5, vocab=8, max_len=5))
+    weight = torch.randn(8, 3, dtype=torch.float64, device=device, requires_grad=True)
+    psw = torch.rand(len(indices), dtype=torch.float64, device=device, requires_grad=True)
     for mode in ("sum", "mean", "max"):
         assert torch.autograd.gradcheck(
             lambda w: fckF.embedding_bag(indices, w, offsets, mode=mode, padding_idx=2, backend=backend), (weight,))
@@ -223,20 +227,21 @@ def test_embedding_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input_gets_a_clear_error(backend):
-    skip_unless_runnable(backend, "cpu")
-    weight = torch.randn(10, 3)
+@pytest.mark.parametrize("device", devices())
+def test_bad_input_gets_a_clear_error(device, backend):
+    skip_unless_runnable(backend, device)
+    weight = torch.randn(10, 3, device=device)
 
     def bag(inp, off, **kw):
-        return fckF.embedding_bag(torch.tensor(inp), weight, None if off is None else torch.tensor(off),
-                                  backend=backend, **kw)
+        return fckF.embedding_bag(torch.tensor(inp, device=device), weight,
+                                  None if off is None else torch.tensor(off, device=device), backend=backend, **kw)
 
     with pytest.raises(IndexError, match="takes value 10"):
         bag([1, 10], [0])
     with pytest.raises(IndexError, match="takes value -1"):
         bag([1, -1], [0])
     with pytest.raises(IndexError, match="takes value 12"):
-        fckF.embedding(torch.tensor([[1, 12]]), weight, backend=backend)
+        fckF.embedding(torch.tensor([[1, 12]], device=device), weight, backend=backend)
     with pytest.raises(RuntimeError, match="can not be greater than input's length"):
         bag([1, 2], [0, 3])
     with pytest.raises(RuntimeError, match="has to be 0"):
@@ -244,11 +249,12 @@ def test_bad_input_gets_a_clear_error(backend):
     with pytest.raises(RuntimeError, match="must not decrease"):
         bag([1, 2, 3], [0, 2, 1])
     with pytest.raises(NotImplementedError, match="only supported for mode='sum'"):
-        bag([1, 2], [0], mode="mean", per_sample_weights=torch.ones(2))
+        bag([1, 2], [0], mode="mean", per_sample_weights=torch.ones(2, device=device))
     with pytest.raises(ValueError, match="same shape as the input"):
-        bag([1, 2], [0], mode="sum", per_sample_weights=torch.ones(3))
+        bag([1, 2], [0], mode="sum", per_sample_weights=torch.ones(3, device=device))
     with pytest.raises(RuntimeError, match="Long, Int"):
-        fckF.embedding_bag(torch.tensor([1.0, 2.0]), weight, torch.tensor([0]), backend=backend)
+        fckF.embedding_bag(torch.tensor([1.0, 2.0], device=device), weight, torch.tensor([0], device=device),
+                           backend=backend)
     with pytest.raises(ValueError, match="offsets has to be None"):
         bag([[1, 2]], [0])
     with pytest.raises(ValueError, match="padding_idx"):
@@ -296,10 +302,11 @@ def test_modules_are_drop_ins_and_fuse_swaps_them():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_mode(backend):
-    skip_unless_runnable(backend, "cpu")
-    indices, offsets = _bags(6, n_bags=30, vocab=5)
-    weight = torch.randn(5, 4)
+@pytest.mark.parametrize("device", devices())
+def test_deterministic_mode(device, backend):
+    skip_unless_runnable(backend, device)
+    indices, offsets = (t.to(device) for t in _bags(6, n_bags=30, vocab=5))
+    weight = torch.randn(5, 4, device=device)
     theirs = _run(lambda w, p: F.embedding_bag(indices, w, offsets, mode="mean"), weight, None)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
