@@ -4,6 +4,7 @@ and torch.nn.functional, forward and backward, plus the bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fastcore_kernels as fck
 import fastcore_kernels.functional as fckF
@@ -356,6 +357,35 @@ def test_conv_bn_relu_train_and_eval(device, backend, channels_last):
             y = fckF.conv_bn_relu(x, conv_w, conv_b, rm, rv, w, b, False, padding=1, backend=backend)
             yt = F.relu(F.batch_norm(F.conv2d(x, conv_w, conv_b, 1, 1), rm, rv, w, b, False))
             torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
+    """Eval-mode FusedConv2d folds once and reuses it; an in-place update, a `.data =` swap and load_state_dict
+    must each be seen (compared with the unfused module given the same change)."""
+    skip_unless_runnable("cpu" if device == "cpu" else "cuda", device)
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).to(device).eval()
+    seq[1].running_mean.normal_()
+    seq[1].running_var.uniform_(0.5, 2)
+    fused = fck.fuse(seq).eval()
+    x = torch.randn(2, 3, 9, 9, device=device)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), seq(x), **tol)
+        cache = fused[0]._fold_cache.folded
+        torch.testing.assert_close(fused(x), seq(x), **tol)
+        assert fused[0]._fold_cache.folded is cache  # nothing changed: not folded again
+        for m in (seq, fused):
+            m[1].running_mean.add_(1.0)
+        torch.testing.assert_close(fused(x), seq(x), **tol)
+        w = torch.randn_like(seq[0].weight)
+        for m in (seq, fused):
+            m[0].weight.data = w.clone()
+        torch.testing.assert_close(fused(x), seq(x), **tol)
+        seq[1].bias.mul_(-2.0)
+        fused.load_state_dict(seq.state_dict())
+        torch.testing.assert_close(fused(x), seq(x), **tol)
 
 
 def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():

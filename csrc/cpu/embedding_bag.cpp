@@ -427,4 +427,26 @@ void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS) {
 }
 
 }  // namespace cpu
+
+void raise_bag_status(const uint64_t status[2], const at::Tensor& indices, const at::Tensor& offsets,
+                      int64_t num_weights, const char* op) {
+  if (status[0] != kBagStatusNone) {
+    const int64_t b = int64_t(status[0]), n = indices.numel(), last = offsets.numel() - 1;
+    const int64_t lo = offsets[b].item<int64_t>(), hi = offsets[b + 1].item<int64_t>();
+    TORCH_CHECK(!(b == 0 && lo != 0), op, ": offsets[0] has to be 0, i.e., the first sequence in the mini-batch has "
+                "to start from position 0. However, got ", lo);
+    TORCH_CHECK(hi <= n && lo <= n, op, ": offsets[", lo > n ? b : b + 1, "] can not be greater than input's length ",
+                n, " but got ", lo > n ? lo : hi);
+    TORCH_CHECK(lo <= hi && lo >= 0, op, ": offsets must not decrease, but offsets[", b + 1, "] = ", hi,
+                " < offsets[", b, "] = ", lo);
+    TORCH_CHECK(false, op, ": the last offset must be the number of indices, ", n, ", got ",
+                offsets[last].item<int64_t>());
+  }
+  if (status[1] != kBagStatusNone) {
+    const int64_t i = int64_t(status[1]);
+    TORCH_CHECK_INDEX(false, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
+                      " which is not in the valid range [0, ", num_weights, ")");
+  }
+}
+
 }  // namespace fck

@@ -64,9 +64,18 @@ __global__ void reduce_planar(const T* __restrict__ x, const T* __restrict__ dy,
   const int64_t n0 = split * per_split, n1 = min(N, n0 + per_split);
   const A center = center_of<T, A, GRAD>(x, mean, c, S);
   A a = 0, b = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) accumulate<T, A, GRAD>(x, dy, y, base + s, center, relu, a, b);
+  if (S >= kPlanarThreads * 4 || (n1 - n0) * S >= (int64_t(1) << 31)) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t base = (n * C + c) * S;
+      for (int64_t s = threadIdx.x; s < S; s += blockDim.x) accumulate<T, A, GRAD>(x, dy, y, base + s, center, relu, a, b);
+    }
+  } else {
+    // Small planes (7x7 = 49 values): threads walk the split's planes as one run, or most of them would idle.
+    const uint32_t s32 = uint32_t(S), len = uint32_t((n1 - n0) * S);
+    for (uint32_t j = threadIdx.x; j < len; j += blockDim.x) {
+      const uint32_t n = j / s32;
+      accumulate<T, A, GRAD>(x, dy, y, ((n0 + n) * C + c) * S + (j - n * s32), center, relu, a, b);
+    }
   }
   __shared__ A sa[kPlanarThreads / 32], sb[kPlanarThreads / 32];
   a = warp_sum(a);
@@ -197,6 +206,16 @@ __device__ __forceinline__ void element(const T* x, const T* other, const T* y, 
   }
 }
 
+// Small planes, fewer than 2^31 values: a flat grid-stride loop, the channel of value i being (i / S) % C.
+template <typename T, typename A, bool BWD>
+__global__ void apply_flat(const T* __restrict__ x, const T* __restrict__ other, const T* __restrict__ y,
+                           T* __restrict__ out, T* __restrict__ out2, Channel<A> ch, bool relu, uint32_t total,
+                           uint32_t C, uint32_t S) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    element<T, A, BWD>(x, other, y, out, out2, i, (i / S) % C, C, ch, relu);
+  }
+}
+
 // grid (chunks along S, planes): planes strided by gridDim.y, so any N * C fits.
 template <typename T, typename A, bool BWD>
 __global__ void apply_planar(const T* __restrict__ x, const T* __restrict__ other, const T* __restrict__ y,
@@ -260,7 +279,12 @@ at::Tensor reduce(const BnLayout& L, const T* x, const T* dy, const T* y, const 
 template <typename T, typename A, bool BWD>
 void apply(const BnLayout& L, const T* x, const T* other, const T* y, T* out, T* out2, const Channel<A>& ch,
            bool relu, cudaStream_t stream) {
-  if (L.planar) {
+  const int64_t total = L.N * L.C * L.S;
+  if (L.planar && L.S < kPlanarThreads * 4 && total < (int64_t(1) << 31)) {
+    const int64_t blocks = std::min<int64_t>((total + kPlanarThreads - 1) / kPlanarThreads, target_blocks() * 8);
+    apply_flat<T, A, BWD><<<blocks, kPlanarThreads, 0, stream>>>(x, other, y, out, out2, ch, relu, uint32_t(total),
+                                                                 uint32_t(L.C), uint32_t(L.S));
+  } else if (L.planar) {
     const int64_t planes = L.N * L.C;
     const int64_t chunks = std::min<int64_t>((L.S + kPlanarThreads - 1) / kPlanarThreads,
                                              std::max<int64_t>(1, target_blocks() * 4 / std::max<int64_t>(planes, 1)));

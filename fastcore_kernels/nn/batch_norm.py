@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcore_kernels.ops.batch_norm import batch_norm_act
-from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
+from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu
 
 
 class _FusedBatchNormMixin:
@@ -136,8 +136,9 @@ class FusedConv2d(nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
+        cache = self.__dict__.setdefault("_fold_cache", FoldCache())  # absorb() swaps the class: no __init__ ran
         return conv_bn_relu(input, self.weight, self.bias, running_mean, running_var, weight, bias, False, factor,
-                            eps, self.stride, padding, self.dilation, self.groups)
+                            eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache)
 
 
 class ConvBNReLU2d(nn.Sequential):

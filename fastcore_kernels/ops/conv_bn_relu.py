@@ -3,15 +3,18 @@
 Training: the convolution runs on cuDNN/oneDNN through torch, then the fused batch-norm-ReLU kernel of
 ops/batch_norm.py; autograd through both is exact. Eval: batch norm is a per-channel affine map, so it is folded
 into the convolution's weight and bias (w' = w * gamma/std, b' = (b - mean) * gamma/std + beta) and the ReLU is
-fused into the convolution by oneDNN on the CPU, or applied in place after it elsewhere: one pass over the output
-instead of three.
+fused into the convolution by oneDNN on the CPU and by cuDNN on CUDA (conv2d + in-place ReLU elsewhere): one pass
+over the output instead of three. Modules keep the folded weights between eval calls (FoldCache).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
+from fastcore_kernels import _backend
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 
 
@@ -42,10 +45,48 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups):
     return op(x, w, b, _pair(padding), _pair(stride), _pair(dilation), groups, "relu", [], "")
 
 
+_cudnn_conv_relu_works = True
+
+
+def _cudnn_conv_relu(x, w, b, stride, padding, dilation, groups):
+    """cuDNN's convolution with bias and ReLU in one kernel, or None where it does not apply."""
+    global _cudnn_conv_relu_works
+    op = getattr(torch, "cudnn_convolution_relu", None)
+    if (not _cudnn_conv_relu_works or op is None or x.device.type != "cuda" or not torch.backends.cudnn.enabled
+            or x.dtype not in (torch.float32, torch.float16) or isinstance(padding, str) or x.dim() != 4):
+        return None
+    try:
+        return op(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
+    except RuntimeError as e:  # a build without it: say so once, then take the unfused path
+        _cudnn_conv_relu_works = False
+        warnings.warn(f"conv_bn_relu: cuDNN's fused convolution-ReLU is unavailable ({e}); using conv2d + relu_")
+        return None
+
+
+class FoldCache:
+    """The folded weight and bias of one module, reused while the tensors they came from are the same objects with
+    the same storage and version counter (an in-place update, load_state_dict or `.data =` all show): eval-mode
+    inference folds once instead of every call."""
+
+    def __init__(self):
+        self.sources, self.eps, self.folded = (), None, None
+
+    def get(self, tensors, eps, fold):
+        same = eps == self.eps and len(tensors) == len(self.sources) and all(
+            t is s and (t is None or (t.data_ptr() == p and t._version == v))
+            for t, (s, p, v) in zip(tensors, self.sources))
+        if not same:
+            self.folded, self.eps = fold(), eps
+            self.sources = tuple((t, None if t is None else t.data_ptr(), None if t is None else t._version)
+                                 for t in tensors)
+        return self.folded
+
+
 def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
-                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None):
+                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None, fold_cache=None):
     """relu(batch_norm(conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
-    bn_weight, bn_bias, training, momentum, eps)), with torch's argument semantics for both ops."""
+    bn_weight, bn_bias, training, momentum, eps)), with torch's argument semantics for both ops. fold_cache (a
+    FoldCache): where the folded weights are kept between eval calls without gradients."""
     if training:
         y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return batch_norm_act(y, None, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, True,
@@ -54,11 +95,21 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if running_mean.numel() != weight.shape[0] or running_var.numel() != weight.shape[0]:
         raise RuntimeError(f"running_mean should contain {weight.shape[0]} elements not {running_mean.numel()}")
-    w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
     tensors = (input, weight, bias, bn_weight, bn_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
         return torch.relu(F.conv2d(input, w, b, stride, padding, dilation, groups))
+
+    def fold():
+        return fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
+
+    if fold_cache is None or _backend.compiling():
+        w, b = fold()
+    else:
+        w, b = fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
     y = _onednn_conv_relu(input, w, b, stride, padding, dilation, groups)
+    if y is None:
+        y = _cudnn_conv_relu(input, w, b, stride, padding, dilation, groups)
     if y is None:
         y = F.conv2d(input, w, b, stride, padding, dilation, groups).relu_()
     return y

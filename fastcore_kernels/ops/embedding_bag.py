@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fastcore_kernels import _backend
 from fastcore_kernels.ops._triton_op import triton_op
@@ -157,7 +158,11 @@ def _check_weight(weight, input, name) -> None:
         raise ValueError(f"{name}: input is on {input.device} but weight is on {weight.device}")
 
 
-def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
+def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name,
+               kernel_checks=False):
+    """Flat indices, offsets with the end offset last, per-sample weights and padding row. kernel_checks: the
+    backend's kernel checks the offsets' values as it reads them (CUDA): reading them here would make the host wait
+    for the GPU."""
     _check_weight(weight, input, name)
     if mode not in MODES:
         raise ValueError(f"{name}: mode has to be one of sum, mean or max, got {mode!r}")
@@ -186,6 +191,12 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
             raise ValueError("offsets has to be a 1D Tensor")
         offsets = offsets.to(device=input.device, dtype=input.dtype)
         n = input.numel()
+        if kernel_checks and not include_last_offset:
+            if offsets.numel() == 0:
+                raise ValueError("offsets has to be a 1D Tensor with at least one offset")
+            offsets = F.pad(offsets, (0, 1), value=n)
+            return (input.contiguous(), offsets, per_sample_weights,
+                    _padding_index(padding_idx, weight.shape[0], name))
         if offsets.numel() and int(offsets[0]) != 0:
             raise RuntimeError(f"offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start "
                                f"from position 0. However, got {int(offsets[0])}")
@@ -222,11 +233,12 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
                   update: EmbeddingUpdate | None = None, backend=None):
     """torch.nn.functional.embedding_bag, on fastcore_kernels' kernels. With `update`, the backward steps the
     touched rows of `weight` in place (see EmbeddingUpdate) and gives it no gradient."""
+    _check_weight(weight, input, "embedding_bag")
+    impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
     indices, offsets, psw, pad = _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset,
-                                            padding_idx, "embedding_bag")
+                                            padding_idx, "embedding_bag", kernel_checks=impl == "cuda")
     if mode == "max" and (sparse or scale_grad_by_freq):
         raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
-    impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
     if impl in ("reference", "triton"):  # the C++ ops check on their own
         _index_error(indices, weight.shape[0])
     if max_norm is not None:

@@ -35,7 +35,11 @@ def batch_norm_act(
     if training and x.numel() == 0:  # an empty batch normalizes nothing and leaves the running statistics alone
         mean, var = xf.new_zeros(x.shape[1]), xf.new_ones(x.shape[1])
     elif training:
-        var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
+        # Shifted by each channel's first value: var_mean's fp32 CUDA reduction loses the variance to rounding when
+        # |mean| >> std; the shift leaves the statistics (and, detached, their gradients) as they are.
+        pivot = xf.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape)
+        var, mean = torch.var_mean(xf - pivot, dim=dims, unbiased=False)
+        mean = mean + pivot.view(-1)
         if running_mean is not None or running_var is not None:
             count = x.numel() // x.shape[1]
             with torch.no_grad():

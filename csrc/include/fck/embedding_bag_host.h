@@ -20,8 +20,10 @@ inline void check_offsets(const at::Tensor& indices, const at::Tensor& offsets, 
                   offsets.numel() >= 1,
               op, ": offsets must be a contiguous 1-D tensor of the indices' dtype, with the end offset last");
   TORCH_CHECK(offsets.device() == indices.device(), op, ": offsets and indices must be on one device");
-  // Offsets are read on the host here (a CPU tensor, or one small copy of a CUDA one).
-  const at::Tensor off = offsets.to(at::kCPU, at::kLong);
+  // CUDA offsets are checked by the forward kernel as it reads them (raise_bag_status reports what it found):
+  // reading them here would cost the host a wait for the GPU on every call.
+  if (!offsets.is_cpu()) return;
+  const at::Tensor off = offsets.to(at::kLong);
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t n = offsets.numel();
   TORCH_CHECK(o[0] == 0, op, ": offsets[0] has to be 0, got ", o[0]);
@@ -32,6 +34,13 @@ inline void check_offsets(const at::Tensor& indices, const at::Tensor& offsets, 
   TORCH_CHECK(o[n - 1] == indices.numel(), op, ": the last offset must be the number of indices, ", indices.numel(),
               ", got ", o[n - 1]);
 }
+
+// What the CUDA forward found wrong while reading its inputs (status: the first bag whose offsets are wrong, the
+// first index out of range; kBagStatusNone where none): a clear error, the same words as the CPU checks'. Defined
+// in csrc/cpu/embedding_bag.cpp; reads the offending values from the device (the error path only).
+constexpr uint64_t kBagStatusNone = ~uint64_t(0);
+void raise_bag_status(const uint64_t status[2], const at::Tensor& indices, const at::Tensor& offsets,
+                      int64_t num_weights, const char* op);
 
 inline void check_embedding_bag(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
                                 int64_t mode, const std::optional<at::Tensor>& psw, const char* op) {
@@ -64,21 +73,13 @@ int64_t first_out_of_range(const I* idx, int64_t n, int64_t num_weights) {
   }
 }
 
+// CPU indices only: on CUDA the kernels check each index as they read it (see raise_bag_status).
 inline void check_index_range(const at::Tensor& indices, int64_t num_weights) {
-  if (indices.numel() == 0) return;
-  if (indices.is_cpu()) {  // a raw pass: the tensor-op version below cost four ops and ~20 us per call
-    const int64_t n = indices.numel();
-    const int64_t i = indices.scalar_type() == at::kInt
-                          ? first_out_of_range(indices.data_ptr<int32_t>(), n, num_weights)
-                          : first_out_of_range(indices.data_ptr<int64_t>(), n, num_weights);
-    TORCH_CHECK_INDEX(i < 0, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
-                      " which is not in the valid range [0, ", num_weights, ")");
-    return;
-  }
-  const at::Tensor bad = (indices < 0).logical_or_(indices >= num_weights);
-  if (!bad.any().item<bool>()) return;
-  const int64_t i = bad.nonzero()[0][0].item<int64_t>();
-  TORCH_CHECK_INDEX(false, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
+  if (indices.numel() == 0 || !indices.is_cpu()) return;
+  const int64_t n = indices.numel();
+  const int64_t i = indices.scalar_type() == at::kInt ? first_out_of_range(indices.data_ptr<int32_t>(), n, num_weights)
+                                                      : first_out_of_range(indices.data_ptr<int64_t>(), n, num_weights);
+  TORCH_CHECK_INDEX(i < 0, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
                     " which is not in the valid range [0, ", num_weights, ")");
 }
 
@@ -97,8 +98,10 @@ inline void check_embedding_bag_bwd(const at::Tensor& grad, const at::Tensor& in
     TORCH_CHECK(max_indices.sizes().equals(grad.sizes()) && max_indices.scalar_type() == at::kLong &&
                     max_indices.is_contiguous() && max_indices.device() == grad.device(),
                 op, ": max_indices must be the forward's (bags, dim) int64 tensor");
-    const at::Tensor bad = (max_indices < -1).logical_or_(max_indices >= num_weights);
-    TORCH_CHECK_INDEX(!bad.any().item<bool>(), op, ": max_indices out of range");
+    if (max_indices.is_cpu()) {  // CUDA: the kernel skips any row outside the table
+      const at::Tensor bad = (max_indices < -1).logical_or_(max_indices >= num_weights);
+      TORCH_CHECK_INDEX(!bad.any().item<bool>(), op, ": max_indices out of range");
+    }
   }
   if (has(psw)) {
     // The backward also takes them for 'mean': the caller folds scale_grad_by_freq's 1/frequency in here.
