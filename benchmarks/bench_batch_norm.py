@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 import fastcore_kernels.functional as fckF  # noqa: E402
-from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
 
 RESNET34 = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W) of the four stages
 TABULAR = (4096, 200)
@@ -88,23 +88,13 @@ def saved_mib(fn, args) -> float:
     return sum(seen.values()) / 2**20
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_rss_child(provider: str, shape: tuple, residual: bool) -> float:
     """Run in a fresh process: one fwd+bwd step; its peak resident set above the resident set before it, in MiB
     (the kernel's high-water mark is reset first, so import-time peaks do not hide the step's)."""
     x, r, rm, rv, w, b, dy = make_inputs(shape, torch.device("cpu"), torch.float32, residual, False)
     fn = ours(provider[4:]) if provider.startswith("fck-") else stock
     leaves = [t for t in (x, r, w, b) if t is not None]
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    before = _status_kib("VmRSS")
-    torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, dy)
-    return (_status_kib("VmHWM") - before) / 1024
+    return step_peak_mib(lambda: torch.autograd.grad(fn(x, r, rm, rv, w, b), leaves, dy), torch.device("cpu"))
 
 
 def peak_rss_mib(provider: str, shape: tuple, residual: bool) -> float | None:
@@ -118,14 +108,7 @@ def peak_rss_mib(provider: str, shape: tuple, residual: bool) -> float | None:
 
 
 def peak_mib(step, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return step_peak_mib(step, device) if device.type == "cuda" else None
 
 
 def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps, peak_rss=False):

@@ -5,6 +5,11 @@ the same run.
 
 GB/s counts the rows touched: each index's weight row read in the forward and its gradient row written in the
 backward, plus the output and its gradient.
+
+The large-table case (5M x 64, 4096 bags of 20, sum) times a whole training step — forward, backward and an SGD step
+of lr 0.01 — three ways: our fused update (the backward steps the touched rows, no gradient tensor), torch's dense
+gradient + SGD (a 1.3 GB gradient zeroed, filled and applied), torch's sparse gradient + torch.optim.SGD; with each
+step's peak memory beyond the table.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 import fastcore_kernels.functional as fckF  # noqa: E402
-from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
-from fastcore_kernels.ops.embedding_bag import IMPLEMENTED  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
+from fastcore_kernels.ops.embedding_bag import IMPLEMENTED, EmbeddingUpdate  # noqa: E402
 
 
 def cases(device):
@@ -49,6 +54,7 @@ def main(argv=None) -> Results:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--no-large", action="store_true", help="skip the 5M-row table (1.3 GB, or 2.6 with its gradient)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -81,7 +87,48 @@ def main(argv=None) -> Results:
             extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
             res.add("embedding_bag", p, "fwd+bwd", name, times, nbytes, **extra)
             print(f"  {name:<28}{p:<12} p50 {times[1]:9.3f} ms", flush=True)
+    if not args.no_large:
+        large_table(res, device, args.reps)
     return res.finish("torch", args.out)
+
+
+def large_table(res, device, reps, rows=5_000_000, dim=64, bags=4096, per_bag=20, lr=0.01):
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(rows, dim, generator=g).to(device).requires_grad_()
+    idx = torch.randint(0, rows, (bags * per_bag,), generator=g).to(device)
+    off = torch.arange(0, bags * per_bag, per_bag).to(device)
+    dy = torch.randn(bags, dim, generator=g).to(device)
+    status = fck.backends()
+    backend = "cuda" if device.type == "cuda" else "cpu"
+    sgd_sparse = torch.optim.SGD([weight], lr=lr)
+
+    update = EmbeddingUpdate("sgd", lr=lr)
+
+    def fused():
+        fckF.embedding_bag(idx, weight, off, mode="sum", update=update, backend=backend).backward(dy)
+
+    def dense():
+        F.embedding_bag(idx, weight, off, mode="sum").backward(dy)
+        with torch.no_grad():
+            weight.add_(weight.grad, alpha=-lr)
+        weight.grad = None
+
+    def sparse():
+        F.embedding_bag(idx, weight, off, mode="sum", sparse=True).backward(dy)
+        sgd_sparse.step()
+        weight.grad = None
+
+    fns = {"torch": dense, "torch-sparse": sparse}
+    if device.type in status[backend].devices:
+        fns[f"fck-{backend}"] = fused
+    timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
+             else {p: time_ms(f, device) for p, f in fns.items()})
+    name = f"large {rows // 10**6}M x{dim}, sgd step"
+    nbytes = 4 * dim * (3 * len(idx) + 2 * bags)  # rows read, gradient rows, rows written back; output + grad
+    for p, f in fns.items():
+        peak = step_peak_mib(f, device)
+        res.add("embedding_bag", p, "fwd+bwd+step", name, timed[p], nbytes, peak_mem_mb=peak)
+        print(f"  {name:<28}{p:<14} p50 {timed[p][1]:9.3f} ms  peak {peak:8.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,29 @@ def device_time_ms(fn: Callable[[], object], steps: int = 20) -> float:
     return total_us / steps / 1e3
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def step_peak_mib(step: Callable[[], object], device: torch.device) -> float:
+    """Memory one call of step() needs beyond what is allocated before it, in MiB: the caching allocator's
+    high-water mark on CUDA; on the CPU the process's peak resident set (the kernel's mark reset first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device (or RAM-to-RAM) copy rate, counting bytes read plus bytes written."""
     n = nbytes // 4

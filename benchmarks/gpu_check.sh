@@ -36,10 +36,18 @@ stage build 130 $PY setup.py build_ext --inplace
 # Tests in 8 processes: most of their time is Triton compiling kernels on the host's cores.
 stage tests_gpu 150 $PY -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 120 -v -rfE --tb=short \
   ${FCK_TEST_ARGS:-}
+# A test that killed its worker leaves no traceback of the C++ side: rerun the first one under cuda-gdb for one.
+crashed=$(grep -a -o "worker '[^']*' crashed while running '[^']*'" "$OUT/tests_gpu.log" 2>/dev/null | head -n 1 \
+  | sed "s/.*running '\(.*\)'/\1/")
+if [[ -n $crashed ]] && command -v cuda-gdb >/dev/null; then
+  echo "=== backtrace of $crashed" | tee -a "$OUT/tests_gpu.log"
+  timeout 90 cuda-gdb -batch -ex run -ex bt --args $PY -m pytest "$crashed" -q -p no:cacheprovider 2>&1 \
+    | tail -n 60 | tee -a "$OUT/tests_gpu.log"
+fi
 stage bench_embedding_bag 45 $PY benchmarks/bench_embedding_bag.py --device cuda \
   --out "$OUT/bench_embedding_bag_cuda.json"
 stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda --out "$OUT/bench_rnn_cuda.json"
-stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda --compile --channels-last \
+stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last} \
   --out "$OUT/bench_batch_norm_cuda.json"
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \

@@ -9,6 +9,7 @@ TORCH_LIBRARY_IMPL(fck, CUDA, m) {
   m.impl("batch_norm_bwd", &fck::cuda::batch_norm_bwd);
   m.impl("embedding_bag_fwd", &fck::cuda::embedding_bag_fwd);
   m.impl("embedding_bag_bwd", &fck::cuda::embedding_bag_bwd);
+  m.impl("embedding_bag_fused_update_", &fck::cuda::embedding_bag_fused_update_);
   m.impl("lstm_layer_fwd", &fck::cuda::lstm_layer_fwd);
   m.impl("lstm_layer_bwd", &fck::cuda::lstm_layer_bwd);
   m.impl("gru_layer_fwd", &fck::cuda::gru_layer_fwd);

@@ -332,6 +332,11 @@ def test_cxx_op_rejects_what_would_read_out_of_bounds():
 @pytest.mark.parametrize("device", devices())
 def test_conv_bn_relu_train_and_eval(device, backend, channels_last):
     skip_unless_runnable(backend, device)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convolutions would blur an fp32 check
+        _conv_bn_relu_train_and_eval(device, backend, channels_last)
+
+
+def _conv_bn_relu_train_and_eval(device, backend, channels_last):
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(3, 4, 9, 7, generator=g).to(device).contiguous(memory_format=fmt)
@@ -371,7 +376,7 @@ def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
     fused = fck.fuse(seq).eval()
     x = torch.randn(2, 3, 9, 9, device=device)
     tol = dict(rtol=1e-4, atol=1e-4)
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(fused(x), seq(x), **tol)
         cache = fused[0]._fold_cache.folded
         torch.testing.assert_close(fused(x), seq(x), **tol)

@@ -339,26 +339,28 @@ def test_cuda_matches_torch(backend, mode):
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
-def test_fused_update_equals_unfused_step(optimizer, mode):
-    skip_unless_runnable("cpu", "cpu")
-    indices, offsets = _bags(8, n_bags=40, vocab=30, max_len=12)
+@pytest.mark.parametrize("device", devices())
+def test_fused_update_equals_unfused_step(device, optimizer, mode):
+    backend = "cpu" if device == "cpu" else "cuda"
+    skip_unless_runnable(backend, device)
+    indices, offsets = (t.to(device) for t in _bags(8, n_bags=40, vocab=30, max_len=12))
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(30, 8, generator=g)
-    psw = torch.rand(len(indices), generator=g) if mode == "sum" else None
+    weight = torch.randn(30, 8, generator=g).to(device)
+    psw = torch.rand(len(indices), generator=g).to(device) if mode == "sum" else None
     lr, eps = 0.3, 1e-10
     fused_w = weight.clone().requires_grad_()
     update = fnn.EmbeddingUpdate(optimizer, lr=lr, eps=eps)
-    ref_w, state = weight.clone(), torch.zeros(30)
+    ref_w, state = weight.clone(), torch.zeros(30, device=device)
     for step in range(2):
-        dy = torch.randn(len(offsets), 8, generator=g)
+        dy = torch.randn(len(offsets), 8, generator=g).to(device)
         out = fckF.embedding_bag(indices, fused_w, offsets, mode=mode, per_sample_weights=psw, padding_idx=4,
-                                 update=update, backend="cpu")
+                                 update=update, backend=backend)
         out.backward(dy)
         assert fused_w.grad is None  # the step was taken in the backward instead
         w = ref_w.clone().requires_grad_()
         F.embedding_bag(indices, w, offsets, mode=mode, per_sample_weights=psw, padding_idx=4).backward(dy)
         with torch.no_grad():
-            touched = torch.zeros(30, dtype=torch.bool)
+            touched = torch.zeros(30, dtype=torch.bool, device=device)
             touched[indices[indices != 4]] = True
             if optimizer == "sgd":
                 ref_w -= lr * w.grad

@@ -55,6 +55,51 @@ def test_layer_gradcheck(backend, device, mode, reverse):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, dtype, monkeypatch):
+    """The one-launch kernels (hidden <= 256) against the Triton per-step loop, forward and backward, on a hidden
+    size and batch that pad their tiles; outputs poisoned by the ops' own empty allocations."""
+    skip_unless_runnable("triton", device)
+    from fastcore_kernels.triton import rnn as triton_rnn
+
+    g = _gen(5)
+    T, B, H = 5, 19, 20
+    G = 4 if mode == "lstm" else 3
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device, dtype)
+
+    xg, h0, w = rnd(T, B, G * H), rnd(B, H), rnd(G * H, H, scale=0.3)
+    grads = (rnd(T, B, H), rnd(B, H), rnd(B, H))
+
+    def run():
+        if mode == "lstm":
+            c0, bias = rnd(B, H), rnd(G * H)
+            fwd = triton_rnn.lstm_layer_fwd(xg, h0, c0, w, bias, reverse)
+            bwd = triton_rnn.lstm_layer_bwd(*grads, h0, c0, w, fwd[0], fwd[3], fwd[4], reverse)
+        else:
+            b_ih, b_hh = rnd(G * H), rnd(G * H)
+            fwd = triton_rnn.gru_layer_fwd(xg, h0, w, b_ih, b_hh, reverse)
+            bwd = triton_rnn.gru_layer_bwd(grads[0], grads[1], h0, w, fwd[0], fwd[2], reverse)
+        return fwd + bwd
+
+    state = g.get_state()
+    assert triton_rnn.persistent(xg, H)
+    one_launch = run()
+    g.set_state(state)
+    monkeypatch.setattr(rnn_ops, "MAX_PERSISTENT_H", 0)
+    assert not triton_rnn.persistent(xg, H)
+    per_step = run()
+    for a, b in zip(one_launch, per_step):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        # bf16: the per-step path rounds h @ W_hh^T to bf16 (a bf16 GEMM's output); the persistent one keeps it
+        # in fp32, so the fp32 saved tensors differ by bf16 rounding too.
+        _close(a, b, dtype, "persistent vs per-step")
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_cell_gradcheck(backend, device, mode):

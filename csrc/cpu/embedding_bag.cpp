@@ -401,19 +401,8 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
 
 void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS) {
   const char* op = "fck::embedding_bag_fused_update_";
-  TORCH_CHECK(mode != kBagMax, op, ": the fused update supports mode='sum' and 'mean'");
-  TORCH_CHECK(optimizer == kSgd || optimizer == kRowwiseAdagrad, op, ": optimizer must be 0 (SGD) or 1 (row-wise Adagrad)");
-  check_embedding_bag(weight, indices, offsets, mode, per_sample_weights, op);
+  check_fused_update(weight, state, grad_output, indices, offsets, mode, per_sample_weights, optimizer, op);
   TORCH_CHECK(weight.device().is_cpu(), op, " (cpu): tensors must be on the CPU");
-  check_float(grad_output, "grad_output", op);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.is_contiguous() && grad_output.size(0) == offsets.numel() - 1 &&
-                  grad_output.size(1) == weight.size(1) && grad_output.scalar_type() == weight.scalar_type(),
-              op, ": grad_output must be a contiguous (bags, dim) tensor of the weight's dtype");
-  if (optimizer == kRowwiseAdagrad) {
-    TORCH_CHECK(has(state) && state->scalar_type() == at::kFloat && state->is_contiguous() &&
-                    state->numel() == weight.size(0) && state->device() == weight.device(),
-                op, ": row-wise Adagrad needs a contiguous float32 state of one value per row");
-  }
   check_index_range(indices, weight.size(0));
   const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
   at::Tensor w = weight;

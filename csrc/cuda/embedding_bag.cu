@@ -212,6 +212,56 @@ __global__ void bag_backward_max(const T* __restrict__ g, const int64_t* __restr
   if (r >= 0 && r < num_weights) atomicAdd(gw + r * dim + d, static_cast<A>(g[b * dim + d]));
 }
 
+// The fused optimizer update: block i owns the row sorted[i] when i starts that row's run in the sorted indices,
+// sums the row's gradient over its occurrences (in a fixed order: deterministic) and steps the row once. No dense
+// gradient, no atomics; rows outside the table are skipped.
+constexpr int kUpdateCols = 8;  // columns per thread: rows up to 8 * 256 values
+
+template <typename T, typename A>
+__global__ void fused_update_rows(const int64_t* __restrict__ sorted, const int64_t* __restrict__ perm,
+                                  const int64_t* __restrict__ bag, const A* __restrict__ scale,
+                                  const T* __restrict__ g, T* __restrict__ w, float* __restrict__ state, int64_t n,
+                                  int64_t dim, int64_t num_weights, int64_t optimizer, A lr, A eps) {
+  const int64_t i = blockIdx.x;
+  const int64_t r = sorted[i];
+  if ((i > 0 && sorted[i - 1] == r) || r < 0 || r >= num_weights) return;
+  A acc[kUpdateCols];
+#pragma unroll
+  for (int u = 0; u < kUpdateCols; ++u) acc[u] = A(0);
+  for (int64_t j = i; j < n && sorted[j] == r; ++j) {
+    const int64_t k = perm[j];
+    const A s = scale[k];
+    const T* row = g + bag[k] * dim;
+#pragma unroll
+    for (int u = 0; u < kUpdateCols; ++u) {
+      const int64_t d = threadIdx.x + int64_t(u) * blockDim.x;
+      if (d < dim) acc[u] += static_cast<A>(row[d]) * s;
+    }
+  }
+  A step = lr;
+  if (optimizer == kRowwiseAdagrad) {
+    A sq = 0;
+#pragma unroll
+    for (int u = 0; u < kUpdateCols; ++u) sq += acc[u] * acc[u];  // columns past dim hold 0
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, o);
+    __shared__ A warp_sq[32];
+    if ((threadIdx.x & 31) == 0) warp_sq[threadIdx.x >> 5] = sq;
+    __syncthreads();
+    A total = 0;
+    for (int k = 0; k < int(blockDim.x + 31) / 32; ++k) total += warp_sq[k];
+    const A G = A(state[r]) + total / A(dim);
+    __syncthreads();
+    if (threadIdx.x == 0) state[r] = float(G);
+    step = lr / (sqrt(G) + eps);
+  }
+  T* out = w + r * dim;
+#pragma unroll
+  for (int u = 0; u < kUpdateCols; ++u) {
+    const int64_t d = threadIdx.x + int64_t(u) * blockDim.x;
+    if (d < dim) out[d] = static_cast<T>(static_cast<A>(out[d]) - step * acc[u]);
+  }
+}
+
 // V = 4 where every row, the output rows and the per-bag gradient rows start on a 4-element boundary.
 bool vec4(int64_t dim, std::initializer_list<const void*> ptrs, size_t elem) {
   if (dim == 0 || dim % 4 != 0) return false;
@@ -338,6 +388,34 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return gw.to(grad_output.scalar_type());
+}
+
+void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS) {
+  const char* op = "fck::embedding_bag_fused_update_";
+  check_fused_update(weight, state, grad_output, indices, offsets, mode, per_sample_weights, optimizer, op);
+  TORCH_CHECK(weight.is_cuda(), op, " (cuda): tensors must be CUDA tensors");
+  const int64_t n = indices.numel(), dim = weight.size(1);
+  TORCH_CHECK(dim <= int64_t(kUpdateCols) * kThreads, op, " (cuda): rows of at most ", kUpdateCols * kThreads,
+              " values");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (n == 0 || dim == 0) return;
+  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scale, bag;
+  std::tie(scale, bag) = index_scale(indices, offsets, mode, per_sample_weights, padding_idx, acc);
+  at::Tensor sorted, perm;
+  std::tie(sorted, perm) = at::sort(indices.to(at::kLong), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const int threads = int(std::min<int64_t>(kThreads, (dim + 31) / 32 * 32));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  float* st = optimizer == kRowwiseAdagrad ? state->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fck::embedding_bag_fused_update_",
+                                  [&] {
+    using T = scalar_t;
+    using A = typename AccOf<T>::type;
+    fused_update_rows<T, A><<<n, threads, 0, stream>>>(
+        sorted.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), bag.data_ptr<int64_t>(), scale.data_ptr<A>(),
+        grad_output.data_ptr<T>(), weight.data_ptr<T>(), st, n, dim, weight.size(0), optimizer, A(lr), A(eps));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -3,8 +3,8 @@
 `embedding_bag` normalises torch.nn.functional.embedding_bag's input forms (1-D input with offsets, 2-D input of
 fixed-size bags, include_last_offset) into one: a 1-D index tensor and offsets ending with the number of indices.
 The kernels are the torch.library ops `fck::embedding_bag_fwd`/`_bwd` (C++: CPU and CUDA) and
-`fck::embedding_bag_fwd_triton`/`_bwd_triton` (Triton). The fused optimizer update (EmbeddingUpdate) is C++ CPU
-only. The dense weight gradient is
+`fck::embedding_bag_fwd_triton`/`_bwd_triton` (Triton). The fused optimizer update (EmbeddingUpdate,
+`fck::embedding_bag_fused_update_`) is C++, CPU and CUDA. The dense weight gradient is
 deterministic (no atomics, no sort); `sparse=True` gives a COO gradient (one row per index, uncoalesced, as torch's)
 for torch.optim.SparseAdam/SGD.
 """
@@ -80,7 +80,8 @@ class EmbeddingUpdate:
 
     optimizer "sgd": w -= lr * g. "rowwise_adagrad": G += mean(g^2) over the row, w -= lr * g / (sqrt(G) + eps),
     with one float32 state value per row (`state`, created on first use). Duplicate indices are summed first, so
-    the step equals the unfused one on the summed gradient.
+    the step equals the unfused one on the summed gradient. C++ kernels for the CPU (threads own disjoint rows) and
+    CUDA (the indices sorted once, one block per distinct row: deterministic, no atomics).
     """
 
     optimizer: str
@@ -247,9 +248,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
             torch.embedding_renorm_(weight, indices, max_norm, norm_type)
     code = MODES[mode]
     if update is not None:
-        if impl != "cpu" or mode == "max" or sparse or scale_grad_by_freq:
-            raise NotImplementedError("embedding_bag: the fused update runs on the cpu backend, for mode 'sum' or "
-                                      "'mean', without sparse or scale_grad_by_freq")
+        if impl not in ("cpu", "cuda") or mode == "max" or sparse or scale_grad_by_freq:
+            raise NotImplementedError("embedding_bag: the fused update runs on the cpu and cuda backends, for mode "
+                                      "'sum' or 'mean', without sparse or scale_grad_by_freq")
         if not weight.requires_grad:
             raise ValueError("embedding_bag: the fused update needs weight.requires_grad=True, so a backward runs")
         return _EmbeddingBag.apply(weight, psw, indices, offsets, code, pad, pad, False, False, impl, update)[0]

@@ -1,8 +1,15 @@
-"""LSTM and GRU layers with Triton cell kernels (the fck::lstm_layer_*/gru_layer_* contract).
+"""LSTM and GRU layers with Triton kernels (the fck::lstm_layer_*/gru_layer_* contract).
 
-The loops mirror csrc/include/fck/rnn_host.h: per time step one torch.mm of the hidden state with W_hh (cuBLAS)
-into a reused buffer, then one fused pointwise kernel that also adds the biases; W_hh's gradient is one GEMM over all steps after the loop.
-A program handles BLOCK (row, hidden unit) pairs and all gates of each, so the cell update needs no exchange.
+Hidden sizes up to 256 (fp32, fp16, bf16): one persistent kernel per pass walks the whole sequence ("Persistent
+RNNs", Diamos et al. 2016). A program owns a tile of batch rows — their recurrences are independent, so programs
+never wait for each other — and keeps its hidden and cell state in registers across steps; each step is four (three)
+small dots with the gate blocks of W_hh (held in registers when they fit, else re-read from L1/L2), the gate math
+and the stores of what the backward needs. One launch per layer and direction instead of two per step.
+
+Larger hidden sizes and fp64 mirror csrc/include/fck/rnn_host.h: per time step one torch.mm of the hidden state with
+W_hh (cuBLAS) into a reused buffer, then one fused pointwise kernel that also adds the biases, where a program
+handles BLOCK (row, hidden unit) pairs and all gates of each, so the cell update needs no exchange. Either way W_hh's
+gradient is one GEMM over all steps after the loop.
 """
 
 from __future__ import annotations
@@ -189,14 +196,271 @@ def _bias(b, n, like):
     return like.new_zeros(n) if b is None else b.contiguous()
 
 
+# ---- persistent kernels (hidden <= MAX_PERSISTENT_H) ----
+
+def persistent(x: torch.Tensor, H: int) -> bool:
+    """Whether the one-launch kernels run this layer (x: a (T, B, ...) tensor of the layer): hidden size up to 256,
+    fp32/fp16/bf16."""
+    from fastcore_kernels.ops.rnn import MAX_PERSISTENT_H
+
+    return (H <= MAX_PERSISTENT_H and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x.shape[0] * x.shape[1] * 4 * H < 2**31)  # the kernels' offsets are 32-bit
+
+
+def _tiles(B, H):
+    HP = max(16, triton.next_power_of_2(H))  # tl.dot needs every dimension >= 16
+    BB = 16 if B <= 16 or HP > 64 else 32
+    return BB, HP, (4 if HP <= 64 else 8), HP <= 64
+
+
+@triton.jit
+def _wt(W, q, H, HP: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Gate block q of W_hh (gates*H, H) as a (HP, HP) dot operand: [k, j] = W[q*H + j, k] (h @ W_q^T) when
+    TRANSPOSE, else [j, k] = W[q*H + j, k] (d @ W_q)."""
+    a = tl.arange(0, HP)
+    m = (a[:, None] < H) & (a[None, :] < H)
+    if TRANSPOSE:
+        return tl.load(W + (q * H + a[None, :]) * H + a[:, None], mask=m, other=0.0)
+    else:
+        return tl.load(W + (q * H + a[:, None]) * H + a[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _vec(V, q, H, HP: tl.constexpr, HAS: tl.constexpr):
+    """Chunk q of a per-gate vector as a (1, HP) fp32 row (zeros without one)."""
+    a = tl.arange(0, HP)
+    if HAS:
+        return tl.load(V + q * H + a, mask=a < H, other=0.0).to(tl.float32)[None, :]
+    else:
+        return tl.zeros((1, HP), dtype=tl.float32)
+
+
+@triton.jit
+def _mm(a, w, WDT: tl.constexpr, PREC: tl.constexpr):
+    """a @ w with a rounded to W's dtype first, accumulated in fp32."""
+    if a.dtype != WDT:
+        a = _cast(a, WDT)
+    if WDT == tl.bfloat16:
+        # Products of bf16 values are exact in fp32, so this is a bf16 dot with fp32 accumulation; the CPU
+        # interpreter has no bf16 dot of its own.
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, w, input_precision=PREC)
+
+
+@triton.jit
+def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
+                  HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
+                  W_IN_REGS: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.arange(0, HP)
+    m = (rows[:, None] < B) & (cols[None, :] < H)
+    hc = rows[:, None] * H + cols[None, :]  # offsets in a (B, H) step
+    gc = rows[:, None] * 4 * H + cols[None, :]  # offsets of gate 0 in a (B, 4H) step
+    WDT = W.dtype.element_ty
+    ODT = OUT.dtype.element_ty
+    if W_IN_REGS:
+        w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
+        w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
+    b_i, b_f = _vec(BIAS, 0, H, HP, HAS_BIAS), _vec(BIAS, 1, H, HP, HAS_BIAS)
+    b_g, b_o = _vec(BIAS, 2, H, HP, HAS_BIAS), _vec(BIAS, 3, H, HP, HAS_BIAS)
+    h = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(C0 + hc, mask=m, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:
+            t = T - 1 - s
+        else:
+            t = s
+        if not W_IN_REGS:
+            w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
+            w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
+        xg = XG + t * B * 4 * H + gc
+        i = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + _mm(h, w_i, WDT, PREC) + b_i)
+        f = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_f, WDT, PREC) + b_f)
+        g = _tanh(tl.load(xg + 2 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_g, WDT, PREC) + b_g)
+        o = _sigmoid(tl.load(xg + 3 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_o, WDT, PREC) + b_o)
+        c = f * c + i * g
+        hq = _cast(o * _tanh(c), ODT)
+        gates = GATES + t * B * 4 * H + gc
+        tl.store(gates, i, mask=m)
+        tl.store(gates + H, f, mask=m)
+        tl.store(gates + 2 * H, g, mask=m)
+        tl.store(gates + 3 * H, o, mask=m)
+        tl.store(C_ALL + t * B * H + hc, c, mask=m)
+        tl.store(OUT + t * B * H + hc, hq, mask=m)
+        h = hq.to(tl.float32)  # the next step sees the stored (rounded) output, as the per-step path does
+
+
+@triton.jit
+def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
+                  REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, W_IN_REGS: tl.constexpr,
+                  PREC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.arange(0, HP)
+    m = (rows[:, None] < B) & (cols[None, :] < H)
+    hc = rows[:, None] * H + cols[None, :]
+    gc = rows[:, None] * 4 * H + cols[None, :]
+    WDT = W.dtype.element_ty
+    DT = DXG.dtype.element_ty
+    if W_IN_REGS:
+        w_i, w_f = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False)
+        w_g, w_o = _wt(W, 2, H, HP, False), _wt(W, 3, H, HP, False)
+    dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
+    dc = tl.load(DCN + hc, mask=m, other=0.0).to(tl.float32)
+    c0 = tl.load(C0 + hc, mask=m, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:  # the backward visits the forward's steps last to first
+            t = s
+            has_prev = t < T - 1
+            tp = t + 1
+        else:
+            t = T - 1 - s
+            has_prev = t > 0
+            tp = t - 1
+        if not W_IN_REGS:
+            w_i, w_f = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False)
+            w_g, w_o = _wt(W, 2, H, HP, False), _wt(W, 3, H, HP, False)
+        gates = GATES + t * B * 4 * H + gc
+        i = tl.load(gates, mask=m, other=0.0)
+        f = tl.load(gates + H, mask=m, other=0.0)
+        g = tl.load(gates + 2 * H, mask=m, other=0.0)
+        o = tl.load(gates + 3 * H, mask=m, other=0.0)
+        tc = _tanh(tl.load(C_ALL + t * B * H + hc, mask=m, other=0.0))
+        c_prev = tl.where(has_prev, tl.load(C_ALL + tp * B * H + hc, mask=m & has_prev, other=0.0), c0)
+        dh = tl.load(DOUT + t * B * H + hc, mask=m, other=0.0).to(tl.float32) + dh_rec
+        dc = dc + dh * o * (1.0 - tc * tc)
+        d_i = _cast(dc * g * i * (1.0 - i), DT)
+        d_f = _cast(dc * c_prev * f * (1.0 - f), DT)
+        d_g = _cast(dc * i * (1.0 - g * g), DT)
+        d_o = _cast(dh * tc * o * (1.0 - o), DT)
+        dxg = DXG + t * B * 4 * H + gc
+        tl.store(dxg, d_i, mask=m)
+        tl.store(dxg + H, d_f, mask=m)
+        tl.store(dxg + 2 * H, d_g, mask=m)
+        tl.store(dxg + 3 * H, d_o, mask=m)
+        dc = dc * f
+        dh_rec = (_mm(d_i, w_i, WDT, PREC) + _mm(d_f, w_f, WDT, PREC) + _mm(d_g, w_g, WDT, PREC)
+                  + _mm(d_o, w_o, WDT, PREC))
+        dh_rec = _cast(dh_rec, DT).to(tl.float32)  # as the per-step path's GEMM output in the gradient's dtype
+    tl.store(DH0 + hc, _cast(dh_rec, DH0.dtype.element_ty), mask=m)
+    tl.store(DC0 + hc, _cast(dc, DC0.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
+                 HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
+                 W_IN_REGS: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.arange(0, HP)
+    m = (rows[:, None] < B) & (cols[None, :] < H)
+    hc = rows[:, None] * H + cols[None, :]
+    gc = rows[:, None] * 3 * H + cols[None, :]
+    sc = rows[:, None] * 4 * H + cols[None, :]
+    WDT = W.dtype.element_ty
+    ODT = OUT.dtype.element_ty
+    if W_IN_REGS:
+        w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
+    bi_r, bi_z, bi_n = _vec(B_IH, 0, H, HP, HAS_BIAS), _vec(B_IH, 1, H, HP, HAS_BIAS), _vec(B_IH, 2, H, HP, HAS_BIAS)
+    bh_r, bh_z, bh_n = _vec(B_HH, 0, H, HP, HAS_BIAS), _vec(B_HH, 1, H, HP, HAS_BIAS), _vec(B_HH, 2, H, HP, HAS_BIAS)
+    h = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:
+            t = T - 1 - s
+        else:
+            t = s
+        if not W_IN_REGS:
+            w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
+        xg = XG + t * B * 3 * H + gc
+        r = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + bi_r + _mm(h, w_r, WDT, PREC) + bh_r)
+        z = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + bi_z + _mm(h, w_z, WDT, PREC) + bh_z)
+        bn = _mm(h, w_n, WDT, PREC) + bh_n
+        nn = _tanh(tl.load(xg + 2 * H, mask=m, other=0.0).to(tl.float32) + bi_n + r * bn)
+        hq = _cast(nn + z * (h - nn), ODT)
+        saved = SAVED + t * B * 4 * H + sc
+        tl.store(saved, r, mask=m)
+        tl.store(saved + H, z, mask=m)
+        tl.store(saved + 2 * H, nn, mask=m)
+        tl.store(saved + 3 * H, bn, mask=m)
+        tl.store(OUT + t * B * H + hc, hq, mask=m)
+        h = hq.to(tl.float32)
+
+
+@triton.jit
+def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
+                 REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, W_IN_REGS: tl.constexpr,
+                 PREC: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.arange(0, HP)
+    m = (rows[:, None] < B) & (cols[None, :] < H)
+    hc = rows[:, None] * H + cols[None, :]
+    gc = rows[:, None] * 3 * H + cols[None, :]
+    sc = rows[:, None] * 4 * H + cols[None, :]
+    WDT = W.dtype.element_ty
+    DT = DXG.dtype.element_ty
+    if W_IN_REGS:
+        w_r, w_z, w_n = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False), _wt(W, 2, H, HP, False)
+    dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
+    dh_direct = tl.zeros((BB, HP), dtype=tl.float32)
+    h0 = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:
+            t = s
+            has_prev = t < T - 1
+            tp = t + 1
+        else:
+            t = T - 1 - s
+            has_prev = t > 0
+            tp = t - 1
+        if not W_IN_REGS:
+            w_r, w_z, w_n = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False), _wt(W, 2, H, HP, False)
+        saved = SAVED + t * B * 4 * H + sc
+        r = tl.load(saved, mask=m, other=0.0)
+        z = tl.load(saved + H, mask=m, other=0.0)
+        nn = tl.load(saved + 2 * H, mask=m, other=0.0)
+        bn = tl.load(saved + 3 * H, mask=m, other=0.0)
+        h_prev = tl.where(has_prev, tl.load(OUT + tp * B * H + hc, mask=m & has_prev, other=0.0).to(tl.float32), h0)
+        dh = tl.load(DOUT + t * B * H + hc, mask=m, other=0.0).to(tl.float32) + dh_rec + dh_direct
+        dn = dh * (1.0 - z) * (1.0 - nn * nn)
+        dz = dh * (h_prev - nn) * z * (1.0 - z)
+        dr = dn * bn * r * (1.0 - r)
+        d_r, d_z, d_n, d_hn = _cast(dr, DT), _cast(dz, DT), _cast(dn, DT), _cast(dn * r, DT)
+        dxg = DXG + t * B * 3 * H + gc
+        dhg = DHG + t * B * 3 * H + gc
+        tl.store(dxg, d_r, mask=m)
+        tl.store(dhg, d_r, mask=m)
+        tl.store(dxg + H, d_z, mask=m)
+        tl.store(dhg + H, d_z, mask=m)
+        tl.store(dxg + 2 * H, d_n, mask=m)
+        tl.store(dhg + 2 * H, d_hn, mask=m)
+        dh_direct = dh * z
+        dh_rec = _mm(d_r, w_r, WDT, PREC) + _mm(d_z, w_z, WDT, PREC) + _mm(d_hn, w_n, WDT, PREC)
+        dh_rec = _cast(dh_rec, DT).to(tl.float32)
+    tl.store(DH0 + hc, _cast(dh_rec + dh_direct, DH0.dtype.element_ty), mask=m)
+
+
+def _persistent_launch(kernel, B, H, T, *args, **meta):
+    BB, HP, warps, in_regs = _tiles(B, H)
+    prec = "ieee" if args[0].dtype == torch.float32 else "tf32"  # fp32 stays exact; half types ignore it
+    kernel[(triton.cdiv(B, BB),)](*args, T, B, H, **meta, BB=BB, HP=HP, W_IN_REGS=in_regs, PREC=prec,
+                                  num_warps=warps)
+
+
 def lstm_layer_fwd(xg, h0, c0, w_hh, bias, reverse):
     T, B, _ = xg.shape
     H = w_hh.shape[1]
-    bias = _bias(bias, 4 * H, xg)
     acc = _acc(xg.dtype)
     out = torch.empty(T, B, H, dtype=xg.dtype, device=xg.device)
     c_all = torch.empty(T, B, H, dtype=acc, device=xg.device)
     gates = torch.empty(T, B, 4 * H, dtype=acc, device=xg.device)
+    if persistent(xg, H):
+        h0, c0 = h0.contiguous(), c0.contiguous()
+        if B * H:
+            _persistent_launch(_lstm_seq_fwd, B, H, T, xg.contiguous(), h0, c0, w_hh.contiguous(),
+                               xg if bias is None else bias.contiguous(), out, c_all, gates,
+                               HAS_BIAS=bias is not None, REVERSE=bool(reverse))
+        last = 0 if reverse else T - 1
+        return out, out[last].clone(), c_all[last].to(xg.dtype, copy=True), c_all, gates
+    bias = _bias(bias, 4 * H, xg)
     hg = torch.empty(B, 4 * H, dtype=xg.dtype, device=xg.device)
     h0, c0, wt = h0.contiguous(), c0.to(acc).contiguous(), w_hh.t()
     steps, _, before, first, last = _order(T, reverse)
@@ -210,6 +474,13 @@ def lstm_layer_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, 
     T, B, H = out.shape
     acc = _acc(out.dtype)
     dxg = torch.empty(T, B, 4 * H, dtype=out.dtype, device=out.device)
+    if persistent(out, H):
+        dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
+        if B * H:
+            _persistent_launch(_lstm_seq_bwd, B, H, T, grad_out.contiguous(), grad_hn.contiguous(),
+                               grad_cn.contiguous(), c0.contiguous(), w_hh.contiguous(), c_all, gates, dxg, dh0, dc0,
+                               REVERSE=bool(reverse))
+        return dxg, dh0, dc0, _weight_grad(dxg, h0.contiguous(), out, reverse), dxg.sum((0, 1))
     dc = grad_cn.to(acc, copy=True).contiguous()
     dh_buf = torch.empty(B, H, dtype=out.dtype, device=out.device)
     dh_rec, c0a = grad_hn.contiguous(), c0.to(acc).contiguous()
@@ -226,9 +497,17 @@ def lstm_layer_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, 
 def gru_layer_fwd(xg, h0, w_hh, b_ih, b_hh, reverse):
     T, B, _ = xg.shape
     H = w_hh.shape[1]
-    b_ih, b_hh = _bias(b_ih, 3 * H, xg), _bias(b_hh, 3 * H, xg)
     out = torch.empty(T, B, H, dtype=xg.dtype, device=xg.device)
     saved = torch.empty(T, B, 4 * H, dtype=_acc(xg.dtype), device=xg.device)
+    if persistent(xg, H):
+        h0 = h0.contiguous()
+        if B * H:
+            has = b_ih is not None
+            _persistent_launch(_gru_seq_fwd, B, H, T, xg.contiguous(), h0, w_hh.contiguous(),
+                               b_ih.contiguous() if has else xg, b_hh.contiguous() if has else xg, out, saved,
+                               HAS_BIAS=has, REVERSE=bool(reverse))
+        return out, out[0 if reverse else T - 1].clone(), saved
+    b_ih, b_hh = _bias(b_ih, 3 * H, xg), _bias(b_hh, 3 * H, xg)
     hg = torch.empty(B, 3 * H, dtype=xg.dtype, device=xg.device)
     h0, wt = h0.contiguous(), w_hh.t()
     steps, _, before, first, last = _order(T, reverse)
@@ -243,6 +522,12 @@ def gru_layer_bwd(grad_out, grad_hn, h0, w_hh, out, saved, reverse):
     T, B, H = out.shape
     dxg = torch.empty(T, B, 3 * H, dtype=out.dtype, device=out.device)
     dhg = torch.empty_like(dxg)
+    if persistent(out, H):
+        dh0 = torch.empty_like(h0)
+        if B * H:
+            _persistent_launch(_gru_seq_bwd, B, H, T, grad_out.contiguous(), grad_hn.contiguous(), h0.contiguous(),
+                               w_hh.contiguous(), out, saved, dxg, dhg, dh0, REVERSE=bool(reverse))
+        return dxg, dh0, _weight_grad(dhg, h0.contiguous(), out, reverse), dxg.sum((0, 1)), dhg.sum((0, 1))
     dh_direct = torch.zeros(B, H, dtype=_acc(out.dtype), device=out.device)
     dh_buf = torch.empty(B, H, dtype=out.dtype, device=out.device)
     dh_rec, h0 = grad_hn.contiguous(), h0.contiguous()

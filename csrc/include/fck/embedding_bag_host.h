@@ -111,4 +111,26 @@ inline void check_embedding_bag_bwd(const at::Tensor& grad, const at::Tensor& in
   }
 }
 
+// The fused update's arguments (both devices).
+inline void check_fused_update(const at::Tensor& weight, const std::optional<at::Tensor>& state,
+                               const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& offsets,
+                               int64_t mode, const std::optional<at::Tensor>& psw, int64_t optimizer,
+                               const char* op) {
+  TORCH_CHECK(mode != kBagMax, op, ": the fused update supports mode='sum' and 'mean'");
+  TORCH_CHECK(optimizer == kSgd || optimizer == kRowwiseAdagrad, op,
+              ": optimizer must be 0 (SGD) or 1 (row-wise Adagrad)");
+  check_embedding_bag(weight, indices, offsets, mode, psw, op);
+  check_float(grad_output, "grad_output", op);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.is_contiguous() && grad_output.size(0) == offsets.numel() - 1 &&
+                  grad_output.size(1) == weight.size(1) && grad_output.scalar_type() == weight.scalar_type() &&
+                  grad_output.device() == weight.device(),
+              op, ": grad_output must be a contiguous (bags, dim) tensor of the weight's dtype and device");
+  if (optimizer == kRowwiseAdagrad) {
+    TORCH_CHECK(has(state) && state->scalar_type() == at::kFloat && state->is_contiguous() &&
+                    state->numel() == weight.size(0) && state->device() == weight.device(),
+                op, ": row-wise Adagrad needs a contiguous float32 state of one value per row");
+  }
+}
+
 }  // namespace fck
+

@@ -71,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
 namespace cuda {
 FCK_RNN_DECLS
 void adam_(FCK_ADAM_ARGS);
+void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS);
 std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
 at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
