@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
 #include <cstring>
 #include <limits>
 #include <cmath>
@@ -417,24 +418,37 @@ void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS) {
 
 }  // namespace cpu
 
+// Numbers are formatted with std::to_string, not by streaming them through c10::str: on an H100 machine, an
+// ostream << int64 inside this library crashed (segfault in std::ostream::_M_insert<long>) when raised from the CUDA
+// op, while torch's own messages and our CPU op's worked; strings stream safely.
 void raise_bag_status(const uint64_t status[2], const at::Tensor& indices, const at::Tensor& offsets,
                       int64_t num_weights, const char* op) {
+  using std::to_string;
+  const std::string where = std::string(op) + ": ";
   if (status[0] != kBagStatusNone) {
     const int64_t b = int64_t(status[0]), n = indices.numel(), last = offsets.numel() - 1;
     const int64_t lo = offsets[b].item<int64_t>(), hi = offsets[b + 1].item<int64_t>();
-    TORCH_CHECK(!(b == 0 && lo != 0), op, ": offsets[0] has to be 0, i.e., the first sequence in the mini-batch has "
-                "to start from position 0. However, got ", lo);
-    TORCH_CHECK(hi <= n && lo <= n, op, ": offsets[", lo > n ? b : b + 1, "] can not be greater than input's length ",
-                n, " but got ", lo > n ? lo : hi);
-    TORCH_CHECK(lo <= hi && lo >= 0, op, ": offsets must not decrease, but offsets[", b + 1, "] = ", hi,
-                " < offsets[", b, "] = ", lo);
-    TORCH_CHECK(false, op, ": the last offset must be the number of indices, ", n, ", got ",
-                offsets[last].item<int64_t>());
+    std::string msg;
+    if (b == 0 && lo != 0) {
+      msg = "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start from position 0. "
+            "However, got " + to_string(lo);
+    } else if (hi > n || lo > n) {
+      msg = "offsets[" + to_string(lo > n ? b : b + 1) + "] can not be greater than input's length " + to_string(n) +
+            " but got " + to_string(lo > n ? lo : hi);
+    } else if (lo > hi || lo < 0) {
+      msg = "offsets must not decrease, but offsets[" + to_string(b + 1) + "] = " + to_string(hi) + " < offsets[" +
+            to_string(b) + "] = " + to_string(lo);
+    } else {
+      msg = "the last offset must be the number of indices, " + to_string(n) + ", got " +
+            to_string(offsets[last].item<int64_t>());
+    }
+    TORCH_CHECK(false, where + msg);
   }
   if (status[1] != kBagStatusNone) {
     const int64_t i = int64_t(status[1]);
-    TORCH_CHECK_INDEX(false, "embedding_bag: index ", i, " of input takes value ", indices[i].item<int64_t>(),
-                      " which is not in the valid range [0, ", num_weights, ")");
+    TORCH_CHECK_INDEX(false, std::string("embedding_bag: index ") + to_string(i) + " of input takes value " +
+                                 to_string(indices[i].item<int64_t>()) + " which is not in the valid range [0, " +
+                                 to_string(num_weights) + ")");
   }
 }
 

@@ -2,7 +2,7 @@
 
 One layer in one direction is one torch.library op per pass — `fck::lstm_layer_fwd`/`_bwd`, `fck::gru_layer_fwd`/
 `_bwd` (C++ for CPU and CUDA, `..._triton` for Triton) — that runs the whole recurrence: per step one GEMM with
-W_hh and one fused pointwise kernel, or, on the Triton backend for hidden sizes up to 256, one persistent kernel for
+W_hh and one fused pointwise kernel, or, on the Triton backend for hidden sizes up to 128, one persistent kernel for
 all steps (which "auto" picks on CUDA for those sizes). Around it, plain PyTorch does what needs no loop: the input projection of all
 steps in one GEMM without bias (its gradients too, by autograd; the kernels add the biases and return their
 gradients), dropout between layers, and the direction concatenation. W_hh is
@@ -20,7 +20,7 @@ from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import rnn as reference
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-MAX_PERSISTENT_H = 256  # hidden sizes the Triton backend runs as one persistent kernel per layer (triton/rnn.py)
+MAX_PERSISTENT_H = 128  # hidden sizes the Triton backend runs as one persistent kernel per layer (triton/rnn.py)
 
 LSTM_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> "
                    "(Tensor, Tensor, Tensor, Tensor, Tensor)")

@@ -1,10 +1,10 @@
 """LSTM and GRU layers with Triton kernels (the fck::lstm_layer_*/gru_layer_* contract).
 
-Hidden sizes up to 256 (fp32, fp16, bf16): one persistent kernel per pass walks the whole sequence ("Persistent
+Hidden sizes up to 128 (fp32, fp16, bf16): one persistent kernel per pass walks the whole sequence ("Persistent
 RNNs", Diamos et al. 2016). A program owns a tile of batch rows — their recurrences are independent, so programs
 never wait for each other — and keeps its hidden and cell state in registers across steps; each step is four (three)
-small dots with the gate blocks of W_hh (held in registers when they fit, else re-read from L1/L2), the gate math
-and the stores of what the backward needs. One launch per layer and direction instead of two per step.
+small dots with the gate blocks of W_hh (re-read from L1/L2 each step), the gate math and the stores of what the
+backward needs. One launch per layer and direction instead of two per step.
 
 Larger hidden sizes and fp64 mirror csrc/include/fck/rnn_host.h: per time step one torch.mm of the hidden state with
 W_hh (cuBLAS) into a reused buffer, then one fused pointwise kernel that also adds the biases, where a program
@@ -196,11 +196,11 @@ def _bias(b, n, like):
     return like.new_zeros(n) if b is None else b.contiguous()
 
 
-# ---- persistent kernels (hidden <= MAX_PERSISTENT_H) ----
+# ---- persistent kernels (hidden <= ops.rnn.MAX_PERSISTENT_H) ----
 
 def persistent(x: torch.Tensor, H: int) -> bool:
-    """Whether the one-launch kernels run this layer (x: a (T, B, ...) tensor of the layer): hidden size up to 256,
-    fp32/fp16/bf16."""
+    """Whether the one-launch kernels run this layer (x: a (T, B, ...) tensor of the layer): hidden size up to 128
+    (a 256 x 256 fp32 gate block as a dot operand overflows shared memory), fp32/fp16/bf16."""
     from fastcore_kernels.ops.rnn import MAX_PERSISTENT_H
 
     return (H <= MAX_PERSISTENT_H and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -208,9 +208,10 @@ def persistent(x: torch.Tensor, H: int) -> bool:
 
 
 def _tiles(B, H):
+    """(batch rows per program, padded hidden size, warps). W_hh's gate blocks are re-read every step (from L1/L2):
+    held in registers across steps, four 64x64 fp32 blocks spilled and ran 50x slower on an H100."""
     HP = max(16, triton.next_power_of_2(H))  # tl.dot needs every dimension >= 16
-    BB = 16 if B <= 16 or HP > 64 else 32
-    return BB, HP, (4 if HP <= 64 else 8), HP <= 64
+    return 16, HP, (4 if HP <= 64 else 8)
 
 
 @triton.jit
@@ -251,7 +252,7 @@ def _mm(a, w, WDT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
                   HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
-                  W_IN_REGS: tl.constexpr, PREC: tl.constexpr):
+                  PREC: tl.constexpr):
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.arange(0, HP)
     m = (rows[:, None] < B) & (cols[None, :] < H)
@@ -259,9 +260,6 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
     gc = rows[:, None] * 4 * H + cols[None, :]  # offsets of gate 0 in a (B, 4H) step
     WDT = W.dtype.element_ty
     ODT = OUT.dtype.element_ty
-    if W_IN_REGS:
-        w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
-        w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
     b_i, b_f = _vec(BIAS, 0, H, HP, HAS_BIAS), _vec(BIAS, 1, H, HP, HAS_BIAS)
     b_g, b_o = _vec(BIAS, 2, H, HP, HAS_BIAS), _vec(BIAS, 3, H, HP, HAS_BIAS)
     h = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
@@ -271,9 +269,8 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
             t = T - 1 - s
         else:
             t = s
-        if not W_IN_REGS:
-            w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
-            w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
+        w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
+        w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
         xg = XG + t * B * 4 * H + gc
         i = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + _mm(h, w_i, WDT, PREC) + b_i)
         f = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_f, WDT, PREC) + b_f)
@@ -293,8 +290,7 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
 
 @triton.jit
 def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
-                  REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, W_IN_REGS: tl.constexpr,
-                  PREC: tl.constexpr):
+                  REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.arange(0, HP)
     m = (rows[:, None] < B) & (cols[None, :] < H)
@@ -302,9 +298,6 @@ def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
     gc = rows[:, None] * 4 * H + cols[None, :]
     WDT = W.dtype.element_ty
     DT = DXG.dtype.element_ty
-    if W_IN_REGS:
-        w_i, w_f = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False)
-        w_g, w_o = _wt(W, 2, H, HP, False), _wt(W, 3, H, HP, False)
     dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
     dc = tl.load(DCN + hc, mask=m, other=0.0).to(tl.float32)
     c0 = tl.load(C0 + hc, mask=m, other=0.0).to(tl.float32)
@@ -317,9 +310,8 @@ def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
             t = T - 1 - s
             has_prev = t > 0
             tp = t - 1
-        if not W_IN_REGS:
-            w_i, w_f = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False)
-            w_g, w_o = _wt(W, 2, H, HP, False), _wt(W, 3, H, HP, False)
+        w_i, w_f = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False)
+        w_g, w_o = _wt(W, 2, H, HP, False), _wt(W, 3, H, HP, False)
         gates = GATES + t * B * 4 * H + gc
         i = tl.load(gates, mask=m, other=0.0)
         f = tl.load(gates + H, mask=m, other=0.0)
@@ -349,7 +341,7 @@ def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
 @triton.jit
 def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
                  HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
-                 W_IN_REGS: tl.constexpr, PREC: tl.constexpr):
+                 PREC: tl.constexpr):
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.arange(0, HP)
     m = (rows[:, None] < B) & (cols[None, :] < H)
@@ -358,8 +350,6 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
     sc = rows[:, None] * 4 * H + cols[None, :]
     WDT = W.dtype.element_ty
     ODT = OUT.dtype.element_ty
-    if W_IN_REGS:
-        w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
     bi_r, bi_z, bi_n = _vec(B_IH, 0, H, HP, HAS_BIAS), _vec(B_IH, 1, H, HP, HAS_BIAS), _vec(B_IH, 2, H, HP, HAS_BIAS)
     bh_r, bh_z, bh_n = _vec(B_HH, 0, H, HP, HAS_BIAS), _vec(B_HH, 1, H, HP, HAS_BIAS), _vec(B_HH, 2, H, HP, HAS_BIAS)
     h = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
@@ -368,8 +358,7 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
             t = T - 1 - s
         else:
             t = s
-        if not W_IN_REGS:
-            w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
+        w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
         xg = XG + t * B * 3 * H + gc
         r = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + bi_r + _mm(h, w_r, WDT, PREC) + bh_r)
         z = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + bi_z + _mm(h, w_z, WDT, PREC) + bh_z)
@@ -387,8 +376,7 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
 
 @triton.jit
 def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
-                 REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, W_IN_REGS: tl.constexpr,
-                 PREC: tl.constexpr):
+                 REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.arange(0, HP)
     m = (rows[:, None] < B) & (cols[None, :] < H)
@@ -397,8 +385,6 @@ def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
     sc = rows[:, None] * 4 * H + cols[None, :]
     WDT = W.dtype.element_ty
     DT = DXG.dtype.element_ty
-    if W_IN_REGS:
-        w_r, w_z, w_n = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False), _wt(W, 2, H, HP, False)
     dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
     dh_direct = tl.zeros((BB, HP), dtype=tl.float32)
     h0 = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
@@ -411,8 +397,7 @@ def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
             t = T - 1 - s
             has_prev = t > 0
             tp = t - 1
-        if not W_IN_REGS:
-            w_r, w_z, w_n = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False), _wt(W, 2, H, HP, False)
+        w_r, w_z, w_n = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False), _wt(W, 2, H, HP, False)
         saved = SAVED + t * B * 4 * H + sc
         r = tl.load(saved, mask=m, other=0.0)
         z = tl.load(saved + H, mask=m, other=0.0)
@@ -439,9 +424,9 @@ def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
 
 
 def _persistent_launch(kernel, B, H, T, *args, **meta):
-    BB, HP, warps, in_regs = _tiles(B, H)
+    BB, HP, warps = _tiles(B, H)
     prec = "ieee" if args[0].dtype == torch.float32 else "tf32"  # fp32 stays exact; half types ignore it
-    kernel[(triton.cdiv(B, BB),)](*args, T, B, H, **meta, BB=BB, HP=HP, W_IN_REGS=in_regs, PREC=prec,
+    kernel[(triton.cdiv(B, BB),)](*args, T, B, H, **meta, BB=BB, HP=HP, PREC=prec,
                                   num_warps=warps)
 
 
