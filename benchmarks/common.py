@@ -142,7 +142,8 @@ class Results:
         print(f"\n{self.meta['device']} | commit {self.meta['commit']} | torch {self.meta['torch']} | "
               f"measured copy bandwidth {self.copy_gbs:.1f} GB/s")
         w = max([22] + [len(r["shape"]) + 2 for r in self.rows])
-        hdr = (f"{'op':<14}{'shape':<{w}}{'mode':<9}{'provider':<15}{'p50 ms':>10}{'GPU ms':>9}{'GB/s':>9}"
+        mw = max([9] + [len(r["mode"]) + 1 for r in self.rows])
+        hdr = (f"{'op':<14}{'shape':<{w}}{'mode':<{mw}}{'provider':<15}{'p50 ms':>10}{'GPU ms':>9}{'GB/s':>9}"
                f"{'of copy':>9}{'peak MiB':>10}{'vs ' + baseline:>14}")
         print(hdr)
         print("-" * len(hdr))
@@ -152,7 +153,7 @@ class Results:
             speedup = f"{b / r['p50_ms']:.2f}x" if b else "-"
             mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
             dev = f"{r['device_ms']:.3f}" if "device_ms" in r else "-"
-            print(f"{r['op']:<14}{r['shape']:<{w}}{r['mode']:<9}{r['provider']:<15}{r['p50_ms']:>10.3f}{dev:>9}"
+            print(f"{r['op']:<14}{r['shape']:<{w}}{r['mode']:<{mw}}{r['provider']:<15}{r['p50_ms']:>10.3f}{dev:>9}"
                   f"{r['gbs']:>9.1f}{r['frac_copy_bw']:>9.2f}{mem:>10}{speedup:>14}")
 
     def finish(self, baseline: str, out: str | Path | None) -> "Results":

@@ -60,7 +60,7 @@ def test_layer_gradcheck(backend, device, mode, reverse):
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, dtype, monkeypatch):
-    """The one-launch kernels (hidden <= 256) against the Triton per-step loop, forward and backward, on a hidden
+    """The opt-in one-launch kernels (hidden <= 128) against the Triton per-step loop, forward and backward, on a hidden
     size and batch that pad their tiles; outputs poisoned by the ops' own empty allocations."""
     skip_unless_runnable("triton", device)
     from fastcore_kernels.triton import rnn as triton_rnn
@@ -87,10 +87,11 @@ def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, d
         return fwd + bwd
 
     state = g.get_state()
+    monkeypatch.setattr(rnn_ops, "PERSISTENT", True)  # the opt-in
     assert triton_rnn.persistent(xg, H)
     one_launch = run()
     g.set_state(state)
-    monkeypatch.setattr(rnn_ops, "MAX_PERSISTENT_H", 0)
+    monkeypatch.setattr(rnn_ops, "PERSISTENT", False)
     assert not triton_rnn.persistent(xg, H)
     per_step = run()
     for a, b in zip(one_launch, per_step):

@@ -303,8 +303,8 @@ void backward(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_
   if (!sums.is_same(grad_w)) grad_w.copy_(sums);
 }
 
-// The optimizer step of the rows a backward touches, without a dense gradient: each thread sums the gradient of
-// the rows it owns (in index order, in a map of touched rows) and then updates them.
+// The optimizer step of the rows a backward touches, without a dense gradient: each thread walks the indices and
+// handles the rows it owns (sums them in a map of touched rows, then updates them).
 //   SGD:                w -= lr * g
 //   row-wise Adagrad:   G += mean(g^2);  w -= lr * g / (sqrt(G) + eps)     (one state value per row)
 template <typename T, typename I>
@@ -314,16 +314,28 @@ void fused_update(at::Tensor& weight, float* state, const at::Tensor& grad_out, 
   using A = acc_t<T>;
   const int64_t dim = weight.size(1);
   raw_t<T>* w = reinterpret_cast<raw_t<T>*>(weight.data_ptr());
+  // SGD on fp32/fp64 rows is linear: each occurrence is applied as it comes (no map of touched rows; the same
+  // step up to summation order). fp16/bf16 rows and Adagrad sum first, to round once and to square the sum.
+  const bool direct = optimizer == kSgd && std::is_same_v<raw_t<T>, A>;
   struct Update {
     raw_t<T>* w;
     float* state;
-    int64_t dim, optimizer;
+    int64_t dim, optimizer, r0, r1;
     A lr, eps;
+    bool direct;
     std::unordered_map<int64_t, int64_t> slot;
     std::vector<int64_t> order;
     std::vector<A> sums;
-    void ahead(int64_t) {}
+    void ahead(int64_t r) {
+      if (direct && r >= r0 && r < r1) __builtin_prefetch(w + r * dim, 1);
+    }
     void add(int64_t r, const A* g, A s) {
+      if (direct) {
+        raw_t<T>* row = w + r * dim;
+        const A k = lr * s;
+        for (int64_t d = 0; d < dim; ++d) row[d] -= k * g[d];
+        return;
+      }
       const auto [it, inserted] = slot.try_emplace(r, int64_t(order.size()));
       if (inserted) {
         order.push_back(r);
@@ -349,8 +361,8 @@ void fused_update(at::Tensor& weight, float* state, const at::Tensor& grad_out, 
       }
     }
   };
-  walk_owned_rows<T, I>(grad_out, idx, off, n_bags, weight.size(0), mode, psw, pad, [&](int64_t, int64_t) {
-    return Update{w, state, dim, optimizer, A(lr), A(eps), {}, {}, {}};
+  walk_owned_rows<T, I>(grad_out, idx, off, n_bags, weight.size(0), mode, psw, pad, [&](int64_t r0, int64_t r1) {
+    return Update{w, state, dim, optimizer, r0, r1, A(lr), A(eps), direct, {}, {}, {}};
   });
 }
 

@@ -2,15 +2,17 @@
 
 One layer in one direction is one torch.library op per pass — `fck::lstm_layer_fwd`/`_bwd`, `fck::gru_layer_fwd`/
 `_bwd` (C++ for CPU and CUDA, `..._triton` for Triton) — that runs the whole recurrence: per step one GEMM with
-W_hh and one fused pointwise kernel, or, on the Triton backend for hidden sizes up to 128, one persistent kernel for
-all steps (which "auto" picks on CUDA for those sizes). Around it, plain PyTorch does what needs no loop: the input projection of all
-steps in one GEMM without bias (its gradients too, by autograd; the kernels add the biases and return their
-gradients), dropout between layers, and the direction concatenation. W_hh is
-read as it is at every call, so a weight-dropped W_hh (AWD-LSTM) costs nothing extra: there is no packed weight
+W_hh and one fused pointwise kernel, or, on the Triton backend for hidden sizes up to 128 and FCK_RNN_PERSISTENT=1,
+one persistent kernel for all steps (experimental: see triton/rnn.py). Around it, plain PyTorch does what needs no
+loop: the input projection of all steps in one GEMM without bias (its gradients too, by autograd; the kernels add
+the biases and return their gradients), dropout between layers, and the direction concatenation. W_hh is read as
+it is at every call, so a weight-dropped W_hh (AWD-LSTM) costs nothing extra: there is no packed weight
 buffer to rebuild, unlike cuDNN's. The reference backend runs the same driver on the plain-PyTorch layers.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,10 @@ from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import rnn as reference
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-MAX_PERSISTENT_H = 128  # hidden sizes the Triton backend runs as one persistent kernel per layer (triton/rnn.py)
+# The Triton backend's persistent kernels (triton/rnn.py): hidden sizes they take, and whether they run. Opt-in
+# (FCK_RNN_PERSISTENT=1): on an H100 their fp32 dots took the FMA path and ran slower than the per-step loop.
+MAX_PERSISTENT_H = 128
+PERSISTENT = os.environ.get("FCK_RNN_PERSISTENT", "0") == "1"
 
 LSTM_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> "
                    "(Tensor, Tensor, Tensor, Tensor, Tensor)")
@@ -279,9 +284,6 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
             raise RuntimeError(f"Expected hidden[{i}] size {want}, got {list(s.shape)}")  # torch's message
         full.append(s if batched else s.unsqueeze(1))
     impl = _backend.resolve(x.device, backend, op=name)
-    if (impl == "cuda" and (backend or _backend.get_backend()) == "auto" and "cuda" in _backend._status("triton").devices
-            and H <= MAX_PERSISTENT_H and x.dtype != torch.float64):
-        impl = "triton"  # "auto": its one-launch persistent kernels beat a GEMM and a cell kernel per step
     h_n, c_n = [], []
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:

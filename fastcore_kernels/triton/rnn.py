@@ -1,18 +1,23 @@
 """LSTM and GRU layers with Triton kernels (the fck::lstm_layer_*/gru_layer_* contract).
 
-Hidden sizes up to 128 (fp32, fp16, bf16): one persistent kernel per pass walks the whole sequence ("Persistent
-RNNs", Diamos et al. 2016). A program owns a tile of batch rows — their recurrences are independent, so programs
-never wait for each other — and keeps its hidden and cell state in registers across steps; each step is four (three)
-small dots with the gate blocks of W_hh (re-read from L1/L2 each step), the gate math and the stores of what the
-backward needs. One launch per layer and direction instead of two per step.
+The loops mirror csrc/include/fck/rnn_host.h: per time step one torch.mm of the hidden state with W_hh (cuBLAS)
+into a reused buffer, then one fused pointwise kernel that also adds the biases, where a program handles BLOCK
+(row, hidden unit) pairs and all gates of each, so the cell update needs no exchange. W_hh's gradient is one GEMM
+over all steps after the loop.
 
-Larger hidden sizes and fp64 mirror csrc/include/fck/rnn_host.h: per time step one torch.mm of the hidden state with
-W_hh (cuBLAS) into a reused buffer, then one fused pointwise kernel that also adds the biases, where a program
-handles BLOCK (row, hidden unit) pairs and all gates of each, so the cell update needs no exchange. Either way W_hh's
-gradient is one GEMM over all steps after the loop.
+Experimental, opt-in (FCK_RNN_PERSISTENT=1; hidden sizes up to 128, fp32/fp16/bf16): one persistent kernel per pass
+walks the whole sequence ("Persistent RNNs", Diamos et al. 2016). A program owns a tile of batch rows — their
+recurrences are independent, so programs never wait for each other — and keeps its hidden and cell state in
+registers across steps; each step is four (three) small dots with the gate blocks of W_hh, the gate math and the
+stores of what the backward needs: one launch per layer, direction and pass. Correct (tested against the per-step
+loop and torch), but not yet fast: on an H100 its fp32 dots ran on the FMA path ("ieee") and the lesson-7 LSTM took
+23-38 ms of GPU time against the per-step loop's 1.7 (benchmarks/results/NOTES.md). fp32 now asks for "tf32x3"
+(three tensor-core passes, fp32-accurate) and bf16 for a native dot on the GPU; neither was measured yet.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -199,11 +204,12 @@ def _bias(b, n, like):
 # ---- persistent kernels (hidden <= ops.rnn.MAX_PERSISTENT_H) ----
 
 def persistent(x: torch.Tensor, H: int) -> bool:
-    """Whether the one-launch kernels run this layer (x: a (T, B, ...) tensor of the layer): hidden size up to 128
-    (a 256 x 256 fp32 gate block as a dot operand overflows shared memory), fp32/fp16/bf16."""
-    from fastcore_kernels.ops.rnn import MAX_PERSISTENT_H
+    """Whether the one-launch kernels run this layer (x: a (T, B, ...) tensor of the layer): opted in, hidden size
+    up to 128 (a 256 x 256 fp32 gate block as a dot operand overflows shared memory), fp32/fp16/bf16."""
+    from fastcore_kernels.ops import rnn as ops_rnn
 
-    return (H <= MAX_PERSISTENT_H and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (ops_rnn.PERSISTENT and H <= ops_rnn.MAX_PERSISTENT_H
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x.shape[0] * x.shape[1] * 4 * H < 2**31)  # the kernels' offsets are 32-bit
 
 
@@ -237,13 +243,13 @@ def _vec(V, q, H, HP: tl.constexpr, HAS: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, w, WDT: tl.constexpr, PREC: tl.constexpr):
-    """a @ w with a rounded to W's dtype first, accumulated in fp32."""
-    if a.dtype != WDT:
-        a = _cast(a, WDT)
-    if WDT == tl.bfloat16:
-        # Products of bf16 values are exact in fp32, so this is a bf16 dot with fp32 accumulation; the CPU
-        # interpreter has no bf16 dot of its own.
+def _mm(a, w, PREC: tl.constexpr):
+    """a @ w with a rounded to W's dtype first, accumulated in fp32. PREC "fp32": the operands widened to fp32 (the
+    CPU interpreter's bf16 dot: it has none of its own; products of bf16 values are exact in fp32, so this is the
+    same bf16 dot with fp32 accumulation)."""
+    if a.dtype != w.dtype:
+        a = _cast(a, w.dtype)
+    if PREC == "fp32":
         return tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, w, input_precision=PREC)
@@ -258,7 +264,6 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
     m = (rows[:, None] < B) & (cols[None, :] < H)
     hc = rows[:, None] * H + cols[None, :]  # offsets in a (B, H) step
     gc = rows[:, None] * 4 * H + cols[None, :]  # offsets of gate 0 in a (B, 4H) step
-    WDT = W.dtype.element_ty
     ODT = OUT.dtype.element_ty
     b_i, b_f = _vec(BIAS, 0, H, HP, HAS_BIAS), _vec(BIAS, 1, H, HP, HAS_BIAS)
     b_g, b_o = _vec(BIAS, 2, H, HP, HAS_BIAS), _vec(BIAS, 3, H, HP, HAS_BIAS)
@@ -272,10 +277,10 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
         w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
         w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
         xg = XG + t * B * 4 * H + gc
-        i = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + _mm(h, w_i, WDT, PREC) + b_i)
-        f = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_f, WDT, PREC) + b_f)
-        g = _tanh(tl.load(xg + 2 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_g, WDT, PREC) + b_g)
-        o = _sigmoid(tl.load(xg + 3 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_o, WDT, PREC) + b_o)
+        i = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + _mm(h, w_i, PREC) + b_i)
+        f = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_f, PREC) + b_f)
+        g = _tanh(tl.load(xg + 2 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_g, PREC) + b_g)
+        o = _sigmoid(tl.load(xg + 3 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_o, PREC) + b_o)
         c = f * c + i * g
         hq = _cast(o * _tanh(c), ODT)
         gates = GATES + t * B * 4 * H + gc
@@ -296,7 +301,6 @@ def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
     m = (rows[:, None] < B) & (cols[None, :] < H)
     hc = rows[:, None] * H + cols[None, :]
     gc = rows[:, None] * 4 * H + cols[None, :]
-    WDT = W.dtype.element_ty
     DT = DXG.dtype.element_ty
     dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
     dc = tl.load(DCN + hc, mask=m, other=0.0).to(tl.float32)
@@ -331,8 +335,8 @@ def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
         tl.store(dxg + 2 * H, d_g, mask=m)
         tl.store(dxg + 3 * H, d_o, mask=m)
         dc = dc * f
-        dh_rec = (_mm(d_i, w_i, WDT, PREC) + _mm(d_f, w_f, WDT, PREC) + _mm(d_g, w_g, WDT, PREC)
-                  + _mm(d_o, w_o, WDT, PREC))
+        dh_rec = (_mm(d_i, w_i, PREC) + _mm(d_f, w_f, PREC) + _mm(d_g, w_g, PREC)
+                  + _mm(d_o, w_o, PREC))
         dh_rec = _cast(dh_rec, DT).to(tl.float32)  # as the per-step path's GEMM output in the gradient's dtype
     tl.store(DH0 + hc, _cast(dh_rec, DH0.dtype.element_ty), mask=m)
     tl.store(DC0 + hc, _cast(dc, DC0.dtype.element_ty), mask=m)
@@ -348,7 +352,6 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
     hc = rows[:, None] * H + cols[None, :]
     gc = rows[:, None] * 3 * H + cols[None, :]
     sc = rows[:, None] * 4 * H + cols[None, :]
-    WDT = W.dtype.element_ty
     ODT = OUT.dtype.element_ty
     bi_r, bi_z, bi_n = _vec(B_IH, 0, H, HP, HAS_BIAS), _vec(B_IH, 1, H, HP, HAS_BIAS), _vec(B_IH, 2, H, HP, HAS_BIAS)
     bh_r, bh_z, bh_n = _vec(B_HH, 0, H, HP, HAS_BIAS), _vec(B_HH, 1, H, HP, HAS_BIAS), _vec(B_HH, 2, H, HP, HAS_BIAS)
@@ -360,9 +363,9 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
             t = s
         w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
         xg = XG + t * B * 3 * H + gc
-        r = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + bi_r + _mm(h, w_r, WDT, PREC) + bh_r)
-        z = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + bi_z + _mm(h, w_z, WDT, PREC) + bh_z)
-        bn = _mm(h, w_n, WDT, PREC) + bh_n
+        r = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + bi_r + _mm(h, w_r, PREC) + bh_r)
+        z = _sigmoid(tl.load(xg + H, mask=m, other=0.0).to(tl.float32) + bi_z + _mm(h, w_z, PREC) + bh_z)
+        bn = _mm(h, w_n, PREC) + bh_n
         nn = _tanh(tl.load(xg + 2 * H, mask=m, other=0.0).to(tl.float32) + bi_n + r * bn)
         hq = _cast(nn + z * (h - nn), ODT)
         saved = SAVED + t * B * 4 * H + sc
@@ -383,7 +386,6 @@ def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
     hc = rows[:, None] * H + cols[None, :]
     gc = rows[:, None] * 3 * H + cols[None, :]
     sc = rows[:, None] * 4 * H + cols[None, :]
-    WDT = W.dtype.element_ty
     DT = DXG.dtype.element_ty
     dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
     dh_direct = tl.zeros((BB, HP), dtype=tl.float32)
@@ -418,16 +420,19 @@ def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
         tl.store(dxg + 2 * H, d_n, mask=m)
         tl.store(dhg + 2 * H, d_hn, mask=m)
         dh_direct = dh * z
-        dh_rec = _mm(d_r, w_r, WDT, PREC) + _mm(d_z, w_z, WDT, PREC) + _mm(d_hn, w_n, WDT, PREC)
+        dh_rec = _mm(d_r, w_r, PREC) + _mm(d_z, w_z, PREC) + _mm(d_hn, w_n, PREC)
         dh_rec = _cast(dh_rec, DT).to(tl.float32)
     tl.store(DH0 + hc, _cast(dh_rec + dh_direct, DH0.dtype.element_ty), mask=m)
 
 
 def _persistent_launch(kernel, B, H, T, *args, **meta):
     BB, HP, warps = _tiles(B, H)
-    prec = "ieee" if args[0].dtype == torch.float32 else "tf32"  # fp32 stays exact; half types ignore it
-    kernel[(triton.cdiv(B, BB),)](*args, T, B, H, **meta, BB=BB, HP=HP, PREC=prec,
-                                  num_warps=warps)
+    # fp32: three tensor-core passes (fp32-accurate) — "ieee" took the FMA path; half types ignore it.
+    dtype = args[0].dtype
+    prec = "tf32x3" if dtype == torch.float32 else "tf32"
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        prec = "fp32"
+    kernel[(triton.cdiv(B, BB),)](*args, T, B, H, **meta, BB=BB, HP=HP, PREC=prec, num_warps=warps)
 
 
 def lstm_layer_fwd(xg, h0, c0, w_hh, bias, reverse):
