@@ -74,6 +74,36 @@ at::Tensor embedding_plain(const at::Tensor& weight, const at::Tensor& indices, 
   return embedding_forward(weight, indices.reshape({-1}).contiguous()).view(output_shape(indices, weight));
 }
 
+struct EmbeddingBag : public torch::autograd::Function<EmbeddingBag> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& indices,
+                            const at::Tensor& offsets, int64_t mode, int64_t padding_idx) {
+    auto [out, max_idx] = embedding_bag_fwd().call(weight, indices, offsets, mode, std::nullopt, padding_idx);
+    ctx->save_for_backward({indices, offsets, max_idx});
+    ctx->saved_data["num_weights"] = weight.size(0);
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["padding_idx"] = padding_idx;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor grad_weight = embedding_bag_bwd().call(
+        grads[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["num_weights"].toInt(),
+        ctx->saved_data["mode"].toInt(), std::nullopt, ctx->saved_data["padding_idx"].toInt());
+    return {grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor embedding_bag_autograd(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
+                                  int64_t mode, int64_t padding_idx) {
+  return EmbeddingBag::apply(weight, indices, offsets, mode, padding_idx);
+}
+
+at::Tensor embedding_bag_plain(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
+                               int64_t mode, int64_t padding_idx) {
+  return std::get<0>(embedding_bag_fwd().call(weight, indices, offsets, mode, std::nullopt, padding_idx));
+}
+
 // ---- batch norm (+ residual, + ReLU) ----
 using BatchNormFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
@@ -160,10 +190,12 @@ at::Tensor batch_norm_act_plain(const at::Tensor& x, const std::optional<at::Ten
 
 TORCH_LIBRARY_IMPL(fck, Autograd, m) {
   m.impl("embedding", &embedding_autograd);
+  m.impl("embedding_bag", &embedding_bag_autograd);
   m.impl("batch_norm_act", &batch_norm_act_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
   m.impl("embedding", &embedding_plain);
+  m.impl("embedding_bag", &embedding_bag_plain);
   m.impl("batch_norm_act", &batch_norm_act_plain);
 }

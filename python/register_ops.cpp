@@ -41,6 +41,9 @@ TORCH_LIBRARY(fck, m) {
   // A plain lookup (torch.nn.functional.embedding): weight rows for an index tensor of any shape, (*indices, dim).
   // Its autograd is in C++ (python/register_autograd.cpp); padding_idx rows get no gradient, -1 for none.
   m.def("embedding(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
+  // embedding_bag on normalised inputs (1-D indices, offsets ending with their number), without per-sample weights:
+  // the kernels with their autograd in C++ (register_autograd.cpp), for the many small tables of a tabular model.
+  m.def("embedding_bag(Tensor weight, Tensor indices, Tensor offsets, int mode, int padding_idx) -> Tensor");
   // The backward of embedding_bag fused with an optimizer step on the rows it touches (optimizer 0: SGD, 1: row-wise
   // Adagrad with one float32 state value per row), for tables too large for a dense gradient. Updates in place.
   m.def(

@@ -123,6 +123,18 @@ def test_opcheck_embedding_and_its_cxx_autograd():
                               test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))
 
 
+def test_opcheck_embedding_bag_and_its_cxx_autograd():
+    """fck::embedding_bag (normalised inputs, no per-sample weights) carries its autograd in C++: schema, fake,
+    autograd and AOT dispatch with static shapes, for the three modes with a padding row and an empty bag."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 5, generator=g, requires_grad=True)
+    idx, off = torch.tensor([1, 4, 4, 8, 0]), torch.tensor([0, 2, 2, 5])
+    for mode in (0, 1, 2):
+        torch.library.opcheck(torch.ops.fck.embedding_bag.default, (w, idx, off, mode, 4 if mode != 2 else -1),
+                              test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))
+
+
 @pytest.mark.parametrize("relu,with_residual,affine,channels_last",
                          [(True, True, True, False), (False, False, False, False), (True, False, True, True)])
 def test_opcheck_batch_norm_act_and_its_cxx_autograd(relu, with_residual, affine, channels_last):

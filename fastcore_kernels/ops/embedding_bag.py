@@ -256,6 +256,9 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
         return _EmbeddingBag.apply(weight, psw, indices, offsets, code, pad, pad, False, False, impl, update)[0]
     if impl == "reference" and not sparse and not scale_grad_by_freq:
         return reference.embedding_bag(weight, indices, offsets, mode, psw, None if pad < 0 else pad)
+    if impl in ("cpu", "cuda") and psw is None and not sparse and not scale_grad_by_freq and not _backend.compiling():
+        # One C++ op with its autograd in C++: a Python autograd.Function costs more than a small table's bags.
+        return torch.ops.fck.embedding_bag(weight, indices, offsets, code, pad)
     if impl == "reference":
         raise NotImplementedError("the reference backend runs embedding_bag without sparse/scale_grad_by_freq")
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (psw is not None and psw.requires_grad))
