@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
-from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_time_ms, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
 
 BYTES_PER_PARAM = 28
 
@@ -108,16 +108,9 @@ def main(argv=None) -> Results:
             else:
                 step = make(params).step
             step()  # lazy state allocation happens here, outside both measurements
-            peak = None
-            if device.type == "cuda":
-                # Extra memory one step needs beyond params, grads and state (do_bench's own L2-flush buffer would
-                # swamp it, so this is measured on a separate step).
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            # Extra memory one step needs beyond params, grads and state (do_bench's own L2-flush buffer would swamp
+            # it, so this is measured on a separate step).
+            peak = step_peak_mib(step, device) if device.type == "cuda" else None
             times = time_ms(step, device, reps=args.reps)
             extra = dict(tensors=len(shapes))
             if device.type == "cuda":

@@ -256,24 +256,49 @@ def _mm(a, w, PREC: tl.constexpr):
 
 
 @triton.jit
-def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
-                  HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
-                  PREC: tl.constexpr):
+def _tile(B, H, G: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+    """This program's (batch row, hidden unit) tile: its mask, its offsets in a (B, H) step, in a (B, G*H) step of
+    gates (gate 0) and in a (B, 4H) saved step."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.arange(0, HP)
     m = (rows[:, None] < B) & (cols[None, :] < H)
-    hc = rows[:, None] * H + cols[None, :]  # offsets in a (B, H) step
-    gc = rows[:, None] * 4 * H + cols[None, :]  # offsets of gate 0 in a (B, 4H) step
+    return (m, rows[:, None] * H + cols[None, :], rows[:, None] * G * H + cols[None, :],
+            rows[:, None] * 4 * H + cols[None, :])
+
+
+@triton.jit
+def _store4(P, H, a, b, c, d, m):
+    """Four (B, H) values of a step into the four H-wide chunks of a (B, 4H) saved step."""
+    tl.store(P, a, mask=m)
+    tl.store(P + H, b, mask=m)
+    tl.store(P + 2 * H, c, mask=m)
+    tl.store(P + 3 * H, d, mask=m)
+
+
+@triton.jit
+def _step_back(s, T, REVERSE: tl.constexpr):
+    """Iteration s of a backward loop, which visits the forward's steps last to first: (its step, the step before
+    it in the forward's order; out of [0, T) for the first)."""
+    t = T - 1 - s
+    tp = t - 1
+    if REVERSE:
+        t = s
+        tp = s + 1
+    return t, tp
+
+
+@triton.jit
+def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
+                  HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
+                  PREC: tl.constexpr):
+    m, hc, gc, _ = _tile(B, H, 4, BB, HP)
     ODT = OUT.dtype.element_ty
     b_i, b_f = _vec(BIAS, 0, H, HP, HAS_BIAS), _vec(BIAS, 1, H, HP, HAS_BIAS)
     b_g, b_o = _vec(BIAS, 2, H, HP, HAS_BIAS), _vec(BIAS, 3, H, HP, HAS_BIAS)
     h = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
     c = tl.load(C0 + hc, mask=m, other=0.0).to(tl.float32)
     for s in range(T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = T - 1 - s if REVERSE else s
         w_i, w_f = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True)
         w_g, w_o = _wt(W, 2, H, HP, True), _wt(W, 3, H, HP, True)
         xg = XG + t * B * 4 * H + gc
@@ -283,11 +308,7 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
         o = _sigmoid(tl.load(xg + 3 * H, mask=m, other=0.0).to(tl.float32) + _mm(h, w_o, PREC) + b_o)
         c = f * c + i * g
         hq = _cast(o * _tanh(c), ODT)
-        gates = GATES + t * B * 4 * H + gc
-        tl.store(gates, i, mask=m)
-        tl.store(gates + H, f, mask=m)
-        tl.store(gates + 2 * H, g, mask=m)
-        tl.store(gates + 3 * H, o, mask=m)
+        _store4(GATES + t * B * 4 * H + gc, H, i, f, g, o, m)
         tl.store(C_ALL + t * B * H + hc, c, mask=m)
         tl.store(OUT + t * B * H + hc, hq, mask=m)
         h = hq.to(tl.float32)  # the next step sees the stored (rounded) output, as the per-step path does
@@ -296,24 +317,14 @@ def _lstm_seq_fwd(XG, H0, C0, W, BIAS, OUT, C_ALL, GATES, T, B, H,
 @triton.jit
 def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
                   REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    cols = tl.arange(0, HP)
-    m = (rows[:, None] < B) & (cols[None, :] < H)
-    hc = rows[:, None] * H + cols[None, :]
-    gc = rows[:, None] * 4 * H + cols[None, :]
+    m, hc, gc, _ = _tile(B, H, 4, BB, HP)
     DT = DXG.dtype.element_ty
     dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
     dc = tl.load(DCN + hc, mask=m, other=0.0).to(tl.float32)
     c0 = tl.load(C0 + hc, mask=m, other=0.0).to(tl.float32)
     for s in range(T):
-        if REVERSE:  # the backward visits the forward's steps last to first
-            t = s
-            has_prev = t < T - 1
-            tp = t + 1
-        else:
-            t = T - 1 - s
-            has_prev = t > 0
-            tp = t - 1
+        t, tp = _step_back(s, T, REVERSE)
+        has_prev = (tp >= 0) & (tp < T)
         w_i, w_f = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False)
         w_g, w_o = _wt(W, 2, H, HP, False), _wt(W, 3, H, HP, False)
         gates = GATES + t * B * 4 * H + gc
@@ -346,21 +357,13 @@ def _lstm_seq_bwd(DOUT, DHN, DCN, C0, W, C_ALL, GATES, DXG, DH0, DC0, T, B, H,
 def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
                  HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
                  PREC: tl.constexpr):
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    cols = tl.arange(0, HP)
-    m = (rows[:, None] < B) & (cols[None, :] < H)
-    hc = rows[:, None] * H + cols[None, :]
-    gc = rows[:, None] * 3 * H + cols[None, :]
-    sc = rows[:, None] * 4 * H + cols[None, :]
+    m, hc, gc, sc = _tile(B, H, 3, BB, HP)
     ODT = OUT.dtype.element_ty
     bi_r, bi_z, bi_n = _vec(B_IH, 0, H, HP, HAS_BIAS), _vec(B_IH, 1, H, HP, HAS_BIAS), _vec(B_IH, 2, H, HP, HAS_BIAS)
     bh_r, bh_z, bh_n = _vec(B_HH, 0, H, HP, HAS_BIAS), _vec(B_HH, 1, H, HP, HAS_BIAS), _vec(B_HH, 2, H, HP, HAS_BIAS)
     h = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
     for s in range(T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = T - 1 - s if REVERSE else s
         w_r, w_z, w_n = _wt(W, 0, H, HP, True), _wt(W, 1, H, HP, True), _wt(W, 2, H, HP, True)
         xg = XG + t * B * 3 * H + gc
         r = _sigmoid(tl.load(xg, mask=m, other=0.0).to(tl.float32) + bi_r + _mm(h, w_r, PREC) + bh_r)
@@ -368,11 +371,7 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
         bn = _mm(h, w_n, PREC) + bh_n
         nn = _tanh(tl.load(xg + 2 * H, mask=m, other=0.0).to(tl.float32) + bi_n + r * bn)
         hq = _cast(nn + z * (h - nn), ODT)
-        saved = SAVED + t * B * 4 * H + sc
-        tl.store(saved, r, mask=m)
-        tl.store(saved + H, z, mask=m)
-        tl.store(saved + 2 * H, nn, mask=m)
-        tl.store(saved + 3 * H, bn, mask=m)
+        _store4(SAVED + t * B * 4 * H + sc, H, r, z, nn, bn, m)
         tl.store(OUT + t * B * H + hc, hq, mask=m)
         h = hq.to(tl.float32)
 
@@ -380,25 +379,14 @@ def _gru_seq_fwd(XG, H0, W, B_IH, B_HH, OUT, SAVED, T, B, H,
 @triton.jit
 def _gru_seq_bwd(DOUT, DHN, H0, W, OUT, SAVED, DXG, DHG, DH0, T, B, H,
                  REVERSE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    cols = tl.arange(0, HP)
-    m = (rows[:, None] < B) & (cols[None, :] < H)
-    hc = rows[:, None] * H + cols[None, :]
-    gc = rows[:, None] * 3 * H + cols[None, :]
-    sc = rows[:, None] * 4 * H + cols[None, :]
+    m, hc, gc, sc = _tile(B, H, 3, BB, HP)
     DT = DXG.dtype.element_ty
     dh_rec = tl.load(DHN + hc, mask=m, other=0.0).to(tl.float32)
     dh_direct = tl.zeros((BB, HP), dtype=tl.float32)
     h0 = tl.load(H0 + hc, mask=m, other=0.0).to(tl.float32)
     for s in range(T):
-        if REVERSE:
-            t = s
-            has_prev = t < T - 1
-            tp = t + 1
-        else:
-            t = T - 1 - s
-            has_prev = t > 0
-            tp = t - 1
+        t, tp = _step_back(s, T, REVERSE)
+        has_prev = (tp >= 0) & (tp < T)
         w_r, w_z, w_n = _wt(W, 0, H, HP, False), _wt(W, 1, H, HP, False), _wt(W, 2, H, HP, False)
         saved = SAVED + t * B * 4 * H + sc
         r = tl.load(saved, mask=m, other=0.0)
