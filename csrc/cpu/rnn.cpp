@@ -224,11 +224,13 @@ struct RnnSteps {
   // Small W_hh (it fits in a core's L2): one block of rows per thread for the whole sequence, each with its own
   // single-threaded GEMM, and no fork/join per step; no block under ~2k gate values per step. Large W_hh: one block,
   // whose GEMM BLAS splits across threads by columns (each thread streams only its share of W_hh from memory; with
-  // row blocks every thread would stream all of it) and whose pointwise pass is split by rows. The workers take on
-  // the caller's thread-local state: its dispatch keys say the ops below run under the autograd layer.
+  // row blocks every thread would stream all of it) and whose pointwise pass is split by rows. A call of under
+  // ~64k gate values in all (a cell: one step) runs on the calling thread: waking the pool costs more than it
+  // saves. The workers take on the caller's thread-local state: its dispatch keys say the ops below run under the
+  // autograd layer.
   template <class F>
-  static void row_blocks(int64_t B, int64_t values_per_row, int64_t weight_bytes, const F& f) {
-    if (weight_bytes > kBlockWeightBytes) return f(0, B);
+  static void row_blocks(int64_t B, int64_t values_per_row, int64_t steps, int64_t weight_bytes, const F& f) {
+    if (weight_bytes > kBlockWeightBytes || B * values_per_row * steps < kSerialValues) return f(0, B);
     const at::ThreadLocalState state;
     at::parallel_for(0, B, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, values_per_row)),
                      [&](int64_t b0, int64_t b1) {
@@ -237,11 +239,13 @@ struct RnnSteps {
                      });
   }
   static constexpr int64_t kBlockWeightBytes = 512 * 1024;
+  static constexpr int64_t kSerialValues = 64 * 1024;
 
   // The pointwise pass of a step over rows [0, n): split across threads when the step is big enough (serial inside
-  // a row block, where the threads are already busy).
+  // a row block, where the threads are already busy, and under kSerialValues).
   template <class F>
   static void rows(int64_t n, int64_t H, const F& f) {
+    if (n * 4 * H < kSerialValues) return f(0, n);
     at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, 4 * H)), f);
   }
 

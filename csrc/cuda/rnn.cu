@@ -103,7 +103,7 @@ struct RnnSteps {
 
   // One block of rows: the GPU parallelizes each step across the whole batch.
   template <class F>
-  static void row_blocks(int64_t B, int64_t, int64_t, const F& f) {
+  static void row_blocks(int64_t B, int64_t, int64_t, int64_t, const F& f) {
     f(0, B);
   }
 

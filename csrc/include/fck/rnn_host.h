@@ -2,7 +2,8 @@
 // GEMM of the hidden state with W_hh (BLAS/cuBLAS through at::mm_out, into a reused buffer) and one fused pointwise
 // kernel, which `Dev` supplies (fck::cpu::RnnSteps, fck::cuda::RnnSteps), with the batch split into row blocks:
 //
-//   Dev::row_blocks(B, values_per_row, w_bytes, f)   calls f(b0, b1) over blocks covering [0, B), maybe in parallel
+//   Dev::row_blocks(B, values_per_row, steps, w_bytes, f)   calls f(b0, b1) over blocks covering [0, B), maybe
+//                                                          in parallel
 //
 //   Dev::lstm_fwd(xg_t, hg, bias, c_prev, gates_t, c_t, h_t, n, H)
 //   Dev::lstm_bwd(dout_t, dh_rec, gates_t, c_prev, c_t, dc /*in: dc', out: dc_prev*/, dxg_t, n, H)
@@ -169,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T* bp = reinterpret_cast<const T*>(b.data_ptr());
     const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, w);
-    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
+    Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto dcs = seq<A>(dc, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, w);
-    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
+    Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.bwd(s);
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T *bip = reinterpret_cast<const T*>(bi.data_ptr()), *bhp = reinterpret_cast<const T*>(bh.data_ptr());
     const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, w);
-    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
+    Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
@@ -298,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
     const auto direct = seq<A>(dh_direct, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, w);
-    Dev::row_blocks(B, G, w.nbytes(), [&](int64_t b0, int64_t b1) {
+    Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.bwd(s);
