@@ -186,16 +186,125 @@ at::Tensor batch_norm_act_plain(const at::Tensor& x, const std::optional<at::Ten
       batch_norm_fwd().call(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu));
 }
 
+// ---- LSTM / GRU layers ----
+using LstmFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+using LstmBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+using GruFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const std::optional<at::Tensor>&,
+                                                              const std::optional<at::Tensor>&, bool);
+using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    bool);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const c10::TypedOperatorHandle<LstmFwd>& lstm_fwd() {
+  static const auto op = find_op<LstmFwd>("fck::lstm_layer_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<LstmBwd>& lstm_bwd() {
+  static const auto op = find_op<LstmBwd>("fck::lstm_layer_bwd");
+  return op;
+}
+const c10::TypedOperatorHandle<GruFwd>& gru_fwd() {
+  static const auto op = find_op<GruFwd>("fck::gru_layer_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<GruBwd>& gru_bwd() {
+  static const auto op = find_op<GruBwd>("fck::gru_layer_bwd");
+  return op;
+}
+
+struct LstmLayer : public torch::autograd::Function<LstmLayer> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& bias, bool reverse) {
+    auto [out, h_n, c_n, c_all, gates] =
+        lstm_fwd().call(xg, h0, c0, w_hh, bias, reverse);
+    ctx->save_for_backward({h0, c0, w_hh, out, c_all, gates});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return {out, h_n, c_n};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto [dxg, dh0, dc0, dw, db] = lstm_bwd().call(
+        grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
+        ctx->saved_data["reverse"].toBool());
+    return {dxg, dh0, dc0, dw, ctx->saved_data["has_bias"].toBool() ? db : at::Tensor(), at::Tensor()};
+  }
+};
+
+struct GruLayer : public torch::autograd::Function<GruLayer> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                               bool reverse) {
+    auto [out, h_n, saved] = gru_fwd().call(xg, h0, w_hh, b_ih, b_hh, reverse);
+    ctx->save_for_backward({h0, w_hh, out, saved});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    return {out, h_n};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto [dxg, dh0, dw, db_ih, db_hh] = gru_bwd().call(
+        grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], s[2], s[3], ctx->saved_data["reverse"].toBool());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    return {dxg, dh0, dw, has_bias ? db_ih : at::Tensor(), has_bias ? db_hh : at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_autograd(const at::Tensor& xg, const at::Tensor& h0,
+                                                                   const at::Tensor& c0, const at::Tensor& w_hh,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   bool reverse) {
+  const variable_list r = LstmLayer::apply(xg, h0, c0, w_hh, bias, reverse);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_plain(const at::Tensor& xg, const at::Tensor& h0,
+                                                                const at::Tensor& c0, const at::Tensor& w_hh,
+                                                                const std::optional<at::Tensor>& bias, bool reverse) {
+  auto [out, h_n, c_n, c_all, gates] =
+      lstm_fwd().call(xg, h0, c0, w_hh, bias, reverse);
+  return {out, h_n, c_n};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_layer_autograd(const at::Tensor& xg, const at::Tensor& h0,
+                                                      const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                                      const std::optional<at::Tensor>& b_hh, bool reverse) {
+  const variable_list r = GruLayer::apply(xg, h0, w_hh, b_ih, b_hh, reverse);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_layer_plain(const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& w_hh,
+                                                   const std::optional<at::Tensor>& b_ih,
+                                                   const std::optional<at::Tensor>& b_hh, bool reverse) {
+  auto [out, h_n, saved] = gru_fwd().call(xg, h0, w_hh, b_ih, b_hh, reverse);
+  return {out, h_n};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fck, Autograd, m) {
   m.impl("embedding", &embedding_autograd);
   m.impl("embedding_bag", &embedding_bag_autograd);
   m.impl("batch_norm_act", &batch_norm_act_autograd);
+  m.impl("lstm_layer", &lstm_layer_autograd);
+  m.impl("gru_layer", &gru_layer_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
   m.impl("embedding", &embedding_plain);
   m.impl("embedding_bag", &embedding_bag_plain);
   m.impl("batch_norm_act", &batch_norm_act_plain);
+  m.impl("lstm_layer", &lstm_layer_plain);
+  m.impl("gru_layer", &gru_layer_plain);
 }

@@ -64,6 +64,11 @@ TORCH_LIBRARY(fck, m) {
   // Its backward: (grad_xg, grad_h0, grad_w_hh, grad_b_ih, grad_b_hh).
   m.def("gru_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
         "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The two layers with their autograd in C++ (register_autograd.cpp): (output, h_n, c_n) / (output, h_n). A cell
+  // is a one-step layer, called many times per batch, where a Python autograd.Function costs more than the step.
+  m.def("lstm_layer(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> (Tensor, Tensor, "
+        "Tensor)");
+  m.def("gru_layer(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor)");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
 }

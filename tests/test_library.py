@@ -135,6 +135,26 @@ def test_opcheck_embedding_bag_and_its_cxx_autograd():
                               test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_opcheck_rnn_layers_and_their_cxx_autograd(reverse):
+    """fck::lstm_layer / fck::gru_layer (the layer kernels with their autograd in C++): schema, fake, autograd and
+    AOT dispatch with static shapes, with and without biases."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    T, B, H = 3, 2, 5
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).requires_grad_()
+
+    tests = _OPCHECK_TESTS + ("test_aot_dispatch_static",)
+    for bias in (rnd(4 * H), None):
+        torch.library.opcheck(torch.ops.fck.lstm_layer.default,
+                              (rnd(T, B, 4 * H), rnd(B, H), rnd(B, H), rnd(4 * H, H), bias, reverse), test_utils=tests)
+    for b_ih, b_hh in ((rnd(3 * H), rnd(3 * H)), (None, None)):
+        torch.library.opcheck(torch.ops.fck.gru_layer.default, (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), b_ih, b_hh,
+                                                                 reverse), test_utils=tests)
+
+
 @pytest.mark.parametrize("relu,with_residual,affine,channels_last",
                          [(True, True, True, False), (False, False, False, False), (True, False, True, True)])
 def test_opcheck_batch_norm_act_and_its_cxx_autograd(relu, with_residual, affine, channels_last):

@@ -125,6 +125,8 @@ def lstm_layer(xg, h0, c0, w_hh, bias, reverse, backend):
     (output, h_n, c_n)."""
     if backend == "reference":
         return reference.lstm_layer(xg, h0, c0, w_hh, bias, reverse)
+    if backend in ("cpu", "cuda") and not _backend.compiling():  # autograd in C++: cells call this per step
+        return torch.ops.fck.lstm_layer(xg, h0, c0, w_hh, bias, reverse)
     if _grad_needed(xg, h0, c0, w_hh, bias):
         return _LSTMLayer.apply(xg, h0, c0, w_hh, bias, reverse, backend)
     return _kernel("lstm_layer_fwd", backend)(xg, h0, c0, w_hh, bias, reverse)[:3]
@@ -134,6 +136,8 @@ def gru_layer(xg, h0, w_hh, b_ih, b_hh, reverse, backend):
     """One GRU layer over a sequence from xg = x W_ih^T (T, B, 3H): (output, h_n)."""
     if backend == "reference":
         return reference.gru_layer(xg, h0, w_hh, b_ih, b_hh, reverse)
+    if backend in ("cpu", "cuda") and not _backend.compiling():
+        return torch.ops.fck.gru_layer(xg, h0, w_hh, b_ih, b_hh, reverse)
     if _grad_needed(xg, h0, w_hh, b_ih, b_hh):
         return _GRULayer.apply(xg, h0, w_hh, b_ih, b_hh, reverse, backend)
     return _kernel("gru_layer_fwd", backend)(xg, h0, w_hh, b_ih, b_hh, reverse)[:2]
