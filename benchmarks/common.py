@@ -17,11 +17,14 @@ import torch
 
 
 def commit() -> str:
+    """FCK_COMMIT when set (a lent GPU machine's copy of the tree carries a stale git HEAD), else git's HEAD."""
+    if os.environ.get("FCK_COMMIT"):
+        return os.environ["FCK_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FCK_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -9,6 +9,9 @@ set -u
 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The device tool's copy of the tree has carried a stale git HEAD: pass FCK_COMMIT=<the commit sent>. The env line
+# and every JSON row use it.
+export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
 STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_adam bench_learner} "
 declare -a summary=()
@@ -28,7 +31,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   echo "nvcc: $(command -v nvcc) $(nvcc --version | tail -n 1)"
-  echo "commit: ${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}  date: $(date -u +%FT%TZ)"
+  echo "commit: ${FCK_COMMIT}  date: $(date -u +%FT%TZ)"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
