@@ -80,8 +80,9 @@ class EmbeddingUpdate:
 
     optimizer "sgd": w -= lr * g. "rowwise_adagrad": G += mean(g^2) over the row, w -= lr * g / (sqrt(G) + eps),
     with one float32 state value per row (`state`, created on first use). Duplicate indices are summed first, so
-    the step equals the unfused one on the summed gradient. C++ kernels for the CPU (threads own disjoint rows) and
-    CUDA (the indices sorted once, one block per distinct row: deterministic, no atomics).
+    the step equals the unfused one on the summed gradient (SGD on fp32/fp64 rows on the CPU applies each
+    occurrence as it comes: the same step up to summation order). C++ kernels for the CPU (threads own disjoint
+    rows) and CUDA (the indices sorted once, one block per distinct row: deterministic, no atomics).
     """
 
     optimizer: str
