@@ -158,6 +158,37 @@ def test_scale_grad_by_freq_and_max_norm_match_torch():
     torch.testing.assert_close(w1, w2)  # the looked-up rows were renormalised in place, as torch does
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_backward_writes_every_row_of_a_reused_gradient_cpu(dtype):
+    """The CPU backward writes each gradient row once, zeros included, into a buffer that may come back from the
+    CPU pool holding the last gradient: rows not touched this time must read zero. Skewed indices (half on one row)
+    across two threads check the cost-balanced row split."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(10000, 64, generator=g).to(dtype)  # a gradient above 1 MiB: pooled
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for seed, vocab in ((1, 10000), (2, 300)):  # the second call leaves rows 300.. untouched
+            gi = torch.Generator().manual_seed(seed)
+            indices = torch.randint(0, vocab, (3000,), generator=gi)
+            indices[::2] = 3
+            offsets = torch.arange(0, 3000, 5)
+            psw = torch.rand(3000, generator=gi).to(dtype)
+            kw = dict(mode="sum", padding_idx=7)
+            ours = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, per_sample_weights=p, backend="cpu",
+                                                         **kw), weight, psw)
+            theirs = _run(lambda w, p: F.embedding_bag(indices, w, offsets, per_sample_weights=p, **kw),
+                          weight.double(), psw.double())
+            rtol, atol = TOL[dtype]
+            torch.testing.assert_close(ours[1].double(), theirs[1], rtol=rtol,
+                                       atol=atol * theirs[1].abs().max().item())
+            assert torch.count_nonzero(ours[1][vocab:]) == 0
+            del ours  # its gradient goes back to the pool for the next call
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backward_is_deterministic_across_thread_counts():
     skip_unless_runnable("cpu", "cpu")
     g = torch.Generator().manual_seed(0)

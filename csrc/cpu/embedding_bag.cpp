@@ -1,9 +1,9 @@
 // Embedding bags on the CPU, forward and backward.
 //
 // Forward: bags are split across threads; each bag reduces its rows into an fp32 (fp64) accumulator of `dim` values
-// and writes its output row once. Backward (dense): the rows of grad_weight are split across threads, and every
-// thread walks all indices in order, adding only the rows it owns. No sort, no atomics, and each row's sum is
-// taken in index order whatever the thread count, so the gradient is deterministic.
+// and writes its output row once. Backward (dense, sum/mean): the occurrences are grouped by row with a counting
+// sort (O(indices + rows), no comparison sort), then each gradient row is written once. No atomics, and each row's
+// sum is taken in index order whatever the thread count, so the gradient is deterministic.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -264,42 +264,112 @@ void walk_owned_rows(const at::Tensor& grad_out, const I* idx, const I* off, int
   });
 }
 
+// Dense backward of sum/mean. Row r's gradient is the scaled sum of the output gradients of the bags its
+// occurrences fall in, so the occurrences are first grouped by row (a stable counting sort: O(indices + rows)), and
+// then each thread writes its share of gradient rows once each, in order — untouched rows as zeros, so there is no
+// separate zeroing pass. The random accesses are reads of grad_output (n_bags x dim: a text batch's 6.5 MB against
+// its 96 MB table) instead of read-modify-writes scattered over a table-sized gradient, which is what the first
+// version (each thread walking every index for the rows it owned) spent ~100 ms on for 450k occurrences.
+// Each row's sum is taken in index order whatever the thread count: deterministic.
 template <typename T, typename I>
-void backward(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_bags, int64_t mode,
-              const raw_t<T>* psw, int64_t pad, const int64_t* max_idx, at::Tensor& grad_w) {
+void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_bags, int64_t mode,
+                     const raw_t<T>* psw, int64_t pad, at::Tensor& grad_w) {
+  using A = acc_t<T>;
+  const int64_t dim = grad_out.size(1), rows = grad_w.size(0), n = off[n_bags];
+  const std::vector<A> bag_scale = bag_scales<A>(idx, off, n_bags, mode, pad);
+  // start[r] .. start[r + 1]: the occurrences of row r, as (bag, factor) pairs in index order
+  std::vector<int64_t> start(rows + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] != pad) ++start[int64_t(idx[i]) + 1];
+  }
+  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+  std::vector<int64_t> bag_of(start[rows]);
+  std::vector<A> factor(start[rows]);
+  for (int64_t b = 0; b < n_bags; ++b) {
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+      if (idx[i] == pad) continue;
+      const int64_t at = start[idx[i]]++;
+      bag_of[at] = b;
+      factor[at] = psw ? bag_scale[b] * Storage<T>::load(psw[i]) : bag_scale[b];
+    }
+  }
+  for (int64_t r = rows; r > 0; --r) start[r] = start[r - 1];  // the fill moved each start to the next row's
+  start[0] = 0;
+
+  const raw_t<T>* g = rows_of<T>(grad_out);
+  raw_t<T>* gw = reinterpret_cast<raw_t<T>*>(grad_w.data_ptr());
+  const Axpy<A> axpy = pick_axpy<A>();
+  const Axpy2<A> axpy2 = pick_axpy2<A>();
+  const int64_t elem = sizeof(raw_t<T>), row_bytes = dim * elem;
+  // Threads split the rows by cost (a row written + its occurrences added), so a skewed (Zipfian) vocabulary
+  // does not leave one thread with the frequent rows.
+  const int64_t threads = (n + rows) * dim < kSerialWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t total = start[rows] + rows;
+  const auto row_at_cost = [&](int64_t t) {  // first row whose cumulative cost reaches total * t / threads
+    const int64_t target = total * t / threads;
+    int64_t lo = 0, hi = rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (start[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  const auto ahead = [&](int64_t k) {  // the grad_output row an occurrence kPrefetch later will read
+    return k < start[rows] ? reinterpret_cast<const char*>(g + bag_of[k] * dim) : nullptr;
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> acc(dim), buf(dim), buf2(dim);
+    for (int64_t r = row_at_cost(t0), r_end = row_at_cost(t1); r < r_end; ++r) {
+      raw_t<T>* dst = gw + r * dim;
+      const int64_t a = start[r], e = start[r + 1];
+      if (a == e) {  // a run of untouched rows: one memset (a collab table is mostly these)
+        int64_t run_end = r + 1;
+        while (run_end < r_end && start[run_end + 1] == a) ++run_end;
+        std::memset(dst, 0, (run_end - r) * row_bytes);
+        r = run_end - 1;
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t k = a; k < e; k += 2) {
+        const char* next1 = ahead(k + kPrefetch);
+        const A* g1 = row_acc<T>(g, bag_of[k], dim, buf.data());
+        if (k + 1 < e) {
+          const A* g2 = row_acc<T>(g, bag_of[k + 1], dim, buf2.data());
+          axpy2(acc.data(), g1, factor[k], g2, factor[k + 1], dim, next1, ahead(k + 1 + kPrefetch), row_bytes,
+                elem);
+        } else {
+          axpy(acc.data(), g1, factor[k], dim, next1, row_bytes, elem);
+        }
+      }
+      if constexpr (std::is_same_v<raw_t<T>, A>) {
+        std::memcpy(dst, acc.data(), row_bytes);
+      } else {
+        narrow<T, false>(acc.data(), dst, dim);
+      }
+    }
+  });
+}
+
+// Dense backward of max: each column's gradient goes to the row its maximum came from (grad_w zeroed by the caller).
+template <typename T>
+void backward_max(const at::Tensor& grad_out, int64_t n_bags, const int64_t* max_idx, at::Tensor& grad_w) {
   using A = acc_t<T>;
   const int64_t dim = grad_out.size(1), rows = grad_w.size(0);
   // fp16/bf16 gradients are summed in fp32 and rounded once.
   at::Tensor sums =
       std::is_same_v<raw_t<T>, A> ? grad_w : at::zeros(grad_w.sizes(), grad_w.options().dtype(at::kFloat));
   A* gw = reinterpret_cast<A*>(sums.data_ptr());
-  if (mode == kBagMax) {  // each column's gradient goes to the row its maximum came from
-    const raw_t<T>* g = rows_of<T>(grad_out);
-    at::parallel_for(0, rows, row_grain(rows, n_bags * dim), [&](int64_t r0, int64_t r1) {
-      std::vector<A> buf(dim);
-      for (int64_t b = 0; b < n_bags; ++b) {
-        const A* gb = row_acc<T>(g, b, dim, buf.data());
-        for (int64_t d = 0; d < dim; ++d) {
-          const int64_t r = max_idx[b * dim + d];
-          if (r >= r0 && r < r1) gw[r * dim + d] += gb[d];
-        }
+  const raw_t<T>* g = rows_of<T>(grad_out);
+  at::parallel_for(0, rows, row_grain(rows, n_bags * dim), [&](int64_t r0, int64_t r1) {
+    std::vector<A> buf(dim);
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const A* gb = row_acc<T>(g, b, dim, buf.data());
+      for (int64_t d = 0; d < dim; ++d) {
+        const int64_t r = max_idx[b * dim + d];
+        if (r >= r0 && r < r1) gw[r * dim + d] += gb[d];
       }
-    });
-  } else {
-    struct Add {
-      A* gw;
-      int64_t dim;
-      Axpy<A> axpy;
-      void ahead(int64_t r) {  // the row a later index will add to (see kPrefetch)
-        const char* row = reinterpret_cast<const char*>(gw + r * dim);
-        for (int64_t byte = 0; byte < dim * int64_t(sizeof(A)); byte += 64) __builtin_prefetch(row + byte, 1);
-      }
-      void add(int64_t r, const A* g, A s) { axpy(gw + r * dim, g, s, dim, nullptr, 0, 0); }
-      void finish() {}
-    };
-    walk_owned_rows<T, I>(grad_out, idx, off, n_bags, rows, mode, psw, pad,
-                          [&](int64_t, int64_t) { return Add{gw, dim, pick_axpy<A>()}; });
-  }
+    }
+  });
   if (!sums.is_same(grad_w)) grad_w.copy_(sums);
 }
 
@@ -400,14 +470,19 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
   TORCH_CHECK(grad_output.device().is_cpu(), "fck::embedding_bag_bwd (cpu): tensors must be on the CPU");
   check_index_range(indices, num_weights);
   // A large table's gradient comes from the CPU pool (warm pages; see fck/cpu_pool.h) and is zeroed in parallel.
-  at::Tensor grad_w = pooled_empty({num_weights, grad_output.size(1)}, grad_output.options()).zero_();
+  // sum/mean write every row; max only the rows its maxima came from.
+  at::Tensor grad_w = pooled_empty({num_weights, grad_output.size(1)}, grad_output.options());
+  if (mode == kBagMax) grad_w.zero_();
   const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
   dispatch(grad_output.scalar_type(), indices.scalar_type(), [&](auto wtag, auto itag) {
     using T = decltype(wtag);
     using I = decltype(itag);
-    backward<T, I>(grad_output, indices.data_ptr<I>(), offsets.data_ptr<I>(), offsets.numel() - 1, mode,
-                   psw.defined() ? rows_of<T>(psw) : nullptr, padding_idx,
-                   mode == kBagMax ? max_indices.data_ptr<int64_t>() : nullptr, grad_w);
+    if (mode == kBagMax) {
+      backward_max<T>(grad_output, offsets.numel() - 1, max_indices.data_ptr<int64_t>(), grad_w);
+    } else {
+      backward_by_row<T, I>(grad_output, indices.data_ptr<I>(), offsets.data_ptr<I>(), offsets.numel() - 1, mode,
+                            psw.defined() ? rows_of<T>(psw) : nullptr, padding_idx, grad_w);
+    }
   });
   return grad_w;
 }
