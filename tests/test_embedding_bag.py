@@ -297,8 +297,14 @@ def test_cxx_op_guards_hold_alone():
     w = torch.randn(10, 3)
     with pytest.raises(IndexError, match="valid range"):
         torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 99]), torch.tensor([0, 2]), 0, None, -1)
-    with pytest.raises(RuntimeError, match="last offset"):
+    with pytest.raises(RuntimeError, match="can not be greater than input's length 2 but got 5"):
         torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([0, 5]), 0, None, -1)
+    with pytest.raises(RuntimeError, match="last offset must be the number of indices, 2, got 1"):
+        torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([0, 1]), 0, None, -1)
+    with pytest.raises(RuntimeError, match="offsets\\[0\\] has to be 0"):
+        torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([1, 2]), 0, None, -1)
+    with pytest.raises(RuntimeError, match="with no bags"):
+        torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([2]), 0, None, -1)
     with pytest.raises(RuntimeError, match="must not decrease"):
         torch.ops.fck.embedding_bag_fwd(w, torch.tensor([3, 4]), torch.tensor([0, 2, 1, 2]), 0, None, -1)
     with pytest.raises(IndexError, match="max_indices"):

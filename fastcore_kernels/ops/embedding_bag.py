@@ -163,8 +163,8 @@ def _check_weight(weight, input, name) -> None:
 def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name,
                kernel_checks=False):
     """Flat indices, offsets with the end offset last, per-sample weights and padding row. kernel_checks: the
-    backend's kernel checks the offsets' values as it reads them (CUDA): reading them here would make the host wait
-    for the GPU."""
+    backend's C++ op checks the offsets' values, in PyTorch's words (CUDA: as its kernel reads them, since reading
+    them here would make the host wait for the GPU; CPU: in one loop, not ~6 tensor ops a call)."""
     _check_weight(weight, input, name)
     if mode not in MODES:
         raise ValueError(f"{name}: mode has to be one of sum, mean or max, got {mode!r}")
@@ -238,7 +238,7 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
     _check_weight(weight, input, "embedding_bag")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
     indices, offsets, psw, pad = _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset,
-                                            padding_idx, "embedding_bag", kernel_checks=impl == "cuda")
+                                            padding_idx, "embedding_bag", kernel_checks=impl in ("cpu", "cuda"))
     if mode == "max" and (sparse or scale_grad_by_freq):
         raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
     if impl in ("reference", "triton"):  # the C++ ops check on their own

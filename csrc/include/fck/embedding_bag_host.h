@@ -12,6 +12,14 @@
 
 namespace fck {
 
+// What the CUDA forward found wrong while reading its inputs (status: the first bag whose offsets are wrong, the
+// first index out of range; kBagStatusNone where none): a clear error in PyTorch's words; the CPU checks
+// report through it too. Defined
+// in csrc/cpu/embedding_bag.cpp; reads the offending values from the device (the error path only).
+constexpr uint64_t kBagStatusNone = ~uint64_t(0);
+void raise_bag_status(const uint64_t status[2], const at::Tensor& indices, const at::Tensor& offsets,
+                      int64_t num_weights, const char* op);
+
 inline void check_offsets(const at::Tensor& indices, const at::Tensor& offsets, const char* op) {
   TORCH_CHECK(indices.dim() == 1 && indices.is_contiguous(), op, ": indices must be a contiguous 1-D tensor");
   TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, op,
@@ -23,24 +31,24 @@ inline void check_offsets(const at::Tensor& indices, const at::Tensor& offsets, 
   // CUDA offsets are checked by the forward kernel as it reads them (raise_bag_status reports what it found):
   // reading them here would cost the host a wait for the GPU on every call.
   if (!offsets.is_cpu()) return;
-  const at::Tensor off = offsets.to(at::kLong);
-  const int64_t* o = off.data_ptr<int64_t>();
-  const int64_t n = offsets.numel();
-  TORCH_CHECK(o[0] == 0, op, ": offsets[0] has to be 0, got ", o[0]);
-  for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(o[i] >= o[i - 1], op, ": offsets must not decrease, but offsets[", i, "] = ", o[i],
-                " < offsets[", i - 1, "] = ", o[i - 1]);
-  }
-  TORCH_CHECK(o[n - 1] == indices.numel(), op, ": the last offset must be the number of indices, ", indices.numel(),
-              ", got ", o[n - 1]);
+  // The Python wrapper leaves these checks to this loop (no tensor ops per call), so its messages are PyTorch's.
+  const int64_t n = offsets.numel(), len = indices.numel();
+  const auto first_bad_bag = [&](const auto* o) -> int64_t {
+    if (n == 1) return o[0] == 0 && len == 0 ? -1 : 0;
+    for (int64_t b = 0; b + 1 < n; ++b) {
+      const int64_t lo = o[b], hi = o[b + 1];
+      if ((b == 0 && lo != 0) || lo > hi || hi > len) return b;
+    }
+    return int64_t(o[n - 1]) == len ? -1 : n - 2;  // n - 2: the last bag, whose end is not the input's length
+  };
+  const int64_t b = offsets.scalar_type() == at::kInt ? first_bad_bag(offsets.data_ptr<int32_t>())
+                                                      : first_bad_bag(offsets.data_ptr<int64_t>());
+  if (b < 0) return;
+  TORCH_CHECK(n > 1, op, ": with no bags the one offset must be 0 and the input empty, got offsets[0] = ",
+              offsets[0].item<int64_t>(), " and ", len, " indices");
+  const uint64_t status[2] = {uint64_t(b), kBagStatusNone};
+  raise_bag_status(status, indices, offsets, -1, op);
 }
-
-// What the CUDA forward found wrong while reading its inputs (status: the first bag whose offsets are wrong, the
-// first index out of range; kBagStatusNone where none): a clear error, the same words as the CPU checks'. Defined
-// in csrc/cpu/embedding_bag.cpp; reads the offending values from the device (the error path only).
-constexpr uint64_t kBagStatusNone = ~uint64_t(0);
-void raise_bag_status(const uint64_t status[2], const at::Tensor& indices, const at::Tensor& offsets,
-                      int64_t num_weights, const char* op);
 
 inline void check_embedding_bag(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
                                 int64_t mode, const std::optional<at::Tensor>& psw, const char* op) {
