@@ -414,3 +414,26 @@ def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():
             _close(g, tg, torch.float32, "grads")
     assert fck.ops.release_cpu_pool() > 0
     assert fck.ops.release_cpu_pool() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 3, 9, 13), (2, 3, 131, 131)])  # planes of 117, and of two runs (> 16384)
+def test_cpu_channel_at_a_time_gives_the_whole_tensor_passes_bits(shape, dtype):
+    """Planar training inputs whose channels fit in cache are walked a channel at a time (C >= 2 x threads); the
+    same call on more threads than C / 2 takes the whole-tensor passes. Both merge the same partial sums in the same
+    order: outputs, running statistics and every gradient must agree bit for bit."""
+    skip_unless_runnable("cpu", "cpu")
+    x, res, dy, w, b, rm, rv = _inputs(shape, dtype, "cpu", mean=3.0)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):  # C = 3: one channel at a time on one thread; whole-tensor passes on two
+            torch.set_num_threads(n)
+            for variant in ("relu", "add_relu"):
+                y, rm_out, rv_out, grads = _run(variant, "cpu", x, res, dy, w, b, rm, rv, True)
+                runs.append([y, rm_out, rv_out] + [g for g in grads if g is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(runs[:2], runs[2:]):
+        for t, u in zip(a, b_):
+            assert torch.equal(t, u)

@@ -3,8 +3,12 @@
 // Training forward reads the input twice (statistics, then normalize) and writes the output once; backward reads
 // grad_output, input and (for the ReLU mask) output twice and writes grad_input (and grad_residual) once. Work is
 // split into units that each stream through memory once in L1-sized tiles: planar inputs into runs of one (n, c)
-// plane, channels-last inputs into blocks of whole rows. Per-unit partial statistics are merged in double.
+// plane, channels-last inputs into blocks of whole rows. Per-unit partial statistics are merged in double. Planar
+// inputs whose channels fit in cache are walked one channel at a time, so the second read comes from cache
+// (channel_at_a_time).
 #include <ATen/Parallel.h>
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -384,6 +388,30 @@ struct RowBlocks {
   int64_t count(int64_t b) const { return std::min(per_block, rows - b * per_block); }
 };
 
+// A training step's planar tensors are read twice (statistics, then normalize; the backward's two sums, then its
+// gradient). When a channel's planes fit in this thread's share of the caches, one channel is taken at a time and
+// its second pass reads them from cache, not memory: 2 instead of 3 passes over memory in the forward, 4 instead
+// of 7 in the backward. `tensors` is how many tensors the second pass re-reads.
+bool channel_at_a_time(const BnLayout& L, int64_t tensors, int64_t elem) {
+  static const int64_t cache = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return int64_t(std::max<long>({l2, l3, 1L << 20}));
+  }();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // half a thread's share: the other half holds what the hardware keeps of the rest (output lines, the next planes)
+  const int64_t budget = cache / threads / 2;
+  return L.planar && L.C >= 2 * threads && tensors * L.N * L.S * elem <= budget;
+}
+
+// Calls f(u) for the planar units of channel c in merge order (plane n = 0, 1, ..., then the plane's runs): the order
+// in which the whole-tensor passes merge them too, so either path gives the same bits.
+template <typename F>
+void for_channel_units(const PlanarUnits& U, const BnLayout& L, int64_t c, F&& f) {
+  for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t k = 0; k < U.per_plane; ++k) f((n * L.C + c) * U.per_plane + k);
+  }
+}
+
 // Batch mean and biased variance per channel.
 template <typename T>
 void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, std::vector<double>& mean,
@@ -439,8 +467,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   at::Tensor y = pooled_empty_like(x);
   const Workers<T> w = Workers<T>::get();
   std::vector<double> mean(C), var(C);
-  if (training) {
+  const std::vector<double> gamma = channel_values(weight, C, 1), beta = channel_values(bias, C, 0);
+  std::vector<A> coef(3 * C);
+  std::vector<double> invstd(C);
+  const auto set_coef = [&](int64_t c) {
+    invstd[c] = bn_invstd<double>(var[c], eps);
+    coef[c] = A(mean[c]);
+    coef[C + c] = A(gamma[c] * invstd[c]);
+    coef[2 * C + c] = A(beta[c]);
+  };
+  const raw_t<T>*xp = cptr<T>(x), *rp = cptr<T>(res);
+  raw_t<T>* yp = mptr<T>(y);
+  const bool by_channel = training && channel_at_a_time(L, 1, sizeof(raw_t<T>));  // x is re-read
+  if (by_channel) {
+    const PlanarUnits U(L);
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A pivot = Storage<T>::load(xp[c * L.S]);
+        double n = 0, m = 0, q = 0, part[3];
+        for_channel_units(U, L, c, [&](int64_t u) {
+          w.stats_run(xp + U.offset(u), U.length(u), pivot, part);
+          welford_merge<double>(n, m, q, part[0], part[1], part[2]);
+        });
+        mean[c] = double(pivot) + m;
+        var[c] = q / n;
+        set_coef(c);
+        for_channel_units(U, L, c, [&](int64_t u) {
+          const int64_t o = U.offset(u);
+          w.forward_run(xp + o, rp ? rp + o : nullptr, yp + o, U.length(u), coef[c], coef[C + c], coef[2 * C + c],
+                        relu);
+        });
+      }
+    });
+  } else if (training) {
     batch_stats<T>(x, L, w, mean, var);
+  } else {
+    mean = channel_values(running_mean, C, 0);
+    var = channel_values(running_var, C, 1);
+  }
+  if (training) {
     if (has(running_mean)) {
       std::vector<double> rm = channel_values(running_mean, C, 0), rv = channel_values(running_var, C, 1);
       const double unbias = double(L.count()) / double(L.count() - 1);
@@ -452,22 +517,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
       write_channels(rmt, rm);
       write_channels(rvt, rv);
     }
-  } else {
-    mean = channel_values(running_mean, C, 0);
-    var = channel_values(running_var, C, 1);
   }
-  const std::vector<double> gamma = channel_values(weight, C, 1), beta = channel_values(bias, C, 0);
-  std::vector<A> coef(3 * C);
-  std::vector<double> invstd(C);
-  for (int64_t c = 0; c < C; ++c) {
-    invstd[c] = bn_invstd<double>(var[c], eps);
-    coef[c] = A(mean[c]);
-    coef[C + c] = A(gamma[c] * invstd[c]);
-    coef[2 * C + c] = A(beta[c]);
-  }
-  const raw_t<T>*xp = cptr<T>(x), *rp = cptr<T>(res);
-  raw_t<T>* yp = mptr<T>(y);
-  if (L.planar) {
+  if (!by_channel && L.planar) {
+    for (int64_t c = 0; c < C; ++c) set_coef(c);
     const PlanarUnits U(L);
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
@@ -476,7 +528,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
                       relu);
       }
     });
-  } else {
+  } else if (!by_channel) {
+    for (int64_t c = 0; c < C; ++c) set_coef(c);
     const RowBlocks B(L);
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
@@ -503,8 +556,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                             gamma = channel_values(weight, C, 1);
   std::vector<A> mean_a(mean.begin(), mean.end());
   const raw_t<T>*dyp = cptr<T>(dy), *xp = cptr<T>(x), *yp = cptr<T>(y);
+  at::Tensor dx = pooled_empty_like(x);
+  at::Tensor dres = residual_grad ? pooled_empty_like(x) : at::empty({0}, x.options());
+  raw_t<T>*dxp = mptr<T>(dx), *drp = residual_grad ? mptr<T>(dres) : nullptr;
   std::vector<double> sg(C, 0.0), sgx(C, 0.0);
-  if (L.planar) {
+  std::vector<A> coef(4 * C);
+  std::vector<double> dweight(C), dbias(C);
+  const auto set_coef = [&](int64_t c) {
+    const BnBackwardCoef<double> k =
+        bn_backward_coef<double>(training, double(L.count()), sg[c], sgx[c], invstd[c], gamma[c]);
+    coef[c] = A(mean[c]);
+    coef[C + c] = A(k.k);
+    coef[2 * C + c] = A(k.mean_g);
+    coef[3 * C + c] = A(k.c);
+    dweight[c] = k.dweight;
+    dbias[c] = k.dbias;
+  };
+  const auto apply_unit = [&](const PlanarUnits& U, int64_t u, int64_t c) {
+    const int64_t o = U.offset(u);
+    w.backward_run(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, U.length(u), coef[c],
+                   coef[C + c], coef[2 * C + c], coef[3 * C + c]);
+  };
+  // dy, x and (with the ReLU) y are re-read
+  if (channel_at_a_time(L, yp ? 3 : 2, sizeof(raw_t<T>))) {
+    const PlanarUnits U(L);
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double part[2];
+        for_channel_units(U, L, c, [&](int64_t u) {
+          const int64_t o = U.offset(u);
+          w.backward_reduce_run(dyp + o, xp + o, yp ? yp + o : nullptr, U.length(u), mean_a[c], part);
+          sg[c] += part[0];
+          sgx[c] += part[1];
+        });
+        set_coef(c);
+        for_channel_units(U, L, c, [&](int64_t u) { apply_unit(U, u, c); });
+      }
+    });
+  } else if (L.planar) {
     const PlanarUnits U(L);
     std::vector<double> part(2 * U.total);
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
@@ -519,6 +608,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       sg[c] += part[2 * u];
       sgx[c] += part[2 * u + 1];
     }
+    for (int64_t c = 0; c < C; ++c) set_coef(c);
+    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) apply_unit(U, u, U.plane(u) % C);
+    });
   } else {
     const RowBlocks B(L);
     std::vector<double> pa(B.total * C), pb(B.total * C);
@@ -535,33 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         sgx[c] += pb[b * C + c];
       }
     }
-  }
-  std::vector<A> coef(4 * C);
-  std::vector<double> dweight(C), dbias(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const BnBackwardCoef<double> k =
-        bn_backward_coef<double>(training, double(L.count()), sg[c], sgx[c], invstd[c], gamma[c]);
-    coef[c] = A(mean[c]);
-    coef[C + c] = A(k.k);
-    coef[2 * C + c] = A(k.mean_g);
-    coef[3 * C + c] = A(k.c);
-    dweight[c] = k.dweight;
-    dbias[c] = k.dbias;
-  }
-  at::Tensor dx = pooled_empty_like(x);
-  at::Tensor dres = residual_grad ? pooled_empty_like(x) : at::empty({0}, x.options());
-  raw_t<T>*dxp = mptr<T>(dx), *drp = residual_grad ? mptr<T>(dres) : nullptr;
-  if (L.planar) {
-    const PlanarUnits U(L);
-    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) {
-        const int64_t c = U.plane(u) % C, o = U.offset(u);
-        w.backward_run(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, U.length(u),
-                       coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c]);
-      }
-    });
-  } else {
-    const RowBlocks B(L);
+    for (int64_t c = 0; c < C; ++c) set_coef(c);
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         const int64_t o = B.first(b) * C;
