@@ -6,7 +6,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -63,6 +65,33 @@ inline void widen(const raw_t<T>* __restrict src, acc_t<T>* __restrict dst, int6
 template <typename T, bool F16C>
 inline void narrow(const acc_t<T>* __restrict src, raw_t<T>* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
+}
+
+// Writes `bytes` from src (nullptr: zeros) to dst without pulling dst's lines into the caches: for outputs far larger
+// than the caches that nothing reads soon. An ordinary store first reads each line (twice the traffic), and the
+// written lines push out of L3 what the kernel is still reading. Call stream_fence() before other threads read dst.
+inline void stream_store(void* dst, const void* src, int64_t bytes) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const int64_t head = std::min<int64_t>(bytes, (16 - int64_t(reinterpret_cast<uintptr_t>(d) & 15)) & 15);
+  if (s) std::memcpy(d, s, head); else std::memset(d, 0, head);
+  int64_t i = head;
+  const __m128i zero = _mm_setzero_si128();
+  for (; i + 16 <= bytes; i += 16) {
+    const __m128i v = s ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)) : zero;
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v);
+  }
+  if (s) std::memcpy(d + i, s + i, bytes - i); else std::memset(d + i, 0, bytes - i);
+#else
+  if (src) std::memcpy(dst, src, bytes); else std::memset(dst, 0, bytes);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();
+#endif
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
