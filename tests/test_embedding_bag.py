@@ -67,6 +67,29 @@ def test_wide_rows_and_long_bags_cpu(mode, use_psw, dtype):
     _check_against_float64("cpu", indices, offsets, weight, psw, mode, 7, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode,use_psw", [("sum", True), ("mean", False)])
+def test_table_streamed_in_row_order_cpu(mode, use_psw, dtype):
+    """A table above 16 MB that the indices cover more than once is walked in row order by the CPU forward (each
+    thread adding rows into its own bags): bags of size 0 and 1, padding, duplicates, against torch in float64."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(9)
+    rows, dim = 9000, 1000  # 36 MB in fp32, 18 MB in fp16
+    lengths = torch.randint(0, 15, (1500,), generator=g)
+    lengths[:3] = torch.tensor([0, 1, 0])
+    indices = torch.randint(0, rows, (int(lengths.sum()),), generator=g)
+    assert len(indices) >= rows
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    weight = torch.randn(rows, dim, generator=g).to(dtype)
+    psw = torch.rand(len(indices), generator=g).to(dtype) if use_psw else None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # uneven shares of the bags
+        _check_against_float64("cpu", indices, offsets, weight, psw, mode, 5, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check_against_float64(backend, indices, offsets, weight, psw, mode, padding_idx, dtype, device="cpu"):
     kw = dict(mode=mode, padding_idx=padding_idx)
     on = (indices.to(device), offsets.to(device), weight.to(device), None if psw is None else psw.to(device))

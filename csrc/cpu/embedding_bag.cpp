@@ -264,6 +264,99 @@ void walk_owned_rows(const at::Tensor& grad_out, const I* idx, const I* off, int
   });
 }
 
+// The occurrences of bags [b0, b1) grouped by row with a stable counting sort (O(indices + rows), no comparison
+// sort): start[r] .. start[r + 1] index the (bag, factor) pairs of row r, in index order. factor = psw[i] (or 1),
+// times bag_scale[b] when given. Padding is left out.
+template <typename A>
+struct ByRow {
+  std::vector<int64_t> start, bag;
+  std::vector<A> factor;
+};
+
+template <typename T, typename A, typename I>
+ByRow<A> group_by_row(const I* idx, const I* off, int64_t b0, int64_t b1, int64_t rows, int64_t pad,
+                      const raw_t<T>* psw, const A* bag_scale) {
+  ByRow<A> g;
+  g.start.assign(rows + 1, 0);
+  int64_t* start = g.start.data();
+  for (int64_t i = off[b0]; i < off[b1]; ++i) {
+    if (idx[i] != pad) ++start[int64_t(idx[i]) + 1];
+  }
+  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+  g.bag.resize(start[rows]);
+  g.factor.resize(start[rows]);
+  for (int64_t b = b0; b < b1; ++b) {
+    const A scale = bag_scale ? bag_scale[b] : A(1);
+    for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+      if (idx[i] == pad) continue;
+      const int64_t at = start[idx[i]]++;
+      g.bag[at] = b;
+      g.factor[at] = psw ? scale * Storage<T>::load(psw[i]) : scale;
+    }
+  }
+  for (int64_t r = rows; r > 0; --r) start[r] = start[r - 1];  // the fill moved each start to the next row's
+  start[0] = 0;
+  return g;
+}
+
+// Forward of sum/mean when the indices cover the table several times over and it is far larger than the caches
+// (a text batch: 450k indices into a 96 MB, 60k-row table). The bag-major gather reads a random 1.6 KB row per
+// index from memory (720 MB, latency-bound: ~9 GB/s here, FBGEMM's JIT kernel ~13). Here each thread takes a
+// share of the bags, groups their occurrences by row, and walks the table in row order, adding each row into the
+// bags that hold it: the table streams from memory about once, and the random accesses are read-modify-writes of
+// the thread's output rows, which stay in L3. Each bag's rows are summed in (row, index) order.
+// forward_by_row's case: the indices cover the table at least once over, and the table is well beyond the
+// caches (a table in L3 is gathered fast enough row by row).
+constexpr int64_t kStreamedTableBytes = int64_t(16) << 20;
+bool stream_the_table(int64_t mode, int64_t n, int64_t rows, int64_t row_bytes) {
+  return mode != kBagMax && n >= rows && rows * row_bytes > kStreamedTableBytes;
+}
+
+template <typename T, typename I>
+void forward_by_row(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bags, int64_t mode,
+                    const raw_t<T>* psw, int64_t pad, at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t dim = weight.size(1), rows = weight.size(0), n = off[n_bags];
+  const raw_t<T>* w = rows_of<T>(weight);
+  raw_t<T>* o = reinterpret_cast<raw_t<T>*>(out.data_ptr());
+  const Axpy<A> axpy = pick_axpy<A>();
+  const std::vector<A> bag_scale = bag_scales<A>(idx, off, n_bags, mode, pad);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto bag_at = [&](int64_t t) {  // threads split the bags by index count
+    return int64_t(std::lower_bound(off, off + n_bags, I(n * t / threads)) - off);
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t b0 = t0 == 0 ? 0 : bag_at(t0), b1 = t1 == threads ? n_bags : bag_at(t1);
+    if (b0 >= b1) return;
+    const ByRow<A> occ = group_by_row<T, A, I>(idx, off, b0, b1, rows, pad, psw, nullptr);
+    std::vector<A> wide, buf(dim);  // fp16/bf16 bags are summed in fp32 and rounded once
+    if (!std::is_same_v<raw_t<T>, A>) wide.resize((b1 - b0) * dim);
+    A* acc = std::is_same_v<raw_t<T>, A> ? reinterpret_cast<A*>(o + b0 * dim) : wide.data();
+    std::fill(acc, acc + (b1 - b0) * dim, A(0));
+    const int64_t total = occ.start[rows];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t a = occ.start[r], e = occ.start[r + 1];
+      if (a == e) continue;
+      const A* row = row_acc<T>(w, r, dim, buf.data());
+      for (int64_t k = a; k < e; ++k) {
+        // the bag row an occurrence kPrefetch later adds to (in L3, at random)
+        const char* next = k + kPrefetch < total
+                               ? reinterpret_cast<const char*>(acc + (occ.bag[k + kPrefetch] - b0) * dim)
+                               : nullptr;
+        axpy(acc + (occ.bag[k] - b0) * dim, row, occ.factor[k], dim, next, dim * int64_t(sizeof(A)),
+             int64_t(sizeof(A)));
+      }
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      A* bag = acc + (b - b0) * dim;
+      if (bag_scale[b] != A(1)) {
+        for (int64_t d = 0; d < dim; ++d) bag[d] *= bag_scale[b];
+      }
+      if constexpr (!std::is_same_v<raw_t<T>, A>) narrow<T, false>(bag, o + b * dim, dim);
+    }
+  });
+}
+
 // Dense backward of sum/mean. Row r's gradient is the scaled sum of the output gradients of the bags its
 // occurrences fall in, so the occurrences are first grouped by row (a stable counting sort: O(indices + rows)), and
 // then each thread writes its share of gradient rows once each, in order — untouched rows as zeros, so there is no
@@ -278,24 +371,10 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
   using A = acc_t<T>;
   const int64_t dim = grad_out.size(1), rows = grad_w.size(0), n = off[n_bags];
   const std::vector<A> bag_scale = bag_scales<A>(idx, off, n_bags, mode, pad);
-  // start[r] .. start[r + 1]: the occurrences of row r, as (bag, factor) pairs in index order
-  std::vector<int64_t> start(rows + 1, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    if (idx[i] != pad) ++start[int64_t(idx[i]) + 1];
-  }
-  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
-  std::vector<int64_t> bag_of(start[rows]);
-  std::vector<A> factor(start[rows]);
-  for (int64_t b = 0; b < n_bags; ++b) {
-    for (int64_t i = off[b]; i < off[b + 1]; ++i) {
-      if (idx[i] == pad) continue;
-      const int64_t at = start[idx[i]]++;
-      bag_of[at] = b;
-      factor[at] = psw ? bag_scale[b] * Storage<T>::load(psw[i]) : bag_scale[b];
-    }
-  }
-  for (int64_t r = rows; r > 0; --r) start[r] = start[r - 1];  // the fill moved each start to the next row's
-  start[0] = 0;
+  const ByRow<A> occ = group_by_row<T, A, I>(idx, off, 0, n_bags, rows, pad, psw, bag_scale.data());
+  const std::vector<int64_t>& start = occ.start;
+  const std::vector<int64_t>& bag_of = occ.bag;
+  const std::vector<A>& factor = occ.factor;
 
   const raw_t<T>* g = rows_of<T>(grad_out);
   raw_t<T>* gw = reinterpret_cast<raw_t<T>*>(grad_w.data_ptr());
@@ -463,8 +542,14 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS)
   dispatch(weight.scalar_type(), indices.scalar_type(), [&](auto wtag, auto itag) {
     using T = decltype(wtag);
     using I = decltype(itag);
-    forward<T, I>(weight, indices.data_ptr<I>(), offsets.data_ptr<I>(), n_bags, mode,
-                  psw.defined() ? rows_of<T>(psw) : nullptr, padding_idx, out, max_idx);
+    const raw_t<T>* psw_p = psw.defined() ? rows_of<T>(psw) : nullptr;
+    if (stream_the_table(mode, indices.numel(), weight.size(0), dim * int64_t(sizeof(raw_t<T>)))) {
+      forward_by_row<T, I>(weight, indices.data_ptr<I>(), offsets.data_ptr<I>(), n_bags, mode, psw_p, padding_idx,
+                           out);
+    } else {
+      forward<T, I>(weight, indices.data_ptr<I>(), offsets.data_ptr<I>(), n_bags, mode, psw_p, padding_idx, out,
+                    max_idx);
+    }
   });
   return {out, max_idx};
 }
