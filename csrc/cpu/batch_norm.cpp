@@ -8,8 +8,6 @@
 // (channel_at_a_time).
 #include <ATen/Parallel.h>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -393,11 +391,7 @@ struct RowBlocks {
 // its second pass reads them from cache, not memory: 2 instead of 3 passes over memory in the forward, 4 instead
 // of 7 in the backward. `tensors` is how many tensors the second pass re-reads.
 bool channel_at_a_time(const BnLayout& L, int64_t tensors, int64_t elem) {
-  static const int64_t cache = [] {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return int64_t(std::max<long>({l2, l3, 1L << 20}));
-  }();
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cache = cpu_cache_bytes(), threads = std::max<int64_t>(1, at::get_num_threads());
   // half a thread's share: the other half holds what the hardware keeps of the rest (output lines, the next planes)
   const int64_t budget = cache / threads / 2;
   return L.planar && L.C >= 2 * threads && tensors * L.N * L.S * elem <= budget;

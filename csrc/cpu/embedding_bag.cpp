@@ -305,11 +305,10 @@ ByRow<A> group_by_row(const I* idx, const I* off, int64_t b0, int64_t b1, int64_
 // share of the bags, groups their occurrences by row, and walks the table in row order, adding each row into the
 // bags that hold it: the table streams from memory about once, and the random accesses are read-modify-writes of
 // the thread's output rows, which stay in L3. Each bag's rows are summed in (row, index) order.
-// forward_by_row's case: the indices cover the table at least once over, and the table is well beyond the
-// caches (a table in L3 is gathered fast enough row by row).
-constexpr int64_t kStreamedTableBytes = int64_t(16) << 20;
+// forward_by_row's case: the indices cover the table at least once over, and the table is more than half the
+// largest cache (16 MB here; a table that stays in L3 is gathered fast enough row by row).
 bool stream_the_table(int64_t mode, int64_t n, int64_t rows, int64_t row_bytes) {
-  return mode != kBagMax && n >= rows && rows * row_bytes > kStreamedTableBytes;
+  return mode != kBagMax && n >= rows && rows * row_bytes > cpu_cache_bytes() / 2;
 }
 
 template <typename T, typename I>
@@ -360,8 +359,8 @@ void forward_by_row(const at::Tensor& weight, const I* idx, const I* off, int64_
 // Dense backward of sum/mean. Row r's gradient is the scaled sum of the output gradients of the bags its
 // occurrences fall in, so the occurrences are first grouped by row (a stable counting sort: O(indices + rows)), and
 // then each thread writes its share of gradient rows once each, in order — untouched rows as zeros, so there is no
-// separate zeroing pass — with streaming stores, which neither read the gradient's lines first nor evict
-// grad_output from L3. The random accesses are reads of grad_output (n_bags x dim: a text batch's 6.5 MB against
+// separate zeroing pass — with streaming stores when the gradient is larger than L3: they neither read its lines
+// first nor evict grad_output from L3. The random accesses are reads of grad_output (n_bags x dim: a text batch's 6.5 MB against
 // its 96 MB table) instead of read-modify-writes scattered over a table-sized gradient, which is what the first
 // version (each thread walking every index for the rows it owned) spent ~100 ms on for 450k occurrences.
 // Each row's sum is taken in index order whatever the thread count: deterministic.
@@ -394,6 +393,7 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
     }
     return lo;
   };
+  const bool stream = rows * row_bytes > cpu_cache_bytes();  // see stream_store
   const auto ahead = [&](int64_t k) {  // the grad_output row an occurrence kPrefetch later will read
     return k < start[rows] ? reinterpret_cast<const char*>(g + bag_of[k] * dim) : nullptr;
   };
@@ -405,7 +405,11 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
       if (a == e) {  // a run of untouched rows: one memset (a collab table is mostly these)
         int64_t run_end = r + 1;
         while (run_end < r_end && start[run_end + 1] == a) ++run_end;
-        stream_store(dst, nullptr, (run_end - r) * row_bytes);
+        if (stream) {
+          stream_store(dst, nullptr, (run_end - r) * row_bytes);
+        } else {
+          std::memset(dst, 0, (run_end - r) * row_bytes);
+        }
         r = run_end - 1;
         continue;
       }
@@ -421,12 +425,16 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
           axpy(acc.data(), g1, factor[k], dim, next1, row_bytes, elem);
         }
       }
-      if constexpr (std::is_same_v<raw_t<T>, A>) {
-        stream_store(dst, acc.data(), row_bytes);
-      } else {
+      const raw_t<T>* src = reinterpret_cast<const raw_t<T>*>(acc.data());
+      if constexpr (!std::is_same_v<raw_t<T>, A>) {
         raw_t<T>* narrowed = reinterpret_cast<raw_t<T>*>(buf.data());  // buf is free again and large enough
         narrow<T, false>(acc.data(), narrowed, dim);
-        stream_store(dst, narrowed, row_bytes);
+        src = narrowed;
+      }
+      if (stream) {
+        stream_store(dst, src, row_bytes);
+      } else {
+        std::memcpy(dst, src, row_bytes);
       }
     }
     stream_fence();

@@ -8,7 +8,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <string>
+#include <unistd.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -67,9 +70,35 @@ inline void narrow(const acc_t<T>* __restrict src, raw_t<T>* __restrict dst, int
   for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
 }
 
+// The size of the largest cache this core sees (its L3 slice, else L2; at least 1 MiB): what a kernel may hope to
+// keep cached. Read from sysfs, which reports the one instance the core shares: glibc's sysconf reports the whole
+// package's L3 on AMD (256 MB for this VM's EPYC, whose core sees a 32 MB slice).
+inline int64_t cpu_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best_level = 0, best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      int64_t level = 0, kib = 0;
+      if (FILE* f = std::fopen((dir + "level").c_str(), "r")) {
+        if (std::fscanf(f, "%ld", &level) != 1) level = 0;
+        std::fclose(f);
+      }
+      if (FILE* f = std::fopen((dir + "size").c_str(), "r")) {
+        if (std::fscanf(f, "%ldK", &kib) != 1) kib = 0;
+        std::fclose(f);
+      }
+      if (level > best_level && kib > 0) best_level = level, best = kib << 10;
+    }
+    if (best == 0) best = std::max<long>(sysconf(_SC_LEVEL3_CACHE_SIZE), sysconf(_SC_LEVEL2_CACHE_SIZE));
+    return std::max<int64_t>(best, int64_t(1) << 20);
+  }();
+  return bytes;
+}
+
 // Writes `bytes` from src (nullptr: zeros) to dst without pulling dst's lines into the caches: for outputs far larger
-// than the caches that nothing reads soon. An ordinary store first reads each line (twice the traffic), and the
-// written lines push out of L3 what the kernel is still reading. Call stream_fence() before other threads read dst.
+// than the caches (above cpu_cache_bytes(): a smaller output reused call after call stays in L3, where ordinary
+// stores are cheaper). An ordinary store first reads each line (twice the traffic), and the written lines push out
+// of L3 what the kernel is still reading. Call stream_fence() before other threads read dst.
 inline void stream_store(void* dst, const void* src, int64_t bytes) {
 #if defined(__x86_64__) && defined(__GNUC__)
   char* d = static_cast<char*>(dst);
