@@ -417,17 +417,18 @@ def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(5, 3, 9, 13), (2, 3, 131, 131)])  # planes of 117, and of two runs (> 16384)
-def test_cpu_channel_at_a_time_gives_the_whole_tensor_passes_bits(shape, dtype):
-    """Planar training inputs whose channels fit in cache are walked a channel at a time (C >= 2 x threads); the
-    same call on more threads than C / 2 takes the whole-tensor passes. Both merge the same partial sums in the same
-    order: outputs, running statistics and every gradient must agree bit for bit."""
+@pytest.mark.parametrize("shape", [(5, 6, 9, 13), (2, 5, 131, 131)])  # planes of 117, and of two runs (> 16384)
+def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
+    """Planar training inputs whose channels fit in cache are walked a group of channels at a time (C >= 2 x
+    threads; on one thread, groups of C // 2: 3 + 3, or 2 + 2 + 1); the same call on four threads takes the
+    whole-tensor passes. Both merge the same partial sums in the same order: outputs, running statistics and every
+    gradient must agree bit for bit."""
     skip_unless_runnable("cpu", "cpu")
     x, res, dy, w, b, rm, rv = _inputs(shape, dtype, "cpu", mean=3.0)
     threads = torch.get_num_threads()
     runs = []
     try:
-        for n in (1, 2):  # C = 3: one channel at a time on one thread; whole-tensor passes on two
+        for n in (1, 4):
             torch.set_num_threads(n)
             for variant in ("relu", "add_relu"):
                 y, rm_out, rv_out, grads = _run(variant, "cpu", x, res, dy, w, b, rm, rv, True)
