@@ -71,9 +71,13 @@ TORCH_LIBRARY(fck, m) {
   m.def("gru_layer(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor)");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
+  // x in contiguous (row-major) order, copied into a pooled block when it is not already: a channels_last result
+  // turned back into NCHW without page-faulting a fresh output (CPU).
+  m.def("contiguous_pooled(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fck, CPU, m) {
+  m.impl("contiguous_pooled", &fck::cpu::contiguous_pooled);
   m.impl("adam_", &fck::cpu::adam_);
   m.impl("batch_norm_fwd", &fck::cpu::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);

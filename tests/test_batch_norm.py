@@ -379,8 +379,17 @@ def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(fused(x), seq(x), **tol)
         cache = fused[0]._fold_cache.folded
-        torch.testing.assert_close(fused(x), seq(x), **tol)
+        y = fused(x)
+        torch.testing.assert_close(y, seq(x), **tol)
         assert fused[0]._fold_cache.folded is cache  # nothing changed: not folded again
+        assert y.is_contiguous()  # the input's memory format, whatever layout the convolution ran in
+        if device == "cpu" and torch.backends.mkldnn.is_available():
+            assert fused[0]._fold_cache.pack is not None  # oneDNN's prepacked weight
+        for x2 in (torch.randn(5, 3, 11, 7, device=device),  # a new input shape: packed again
+                   torch.randn(5, 3, 11, 7, device=device).contiguous(memory_format=torch.channels_last)):
+            y2, t2 = fused(x2), seq(x2)
+            torch.testing.assert_close(y2, t2, **tol)
+            assert y2.stride() == t2.stride()
         for m in (seq, fused):
             m[1].running_mean.add_(1.0)
         torch.testing.assert_close(fused(x), seq(x), **tol)

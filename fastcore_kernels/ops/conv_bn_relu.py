@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcore_kernels import _backend
+from fastcore_kernels._ext import extension
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 
 
@@ -36,13 +37,26 @@ def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     return w, shift.to(weight.dtype)
 
 
-def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups):
-    """oneDNN's convolution with the ReLU in its epilogue, or None where it does not apply."""
+def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None):
+    """oneDNN's convolution with the ReLU in its epilogue, or None where it does not apply. With a fold_cache, the
+    weight is kept reordered into oneDNN's blocked layout for this input shape (repacked when either changes): with
+    a plain weight oneDNN reorders it and picks a slower NCHW kernel on every call; prepacked, it runs in NHWC
+    (this CPU, N=64, 3x3 C->C: 212 -> 164 ms at 56x56, 166 -> 126 at 7x7) and returns a channels_last tensor, which
+    is copied back to the input's NCHW order in a pooled block (14 ms at 56x56; a fresh tensor page-faults: 41)."""
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     if (op is None or not torch.backends.mkldnn.is_available() or x.device.type != "cpu"
             or x.dtype != torch.float32 or isinstance(padding, str) or x.dim() != 4):
         return None
-    return op(x, w, b, _pair(padding), _pair(stride), _pair(dilation), groups, "relu", [], "")
+    args = (_pair(padding), _pair(stride), _pair(dilation), groups)
+    reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+    if fold_cache is None or reorder is None:
+        return op(x, w, b, *args, "relu", [], "")
+    packed = fold_cache.packed((tuple(x.shape), *map(tuple, args[:3]), groups), lambda: reorder(w, *args,
+                                                                                                   list(x.shape)))
+    y = op(x, packed, b, *args, "relu", [], "")
+    if x.is_contiguous() and not y.is_contiguous():
+        y = torch.ops.fck.contiguous_pooled(y) if extension().ok else y.contiguous()
+    return y
 
 
 _cudnn_conv_relu_works = True
@@ -70,6 +84,7 @@ class FoldCache:
 
     def __init__(self):
         self.sources, self.eps, self.folded = (), None, None
+        self.pack_key, self.pack = None, None
 
     def get(self, tensors, eps, fold):
         same = eps == self.eps and len(tensors) == len(self.sources) and all(
@@ -79,7 +94,15 @@ class FoldCache:
             self.folded, self.eps = fold(), eps
             self.sources = tuple((t, None if t is None else t.data_ptr(), None if t is None else t._version)
                                  for t in tensors)
+            self.pack_key, self.pack = None, None
         return self.folded
+
+    def packed(self, key, make):
+        """A backend's packed form of the folded weight for `key` (the input shape and convolution arguments),
+        made again when the key or the folded weights change."""
+        if key != self.pack_key:
+            self.pack, self.pack_key = make(), key
+        return self.pack
 
 
 def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
@@ -107,7 +130,8 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
         w, b = fold()
     else:
         w, b = fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
-    y = _onednn_conv_relu(input, w, b, stride, padding, dilation, groups)
+    y = _onednn_conv_relu(input, w, b, stride, padding, dilation, groups,
+                          None if fold_cache is None or _backend.compiling() else fold_cache)
     if y is None:
         y = _cudnn_conv_relu(input, w, b, stride, padding, dilation, groups)
     if y is None:

@@ -18,6 +18,9 @@ at::Tensor pooled_empty_like(const at::Tensor& x);
 // An uninitialized contiguous tensor, from the pool when large.
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// x itself when contiguous, else a contiguous copy in a pooled block.
+at::Tensor contiguous_pooled(const at::Tensor& x);
+
 // Returns every cached block to the system; the number of bytes released.
 int64_t pool_release_cached();
 
