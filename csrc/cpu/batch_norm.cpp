@@ -482,8 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   const raw_t<T>*xp = cptr<T>(x), *rp = cptr<T>(res);
   raw_t<T>* yp = mptr<T>(y);
   const int64_t group = training ? channel_group(L, rp ? 3 : 2, sizeof(raw_t<T>)) : 0;
-  const bool by_channel = group > 0;
-  if (by_channel) {
+  const bool grouped = group > 0;
+  if (grouped) {
     const PlanarUnits U(L);
     at::parallel_for(0, (C + group - 1) / group, 1, [&](int64_t g0, int64_t g1) {
       std::vector<double> st(3 * group);
@@ -530,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
       write_channels(rvt, rv);
     }
   }
-  if (!by_channel && L.planar) {
+  if (!grouped && L.planar) {
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     const PlanarUnits U(L);
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
@@ -540,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
                       relu);
       }
     });
-  } else if (!by_channel) {
+  } else if (!grouped) {
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     const RowBlocks B(L);
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {

@@ -302,18 +302,18 @@ ByRow<A> group_by_row(const I* idx, const I* off, int64_t b0, int64_t b1, int64_
   return g;
 }
 
-// Forward of sum/mean when the indices cover the table several times over and it is far larger than the caches
-// (a text batch: 450k indices into a 96 MB, 60k-row table). The bag-major gather reads a random 1.6 KB row per
-// index from memory (720 MB, latency-bound: ~9 GB/s here, FBGEMM's JIT kernel ~13). Here each thread takes a
-// share of the bags, groups their occurrences by row, and walks the table in row order, adding each row into the
-// bags that hold it: the table streams from memory about once, and the random accesses are read-modify-writes of
-// the thread's output rows, which stay in L3. Each bag's rows are summed in (row, index) order.
 // forward_by_row's case: the indices cover the table at least once over, and the table is more than half the
 // largest cache (16 MB here; a table that stays in L3 is gathered fast enough row by row).
 bool stream_the_table(int64_t mode, int64_t n, int64_t rows, int64_t row_bytes) {
   return mode != kBagMax && n >= rows && rows * row_bytes > cpu_cache_bytes() / 2;
 }
 
+// Forward of sum/mean when the indices cover the table several times over and it is far larger than the caches
+// (a text batch: 450k indices into a 96 MB, 60k-row table). The bag-major gather reads a random 1.6 KB row per
+// index from memory (720 MB, latency-bound: ~9 GB/s here, FBGEMM's JIT kernel ~13). Here each thread takes a
+// share of the bags, groups their occurrences by row, and walks the table in row order, adding each row into the
+// bags that hold it: the table streams from memory about once, and the random accesses are read-modify-writes of
+// the thread's output rows, which stay in L3. Each bag's rows are summed in (row, index) order.
 template <typename T, typename I>
 void forward_by_row(const at::Tensor& weight, const I* idx, const I* off, int64_t n_bags, int64_t mode,
                     const raw_t<T>* psw, int64_t pad, at::Tensor& out) {
@@ -363,9 +363,10 @@ void forward_by_row(const at::Tensor& weight, const I* idx, const I* off, int64_
 // occurrences fall in, so the occurrences are first grouped by row (a stable counting sort: O(indices + rows)), and
 // then each thread writes its share of gradient rows once each, in order — untouched rows as zeros, so there is no
 // separate zeroing pass — with streaming stores when the gradient is larger than L3: they neither read its lines
-// first nor evict grad_output from L3. The random accesses are reads of grad_output (n_bags x dim: a text batch's 6.5 MB against
-// its 96 MB table) instead of read-modify-writes scattered over a table-sized gradient, which is what the first
-// version (each thread walking every index for the rows it owned) spent ~100 ms on for 450k occurrences.
+// first nor evict grad_output from L3. The random accesses are reads of grad_output (n_bags x dim: a text batch's
+// 6.5 MB against its 96 MB table) instead of read-modify-writes scattered over a table-sized gradient, which is
+// what the first version (each thread walking every index for the rows it owned) spent ~100 ms on for 450k
+// occurrences.
 // Each row's sum is taken in index order whatever the thread count: deterministic.
 template <typename T, typename I>
 void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int64_t n_bags, int64_t mode,
