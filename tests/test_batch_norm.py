@@ -1,6 +1,9 @@
 """batch_norm / batch_norm_relu / batch_norm_add_relu / conv_bn_relu: every backend against the float64 reference
 and torch.nn.functional, forward and backward, plus the bad inputs."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -400,6 +403,12 @@ def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
         seq[1].bias.mul_(-2.0)
         fused.load_state_dict(seq.state_dict())
         torch.testing.assert_close(fused(x), seq(x), **tol)
+        # a module with a filled cache (on the CPU an opaque oneDNN tensor) deep-copies and pickles
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        for other in (copy.deepcopy(fused), torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(other(x), seq(x), **tol)
 
 
 def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():

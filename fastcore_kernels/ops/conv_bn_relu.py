@@ -97,6 +97,17 @@ class FoldCache:
             self.pack_key, self.pack = None, None
         return self.folded
 
+    # What it holds is derived from the module's tensors (and oneDNN's packed weight is an opaque tensor without
+    # storage, which deepcopy and pickle refuse): a copied or unpickled module starts with an empty cache.
+    def __deepcopy__(self, memo):
+        return FoldCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
     def packed(self, key, make):
         """A backend's packed form of the folded weight for `key` (the input shape and convolution arguments),
         made again when the key or the folded weights change."""
