@@ -267,12 +267,15 @@ void walk_owned_rows(const at::Tensor& grad_out, const I* idx, const I* off, int
   });
 }
 
-// The occurrences of bags [b0, b1) grouped by row with a stable counting sort (O(indices + rows), no comparison
-// sort): start[r] .. start[r + 1] index the (bag, factor) pairs of row r, in index order. factor = psw[i] (or 1),
-// times bag_scale[b] when given. Padding is left out.
+// The occurrences of bags [b0, b1) grouped by row: row[k] (ascending) are the rows they touch, and
+// start[k] .. start[k + 1] index row[k]'s (bag, factor) pairs, in index order. factor = psw[i] (or 1), times
+// bag_scale[b] when given. Padding is left out. Where the indices cover the table densely, a stable counting sort
+// over the rows (O(indices + rows)); where they touch few of its rows (a collab batch: 4096 of 100k users), a sort
+// of the occurrences themselves, so the cost does not grow with the table (the counting sort cost ~0.3 ms of a
+// 100k-row backward whose useful work is writing the gradient).
 template <typename A>
 struct ByRow {
-  std::vector<int64_t> start, bag;
+  std::vector<int64_t> row, start, bag;
   std::vector<A> factor;
 };
 
@@ -280,25 +283,57 @@ template <typename T, typename A, typename I>
 ByRow<A> group_by_row(const I* idx, const I* off, int64_t b0, int64_t b1, int64_t rows, int64_t pad,
                       const raw_t<T>* psw, const A* bag_scale) {
   ByRow<A> g;
-  g.start.assign(rows + 1, 0);
-  int64_t* start = g.start.data();
-  for (int64_t i = off[b0]; i < off[b1]; ++i) {
-    if (idx[i] != pad) ++start[int64_t(idx[i]) + 1];
-  }
-  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
-  g.bag.resize(start[rows]);
-  g.factor.resize(start[rows]);
-  for (int64_t b = b0; b < b1; ++b) {
+  const auto factor_of = [&](int64_t b, int64_t i) {
     const A scale = bag_scale ? bag_scale[b] : A(1);
+    return psw ? scale * Storage<T>::load(psw[i]) : scale;
+  };
+  const int64_t n = off[b1] - off[b0];
+  if (n * 8 < rows) {
+    struct Occ {
+      int64_t row, i, bag;
+    };
+    std::vector<Occ> occ;
+    occ.reserve(n);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        if (idx[i] != pad) occ.push_back({int64_t(idx[i]), i, b});
+      }
+    }
+    std::sort(occ.begin(), occ.end(),
+              [](const Occ& x, const Occ& y) { return x.row < y.row || (x.row == y.row && x.i < y.i); });
+    for (size_t k = 0; k < occ.size(); ++k) {
+      if (k == 0 || occ[k].row != occ[k - 1].row) {
+        g.row.push_back(occ[k].row);
+        g.start.push_back(int64_t(k));
+      }
+      g.bag.push_back(occ[k].bag);
+      g.factor.push_back(factor_of(occ[k].bag, occ[k].i));
+    }
+    g.start.push_back(int64_t(occ.size()));
+    return g;
+  }
+  std::vector<int64_t> at(rows + 1, 0);  // per row: its first slot, then (during the fill) its next one
+  for (int64_t i = off[b0]; i < off[b1]; ++i) {
+    if (idx[i] != pad) ++at[int64_t(idx[i]) + 1];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (at[r + 1] > 0) {
+      g.row.push_back(r);
+      g.start.push_back(at[r]);
+    }
+    at[r + 1] += at[r];
+  }
+  g.start.push_back(at[rows]);
+  g.bag.resize(at[rows]);
+  g.factor.resize(at[rows]);
+  for (int64_t b = b0; b < b1; ++b) {
     for (int64_t i = off[b]; i < off[b + 1]; ++i) {
       if (idx[i] == pad) continue;
-      const int64_t at = start[idx[i]]++;
-      g.bag[at] = b;
-      g.factor[at] = psw ? scale * Storage<T>::load(psw[i]) : scale;
+      const int64_t slot = at[idx[i]]++;
+      g.bag[slot] = b;
+      g.factor[slot] = factor_of(b, i);
     }
   }
-  for (int64_t r = rows; r > 0; --r) start[r] = start[r - 1];  // the fill moved each start to the next row's
-  start[0] = 0;
   return g;
 }
 
@@ -335,12 +370,10 @@ void forward_by_row(const at::Tensor& weight, const I* idx, const I* off, int64_
     if (!std::is_same_v<raw_t<T>, A>) wide.resize((b1 - b0) * dim);
     A* acc = std::is_same_v<raw_t<T>, A> ? reinterpret_cast<A*>(o + b0 * dim) : wide.data();
     std::fill(acc, acc + (b1 - b0) * dim, A(0));
-    const int64_t total = occ.start[rows];
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t a = occ.start[r], e = occ.start[r + 1];
-      if (a == e) continue;
-      const A* row = row_acc<T>(w, r, dim, buf.data());
-      for (int64_t k = a; k < e; ++k) {
+    const int64_t total = occ.start.back();
+    for (size_t t = 0; t < occ.row.size(); ++t) {
+      const A* row = row_acc<T>(w, occ.row[t], dim, buf.data());
+      for (int64_t k = occ.start[t]; k < occ.start[t + 1]; ++k) {
         // the bag row an occurrence kPrefetch later adds to (in L3, at random)
         const char* next = k + kPrefetch < total
                                ? reinterpret_cast<const char*>(acc + (occ.bag[k + kPrefetch] - b0) * dim)
@@ -375,48 +408,51 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
   const int64_t dim = grad_out.size(1), rows = grad_w.size(0), n = off[n_bags];
   const std::vector<A> bag_scale = bag_scales<A>(idx, off, n_bags, mode, pad);
   const ByRow<A> occ = group_by_row<T, A, I>(idx, off, 0, n_bags, rows, pad, psw, bag_scale.data());
-  const std::vector<int64_t>& start = occ.start;
-  const std::vector<int64_t>& bag_of = occ.bag;
+  const std::vector<int64_t>&touched = occ.row, &start = occ.start, &bag_of = occ.bag;
   const std::vector<A>& factor = occ.factor;
+  const int64_t n_touched = int64_t(touched.size()), n_occ = start.back();
 
   const raw_t<T>* g = rows_of<T>(grad_out);
   raw_t<T>* gw = reinterpret_cast<raw_t<T>*>(grad_w.data_ptr());
   const Axpy<A> axpy = pick_axpy<A>();
   const Axpy2<A> axpy2 = pick_axpy2<A>();
   const int64_t elem = sizeof(raw_t<T>), row_bytes = dim * elem;
+  const auto rank = [&](int64_t r) {  // the number of touched rows before row r
+    return int64_t(std::lower_bound(touched.begin(), touched.end(), r) - touched.begin());
+  };
   // Threads split the rows by cost (a row written + its occurrences added), so a skewed (Zipfian) vocabulary
   // does not leave one thread with the frequent rows.
   const int64_t threads = (n + rows) * dim < kSerialWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  const int64_t total = start[rows] + rows;
+  const int64_t total = n_occ + rows;
   const auto row_at_cost = [&](int64_t t) {  // first row whose cumulative cost reaches total * t / threads
     const int64_t target = total * t / threads;
     int64_t lo = 0, hi = rows;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (start[mid] + mid < target) lo = mid + 1; else hi = mid;
+      if (start[rank(mid)] + mid < target) lo = mid + 1; else hi = mid;
     }
     return lo;
   };
   const bool stream = rows * row_bytes > cpu_cache_bytes();  // see stream_store
+  const auto zero_rows = [&](int64_t r0, int64_t r1) {  // the untouched rows in between: one write each run
+    if (r1 <= r0) return;
+    if (stream) {
+      stream_store(gw + r0 * dim, nullptr, (r1 - r0) * row_bytes);
+    } else {
+      std::memset(gw + r0 * dim, 0, (r1 - r0) * row_bytes);
+    }
+  };
   const auto ahead = [&](int64_t k) {  // the grad_output row an occurrence kPrefetch later will read
-    return k < start[rows] ? reinterpret_cast<const char*>(g + bag_of[k] * dim) : nullptr;
+    return k < n_occ ? reinterpret_cast<const char*>(g + bag_of[k] * dim) : nullptr;
   };
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<A> acc(dim), buf(dim), buf2(dim);
-    for (int64_t r = row_at_cost(t0), r_end = row_at_cost(t1); r < r_end; ++r) {
-      raw_t<T>* dst = gw + r * dim;
-      const int64_t a = start[r], e = start[r + 1];
-      if (a == e) {  // a run of untouched rows: one memset (a collab table is mostly these)
-        int64_t run_end = r + 1;
-        while (run_end < r_end && start[run_end + 1] == a) ++run_end;
-        if (stream) {
-          stream_store(dst, nullptr, (run_end - r) * row_bytes);
-        } else {
-          std::memset(dst, 0, (run_end - r) * row_bytes);
-        }
-        r = run_end - 1;
-        continue;
-      }
+    const int64_t r_begin = row_at_cost(t0), r_end = row_at_cost(t1);
+    int64_t next_row = r_begin;
+    for (int64_t t = rank(r_begin); t < n_touched && touched[t] < r_end; ++t) {
+      const int64_t r = touched[t], a = start[t], e = start[t + 1];
+      zero_rows(next_row, r);
+      next_row = r + 1;
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t k = a; k < e; k += 2) {
         const char* next1 = ahead(k + kPrefetch);
@@ -429,6 +465,7 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
           axpy(acc.data(), g1, factor[k], dim, next1, row_bytes, elem);
         }
       }
+      raw_t<T>* dst = gw + r * dim;
       const raw_t<T>* src = reinterpret_cast<const raw_t<T>*>(acc.data());
       if constexpr (!std::is_same_v<raw_t<T>, A>) {
         raw_t<T>* narrowed = reinterpret_cast<raw_t<T>*>(buf.data());  // buf is free again and large enough
@@ -441,6 +478,7 @@ void backward_by_row(const at::Tensor& grad_out, const I* idx, const I* off, int
         std::memcpy(dst, src, row_bytes);
       }
     }
+    zero_rows(next_row, r_end);
     stream_fence();
   });
 }
