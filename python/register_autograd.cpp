@@ -11,22 +11,20 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// `fn()`: the typed handle of op `name`, looked up once (a dispatcher lookup is a string search per call).
+#define FCK_OP_HANDLE(fn, Sig, name)                                                               \
+  const c10::TypedOperatorHandle<Sig>& fn() {                                                      \
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>(); \
+    return op;                                                                                     \
+  }
+
 using EmbeddingBagFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            int64_t, const std::optional<at::Tensor>&, int64_t);
 using EmbeddingBagBwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                    int64_t, const std::optional<at::Tensor>&, int64_t);
 
-const c10::TypedOperatorHandle<EmbeddingBagFwd>& embedding_bag_fwd() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fck::embedding_bag_fwd", "").typed<EmbeddingBagFwd>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<EmbeddingBagBwd>& embedding_bag_bwd() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fck::embedding_bag_bwd", "").typed<EmbeddingBagBwd>();
-  return op;
-}
+FCK_OP_HANDLE(embedding_bag_fwd, EmbeddingBagFwd, "fck::embedding_bag_fwd")
+FCK_OP_HANDLE(embedding_bag_bwd, EmbeddingBagBwd, "fck::embedding_bag_bwd")
 
 // A lookup is an embedding bag with one index per bag: offsets 0, 1, ..., n.
 at::Tensor embedding_forward(const at::Tensor& weight, const at::Tensor& flat) {
@@ -113,15 +111,8 @@ using BatchNormBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, bool, bool, bool);
 
-const c10::TypedOperatorHandle<BatchNormFwd>& batch_norm_fwd() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fck::batch_norm_fwd", "").typed<BatchNormFwd>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BatchNormBwd>& batch_norm_bwd() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fck::batch_norm_bwd", "").typed<BatchNormBwd>();
-  return op;
-}
+FCK_OP_HANDLE(batch_norm_fwd, BatchNormFwd, "fck::batch_norm_fwd")
+FCK_OP_HANDLE(batch_norm_bwd, BatchNormBwd, "fck::batch_norm_bwd")
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -199,27 +190,10 @@ using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     bool);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-const c10::TypedOperatorHandle<LstmFwd>& lstm_fwd() {
-  static const auto op = find_op<LstmFwd>("fck::lstm_layer_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<LstmBwd>& lstm_bwd() {
-  static const auto op = find_op<LstmBwd>("fck::lstm_layer_bwd");
-  return op;
-}
-const c10::TypedOperatorHandle<GruFwd>& gru_fwd() {
-  static const auto op = find_op<GruFwd>("fck::gru_layer_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<GruBwd>& gru_bwd() {
-  static const auto op = find_op<GruBwd>("fck::gru_layer_bwd");
-  return op;
-}
+FCK_OP_HANDLE(lstm_fwd, LstmFwd, "fck::lstm_layer_fwd")
+FCK_OP_HANDLE(lstm_bwd, LstmBwd, "fck::lstm_layer_bwd")
+FCK_OP_HANDLE(gru_fwd, GruFwd, "fck::gru_layer_fwd")
+FCK_OP_HANDLE(gru_bwd, GruBwd, "fck::gru_layer_bwd")
 
 struct LstmLayer : public torch::autograd::Function<LstmLayer> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0,

@@ -51,8 +51,8 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
     reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
     if fold_cache is None or reorder is None:
         return op(x, w, b, *args, "relu", [], "")
-    packed = fold_cache.packed((tuple(x.shape), *map(tuple, args[:3]), groups), lambda: reorder(w, *args,
-                                                                                                   list(x.shape)))
+    key = (tuple(x.shape), *map(tuple, args[:3]), groups)
+    packed = fold_cache.packed(key, lambda: reorder(w, *args, list(x.shape)))
     y = op(x, packed, b, *args, "relu", [], "")
     if x.is_contiguous() and not y.is_contiguous():
         y = torch.ops.fck.contiguous_pooled(y) if extension().ok else y.contiguous()

@@ -164,8 +164,8 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
                kernel_checks=False):
     """Flat indices, offsets with the end offset last, per-sample weights and padding row. kernel_checks: the
     backend's C++ op checks the offsets' values, in PyTorch's words (CUDA: as its kernel reads them, since reading
-    them here would make the host wait for the GPU; CPU: in one loop, not ~6 tensor ops a call)."""
-    _check_weight(weight, input, name)
+    them here would make the host wait for the GPU; CPU: in one loop, not ~6 tensor ops a call). The caller has
+    run _check_weight."""
     if mode not in MODES:
         raise ValueError(f"{name}: mode has to be one of sum, mean or max, got {mode!r}")
     if per_sample_weights is not None:
@@ -273,14 +273,11 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
               *, backend=None):
     """torch.nn.functional.embedding: rows for any index shape. padding_idx rows are returned as they are and get
     no gradient."""
-    if input.dtype not in (torch.int64, torch.int32):
-        raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the following scalar types: "
-                           f"Long, Int; but got {input.dtype} instead (while checking arguments for embedding)")
+    _check_weight(weight, input, "embedding")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding")
     plain = max_norm is None and not sparse and not scale_grad_by_freq
     if impl in ("cpu", "cuda") and plain and not _backend.compiling():
         # The C++ op with C++ autograd: a small table's lookup is otherwise mostly Python overhead.
-        _check_weight(weight, input, "embedding")
         return torch.ops.fck.embedding(weight, input, _padding_index(padding_idx, weight.shape[0], "embedding"))
     flat = input.reshape(-1)
     _, offsets, _, pad = _normalize(flat[:, None], weight, None, "sum", None, False, padding_idx, "embedding")
