@@ -74,10 +74,14 @@ TORCH_LIBRARY(fck, m) {
   // x in contiguous (row-major) order, copied into a pooled block when it is not already: a channels_last result
   // turned back into NCHW without page-faulting a fresh output (CPU).
   m.def("contiguous_pooled(Tensor x) -> Tensor");
+  // a @ b into a pooled block (CPU): an RNN's input projection of every step, without the page faults of a fresh
+  // multi-MB output on each call.
+  m.def("mm_pooled(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("contiguous_pooled", &fck::cpu::contiguous_pooled);
+  m.impl("mm_pooled", &fck::cpu::mm_pooled);
   m.impl("adam_", &fck::cpu::adam_);
   m.impl("batch_norm_fwd", &fck::cpu::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);

@@ -282,6 +282,41 @@ def test_kernels_write_every_output(mode, config):
         _close(u, v, torch.float32, "output/grad")
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cpu_kernels_write_every_element_of_a_poisoned_pooled_block(mode):
+    """On the CPU the sequence-sized tensors (outputs, saved gates, the input projection and the gradients) come
+    from a pool of reused blocks. Fill blocks of every size class the run takes with NaN and return them to the
+    pool first: an element a kernel skipped would surface as NaN."""
+    skip_unless_runnable("cpu", "cpu")
+    ours, theirs, x, h0, c0 = _pair(mode, (24, 72, 2, True, False, 40, 33, True), "cpu", torch.float32)
+    theirs.float()
+    fck.ops.release_cpu_pool()
+    one = torch.ones(1, 1)
+    blocks = [torch.ops.fck.mm_pooled(one, torch.ones(1, (mb << 20) // 4)) for mb in range(1, 16) for _ in range(4)]
+    for blk in blocks:
+        blk.fill_(float("nan"))
+    del blocks
+    with fck.use_backend("cpu"):
+        a = _run_seq(ours, mode, x, h0, c0, torch.float32)
+    b = _run_seq(theirs, mode, x, h0, c0, torch.float32)
+    for u, v in zip(a[0] + a[1] + list(a[2].values()), b[0] + b[1] + list(b[2].values())):
+        assert torch.isfinite(u).all()
+        _close(u, v, torch.float32, "output/grad")
+    assert fck.ops.release_cpu_pool() > 0
+
+
+def test_mm_pooled_matches_mm_and_checks_its_operands():
+    skip_unless_runnable("cpu", "cpu")
+    g = _gen(4)
+    a, b = torch.randn(700, 513, generator=g), torch.randn(513, 129, generator=g)
+    torch.testing.assert_close(torch.ops.fck.mm_pooled(a, b), a @ b)
+    torch.testing.assert_close(torch.ops.fck.mm_pooled(a.t().contiguous().t(), b[:, ::2]), a @ b[:, ::2])
+    with pytest.raises(RuntimeError, match="cannot multiply"):
+        torch.ops.fck.mm_pooled(a, a)
+    with pytest.raises(RuntimeError, match="Float times Double"):
+        torch.ops.fck.mm_pooled(a, b.double())
+
+
 @pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("lstm", 384), ("gru", 384)])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_larger_shapes_fp32(backend, mode, hidden):

@@ -121,5 +121,14 @@ at::Tensor contiguous_pooled(const at::Tensor& x) {
   return pooled_empty(x.sizes(), x.options()).copy_(x);
 }
 
+at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "fck::mm_pooled: CPU tensors are expected");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "fck::mm_pooled: cannot multiply ", a.sizes(),
+              " by ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fck::mm_pooled: ", a.scalar_type(), " times ", b.scalar_type());
+  at::Tensor out = pooled_empty({a.size(0), b.size(1)}, a.options());
+  return at::mm_out(out, a, b);
+}
+
 }  // namespace cpu
 }  // namespace fck

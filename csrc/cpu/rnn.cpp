@@ -11,6 +11,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
 #include "fck/ops.h"
 #include "fck/rnn.h"
@@ -283,6 +284,9 @@ struct RnnSteps {
   template <typename T>
   static void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor& like) {
     cpu::gemm(n, a, W, c, like);
+  }
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return pooled_empty(sizes, options);
   }
 
   template <typename T>

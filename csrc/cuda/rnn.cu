@@ -111,6 +111,9 @@ struct RnnSteps {
   static rnn::Weight<T> weight(const T* w, bool wt, int64_t N, int64_t K, int64_t m, const at::Tensor&) {
     return {w, wt, N, K, m, at::Tensor()};
   }
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);  // the caching allocator keeps blocks warm already
+  }
   // cuBLAS through at::mm_out on views of the buffers: c (n x N) = a (n x K) @ op(w).
   template <typename T>
   static void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor& like) {

@@ -120,6 +120,31 @@ def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+class _PooledMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.ops.fck.mm_pooled(a, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad
+        return (torch.ops.fck.mm_pooled(g, b.t()) if need_a else None), (a.t().mm(g) if need_b else None)
+
+
+def _project(x2d, w_ih, impl):
+    """The input projection of every step, x2d @ w_ih^T. On the CPU backend its (T*B, G*H) result and the input's
+    gradient go into pooled blocks: a fresh multi-MB tensor page-faults on every call, which made this GEMM ~2x
+    slower inside a lesson-7 LSTM than alone."""
+    if impl != "cpu" or _backend.compiling():
+        return torch.mm(x2d, w_ih.t())
+    if _grad_needed(x2d, w_ih):
+        return _PooledMM.apply(x2d, w_ih.t())
+    return torch.ops.fck.mm_pooled(x2d, w_ih.t())
+
+
 def lstm_layer(xg, h0, c0, w_hh, bias, reverse, backend):
     """One LSTM layer over a sequence from its input projection xg = x W_ih^T (T, B, 4H) and bias = b_ih + b_hh:
     (output, h_n, c_n)."""
@@ -297,7 +322,7 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh = weights[k]
-            xg = torch.mm(x2d, w_ih.t()).view(T, B, gates * H)  # biases go into the kernels
+            xg = _project(x2d, w_ih, impl).view(T, B, gates * H)  # biases go into the kernels
             if lstm:
                 b = None if b_ih is None else b_ih + b_hh
                 out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, b, d == 1, impl)

@@ -21,6 +21,9 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 // x itself when contiguous, else a contiguous copy in a pooled block.
 at::Tensor contiguous_pooled(const at::Tensor& x);
 
+// a @ b (2-D) into a pooled block.
+at::Tensor mm_pooled(const at::Tensor& a, const at::Tensor& b);
+
 // Returns every cached block to the system; the number of bytes released.
 int64_t pool_release_cached();
 

@@ -10,7 +10,9 @@
 //   Dev::gru_fwd(xg_t, hg, b_ih, b_hh, h_prev, saved_t, h_t, n, H)
 //   Dev::gru_bwd(dout_t, dh_rec, dh_direct /*in/out*/, saved_t, h_prev, dxg_t, dhg_t, n, H)
 //
-// each over n rows of one step (typed pointers; see below), plus Dev::dispatch, Dev::Acc<T> and the two GEMMs.
+// each over n rows of one step (typed pointers; see below), plus Dev::dispatch, Dev::Acc<T>, the two GEMMs and
+// Dev::empty(sizes, options) for the sequence-sized tensors (the CPU takes them from its pool of warm blocks: fresh
+// multi-MB mallocs page-faulted on every call and made a lesson-7 LSTM layer's forward 1.7x slower).
 //
 // The rows of a batch never meet in the recurrence, so with a small W_hh the CPU gives each thread its own block of
 // rows for the whole sequence: no fork/join per step, and each thread's small GEMM runs single-threaded (nested
@@ -153,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor b = bias_or_zeros(bias, xg, 4 * d.H, "bias", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 4 * H;
-  at::Tensor out = at::empty({d.T, B, H}, xg.options());
-  at::Tensor c_all = at::empty({d.T, B, H}, acc);
-  at::Tensor gates = at::empty({d.T, B, G}, acc);
+  at::Tensor out = Dev::empty({d.T, B, H}, xg.options());
+  at::Tensor c_all = Dev::empty({d.T, B, H}, acc);
+  at::Tensor gates = Dev::empty({d.T, B, G}, acc);
   const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
@@ -199,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   check_state(c0, d, out, "c0", op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 4 * H;
-  at::Tensor dxg = at::empty({d.T, B, G}, out.options());
+  at::Tensor dxg = Dev::empty({d.T, B, G}, out.options());
   at::Tensor dc = grad_cn.to(acc, false, /*copy=*/true).contiguous();
   at::Tensor dh0 = at::empty({B, H}, out.options());
   const at::Tensor c0a = c0.to(acc).contiguous(), dhn = grad_hn.contiguous(), w = w_hh.contiguous();
@@ -242,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
   const at::Tensor bi = bias_or_zeros(b_ih, xg, 3 * d.H, "b_ih", op), bh = bias_or_zeros(b_hh, xg, 3 * d.H, "b_hh", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 3 * H;
-  at::Tensor out = at::empty({d.T, B, H}, xg.options());
-  at::Tensor saved = at::empty({d.T, B, 4 * H}, acc);
+  at::Tensor out = Dev::empty({d.T, B, H}, xg.options());
+  at::Tensor saved = Dev::empty({d.T, B, 4 * H}, acc);
   const at::Tensor h0c = h0.contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
@@ -279,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
   const Dims d = check_backward(grad_out, grad_hn, out, saved, op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 3 * H;
-  at::Tensor dxg = at::empty({d.T, B, G}, out.options());
-  at::Tensor dhg = at::empty({d.T, B, G}, out.options());
+  at::Tensor dxg = Dev::empty({d.T, B, G}, out.options());
+  at::Tensor dhg = Dev::empty({d.T, B, G}, out.options());
   at::Tensor dh_direct = at::zeros({B, H}, acc);
   at::Tensor dh0 = at::empty({B, H}, out.options());
   const at::Tensor h0c = h0.contiguous(), dhn = grad_hn.contiguous(), w = w_hh.contiguous();
