@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fastcore_kernels import _backend
 from fastcore_kernels.ops._triton_op import triton_op
@@ -196,7 +195,7 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
         if kernel_checks and not include_last_offset:
             if offsets.numel() == 0:
                 raise ValueError("offsets has to be a 1D Tensor with at least one offset")
-            offsets = F.pad(offsets, (0, 1), value=n)
+            offsets = torch.cat([offsets, offsets.new_full((1,), n)])  # (F.pad: 2.5x the time, a dozen ops)
             return (input.contiguous(), offsets, per_sample_weights,
                     _padding_index(padding_idx, weight.shape[0], name))
         if offsets.numel() and int(offsets[0]) != 0:
@@ -214,7 +213,7 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
             input = input[:end]
             per_sample_weights = None if per_sample_weights is None else per_sample_weights[:end]
         else:
-            offsets = torch.cat([offsets, offsets.new_tensor([n])])
+            offsets = torch.cat([offsets, offsets.new_full((1,), n)])
     else:
         raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
     return input.contiguous(), offsets.contiguous(), per_sample_weights, _padding_index(padding_idx, weight.shape[0],
