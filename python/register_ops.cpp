@@ -71,8 +71,8 @@ TORCH_LIBRARY(fck, m) {
   m.def("gru_layer(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor)");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
-  // x in contiguous (row-major) order, copied into a pooled block when it is not already: a channels_last result
-  // turned back into NCHW without page-faulting a fresh output (CPU).
+  // A contiguous (row-major) copy of x in a pooled block: a channels_last result turned back into NCHW without
+  // page-faulting a fresh output (CPU).
   m.def("contiguous_pooled(Tensor x) -> Tensor");
   // a @ b into a pooled block (CPU): an RNN's input projection of every step, without the page faults of a fresh
   // multi-MB output on each call.

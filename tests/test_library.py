@@ -173,3 +173,14 @@ def test_opcheck_batch_norm_act_and_its_cxx_autograd(relu, with_residual, affine
         rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
         torch.library.opcheck(torch.ops.fck.batch_norm_act.default, (x, res, w, b, rm, rv, training, 0.1, 1e-5, relu),
                               test_utils=_OPCHECK_TESTS + ("test_aot_dispatch_static",))
+
+
+def test_opcheck_pooled_helpers():
+    """The CPU helpers that write into pooled blocks (an RNN's input projection; a channels_last result made NCHW)."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(700, 513, generator=g), torch.randn(513, 129, generator=g)
+    torch.library.opcheck(torch.ops.fck.mm_pooled.default, (a, b))
+    x = torch.randn(2, 3, 5, 7, generator=g).to(memory_format=torch.channels_last)
+    for t in (x, x.contiguous()):
+        torch.library.opcheck(torch.ops.fck.contiguous_pooled.default, (t,))

@@ -26,6 +26,10 @@ def _register_fakes() -> None:
     batch_norm.register_fake()
     register_embedding_bag_fakes()
     rnn.register_fake()
+    # the pooled-output helpers (CPU): plain tensors of the result's shape
+    torch.library.register_fake("fck::mm_pooled")(lambda a, b: a.new_empty(a.shape[0], b.shape[1]))
+    torch.library.register_fake("fck::contiguous_pooled")(
+        lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 __all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "gru", "gru_cell", "lstm", "lstm_cell",

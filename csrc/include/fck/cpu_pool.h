@@ -18,7 +18,7 @@ at::Tensor pooled_empty_like(const at::Tensor& x);
 // An uninitialized contiguous tensor, from the pool when large.
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// x itself when contiguous, else a contiguous copy in a pooled block.
+// A contiguous copy of x in a pooled block (a copy even when x is contiguous: the op's schema promises a new tensor).
 at::Tensor contiguous_pooled(const at::Tensor& x);
 
 // a @ b (2-D) into a pooled block.
