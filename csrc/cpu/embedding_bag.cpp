@@ -13,6 +13,7 @@
 #include <cmath>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "fck/cpu_pool.h"
@@ -279,6 +280,8 @@ struct ByRow {
   std::vector<A> factor;
 };
 
+constexpr int kRadixBits = 11;
+
 template <typename T, typename A, typename I>
 ByRow<A> group_by_row(const I* idx, const I* off, int64_t b0, int64_t b1, int64_t rows, int64_t pad,
                       const raw_t<T>* psw, const A* bag_scale) {
@@ -299,8 +302,20 @@ ByRow<A> group_by_row(const I* idx, const I* off, int64_t b0, int64_t b1, int64_
         if (idx[i] != pad) occ.push_back({int64_t(idx[i]), i, b});
       }
     }
-    std::sort(occ.begin(), occ.end(),
-              [](const Occ& x, const Occ& y) { return x.row < y.row || (x.row == y.row && x.i < y.i); });
+    // In index order already, so a stable sort by row gives (row, index) order: an LSD radix sort, 11 bits a pass
+    // (two passes for 100k rows; std::sort of a collab batch's 4096 occurrences took ~0.15 ms).
+    std::vector<Occ> tmp(occ.size());
+    std::vector<int64_t> count(size_t(1) << kRadixBits);
+    for (int shift = 0; shift < 64 && (int64_t(rows - 1) >> shift) > 0; shift += kRadixBits) {
+      std::fill(count.begin(), count.end(), 0);
+      const auto digit = [&](const Occ& o) { return size_t(uint64_t(o.row) >> shift) & (count.size() - 1); };
+      for (const Occ& o : occ) ++count[digit(o)];
+      int64_t sum = 0;
+      for (int64_t& c : count) sum += std::exchange(c, sum);
+      for (const Occ& o : occ) tmp[count[digit(o)]++] = o;
+      occ.swap(tmp);
+    }
+    g.row.reserve(occ.size()), g.start.reserve(occ.size() + 1), g.bag.reserve(occ.size()), g.factor.reserve(occ.size());
     for (size_t k = 0; k < occ.size(); ++k) {
       if (k == 0 || occ[k].row != occ[k - 1].row) {
         g.row.push_back(occ[k].row);
