@@ -108,7 +108,7 @@ struct RnnSteps {
   }
 
   template <typename T>
-  static rnn::Weight<T> weight(const T* w, bool wt, int64_t N, int64_t K, int64_t m, const at::Tensor&) {
+  static rnn::Weight<T> weight(const T* w, bool wt, int64_t N, int64_t K, int64_t m, int64_t, const at::Tensor&) {
     return {w, wt, N, K, m, at::Tensor()};
   }
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -20,9 +20,10 @@
 //
 // The input projection of every step (xg = x W_ih^T, without bias) is one GEMM done by the caller, and so are its
 // gradients. The biases are added inside the pointwise kernels (a bias GEMM (addmm) first copies the broadcast
-// bias into its whole (T*B, G) output: 10% of a small LSTM's time), and their gradients are sums the ops return. W_hh's gradient is taken here after the loop as one GEMM over all steps (K = T*B) rather
-// than T thin ones. Cell states and saved gates are fp32 (float64 for float64); h, the GEMM operands and the
-// gradients of xg, h0 and W_hh have the input's dtype.
+// bias into its whole (T*B, G) output: 10% of a small LSTM's time), and their gradients are sums the ops return.
+// W_hh's gradient is taken here after the loop as one GEMM over all steps (K = T*B) rather than T thin ones. Cell
+// states and saved gates are fp32 (float64 for float64); h, the GEMM operands and the gradients of xg, h0 and W_hh
+// have the input's dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -131,9 +132,10 @@ Seq<P> seq(const at::Tensor& t, int64_t B, int64_t W) {
 
 // The loops below run on typed pointers, dispatched once per call: per step they create no tensors, so the
 // framework's per-op overhead (a few microseconds a view) stays out of a step that itself takes tens.
-// Dev::weight<T>(w, wt, N, K, m, tensor) describes the right operand once per call (the CPU may pack it there for
-// BLAS's packed API: one pass over W_hh instead of a re-blocking on every step); Dev::gemm(n, a, W, c, like) then
-// computes c (n x N) = a (n x K) @ op(w), op(w) = w^T for w (N x K) when wt, else w (K x N).
+// Dev::weight<T>(w, wt, N, K, m, steps, tensor) describes the right operand once per call (the CPU may pack it
+// there when `steps` GEMMs will use it: one pass over W_hh instead of a re-blocking on every step);
+// Dev::gemm(n, a, W, c, like) then computes c (n x N) = a (n x K) @ op(w), op(w) = w^T for w (N x K) when wt, else
+// w (K x N).
 
 template <typename T>
 struct Weight {
@@ -171,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto g = seq<A>(gates, B, G);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T* bp = reinterpret_cast<const T*>(b.data_ptr());
-    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, w);
+    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
@@ -218,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto c_init = seq<const A>(c0a, B, H);
     const auto dcs = seq<A>(dc, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, w);
+    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       for (int64_t s = 0; s < d.T; ++s) {
@@ -257,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
     const auto sv = seq<A>(saved, B, 4 * H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T *bip = reinterpret_cast<const T*>(bi.data_ptr()), *bhp = reinterpret_cast<const T*>(bh.data_ptr());
-    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, w);
+    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       const at::Tensor hg_buf = at::empty({n, G}, xg.options());
@@ -300,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
     const auto sv = seq<const A>(saved, B, 4 * H);
     const auto direct = seq<A>(dh_direct, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, w);
+    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       for (int64_t s = 0; s < d.T; ++s) {
