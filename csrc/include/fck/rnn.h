@@ -105,11 +105,26 @@ struct GruSaved {
   A r, z, n, bn;
 };
 
+// In two halves, as the LSTM's: r and z, then n (which waits on r) and h'. The CPU runs them as two loops.
+template <typename A>
+FCK_HOST_DEVICE void gru_gates(A ar, A az, A br, A bz, A& r, A& z) {
+  r = rnn_sigmoid(ar + br);
+  z = rnn_sigmoid(az + bz);
+}
+
+// n and h' from r, z, the n gate's x-part and h-part (bn), and the previous state.
+template <typename A>
+FCK_HOST_DEVICE A gru_state(A r, A z, A an, A bn, A h_prev, A& h) {
+  const A n = rnn_tanh(an + r * bn);
+  h = n + z * (h_prev - n);
+  return n;
+}
+
 template <typename A>
 FCK_HOST_DEVICE GruSaved<A> gru_forward(A ar, A az, A an, A br, A bz, A bn, A h_prev, A& h) {
-  GruSaved<A> s{rnn_sigmoid(ar + br), rnn_sigmoid(az + bz), A(0), bn};
-  s.n = rnn_tanh(an + s.r * bn);
-  h = s.n + s.z * (h_prev - s.n);
+  GruSaved<A> s{A(0), A(0), A(0), bn};
+  gru_gates(ar, az, br, bz, s.r, s.z);
+  s.n = gru_state(s.r, s.z, an, bn, h_prev, h);
   return s;
 }
 
