@@ -14,6 +14,7 @@ peak resident set, measured in a fresh subprocess per provider (`--peak-rss`).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,18 @@ def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps, p
         del fns
 
 
+def _with_env(name, value, fn):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def bench_conv_eval(res, device, dtype, C, H, batch, channels_last, with_compile, reps):
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -166,6 +179,9 @@ def bench_conv_eval(res, device, dtype, C, H, batch, channels_last, with_compile
     seq = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
     fused = fck.fuse(seq).eval()
     fns = {"fck": lambda: fused(x), "torch": lambda: seq(x)}
+    if device.type == "cpu":  # the same fused module with oneDNN's direct convolution instead of Winograd's
+        direct = fck.fuse(seq).eval()
+        fns["fck-direct"] = lambda: _with_env("FCK_CONV_WINOGRAD", "0", lambda: direct(x))
     if with_compile:
         compiled = torch.compile(seq)
         fns["torch-compile"] = lambda: compiled(x)
@@ -190,6 +206,7 @@ def main(argv=None) -> Results:
                     help="also time torch.compile'd conv-BN-ReLU (one compile per shape: slow)")
     ap.add_argument("--channels-last", action="store_true", help="also run channels_last layouts")
     ap.add_argument("--no-conv", action="store_true")
+    ap.add_argument("--no-bn", action="store_true", help="conv-BN-ReLU eval only")
     ap.add_argument("--peak-rss", action="store_true", help="CPU: measure each fwd+bwd's peak memory in a subprocess")
     ap.add_argument("--reps", type=int, default=7, help="CPU repetitions per provider (round-robin)")
     ap.add_argument("--out", default="")
@@ -199,11 +216,12 @@ def main(argv=None) -> Results:
     makers = providers(device, args.compile)
     stages = [RESNET34[int(s)] for s in args.stages.split(",") if s]
     layouts = [False, True] if args.channels_last else [False]
-    for C, H in stages:
+    for C, H in stages if not args.no_bn else ():
         for cl in layouts:
             for residual in (False, True):
                 bench_bn(res, device, dtype, (args.batch, C, H, H), residual, cl, makers, args.reps, args.peak_rss)
-    bench_bn(res, device, dtype, TABULAR, False, False, makers, args.reps, args.peak_rss)
+    if not args.no_bn:
+        bench_bn(res, device, dtype, TABULAR, False, False, makers, args.reps, args.peak_rss)
     if not args.no_conv:
         for C, H in stages:
             for cl in layouts:

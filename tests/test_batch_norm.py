@@ -456,3 +456,96 @@ def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
     for a, b_ in zip(runs[:2], runs[2:]):
         for t, u in zip(a, b_):
             assert torch.equal(t, u)
+
+
+def _winograd_or_skip():
+    skip_unless_runnable("cpu", "cpu")
+    if not torch.ops.fck.winograd_available():
+        pytest.skip("the Winograd convolution needs a CPU with AVX2 and FMA")
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("N,C,K,H,W,pad", [
+    (2, 3, 5, 9, 7, 1),      # C and K below one vector, every tile partial at an edge
+    (3, 13, 17, 11, 5, 0),   # no padding: output 9x3
+    (1, 8, 16, 3, 3, 1),     # one 3x3 output, smaller than a tile
+    (2, 16, 33, 6, 13, 2),   # padding 2; K one past two 16-column panels
+    (4, 40, 24, 8, 12, 1),   # whole tiles for both m, whole 8-channel groups
+    (1, 1, 1, 4, 4, 1),      # single channels
+])
+def test_winograd_conv_matches_conv2d_relu_in_float64(m, N, C, K, H, W, pad):
+    """The kernel against F.conv2d + ReLU in float64, on outputs poisoned through the pool (every element must be
+    written). Tolerances: F(2x2) rounds like a direct convolution; F(4x4)'s transforms multiply by up to 8 and 1/6."""
+    _winograd_or_skip()
+    g = torch.Generator().manual_seed(N * 1000 + C * 10 + K)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(K, C, 3, 3, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(K, generator=g, dtype=torch.float64)
+    ref = F.relu(F.conv2d(x, w, b, padding=pad))
+    u = torch.ops.fck.winograd_weight(w.float(), m)
+    tol = 1e-5 if m == 2 else 1e-4
+    for _ in range(2):  # the second call reuses the first's pooled output block, filled with NaN
+        y = torch.ops.fck.conv3x3_relu_winograd(x.float(), u, b.float(), [pad, pad])
+        assert y.shape == ref.shape and y.is_contiguous() and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+        y.fill_(float("nan"))
+        del y
+
+
+def test_winograd_conv_rejects_bad_input():
+    _winograd_or_skip()
+    w, b, x = torch.randn(6, 4, 3, 3), torch.randn(6), torch.randn(2, 4, 5, 5)
+    u = torch.ops.fck.winograd_weight(w, 4)
+    op = torch.ops.fck.conv3x3_relu_winograd
+    with pytest.raises(RuntimeError, match="tile size m must be 2 or 4"):
+        torch.ops.fck.winograd_weight(w, 3)
+    with pytest.raises(RuntimeError, match=r"\(K, C, 3, 3\) weight"):
+        torch.ops.fck.winograd_weight(torch.randn(6, 4, 5, 5), 4)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fck.winograd_weight(w.double(), 4)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(x.double(), u, b, [1, 1])
+    with pytest.raises(RuntimeError, match="does not match 13 input channels"):
+        op(torch.randn(2, 5 + 8, 5, 5), u, b, [1, 1])
+    with pytest.raises(RuntimeError, match="does not match"):
+        op(x, u, torch.randn(17), [1, 1])
+    with pytest.raises(RuntimeError, match="4-D"):
+        op(x[0], u, b, [1, 1])
+    with pytest.raises(RuntimeError, match="smaller than the 3x3 kernel"):
+        op(torch.randn(2, 4, 2, 5), u, b, [0, 0])
+    with pytest.raises(RuntimeError, match="non-negative"):
+        op(x, u, b, [-1, 1])
+    with pytest.raises(RuntimeError, match="winograd_weight"):
+        op(x, u[:, :, :, :8].contiguous(), b, [1, 1])
+    assert op(torch.randn(0, 4, 5, 5), u, b, [1, 1]).shape == (0, 6, 5, 5)
+
+
+@pytest.mark.parametrize("setting", ["4", "2", "0"])
+def test_fused_conv_eval_takes_the_winograd_kernel_as_configured(monkeypatch, setting):
+    """A fused conv-BN-ReLU module in eval mode runs its 3x3 stride-1 convolution by Winograd (FCK_CONV_WINOGRAD:
+    the tile, 0 for oneDNN), keeps the transformed weight in its fold cache, and matches the unfused module; a
+    channels_last input, a stride of 2 and a 1x1 kernel keep the direct convolution."""
+    _winograd_or_skip()
+    monkeypatch.setenv("FCK_CONV_WINOGRAD", setting)
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()
+    seq[1].running_mean.normal_()
+    seq[1].running_var.uniform_(0.5, 2)
+    fused = fck.fuse(seq).eval()
+    x = torch.randn(9, 16, 17, 15)  # 9 x 9 x 8 = 648 tiles of 2x2, 9 x 5 x 4 = 180 of 4x4: enough for two threads
+    with torch.no_grad():
+        y = fused(x)
+        torch.testing.assert_close(y, seq(x), rtol=1e-4, atol=1e-4)
+        key = fused[0]._fold_cache.pack_key
+        assert key == (("winograd", int(setting)) if setting != "0" else (tuple(x.shape), (1, 1), (1, 1), (1, 1), 1))
+        xc = x.contiguous(memory_format=torch.channels_last)
+        y = fused(xc)
+        torch.testing.assert_close(y, seq(xc), rtol=1e-4, atol=1e-4)
+        assert fused[0]._fold_cache.pack_key[0] == tuple(x.shape)
+        for conv in (nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Conv2d(16, 32, 1)):
+            other = fck.fuse(nn.Sequential(conv, seq[1], nn.ReLU())).eval()
+            torch.testing.assert_close(other(x), nn.Sequential(conv, seq[1], nn.ReLU())(x), rtol=1e-4, atol=1e-4)
+            assert other[0]._fold_cache.pack_key[0] == tuple(x.shape)
+    monkeypatch.setenv("FCK_CONV_WINOGRAD", "3")
+    with torch.no_grad(), pytest.raises(ValueError, match="FCK_CONV_WINOGRAD must be 0, 2 or 4"):
+        fck.fuse(seq).eval()(x)

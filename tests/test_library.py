@@ -184,3 +184,16 @@ def test_opcheck_pooled_helpers():
     x = torch.randn(2, 3, 5, 7, generator=g).to(memory_format=torch.channels_last)
     for t in (x, x.contiguous()):
         torch.library.opcheck(torch.ops.fck.contiguous_pooled.default, (t,))
+
+
+def test_opcheck_winograd_conv():
+    """The CPU Winograd convolution behind conv-BN-ReLU's eval path: its weight transform and the convolution."""
+    skip_unless_runnable("cpu", "cpu")
+    if not torch.ops.fck.winograd_available():
+        pytest.skip("the Winograd convolution needs a CPU with AVX2 and FMA")
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(20, 9, 3, 3, generator=g), torch.randn(20, generator=g), torch.randn(2, 9, 7, 6, generator=g)
+    for m in (2, 4):
+        torch.library.opcheck(torch.ops.fck.winograd_weight.default, (w, m))
+        u = torch.ops.fck.winograd_weight(w, m)
+        torch.library.opcheck(torch.ops.fck.conv3x3_relu_winograd.default, (x, u, b, [1, 0]))

@@ -1,0 +1,334 @@
+// relu(conv2d(x, w, b, stride 1, padding p)) for 3x3 kernels by Winograd's minimal filtering F(m x m, 3 x 3)
+// (Lavin & Gray 2016): conv-BN-ReLU's eval path on the CPU, where the folded convolution is the whole cost.
+//
+// Why: oneDNN's direct convolution already runs near this CPU's FMA peak (ResNet-34's 3x3 layers at N = 64), so
+// beating it takes fewer multiplies, not a better schedule. Each m x m output tile costs (m + 2)^2 products per
+// (input, output) channel pair instead of 9 m^2: 2.25x fewer for m = 2, 4x for m = 4.
+//
+// Layout of the work, per chunk of T tiles on one thread (everything a chunk touches stays in L2/L3):
+//   1. input transform: V[xi][t][c] = (B^T d B)[xi], d the tile's (m+2)^2 window, 8 channels per vector;
+//   2. (m+2)^2 GEMMs M[xi] (T x K) = V[xi] (T x C) @ U[xi] (C x K) on panel_gemm.h's register-tiled kernel, with
+//      U = G g G^T packed once per folded weight (winograd_weight);
+//   3. output transform Y = A^T M A, plus bias, ReLU, written straight into the NCHW output.
+// The input is first copied into a zero-padded, 8-channel-interleaved layout (N, C/8, Hp, Wp, 8), so step 1 reads
+// whole aligned vectors with no bounds checks.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+#include "fck/cpu_pool.h"
+#include "fck/cpu_vec.h"
+#include "panel_gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace fck {
+namespace cpu {
+
+#ifdef FCK_HAVE_PANEL_GEMM
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+// The transform matrices (points 0, +-1, +-2 and infinity for m = 4). d is the input window, g the 3x3 filter.
+template <int M>
+struct Wino;
+template <>
+struct Wino<2> {
+  static constexpr int A = 4;
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr double G[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+template <>
+struct Wino<4> {
+  static constexpr int A = 6;
+  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr double G[6][3] = {{1. / 4, 0, 0},           {-1. / 6, -1. / 6, -1. / 6}, {-1. / 6, 1. / 6, -1. / 6},
+                                     {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
+  static constexpr float AT[4][6] = {
+      {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+};
+
+// sum_k mat[i][k] * in[k * stride], with the zero and unit coefficients skipped: once the callers' loops are
+// unrolled, i and k are constants and so is every branch here.
+template <int R, int K>
+__attribute__((target("avx2,fma"), always_inline)) inline v8 row_dot(const float (&mat)[R][K], int i, const v8* in,
+                                                                      int stride) {
+  v8 acc = {};
+  bool first = true;
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) {
+    const float c = mat[i][k];
+    if (c == 0.f) continue;
+    const v8 v = in[k * stride];
+    const v8 term = c == 1.f ? v : c == -1.f ? -v : v * c;
+    acc = first ? term : acc + term;
+    first = false;
+  }
+  return acc;
+}
+
+// out (R x R) = mat in mat^T for in (K x K), one vector of 8 channels per element.
+template <int R, int K>
+__attribute__((target("avx2,fma"), always_inline)) inline void sandwich(const float (&mat)[R][K], const v8* in,
+                                                                         v8* out) {
+  v8 tmp[R][K];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) tmp[i][j] = row_dot(mat, i, in + j, K);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) out[i * R + j] = row_dot(mat, j, &tmp[i][0], 1);
+}
+
+struct Geometry {
+  int64_t N, C, H, W, K, ph, pw, OH, OW, th, tw, Cp, Kp, Hp, Wp;
+};
+
+// x (N, C, H, W) -> xb (N, Cp/8, Hp, Wp, 8), zero outside the image and for channels >= C.
+void interleave_padded(const float* x, float* xb, const Geometry& g) {
+  const int64_t CB = g.Cp / kLanes;
+  at::parallel_for(0, g.N * CB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / CB, c0 = (b % CB) * kLanes, lanes = std::min<int64_t>(kLanes, g.C - c0);
+      float* dst = xb + b * g.Hp * g.Wp * kLanes;
+      for (int64_t yp = 0; yp < g.Hp; ++yp) {
+        float* row = dst + yp * g.Wp * kLanes;
+        const int64_t y = yp - g.ph;
+        if (y < 0 || y >= g.H) {
+          std::fill(row, row + g.Wp * kLanes, 0.f);
+          continue;
+        }
+        const int64_t x0 = std::min(g.pw, g.Wp), x1 = std::min(g.pw + g.W, g.Wp);
+        std::fill(row, row + x0 * kLanes, 0.f);
+        std::fill(row + x1 * kLanes, row + g.Wp * kLanes, 0.f);
+        const float* src[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) src[l] = x + ((n * g.C + c0 + std::min(l, lanes - 1)) * g.H + y) * g.W;
+        if (lanes == kLanes) {
+          for (int64_t xp = x0; xp < x1; ++xp)
+            for (int64_t l = 0; l < kLanes; ++l) row[xp * kLanes + l] = src[l][xp - g.pw];
+        } else {
+          for (int64_t xp = x0; xp < x1; ++xp)
+            for (int64_t l = 0; l < kLanes; ++l) row[xp * kLanes + l] = l < lanes ? src[l][xp - g.pw] : 0.f;
+        }
+      }
+    }
+  });
+}
+
+// One output tile's m x m values (bias and ReLU applied) for 8 channels, res[e] holding position e = row * m + col:
+// stored as m-float rows per channel. A full tile of 8 channels is transposed in registers (4x4 blocks within each
+// 128-bit half, or pair interleaves for m = 2), so each row goes out as one 16- or 8-byte store instead of m scalars.
+template <int M>
+__attribute__((target("avx2,fma"), always_inline)) inline void store_tile(const v8* res, float* out, int64_t plane,
+                                                                          int64_t OW, int64_t lanes, int64_t rows,
+                                                                          int64_t cols) {
+  if (lanes == kLanes && rows == M && cols == M) {
+    for (int r = 0; r < M; ++r) {
+      float* o = out + r * OW;
+      if constexpr (M == 4) {
+        const __m256 a = __m256(res[r * 4]), b = __m256(res[r * 4 + 1]), c = __m256(res[r * 4 + 2]),
+                     d = __m256(res[r * 4 + 3]);
+        const __m256 t0 = _mm256_unpacklo_ps(a, b), t1 = _mm256_unpackhi_ps(a, b), t2 = _mm256_unpacklo_ps(c, d),
+                     t3 = _mm256_unpackhi_ps(c, d);
+        const __m256 q[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+        for (int l = 0; l < 4; ++l) {
+          _mm_storeu_ps(o + l * plane, _mm256_castps256_ps128(q[l]));
+          _mm_storeu_ps(o + (l + 4) * plane, _mm256_extractf128_ps(q[l], 1));
+        }
+      } else {
+        const __m256 a = __m256(res[r * 2]), b = __m256(res[r * 2 + 1]);
+        const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // (a0 b0 a1 b1 | a4 b4 a5 b5)
+        const __m128 q[4] = {_mm256_castps256_ps128(lo), _mm256_castps256_ps128(hi), _mm256_extractf128_ps(lo, 1),
+                             _mm256_extractf128_ps(hi, 1)};
+        for (int h = 0; h < 2; ++h)
+          for (int j = 0; j < 2; ++j) {
+            _mm_storel_pi(reinterpret_cast<__m64*>(o + (4 * h + 2 * j) * plane), q[2 * h + j]);
+            _mm_storeh_pi(reinterpret_cast<__m64*>(o + (4 * h + 2 * j + 1) * plane), q[2 * h + j]);
+          }
+      }
+    }
+    return;
+  }
+  alignas(32) float buf[M * M][kLanes];
+  for (int e = 0; e < M * M; ++e) *reinterpret_cast<v8*>(buf[e]) = res[e];
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) out[l * plane + r * OW + c] = buf[r * M + c][l];
+}
+
+// Tiles [t0, t0 + nt) through the three steps; Vs and Ms are the thread's scratch (A^2 T Cp and A^2 T KB floats).
+template <int M>
+__attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float* u, const float* bias, float* out,
+                                                    const Geometry& g, int64_t T, int64_t KB, int64_t t0, int64_t nt,
+                                                    float* Vs, float* Ms) {
+  constexpr int A = Wino<M>::A, AA = A * A;
+  const int64_t CB = g.Cp / kLanes, panels = g.Kp / panel::kNR;
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t t = t0 + i, n = t / (g.th * g.tw), ty = t / g.tw % g.th, tx = t % g.tw;
+    for (int64_t cb = 0; cb < CB; ++cb) {
+      const v8* d = reinterpret_cast<const v8*>(xb + (((n * CB + cb) * g.Hp + ty * M) * g.Wp + tx * M) * kLanes);
+      v8 win[AA], v[AA];
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < A; ++c) win[r * A + c] = d[r * g.Wp + c];
+      sandwich(Wino<M>::BT, win, v);
+#pragma GCC unroll 36
+      for (int xi = 0; xi < AA; ++xi) *reinterpret_cast<v8*>(Vs + (xi * T + i) * g.Cp + cb * kLanes) = v[xi];
+    }
+  }
+  // Output channels in blocks of KB, so the GEMMs' results for a block (A^2 T KB floats) stay in cache until the
+  // output transform reads them.
+  for (int64_t kb0 = 0; kb0 < g.Kp; kb0 += KB) {
+    const int64_t kbn = std::min(KB, g.Kp - kb0);
+    for (int xi = 0; xi < AA; ++xi) {
+      panel::gemm_panels(nt, Vs + xi * T * g.Cp, g.Cp, u + (xi * panels + kb0 / panel::kNR) * g.Cp * panel::kNR, kbn,
+                         g.Cp, Ms + xi * T * KB, KB, 0, kbn / panel::kNR);
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t t = t0 + i, n = t / (g.th * g.tw), ty = t / g.tw % g.th, tx = t % g.tw;
+      const int64_t rows = std::min<int64_t>(M, g.OH - ty * M), cols = std::min<int64_t>(M, g.OW - tx * M);
+      for (int64_t k0 = kb0; k0 < std::min(kb0 + kbn, g.K); k0 += kLanes) {
+        v8 m[AA], y[M * M];
+#pragma GCC unroll 36
+        for (int xi = 0; xi < AA; ++xi) m[xi] = *reinterpret_cast<const v8*>(Ms + (xi * T + i) * KB + (k0 - kb0));
+        sandwich(Wino<M>::AT, m, y);
+        const v8 b = *reinterpret_cast<const v8*>(bias + k0), zero = {};
+#pragma GCC unroll 16
+        for (int e = 0; e < M * M; ++e) {
+          const v8 r = y[e] + b;
+          y[e] = r > zero ? r : zero;
+        }
+        store_tile<M>(y, out + ((n * g.K + k0) * g.OH + ty * M) * g.OW + tx * M, g.OH * g.OW, g.OW,
+                      std::min<int64_t>(kLanes, g.K - k0), rows, cols);
+      }
+    }
+  }
+}
+
+template <int M>
+void conv_tiles(const float* xb, const float* u, const float* bias, float* out, const Geometry& g, int64_t T,
+                int64_t KB) {
+  constexpr int AA = Wino<M>::A * Wino<M>::A;
+  const int64_t tiles = g.N * g.th * g.tw, chunks = (tiles + T - 1) / T;
+  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    at::Tensor scratch = at::empty({AA * T * (g.Cp + KB)}, at::kFloat);
+    float* Vs = scratch.data_ptr<float>();
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      conv_chunk<M>(xb, u, bias, out, g, T, KB, ch * T, std::min(T, tiles - ch * T), Vs, Vs + AA * T * g.Cp);
+    }
+  });
+}
+
+template <int M>
+at::Tensor pack_weight(const at::Tensor& w) {
+  constexpr int A = Wino<M>::A, AA = A * A;
+  const int64_t K = w.size(0), C = w.size(1), Cp = (C + kLanes - 1) / kLanes * kLanes;
+  const int64_t panels = panel::panels(K);
+  at::Tensor u = at::zeros({AA, panels, Cp, panel::kNR}, w.options().dtype(at::kFloat));
+  const at::Tensor wd = w.to(at::kDouble).contiguous();
+  const double* src = wd.data_ptr<double>();
+  float* dst = u.data_ptr<float>();
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t c = 0; c < C; ++c) {
+        const double* f = src + (k * C + c) * 9;
+        double gf[A][3];  // G f
+        for (int i = 0; i < A; ++i)
+          for (int j = 0; j < 3; ++j)
+            gf[i][j] = Wino<M>::G[i][0] * f[j] + Wino<M>::G[i][1] * f[3 + j] + Wino<M>::G[i][2] * f[6 + j];
+        for (int i = 0; i < A; ++i)
+          for (int j = 0; j < A; ++j) {
+            const double v = gf[i][0] * Wino<M>::G[j][0] + gf[i][1] * Wino<M>::G[j][1] + gf[i][2] * Wino<M>::G[j][2];
+            dst[(((i * A + j) * panels + k / panel::kNR) * Cp + c) * panel::kNR + k % panel::kNR] = float(v);
+          }
+      }
+  });
+  return u;
+}
+
+}  // namespace
+#endif
+
+bool winograd_available() {
+#ifdef FCK_HAVE_PANEL_GEMM
+  return cpu_runs_avx2_clone();
+#else
+  return false;
+#endif
+}
+
+at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
+  TORCH_CHECK(winograd_available(), "fck::winograd_weight: needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat, "fck::winograd_weight: a float32 CPU weight is "
+              "expected, got ", w.scalar_type(), " on ", w.device());
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, "fck::winograd_weight: a (K, C, 3, 3) weight is "
+              "expected, got ", w.sizes());
+  TORCH_CHECK(m == 2 || m == 4, "fck::winograd_weight: tile size m must be 2 or 4, got ", m);
+#ifdef FCK_HAVE_PANEL_GEMM
+  return m == 2 ? pack_weight<2>(w) : pack_weight<4>(w);
+#else
+  return at::Tensor();
+#endif
+}
+
+at::Tensor conv3x3_relu_winograd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
+                                 at::IntArrayRef padding) {
+  TORCH_CHECK(winograd_available(), "fck::conv3x3_relu_winograd: needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu() && bias.device().is_cpu(),
+              "fck::conv3x3_relu_winograd: CPU tensors are expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "fck::conv3x3_relu_winograd: float32 tensors are expected, got ", x.scalar_type(), ", ",
+              u.scalar_type(), " and ", bias.scalar_type());
+  TORCH_CHECK(x.dim() == 4, "fck::conv3x3_relu_winograd: a 4-D (N, C, H, W) input is expected, got ", x.sizes());
+  TORCH_CHECK(u.dim() == 4 && (u.size(0) == 16 || u.size(0) == 36) && u.size(3) == 16 && u.is_contiguous(),
+              "fck::conv3x3_relu_winograd: u must come from fck::winograd_weight, got ", u.sizes());
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "fck::conv3x3_relu_winograd: padding must be two non-negative values, got ", padding);
+  Geometry g{};
+  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.K = bias.numel();
+  g.ph = padding[0], g.pw = padding[1];
+  g.Cp = (g.C + kLanes - 1) / kLanes * kLanes;
+  TORCH_CHECK(bias.dim() == 1 && u.size(1) == (g.K + 15) / 16 && u.size(2) == g.Cp,
+              "fck::conv3x3_relu_winograd: the packed weight (", u.sizes(), ") does not match ", g.C,
+              " input channels and a bias of ", bias.sizes());
+  g.OH = g.H + 2 * g.ph - 2, g.OW = g.W + 2 * g.pw - 2;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "fck::conv3x3_relu_winograd: input (", x.sizes(), ") with padding ", padding,
+              " is smaller than the 3x3 kernel");
+  at::Tensor out = pooled_empty({g.N, g.K, g.OH, g.OW}, x.options());
+  if (out.numel() == 0) return out;
+#ifdef FCK_HAVE_PANEL_GEMM
+  const int m = u.size(0) == 16 ? 2 : 4;
+  g.Kp = u.size(1) * 16;
+  g.th = (g.OH + m - 1) / m, g.tw = (g.OW + m - 1) / m;
+  g.Hp = g.th * m + 2, g.Wp = g.tw * m + 2;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor xb = pooled_empty({g.N, g.Cp / kLanes, g.Hp, g.Wp, kLanes}, x.options());
+  interleave_padded(xc.data_ptr<float>(), xb.data_ptr<float>(), g);
+  at::Tensor b = at::zeros({g.Kp}, bias.options());
+  b.narrow(0, 0, g.K).copy_(bias);
+  const char* et = std::getenv("FCK_WINO_T");
+  const char* ek = std::getenv("FCK_WINO_KB");
+  const int64_t T = et ? std::atoll(et) : 48, KB = std::min<int64_t>(g.Kp, ek ? std::atoll(ek) : 64);
+  if (m == 2)
+    conv_tiles<2>(xb.data_ptr<float>(), u.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(), g, T, KB);
+  else
+    conv_tiles<4>(xb.data_ptr<float>(), u.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(), g, T, KB);
+#endif
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace fck
