@@ -1,0 +1,49 @@
+"""The CPU kernels' AVX-512 and AVX2 variants agree bit for bit: the panel GEMM (an RNN's recurrent step, the
+Winograd convolution's batched GEMMs) sums each output's terms in the same order on both. Run on an AVX-512 CPU,
+this also covers the AVX2 kernels, which that CPU would otherwise never take."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import skip_unless_runnable
+
+_SCRIPT = r"""
+import sys, torch
+import fastcore_kernels as fck
+from fastcore_kernels import nn as fnn
+torch.manual_seed(0)
+out = {}
+lstm = fnn.LSTM(24, 40, num_layers=2, bidirectional=True)
+x = torch.randn(9, 5, 24, requires_grad=True)
+y, (h, c) = lstm(x)
+(y.square().sum() + h.sum() + c.sum()).backward()
+out["lstm"] = [y, h, c, x.grad] + [p.grad for p in lstm.parameters()]
+if torch.ops.fck.winograd_available():
+    w, b, xc = torch.randn(48, 20, 3, 3), torch.randn(48), torch.randn(3, 20, 13, 11)
+    out["winograd"] = [torch.ops.fck.conv3x3_relu_winograd(xc, torch.ops.fck.winograd_weight(w, m), b, [1, 1])
+                       for m in (2, 4)]
+torch.save({k: [t.detach() for t in v] for k, v in out.items()}, sys.argv[1])
+"""
+
+
+def test_avx512_and_avx2_kernels_agree_bit_for_bit(tmp_path):
+    skip_unless_runnable("cpu", "cpu")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        pytest.skip("this CPU has no AVX-512: only the AVX2 kernels run here")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    runs = []
+    for no_avx512 in (False, True):
+        path = tmp_path / f"{no_avx512}.pt"
+        run_env = dict(env, FCK_NO_AVX512="1") if no_avx512 else {k: v for k, v in env.items() if k != "FCK_NO_AVX512"}
+        subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], env=run_env, cwd=root, check=True, timeout=300)
+        runs.append(torch.load(path))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        for a, b in zip(runs[0][key], runs[1][key]):
+            assert torch.equal(a, b), key
