@@ -30,7 +30,16 @@ def commit() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    # The CPU model and its widest vector ISA: the hosts this runs on differ (an AMD EPYC with AVX2, a Xeon with
+    # AVX-512), and the kernels take different paths on each.
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    isa = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    return f"{model}, {isa} ({torch.get_num_threads()} threads)"
 
 
 def _quantiles(samples: list[float]) -> tuple[float, float, float]:
