@@ -195,6 +195,32 @@ def bench_conv_eval(res, device, dtype, C, H, batch, channels_last, with_compile
         print(f"  conv_bn_relu {label:<22}eval    {name:<14} p50 {times[1]:9.3f} ms", flush=True)
 
 
+def bench_conv_train(res, device, dtype, C, H, batch, reps):
+    """conv-BN-ReLU training, fwd+bwd (gradients of the input and every parameter)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, C, H, H, generator=g).to(device, dtype).requires_grad_()
+    dy = torch.randn(batch, C, H, H, generator=g).to(device, dtype)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(C, C, 3, padding=1, bias=False), torch.nn.BatchNorm2d(C),
+                              torch.nn.ReLU()).to(device, dtype).train()
+    fused = fck.fuse(seq).train()
+
+    def step(model, env=None):
+        leaves = [x, *model.parameters()]
+        run = lambda: torch.autograd.grad(model(x), leaves, dy)  # noqa: E731
+        return (lambda: _with_env("FCK_CONV_WINOGRAD", env, run)) if env else run
+
+    fns = {"fck": step(fused), "torch": step(seq)}
+    if device.type == "cpu":
+        fns["fck-direct"] = step(fused, "0")
+    label = f"{batch}x{C}x{H}x{H}"
+    timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
+             else {name: time_ms(f, device) for name, f in fns.items()})
+    nbytes = 6 * x.numel() * x.element_size()  # fwd: read x, write y; bwd: read dy and x, write dx (+ y's mask)
+    for name, times in timed.items():
+        res.add("conv_bn_relu", name, "fwd+bwd", label, times, nbytes, dtype=str(dtype))
+        print(f"  conv_bn_relu {label:<22}fwd+bwd {name:<14} p50 {times[1]:9.3f} ms", flush=True)
+
+
 def main(argv=None) -> Results:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,7 +232,8 @@ def main(argv=None) -> Results:
                     help="also time torch.compile'd conv-BN-ReLU (one compile per shape: slow)")
     ap.add_argument("--channels-last", action="store_true", help="also run channels_last layouts")
     ap.add_argument("--no-conv", action="store_true")
-    ap.add_argument("--no-bn", action="store_true", help="conv-BN-ReLU eval only")
+    ap.add_argument("--no-bn", action="store_true", help="conv-BN-ReLU only")
+    ap.add_argument("--conv-train", action="store_true", help="also time conv-BN-ReLU training (fwd+bwd)")
     ap.add_argument("--peak-rss", action="store_true", help="CPU: measure each fwd+bwd's peak memory in a subprocess")
     ap.add_argument("--reps", type=int, default=7, help="CPU repetitions per provider (round-robin)")
     ap.add_argument("--out", default="")
@@ -226,6 +253,8 @@ def main(argv=None) -> Results:
         for C, H in stages:
             for cl in layouts:
                 bench_conv_eval(res, device, dtype, C, H, args.batch, cl, args.compile_conv, args.reps)
+            if args.conv_train:
+                bench_conv_train(res, device, dtype, C, H, args.batch, args.reps)
     return res.finish("torch", args.out)
 
 

@@ -77,11 +77,12 @@ TORCH_LIBRARY(fck, m) {
   // a @ b into a pooled block (CPU): an RNN's input projection of every step, without the page faults of a fresh
   // multi-MB output on each call.
   m.def("mm_pooled(Tensor a, Tensor b) -> Tensor");
-  // conv-BN-ReLU's eval path on the CPU: relu(conv2d(x, w, bias, stride=1, padding)) for a 3x3 kernel by Winograd's
-  // F(m x m, 3 x 3). winograd_weight transforms and packs w (K, C, 3, 3) once, for m = 2 or 4; the convolution
-  // takes that packed weight and returns a contiguous NCHW tensor. winograd_available: whether this CPU runs them.
-  m.def("winograd_weight(Tensor w, int m) -> Tensor");
-  m.def("conv3x3_relu_winograd(Tensor x, Tensor u, Tensor bias, int[2] padding) -> Tensor");
+  // conv-BN-ReLU's CPU path: conv2d(x, w, bias, stride=1, padding) for a 3x3 kernel, ReLU optional, by Winograd's
+  // F(m x m, 3 x 3). winograd_weight transforms and packs w (K, C, 3, 3) for m = 2 or 4 (transposed: the filters of
+  // the input gradient's convolution, flip(w[c][k]), from the same w); the convolution takes that packed weight and
+  // returns a contiguous NCHW tensor of out_channels channels.
+  m.def("winograd_weight(Tensor w, int m, bool transposed=False) -> Tensor");
+  m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int[2] padding, int out_channels, bool relu) -> Tensor");
   m.def("winograd_available() -> bool", &fck::cpu::winograd_available);
 }
 
@@ -89,7 +90,7 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("contiguous_pooled", &fck::cpu::contiguous_pooled);
   m.impl("mm_pooled", &fck::cpu::mm_pooled);
   m.impl("winograd_weight", &fck::cpu::winograd_weight);
-  m.impl("conv3x3_relu_winograd", &fck::cpu::conv3x3_relu_winograd);
+  m.impl("conv3x3_winograd", &fck::cpu::conv3x3_winograd);
   m.impl("adam_", &fck::cpu::adam_);
   m.impl("batch_norm_fwd", &fck::cpu::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);

@@ -458,6 +458,17 @@ def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
             assert torch.equal(t, u)
 
 
+def _ran_winograd(y) -> bool:
+    """Whether y's autograd graph holds the Winograd convolution's node."""
+    nodes, stack = set(), [y.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is not None and n not in nodes:
+            nodes.add(n)
+            stack.extend(f for f, _ in n.next_functions)
+    return any("WinogradConv2d" in type(n).__name__ for n in nodes)
+
+
 def _winograd_or_skip():
     skip_unless_runnable("cpu", "cpu")
     if not torch.ops.fck.winograd_available():
@@ -473,30 +484,46 @@ def _winograd_or_skip():
     (4, 40, 24, 8, 12, 1),   # whole tiles for both m, whole 8-channel groups
     (1, 1, 1, 4, 4, 1),      # single channels
 ])
-def test_winograd_conv_matches_conv2d_relu_in_float64(m, N, C, K, H, W, pad):
-    """The kernel against F.conv2d + ReLU in float64, on outputs poisoned through the pool (every element must be
-    written). Tolerances: F(2x2) rounds like a direct convolution; F(4x4)'s transforms multiply by up to 8 and 1/6."""
+def test_winograd_conv_matches_conv2d_in_float64(m, N, C, K, H, W, pad):
+    """The kernel against F.conv2d in float64 (with bias and ReLU, then without either), and its transposed weight
+    (the input gradient's convolution) against conv_transpose2d, on outputs poisoned through the pool (every element
+    must be written). Tolerances: F(2x2) rounds like a direct convolution; F(4x4)'s transforms multiply by up to 8."""
     _winograd_or_skip()
     g = torch.Generator().manual_seed(N * 1000 + C * 10 + K)
     x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
     w = torch.randn(K, C, 3, 3, generator=g, dtype=torch.float64) * 0.3
     b = torch.randn(K, generator=g, dtype=torch.float64)
-    ref = F.relu(F.conv2d(x, w, b, padding=pad))
-    u = torch.ops.fck.winograd_weight(w.float(), m)
+    conv, pack = torch.ops.fck.conv3x3_winograd, torch.ops.fck.winograd_weight
+    ref = F.conv2d(x, w, b, padding=pad)
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     tol = 1e-5 if m == 2 else 1e-4
-    for _ in range(2):  # the second call reuses the first's pooled output block, filled with NaN
-        y = torch.ops.fck.conv3x3_relu_winograd(x.float(), u, b.float(), [pad, pad])
-        assert y.shape == ref.shape and y.is_contiguous() and y.dtype == torch.float32
-        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
-        y.fill_(float("nan"))
-        del y
+    cases = [(lambda: conv(x.float(), pack(w.float(), m), b.float(), [pad, pad], K, True), F.relu(ref)),
+             (lambda: conv(x.float(), pack(w.float(), m), None, [pad, pad], K, False), ref - b.view(-1, 1, 1)),
+             (lambda: conv(dy.float(), pack(w.float(), m, True), None, [2 - pad] * 2, C, False),
+              F.conv_transpose2d(dy, w, padding=pad))]
+    for run, want in cases:
+        for _ in range(2):  # the second call reuses the first's pooled output block, filled with NaN
+            y = run()
+            assert y.shape == want.shape and y.is_contiguous() and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+            y.fill_(float("nan"))
+            del y
+
+
+def test_winograd_conv_relu_keeps_nan():
+    _winograd_or_skip()
+    x = torch.randn(1, 4, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    y = torch.ops.fck.conv3x3_winograd(x, torch.ops.fck.winograd_weight(torch.randn(5, 4, 3, 3), 4), None, [1, 1], 5,
+                                       True)
+    assert torch.isnan(y[0, :, 1:4, 2:5]).all() and not torch.isnan(y[0, :, 5]).any()
 
 
 def test_winograd_conv_rejects_bad_input():
     _winograd_or_skip()
     w, b, x = torch.randn(6, 4, 3, 3), torch.randn(6), torch.randn(2, 4, 5, 5)
     u = torch.ops.fck.winograd_weight(w, 4)
-    op = torch.ops.fck.conv3x3_relu_winograd
+    op = torch.ops.fck.conv3x3_winograd
     with pytest.raises(RuntimeError, match="tile size m must be 2 or 4"):
         torch.ops.fck.winograd_weight(w, 3)
     with pytest.raises(RuntimeError, match=r"\(K, C, 3, 3\) weight"):
@@ -504,24 +531,57 @@ def test_winograd_conv_rejects_bad_input():
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.fck.winograd_weight(w.double(), 4)
     with pytest.raises(RuntimeError, match="float32"):
-        op(x.double(), u, b, [1, 1])
+        op(x.double(), u, b, [1, 1], 6, True)
     with pytest.raises(RuntimeError, match="does not match 13 input channels"):
-        op(torch.randn(2, 5 + 8, 5, 5), u, b, [1, 1])
-    with pytest.raises(RuntimeError, match="does not match"):
-        op(x, u, torch.randn(17), [1, 1])
+        op(torch.randn(2, 5 + 8, 5, 5), u, b, [1, 1], 6, True)
+    with pytest.raises(RuntimeError, match="does not match 4 input channels and 17 output channels"):
+        op(x, u, None, [1, 1], 17, True)
+    with pytest.raises(RuntimeError, match="a bias of 6 values"):
+        op(x, u, torch.randn(5), [1, 1], 6, True)
     with pytest.raises(RuntimeError, match="4-D"):
-        op(x[0], u, b, [1, 1])
+        op(x[0], u, b, [1, 1], 6, True)
     with pytest.raises(RuntimeError, match="smaller than the 3x3 kernel"):
-        op(torch.randn(2, 4, 2, 5), u, b, [0, 0])
+        op(torch.randn(2, 4, 2, 5), u, b, [0, 0], 6, True)
     with pytest.raises(RuntimeError, match="non-negative"):
-        op(x, u, b, [-1, 1])
+        op(x, u, b, [-1, 1], 6, True)
     with pytest.raises(RuntimeError, match="winograd_weight"):
-        op(x, u[:, :, :, :8].contiguous(), b, [1, 1])
-    assert op(torch.randn(0, 4, 5, 5), u, b, [1, 1]).shape == (0, 6, 5, 5)
+        op(x, u[:, :, :, :8].contiguous(), b, [1, 1], 6, True)
+    assert op(torch.randn(0, 4, 5, 5), u, b, [1, 1], 6, True).shape == (0, 6, 5, 5)
+
+
+def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch):
+    """Training: the convolution and its input gradient by Winograd (a shape that takes it), the weight and bias
+    gradients by oneDNN; outputs, running statistics and every gradient against the unfused torch ops, for both
+    tiles and with the direct path (0)."""
+    _winograd_or_skip()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 16, 17, 15, generator=g)
+    conv_w, conv_b = torch.randn(32, 16, 3, 3, generator=g) * 0.1, torch.randn(32, generator=g)
+    w, b = torch.rand(32, generator=g) + 0.5, torch.randn(32, generator=g)
+    dy = torch.randn(9, 32, 17, 15, generator=g)
+    for setting in ("4", "2", "0"):
+        monkeypatch.setenv("FCK_CONV_WINOGRAD", setting)
+        for bias in (conv_b, None):
+            args = [t.clone().requires_grad_() if t is not None else None for t in (x, conv_w, bias, w, b)]
+            ref = [t.clone().requires_grad_() if t is not None else None for t in (x, conv_w, bias, w, b)]
+            rm1, rv1, rm2, rv2 = torch.zeros(32), torch.ones(32), torch.zeros(32), torch.ones(32)
+            y = fckF.conv_bn_relu(args[0], args[1], args[2], rm1, rv1, args[3], args[4], True, 0.1, 1e-5, padding=1)
+            yt = F.relu(F.batch_norm(F.conv2d(ref[0], ref[1], ref[2], 1, 1), rm2, rv2, ref[3], ref[4], True))
+            torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+            y.backward(dy)
+            yt.backward(dy)
+            for a, r in zip(args, ref):
+                if a is not None:
+                    torch.testing.assert_close(a.grad, r.grad, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(rm1, rm2)
+            torch.testing.assert_close(rv1, rv2)
+    monkeypatch.setenv("FCK_CONV_WINOGRAD", "4")
+    y = fckF.conv_bn_relu(x.requires_grad_(), conv_w, conv_b, torch.zeros(32), torch.ones(32), w, b, True, padding=1)
+    assert _ran_winograd(y)
 
 
 @pytest.mark.parametrize("setting", ["4", "2", "0"])
-def test_fused_conv_eval_takes_the_winograd_kernel_as_configured(monkeypatch, setting):
+def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting):
     """A fused conv-BN-ReLU module in eval mode runs its 3x3 stride-1 convolution by Winograd (FCK_CONV_WINOGRAD:
     the tile, 0 for oneDNN), keeps the transformed weight in its fold cache, and matches the unfused module; a
     channels_last input, a stride of 2 and a 1x1 kernel keep the direct convolution."""
@@ -546,6 +606,17 @@ def test_fused_conv_eval_takes_the_winograd_kernel_as_configured(monkeypatch, se
             other = fck.fuse(nn.Sequential(conv, seq[1], nn.ReLU())).eval()
             torch.testing.assert_close(other(x), nn.Sequential(conv, seq[1], nn.ReLU())(x), rtol=1e-4, atol=1e-4)
             assert other[0]._fold_cache.pack_key[0] == tuple(x.shape)
+    # training mode: the module's convolution takes the same path (a Winograd node in the graph unless disabled)
+    fused.train(), seq.train()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, yt = fused(xs[0]), seq(xs[1])
+    torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [xs[0], *fused.parameters()], dy)
+    tgrads = torch.autograd.grad(yt, [xs[1], *seq.parameters()], dy)
+    for a, b in zip(grads, tgrads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert _ran_winograd(y) == (setting != "0")
     monkeypatch.setenv("FCK_CONV_WINOGRAD", "3")
     with torch.no_grad(), pytest.raises(ValueError, match="FCK_CONV_WINOGRAD must be 0, 2 or 4"):
         fck.fuse(seq).eval()(x)

@@ -194,6 +194,10 @@ def test_opcheck_winograd_conv():
     g = torch.Generator().manual_seed(0)
     w, b, x = torch.randn(20, 9, 3, 3, generator=g), torch.randn(20, generator=g), torch.randn(2, 9, 7, 6, generator=g)
     for m in (2, 4):
-        torch.library.opcheck(torch.ops.fck.winograd_weight.default, (w, m))
-        u = torch.ops.fck.winograd_weight(w, m)
-        torch.library.opcheck(torch.ops.fck.conv3x3_relu_winograd.default, (x, u, b, [1, 0]))
+        for transposed in (False, True):
+            torch.library.opcheck(torch.ops.fck.winograd_weight.default, (w, m, transposed))
+        torch.library.opcheck(torch.ops.fck.conv3x3_winograd.default,
+                              (x, torch.ops.fck.winograd_weight(w, m), b, [1, 0], 20, True))
+        torch.library.opcheck(torch.ops.fck.conv3x3_winograd.default,
+                              (torch.randn(2, 20, 5, 6, generator=g), torch.ops.fck.winograd_weight(w, m, True), None,
+                               [2, 1], 9, False))

@@ -1,5 +1,6 @@
-// relu(conv2d(x, w, b, stride 1, padding p)) for 3x3 kernels by Winograd's minimal filtering F(m x m, 3 x 3)
-// (Lavin & Gray 2016): conv-BN-ReLU's eval path on the CPU, where the folded convolution is the whole cost.
+// conv2d(x, w, b, stride 1, padding p) for 3x3 kernels, ReLU optional, by Winograd's minimal filtering
+// F(m x m, 3 x 3) (Lavin & Gray 2016): conv-BN-ReLU's CPU path, eval (the folded convolution with its ReLU) and
+// training (the convolution and its input gradient, itself a 3x3 convolution with the flipped, transposed filters).
 //
 // Why: oneDNN's direct convolution already runs near this CPU's FMA peak (ResNet-34's 3x3 layers at N = 64), so
 // beating it takes fewer multiplies, not a better schedule. Each m x m output tile costs (m + 2)^2 products per
@@ -168,10 +169,11 @@ __attribute__((target("avx2,fma"), always_inline)) inline void store_tile(const 
 }
 
 // Tiles [t0, t0 + nt) through the three steps; Vs and Ms are the thread's scratch (A^2 T Cp and A^2 T KB floats).
+// relu: max(y, 0) after the bias (NaN stays NaN, as torch.relu's).
 template <int M>
 __attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float* u, const float* bias, float* out,
                                                     const Geometry& g, int64_t T, int64_t KB, int64_t t0, int64_t nt,
-                                                    float* Vs, float* Ms) {
+                                                    float* Vs, float* Ms, bool relu) {
   constexpr int A = Wino<M>::A, AA = A * A;
   const int64_t CB = g.Cp / kLanes, panels = g.Kp / panel::kNR;
   for (int64_t i = 0; i < nt; ++i) {
@@ -208,7 +210,7 @@ __attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float
 #pragma GCC unroll 16
         for (int e = 0; e < M * M; ++e) {
           const v8 r = y[e] + b;
-          y[e] = r > zero ? r : zero;
+          y[e] = relu ? (r < zero ? zero : r) : r;
         }
         store_tile<M>(y, out + ((n * g.K + k0) * g.OH + ty * M) * g.OW + tx * M, g.OH * g.OW, g.OW,
                       std::min<int64_t>(kLanes, g.K - k0), rows, cols);
@@ -219,41 +221,59 @@ __attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float
 
 template <int M>
 void conv_tiles(const float* xb, const float* u, const float* bias, float* out, const Geometry& g, int64_t T,
-                int64_t KB) {
+                int64_t KB, bool relu) {
   constexpr int AA = Wino<M>::A * Wino<M>::A;
   const int64_t tiles = g.N * g.th * g.tw, chunks = (tiles + T - 1) / T;
   at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
     at::Tensor scratch = at::empty({AA * T * (g.Cp + KB)}, at::kFloat);
     float* Vs = scratch.data_ptr<float>();
     for (int64_t ch = ch0; ch < ch1; ++ch) {
-      conv_chunk<M>(xb, u, bias, out, g, T, KB, ch * T, std::min(T, tiles - ch * T), Vs, Vs + AA * T * g.Cp);
+      conv_chunk<M>(xb, u, bias, out, g, T, KB, ch * T, std::min(T, tiles - ch * T), Vs, Vs + AA * T * g.Cp, relu);
     }
   });
 }
 
+// U = G g G^T for the 16 filters of one output-channel panel and every input channel, 16 filters to a vector (float
+// arithmetic: training transforms the weight every step, ~1 ms at 512 x 512 channels). `transposed`: the filters of
+// the input gradient's convolution, g'[k][c] = flip(g[c][k]) of a (C, K, 3, 3) weight.
 template <int M>
-at::Tensor pack_weight(const at::Tensor& w) {
-  constexpr int A = Wino<M>::A, AA = A * A;
-  const int64_t K = w.size(0), C = w.size(1), Cp = (C + kLanes - 1) / kLanes * kLanes;
-  const int64_t panels = panel::panels(K);
-  at::Tensor u = at::zeros({AA, panels, Cp, panel::kNR}, w.options().dtype(at::kFloat));
-  const at::Tensor wd = w.to(at::kDouble).contiguous();
-  const double* src = wd.data_ptr<double>();
-  float* dst = u.data_ptr<float>();
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k)
-      for (int64_t c = 0; c < C; ++c) {
-        const double* f = src + (k * C + c) * 9;
-        double gf[A][3];  // G f
-        for (int i = 0; i < A; ++i)
-          for (int j = 0; j < 3; ++j)
-            gf[i][j] = Wino<M>::G[i][0] * f[j] + Wino<M>::G[i][1] * f[3 + j] + Wino<M>::G[i][2] * f[6 + j];
-        for (int i = 0; i < A; ++i)
-          for (int j = 0; j < A; ++j) {
-            const double v = gf[i][0] * Wino<M>::G[j][0] + gf[i][1] * Wino<M>::G[j][1] + gf[i][2] * Wino<M>::G[j][2];
-            dst[(((i * A + j) * panels + k / panel::kNR) * Cp + c) * panel::kNR + k % panel::kNR] = float(v);
-          }
+__attribute__((target("avx2,fma"))) void pack_panel(const float* w, int64_t K, int64_t C, bool transposed, int64_t Cp,
+                                                    int64_t panels, int64_t p, float* dst) {
+  constexpr int A = Wino<M>::A;
+  constexpr int L = panel::kNR;
+  float G[A][3];
+  for (int i = 0; i < A; ++i)
+    for (int j = 0; j < 3; ++j) G[i][j] = float(Wino<M>::G[i][j]);
+  for (int64_t c = 0; c < Cp; ++c) {
+    alignas(64) float f[9][L], gf[A][3][L];
+    for (int l = 0; l < L; ++l) {
+      const int64_t k = p * L + l;
+      for (int e = 0; e < 9; ++e) {
+        f[e][l] = k >= K || c >= C ? 0.f : transposed ? w[(c * K + k) * 9 + 8 - e] : w[(k * C + c) * 9 + e];
       }
+    }
+    for (int i = 0; i < A; ++i)
+      for (int j = 0; j < 3; ++j)
+        for (int l = 0; l < L; ++l) gf[i][j][l] = G[i][0] * f[j][l] + G[i][1] * f[3 + j][l] + G[i][2] * f[6 + j][l];
+    for (int i = 0; i < A; ++i)
+      for (int j = 0; j < A; ++j) {
+        float* d = dst + (((i * A + j) * panels + p) * Cp + c) * L;
+        for (int l = 0; l < L; ++l) d[l] = gf[i][0][l] * G[j][0] + gf[i][1][l] * G[j][1] + gf[i][2][l] * G[j][2];
+      }
+  }
+}
+
+template <int M>
+at::Tensor pack_weight(const at::Tensor& w, bool transposed) {
+  constexpr int AA = Wino<M>::A * Wino<M>::A;
+  const at::Tensor wc = w.contiguous();
+  const int64_t K = transposed ? w.size(1) : w.size(0), C = transposed ? w.size(0) : w.size(1);
+  const int64_t Cp = (C + kLanes - 1) / kLanes * kLanes, panels = panel::panels(K);
+  at::Tensor u = pooled_empty({AA, panels, Cp, panel::kNR}, w.options());  // 38 MB at 512 x 512: warm pages
+  const float* src = wc.data_ptr<float>();
+  float* dst = u.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel<M>(src, K, C, transposed, Cp, panels, p, dst);
   });
   return u;
 }
@@ -269,7 +289,7 @@ bool winograd_available() {
 #endif
 }
 
-at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
+at::Tensor winograd_weight(const at::Tensor& w, int64_t m, bool transposed) {
   TORCH_CHECK(winograd_available(), "fck::winograd_weight: needs a CPU with AVX2 and FMA");
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat, "fck::winograd_weight: a float32 CPU weight is "
               "expected, got ", w.scalar_type(), " on ", w.device());
@@ -277,34 +297,37 @@ at::Tensor winograd_weight(const at::Tensor& w, int64_t m) {
               "expected, got ", w.sizes());
   TORCH_CHECK(m == 2 || m == 4, "fck::winograd_weight: tile size m must be 2 or 4, got ", m);
 #ifdef FCK_HAVE_PANEL_GEMM
-  return m == 2 ? pack_weight<2>(w) : pack_weight<4>(w);
+  return m == 2 ? pack_weight<2>(w, transposed) : pack_weight<4>(w, transposed);
 #else
   return at::Tensor();
 #endif
 }
 
-at::Tensor conv3x3_relu_winograd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
-                                 at::IntArrayRef padding) {
-  TORCH_CHECK(winograd_available(), "fck::conv3x3_relu_winograd: needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu() && bias.device().is_cpu(),
-              "fck::conv3x3_relu_winograd: CPU tensors are expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "fck::conv3x3_relu_winograd: float32 tensors are expected, got ", x.scalar_type(), ", ",
-              u.scalar_type(), " and ", bias.scalar_type());
-  TORCH_CHECK(x.dim() == 4, "fck::conv3x3_relu_winograd: a 4-D (N, C, H, W) input is expected, got ", x.sizes());
-  TORCH_CHECK(u.dim() == 4 && (u.size(0) == 16 || u.size(0) == 36) && u.size(3) == 16 && u.is_contiguous(),
-              "fck::conv3x3_relu_winograd: u must come from fck::winograd_weight, got ", u.sizes());
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-              "fck::conv3x3_relu_winograd: padding must be two non-negative values, got ", padding);
+at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias_opt,
+                            at::IntArrayRef padding, int64_t out_channels, bool relu) {
+  const char* op = "fck::conv3x3_winograd";
+  TORCH_CHECK(winograd_available(), op, ": needs a CPU with AVX2 and FMA");
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu() && (!has_bias || bias_opt->device().is_cpu()), op,
+              ": CPU tensors are expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat &&
+                  (!has_bias || bias_opt->scalar_type() == at::kFloat),
+              op, ": float32 tensors are expected, got ", x.scalar_type(), " and ", u.scalar_type());
+  TORCH_CHECK(x.dim() == 4, op, ": a 4-D (N, C, H, W) input is expected, got ", x.sizes());
+  TORCH_CHECK(u.dim() == 4 && (u.size(0) == 16 || u.size(0) == 36) && u.size(3) == 16 && u.is_contiguous(), op,
+              ": u must come from fck::winograd_weight, got ", u.sizes());
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative values, got ", padding);
   Geometry g{};
-  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.K = bias.numel();
+  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.K = out_channels;
   g.ph = padding[0], g.pw = padding[1];
   g.Cp = (g.C + kLanes - 1) / kLanes * kLanes;
-  TORCH_CHECK(bias.dim() == 1 && u.size(1) == (g.K + 15) / 16 && u.size(2) == g.Cp,
-              "fck::conv3x3_relu_winograd: the packed weight (", u.sizes(), ") does not match ", g.C,
-              " input channels and a bias of ", bias.sizes());
+  TORCH_CHECK(g.K > 0 && u.size(1) == (g.K + 15) / 16 && u.size(2) == g.Cp, op, ": the packed weight (", u.sizes(),
+              ") does not match ", g.C, " input channels and ", g.K, " output channels");
+  TORCH_CHECK(!has_bias || (bias_opt->dim() == 1 && bias_opt->numel() == g.K), op, ": a bias of ", g.K,
+              " values is expected, got ", bias_opt->sizes());
   g.OH = g.H + 2 * g.ph - 2, g.OW = g.W + 2 * g.pw - 2;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, "fck::conv3x3_relu_winograd: input (", x.sizes(), ") with padding ", padding,
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": input (", x.sizes(), ") with padding ", padding,
               " is smaller than the 3x3 kernel");
   at::Tensor out = pooled_empty({g.N, g.K, g.OH, g.OW}, x.options());
   if (out.numel() == 0) return out;
@@ -316,17 +339,15 @@ at::Tensor conv3x3_relu_winograd(const at::Tensor& x, const at::Tensor& u, const
   const at::Tensor xc = x.contiguous();
   at::Tensor xb = pooled_empty({g.N, g.Cp / kLanes, g.Hp, g.Wp, kLanes}, x.options());
   interleave_padded(xc.data_ptr<float>(), xb.data_ptr<float>(), g);
-  at::Tensor b = at::zeros({g.Kp}, bias.options());
-  b.narrow(0, 0, g.K).copy_(bias);
+  at::Tensor b = at::zeros({g.Kp}, x.options());
+  if (has_bias) b.narrow(0, 0, g.K).copy_(*bias_opt);
   // Chunk and output-block sizes, from sweeps on this library's Xeon (2 MB L2 a core; N = 64, ResNet-34's 3x3
   // layers; the spread between the best and the worst pair was up to 1.4x): 48 tiles a chunk, 24 past 256 input
   // channels (the chunk's transformed input, 36 x 48 x 512 floats, would outgrow L2); GEMM results for 32 output
   // channels at a time up to 128 channels, else 128.
   const int64_t T = g.Cp <= 256 ? 48 : 24, KB = std::min<int64_t>(g.Kp, g.Kp <= 128 ? 32 : 128);
-  if (m == 2)
-    conv_tiles<2>(xb.data_ptr<float>(), u.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(), g, T, KB);
-  else
-    conv_tiles<4>(xb.data_ptr<float>(), u.data_ptr<float>(), b.data_ptr<float>(), out.data_ptr<float>(), g, T, KB);
+  (m == 2 ? conv_tiles<2> : conv_tiles<4>)(xb.data_ptr<float>(), u.data_ptr<float>(), b.data_ptr<float>(),
+                                           out.data_ptr<float>(), g, T, KB, relu);
 #endif
   return out;
 }

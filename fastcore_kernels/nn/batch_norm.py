@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcore_kernels.ops.batch_norm import batch_norm_act
-from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu
+from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu, training_conv2d
 
 
 class _FusedBatchNormMixin:
@@ -103,8 +103,9 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
 
 
 class FusedConv2d(nn.Conv2d):
-    """A Conv2d followed by the batch norm it absorbed and a ReLU: relu(bn(conv(x))) in training (torch's
-    convolution + the fused BN-ReLU kernel) and a BN-folded convolution with the ReLU fused in eval.
+    """A Conv2d followed by the batch norm it absorbed and a ReLU: relu(bn(conv(x))) in training (the convolution,
+    by Winograd on the CPU where it applies, + the fused BN-ReLU kernel) and a BN-folded convolution with the ReLU
+    fused in eval.
 
     The batch norm module stays registered where it was (as an AbsorbedBatchNorm2d), so state_dict keys do not move;
     this module refers to it without owning it.
@@ -129,8 +130,10 @@ class FusedConv2d(nn.Conv2d):
         bn = self.bn
         running_mean, running_var, weight, bias, use_batch_stats, factor, eps = bn._bn_args()
         if use_batch_stats:
-            return batch_norm_act(self._conv_forward(input, self.weight, self.bias), None, running_mean,
-                                  running_var, weight, bias, True, factor, eps, True, name="FusedConv2d")
+            y = (training_conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                 if self.padding_mode == "zeros" else self._conv_forward(input, self.weight, self.bias))
+            return batch_norm_act(y, None, running_mean, running_var, weight, bias, True, factor, eps, True,
+                                  name="FusedConv2d")
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0

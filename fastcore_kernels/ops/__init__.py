@@ -31,10 +31,11 @@ def _register_fakes() -> None:
     torch.library.register_fake("fck::contiguous_pooled")(
         lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("fck::winograd_weight")(
-        lambda w, m: w.new_empty((m + 2) ** 2, -(-w.shape[0] // 16), -(-w.shape[1] // 8) * 8, 16))
-    torch.library.register_fake("fck::conv3x3_relu_winograd")(
-        lambda x, u, bias, padding: x.new_empty(x.shape[0], bias.shape[0], x.shape[2] + 2 * padding[0] - 2,
-                                                x.shape[3] + 2 * padding[1] - 2))
+        lambda w, m, transposed=False: w.new_empty((m + 2) ** 2, -(-w.shape[1 if transposed else 0] // 16),
+                                                   -(-w.shape[0 if transposed else 1] // 8) * 8, 16))
+    torch.library.register_fake("fck::conv3x3_winograd")(
+        lambda x, u, bias, padding, out_channels, relu: x.new_empty(
+            x.shape[0], out_channels, x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2))
 
 
 __all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "gru", "gru_cell", "lstm", "lstm_cell",

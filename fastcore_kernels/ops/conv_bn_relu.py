@@ -1,6 +1,7 @@
 """`conv_bn_relu`: relu(batch_norm(conv2d(x))) as one op.
 
-Training: the convolution runs on cuDNN/oneDNN through torch, then the fused batch-norm-ReLU kernel of
+Training: the convolution runs on cuDNN/oneDNN through torch (on the CPU a 3x3 stride-1 convolution and its input
+gradient by our Winograd kernel, its weight gradient by oneDNN), then the fused batch-norm-ReLU kernel of
 ops/batch_norm.py; autograd through both is exact. Eval: batch norm is a per-channel affine map, so it is folded
 into the convolution's weight and bias (w' = w * gamma/std, b' = (b - mean) * gamma/std + beta) and the ReLU is
 fused into the convolution: one pass over the output instead of three. On the CPU a 3x3 stride-1 convolution runs as
@@ -73,26 +74,69 @@ def _winograd_tile() -> int:
     return int(m)
 
 
-def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
-    """relu(conv2d(x, w, b)) by the Winograd kernel, or None where it does not apply or would not win. It needs the
-    fold cache (the transformed weight is made once per folded weight) and a 3x3, stride-1, ungrouped convolution
-    of a contiguous fp32 NCHW input. Measured on this library's CPUs (N = 64, ResNet-34's 3x3 layers: 1.2-2x
-    oneDNN's direct convolution), it loses only where the batch has too few tiles to share the transformed weight
-    (a 7x7 image at N = 1) or both channel counts are tiny (8 -> 16)."""
-    if (fold_cache is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
+def _winograd_tile_for(x, w, stride, padding, dilation, groups) -> int:
+    """The Winograd tile (2 or 4) for this convolution, or 0 where it does not apply or would not win: it needs a
+    3x3, stride-1, ungrouped convolution of a contiguous fp32 NCHW CPU input. Measured on this library's CPUs
+    (N = 64, ResNet-34's 3x3 layers: 1.2-2x oneDNN's direct convolution), it loses only where the batch has too few
+    tiles to share the transformed weight (a 7x7 image at N = 1) or both channel counts are tiny (8 -> 16)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 4
             or tuple(w.shape[2:]) != (3, 3) or groups != 1 or isinstance(padding, str)
             or _pair(stride) != [1, 1] or _pair(dilation) != [1, 1] or not x.is_contiguous()
             or not (w.shape[0] >= 32 or w.shape[1] >= 16) or not extension().ok):
-        return None
+        return 0
     m = _winograd_tile()
     if m == 0 or not torch.ops.fck.winograd_available():
-        return None
+        return 0
     pad = _pair(padding)
-    tiles = x.shape[0] * -(-(x.shape[2] + 2 * pad[0] - 2) // m) * -(-(x.shape[3] + 2 * pad[1] - 2) // m)
-    if tiles < 64 * torch.get_num_threads() or min(x.shape[2] + 2 * pad[0], x.shape[3] + 2 * pad[1]) < 3:
+    H, W = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
+    if min(H, W) < 1 or x.shape[0] * -(-H // m) * -(-W // m) < 64 * torch.get_num_threads():
+        return 0
+    return m
+
+
+def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
+    """Eval: relu(conv2d(x, w, b)) by the Winograd kernel with the transformed weight kept in the fold cache, or
+    None where it does not apply."""
+    m = 0 if fold_cache is None else _winograd_tile_for(x, w, stride, padding, dilation, groups)
+    if not m:
         return None
     u = fold_cache.packed(("winograd", m), lambda: torch.ops.fck.winograd_weight(w, m))
-    return torch.ops.fck.conv3x3_relu_winograd(x, u, b, pad)
+    return torch.ops.fck.conv3x3_winograd(x, u, b, _pair(padding), w.shape[0], True)
+
+
+class _WinogradConv2d(torch.autograd.Function):
+    """conv2d for training: the forward and the input gradient (the same 3x3 convolution of grad_output with the
+    flipped, transposed filters and padding 2 - p) by Winograd, the weight and bias gradients by torch's
+    convolution_backward (oneDNN). The weight is transformed every call: it changes every step."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, pad, m):
+        ctx.save_for_backward(x, w)
+        ctx.pad, ctx.m, ctx.has_bias = pad, m, b is not None
+        return torch.ops.fck.conv3x3_winograd(x, torch.ops.fck.winograd_weight(w, m), b, pad, w.shape[0], False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            ut = torch.ops.fck.winograd_weight(w, ctx.m, True)
+            gx = torch.ops.fck.conv3x3_winograd(gy, ut, None, [2 - p for p in ctx.pad], w.shape[1], False)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, w, [w.shape[0]] if ctx.has_bias else None, [1, 1], ctx.pad, [1, 1], False, [0, 0], 1,
+                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return gx, gw, gb, None, None
+
+
+def training_conv2d(x, w, b, stride, padding, dilation, groups):
+    """F.conv2d for conv-BN-ReLU's training forward: by Winograd where it applies (see _WinogradConv2d)."""
+    m = 0 if _backend.compiling() else _winograd_tile_for(x, w, stride, padding, dilation, groups)
+    if m and max(_pair(padding)) <= 2:
+        return _WinogradConv2d.apply(x, w, b, _pair(padding), m)
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
 
 _cudnn_conv_relu_works = True
@@ -158,7 +202,7 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     bn_weight, bn_bias, training, momentum, eps)), with torch's argument semantics for both ops. fold_cache (a
     FoldCache): where the folded weights are kept between eval calls without gradients."""
     if training:
-        y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        y = training_conv2d(input, weight, bias, stride, padding, dilation, groups)
         return batch_norm_act(y, None, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, True,
                               backend, name="conv_bn_relu")
     if running_mean is None or running_var is None:

@@ -67,11 +67,11 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS)
 at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
-// conv_winograd.cpp: a 3x3 convolution + bias + ReLU by Winograd's F(m x m, 3 x 3) (AVX2 + FMA CPUs).
+// conv_winograd.cpp: a 3x3 convolution (+ bias, + ReLU) by Winograd's F(m x m, 3 x 3) (AVX2 + FMA CPUs).
 bool winograd_available();
-at::Tensor winograd_weight(const at::Tensor &w, int64_t m);
-at::Tensor conv3x3_relu_winograd(const at::Tensor &x, const at::Tensor &u, const at::Tensor &bias,
-                                 at::IntArrayRef padding);
+at::Tensor winograd_weight(const at::Tensor &w, int64_t m, bool transposed);
+at::Tensor conv3x3_winograd(const at::Tensor &x, const at::Tensor &u, const c10::optional<at::Tensor> &bias,
+                            at::IntArrayRef padding, int64_t out_channels, bool relu);
 }  // namespace cpu
 namespace cuda {
 FCK_RNN_DECLS
