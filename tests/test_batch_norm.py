@@ -2,6 +2,7 @@
 and torch.nn.functional, forward and backward, plus the bad inputs."""
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -578,6 +579,17 @@ def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch):
     monkeypatch.setenv("FCK_CONV_WINOGRAD", "4")
     y = fckF.conv_bn_relu(x.requires_grad_(), conv_w, conv_b, torch.zeros(32), torch.ones(32), w, b, True, padding=1)
     assert _ran_winograd(y)
+    # eval through the functional op, without a module's fold cache: the weight is transformed for the call
+    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
+    ran = []
+    real = cbr._winograd_conv_relu
+    monkeypatch.setattr(cbr, "_winograd_conv_relu", lambda *a: ran.append(real(*a)) or ran[-1])
+    rm, rv = torch.randn(32, generator=g), torch.rand(32, generator=g) + 0.5
+    with torch.no_grad():
+        y = fckF.conv_bn_relu(x, conv_w, conv_b, rm, rv, w, b, False, padding=1)
+    torch.testing.assert_close(y, F.relu(F.batch_norm(F.conv2d(x, conv_w, conv_b, 1, 1), rm, rv, w, b, False)),
+                               rtol=1e-4, atol=1e-4)
+    assert len(ran) == 1 and ran[0] is not None
 
 
 @pytest.mark.parametrize("setting", ["4", "2", "0"])
