@@ -80,7 +80,7 @@ TORCH_LIBRARY(fck, m) {
   // conv-BN-ReLU's CPU path: conv2d(x, w, bias, stride=1, padding) for a 3x3 kernel, ReLU optional, by Winograd's
   // F(m x m, 3 x 3). winograd_weight transforms and packs w (K, C, 3, 3) for m = 2 or 4 (transposed: the filters of
   // the input gradient's convolution, flip(w[c][k]), from the same w); the convolution takes that packed weight and
-  // returns a contiguous NCHW tensor of out_channels channels.
+  // returns a tensor of out_channels channels in the input's memory format (NCHW or channels_last).
   m.def("winograd_weight(Tensor w, int m, bool transposed=False) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int[2] padding, int out_channels, bool relu) -> Tensor");
   m.def("winograd_available() -> bool", &fck::cpu::winograd_available);

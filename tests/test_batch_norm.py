@@ -485,27 +485,31 @@ def _winograd_or_skip():
     (4, 40, 24, 8, 12, 1),   # whole tiles for both m, whole 8-channel groups
     (1, 1, 1, 4, 4, 1),      # single channels
 ])
-def test_winograd_conv_matches_conv2d_in_float64(m, N, C, K, H, W, pad):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_winograd_conv_matches_conv2d_in_float64(m, N, C, K, H, W, pad, channels_last):
     """The kernel against F.conv2d in float64 (with bias and ReLU, then without either), and its transposed weight
     (the input gradient's convolution) against conv_transpose2d, on outputs poisoned through the pool (every element
-    must be written). Tolerances: F(2x2) rounds like a direct convolution; F(4x4)'s transforms multiply by up to 8."""
+    must be written), NCHW and channels_last (the output in the input's format). Tolerances: F(2x2) rounds like a
+    direct convolution; F(4x4)'s transforms multiply by up to 8."""
     _winograd_or_skip()
     g = torch.Generator().manual_seed(N * 1000 + C * 10 + K)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
     w = torch.randn(K, C, 3, 3, generator=g, dtype=torch.float64) * 0.3
     b = torch.randn(K, generator=g, dtype=torch.float64)
     conv, pack = torch.ops.fck.conv3x3_winograd, torch.ops.fck.winograd_weight
     ref = F.conv2d(x, w, b, padding=pad)
     dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    xf, dyf = (t.float().contiguous(memory_format=fmt) for t in (x, dy))
     tol = 1e-5 if m == 2 else 1e-4
-    cases = [(lambda: conv(x.float(), pack(w.float(), m), b.float(), [pad, pad], K, True), F.relu(ref)),
-             (lambda: conv(x.float(), pack(w.float(), m), None, [pad, pad], K, False), ref - b.view(-1, 1, 1)),
-             (lambda: conv(dy.float(), pack(w.float(), m, True), None, [2 - pad] * 2, C, False),
+    cases = [(lambda: conv(xf, pack(w.float(), m), b.float(), [pad, pad], K, True), F.relu(ref)),
+             (lambda: conv(xf, pack(w.float(), m), None, [pad, pad], K, False), ref - b.view(-1, 1, 1)),
+             (lambda: conv(dyf, pack(w.float(), m, True), None, [2 - pad] * 2, C, False),
               F.conv_transpose2d(dy, w, padding=pad))]
     for run, want in cases:
         for _ in range(2):  # the second call reuses the first's pooled output block, filled with NaN
             y = run()
-            assert y.shape == want.shape and y.is_contiguous() and y.dtype == torch.float32
+            assert y.shape == want.shape and y.is_contiguous(memory_format=fmt) and y.dtype == torch.float32
             torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
             y.fill_(float("nan"))
             del y
@@ -595,8 +599,8 @@ def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch):
 @pytest.mark.parametrize("setting", ["4", "2", "0"])
 def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting):
     """A fused conv-BN-ReLU module in eval mode runs its 3x3 stride-1 convolution by Winograd (FCK_CONV_WINOGRAD:
-    the tile, 0 for oneDNN), keeps the transformed weight in its fold cache, and matches the unfused module; a
-    channels_last input, a stride of 2 and a 1x1 kernel keep the direct convolution."""
+    the tile, 0 for oneDNN), NCHW or channels_last, keeps the transformed weight in its fold cache, and matches the
+    unfused module; a stride of 2 and a 1x1 kernel keep the direct convolution. Training takes the same path."""
     _winograd_or_skip()
     monkeypatch.setenv("FCK_CONV_WINOGRAD", setting)
     torch.manual_seed(0)
@@ -611,24 +615,28 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
         key = fused[0]._fold_cache.pack_key
         assert key == (("winograd", int(setting)) if setting != "0" else (tuple(x.shape), (1, 1), (1, 1), (1, 1), 1))
         xc = x.contiguous(memory_format=torch.channels_last)
-        y = fused(xc)
-        torch.testing.assert_close(y, seq(xc), rtol=1e-4, atol=1e-4)
-        assert fused[0]._fold_cache.pack_key[0] == tuple(x.shape)
+        y, yt = fused(xc), seq(xc)
+        torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+        assert y.stride() == yt.stride()  # channels_last in, channels_last out, as torch's
+        assert fused[0]._fold_cache.pack_key == key  # the same path for channels_last
         for conv in (nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Conv2d(16, 32, 1)):
             other = fck.fuse(nn.Sequential(conv, seq[1], nn.ReLU())).eval()
             torch.testing.assert_close(other(x), nn.Sequential(conv, seq[1], nn.ReLU())(x), rtol=1e-4, atol=1e-4)
             assert other[0]._fold_cache.pack_key[0] == tuple(x.shape)
     # training mode: the module's convolution takes the same path (a Winograd node in the graph unless disabled)
     fused.train(), seq.train()
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    y, yt = fused(xs[0]), seq(xs[1])
-    torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [xs[0], *fused.parameters()], dy)
-    tgrads = torch.autograd.grad(yt, [xs[1], *seq.parameters()], dy)
-    for a, b in zip(grads, tgrads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    assert _ran_winograd(y) == (setting != "0")
+    for inp in (x, xc):
+        xs = [inp.clone().requires_grad_() for _ in range(2)]
+        y, yt = fused(xs[0]), seq(xs[1])
+        torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
+        assert y.stride() == yt.stride()
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [xs[0], *fused.parameters()], dy)
+        tgrads = torch.autograd.grad(yt, [xs[1], *seq.parameters()], dy)
+        for a, b in zip(grads, tgrads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        assert grads[0].stride() == tgrads[0].stride()
+        assert _ran_winograd(y) == (setting != "0")
     monkeypatch.setenv("FCK_CONV_WINOGRAD", "3")
     with torch.no_grad(), pytest.raises(ValueError, match="FCK_CONV_WINOGRAD must be 0, 2 or 4"):
         fck.fuse(seq).eval()(x)

@@ -93,9 +93,11 @@ __attribute__((target("avx2,fma"), always_inline)) inline void sandwich(const fl
 
 struct Geometry {
   int64_t N, C, H, W, K, ph, pw, OH, OW, th, tw, Cp, Kp, Hp, Wp;
+  bool nhwc;  // input and output channels_last (N, H, W, C in memory), else NCHW
 };
 
-// x (N, C, H, W) -> xb (N, Cp/8, Hp, Wp, 8), zero outside the image and for channels >= C.
+// x (N, C, H, W), NCHW or channels_last in memory -> xb (N, Cp/8, Hp, Wp, 8), zero outside the image and for
+// channels >= C. From channels_last a pixel's 8 channels are already contiguous.
 void interleave_padded(const float* x, float* xb, const Geometry& g) {
   const int64_t CB = g.Cp / kLanes;
   at::parallel_for(0, g.N * CB, 1, [&](int64_t b0, int64_t b1) {
@@ -112,6 +114,14 @@ void interleave_padded(const float* x, float* xb, const Geometry& g) {
         const int64_t x0 = std::min(g.pw, g.Wp), x1 = std::min(g.pw + g.W, g.Wp);
         std::fill(row, row + x0 * kLanes, 0.f);
         std::fill(row + x1 * kLanes, row + g.Wp * kLanes, 0.f);
+        if (g.nhwc) {
+          const float* src = x + ((n * g.H + y) * g.W + (x0 - g.pw)) * g.C + c0;
+          for (int64_t xp = x0; xp < x1; ++xp, src += g.C) {
+            std::copy(src, src + lanes, row + xp * kLanes);
+            std::fill(row + xp * kLanes + lanes, row + (xp + 1) * kLanes, 0.f);
+          }
+          continue;
+        }
         const float* src[kLanes];
         for (int64_t l = 0; l < kLanes; ++l) src[l] = x + ((n * g.C + c0 + std::min(l, lanes - 1)) * g.H + y) * g.W;
         if (lanes == kLanes) {
@@ -212,8 +222,24 @@ __attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float
           const v8 r = y[e] + b;
           y[e] = relu ? (r < zero ? zero : r) : r;
         }
-        store_tile<M>(y, out + ((n * g.K + k0) * g.OH + ty * M) * g.OW + tx * M, g.OH * g.OW, g.OW,
-                      std::min<int64_t>(kLanes, g.K - k0), rows, cols);
+        const int64_t lanes = std::min<int64_t>(kLanes, g.K - k0);
+        if (!g.nhwc) {
+          store_tile<M>(y, out + ((n * g.K + k0) * g.OH + ty * M) * g.OW + tx * M, g.OH * g.OW, g.OW, lanes, rows,
+                        cols);
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // channels_last: each output pixel's 8 channels are contiguous
+          float* o = out + ((n * g.OH + ty * M + r) * g.OW + tx * M) * g.K + k0;
+          for (int64_t c = 0; c < cols; ++c, o += g.K) {
+            if (lanes == kLanes) {
+              _mm256_storeu_ps(o, __m256(y[r * M + c]));
+            } else {
+              alignas(32) float buf[kLanes];
+              *reinterpret_cast<v8*>(buf) = y[r * M + c];
+              std::copy(buf, buf + lanes, o);
+            }
+          }
+        }
       }
     }
   }
@@ -329,14 +355,17 @@ at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& u, const c10:
   g.OH = g.H + 2 * g.ph - 2, g.OW = g.W + 2 * g.pw - 2;
   TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": input (", x.sizes(), ") with padding ", padding,
               " is smaller than the 3x3 kernel");
-  at::Tensor out = pooled_empty({g.N, g.K, g.OH, g.OW}, x.options());
+  // The output in the input's memory format, as torch's convolution returns it.
+  g.nhwc = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = g.nhwc ? pooled_empty({g.N, g.OH, g.OW, g.K}, x.options()).permute({0, 3, 1, 2})
+                          : pooled_empty({g.N, g.K, g.OH, g.OW}, x.options());
   if (out.numel() == 0) return out;
 #ifdef FCK_HAVE_PANEL_GEMM
   const int m = u.size(0) == 16 ? 2 : 4;
   g.Kp = u.size(1) * 16;
   g.th = (g.OH + m - 1) / m, g.tw = (g.OW + m - 1) / m;
   g.Hp = g.th * m + 2, g.Wp = g.tw * m + 2;
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = g.nhwc ? x : x.contiguous();
   at::Tensor xb = pooled_empty({g.N, g.Cp / kLanes, g.Hp, g.Wp, kLanes}, x.options());
   interleave_padded(xc.data_ptr<float>(), xb.data_ptr<float>(), g);
   at::Tensor b = at::zeros({g.Kp}, x.options());

@@ -74,14 +74,18 @@ def _winograd_tile() -> int:
     return int(m)
 
 
+def _dense_nchw_or_nhwc(x) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _winograd_tile_for(x, w, stride, padding, dilation, groups) -> int:
     """The Winograd tile (2 or 4) for this convolution, or 0 where it does not apply or would not win: it needs a
-    3x3, stride-1, ungrouped convolution of a contiguous fp32 NCHW CPU input. Measured on this library's CPUs
+    3x3, stride-1, ungrouped convolution of a dense fp32 CPU input, NCHW or channels_last (the output follows). Measured on this library's CPUs
     (N = 64, ResNet-34's 3x3 layers: 1.2-2x oneDNN's direct convolution), it loses only where the batch has too few
     tiles to share the transformed weight (a 7x7 image at N = 1) or both channel counts are tiny (8 -> 16)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 4
             or tuple(w.shape[2:]) != (3, 3) or groups != 1 or isinstance(padding, str)
-            or _pair(stride) != [1, 1] or _pair(dilation) != [1, 1] or not x.is_contiguous()
+            or _pair(stride) != [1, 1] or _pair(dilation) != [1, 1] or not _dense_nchw_or_nhwc(x)
             or not (w.shape[0] >= 32 or w.shape[1] >= 16) or not extension().ok):
         return 0
     m = _winograd_tile()
@@ -124,7 +128,9 @@ class _WinogradConv2d(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        gy = gy.contiguous()
+        if not _dense_nchw_or_nhwc(gy):
+            gy = gy.contiguous(memory_format=torch.channels_last if x.is_contiguous(
+                memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             ut = torch.ops.fck.winograd_weight(w, ctx.m, True)
