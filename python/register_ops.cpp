@@ -83,6 +83,8 @@ TORCH_LIBRARY(fck, m) {
   // returns a tensor of out_channels channels in the input's memory format (NCHW or channels_last).
   m.def("winograd_weight(Tensor w, int m, bool transposed=False) -> Tensor");
   m.def("conv3x3_winograd(Tensor x, Tensor u, Tensor? bias, int[2] padding, int out_channels, bool relu) -> Tensor");
+  // Its weight gradient: the (K, C, 3, 3) gradient of that convolution's weight given x and grad_out, by F(m x m).
+  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_out, int[2] padding, int m) -> Tensor");
   m.def("winograd_available() -> bool", &fck::cpu::winograd_available);
 }
 
@@ -91,6 +93,7 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("mm_pooled", &fck::cpu::mm_pooled);
   m.impl("winograd_weight", &fck::cpu::winograd_weight);
   m.impl("conv3x3_winograd", &fck::cpu::conv3x3_winograd);
+  m.impl("conv3x3_winograd_weight_grad", &fck::cpu::conv3x3_winograd_weight_grad);
   m.impl("adam_", &fck::cpu::adam_);
   m.impl("batch_norm_fwd", &fck::cpu::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fck::cpu::batch_norm_bwd);

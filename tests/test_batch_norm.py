@@ -487,10 +487,11 @@ def _winograd_or_skip():
 ])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_winograd_conv_matches_conv2d_in_float64(m, N, C, K, H, W, pad, channels_last):
-    """The kernel against F.conv2d in float64 (with bias and ReLU, then without either), and its transposed weight
-    (the input gradient's convolution) against conv_transpose2d, on outputs poisoned through the pool (every element
-    must be written), NCHW and channels_last (the output in the input's format). Tolerances: F(2x2) rounds like a
-    direct convolution; F(4x4)'s transforms multiply by up to 8."""
+    """The kernel against F.conv2d in float64 (with bias and ReLU, then without either), its transposed weight (the
+    input gradient's convolution) against conv_transpose2d and its weight gradient against convolution_backward,
+    on outputs poisoned through the pool (every element must be written), NCHW and channels_last (the output in
+    the input's format). Tolerances: F(2x2) rounds like a direct convolution; F(4x4)'s transforms multiply by up
+    to 8."""
     _winograd_or_skip()
     g = torch.Generator().manual_seed(N * 1000 + C * 10 + K)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -502,14 +503,17 @@ def test_winograd_conv_matches_conv2d_in_float64(m, N, C, K, H, W, pad, channels
     dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     xf, dyf = (t.float().contiguous(memory_format=fmt) for t in (x, dy))
     tol = 1e-5 if m == 2 else 1e-4
-    cases = [(lambda: conv(xf, pack(w.float(), m), b.float(), [pad, pad], K, True), F.relu(ref)),
-             (lambda: conv(xf, pack(w.float(), m), None, [pad, pad], K, False), ref - b.view(-1, 1, 1)),
+    cases = [(lambda: conv(xf, pack(w.float(), m), b.float(), [pad, pad], K, True), F.relu(ref), fmt),
+             (lambda: conv(xf, pack(w.float(), m), None, [pad, pad], K, False), ref - b.view(-1, 1, 1), fmt),
              (lambda: conv(dyf, pack(w.float(), m, True), None, [2 - pad] * 2, C, False),
-              F.conv_transpose2d(dy, w, padding=pad))]
-    for run, want in cases:
+              F.conv_transpose2d(dy, w, padding=pad), fmt),
+             (lambda: torch.ops.fck.conv3x3_winograd_weight_grad(xf, dyf, [pad, pad], m),
+              torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+                                                  [False, True, False])[1], torch.contiguous_format)]
+    for run, want, out_fmt in cases:
         for _ in range(2):  # the second call reuses the first's pooled output block, filled with NaN
             y = run()
-            assert y.shape == want.shape and y.is_contiguous(memory_format=fmt) and y.dtype == torch.float32
+            assert y.shape == want.shape and y.is_contiguous(memory_format=out_fmt) and y.dtype == torch.float32
             torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
             y.fill_(float("nan"))
             del y
@@ -552,6 +556,14 @@ def test_winograd_conv_rejects_bad_input():
     with pytest.raises(RuntimeError, match="winograd_weight"):
         op(x, u[:, :, :, :8].contiguous(), b, [1, 1], 6, True)
     assert op(torch.randn(0, 4, 5, 5), u, b, [1, 1], 6, True).shape == (0, 6, 5, 5)
+    wgrad = torch.ops.fck.conv3x3_winograd_weight_grad
+    with pytest.raises(RuntimeError, match="does not match the convolution"):
+        wgrad(x, torch.randn(2, 6, 4, 5), [1, 1], 4)
+    with pytest.raises(RuntimeError, match="tile size m must be 2 or 4"):
+        wgrad(x, torch.randn(2, 6, 5, 5), [1, 1], 6)
+    with pytest.raises(RuntimeError, match="float32"):
+        wgrad(x, torch.randn(2, 6, 5, 5, dtype=torch.float64), [1, 1], 4)
+    assert torch.equal(wgrad(torch.randn(0, 4, 5, 5), torch.randn(0, 6, 5, 5), [1, 1], 4), torch.zeros(6, 4, 3, 3))
 
 
 def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch):

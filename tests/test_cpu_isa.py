@@ -23,11 +23,13 @@ x = torch.randn(9, 5, 24, requires_grad=True)
 y, (h, c) = lstm(x)
 (y.square().sum() + h.sum() + c.sum()).backward()
 out["lstm"] = [y, h, c, x.grad] + [p.grad for p in lstm.parameters()]
-if torch.ops.fck.winograd_available():  # the eval convolution and the training input gradient's
+if torch.ops.fck.winograd_available():  # the eval convolution, the training input and weight gradients
     conv, pack = torch.ops.fck.conv3x3_winograd, torch.ops.fck.winograd_weight
     w, b, x1, x2 = torch.randn(48, 20, 3, 3), torch.randn(48), torch.randn(3, 20, 13, 11), torch.randn(3, 48, 9, 14)
     out["winograd"] = ([conv(x1, pack(w, m), b, [1, 1], 48, True) for m in (2, 4)] +
-                       [conv(x2, pack(w, m, True), None, [1, 1], 20, False) for m in (2, 4)])
+                       [conv(x2, pack(w, m, True), None, [1, 1], 20, False) for m in (2, 4)] +
+                       [torch.ops.fck.conv3x3_winograd_weight_grad(x1, torch.randn(3, 48, 13, 11), [1, 1], m)
+                        for m in (2, 4)])
 torch.save({k: [t.detach() for t in v] for k, v in out.items()}, sys.argv[1])
 """
 

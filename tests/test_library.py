@@ -201,3 +201,5 @@ def test_opcheck_winograd_conv():
         torch.library.opcheck(torch.ops.fck.conv3x3_winograd.default,
                               (torch.randn(2, 20, 5, 6, generator=g), torch.ops.fck.winograd_weight(w, m, True), None,
                                [2, 1], 9, False))
+        torch.library.opcheck(torch.ops.fck.conv3x3_winograd_weight_grad.default,
+                              (x, torch.randn(2, 20, 7, 4, generator=g), [1, 0], m))

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
@@ -45,6 +46,7 @@ struct Wino<2> {
   static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr double G[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
   static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr float Am[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};  // AT's transpose
 };
 template <>
 struct Wino<4> {
@@ -55,6 +57,8 @@ struct Wino<4> {
                                      {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
   static constexpr float AT[4][6] = {
       {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+  static constexpr float Am[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1},
+                                     {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};  // AT's transpose
 };
 
 // sum_k mat[i][k] * in[k * stride], with the zero and unit coefficients skipped: once the callers' loops are
@@ -104,6 +108,10 @@ void interleave_padded(const float* x, float* xb, const Geometry& g) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / CB, c0 = (b % CB) * kLanes, lanes = std::min<int64_t>(kLanes, g.C - c0);
       float* dst = xb + b * g.Hp * g.Wp * kLanes;
+      if (lanes <= 0) {  // a block of padding channels only (the weight gradient pads its K to 16)
+        std::fill(dst, dst + g.Hp * g.Wp * kLanes, 0.f);
+        continue;
+      }
       for (int64_t yp = 0; yp < g.Hp; ++yp) {
         float* row = dst + yp * g.Wp * kLanes;
         const int64_t y = yp - g.ph;
@@ -245,13 +253,62 @@ __attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float
   }
 }
 
+// The weight gradient, one chunk of T tiles: dU[xi] (Cp x Kp) += V[xi]^T dM[xi], with V = B^T d B the forward's
+// input transform and dM = A dY A^T the output gradient's tile taken back through the output transform. V keeps the
+// forward's layout (Vs[xi][t][c]), which the GEMM reads as its transposed left operand (rows: input channels,
+// depth: tiles); dM goes straight into the panel layout the GEMM reads (dMs[xi][panel][t][16]).
+template <int M>
+__attribute__((target("avx2,fma"))) void wgrad_chunk(const float* xb, const float* gb, const Geometry& g,
+                                                     const Geometry& gg, int64_t T, int64_t t0, int64_t nt,
+                                                     float* Vs, float* dMs, float* dU, bool accumulate) {
+  constexpr int A = Wino<M>::A, AA = A * A;
+  const int64_t CB = g.Cp / kLanes, KB = g.Kp / kLanes, P = g.Kp / panel::kNR;
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t t = t0 + i, n = t / (g.th * g.tw), ty = t / g.tw % g.th, tx = t % g.tw;
+    for (int64_t cb = 0; cb < CB; ++cb) {
+      const v8* d = reinterpret_cast<const v8*>(xb + (((n * CB + cb) * g.Hp + ty * M) * g.Wp + tx * M) * kLanes);
+      v8 win[AA], v[AA];
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < A; ++c) win[r * A + c] = d[r * g.Wp + c];
+      sandwich(Wino<M>::BT, win, v);
+#pragma GCC unroll 36
+      for (int xi = 0; xi < AA; ++xi) *reinterpret_cast<v8*>(Vs + (xi * T + i) * g.Cp + cb * kLanes) = v[xi];
+    }
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const v8* d = reinterpret_cast<const v8*>(gb + (((n * KB + kb) * gg.Hp + ty * M) * gg.Wp + tx * M) * kLanes);
+      v8 dy[M * M], dm[AA];
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < M; ++c) dy[r * M + c] = d[r * gg.Wp + c];
+      sandwich(Wino<M>::Am, dy, dm);
+      const int64_t k0 = kb * kLanes;
+#pragma GCC unroll 36
+      for (int xi = 0; xi < AA; ++xi) {
+        *reinterpret_cast<v8*>(dMs + ((xi * P + k0 / panel::kNR) * T + i) * panel::kNR + k0 % panel::kNR) = dm[xi];
+      }
+    }
+  }
+  // The GEMMs' depth is the chunk's T tiles (the panel layout's stride): tiles past nt are zero on both sides.
+  if (nt < T) {
+    for (int64_t r = 0; r < AA; ++r) std::fill(Vs + (r * T + nt) * g.Cp, Vs + (r + 1) * T * g.Cp, 0.f);
+    for (int64_t r = 0; r < AA * P; ++r) std::fill(dMs + (r * T + nt) * panel::kNR, dMs + (r + 1) * T * panel::kNR, 0.f);
+  }
+  for (int xi = 0; xi < AA; ++xi) {
+    panel::gemm_panels(g.Cp, Vs + xi * T * g.Cp, g.Cp, dMs + xi * P * T * panel::kNR, g.Kp, T, dU + xi * g.Cp * g.Kp,
+                       g.Kp, 0, P, accumulate, /*a_transposed=*/true);
+  }
+}
+
 template <int M>
 void conv_tiles(const float* xb, const float* u, const float* bias, float* out, const Geometry& g, int64_t T,
                 int64_t KB, bool relu) {
   constexpr int AA = Wino<M>::A * Wino<M>::A;
   const int64_t tiles = g.N * g.th * g.tw, chunks = (tiles + T - 1) / T;
   at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
-    at::Tensor scratch = at::empty({AA * T * (g.Cp + KB)}, at::kFloat);
+    at::Tensor scratch = pooled_empty({AA * T * (g.Cp + KB)}, at::TensorOptions(at::kFloat));
     float* Vs = scratch.data_ptr<float>();
     for (int64_t ch = ch0; ch < ch1; ++ch) {
       conv_chunk<M>(xb, u, bias, out, g, T, KB, ch * T, std::min(T, tiles - ch * T), Vs, Vs + AA * T * g.Cp, relu);
@@ -329,45 +386,60 @@ at::Tensor winograd_weight(const at::Tensor& w, int64_t m, bool transposed) {
 #endif
 }
 
+namespace {
+
+// The geometry of a convolution of x with K filters (its tiles for tile size m), after the checks both ops share.
+Geometry geometry(const char* op, const at::Tensor& x, int64_t K, at::IntArrayRef padding, int64_t m) {
+  TORCH_CHECK(winograd_available(), op, ": needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.dim() == 4, op, ": a 4-D (N, C, H, W) input is expected, got ", x.sizes());
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative values, got ", padding);
+  Geometry g{};
+  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.K = K;
+  g.ph = padding[0], g.pw = padding[1];
+  g.Cp = (g.C + kLanes - 1) / kLanes * kLanes, g.Kp = (K + panel::kNR - 1) / panel::kNR * panel::kNR;
+  g.OH = g.H + 2 * g.ph - 2, g.OW = g.W + 2 * g.pw - 2;
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": input (", x.sizes(), ") with padding ", padding,
+              " is smaller than the 3x3 kernel");
+  g.nhwc = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  g.th = (g.OH + m - 1) / m, g.tw = (g.OW + m - 1) / m;
+  g.Hp = g.th * m + 2, g.Wp = g.tw * m + 2;
+  return g;
+}
+
+// x in the interleaved, zero-padded layout (N, Cp/8, Hp, Wp, 8) of g, in a pooled block.
+at::Tensor interleaved(const at::Tensor& x, const Geometry& g) {
+  const at::Tensor xc = g.nhwc ? x : x.contiguous();
+  at::Tensor xb = pooled_empty({g.N, g.Cp / kLanes, g.Hp, g.Wp, kLanes}, x.options());
+  interleave_padded(xc.data_ptr<float>(), xb.data_ptr<float>(), g);
+  return xb;
+}
+
+}  // namespace
+
 at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias_opt,
                             at::IntArrayRef padding, int64_t out_channels, bool relu) {
   const char* op = "fck::conv3x3_winograd";
-  TORCH_CHECK(winograd_available(), op, ": needs a CPU with AVX2 and FMA");
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu() && (!has_bias || bias_opt->device().is_cpu()), op,
               ": CPU tensors are expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat &&
                   (!has_bias || bias_opt->scalar_type() == at::kFloat),
               op, ": float32 tensors are expected, got ", x.scalar_type(), " and ", u.scalar_type());
-  TORCH_CHECK(x.dim() == 4, op, ": a 4-D (N, C, H, W) input is expected, got ", x.sizes());
   TORCH_CHECK(u.dim() == 4 && (u.size(0) == 16 || u.size(0) == 36) && u.size(3) == 16 && u.is_contiguous(), op,
               ": u must come from fck::winograd_weight, got ", u.sizes());
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative values, got ", padding);
-  Geometry g{};
-  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.K = out_channels;
-  g.ph = padding[0], g.pw = padding[1];
-  g.Cp = (g.C + kLanes - 1) / kLanes * kLanes;
-  TORCH_CHECK(g.K > 0 && u.size(1) == (g.K + 15) / 16 && u.size(2) == g.Cp, op, ": the packed weight (", u.sizes(),
+  const int m = u.size(0) == 16 ? 2 : 4;
+  const Geometry g = geometry(op, x, out_channels, padding, m);
+  TORCH_CHECK(g.K > 0 && u.size(1) == g.Kp / panel::kNR && u.size(2) == g.Cp, op, ": the packed weight (", u.sizes(),
               ") does not match ", g.C, " input channels and ", g.K, " output channels");
   TORCH_CHECK(!has_bias || (bias_opt->dim() == 1 && bias_opt->numel() == g.K), op, ": a bias of ", g.K,
               " values is expected, got ", bias_opt->sizes());
-  g.OH = g.H + 2 * g.ph - 2, g.OW = g.W + 2 * g.pw - 2;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": input (", x.sizes(), ") with padding ", padding,
-              " is smaller than the 3x3 kernel");
   // The output in the input's memory format, as torch's convolution returns it.
-  g.nhwc = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = g.nhwc ? pooled_empty({g.N, g.OH, g.OW, g.K}, x.options()).permute({0, 3, 1, 2})
                           : pooled_empty({g.N, g.K, g.OH, g.OW}, x.options());
   if (out.numel() == 0) return out;
 #ifdef FCK_HAVE_PANEL_GEMM
-  const int m = u.size(0) == 16 ? 2 : 4;
-  g.Kp = u.size(1) * 16;
-  g.th = (g.OH + m - 1) / m, g.tw = (g.OW + m - 1) / m;
-  g.Hp = g.th * m + 2, g.Wp = g.tw * m + 2;
-  const at::Tensor xc = g.nhwc ? x : x.contiguous();
-  at::Tensor xb = pooled_empty({g.N, g.Cp / kLanes, g.Hp, g.Wp, kLanes}, x.options());
-  interleave_padded(xc.data_ptr<float>(), xb.data_ptr<float>(), g);
+  const at::Tensor xb = interleaved(x, g);
   at::Tensor b = at::zeros({g.Kp}, x.options());
   if (has_bias) b.narrow(0, 0, g.K).copy_(*bias_opt);
   // Chunk and output-block sizes, from sweeps on this library's Xeon (2 MB L2 a core; N = 64, ResNet-34's 3x3
@@ -379,6 +451,86 @@ at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& u, const c10:
                                            out.data_ptr<float>(), g, T, KB, relu);
 #endif
   return out;
+}
+
+at::Tensor conv3x3_winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad_out, at::IntArrayRef padding,
+                                        int64_t m) {
+  const char* op = "fck::conv3x3_winograd_weight_grad";
+  TORCH_CHECK(x.device().is_cpu() && grad_out.device().is_cpu(), op, ": CPU tensors are expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && grad_out.scalar_type() == at::kFloat, op,
+              ": float32 tensors are expected, got ", x.scalar_type(), " and ", grad_out.scalar_type());
+  TORCH_CHECK(m == 2 || m == 4, op, ": tile size m must be 2 or 4, got ", m);
+  TORCH_CHECK(grad_out.dim() == 4, op, ": a 4-D grad_out is expected, got ", grad_out.sizes());
+  const Geometry g = geometry(op, x, grad_out.size(1), padding, m);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(2) == g.OH && grad_out.size(3) == g.OW, op, ": grad_out ",
+              grad_out.sizes(), " does not match the convolution of ", x.sizes(), " with padding ", padding);
+  if (g.N == 0 || g.K == 0 || g.C == 0) return at::zeros({g.K, g.C, 3, 3}, x.options());
+  at::Tensor dw = pooled_empty({g.K, g.C, 3, 3}, x.options());
+#ifdef FCK_HAVE_PANEL_GEMM
+  // The output gradient interleaved as an unpadded "input" of Kp channels on the output's tile grid.
+  Geometry gg = g;
+  gg.C = g.K, gg.H = g.OH, gg.W = g.OW, gg.ph = gg.pw = 0, gg.Cp = g.Kp, gg.Hp = g.th * m, gg.Wp = g.tw * m;
+  gg.nhwc = !grad_out.is_contiguous() && grad_out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xb = interleaved(x, g), gb = interleaved(grad_out, gg);
+  const int64_t A = m + 2, AA = A * A, P = g.Kp / panel::kNR;
+  // One dU (AA x Cp x Kp) per thread, summed at the end: the tiles are the GEMMs' reduction dimension. Every chunk
+  // adds into dU (37 MB at 512 x 512 channels, in L3), so chunks are long: each GEMM tile of dU is loaded and stored
+  // once a chunk. Up to 384 tiles a chunk for 64 channels, 192 for 128 and 128 beyond (sweeps of 64 to 768 on
+  // ResNet-34's layers at N = 64: 64x512x7x7 took 85 ms at 96, 48 at 128-384; 64x256x14x14 34 ms at 96-128, 40 at
+  // 384), and the same number of chunks on every thread (a thread with one extra long chunk doubles the time).
+  const int64_t tiles = g.N * g.th * g.tw, threads = std::max(1, at::get_num_threads());
+  const int64_t cap = g.Cp <= 64 ? 384 : g.Cp <= 128 ? 192 : 128;
+  const int64_t per_thread = (tiles + threads - 1) / threads, per_thread_chunks = (per_thread + cap - 1) / cap;
+  const int64_t T = (per_thread + per_thread_chunks - 1) / per_thread_chunks, chunks = (tiles + T - 1) / T;
+  std::vector<at::Tensor> partial(threads);
+  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    at::Tensor& dU = partial.at(at::get_thread_num());
+    const bool first = !dU.defined();  // the thread's first chunk writes dU instead of adding to it
+    if (first) dU = pooled_empty({AA * g.Cp * g.Kp}, x.options());
+    at::Tensor scratch = pooled_empty({AA * T * (g.Cp + P * panel::kNR)}, x.options());
+    float* Vs = scratch.data_ptr<float>();
+    float* dMs = Vs + AA * g.Cp * T;
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      (m == 2 ? wgrad_chunk<2> : wgrad_chunk<4>)(xb.data_ptr<float>(), gb.data_ptr<float>(), g, gg, T, ch * T,
+                                                 std::min(T, tiles - ch * T), Vs, dMs, dU.data_ptr<float>(),
+                                                 !(first && ch == ch0));
+    }
+  });
+  // dU = the threads' sum; dW[k][c] = G^T dU[.][c][k] G, 16 filters k at a time (contiguous in dU), in double.
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& t : partial)
+    if (t.defined()) parts.push_back(t);
+  for (size_t i = 1; i < parts.size(); ++i) parts[0].add_(parts[i]);
+  const float* dU = parts.at(0).data_ptr<float>();
+  float* out = dw.data_ptr<float>();
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    constexpr int64_t L = 16;
+    double Gd[6][3], U[36][L], GU[3][6][L];
+    for (int64_t i = 0; i < A; ++i)
+      for (int64_t j = 0; j < 3; ++j) Gd[i][j] = m == 2 ? Wino<2>::G[i][j] : Wino<4>::G[i][j];
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t k0 = 0; k0 < g.K; k0 += L) {
+        const int64_t nk = std::min(L, g.K - k0);
+        for (int64_t xi = 0; xi < AA; ++xi)
+          for (int64_t l = 0; l < nk; ++l) U[xi][l] = dU[(xi * g.Cp + c) * g.Kp + k0 + l];
+        for (int64_t i = 0; i < 3; ++i)
+          for (int64_t b = 0; b < A; ++b)
+            for (int64_t l = 0; l < nk; ++l) {
+              double v = 0;
+              for (int64_t a = 0; a < A; ++a) v += Gd[a][i] * U[a * A + b][l];
+              GU[i][b][l] = v;
+            }
+        for (int64_t i = 0; i < 3; ++i)
+          for (int64_t j = 0; j < 3; ++j)
+            for (int64_t l = 0; l < nk; ++l) {
+              double v = 0;
+              for (int64_t b = 0; b < A; ++b) v += GU[i][b][l] * Gd[b][j];
+              out[((k0 + l) * g.C + c) * 9 + i * 3 + j] = float(v);
+            }
+      }
+  });
+#endif
+  return dw;
 }
 
 }  // namespace cpu

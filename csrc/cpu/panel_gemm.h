@@ -53,8 +53,9 @@ inline void pack(const float* w, bool wt, int64_t N, int64_t K, float* dst) {
 }
 
 #ifdef FCK_HAVE_PANEL_GEMM
-// One MR x 16 tile of c over kc values of K: c (+)= a[:, :kc] @ bp, `cols` of the 16 columns stored.
-template <int MR>
+// One MR x 16 tile of c over kc values of K: c (+)= a[:, :kc] @ bp, `cols` of the 16 columns stored. TA: a is
+// stored transposed (element (r, k) at a[k * lda + r]; the Winograd weight gradient's tiles-by-channels operand).
+template <int MR, bool TA = false>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile(const float* __restrict a, int64_t lda,
                                                                       const float* __restrict bp, int64_t kc,
                                                                       float* __restrict c, int64_t ldc, int64_t cols,
@@ -81,7 +82,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile(const float*
     }
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
+      const __m256 av = _mm256_broadcast_ss(TA ? a + k * lda + r : a + r * lda + k);
       acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
     }
@@ -99,7 +100,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile(const float*
 // The AVX-512 kernel: an MR x 32 tile (two adjacent panels, NP = 2) or MR x 16 (the last, odd panel) in up to 24
 // zmm accumulators. Columns past `cols` are masked, so no staging buffer. Each c element sums its k terms in the
 // same order as tile(), one FMA each: the results are the AVX2 kernel's bit for bit.
-template <int MR, int NP>
+template <int MR, int NP, bool TA>
 __attribute__((target("avx512f"), always_inline)) inline void tile512(const float* __restrict a, int64_t lda,
                                                                        const float* __restrict bp, int64_t pstride,
                                                                        int64_t kc, float* __restrict c, int64_t ldc,
@@ -118,7 +119,7 @@ __attribute__((target("avx512f"), always_inline)) inline void tile512(const floa
     for (int j = 0; j < NP; ++j) b[j] = _mm512_load_ps(bp + j * pstride + k * kNR);
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 av = _mm512_set1_ps(TA ? a[k * lda + r] : a[r * lda + k]);
       for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_fmadd_ps(av, b[j], acc[r][j]);
     }
   }
@@ -126,7 +127,7 @@ __attribute__((target("avx512f"), always_inline)) inline void tile512(const floa
     for (int j = 0; j < NP; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * kNR, mask[j], acc[r][j]);
 }
 
-template <int NP>
+template <int NP, bool TA>
 __attribute__((target("avx512f"))) inline void rows512(int64_t n, const float* a, int64_t lda, const float* bp,
                                                         int64_t pstride, int64_t kc, float* c, int64_t ldc,
                                                         int64_t cols, bool acc) {
@@ -134,32 +135,36 @@ __attribute__((target("avx512f"))) inline void rows512(int64_t n, const float* a
   const int64_t tiles = (n + kMR512 - 1) / kMR512;
   for (int64_t t = 0, r = 0; t < tiles; ++t) {
     const int64_t mr = (n - r) / (tiles - t) + ((n - r) % (tiles - t) != 0);
-    const float* ar = a + r * lda;
+    const float* ar = TA ? a + r : a + r * lda;
     float* cr = c + r * ldc;
     switch (mr) {
 #define FCK_TILE512(R) \
-  case R: tile512<R, NP>(ar, lda, bp, pstride, kc, cr, ldc, cols, acc); break;
+  case R: tile512<R, NP, TA>(ar, lda, bp, pstride, kc, cr, ldc, cols, acc); break;
       FCK_TILE512(12) FCK_TILE512(11) FCK_TILE512(10) FCK_TILE512(9) FCK_TILE512(8) FCK_TILE512(7)
       FCK_TILE512(6) FCK_TILE512(5) FCK_TILE512(4) FCK_TILE512(3) FCK_TILE512(2)
 #undef FCK_TILE512
-      default: tile512<1, NP>(ar, lda, bp, pstride, kc, cr, ldc, cols, acc); break;
+      default: tile512<1, NP, TA>(ar, lda, bp, pstride, kc, cr, ldc, cols, acc); break;
     }
     r += mr;
   }
 }
 
+template <bool TA>
 __attribute__((target("avx512f"))) inline void gemm_panels_avx512(int64_t n, const float* a, int64_t lda,
                                                                    const float* packed, int64_t N, int64_t K, float* c,
-                                                                   int64_t ldc, int64_t p0, int64_t p1) {
+                                                                   int64_t ldc, int64_t p0, int64_t p1,
+                                                                   bool accumulate) {
   for (int64_t p = p0; p < p1; p += 2) {
     const int64_t np = std::min<int64_t>(2, p1 - p), cols = std::min(np * kNR, N - p * kNR);
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min(kKC, K - k0);
       const float* bp = packed + (p * K + k0) * kNR;
       if (np == 2) {
-        rows512<2>(n, a + k0, lda, bp, K * kNR, kc, c + p * kNR, ldc, cols, k0 > 0);
+        rows512<2, TA>(n, TA ? a + k0 * lda : a + k0, lda, bp, K * kNR, kc, c + p * kNR, ldc, cols,
+                       accumulate || k0 > 0);
       } else {
-        rows512<1>(n, a + k0, lda, bp, K * kNR, kc, c + p * kNR, ldc, cols, k0 > 0);
+        rows512<1, TA>(n, TA ? a + k0 * lda : a + k0, lda, bp, K * kNR, kc, c + p * kNR, ldc, cols,
+                       accumulate || k0 > 0);
       }
     }
   }
@@ -171,40 +176,51 @@ inline bool cpu_runs_avx512() {
   return yes;
 }
 
-// Panels [p0, p1) of c, all n rows. The packed buffer comes from at::empty (64-byte aligned), so aligned loads.
-// CPUs with AVX-512 take the 16-wide kernel above (twice the FMA width: this library's Xeon runs the Winograd
-// convolution's GEMMs ~2x faster).
-__attribute__((target("avx2,fma"))) inline void gemm_panels(int64_t n, const float* a, int64_t lda, const float* packed,
-                                                           int64_t N, int64_t K, float* c, int64_t ldc, int64_t p0,
-                                                           int64_t p1) {
-  if (cpu_runs_avx512()) return gemm_panels_avx512(n, a, lda, packed, N, K, c, ldc, p0, p1);
+template <bool TA>
+__attribute__((target("avx2,fma"))) inline void gemm_panels_avx2(int64_t n, const float* a, int64_t lda,
+                                                                const float* packed, int64_t N, int64_t K, float* c,
+                                                                int64_t ldc, int64_t p0, int64_t p1, bool accumulate) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t cols = std::min(kNR, N - p * kNR);
     float* cp = c + p * kNR;
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min(kKC, K - k0);
       const float* bp = packed + (p * K + k0) * kNR;
-      const bool acc = k0 > 0;
+      const bool acc = accumulate || k0 > 0;
       // The first row tile also fetches the next K block (one 64-byte row of the panel per k), which the other tiles
       // then find in L1: a large W_hh streams from memory once per step. Row tiles as even as possible (32 rows:
       // 6 6 5 5 5 5, not 6 6 6 6 6 2): a tile of 2 rows has 4 FMA chains, too few to hide the FMA latency.
       const int64_t tiles = (n + kMR - 1) / kMR;
       for (int64_t t = 0, r = 0; t < tiles; ++t) {
         const int64_t mr = (n - r) / (tiles - t) + ((n - r) % (tiles - t) != 0);
-        const float* ar = a + r * lda + k0;
+        const float* ar = TA ? a + r + k0 * lda : a + r * lda + k0;
         float* cr = cp + r * ldc;
         switch (mr) {
-          case 6: tile<6>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
-          case 5: tile<5>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
-          case 4: tile<4>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
-          case 3: tile<3>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
-          case 2: tile<2>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
-          default: tile<1>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
+          case 6: tile<6, TA>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
+          case 5: tile<5, TA>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
+          case 4: tile<4, TA>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
+          case 3: tile<3, TA>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
+          case 2: tile<2, TA>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
+          default: tile<1, TA>(ar, lda, bp, kc, cr, ldc, cols, acc, t == 0); break;
         }
         r += mr;
       }
     }
   }
+}
+
+// Panels [p0, p1) of c, all n rows: c (+ with `accumulate`) = a @ B, with a (n x K) row-major (stride lda), or
+// stored transposed (a_transposed: element (r, k) at a[k * lda + r]). The packed buffer comes from at::empty
+// (64-byte aligned), so aligned loads. CPUs with AVX-512 take the 16-wide kernel (twice the FMA width: this
+// library's Xeon runs the Winograd convolution's GEMMs ~2x faster).
+inline void gemm_panels(int64_t n, const float* a, int64_t lda, const float* packed, int64_t N, int64_t K, float* c,
+                        int64_t ldc, int64_t p0, int64_t p1, bool accumulate = false, bool a_transposed = false) {
+  if (cpu_runs_avx512()) {
+    return (a_transposed ? gemm_panels_avx512<true> : gemm_panels_avx512<false>)(n, a, lda, packed, N, K, c, ldc, p0,
+                                                                                   p1, accumulate);
+  }
+  (a_transposed ? gemm_panels_avx2<true> : gemm_panels_avx2<false>)(n, a, lda, packed, N, K, c, ldc, p0, p1,
+                                                                     accumulate);
 }
 
 // c (n x N, row stride ldc) = a (n x K, row stride lda) @ B, B from `pack`. Panels split across threads (each

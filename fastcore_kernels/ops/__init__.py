@@ -36,6 +36,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("fck::conv3x3_winograd")(
         lambda x, u, bias, padding, out_channels, relu: x.new_empty(
             x.shape[0], out_channels, x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2))
+    torch.library.register_fake("fck::conv3x3_winograd_weight_grad")(
+        lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 
 
 __all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "gru", "gru_cell", "lstm", "lstm_cell",

@@ -1,7 +1,7 @@
 """`conv_bn_relu`: relu(batch_norm(conv2d(x))) as one op.
 
-Training: the convolution runs on cuDNN/oneDNN through torch (on the CPU a 3x3 stride-1 convolution and its input
-gradient by our Winograd kernel, its weight gradient by oneDNN), then the fused batch-norm-ReLU kernel of
+Training: the convolution runs on cuDNN/oneDNN through torch (on the CPU a 3x3 stride-1 convolution, its input
+gradient and its weight gradient by our Winograd kernels), then the fused batch-norm-ReLU kernel of
 ops/batch_norm.py; autograd through both is exact. Eval: batch norm is a per-channel affine map, so it is folded
 into the convolution's weight and bias (w' = w * gamma/std, b' = (b - mean) * gamma/std + beta) and the ReLU is
 fused into the convolution: one pass over the output instead of three. On the CPU a 3x3 stride-1 convolution runs as
@@ -114,9 +114,10 @@ def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
 
 
 class _WinogradConv2d(torch.autograd.Function):
-    """conv2d for training: the forward and the input gradient (the same 3x3 convolution of grad_output with the
-    flipped, transposed filters and padding 2 - p) by Winograd, the weight and bias gradients by torch's
-    convolution_backward (oneDNN). The weight is transformed every call: it changes every step."""
+    """conv2d for training, all three convolutions by Winograd: the forward, the input gradient (the same 3x3
+    convolution of grad_output with the flipped, transposed filters and padding 2 - p) and the weight gradient
+    (dU = V^T dM summed over the tiles in the transformed domain, then G^T dU G). The weight is transformed every
+    call: it changes every step."""
 
     @staticmethod
     def forward(ctx, x, w, b, pad, m):
@@ -135,10 +136,10 @@ class _WinogradConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ut = torch.ops.fck.winograd_weight(w, ctx.m, True)
             gx = torch.ops.fck.conv3x3_winograd(gy, ut, None, [2 - p for p in ctx.pad], w.shape[1], False)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                gy, x, w, [w.shape[0]] if ctx.has_bias else None, [1, 1], ctx.pad, [1, 1], False, [0, 0], 1,
-                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        if ctx.needs_input_grad[1]:
+            gw = torch.ops.fck.conv3x3_winograd_weight_grad(x, gy, ctx.pad, ctx.m)
+        if ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
         return gx, gw, gb, None, None
 
 

@@ -72,6 +72,8 @@ bool winograd_available();
 at::Tensor winograd_weight(const at::Tensor &w, int64_t m, bool transposed);
 at::Tensor conv3x3_winograd(const at::Tensor &x, const at::Tensor &u, const c10::optional<at::Tensor> &bias,
                             at::IntArrayRef padding, int64_t out_channels, bool relu);
+at::Tensor conv3x3_winograd_weight_grad(const at::Tensor &x, const at::Tensor &grad_out, at::IntArrayRef padding,
+                                        int64_t m);
 }  // namespace cpu
 namespace cuda {
 FCK_RNN_DECLS
