@@ -1,5 +1,6 @@
 // The op schemas of fastcore_kernels and their CPU kernels. The schema is the contract every backend follows; Python
 // adds the fake (meta) kernels and autograd in fastcore_kernels/ops/.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "fck/cpu_pool.h"
@@ -86,6 +87,42 @@ TORCH_LIBRARY(fck, m) {
   // Its weight gradient: the (K, C, 3, 3) gradient of that convolution's weight given x and grad_out, by F(m x m).
   m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_out, int[2] padding, int m) -> Tensor");
   m.def("winograd_available() -> bool", &fck::cpu::winograd_available);
+}
+
+namespace {
+
+// The ops that write into their arguments bump those tensors' version counters, as torch's in-place ops do: the
+// eval-mode fold caches (fastcore_kernels/ops/conv_bn_relu.py) watch the versions of the weights FusedAdam steps
+// and of the running statistics the batch-norm forward updates, and autograd's check for a saved tensor modified in
+// place needs them too. One boxed kernel at the ADInplaceOrView key serves every such op: it runs the op, then
+// bumps each argument its schema marks as written (a tensor, a list of tensors or an optional tensor).
+void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  std::vector<c10::IValue> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i].alias_info() && args[i].alias_info()->isWrite()) {
+      written.push_back((*stack)[stack->size() - args.size() + i]);
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  const auto bump = [](const at::Tensor& t) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  };
+  for (const c10::IValue& v : written) {
+    if (v.isTensor()) {
+      bump(v.toTensor());
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorVector()) bump(t);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fck, ADInplaceOrView, m) {
+  for (const char* name : {"adam_", "batch_norm_fwd", "embedding_bag_fused_update_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
+  }
 }
 
 TORCH_LIBRARY_IMPL(fck, CPU, m) {

@@ -282,3 +282,45 @@ def test_a_sequential_chain_passes_the_fused_output_on_without_a_copy():
     y = seq(x)
     y.sum().backward()  # the chain's gradient still flows through the fused op
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_eval_fold_cache_sees_fused_adam_steps_and_running_statistics():
+    """The in-place ops (FusedAdam's step, the batch-norm forward's running statistics) bump version counters as
+    torch's in-place ops do, so an eval-mode fused conv-BN-ReLU folds again after a training step: its output
+    must match the unfused ops on the updated parameters and statistics. (Without the bumps the fold cache kept
+    the weights folded before the step, and validation ran on stale weights.)"""
+    from fastcore_kernels.optim import FusedAdam
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+    fused = fck.fuse(seq)
+    opt = FusedAdam(fused.parameters(), lr=0.1)
+    x = torch.randn(9, 16, 17, 15)  # enough tiles for the CPU's Winograd path, which caches its transform too
+    for _ in range(2):
+        fused.eval()
+        with torch.no_grad():
+            fused(x)  # fills the fold cache
+        fused.train()
+        fused(x).square().mean().backward()
+        conv, bn = fused[0], fused[1]  # fuse() copied seq: its batch norm stays registered at index 1
+        versions = [p._version for p in fused.parameters()]
+        opt.step()
+        opt.zero_grad()
+        assert all(p._version > v for p, v in zip(fused.parameters(), versions))
+        fused.eval()
+        with torch.no_grad():
+            want = F.relu(F.batch_norm(F.conv2d(x, conv.weight, conv.bias, padding=1), bn.running_mean,
+                                       bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+            torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_inplace_ops_bump_version_counters():
+    import fastcore_kernels.functional as fckF
+
+    x, rm, rv = torch.randn(8, 4, 5, 5), torch.zeros(4), torch.ones(4)
+    fckF.batch_norm_relu(x, rm, rv, None, None, training=True, backend="cpu")
+    assert rm._version == 1 and rv._version == 1
+    p, g = torch.randn(10), torch.randn(10)
+    m, v, s = torch.zeros(10), torch.zeros(10), torch.zeros(())
+    torch.ops.fck.adam_([p], [g], [m], [v], [], [], [s], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, 1.0)
+    assert (p._version, m._version, v._version, s._version, g._version) == (1, 1, 1, 1, 0)
