@@ -566,11 +566,20 @@ def test_winograd_conv_rejects_bad_input():
     assert torch.equal(wgrad(torch.randn(0, 4, 5, 5), torch.randn(0, 6, 5, 5), [1, 1], 4), torch.zeros(6, 4, 3, 3))
 
 
-def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch):
-    """Training: the convolution and its input gradient by Winograd (a shape that takes it), the weight and bias
-    gradients by oneDNN; outputs, running statistics and every gradient against the unfused torch ops, for both
-    tiles and with the direct path (0)."""
+def _winograd_for_small_shapes(monkeypatch, weight_grad=True):
+    """Let the small test shapes take the Winograd kernels (the size rules would send them to oneDNN)."""
+    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
+    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WORK", 0)
+    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WEIGHT_GRAD_WORK", 0 if weight_grad else float("inf"))
+
+
+@pytest.mark.parametrize("weight_grad", ["winograd", "onednn"])
+def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch, weight_grad):
+    """Training: the convolution, its input gradient and (large enough, or forced here) its weight gradient by
+    Winograd, else the weight gradient by oneDNN; outputs, running statistics and every gradient against the
+    unfused torch ops, for both tiles and with the direct path (0)."""
     _winograd_or_skip()
+    _winograd_for_small_shapes(monkeypatch, weight_grad == "winograd")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 16, 17, 15, generator=g)
     conv_w, conv_b = torch.randn(32, 16, 3, 3, generator=g) * 0.1, torch.randn(32, generator=g)
@@ -596,7 +605,7 @@ def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch):
     y = fckF.conv_bn_relu(x.requires_grad_(), conv_w, conv_b, torch.zeros(32), torch.ones(32), w, b, True, padding=1)
     assert _ran_winograd(y)
     # eval through the functional op, without a module's fold cache: the weight is transformed for the call
-    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
+    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")
     ran = []
     real = cbr._winograd_conv_relu
     monkeypatch.setattr(cbr, "_winograd_conv_relu", lambda *a: ran.append(real(*a)) or ran[-1])
@@ -614,6 +623,7 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
     the tile, 0 for oneDNN), NCHW or channels_last, keeps the transformed weight in its fold cache, and matches the
     unfused module; a stride of 2 and a 1x1 kernel keep the direct convolution. Training takes the same path."""
     _winograd_or_skip()
+    _winograd_for_small_shapes(monkeypatch)
     monkeypatch.setenv("FCK_CONV_WINOGRAD", setting)
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()
@@ -652,3 +662,19 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
     monkeypatch.setenv("FCK_CONV_WINOGRAD", "3")
     with torch.no_grad(), pytest.raises(ValueError, match="FCK_CONV_WINOGRAD must be 0, 2 or 4"):
         fck.fuse(seq).eval()(x)
+
+
+def test_winograd_size_rules():
+    """Which convolutions take the Winograd kernels by default: ResNet-34's 3x3 layers at N = 64 all three
+    (forward, input and weight gradients); a mid-size one the forward and input gradient only; the small layers
+    of the lesson-1 digit ResNet (16 channels at 14x14) none (oneDNN is faster there: see _WINOGRAD_MIN_WORK)."""
+    _winograd_or_skip()
+    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")
+    meta = lambda *shape: torch.empty(shape)  # noqa: E731
+    for (N, C, H), fwd, wgrad in [((64, 64, 56), True, True), ((64, 512, 7), True, True),
+                                  ((64, 64, 14), True, False), ((64, 16, 14), False, False)]:
+        x, w = meta(N, C, H, H), meta(C, C, 3, 3)
+        m = cbr._winograd_tile_for(x, w, 1, 1, 1, 1)
+        assert bool(m) == fwd, (N, C, H)
+        if m:
+            assert (cbr._winograd_work(x, w, m, [1, 1]) >= cbr._WINOGRAD_MIN_WEIGHT_GRAD_WORK) == wgrad, (N, C, H)

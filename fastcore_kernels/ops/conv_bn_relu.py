@@ -93,9 +93,26 @@ def _winograd_tile_for(x, w, stride, padding, dilation, groups) -> int:
         return 0
     pad = _pair(padding)
     H, W = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
-    if min(H, W) < 1 or x.shape[0] * -(-H // m) * -(-W // m) < 64 * torch.get_num_threads():
+    if min(H, W) < 1:
+        return 0
+    tiles = x.shape[0] * -(-H // m) * -(-W // m)
+    if tiles < 64 * torch.get_num_threads() or _winograd_work(x, w, m, pad) < _WINOGRAD_MIN_WORK:
         return 0
     return m
+
+
+# Below these multiply-adds in the transformed domain (input channels x output channels x tiles), the Winograd
+# kernels' fixed costs (the interleaved copies, the transforms, a weight gradient's per-thread sums) lose to oneDNN:
+# measured on this library's Xeon at N = 64, a 64x32x7x7 convolution ran 0.63 ms against oneDNN's 0.43 and the
+# weight gradient of a 64x16x14x14 one 0.79 against 0.42, while the weight gradient first wins near 12M (1.6x at
+# 64x64x28x28, 0.84x at 64x64x14x14 = 4.2M).
+_WINOGRAD_MIN_WORK = 1 << 20
+_WINOGRAD_MIN_WEIGHT_GRAD_WORK = 8 << 20
+
+
+def _winograd_work(x, w, m, pad) -> int:
+    H, W = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
+    return w.shape[0] * w.shape[1] * x.shape[0] * -(-H // m) * -(-W // m)
 
 
 def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
@@ -115,14 +132,15 @@ def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
 
 class _WinogradConv2d(torch.autograd.Function):
     """conv2d for training, all three convolutions by Winograd: the forward, the input gradient (the same 3x3
-    convolution of grad_output with the flipped, transposed filters and padding 2 - p) and the weight gradient
-    (dU = V^T dM summed over the tiles in the transformed domain, then G^T dU G). The weight is transformed every
-    call: it changes every step."""
+    convolution of grad_output with the flipped, transposed filters and padding 2 - p) and, for large enough
+    convolutions, the weight gradient (dU = V^T dM summed over the tiles in the transformed domain, then G^T dU G;
+    oneDNN's below _WINOGRAD_MIN_WEIGHT_GRAD_WORK). The weight is transformed every call: it changes every step."""
 
     @staticmethod
     def forward(ctx, x, w, b, pad, m):
         ctx.save_for_backward(x, w)
         ctx.pad, ctx.m, ctx.has_bias = pad, m, b is not None
+        ctx.winograd_weight_grad = _winograd_work(x, w, m, pad) >= _WINOGRAD_MIN_WEIGHT_GRAD_WORK
         return torch.ops.fck.conv3x3_winograd(x, torch.ops.fck.winograd_weight(w, m), b, pad, w.shape[0], False)
 
     @staticmethod
@@ -136,8 +154,11 @@ class _WinogradConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ut = torch.ops.fck.winograd_weight(w, ctx.m, True)
             gx = torch.ops.fck.conv3x3_winograd(gy, ut, None, [2 - p for p in ctx.pad], w.shape[1], False)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.winograd_weight_grad:
             gw = torch.ops.fck.conv3x3_winograd_weight_grad(x, gy, ctx.pad, ctx.m)
+        elif ctx.needs_input_grad[1]:
+            gw = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], ctx.pad, [1, 1], False, [0, 0], 1,
+                                                     [False, True, False])[1]
         if ctx.needs_input_grad[2]:
             gb = gy.sum((0, 2, 3))
         return gx, gw, gb, None, None
