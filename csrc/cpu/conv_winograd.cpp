@@ -186,6 +186,27 @@ __attribute__((target("avx2,fma"), always_inline)) inline void store_tile(const 
       for (int64_t c = 0; c < cols; ++c) out[l * plane + r * OW + c] = buf[r * M + c][l];
 }
 
+// V = B^T d B of one tile (image n, tile row ty, column tx) for every input channel, 8 to a vector: V[xi] at
+// v + xi * xi_stride (the chunk's Vs[xi][t][c] layout, shared by the forward and the weight gradient).
+template <int M>
+__attribute__((target("avx2,fma"), always_inline)) inline void input_transform(const float* xb, const Geometry& g,
+                                                                               int64_t n, int64_t ty, int64_t tx,
+                                                                               float* v, int64_t xi_stride) {
+  constexpr int A = Wino<M>::A, AA = A * A;
+  const int64_t CB = g.Cp / kLanes;
+  for (int64_t cb = 0; cb < CB; ++cb) {
+    const v8* d = reinterpret_cast<const v8*>(xb + (((n * CB + cb) * g.Hp + ty * M) * g.Wp + tx * M) * kLanes);
+    v8 win[AA], tv[AA];
+#pragma GCC unroll 8
+    for (int r = 0; r < A; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < A; ++c) win[r * A + c] = d[r * g.Wp + c];
+    sandwich(Wino<M>::BT, win, tv);
+#pragma GCC unroll 36
+    for (int xi = 0; xi < AA; ++xi) *reinterpret_cast<v8*>(v + xi * xi_stride + cb * kLanes) = tv[xi];
+  }
+}
+
 // Tiles [t0, t0 + nt) through the three steps; Vs and Ms are the thread's scratch (A^2 T Cp and A^2 T KB floats).
 // relu: max(y, 0) after the bias (NaN stays NaN, as torch.relu's).
 template <int M>
@@ -193,20 +214,10 @@ __attribute__((target("avx2,fma"))) void conv_chunk(const float* xb, const float
                                                     const Geometry& g, int64_t T, int64_t KB, int64_t t0, int64_t nt,
                                                     float* Vs, float* Ms, bool relu) {
   constexpr int A = Wino<M>::A, AA = A * A;
-  const int64_t CB = g.Cp / kLanes, panels = g.Kp / panel::kNR;
+  const int64_t panels = g.Kp / panel::kNR;
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t t = t0 + i, n = t / (g.th * g.tw), ty = t / g.tw % g.th, tx = t % g.tw;
-    for (int64_t cb = 0; cb < CB; ++cb) {
-      const v8* d = reinterpret_cast<const v8*>(xb + (((n * CB + cb) * g.Hp + ty * M) * g.Wp + tx * M) * kLanes);
-      v8 win[AA], v[AA];
-#pragma GCC unroll 8
-      for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-        for (int c = 0; c < A; ++c) win[r * A + c] = d[r * g.Wp + c];
-      sandwich(Wino<M>::BT, win, v);
-#pragma GCC unroll 36
-      for (int xi = 0; xi < AA; ++xi) *reinterpret_cast<v8*>(Vs + (xi * T + i) * g.Cp + cb * kLanes) = v[xi];
-    }
+    input_transform<M>(xb, g, n, ty, tx, Vs + i * g.Cp, T * g.Cp);
   }
   // Output channels in blocks of KB, so the GEMMs' results for a block (A^2 T KB floats) stay in cache until the
   // output transform reads them.
@@ -262,20 +273,10 @@ __attribute__((target("avx2,fma"))) void wgrad_chunk(const float* xb, const floa
                                                      const Geometry& gg, int64_t T, int64_t t0, int64_t nt,
                                                      float* Vs, float* dMs, float* dU, bool accumulate) {
   constexpr int A = Wino<M>::A, AA = A * A;
-  const int64_t CB = g.Cp / kLanes, KB = g.Kp / kLanes, P = g.Kp / panel::kNR;
+  const int64_t KB = g.Kp / kLanes, P = g.Kp / panel::kNR;
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t t = t0 + i, n = t / (g.th * g.tw), ty = t / g.tw % g.th, tx = t % g.tw;
-    for (int64_t cb = 0; cb < CB; ++cb) {
-      const v8* d = reinterpret_cast<const v8*>(xb + (((n * CB + cb) * g.Hp + ty * M) * g.Wp + tx * M) * kLanes);
-      v8 win[AA], v[AA];
-#pragma GCC unroll 8
-      for (int r = 0; r < A; ++r)
-#pragma GCC unroll 8
-        for (int c = 0; c < A; ++c) win[r * A + c] = d[r * g.Wp + c];
-      sandwich(Wino<M>::BT, win, v);
-#pragma GCC unroll 36
-      for (int xi = 0; xi < AA; ++xi) *reinterpret_cast<v8*>(Vs + (xi * T + i) * g.Cp + cb * kLanes) = v[xi];
-    }
+    input_transform<M>(xb, g, n, ty, tx, Vs + i * g.Cp, T * g.Cp);
     for (int64_t kb = 0; kb < KB; ++kb) {
       const v8* d = reinterpret_cast<const v8*>(gb + (((n * KB + kb) * gg.Hp + ty * M) * gg.Wp + tx * M) * kLanes);
       v8 dy[M * M], dm[AA];
