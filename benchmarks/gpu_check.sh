@@ -53,7 +53,7 @@ fi
 stage bench_embedding_bag 45 $PY benchmarks/bench_embedding_bag.py --device cuda \
   --out "$OUT/bench_embedding_bag_cuda.json"
 stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda --out "$OUT/bench_rnn_cuda.json"
-stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last} \
+stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
