@@ -678,3 +678,24 @@ def test_winograd_size_rules():
         assert bool(m) == fwd, (N, C, H)
         if m:
             assert (cbr._winograd_work(x, w, m, [1, 1]) >= cbr._WINOGRAD_MIN_WEIGHT_GRAD_WORK) == wgrad, (N, C, H)
+
+
+def test_winograd_weight_grad_on_any_thread_count():
+    """The weight gradient splits the tiles over workers (one a thread, fewer than tiles when there are few) and
+    adds their sums in worker order: right for every thread count, deterministic for each."""
+    _winograd_or_skip()
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(3, 5, 6, 6, generator=g, dtype=torch.float64), torch.randn(3, 7, 6, 6, generator=g,
+                                                                                    dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(dy, x, torch.zeros(7, 5, 3, 3, dtype=torch.float64), None, [1, 1],
+                                               [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3, 8, 40):  # 40 threads: more than the 12 tiles of 4x4
+            torch.set_num_threads(n)
+            for m in (2, 4):
+                runs = [torch.ops.fck.conv3x3_winograd_weight_grad(x.float(), dy.float(), [1, 1], m) for _ in range(2)]
+                assert torch.equal(runs[0], runs[1])
+                torch.testing.assert_close(runs[0].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    finally:
+        torch.set_num_threads(threads)

@@ -474,34 +474,36 @@ at::Tensor conv3x3_winograd_weight_grad(const at::Tensor& x, const at::Tensor& g
   gg.nhwc = !grad_out.is_contiguous() && grad_out.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor xb = interleaved(x, g), gb = interleaved(grad_out, gg);
   const int64_t A = m + 2, AA = A * A, P = g.Kp / panel::kNR;
-  // One dU (AA x Cp x Kp) per thread, summed at the end: the tiles are the GEMMs' reduction dimension. Every chunk
-  // adds into dU (37 MB at 512 x 512 channels, in L3), so chunks are long: each GEMM tile of dU is loaded and stored
-  // once a chunk. Up to 384 tiles a chunk for 64 channels, 192 for 128 and 128 beyond (sweeps of 64 to 768 on
-  // ResNet-34's layers at N = 64: 64x512x7x7 took 85 ms at 96, 48 at 128-384; 64x256x14x14 34 ms at 96-128, 40 at
-  // 384), and the same number of chunks on every thread (a thread with one extra long chunk doubles the time).
-  const int64_t tiles = g.N * g.th * g.tw, threads = std::max(1, at::get_num_threads());
-  const int64_t cap = g.Cp <= 64 ? 384 : g.Cp <= 128 ? 192 : 128;
-  const int64_t per_thread = (tiles + threads - 1) / threads, per_thread_chunks = (per_thread + cap - 1) / cap;
-  const int64_t T = (per_thread + per_thread_chunks - 1) / per_thread_chunks, chunks = (tiles + T - 1) / T;
-  std::vector<at::Tensor> partial(threads);
-  at::parallel_for(0, chunks, 1, [&](int64_t ch0, int64_t ch1) {
-    at::Tensor& dU = partial.at(at::get_thread_num());
-    const bool first = !dU.defined();  // the thread's first chunk writes dU instead of adding to it
-    if (first) dU = pooled_empty({AA * g.Cp * g.Kp}, x.options());
+  // The tiles are the GEMMs' reduction dimension: each worker sums its share of them into its own dU (AA x Cp x
+  // Kp), added up at the end in worker order (the result does not depend on the scheduling). Workers: one a thread,
+  // as many as 256 MB of dU allow (37 MB each at 512 x 512 channels: 16 threads would spend more adding the sums
+  // than computing them). Every chunk adds into dU (in L3 when large), so chunks are long: each GEMM tile of dU is
+  // loaded and stored once a chunk. Up to 384 tiles a chunk for 64 channels, 192 for 128 and 128 beyond (sweeps of
+  // 64 to 768 on ResNet-34's layers at N = 64: 64x512x7x7 took 85 ms at 96, 48 at 128-384; 64x256x14x14 34 ms at
+  // 96-128, 40 at 384), the same number on every worker (one extra long chunk on one thread doubles the time).
+  const int64_t tiles = g.N * g.th * g.tw, dU_bytes = AA * g.Cp * g.Kp * int64_t(sizeof(float));
+  const int64_t most = std::min<int64_t>(std::max(1, at::get_num_threads()),
+                                         std::max<int64_t>(1, (int64_t(256) << 20) / dU_bytes));
+  const int64_t per_worker = (tiles + most - 1) / most, workers = (tiles + per_worker - 1) / per_worker;  // >= 1 tile
+  const int64_t cap = g.Cp <= 64 ? 384 : g.Cp <= 128 ? 192 : 128, per_worker_chunks = (per_worker + cap - 1) / cap;
+  const int64_t T = (per_worker + per_worker_chunks - 1) / per_worker_chunks;
+  std::vector<at::Tensor> parts(workers);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     at::Tensor scratch = pooled_empty({AA * T * (g.Cp + P * panel::kNR)}, x.options());
     float* Vs = scratch.data_ptr<float>();
     float* dMs = Vs + AA * g.Cp * T;
-    for (int64_t ch = ch0; ch < ch1; ++ch) {
-      (m == 2 ? wgrad_chunk<2> : wgrad_chunk<4>)(xb.data_ptr<float>(), gb.data_ptr<float>(), g, gg, T, ch * T,
-                                                 std::min(T, tiles - ch * T), Vs, dMs, dU.data_ptr<float>(),
-                                                 !(first && ch == ch0));
+    for (int64_t w = w0; w < w1; ++w) {
+      parts[w] = pooled_empty({AA * g.Cp * g.Kp}, x.options());
+      const int64_t end = std::min(tiles, (w + 1) * per_worker);
+      for (int64_t t0 = w * per_worker; t0 < end; t0 += T) {  // the first chunk writes dU, the others add to it
+        (m == 2 ? wgrad_chunk<2> : wgrad_chunk<4>)(xb.data_ptr<float>(), gb.data_ptr<float>(), g, gg, T, t0,
+                                                   std::min(T, end - t0), Vs, dMs, parts[w].data_ptr<float>(),
+                                                   t0 > w * per_worker);
+      }
     }
   });
-  // dU = the threads' sum; dW[k][c] = G^T dU[.][c][k] G, 16 filters k at a time (contiguous in dU), in double.
-  std::vector<at::Tensor> parts;
-  for (const at::Tensor& t : partial)
-    if (t.defined()) parts.push_back(t);
-  for (size_t i = 1; i < parts.size(); ++i) parts[0].add_(parts[i]);
+  // dU = the workers' sum; dW[k][c] = G^T dU[.][c][k] G, 16 filters k at a time (contiguous in dU), in double.
+  for (int64_t w = 1; w < workers; ++w) parts[0].add_(parts[w]);
   const float* dU = parts.at(0).data_ptr<float>();
   float* out = dw.data_ptr<float>();
   at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
