@@ -80,9 +80,9 @@ def _dense_nchw_or_nhwc(x) -> bool:
 
 def _winograd_tile_for(x, w, stride, padding, dilation, groups) -> int:
     """The Winograd tile (2 or 4) for this convolution, or 0 where it does not apply or would not win: it needs a
-    3x3, stride-1, ungrouped convolution of a dense fp32 CPU input, NCHW or channels_last (the output follows). Measured on this library's CPUs
-    (N = 64, ResNet-34's 3x3 layers: 1.2-2x oneDNN's direct convolution), it loses only where the batch has too few
-    tiles to share the transformed weight (a 7x7 image at N = 1) or both channel counts are tiny (8 -> 16)."""
+    3x3, stride-1, ungrouped convolution of a dense fp32 CPU input, NCHW or channels_last (the output follows), and
+    enough work to pay for its fixed costs: tiles for every thread, _WINOGRAD_MIN_WORK multiply-adds, not both
+    channel counts tiny (8 -> 16 lost to oneDNN). On ResNet-34's 3x3 layers at N = 64 it runs 1.2-2x oneDNN."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 4
             or tuple(w.shape[2:]) != (3, 3) or groups != 1 or isinstance(padding, str)
             or _pair(stride) != [1, 1] or _pair(dilation) != [1, 1] or not _dense_nchw_or_nhwc(x)
@@ -148,8 +148,7 @@ class _WinogradConv2d(torch.autograd.Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         if not _dense_nchw_or_nhwc(gy):
-            gy = gy.contiguous(memory_format=torch.channels_last if x.is_contiguous(
-                memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format)
+            gy = gy.contiguous(memory_format=x.suggest_memory_format())
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             ut = torch.ops.fck.winograd_weight(w, ctx.m, True)
