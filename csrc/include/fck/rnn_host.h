@@ -105,15 +105,18 @@ struct Order {
   int64_t last() const { return reverse ? 0 : T - 1; }
 };
 
-// sum_t dg[t]^T h_prev[t]: the states that fed the steps are h0, then the outputs shifted by one step.
+// sum_t dg[t]^T h_prev[t]: the states that fed the steps are h0, then the outputs shifted by one step. Computed as
+// its transpose, sum_t h_prev[t]^T dg[t] (H x GH), then transposed back: MKL runs that orientation faster (lesson
+// 7's 4416 x 256 by 4416 x 64: 0.74-0.83 ms against 0.88-0.98 for dg^T h in repeated runs on this library's Xeon;
+// the lesson-7 LSTM's fwd+bwd 12.09 -> 11.77 ms, medians of 30 interleaved runs).
 inline at::Tensor weight_grad(const at::Tensor& dg, const at::Tensor& h0, const at::Tensor& out, const Order& o) {
   const int64_t T = dg.size(0), GH = dg.size(2), H = out.size(2);
-  at::Tensor dw = at::mm(dg.select(0, o.first()).t(), h0);
+  at::Tensor dwt = at::mm(h0.t(), dg.select(0, o.first()));
   if (T > 1) {
     const int64_t g0 = o.reverse ? 0 : 1, h_start = o.reverse ? 1 : 0;
-    dw.addmm_(dg.narrow(0, g0, T - 1).reshape({-1, GH}).t(), out.narrow(0, h_start, T - 1).reshape({-1, H}));
+    dwt.addmm_(out.narrow(0, h_start, T - 1).reshape({-1, H}).t(), dg.narrow(0, g0, T - 1).reshape({-1, GH}));
   }
-  return dw;
+  return dwt.t().contiguous();
 }
 
 // A (T, B, W) sequence or a (B, W) state seen as a base pointer: rows [b0, b0 + n) of step t are contiguous.
