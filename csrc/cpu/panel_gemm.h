@@ -11,8 +11,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+
+#include "fck/cpu_vec.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -168,12 +169,6 @@ __attribute__((target("avx512f"))) inline void gemm_panels_avx512(int64_t n, con
       }
     }
   }
-}
-
-// FCK_NO_AVX512=1 keeps the AVX2 kernel on an AVX-512 CPU (a test compares the two).
-inline bool cpu_runs_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && std::getenv("FCK_NO_AVX512") == nullptr;
-  return yes;
 }
 
 template <bool TA>

@@ -125,8 +125,8 @@ FCK_INLINE void gru_bwd_rows(const raw_t<T>* __restrict dout, const raw_t<T>* __
   }
 }
 
-// Every row loop compiled for baseline x86-64 and for AVX2+FMA+F16C: the always-inline body takes on the target of
-// the wrapper it is inlined into. The AVX2 clone also contracts a * b + c into FMAs (the library builds with
+// Every row loop compiled for baseline x86-64, for AVX2+FMA+F16C and for AVX-512 (16 lanes a vector): the
+// always-inline body takes on the target of the wrapper it is inlined into. The AVX2 clone also contracts a * b + c into FMAs (the library builds with
 // -ffp-contract=off): the exp polynomial is a chain of six of them, and its latency is what the cell waits on
 // (lesson-7 forward cell 6.5 -> 4.8 ns a unit; the result moves by at most an ulp or two of the exp).
 #define FCK_RNN_CLONES(name)                                                            \
@@ -140,9 +140,16 @@ FCK_INLINE void gru_bwd_rows(const raw_t<T>* __restrict dout, const raw_t<T>* __
   template <typename T, typename... P>                                                  \
   __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=fast"))) void name##_avx2(P... p) { \
     name<T>(p...);                                                                      \
+  }                                                                                     \
+  template <typename T, typename... P>                                                  \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"), optimize("fp-contract=fast"))) \
+  void name##_avx512(P... p) {                                                          \
+    name<T>(p...);                                                                      \
   }
-#define FCK_RNN_PICK(name, T, ...) \
-  (cpu_runs_avx2_clone() ? name##_avx2<T>(__VA_ARGS__) : name##_base<T>(__VA_ARGS__))
+#define FCK_RNN_PICK(name, T, ...)                                                                   \
+  (cpu_runs_avx512()       ? name##_avx512<T>(__VA_ARGS__)                                          \
+   : cpu_runs_avx2_clone() ? name##_avx2<T>(__VA_ARGS__)                                            \
+                           : name##_base<T>(__VA_ARGS__))
 #else
 #define FCK_RNN_AVX2_CLONE(name)
 #define FCK_RNN_PICK(name, T, ...) name##_base<T>(__VA_ARGS__)

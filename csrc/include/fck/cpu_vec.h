@@ -2,6 +2,8 @@
 // run-time choice between the AVX2+FMA+F16C clone of a loop and its baseline x86-64 build.
 #pragma once
 
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -163,6 +165,19 @@ inline bool cpu_runs_avx2_clone() {
 #ifdef FCK_HAVE_AVX2_CLONE
   static const bool yes =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether to take the AVX-512 kernels (the panel GEMM, the RNN cells' clones). FCK_NO_AVX512=1 keeps the AVX2 ones
+// on an AVX-512 CPU: the two give the same bits, which tests/test_cpu_isa.py checks by running both.
+inline bool cpu_runs_avx512() {
+#ifdef FCK_HAVE_AVX2_CLONE
+  static const bool yes = cpu_runs_avx2_clone() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && std::getenv("FCK_NO_AVX512") == nullptr;
   return yes;
 #else
   return false;
