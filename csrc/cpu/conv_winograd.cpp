@@ -1,6 +1,7 @@
 // conv2d(x, w, b, stride 1, padding p) for 3x3 kernels, ReLU optional, by Winograd's minimal filtering
 // F(m x m, 3 x 3) (Lavin & Gray 2016): conv-BN-ReLU's CPU path, eval (the folded convolution with its ReLU) and
-// training (the convolution and its input gradient, itself a 3x3 convolution with the flipped, transposed filters).
+// training (the convolution; its input gradient, itself a 3x3 convolution with the flipped, transposed filters; and
+// its weight gradient, a sum over the tiles in the transformed domain: wgrad_chunk below).
 //
 // Why: oneDNN's direct convolution already runs near this CPU's FMA peak (ResNet-34's 3x3 layers at N = 64), so
 // beating it takes fewer multiplies, not a better schedule. Each m x m output tile costs (m + 2)^2 products per
@@ -10,7 +11,7 @@
 //   1. input transform: V[xi][t][c] = (B^T d B)[xi], d the tile's (m+2)^2 window, 8 channels per vector;
 //   2. (m+2)^2 GEMMs M[xi] (T x K) = V[xi] (T x C) @ U[xi] (C x K) on panel_gemm.h's register-tiled kernel, with
 //      U = G g G^T packed once per folded weight (winograd_weight);
-//   3. output transform Y = A^T M A, plus bias, ReLU, written straight into the NCHW output.
+//   3. output transform Y = A^T M A, plus bias, ReLU, written straight into the output (NCHW or channels_last).
 // The input is first copied into a zero-padded, 8-channel-interleaved layout (N, C/8, Hp, Wp, 8), so step 1 reads
 // whole aligned vectors with no bounds checks.
 #include <ATen/ATen.h>
