@@ -196,8 +196,9 @@ def test_opcheck_winograd_conv():
     for m in (2, 4):
         for transposed in (False, True):
             torch.library.opcheck(torch.ops.fck.winograd_weight.default, (w, m, transposed))
-        torch.library.opcheck(torch.ops.fck.conv3x3_winograd.default,
-                              (x, torch.ops.fck.winograd_weight(w, m), b, [1, 0], 20, True))
+        for xf in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.library.opcheck(torch.ops.fck.conv3x3_winograd.default,
+                                  (xf, torch.ops.fck.winograd_weight(w, m), b, [1, 0], 20, True))
         torch.library.opcheck(torch.ops.fck.conv3x3_winograd.default,
                               (torch.randn(2, 20, 5, 6, generator=g), torch.ops.fck.winograd_weight(w, m, True), None,
                                [2, 1], 9, False))

@@ -33,9 +33,14 @@ def _register_fakes() -> None:
     torch.library.register_fake("fck::winograd_weight")(
         lambda w, m, transposed=False: w.new_empty((m + 2) ** 2, -(-w.shape[1 if transposed else 0] // 16),
                                                    -(-w.shape[0 if transposed else 1] // 8) * 8, 16))
-    torch.library.register_fake("fck::conv3x3_winograd")(
-        lambda x, u, bias, padding, out_channels, relu: x.new_empty(
-            x.shape[0], out_channels, x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2))
+    def winograd_conv_fake(x, u, bias, padding, out_channels, relu):
+        # the output in the input's memory format, as the kernel returns it
+        nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return x.new_empty(x.shape[0], out_channels, x.shape[2] + 2 * padding[0] - 2,
+                           x.shape[3] + 2 * padding[1] - 2).contiguous(
+            memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+    torch.library.register_fake("fck::conv3x3_winograd")(winograd_conv_fake)
     torch.library.register_fake("fck::conv3x3_winograd_weight_grad")(
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 
