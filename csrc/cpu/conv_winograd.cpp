@@ -296,7 +296,9 @@ __attribute__((target("avx2,fma"))) void wgrad_chunk(const float* xb, const floa
   // The GEMMs' depth is the chunk's T tiles (the panel layout's stride): tiles past nt are zero on both sides.
   if (nt < T) {
     for (int64_t r = 0; r < AA; ++r) std::fill(Vs + (r * T + nt) * g.Cp, Vs + (r + 1) * T * g.Cp, 0.f);
-    for (int64_t r = 0; r < AA * P; ++r) std::fill(dMs + (r * T + nt) * panel::kNR, dMs + (r + 1) * T * panel::kNR, 0.f);
+    for (int64_t r = 0; r < AA * P; ++r) {
+      std::fill(dMs + (r * T + nt) * panel::kNR, dMs + (r + 1) * T * panel::kNR, 0.f);
+    }
   }
   for (int xi = 0; xi < AA; ++xi) {
     panel::gemm_panels(g.Cp, Vs + xi * T * g.Cp, g.Cp, dMs + xi * P * T * panel::kNR, g.Kp, T, dU + xi * g.Cp * g.Kp,

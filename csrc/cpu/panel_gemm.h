@@ -1,5 +1,6 @@
-// c (n x N) = a (n x K) @ B for the skinny GEMMs of a recurrent step (n = batch rows, B = W_hh or its transpose),
-// with B packed once per call into 16-column panels and an AVX2+FMA register-tiled kernel.
+// c (n x N) = a (n x K) @ B for the skinny GEMMs of a recurrent step (n = batch rows, B = W_hh or its transpose)
+// and the Winograd convolution's batched GEMMs, with B packed into 16-column panels and a register-tiled kernel:
+// AVX2+FMA (6 x 16 tiles) or AVX-512 (12 x 32), both summing each element's terms in the same order.
 //
 // Why not BLAS: on this library's AMD CPUs, MKL runs the AWD-LSTM step (32 x 1152 by 1152 x 4608) at ~41 GFLOP/s
 // through its generic kernels, and its packed API gains only 7%; a small step (64 x 64 by 64 x 256) pays a BLAS

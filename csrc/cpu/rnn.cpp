@@ -126,9 +126,10 @@ FCK_INLINE void gru_bwd_rows(const raw_t<T>* __restrict dout, const raw_t<T>* __
 }
 
 // Every row loop compiled for baseline x86-64, for AVX2+FMA+F16C and for AVX-512 (16 lanes a vector): the
-// always-inline body takes on the target of the wrapper it is inlined into. The AVX2 clone also contracts a * b + c into FMAs (the library builds with
-// -ffp-contract=off): the exp polynomial is a chain of six of them, and its latency is what the cell waits on
-// (lesson-7 forward cell 6.5 -> 4.8 ns a unit; the result moves by at most an ulp or two of the exp).
+// always-inline body takes on the target of the wrapper it is inlined into. The vector clones also contract
+// a * b + c into FMAs (the library builds with -ffp-contract=off), both the same way, so they give the same bits:
+// the exp polynomial is a chain of six of them, and its latency is what the cell waits on (lesson-7 forward cell
+// 6.5 -> 4.8 ns a unit; the result moves by at most an ulp or two of the exp).
 #define FCK_RNN_CLONES(name)                                                            \
   template <typename T, typename... P>                                                  \
   void name##_base(P... p) {                                                            \
