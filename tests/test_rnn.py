@@ -332,6 +332,22 @@ def test_larger_shapes_fp32(backend, mode, hidden):
         _close(u, v, torch.float32, "output/grad")
 
 
+@pytest.mark.parametrize("mode,hidden", [("lstm", 20), ("lstm", 256), ("gru", 300)])
+def test_weight_gradients_come_contiguous(mode, hidden):
+    """The CPU path hands autograd every weight gradient in its parameter's layout (small weights and those past
+    the 1 MB orientation rule), so AccumulateGrad keeps the tensor instead of copying it."""
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    m = (fnn.LSTM if mode == "lstm" else fnn.GRU)(24, hidden, 2)
+    x = torch.randn(5, 3, 24, requires_grad=True)
+    with fck.use_backend("cpu"):
+        out, _ = m(x)
+    params = list(m.parameters())
+    grads = torch.autograd.grad(out.sum(), params)
+    for p, g in zip(params, grads):
+        assert g.shape == p.shape and g.is_contiguous(), (tuple(p.shape), g.stride())
+
+
 def test_nan_propagates():
     skip_unless_runnable("cpu", "cpu")
     m = fnn.LSTM(3, 4)

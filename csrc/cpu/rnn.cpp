@@ -280,7 +280,7 @@ struct RnnSteps {
     if constexpr (std::is_same_v<T, float>) {
 #ifdef FCK_HAVE_PANEL_GEMM
       if (cpu_runs_avx2_clone()) {
-        W.packed = at::empty({panel::packed_floats(N, K)}, tensor.options());
+        W.packed = pooled_empty({panel::packed_floats(N, K)}, tensor.options());
         panel::pack(w, wt, N, K, W.packed.template data_ptr<float>());
         W.kind = kPanels;
         return W;
