@@ -4,10 +4,6 @@ and torch.nn.functional, forward and backward, plus the bad inputs."""
 import copy
 import importlib
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -439,7 +435,14 @@ def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():
     assert fck.ops.release_cpu_pool() == 0
 
 
-def _channel_group_bits(shape, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 6, 9, 13), (2, 5, 131, 131)])  # planes of 117, and of two runs (> 16384)
+def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
+    """Planar training inputs whose channels fit in cache are walked a group of channels at a time (C >= 2 x
+    threads; on one thread, groups of C // 2: 3 + 3, or 2 + 2 + 1); the same call on four threads takes the
+    whole-tensor passes. Both merge the same partial sums in the same order: outputs, running statistics and every
+    gradient must agree bit for bit."""
+    skip_unless_runnable("cpu", "cpu")
     x, res, dy, w, b, rm, rv = _inputs(shape, dtype, "cpu", mean=3.0)
     threads = torch.get_num_threads()
     runs = []
@@ -454,28 +457,6 @@ def _channel_group_bits(shape, dtype):
     for a, b_ in zip(runs[:2], runs[2:]):
         for t, u in zip(a, b_):
             assert torch.equal(t, u)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,cache_kb", [((5, 6, 9, 13), None), ((2, 12, 131, 131), 3000)],
-                         ids=["short planes", "planes of two runs, small cache"])
-def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, cache_kb, dtype):
-    """Planar training inputs are walked a group of channels at a time when a group fits in a quarter of a thread's
-    share of the cache and C >= 2 x threads, unless the whole tensors fit in the cache and the planes are long (of at
-    least 512 bytes). On one thread: the short planes of 117 values take groups of C // 2 (3 + 3); the planes of
-    17161 values (two runs each) are grouped only where the tensors outgrow the cache, here a 3000 KB one set with
-    FCK_CPU_CACHE_KB in a fresh process (groups of 2 or 1 channels, every pass's tensors). The same call on four
-    threads takes the whole-tensor passes (C < 8, or a budget below one channel). Both merge the same partial sums
-    in the same order: outputs, running statistics and every gradient must agree bit for bit."""
-    skip_unless_runnable("cpu", "cpu")
-    if cache_kb is None:
-        return _channel_group_bits(shape, dtype)
-    root = Path(__file__).resolve().parent.parent
-    script = ("import sys, torch; sys.path.insert(0, 'tests'); import test_batch_norm as t; "
-              f"t._channel_group_bits({shape!r}, torch.{str(dtype).split('.')[-1]})")
-    env = dict(os.environ, FCK_CPU_CACHE_KB=str(cache_kb),
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", script], env=env, cwd=root, check=True, timeout=300)
 
 
 def _ran_winograd(y) -> bool:

@@ -27,7 +27,6 @@ constexpr int64_t kRun = 16384;          // elements of one planar work unit
 constexpr int64_t kTile = 256;           // elements converted to the accumulation type at a time
 constexpr int64_t kBlockElems = 65536;   // elements of one interleaved work unit (whole rows)
 constexpr int64_t kRowTileElems = 8192;  // interleaved: rows per tile of the two-pass statistics
-constexpr int64_t kLongPlaneBytes = 512;  // see channel_group
 
 // The tile as accumulation-type values: the storage itself for fp32/fp64, a widened copy for fp16/bf16.
 template <typename T, bool F16C>
@@ -395,19 +394,12 @@ struct RowBlocks {
 // of the thread's share of the cache: found by timing groups of 1, 4 and this rule against the whole-tensor passes,
 // interleaved in one process (fwd+bwd, N = 64, 32 MB L3, 2 threads): 56x56 -16%, 28x28 -14%, 14x14 -3%, 7x7 even;
 // groups of half the share were no faster than the whole-tensor passes at 56x56 and slower at 28x28 and 14x14.
-// Where every tensor the passes touch fits in the last-level cache together, the whole-tensor passes find the second
-// read there too, and groups only cost (an Intel Xeon with 480 MB of L3, fwd+bwd, N = 64, 15 interleaved runs:
-// whole-tensor passes 19.9-20.8 / 8.6-8.8 / 3.7-3.8 ms against grouped 23.6-24.8 / 10.9-11.3 / 4.2-4.8 at 56x56,
-// 28x28, 14x14), unless the planes are short (7x7: grouped 2.3 against 2.4-2.5 ms; a whole-tensor unit is then one
-// 196-byte plane).
 // Returns the group's channel count, or 0 to take the whole-tensor passes.
 int64_t channel_group(const BnLayout& L, int64_t tensors, int64_t elem) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t cache = cpu_cache_bytes();
   // a quarter of a thread's share of the cache, for every tensor the group's passes touch
-  const int64_t budget = cache / threads / 4, channel_bytes = tensors * L.N * L.S * elem;
+  const int64_t budget = cpu_cache_bytes() / threads / 4, channel_bytes = tensors * L.N * L.S * elem;
   if (!L.planar || L.C < 2 * threads || channel_bytes > budget) return 0;
-  if (channel_bytes * L.C <= cache && L.S * elem >= kLongPlaneBytes) return 0;
   return std::max<int64_t>(1, std::min(budget / channel_bytes, L.C / (2 * threads)));
 }
 

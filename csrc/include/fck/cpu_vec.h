@@ -74,14 +74,9 @@ inline void narrow(const acc_t<T>* __restrict src, raw_t<T>* __restrict dst, int
 
 // The size of the largest cache this core sees (its L3 slice, else L2; at least 1 MiB): what a kernel may hope to
 // keep cached. Read from sysfs, which reports the one instance the core shares: glibc's sysconf reports the whole
-// package's L3 on AMD (256 MB for this VM's EPYC, whose core sees a 32 MB slice). FCK_CPU_CACHE_KB overrides it,
-// read once (a VM that misreports its caches; the tests' small-cache cases).
+// package's L3 on AMD (256 MB for this VM's EPYC, whose core sees a 32 MB slice).
 inline int64_t cpu_cache_bytes() {
   static const int64_t bytes = [] {
-    if (const char* env = std::getenv("FCK_CPU_CACHE_KB")) {
-      const long long kib = std::atoll(env);
-      if (kib > 0) return int64_t(kib) << 10;
-    }
     int64_t best_level = 0, best = 0;
     for (int index = 0; index < 8; ++index) {
       const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
