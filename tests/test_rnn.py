@@ -348,6 +348,15 @@ def test_weight_gradients_come_contiguous(mode, hidden):
         assert g.shape == p.shape and g.is_contiguous(), (tuple(p.shape), g.stride())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("gru", 384)])
+def test_larger_shapes_half_precision(mode, hidden, dtype):
+    """fp16/bf16 steps on the CPU's fp32 panels, in row blocks (hidden 131) and as one block whose GEMM splits
+    across threads (hidden 384), against torch's float64 result on the same rounded weights."""
+    skip_unless_runnable("cpu", "cpu")
+    _check_against_float64("cpu", "cpu", mode, dtype, (17, hidden, 2, False, False, 9, 37, True))
+
+
 def test_nan_propagates():
     skip_unless_runnable("cpu", "cpu")
     m = fnn.LSTM(3, 4)

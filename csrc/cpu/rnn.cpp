@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
@@ -160,11 +161,11 @@ FCK_RNN_CLONES(lstm_bwd_rows)
 FCK_RNN_CLONES(gru_fwd_rows)
 FCK_RNN_CLONES(gru_bwd_rows)
 
-// Each step's GEMM: fp32 on an AVX2+FMA CPU runs panel_gemm.h on W_hh packed once per call (3.6 vs 6.2 ms per
-// AWD-LSTM step here). Otherwise the Fortran BLAS of the library torch links (MKL or OpenBLAS), called directly:
-// at::mm_out costs a dispatch and two tensor views per call, as much as the math of a small step; MKL's packed-GEMM
-// API, where torch links MKL, packs a large W_hh once per call. All weak, so a torch without them still loads;
-// fp16/bf16 and that case go through at::mm_out.
+// Each step's GEMM: fp32 (fp16/bf16 widened) on an AVX2+FMA CPU runs panel_gemm.h on W_hh packed once per call
+// (3.6 vs 6.2 ms per AWD-LSTM step here). Otherwise the Fortran BLAS of the library torch links (MKL or OpenBLAS),
+// called directly: at::mm_out costs a dispatch and two tensor views per call, as much as the math of a small step;
+// MKL's packed-GEMM API, where torch links MKL, packs a large W_hh once per call. All weak, so a torch without them
+// still loads; that case, and fp16/bf16 without AVX2, go through at::mm_out.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
@@ -188,11 +189,51 @@ bool fits_int(std::initializer_list<int64_t> v) {
   return std::max(v) < (int64_t(1) << 31);
 }
 
+template <typename T>
+const raw_t<T>* raw(const T* p) {
+  return reinterpret_cast<const raw_t<T>*>(p);
+}
+template <typename T>
+raw_t<T>* raw(T* p) {
+  return reinterpret_cast<raw_t<T>*>(p);
+}
+
+template <typename T>
+FCK_INLINE void widen_rows(const raw_t<T>* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::load(src[i]);
+}
+template <typename T>
+FCK_INLINE void narrow_rows(const float* __restrict src, raw_t<T>* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
+}
+FCK_RNN_CLONES(widen_rows)
+FCK_RNN_CLONES(narrow_rows)
+
+#ifdef FCK_HAVE_PANEL_GEMM
+// An fp16/bf16 step on fp32 panels (see weight()): the left operand widened exactly, fp32 products and sums, the
+// result rounded once, as at::mm's fp32 accumulation rounds it. at::mm_out per step was a dispatch, views and a
+// oneDNN call of ~35 us for the lesson-7 LSTM's 32 x 64 by 64 x 256 (bf16 fwd+bwd 16.4 ms, torch's 10.0).
+template <typename T>
+void half_panel_gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c) {
+  thread_local std::vector<float> buf;
+  buf.resize(n * (W.K + W.N));
+  float *a32 = buf.data(), *c32 = a32 + n * W.K;
+  FCK_RNN_PICK(widen_rows, T, raw(a), a32, n * W.K);
+  panel::gemm(n, a32, W.K, W.packed.template data_ptr<float>(), W.N, W.K, c32, W.N);
+  FCK_RNN_PICK(narrow_rows, T, static_cast<const float*>(c32), raw(c), n * W.N);
+}
+#endif
+
 // c (n x N) = a (n x K) @ op(w), row-major.
 template <typename T>
 void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor& like) {
   if (n == 0) return;
   const int64_t N = W.N, K = W.K;
+#ifdef FCK_HAVE_PANEL_GEMM
+  if constexpr (std::is_same_v<raw_t<T>, uint16_t>) {
+    if (W.kind == kPanels) return half_panel_gemm(n, a, W, c);
+  }
+#endif
   if constexpr (std::is_same_v<T, float>) {
 #ifdef FCK_HAVE_PANEL_GEMM
     if (W.kind == kPanels) return panel::gemm(n, a, K, W.packed.template data_ptr<float>(), N, K, c, N);
@@ -221,15 +262,6 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
   }
   at::Tensor out = view(c, {n, N}, like);
   at::mm_out(out, view(a, {n, K}, like), W.wt ? view(W.w, {N, K}, like).t() : view(W.w, {K, N}, like));
-}
-
-template <typename T>
-const raw_t<T>* raw(const T* p) {
-  return reinterpret_cast<const raw_t<T>*>(p);
-}
-template <typename T>
-raw_t<T>* raw(T* p) {
-  return reinterpret_cast<raw_t<T>*>(p);
 }
 
 struct RnnSteps {
@@ -277,6 +309,17 @@ struct RnnSteps {
                                const at::Tensor& tensor) {
     rnn::Weight<T> W{w, wt, N, K, m, at::Tensor()};
     if (steps < 2) return W;
+#ifdef FCK_HAVE_PANEL_GEMM
+    if constexpr (std::is_same_v<raw_t<T>, uint16_t>) {  // fp16/bf16: fp32 panels of the widened weight
+      if (cpu_runs_avx2_clone()) {
+        const at::Tensor w32 = tensor.to(at::kFloat).contiguous();
+        W.packed = pooled_empty({panel::packed_floats(N, K)}, w32.options());
+        panel::pack(w32.data_ptr<float>(), wt, N, K, W.packed.template data_ptr<float>());
+        W.kind = kPanels;
+        return W;
+      }
+    }
+#endif
     if constexpr (std::is_same_v<T, float>) {
 #ifdef FCK_HAVE_PANEL_GEMM
       if (cpu_runs_avx2_clone()) {
