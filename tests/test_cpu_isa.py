@@ -1,6 +1,7 @@
 """The CPU kernels' AVX-512 and AVX2 variants agree bit for bit: the panel GEMM (an RNN's recurrent step, the
 Winograd convolution's batched GEMMs) sums each output's terms in the same order on both. Run on an AVX-512 CPU,
-this also covers the AVX2 kernels, which that CPU would otherwise never take."""
+this also covers the AVX2 kernels, which that CPU would otherwise never take. On a CPU with AMX, the bf16 recurrent
+steps run both on AMX and on the fp32 panels (different sums: each checked against float64)."""
 
 import os
 import subprocess
@@ -50,3 +51,22 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(tmp_path):
     for key in runs[0]:
         for a, b in zip(runs[0][key], runs[1][key]):
             assert torch.equal(a, b), key
+
+
+def test_bf16_recurrent_steps_without_amx(tmp_path):
+    """On a CPU with AMX, bf16 recurrent steps run on AMX tiles; FCK_NO_AMX=1 keeps them on the fp32 panels, which
+    CPUs without AMX take. Both against torch's float64 result, in a fresh process each (the choice is made once)."""
+    skip_unless_runnable("cpu", "cpu")
+    cpuinfo = Path("/proc/cpuinfo")
+    if "amx_bf16" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+        pytest.skip("this CPU has no AMX: the bf16 tests run the fp32 panels already")
+    root = Path(__file__).resolve().parent.parent
+    script = ("import sys, torch; sys.path.insert(0, 'tests'); import test_rnn as t\n"
+              "for mode, hidden in (('lstm', 131), ('gru', 384)):\n"
+              "    t.test_larger_shapes_half_precision(mode, hidden, torch.bfloat16)\n"
+              "t._check_against_float64('cpu', 'cpu', 'lstm', torch.bfloat16,"
+              " t.CONFIGS['2-layer bidirectional batch_first'])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    for no_amx in (False, True):
+        run_env = dict(env, FCK_NO_AMX="1") if no_amx else {k: v for k, v in env.items() if k != "FCK_NO_AMX"}
+        subprocess.run([sys.executable, "-c", script], env=run_env, cwd=root, check=True, timeout=300)
