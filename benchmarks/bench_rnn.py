@@ -1,11 +1,12 @@
 """LSTM/GRU fwd+bwd on the lessons' shapes: fastcore_kernels' modules vs torch.nn.LSTM/GRU (oneDNN on CPU, cuDNN on
 CUDA) with the same weights, in the same run.
 
-    python benchmarks/bench_rnn.py [--device cpu|cuda] [--out results.json] [--quick]
+    python benchmarks/bench_rnn.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out results.json]
+                                   [--quick]
 
 Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), the AWD-LSTM shape
 (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
-forward, which cuDNN must re-pack), and the cells alone. GB/s counts the activations each pass must move at least:
+forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. GB/s counts the activations each pass must move at least:
 the input projection and saved gates written and read back, the outputs and their gradients.
 """
 
@@ -38,14 +39,14 @@ def cases(quick: bool):
     return out
 
 
-def _modules(kind, I, H, L, device):
+def _modules(kind, I, H, L, device, dtype=torch.float32):
     torch.manual_seed(0)
     pairs = {"lstm": (nn.LSTM, fnn.LSTM), "gru": (nn.GRU, fnn.GRU), "lstm_cell": (nn.LSTMCell, fnn.LSTMCell),
              "gru_cell": (nn.GRUCell, fnn.GRUCell)}
     tcls, ocls = pairs[kind]
     kw = {} if kind.endswith("cell") else {"num_layers": L}
-    theirs = tcls(I, H, **kw).to(device)
-    ours = ocls(I, H, **kw).to(device)
+    theirs = tcls(I, H, **kw).to(device, dtype)
+    ours = ocls(I, H, **kw).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
 
@@ -69,6 +70,7 @@ def _min_bytes(kind, I, H, L, B, T, elem=4):
 def main(argv=None) -> Results:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="skip the AWD-LSTM shape (minutes on a small CPU)")
     ap.add_argument("--out", default="")
@@ -78,8 +80,10 @@ def main(argv=None) -> Results:
     backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
     backends = [b for b in backends if device.type in fck.backends()[b].devices]
     for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
-        theirs, ours = _modules(kind, I, H, L, device)
-        x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, requires_grad=True)
+        dtype = getattr(torch, args.dtype)
+        theirs, ours = _modules(kind, I, H, L, device, dtype)
+        x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, dtype=dtype,
+                        requires_grad=True)
         fns = {}
         for module, provider in ((theirs, "torch"), (ours, None)):
             raw = None
@@ -99,7 +103,8 @@ def main(argv=None) -> Results:
                  else {p: time_ms(f, device) for p, f in fns.items()})
         for p, times in timed.items():
             extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
-            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T), **extra)
+            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T, dtype.itemsize),
+                    dtype=str(dtype), **extra)
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
     return res.finish("torch", args.out)
 
