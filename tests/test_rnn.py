@@ -321,7 +321,8 @@ def test_mm_pooled_matches_mm_and_checks_its_operands():
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_larger_shapes_fp32(backend, mode, hidden):
     """Past every threading grain and vector width (batch 37, hidden 131, 2 layers), and a W_hh past the CPU's
-    row-block limit (hidden 384: one block, BLAS-threaded GEMM on a packed W_hh, row-split pointwise)."""
+    row-block limit (hidden 384: 2.4 MB for the LSTM, 1.8 MB for the GRU, past 3/4 of a 2 MB L2: one block, its GEMM
+    split across threads on a packed W_hh, row-split pointwise)."""
     skip_unless_runnable(backend, "cpu")
     ours, theirs, x, h0, c0 = _pair(mode, (17, hidden, 2, False, False, 9, 37, True), "cpu", torch.float32)
     theirs.float()
@@ -349,10 +350,11 @@ def test_weight_gradients_come_contiguous(mode, hidden):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("gru", 384)])
+@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("gru", 640)])
 def test_larger_shapes_half_precision(mode, hidden, dtype):
-    """fp16/bf16 steps on the CPU's fp32 panels, in row blocks (hidden 131) and as one block whose GEMM splits
-    across threads (hidden 384), against torch's float64 result on the same rounded weights."""
+    """fp16/bf16 steps on the CPU's fp32 panels or AMX tiles, in row blocks (hidden 131) and as one block whose GEMM
+    splits across threads (hidden 640: a 2.5 MB W_hh, past 3/4 of a 2 MB L2), against torch's float64 result on the
+    same rounded weights."""
     skip_unless_runnable("cpu", "cpu")
     _check_against_float64("cpu", "cpu", mode, dtype, (17, hidden, 2, False, False, 9, 37, True))
 

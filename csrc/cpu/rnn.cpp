@@ -302,16 +302,18 @@ struct RnnSteps {
     dispatch_float(t, f);
   }
 
-  // Small W_hh (it fits in a core's L2): one block of rows per thread for the whole sequence, each with its own
+  // Small W_hh (up to 3/4 of a core's L2): one block of rows per thread for the whole sequence, each with its own
   // single-threaded GEMM, and no fork/join per step; no block under ~2k gate values per step. Large W_hh: one block,
   // whose GEMM BLAS splits across threads by columns (each thread streams only its share of W_hh from memory; with
   // row blocks every thread would stream all of it) and whose pointwise pass is split by rows. A call of under
   // ~64k gate values in all (a cell: one step) runs on the calling thread: waking the pool costs more than it
   // saves. The workers take on the caller's thread-local state: its dispatch keys say the ops below run under the
-  // autograd layer.
+  // autograd layer. The limit was a fixed 512 KB (the AMD host's L2): the 590 KB W_hh of lesson 3's AWD-LSTM (hidden
+  // 192) then took two fork/joins a step on the Xeon's 2 MB L2, and its LM training step ran 57.7 / 60.4 ms against
+  // 51.7 / 55.1 in row blocks (two interleaved runs of 16).
   template <class F>
   static void row_blocks(int64_t B, int64_t values_per_row, int64_t steps, int64_t weight_bytes, const F& f) {
-    if (weight_bytes > kBlockWeightBytes || B * values_per_row * steps < kSerialValues) return f(0, B);
+    if (weight_bytes > block_weight_bytes() || B * values_per_row * steps < kSerialValues) return f(0, B);
     const at::ThreadLocalState state;
     at::parallel_for(0, B, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, values_per_row)),
                      [&](int64_t b0, int64_t b1) {
@@ -319,7 +321,7 @@ struct RnnSteps {
                        f(b0, b1);
                      });
   }
-  static constexpr int64_t kBlockWeightBytes = 512 * 1024;
+  static int64_t block_weight_bytes() { return cpu_l2_bytes() * 3 / 4; }
   static constexpr int64_t kSerialValues = 64 * 1024;
 
   // The pointwise pass of a step over rows [0, n): split across threads when the step is big enough (serial inside
@@ -370,7 +372,7 @@ struct RnnSteps {
 #endif
       const bool have = &cblas_sgemm_pack_get_size != nullptr && &cblas_sgemm_pack != nullptr &&
                         &cblas_sgemm_compute != nullptr;
-      if (have && m > 0 && tensor.nbytes() > kBlockWeightBytes && fits_int({m, N, K})) {
+      if (have && m > 0 && tensor.nbytes() > block_weight_bytes() && fits_int({m, N, K})) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(N), int(K));
         W.packed = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, tensor.options());
         cblas_sgemm_pack(kRowMajor, kBMatrix, wt ? kTrans : kNoTrans, int(m), int(N), int(K), 1.f, w,

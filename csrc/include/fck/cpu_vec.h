@@ -72,27 +72,44 @@ inline void narrow(const acc_t<T>* __restrict src, raw_t<T>* __restrict dst, int
   for (int64_t i = 0; i < n; ++i) dst[i] = Storage<T>::store(src[i]);
 }
 
+// The size of cpu0's cache of `level` as sysfs reports it (the one instance the core shares), 0 if unknown; level 0:
+// the largest level listed.
+inline int64_t sysfs_cache_bytes(int64_t want_level) {
+  int64_t best_level = 0, best = 0;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    int64_t level = 0, kib = 0;
+    if (FILE* f = std::fopen((dir + "level").c_str(), "r")) {
+      if (std::fscanf(f, "%ld", &level) != 1) level = 0;
+      std::fclose(f);
+    }
+    if (FILE* f = std::fopen((dir + "size").c_str(), "r")) {
+      if (std::fscanf(f, "%ldK", &kib) != 1) kib = 0;
+      std::fclose(f);
+    }
+    if (kib > 0 && (want_level ? level == want_level : level > best_level)) best_level = level, best = kib << 10;
+  }
+  return best;
+}
+
 // The size of the largest cache this core sees (its L3 slice, else L2; at least 1 MiB): what a kernel may hope to
-// keep cached. Read from sysfs, which reports the one instance the core shares: glibc's sysconf reports the whole
-// package's L3 on AMD (256 MB for this VM's EPYC, whose core sees a 32 MB slice).
+// keep cached. Read from sysfs: glibc's sysconf reports the whole package's L3 on AMD (256 MB for this VM's EPYC,
+// whose core sees a 32 MB slice).
 inline int64_t cpu_cache_bytes() {
   static const int64_t bytes = [] {
-    int64_t best_level = 0, best = 0;
-    for (int index = 0; index < 8; ++index) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-      int64_t level = 0, kib = 0;
-      if (FILE* f = std::fopen((dir + "level").c_str(), "r")) {
-        if (std::fscanf(f, "%ld", &level) != 1) level = 0;
-        std::fclose(f);
-      }
-      if (FILE* f = std::fopen((dir + "size").c_str(), "r")) {
-        if (std::fscanf(f, "%ldK", &kib) != 1) kib = 0;
-        std::fclose(f);
-      }
-      if (level > best_level && kib > 0) best_level = level, best = kib << 10;
-    }
+    int64_t best = sysfs_cache_bytes(0);
     if (best == 0) best = std::max<long>(sysconf(_SC_LEVEL3_CACHE_SIZE), sysconf(_SC_LEVEL2_CACHE_SIZE));
     return std::max<int64_t>(best, int64_t(1) << 20);
+  }();
+  return bytes;
+}
+
+// A core's L2 (at least 256 KiB): 512 KiB on this library's AMD EPYC host, 2 MiB on its Xeon.
+inline int64_t cpu_l2_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = sysfs_cache_bytes(2);
+    if (l2 == 0) l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return std::max<int64_t>(l2, int64_t(256) << 10);
   }();
   return bytes;
 }
