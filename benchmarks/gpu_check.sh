@@ -52,7 +52,8 @@ if [[ -n $crashed ]] && command -v cuda-gdb >/dev/null; then
 fi
 stage bench_embedding_bag 45 $PY benchmarks/bench_embedding_bag.py --device cuda \
   --out "$OUT/bench_embedding_bag_cuda.json"
-stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda --out "$OUT/bench_rnn_cuda.json"
+# FCK_RNN_ARGS: extra bench_rnn arguments (e.g. --dtype bfloat16 --quick).
+stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda ${FCK_RNN_ARGS:-} --out "$OUT/bench_rnn_cuda.json"
 stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \

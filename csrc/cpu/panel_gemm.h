@@ -1,6 +1,7 @@
 // c (n x N) = a (n x K) @ B for the skinny GEMMs of a recurrent step (n = batch rows, B = W_hh or its transpose)
 // and the Winograd convolution's batched GEMMs, with B packed into 16-column panels and a register-tiled kernel:
-// AVX2+FMA (6 x 16 tiles) or AVX-512 (12 x 32), both summing each element's terms in the same order.
+// AVX2+FMA (6 x 16 tiles) or AVX-512 (12 x 32), both summing each element's terms in the same order. bf16 steps
+// have a third kernel on AMX tiles (at the end).
 //
 // Why not BLAS: on this library's AMD CPUs, MKL runs the AWD-LSTM step (32 x 1152 by 1152 x 4608) at ~41 GFLOP/s
 // through its generic kernels, and its packed API gains only 7%; a small step (64 x 64 by 64 x 256) pays a BLAS
@@ -55,11 +56,10 @@ inline void pack(const float* w, bool wt, int64_t N, int64_t K, float* dst) {
       const int64_t j0 = p * kNR, cols = std::min(kNR, N - j0);
       if (wt) {  // column j of B is row j of w: read along it
         for (int64_t i = 0; i < kNR; ++i) {
-          const float* src = w + (j0 + i) * K;
-          for (int64_t k = 0; k < K; ++k) d[k * kNR + i] = i < cols ? src[k] : 0.f;  // (src unread past N)
+          for (int64_t k = 0; k < K; ++k) d[k * kNR + i] = i < cols ? w[(j0 + i) * K + k] : 0.f;
         }
       } else {  // row k of B is 16 adjacent floats of w's row k: read them together (a column at a time re-read
-                // each line 16 times, 4.6 KB apart: packing the AWD-LSTM's 4608 x 1152 W_hh took ~12 ms)
+                // each line 16 times, 4.6 KB apart: the AWD-LSTM's 4608 x 1152 W_hh took 26 ms, now 5.5)
         for (int64_t k = 0; k < K; ++k) {
           for (int64_t i = 0; i < kNR; ++i) d[k * kNR + i] = i < cols ? w[k * N + j0 + i] : 0.f;
         }
