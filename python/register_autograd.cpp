@@ -3,8 +3,13 @@
 // than a small table's whole lookup. These run the same device kernels (through the dispatcher, so CPU and CUDA
 // alike) with torch's own C++ autograd overhead. Under torch.compile the Python path is used (fastcore_kernels/ops).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <initializer_list>
+
+#include "fck/ops.h"
 
 namespace {
 
@@ -235,10 +240,24 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
   }
 };
 
+// Whether a layer call can take the CPU forward that saves nothing for a backward (fck::cpu::lstm_layer_infer):
+// plain CPU tensors (a FakeTensor or another Python subclass goes through the dispatcher as usual) and no gradient
+// to record. The lesson-7 LSTM's no-grad forward then writes no (T, B, 4H) gates and (T, B, H) cell states.
+bool infer_on_cpu(std::initializer_list<std::optional<at::Tensor>> tensors) {
+  bool needs_grad = false;
+  for (const auto& t : tensors) {
+    if (!t.has_value() || !t->defined()) continue;
+    if (!t->device().is_cpu() || t->key_set().has(c10::DispatchKey::Python)) return false;
+    needs_grad = needs_grad || t->requires_grad();
+  }
+  return !(needs_grad && at::GradMode::is_enabled());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_autograd(const at::Tensor& xg, const at::Tensor& h0,
                                                                    const at::Tensor& c0, const at::Tensor& w_hh,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    bool reverse) {
+  if (infer_on_cpu({xg, h0, c0, w_hh, bias})) return fck::cpu::lstm_layer_infer(xg, h0, c0, w_hh, bias, reverse);
   const variable_list r = LstmLayer::apply(xg, h0, c0, w_hh, bias, reverse);
   return {r[0], r[1], r[2]};
 }
@@ -246,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_autograd(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_plain(const at::Tensor& xg, const at::Tensor& h0,
                                                                 const at::Tensor& c0, const at::Tensor& w_hh,
                                                                 const std::optional<at::Tensor>& bias, bool reverse) {
+  if (infer_on_cpu({xg, h0, c0, w_hh, bias})) return fck::cpu::lstm_layer_infer(xg, h0, c0, w_hh, bias, reverse);
   auto [out, h_n, c_n, c_all, gates] =
       lstm_fwd().call(xg, h0, c0, w_hh, bias, reverse);
   return {out, h_n, c_n};
@@ -254,6 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_plain(const at::Tensor
 std::tuple<at::Tensor, at::Tensor> gru_layer_autograd(const at::Tensor& xg, const at::Tensor& h0,
                                                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                                       const std::optional<at::Tensor>& b_hh, bool reverse) {
+  if (infer_on_cpu({xg, h0, w_hh, b_ih, b_hh})) return fck::cpu::gru_layer_infer(xg, h0, w_hh, b_ih, b_hh, reverse);
   const variable_list r = GruLayer::apply(xg, h0, w_hh, b_ih, b_hh, reverse);
   return {r[0], r[1]};
 }
@@ -261,6 +282,7 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_autograd(const at::Tensor& xg, cons
 std::tuple<at::Tensor, at::Tensor> gru_layer_plain(const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& w_hh,
                                                    const std::optional<at::Tensor>& b_ih,
                                                    const std::optional<at::Tensor>& b_hh, bool reverse) {
+  if (infer_on_cpu({xg, h0, w_hh, b_ih, b_hh})) return fck::cpu::gru_layer_infer(xg, h0, w_hh, b_ih, b_hh, reverse);
   auto [out, h_n, saved] = gru_fwd().call(xg, h0, w_hh, b_ih, b_hh, reverse);
   return {out, h_n};
 }

@@ -359,6 +359,28 @@ def test_larger_shapes_half_precision(mode, hidden, dtype):
     _check_against_float64("cpu", "cpu", mode, dtype, (17, hidden, 2, False, False, 9, 37, True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode,hidden", [("lstm", 20), ("gru", 20), ("lstm", 640), ("gru", 640)])
+def test_cpu_forward_without_grad_gives_the_training_forward_bits(mode, hidden, dtype):
+    """Under no_grad and inference_mode the CPU layers keep one step's gates and two steps' cell states instead of
+    the whole sequence's (nothing is saved for a backward): outputs and final states must be the training
+    forward's bit for bit, in row blocks (hidden 20) and as one block (hidden 640), both directions."""
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    m = (fnn.LSTM if mode == "lstm" else fnn.GRU)(24, hidden, 2, bidirectional=True).to(dtype)
+    x = torch.randn(7, 5, 24, dtype=dtype, requires_grad=True)
+    with fck.use_backend("cpu"):
+        ref = m(x)
+        with torch.no_grad():
+            nograd = m(x)
+        with torch.inference_mode():
+            infer = m(x.detach())
+    flat = lambda r: [r[0]] + (list(r[1]) if mode == "lstm" else [r[1]])  # noqa: E731
+    assert flat(ref)[0].requires_grad and not flat(nograd)[0].requires_grad
+    for a, b, c in zip(flat(ref), flat(nograd), flat(infer)):
+        assert torch.equal(a.detach(), b) and torch.equal(a.detach(), c)
+
+
 def test_nan_propagates():
     skip_unless_runnable("cpu", "cpu")
     m = fnn.LSTM(3, 4)

@@ -437,6 +437,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_infer(FCK_LSTM_FWD_ARGS) {
+  check_cpu(xg, "lstm_layer");
+  const auto r = rnn::lstm_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, bias, reverse, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_layer_infer(FCK_GRU_FWD_ARGS) {
+  check_cpu(xg, "gru_layer");
+  const auto r = rnn::gru_layer_fwd<RnnSteps>(xg, h0, w_hh, b_ih, b_hh, reverse, false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS) {
   check_cpu(xg, "gru_layer_fwd");
   return rnn::gru_layer_fwd<RnnSteps>(xg, h0, w_hh, b_ih, b_hh, reverse);

@@ -61,6 +61,9 @@ namespace fck {
 
 namespace cpu {
 FCK_RNN_DECLS
+// The forward passes without the saved tensors (no backward will run): (out, h_n, c_n) and (out, h_n).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_infer(FCK_LSTM_FWD_ARGS);
+std::tuple<at::Tensor, at::Tensor> gru_layer_infer(FCK_GRU_FWD_ARGS);
 void adam_(FCK_ADAM_ARGS);
 void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS);
 std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);

@@ -159,10 +159,12 @@ struct Weight {
   int kind = 0;       // which packed form (Dev's own tags)
 };
 
+// `save`: keep every step's activated gates and cell state for the backward. Without it (inference) one step's
+// gates and two steps' cell states are kept, reused step after step; the returned c_all and gates are those slots.
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
     const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& bias, bool reverse) {
+    const std::optional<at::Tensor>& bias, bool reverse, bool save = true) {
   constexpr const char* op = "lstm_layer_fwd";
   const Dims d = check_layer(xg, h0, w_hh, 4, op);
   check_state(c0, d, xg, "c0", op);
@@ -170,8 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 4 * H;
   at::Tensor out = Dev::empty({d.T, B, H}, xg.options());
-  at::Tensor c_all = Dev::empty({d.T, B, H}, acc);
-  at::Tensor gates = Dev::empty({d.T, B, G}, acc);
+  at::Tensor c_all = Dev::empty({save ? d.T : std::min<int64_t>(2, d.T), B, H}, acc);
+  at::Tensor gates = Dev::empty({save ? d.T : 1, B, G}, acc);
   const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
@@ -192,14 +194,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
       for (int64_t s = 0; s < d.T; ++s) {
         const int64_t t = o.fwd(s), p = o.before(t);
+        const int64_t ct = save ? t : s % 2, cp = save ? p : (s + 1) % 2, gt = save ? t : 0;
         Dev::gemm(n, s == 0 ? h_init.at(b0) : y.at(p, b0), W, hg, xg);
-        Dev::lstm_fwd(x.at(t, b0), hg, bp, s == 0 ? c_init.at(b0) : c.at(p, b0), g.at(t, b0), c.at(t, b0), y.at(t, b0),
-                      n, H);
+        Dev::lstm_fwd(x.at(t, b0), hg, bp, s == 0 ? c_init.at(b0) : c.at(cp, b0), g.at(gt, b0), c.at(ct, b0),
+                      y.at(t, b0), n, H);
       }
     });
   });
   at::Tensor h_n = out.select(0, o.last()).clone();
-  at::Tensor c_n = c_all.select(0, o.last()).to(xg.scalar_type(), false, /*copy=*/true);
+  at::Tensor c_n = c_all.select(0, save ? o.last() : (d.T - 1) % 2).to(xg.scalar_type(), false, /*copy=*/true);
   return {out, h_n, c_n, c_all, gates};
 }
 
@@ -248,18 +251,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
           dxg.sum(at::IntArrayRef{0, 1})};
 }
 
+// `save` as lstm_layer_fwd's: without it one step's saved values are kept, reused step after step.
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& xg, const at::Tensor& h0,
                                                              const at::Tensor& w_hh,
                                                              const std::optional<at::Tensor>& b_ih,
-                                                             const std::optional<at::Tensor>& b_hh, bool reverse) {
+                                                             const std::optional<at::Tensor>& b_hh, bool reverse,
+                                                             bool save = true) {
   constexpr const char* op = "gru_layer_fwd";
   const Dims d = check_layer(xg, h0, w_hh, 3, op);
   const at::Tensor bi = bias_or_zeros(b_ih, xg, 3 * d.H, "b_ih", op), bh = bias_or_zeros(b_hh, xg, 3 * d.H, "b_hh", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
   const int64_t B = d.B, H = d.H, G = 3 * H;
   at::Tensor out = Dev::empty({d.T, B, H}, xg.options());
-  at::Tensor saved = Dev::empty({d.T, B, 4 * H}, acc);
+  at::Tensor saved = Dev::empty({save ? d.T : 1, B, 4 * H}, acc);
   const at::Tensor h0c = h0.contiguous(), w = w_hh.contiguous();
   const Order o{d.T, reverse};
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
@@ -280,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
         const int64_t t = o.fwd(s);
         const T* h_prev = s == 0 ? h_init.at(b0) : y.at(o.before(t), b0);
         Dev::gemm(n, h_prev, W, hg, xg);
-        Dev::gru_fwd(x.at(t, b0), hg, bip, bhp, h_prev, sv.at(t, b0), y.at(t, b0), n, H);
+        Dev::gru_fwd(x.at(t, b0), hg, bip, bhp, h_prev, sv.at(save ? t : 0, b0), y.at(t, b0), n, H);
       }
     });
   });
