@@ -241,13 +241,17 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
 };
 
 // Whether a layer call can take the CPU forward that saves nothing for a backward (fck::cpu::lstm_layer_infer):
-// plain CPU tensors (a FakeTensor or another Python subclass goes through the dispatcher as usual) and no gradient
-// to record. The lesson-7 LSTM's no-grad forward then writes no (T, B, 4H) gates and (T, B, H) cell states.
+// plain strided CPU tensors (a FakeTensor, another Python subclass, a functionalized or functorch-wrapped tensor
+// goes through the dispatcher as usual) and no gradient to record. A no-grad forward then allocates and writes no
+// (T, B, 4H) gates and (T, B, H) cell states.
 bool infer_on_cpu(std::initializer_list<std::optional<at::Tensor>> tensors) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                            c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper});
   bool needs_grad = false;
   for (const auto& t : tensors) {
     if (!t.has_value() || !t->defined()) continue;
-    if (!t->device().is_cpu() || t->key_set().has(c10::DispatchKey::Python)) return false;
+    if (!t->device().is_cpu() || t->layout() != at::kStrided || t->key_set().has_any(wrapped)) return false;
     needs_grad = needs_grad || t->requires_grad();
   }
   return !(needs_grad && at::GradMode::is_enabled());
