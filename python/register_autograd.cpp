@@ -4,6 +4,7 @@
 // alike) with torch's own C++ autograd overhead. Under torch.compile the Python path is used (fastcore_kernels/ops).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -106,6 +107,34 @@ at::Tensor embedding_bag_plain(const at::Tensor& weight, const at::Tensor& indic
                                int64_t mode, int64_t padding_idx) {
   return std::get<0>(embedding_bag_fwd().call(weight, indices, offsets, mode, std::nullopt, padding_idx));
 }
+
+// ---- a @ b into a pooled CPU block (the RNNs' input projection) ----
+using MmPooled = at::Tensor(const at::Tensor&, const at::Tensor&);
+FCK_OP_HANDLE(mm_pooled, MmPooled, "fck::mm_pooled")
+
+// The gradients go to pooled blocks too: g b^T, and b's as (g^T a)^T. The projection passes b = w_ih^T, so w_ih's
+// gradient comes contiguous and AccumulateGrad keeps it rather than copying it (a^T g's transpose was a 21 MB copy
+// per layer at the AWD-LSTM's shape). In C++ rather than a Python autograd.Function: ~0.3 ms of interpreter time
+// per lesson-7 LSTM step (two layers).
+struct PooledMM : public torch::autograd::Function<PooledMM> {
+  // (the op calls itself below the autograd layer; through it again it would recurse)
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return mm_pooled().call(a, b);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor grad_a, grad_b;
+    if (ctx->needs_input_grad(0)) grad_a = mm_pooled().call(grads[0], s[1].t());
+    if (ctx->needs_input_grad(1)) grad_b = mm_pooled().call(grads[0].t(), s[0]).t();
+    return {grad_a, grad_b};
+  }
+};
+
+at::Tensor mm_pooled_autograd(const at::Tensor& a, const at::Tensor& b) { return PooledMM::apply(a, b); }
 
 // ---- batch norm (+ residual, + ReLU) ----
 using BatchNormFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -299,6 +328,7 @@ TORCH_LIBRARY_IMPL(fck, Autograd, m) {
   m.impl("batch_norm_act", &batch_norm_act_autograd);
   m.impl("lstm_layer", &lstm_layer_autograd);
   m.impl("gru_layer", &gru_layer_autograd);
+  m.impl("mm_pooled", &mm_pooled_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {

@@ -315,6 +315,13 @@ def test_mm_pooled_matches_mm_and_checks_its_operands():
         torch.ops.fck.mm_pooled(a, a)
     with pytest.raises(RuntimeError, match="Float times Double"):
         torch.ops.fck.mm_pooled(a, b.double())
+    # its C++ autograd: float64 gradcheck, b's gradient in b^T's layout (contiguous for the projection's w_ih)
+    a64 = torch.randn(9, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: torch.ops.fck.mm_pooled(x, w.t()), (a64, w64))
+    gw = torch.autograd.grad(torch.ops.fck.mm_pooled(a64, w64.t()).sum(), w64)[0]
+    assert gw.is_contiguous()
+    torch.library.opcheck(torch.ops.fck.mm_pooled.default, (a64, w64.t()))
 
 
 @pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("lstm", 384), ("gru", 384)])

@@ -120,31 +120,12 @@ def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _PooledMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return torch.ops.fck.mm_pooled(a, b)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad
-        # b is w_ih.t(): its gradient is made as (g^T a)^T, so that w_ih's is contiguous and AccumulateGrad keeps
-        # it instead of copying it (a^T g's transpose was a 21 MB copy per layer at the AWD-LSTM's shape)
-        return ((torch.ops.fck.mm_pooled(g, b.t()) if need_a else None),
-                (torch.ops.fck.mm_pooled(g.t(), a).t() if need_b else None))
-
-
 def _project(x2d, w_ih, impl):
-    """The input projection of every step, x2d @ w_ih^T. On the CPU backend its (T*B, G*H) result and the input's
-    gradient go into pooled blocks: a fresh multi-MB tensor page-faults on every call, which made this GEMM ~2x
-    slower inside a lesson-7 LSTM than alone."""
+    """The input projection of every step, x2d @ w_ih^T. On the CPU backend its (T*B, G*H) result and its gradients
+    go into pooled blocks (`fck::mm_pooled`, with C++ autograd): a fresh multi-MB tensor page-faults on every call,
+    which made this GEMM ~2x slower inside a lesson-7 LSTM than alone."""
     if impl != "cpu" or _backend.compiling():
         return torch.mm(x2d, w_ih.t())
-    if _grad_needed(x2d, w_ih):
-        return _PooledMM.apply(x2d, w_ih.t())
     return torch.ops.fck.mm_pooled(x2d, w_ih.t())
 
 
