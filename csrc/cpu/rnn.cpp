@@ -304,7 +304,7 @@ struct RnnSteps {
 
   // Small W_hh (up to 3/4 of a core's L2): one block of rows per thread for the whole sequence, each with its own
   // single-threaded GEMM, and no fork/join per step; no block under ~2k gate values per step. Large W_hh: one block,
-  // whose GEMM BLAS splits across threads by columns (each thread streams only its share of W_hh from memory; with
+  // whose GEMM (panel_gemm.h, or BLAS) splits across threads by columns (each thread streams only its share of W_hh from memory; with
   // row blocks every thread would stream all of it) and whose pointwise pass is split by rows. A call of under
   // ~64k gate values in all (a cell: one step) runs on the calling thread: waking the pool costs more than it
   // saves. The workers take on the caller's thread-local state: its dispatch keys say the ops below run under the
@@ -332,9 +332,10 @@ struct RnnSteps {
     at::parallel_for(0, n, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, 4 * H)), f);
   }
 
-  // The right operand of every step's GEMM, packed once per call for fp32: into panel_gemm.h's panels where the CPU
-  // runs AVX2+FMA, else for MKL's packed API when it is large enough to run as one block. A single step (a cell)
-  // goes to BLAS unpacked: packing costs it as much as the GEMM (LSTMCell fwd+bwd 0.94 -> 0.88 ms).
+  // The right operand of every step's GEMM, packed once per call: bf16 into AMX tiles where the CPU grants them;
+  // fp32, fp16 and bf16 (widened) into panel_gemm.h's panels where the CPU runs AVX2+FMA; else fp32 for MKL's
+  // packed API when it is large enough to run as one block. A single step (a cell) goes to BLAS unpacked: packing
+  // costs it as much as the GEMM (LSTMCell fwd+bwd 0.94 -> 0.88 ms).
   template <typename T>
   static rnn::Weight<T> weight(const T* w, bool wt, int64_t N, int64_t K, int64_t m, int64_t steps,
                                const at::Tensor& tensor) {
