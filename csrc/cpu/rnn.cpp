@@ -304,8 +304,9 @@ struct RnnSteps {
 
   // Small W_hh (up to 3/4 of a core's L2): one block of rows per thread for the whole sequence, each with its own
   // single-threaded GEMM, and no fork/join per step; no block under ~2k gate values per step. Large W_hh: one block,
-  // whose GEMM (panel_gemm.h, or BLAS) splits across threads by columns (each thread streams only its share of W_hh from memory; with
-  // row blocks every thread would stream all of it) and whose pointwise pass is split by rows. A call of under
+  // whose GEMM (panel_gemm.h, or BLAS) splits across threads by columns (each thread streams only its share of
+  // W_hh from memory; with row blocks every thread would stream all of it) and whose pointwise pass is split by
+  // rows. A call of under
   // ~64k gate values in all (a cell: one step) runs on the calling thread: waking the pool costs more than it
   // saves. The workers take on the caller's thread-local state: its dispatch keys say the ops below run under the
   // autograd layer. The limit was a fixed 512 KB (the AMD host's L2): the 590 KB W_hh of lesson 3's AWD-LSTM (hidden
