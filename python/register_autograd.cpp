@@ -320,6 +320,110 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_plain(const at::Tensor& xg, const a
   return {out, h_n};
 }
 
+// ---- the cells: the input GEMM, the one-step layer and every gradient in one node ----
+
+std::optional<at::Tensor> summed_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fck::lstm_cell: give both b_ih and b_hh, or neither");
+  if (!b_ih) return std::nullopt;
+  return at::add(*b_ih, *b_hh);
+}
+
+// The one-step layer's input, x W_ih^T as a (1, B, GH) sequence.
+at::Tensor cell_xg(const at::Tensor& x, const at::Tensor& w_ih) {
+  TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2, "fck cell: input must be (batch, input_size) and w_ih 2-D, got ",
+              x.sizes(), " and ", w_ih.sizes());
+  return at::mm(x, w_ih.t()).unsqueeze(0);
+}
+
+bool needs(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
+
+// x's and w_ih's gradients from the step's dxg (B, GH): dxg W_ih and dxg^T x (contiguous, as the parameter).
+void input_grads(const at::Tensor& dxg, const at::Tensor& x, const at::Tensor& w_ih, const c10::List<bool>& need,
+                 at::Tensor& dx, at::Tensor& dw_ih) {
+  if (need[0]) dx = at::mm(dxg, w_ih);
+  if (need[3]) dw_ih = at::mm(dxg.t(), x);
+}
+
+struct LstmCell : public torch::autograd::Function<LstmCell> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                               const std::optional<at::Tensor>& b_hh) {
+    auto [out, h_n, c_n, c_all, gates] =
+        lstm_fwd().call(cell_xg(x, w_ih), h, c, w_hh, summed_bias(b_ih, b_hh), false);
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, out, c_all, gates});
+    ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), h.requires_grad(),    c.requires_grad(),
+                                                w_ih.requires_grad(), w_hh.requires_grad(), needs(b_ih),
+                                                needs(b_hh)};
+    return {h_n, c_n};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    // h' is the one-step output and h_n both: its gradient enters once, as the output's.
+    const at::Tensor dh = grads[0].contiguous();
+    auto [dxg, dh0, dc0, dw_hh, db] = lstm_bwd().call(dh.unsqueeze(0), at::zeros_like(dh), grads[1].contiguous(),
+                                                      s[1], s[2], s[4], s[5], s[6], s[7], false);
+    at::Tensor dx, dw_ih;
+    input_grads(dxg.select(0, 0), s[0], s[3], need, dx, dw_ih);
+    return {dx, need[1] ? dh0 : at::Tensor(), need[2] ? dc0 : at::Tensor(), dw_ih, need[4] ? dw_hh : at::Tensor(),
+            need[5] ? db : at::Tensor(), need[6] ? (need[5] ? db.clone() : db) : at::Tensor()};
+  }
+};
+
+struct GruCell : public torch::autograd::Function<GruCell> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh) {
+    auto [out, h_n, saved] = gru_fwd().call(cell_xg(x, w_ih), h, w_hh, b_ih, b_hh, false);
+    ctx->save_for_backward({x, h, w_ih, w_hh, out, saved});
+    // in the LSTM's argument order (no c), so input_grads reads the same slots
+    ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), h.requires_grad(), false, w_ih.requires_grad(),
+                                                w_hh.requires_grad(), needs(b_ih), needs(b_hh)};
+    return h_n;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    const at::Tensor dh = grads[0].contiguous();
+    auto [dxg, dh0, dw_hh, db_ih, db_hh] =
+        gru_bwd().call(dh.unsqueeze(0), at::zeros_like(dh), s[1], s[3], s[4], s[5], false);
+    at::Tensor dx, dw_ih;
+    input_grads(dxg.select(0, 0), s[0], s[2], need, dx, dw_ih);
+    return {dx, need[1] ? dh0 : at::Tensor(), dw_ih, need[4] ? dw_hh : at::Tensor(), need[5] ? db_ih : at::Tensor(),
+            need[6] ? db_hh : at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_plain(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                   const std::optional<at::Tensor>& b_ih,
+                                                   const std::optional<at::Tensor>& b_hh) {
+  auto [out, h_n, c_n] = lstm_layer_plain(cell_xg(x, w_ih), h, c, w_hh, summed_bias(b_ih, b_hh), false);
+  return {h_n, c_n};
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                      const std::optional<at::Tensor>& b_ih,
+                                                      const std::optional<at::Tensor>& b_hh) {
+  if (infer_on_cpu({x, h, c, w_ih, w_hh, b_ih, b_hh})) return lstm_cell_plain(x, h, c, w_ih, w_hh, b_ih, b_hh);
+  const variable_list r = LstmCell::apply(x, h, c, w_ih, w_hh, b_ih, b_hh);
+  return {r[0], r[1]};
+}
+
+at::Tensor gru_cell_plain(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  return std::get<1>(gru_layer_plain(cell_xg(x, w_ih), h, w_hh, b_ih, b_hh, false));
+}
+
+at::Tensor gru_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  if (infer_on_cpu({x, h, w_ih, w_hh, b_ih, b_hh})) return gru_cell_plain(x, h, w_ih, w_hh, b_ih, b_hh);
+  return GruCell::apply(x, h, w_ih, w_hh, b_ih, b_hh);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fck, Autograd, m) {
@@ -329,6 +433,8 @@ TORCH_LIBRARY_IMPL(fck, Autograd, m) {
   m.impl("lstm_layer", &lstm_layer_autograd);
   m.impl("gru_layer", &gru_layer_autograd);
   m.impl("mm_pooled", &mm_pooled_autograd);
+  m.impl("lstm_cell", &lstm_cell_autograd);
+  m.impl("gru_cell", &gru_cell_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
@@ -337,4 +443,6 @@ TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_act", &batch_norm_act_plain);
   m.impl("lstm_layer", &lstm_layer_plain);
   m.impl("gru_layer", &gru_layer_plain);
+  m.impl("lstm_cell", &lstm_cell_plain);
+  m.impl("gru_cell", &gru_cell_plain);
 }

@@ -70,6 +70,12 @@ TORCH_LIBRARY(fck, m) {
   m.def("lstm_layer(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> (Tensor, Tensor, "
         "Tensor)");
   m.def("gru_layer(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor)");
+  // The cells, x (B, I) and states (B, H): the input GEMM, the one-step layer and all five gradients as one autograd
+  // node in C++ (register_autograd.cpp). A cell's GEMMs are ~15 us on a CPU: the composition of a Python GEMM, a bias
+  // add and the layer op paid more for its autograd nodes, copies and transposes than for the arithmetic.
+  m.def("lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> "
+        "(Tensor, Tensor)");
+  m.def("gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
   // A contiguous (row-major) copy of x in a pooled block: a channels_last result turned back into NCHW without

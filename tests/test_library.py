@@ -155,6 +155,25 @@ def test_opcheck_rnn_layers_and_their_cxx_autograd(reverse):
                                                                  reverse), test_utils=tests)
 
 
+def test_opcheck_rnn_cells_and_their_cxx_autograd():
+    """fck::lstm_cell / fck::gru_cell (input GEMM, one-step layer and every gradient in one C++ autograd node)."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(1)
+    B, I, H = 3, 4, 5
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).requires_grad_()
+
+    tests = _OPCHECK_TESTS + ("test_aot_dispatch_static",)
+    for b_ih, b_hh in ((rnd(4 * H), rnd(4 * H)), (None, None)):
+        torch.library.opcheck(torch.ops.fck.lstm_cell.default,
+                              (rnd(B, I), rnd(B, H), rnd(B, H), rnd(4 * H, I), rnd(4 * H, H), b_ih, b_hh),
+                              test_utils=tests)
+    for b_ih, b_hh in ((rnd(3 * H), rnd(3 * H)), (None, None)):
+        torch.library.opcheck(torch.ops.fck.gru_cell.default, (rnd(B, I), rnd(B, H), rnd(3 * H, I), rnd(3 * H, H),
+                                                                b_ih, b_hh), test_utils=tests)
+
+
 @pytest.mark.parametrize("relu,with_residual,affine,channels_last",
                          [(True, True, True, False), (False, False, False, False), (True, False, True, True)])
 def test_opcheck_batch_norm_act_and_its_cxx_autograd(relu, with_residual, affine, channels_last):

@@ -154,6 +154,45 @@ def test_cell_matches_torch(backend, device, mode, batched, bias):
         _close(p.grad, q.grad, torch.float64, f"grad {n}")
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cell_gradients_for_what_requires_them(mode):
+    """The CPU cell's one autograd node returns a gradient for exactly the tensors that require one (frozen weights,
+    a state that requires grad, one bias of two), each as torch's LSTMCell/GRUCell gives it."""
+    skip_unless_runnable("cpu", "cpu")
+    g = _gen(4)
+    B, I, H = 4, 6, 9
+    G = 4 if mode == "lstm" else 3
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    for need in ((True, False, False, False, False, False), (False, True, True, False, True, False),
+                 (False, False, False, True, False, True)):
+        ours = [rnd(B, I), rnd(B, H), rnd(G * H, I), rnd(G * H, H), rnd(G * H), rnd(G * H)]
+        theirs = [t.clone() for t in ours]
+        for a, b, n in zip(ours, theirs, need):
+            a.requires_grad_(n), b.requires_grad_(n)
+        x, h, w_ih, w_hh, b_ih, b_hh = ours
+        with fck.use_backend("cpu"):
+            if mode == "lstm":
+                c = h * 0.5
+                out = sum(v.sum() for v in fckF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh))
+            else:
+                out = fckF.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh).sum()
+        x, h, w_ih, w_hh, b_ih, b_hh = theirs
+        if mode == "lstm":
+            ref = sum(v.sum() for v in torch.lstm_cell(x, (h, h * 0.5), w_ih, w_hh, b_ih, b_hh))
+        else:
+            ref = torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh).sum()
+        wanted = [a for a, n in zip(ours, need) if n]
+        got = torch.autograd.grad(out, wanted)
+        expected = torch.autograd.grad(ref, [b for b, n in zip(theirs, need) if n])
+        for u, v in zip(got, expected):
+            _close(u, v, torch.float64, f"{mode} grad, need {need}")
+        for a, n in zip(ours, need):
+            assert a.grad is None
+
+
 # ---- sequences vs torch's modules ----
 
 CONFIGS = {  # name: (input, hidden, layers, bidirectional, batch_first, T, B, bias)

@@ -227,8 +227,11 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     h = _cell_state(h if h is None or batched else h.unsqueeze(0), x, B, H, "hx", name)
     c = _cell_state(c if c is None or batched else c.unsqueeze(0), x, B, H, "cx", name)
     impl = _backend.resolve(x.device, backend, op=name)
-    b = None if b_ih is None else b_ih + b_hh
-    _, h1, c1 = lstm_layer((x @ w_ih.t()).unsqueeze(0), h, c, w_hh, b, False, impl)
+    if impl in ("cpu", "cuda") and not _backend.compiling():  # one C++ autograd node (register_ops.cpp)
+        h1, c1 = torch.ops.fck.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        b = None if b_ih is None else b_ih + b_hh
+        _, h1, c1 = lstm_layer((x @ w_ih.t()).unsqueeze(0), h, c, w_hh, b, False, impl)
     return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))
 
 
@@ -240,7 +243,10 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     H = _check_weights(x, w_ih, w_hh, b_ih, b_hh, 3, name)
     h = _cell_state(hx if hx is None or batched else hx.unsqueeze(0), x, x.shape[0], H, "hx", name)
     impl = _backend.resolve(x.device, backend, op=name)
-    _, h1 = gru_layer((x @ w_ih.t()).unsqueeze(0), h, w_hh, b_ih, b_hh, False, impl)
+    if impl in ("cpu", "cuda") and not _backend.compiling():
+        h1 = torch.ops.fck.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+    else:
+        _, h1 = gru_layer((x @ w_ih.t()).unsqueeze(0), h, w_hh, b_ih, b_hh, False, impl)
     return h1 if batched else h1.squeeze(0)
 
 

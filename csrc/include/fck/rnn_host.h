@@ -109,11 +109,12 @@ struct Order {
 // weight is computed as its transpose, sum_t h_prev[t]^T dg[t] (H x GH), then transposed back: MKL runs that
 // orientation faster (lesson 7's 4416 x 256 by 4416 x 64: 0.57-0.59 ms against 0.68 for dg^T h on this library's
 // Xeon). From 1 MB on the copy costs more than the orientation saves (the AWD-LSTM's 4608 x 1152: 65.5 ms direct
-// against 72.7 with the copy), and the result goes straight into a block of Dev's.
+// against 72.7 with the copy), and the result goes straight into a block of Dev's. Up to 1024 rows (T * B) the
+// copy costs more than the GEMM saves as well (a cell's 64 rows, 256 x 64: 16.7 us direct against 38.6).
 template <class Dev>
 at::Tensor weight_grad(const at::Tensor& dg, const at::Tensor& h0, const at::Tensor& out, const Order& o) {
   const int64_t T = dg.size(0), GH = dg.size(2), H = out.size(2);
-  const bool direct = GH * H >= (int64_t(1) << 18);
+  const bool direct = GH * H >= (int64_t(1) << 18) || T * dg.size(1) <= 1024;
   const int64_t g0 = o.reverse ? 0 : 1, h_start = o.reverse ? 1 : 0;
   const auto dg_rest = [&] { return dg.narrow(0, g0, T - 1).reshape({-1, GH}); };
   const auto h_rest = [&] { return out.narrow(0, h_start, T - 1).reshape({-1, H}); };
