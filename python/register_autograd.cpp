@@ -24,6 +24,18 @@ using torch::autograd::variable_list;
     return op;                                                                                     \
   }
 
+// Plain strided CPU tensors, which a CPU function may take directly: a FakeTensor, another Python subclass, a
+// functionalized or functorch-wrapped tensor goes through the dispatcher as usual.
+bool plain_cpu(std::initializer_list<at::Tensor> tensors) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                            c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper});
+  for (const auto& t : tensors) {
+    if (!t.device().is_cpu() || t.layout() != at::kStrided || t.key_set().has_any(wrapped)) return false;
+  }
+  return true;
+}
+
 using EmbeddingBagFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            int64_t, const std::optional<at::Tensor>&, int64_t);
 using EmbeddingBagBwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -32,9 +44,11 @@ using EmbeddingBagBwd = at::Tensor(const at::Tensor&, const at::Tensor&, const a
 FCK_OP_HANDLE(embedding_bag_fwd, EmbeddingBagFwd, "fck::embedding_bag_fwd")
 FCK_OP_HANDLE(embedding_bag_bwd, EmbeddingBagBwd, "fck::embedding_bag_bwd")
 
-// A lookup is an embedding bag with one index per bag: offsets 0, 1, ..., n.
+// A lookup is an embedding bag with one index per bag: offsets 0, 1, ..., n. Plain CPU tensors go straight to the
+// CPU lookup (fck::cpu::embedding_lookup), without the offsets and the bag op's dispatch.
 at::Tensor embedding_forward(const at::Tensor& weight, const at::Tensor& flat) {
   TORCH_CHECK(weight.dim() == 2, "fck::embedding: weight must be a 2-D (num_embeddings, dim) tensor");
+  if (plain_cpu({weight, flat})) return fck::cpu::embedding_lookup(weight, flat);
   const at::Tensor offsets = at::arange(flat.numel() + 1, flat.options());
   return std::get<0>(embedding_bag_fwd().call(weight, flat, offsets, 0, std::nullopt, -1));
 }
@@ -60,6 +74,11 @@ struct Embedding : public torch::autograd::Function<Embedding> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor flat = ctx->get_saved_variables()[0];
     const at::Tensor grad = grads[0].reshape({flat.numel(), grads[0].size(-1)}).contiguous();
+    if (plain_cpu({grad, flat})) {
+      return {fck::cpu::embedding_lookup_bwd(grad, flat, ctx->saved_data["num_weights"].toInt(),
+                                             ctx->saved_data["padding_idx"].toInt()),
+              at::Tensor(), at::Tensor()};
+    }
     const at::Tensor offsets = at::arange(flat.numel() + 1, flat.options());
     const at::Tensor no_max = at::empty({0}, flat.options().dtype(at::kLong));
     at::Tensor grad_weight = embedding_bag_bwd().call(grad, flat, offsets, no_max,
@@ -270,17 +289,13 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
 };
 
 // Whether a layer call can take the CPU forward that saves nothing for a backward (fck::cpu::lstm_layer_infer):
-// plain strided CPU tensors (a FakeTensor, another Python subclass, a functionalized or functorch-wrapped tensor
-// goes through the dispatcher as usual) and no gradient to record. A no-grad forward then allocates and writes no
+// plain CPU tensors (plain_cpu) and no gradient to record. A no-grad forward then allocates and writes no
 // (T, B, 4H) gates and (T, B, H) cell states.
 bool infer_on_cpu(std::initializer_list<std::optional<at::Tensor>> tensors) {
-  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                            c10::DispatchKey::FuncTorchBatched,
-                                            c10::DispatchKey::FuncTorchGradWrapper});
   bool needs_grad = false;
   for (const auto& t : tensors) {
     if (!t.has_value() || !t->defined()) continue;
-    if (!t->device().is_cpu() || t->layout() != at::kStrided || t->key_set().has_any(wrapped)) return false;
+    if (!plain_cpu({*t})) return false;
     needs_grad = needs_grad || t->requires_grad();
   }
   return !(needs_grad && at::GradMode::is_enabled());

@@ -266,6 +266,30 @@ def test_embedding_cxx_autograd_path():
         torch.testing.assert_close(fckF.embedding(idx, w, backend="cpu"), F.embedding(idx, w), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,dim", [(64, 64), (3000, 24)], ids=["serial-sum", "row-owned"])
+def test_embedding_direct_cpu_lookup(n, dim, dtype):
+    """Plain CPU lookups skip the bag ops (fck::cpu::embedding_lookup and its backward): small fp32 gradients are
+    summed serially in index order, larger ones and fp16/bf16 by the bag backward's walk. Duplicates, padding, int32
+    indices; an index out of range raises an IndexError naming its value, before anything is read."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(40, dim, generator=g).to(dtype)
+    idx = torch.randint(0, 40, (n,), generator=g)
+    idx[:7] = 3  # duplicates of the padding row and of others
+    for index, pad in ((idx, None), (idx.int(), 3), (idx.view(-1, 2 if n % 2 == 0 else 1), 5)):
+        ours = _run(lambda w, p: fckF.embedding(index, w, pad, backend="cpu"), weight, None)
+        theirs = _run(lambda w, p: F.embedding(index, w.double(), pad).to(dtype), weight, None)  # float64 sums
+        torch.testing.assert_close(ours[0], theirs[0].to(dtype), rtol=0, atol=0)
+        # the gradient is summed in fp32 and rounded to the weight's dtype once: within a unit of its last place
+        rtol, atol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2 ** -7, 1e-4)}[dtype]
+        torch.testing.assert_close(ours[1].double(), theirs[1].double(), rtol=rtol, atol=atol)
+    bad = idx.clone()
+    bad[n // 2] = 40
+    with pytest.raises(IndexError, match="takes value 40"):
+        fckF.embedding(bad, weight, backend="cpu")
+
+
 def test_embedding_compiles_fullgraph():
     """Under torch.compile the lookup takes the Python autograd path (fck::embedding's C++ autograd is eager-only)."""
     skip_unless_runnable("cpu", "cpu")

@@ -68,6 +68,11 @@ void adam_(FCK_ADAM_ARGS);
 void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS);
 std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS);
 at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS);
+// A plain lookup, flat (1-D contiguous indices) -> (n, dim) rows, and its dense weight gradient: called directly by
+// fck::embedding's C++ autograd for plain CPU tensors (no offsets to build, no dispatch of the bag ops).
+at::Tensor embedding_lookup(const at::Tensor &weight, const at::Tensor &flat);
+at::Tensor embedding_lookup_bwd(const at::Tensor &grad, const at::Tensor &flat, int64_t num_weights,
+                                int64_t padding_idx);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
 // conv_winograd.cpp: a 3x3 convolution (+ bias, + ReLU) by Winograd's F(m x m, 3 x 3) (AVX2 + FMA CPUs).
