@@ -71,10 +71,14 @@ def main(argv=None) -> Results:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                    help="torch.set_float32_matmul_precision for the run: under medium torch's fp32 CPU matmuls, "
+                         "and fastcore_kernels' fp32 recurrent steps on AMX CPUs, compute in bf16")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="skip the AWD-LSTM shape (minutes on a small CPU)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     res = Results(device, args.out)
     backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
@@ -104,7 +108,7 @@ def main(argv=None) -> Results:
         for p, times in timed.items():
             extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
             res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T, dtype.itemsize),
-                    dtype=str(dtype), **extra)
+                    dtype=str(dtype), matmul_precision=args.matmul_precision, **extra)
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
     return res.finish("torch", args.out)
 

@@ -70,3 +70,26 @@ def test_bf16_recurrent_steps_without_amx(tmp_path):
     for no_amx in (False, True):
         run_env = dict(env, FCK_NO_AMX="1") if no_amx else {k: v for k, v in env.items() if k != "FCK_NO_AMX"}
         subprocess.run([sys.executable, "-c", script], env=run_env, cwd=root, check=True, timeout=300)
+
+
+def test_medium_matmul_precision_takes_the_amx_tiles(tmp_path):
+    """Under torch.set_float32_matmul_precision("medium"), fp32 recurrent steps run on the AMX tiles: the same run
+    with FCK_NO_AMX=1 (steps on the fp32 panels; the input projections on torch's matmul in both) gives other bits.
+    The accuracy of the bf16 steps is tested in test_rnn.py."""
+    skip_unless_runnable("cpu", "cpu")
+    cpuinfo = Path("/proc/cpuinfo")
+    if "amx_bf16" not in (cpuinfo.read_text() if cpuinfo.exists() else ""):
+        pytest.skip("this CPU has no AMX: fp32 steps stay fp32 under every matmul precision")
+    script = ("import sys, torch\nfrom fastcore_kernels import nn as fnn\n"
+              "torch.manual_seed(0)\ntorch.set_float32_matmul_precision('medium')\n"
+              "m = fnn.LSTM(16, 48, num_layers=2)\nx = torch.randn(6, 5, 16)\n"
+              "y, (h, c) = m(x)\ntorch.save([y.detach(), h.detach(), c.detach()], sys.argv[1])\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    runs = []
+    for no_amx in (False, True):
+        path = tmp_path / f"{no_amx}.pt"
+        run_env = dict(env, FCK_NO_AMX="1") if no_amx else {k: v for k, v in env.items() if k != "FCK_NO_AMX"}
+        subprocess.run([sys.executable, "-c", script, str(path)], env=run_env, cwd=root, check=True, timeout=300)
+        runs.append(torch.load(path))
+    assert not any(torch.equal(a, b) for a, b in zip(*runs))

@@ -1,6 +1,9 @@
 """LSTM/GRU cells and sequences: every backend against the reference and against torch's modules with the same
 weights, forward and backward; dtypes, odd shapes, weight-dropped W_hh, fuse(), bad input."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -403,6 +406,39 @@ def test_larger_shapes_half_precision(mode, hidden, dtype):
     same rounded weights."""
     skip_unless_runnable("cpu", "cpu")
     _check_against_float64("cpu", "cpu", mode, dtype, (17, hidden, 2, False, False, 9, 37, True))
+
+
+@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("gru", 640)])
+def test_fp32_steps_in_bf16_under_medium_matmul_precision(mode, hidden):
+    """torch.set_float32_matmul_precision("medium") lets fp32 matmuls compute in bf16 (torch's own CPU matmuls then
+    run on oneDNN's bf16 kernels): on a CPU with AMX the fp32 recurrent steps do too. Within bf16's tolerance of the
+    float64 result; "highest" afterwards gives the first run's fp32 bits back."""
+    skip_unless_runnable("cpu", "cpu")
+    cpuinfo = Path("/proc/cpuinfo")
+    if "amx_bf16" not in (cpuinfo.read_text() if cpuinfo.exists() else "") or os.environ.get("FCK_NO_AMX"):
+        pytest.skip("no AMX here: fp32 steps stay fp32 under every matmul precision")
+    cfg = (17, hidden, 2, False, False, 9, 37, True)
+    ours, theirs, x, h0, c0 = _pair(mode, cfg, "cpu", torch.float32)
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    before = torch.get_float32_matmul_precision()
+    try:
+        runs = {}
+        for precision in ("highest", "medium", "highest"):
+            torch.set_float32_matmul_precision(precision)
+            with fck.use_backend("cpu"):
+                runs.setdefault(precision, []).append(_run_seq(ours, mode, x, h0, c0, torch.float32))
+            for p in ours.parameters():
+                p.grad = None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    ref = _run_seq(theirs, mode, x, h0, c0, torch.float64)
+    medium, highest = runs["medium"][0], runs["highest"]  # (test_cpu_isa.py checks the tiles ran)
+    for u, v in zip(medium[0] + medium[1], ref[0] + ref[1]):
+        _close(u, v, torch.bfloat16, "output/grad under medium")
+    for n in ref[2]:
+        _close(medium[2][n], ref[2][n], torch.bfloat16, f"grad {n} under medium")
+    for u, v in zip(highest[0][0] + highest[0][1], highest[1][0] + highest[1][1]):
+        assert torch.equal(u, v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
