@@ -136,12 +136,13 @@ def test_opcheck_embedding_bag_and_its_cxx_autograd():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_opcheck_rnn_layers_and_their_cxx_autograd(reverse):
-    """fck::lstm_layer / fck::gru_layer (the layer kernels with their autograd in C++): schema, fake, autograd and
-    AOT dispatch with static shapes, with and without biases."""
+def test_opcheck_rnn_layers_cells_and_their_cxx_autograd(reverse):
+    """fck::lstm_layer / fck::gru_layer (the layer kernels with their autograd in C++) and fck::lstm_cell /
+    fck::gru_cell (input GEMM, one-step layer and every gradient in one C++ autograd node): schema, fake, autograd
+    and AOT dispatch with static shapes, with and without biases."""
     skip_unless_runnable("cpu", "cpu")
     g = torch.Generator().manual_seed(0)
-    T, B, H = 3, 2, 5
+    T, B, H, I = 3, 2, 5, 4
 
     def rnd(*s):
         return torch.randn(*s, generator=g).requires_grad_()
@@ -153,18 +154,8 @@ def test_opcheck_rnn_layers_and_their_cxx_autograd(reverse):
     for b_ih, b_hh in ((rnd(3 * H), rnd(3 * H)), (None, None)):
         torch.library.opcheck(torch.ops.fck.gru_layer.default, (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), b_ih, b_hh,
                                                                  reverse), test_utils=tests)
-
-
-def test_opcheck_rnn_cells_and_their_cxx_autograd():
-    """fck::lstm_cell / fck::gru_cell (input GEMM, one-step layer and every gradient in one C++ autograd node)."""
-    skip_unless_runnable("cpu", "cpu")
-    g = torch.Generator().manual_seed(1)
-    B, I, H = 3, 4, 5
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g).requires_grad_()
-
-    tests = _OPCHECK_TESTS + ("test_aot_dispatch_static",)
+    if reverse:  # (a cell has no direction: checked once)
+        return
     for b_ih, b_hh in ((rnd(4 * H), rnd(4 * H)), (None, None)):
         torch.library.opcheck(torch.ops.fck.lstm_cell.default,
                               (rnd(B, I), rnd(B, H), rnd(B, H), rnd(4 * H, I), rnd(4 * H, H), b_ih, b_hh),
