@@ -659,7 +659,9 @@ at::Tensor embedding_lookup(const at::Tensor& weight, const at::Tensor& flat) {
   const auto copy = [&](const auto* idx) {
     at::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(row_bytes, 1)),
                      [&](int64_t i0, int64_t i1) {
-                       for (int64_t i = i0; i < i1; ++i) std::memcpy(o + i * row_bytes, w + idx[i] * row_bytes, row_bytes);
+                       for (int64_t i = i0; i < i1; ++i) {
+                         std::memcpy(o + i * row_bytes, w + int64_t(idx[i]) * row_bytes, row_bytes);
+                       }
                      });
   };
   if (flat.scalar_type() == at::kInt) copy(flat.data_ptr<int32_t>());
