@@ -366,7 +366,7 @@ def test_mm_pooled_matches_mm_and_checks_its_operands():
     torch.library.opcheck(torch.ops.fck.mm_pooled.default, (a64, w64.t()))
 
 
-@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("lstm", 384), ("gru", 384)])
+@pytest.mark.parametrize("mode,hidden", [("lstm", 131), ("gru", 131), ("lstm", 384), ("gru", 384)])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_larger_shapes_fp32(backend, mode, hidden):
     """Past every threading grain and vector width (batch 37, hidden 131, 2 layers), and a W_hh past the CPU's

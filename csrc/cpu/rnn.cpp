@@ -210,6 +210,25 @@ FCK_INLINE void narrow_rows(const float* __restrict src, raw_t<T>* __restrict ds
 FCK_RNN_CLONES(widen_rows)
 FCK_RNN_CLONES(narrow_rows)
 
+// acc[j] += sum over the n rows of x[r][j] (rows of G values): each chunk of a row's values summed over the rows in
+// the accumulation type, then added into the double sums (rnn::BlockSums).
+template <typename T>
+FCK_INLINE void sum_rows(const raw_t<T>* __restrict x, int64_t n, int64_t G, double* __restrict acc) {
+  using A = acc_t<T>;
+  constexpr int64_t kChunk = 256;
+  alignas(64) A tmp[kChunk];
+  for (int64_t j0 = 0; j0 < G; j0 += kChunk) {
+    const int64_t m = std::min(kChunk, G - j0);
+    for (int64_t j = 0; j < m; ++j) tmp[j] = A(0);
+    for (int64_t r = 0; r < n; ++r) {
+      const raw_t<T>* __restrict row = x + r * G + j0;
+      for (int64_t j = 0; j < m; ++j) tmp[j] += ld<T>(row[j]);
+    }
+    for (int64_t j = 0; j < m; ++j) acc[j0 + j] += double(tmp[j]);
+  }
+}
+FCK_RNN_CLONES(sum_rows)
+
 #ifdef FCK_HAVE_PANEL_GEMM
 #ifdef FCK_HAVE_AMX
 // A bf16 step on AMX (W_hh packed by pack_amx once per call; a padded to whole tiles where it is not): the lesson-7
@@ -350,6 +369,15 @@ struct RnnSteps {
                      });
   }
   static int64_t block_weight_bytes() { return cpu_l2_bytes() * 3 / 4; }
+
+  // Bias gradients summed by each row block as it goes (rnn::BlockSums): inside the row blocks' parallel region,
+  // where a block's thread owns its rows; the one-block path splits each step across threads and sums afterwards.
+  static constexpr bool kSumsRows = true;
+  static bool sums_rows_here() { return at::in_parallel_region(); }
+  template <typename T>
+  static void add_rows(const T* x, int64_t n, int64_t G, double* acc) {
+    FCK_RNN_PICK(sum_rows, T, raw(x), n, G, acc);
+  }
   static constexpr int64_t kSerialValues = 64 * 1024;
 
   // The pointwise pass of a step over rows [0, n): split across threads when the step is big enough (serial inside

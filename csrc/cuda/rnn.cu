@@ -101,6 +101,9 @@ struct RnnSteps {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "fck::rnn_layer", [&] { f(scalar_t{}); });
   }
 
+  // Bias gradients by a sum over the whole gradient after the loop (rnn::BlockSums).
+  static constexpr bool kSumsRows = false;
+
   // One block of rows: the GPU parallelizes each step across the whole batch.
   template <class F>
   static void row_blocks(int64_t B, int64_t, int64_t, int64_t, const F& f) {
