@@ -28,6 +28,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -165,7 +166,8 @@ class BlockSums {
   bool complete_ = true;
 };
 
-// A row block's share of one or more BlockSums: `add(sums, rows, n)` after each step, `finish` at the block's end.
+// A row block's share of one or more BlockSums: `add(k, rows, n)` adds a step's rows to the k-th after the step,
+// `finish` hands the shares over at the block's end.
 template <class Dev>
 struct BlockPart {
   bool here;
