@@ -233,43 +233,39 @@ FCK_RNN_CLONES(sum_rows)
 #ifdef FCK_HAVE_AMX
 // A bf16 step on AMX (W_hh packed by pack_amx once per call; a padded to whole tiles where it is not): the lesson-7
 // LSTM's bf16 fwd+bwd 11.0 -> 8.1 ms (torch's 9.5), the AWD-LSTM's 884 -> 416 ms (torch's 809) on this library's
-// Xeon, against the fp32 panels below.
+// Xeon, against the fp32 panels below. An fp32 step takes it where the user lets fp32 matmuls compute in bf16
+// (fp32_steps_in_bf16): a rounded to bf16 (nearest even, as torch's conversion), exact products, fp32 sums written
+// straight back.
 template <typename T>
 void amx_gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c) {
   const int64_t K = W.K, N = W.N, n16 = panel::amx_padded_rows(n), Kp = panel::amx_padded_k(K);
   const int64_t N16 = panel::panels(N) * panel::kNR;
   thread_local std::vector<uint16_t> apad;
   thread_local std::vector<float> cpad;
-  const uint16_t* ap = raw(a);
+  const uint16_t* ap = nullptr;
   int64_t lda = K;
-  if (n16 != n || Kp != K) {  // whole tiles: zero rows and columns past a's (never a read past its end)
+  if constexpr (std::is_same_v<T, float>) {
     apad.assign(n16 * Kp, 0);
-    for (int64_t r = 0; r < n; ++r) std::memcpy(&apad[r * Kp], ap + r * K, K * sizeof(uint16_t));
+    for (int64_t r = 0; r < n; ++r) FCK_RNN_PICK(narrow_rows, c10::BFloat16, a + r * K, &apad[r * Kp], K);
     ap = apad.data(), lda = Kp;
+  } else {
+    ap = raw(a);
+    if (n16 != n || Kp != K) {  // whole tiles: zero rows and columns past a's (never a read past its end)
+      apad.assign(n16 * Kp, 0);
+      for (int64_t r = 0; r < n; ++r) std::memcpy(&apad[r * Kp], ap + r * K, K * sizeof(uint16_t));
+      ap = apad.data(), lda = Kp;
+    }
   }
   cpad.resize(n16 * N16);
   panel::gemm_amx(n, ap, lda, reinterpret_cast<const uint32_t*>(W.packed.data_ptr()), N, K, cpad.data(), N16);
   for (int64_t r = 0; r < n; ++r) {
-    FCK_RNN_PICK(narrow_rows, T, static_cast<const float*>(&cpad[r * N16]), raw(c) + r * N, N);
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(c + r * N, &cpad[r * N16], N * sizeof(float));
+    } else {
+      FCK_RNN_PICK(narrow_rows, T, static_cast<const float*>(&cpad[r * N16]), raw(c) + r * N, N);
+    }
   }
 }
-
-// An fp32 step on AMX, where the user lets fp32 matmuls compute in bf16 (fp32_steps_in_bf16): a rounded to bf16
-// (nearest even, as torch's conversion) into whole tiles, W_hh packed once per call from its bf16 rounding; exact
-// products, fp32 sums, written straight back as fp32.
-void amx_gemm_f32(int64_t n, const float* a, const rnn::Weight<float>& W, float* c) {
-  const int64_t K = W.K, N = W.N, n16 = panel::amx_padded_rows(n), Kp = panel::amx_padded_k(K);
-  const int64_t N16 = panel::panels(N) * panel::kNR;
-  thread_local std::vector<uint16_t> a16;
-  thread_local std::vector<float> cpad;
-  a16.assign(n16 * Kp, 0);
-  for (int64_t r = 0; r < n; ++r) FCK_RNN_PICK(narrow_rows, c10::BFloat16, a + r * K, &a16[r * Kp], K);
-  cpad.resize(n16 * N16);
-  panel::gemm_amx(n, a16.data(), Kp, reinterpret_cast<const uint32_t*>(W.packed.data_ptr()), N, K, cpad.data(), N16);
-  for (int64_t r = 0; r < n; ++r) std::memcpy(c + r * N, &cpad[r * N16], N * sizeof(float));
-}
-#endif  // FCK_HAVE_AMX
-#endif  // FCK_HAVE_PANEL_GEMM
 
 // Whether fp32 recurrent steps may run in bf16: torch.set_float32_matmul_precision("medium"), the setting under
 // which torch's own fp32 CPU matmuls run on oneDNN's bf16 kernels (AMX here: a 32 x 1152 by 1152 x 4608 GEMM 1.57
@@ -277,6 +273,8 @@ void amx_gemm_f32(int64_t n, const float* a, const rnn::Weight<float>& W, float*
 bool fp32_steps_in_bf16() {
   return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM;
 }
+#endif  // FCK_HAVE_AMX
+#endif  // FCK_HAVE_PANEL_GEMM
 
 #ifdef FCK_HAVE_PANEL_GEMM
 // An fp16/bf16 step on fp32 panels (see weight()): the left operand widened exactly, fp32 products and sums, the
@@ -310,7 +308,7 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
 #ifdef FCK_HAVE_PANEL_GEMM
     if (W.kind == kPanels) return panel::gemm(n, a, K, W.packed.template data_ptr<float>(), N, K, c, N);
 #ifdef FCK_HAVE_AMX
-    if (W.kind == kAmx) return amx_gemm_f32(n, a, W, c);
+    if (W.kind == kAmx) return amx_gemm(n, a, W, c);
 #endif
 #endif
     if (W.kind == kMklPacked && n == W.m) {
@@ -399,10 +397,15 @@ struct RnnSteps {
     if (steps < 2) return W;
 #ifdef FCK_HAVE_PANEL_GEMM
 #ifdef FCK_HAVE_AMX
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (panel::amx_ready()) {
+    // bf16 on AMX where the CPU grants it; fp32 too where the user lets fp32 matmuls compute in bf16, from W_hh
+    // rounded to bf16 (a bf16 W_hh is taken as it is)
+    constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>, fp32 = std::is_same_v<T, float>;
+    if constexpr (bf16 || fp32) {
+      if (panel::amx_ready() && (bf16 || fp32_steps_in_bf16())) {
+        const at::Tensor w16 = tensor.to(at::kBFloat16).contiguous();
         W.packed = pooled_empty({panel::amx_packed_pairs(N, K)}, tensor.options().dtype(at::kInt));
-        panel::pack_amx(raw(w), wt, N, K, reinterpret_cast<uint32_t*>(W.packed.data_ptr()));
+        panel::pack_amx(reinterpret_cast<const uint16_t*>(w16.data_ptr()), wt, N, K,
+                        reinterpret_cast<uint32_t*>(W.packed.data_ptr()));
         W.kind = kAmx;
         return W;
       }
@@ -420,16 +423,6 @@ struct RnnSteps {
 #endif
     if constexpr (std::is_same_v<T, float>) {
 #ifdef FCK_HAVE_PANEL_GEMM
-#ifdef FCK_HAVE_AMX
-      if (fp32_steps_in_bf16() && panel::amx_ready()) {  // opted in: W_hh rounded to bf16, into AMX tiles
-        const at::Tensor w16 = tensor.to(at::kBFloat16).contiguous();
-        W.packed = pooled_empty({panel::amx_packed_pairs(N, K)}, tensor.options().dtype(at::kInt));
-        panel::pack_amx(reinterpret_cast<const uint16_t*>(w16.data_ptr()), wt, N, K,
-                        reinterpret_cast<uint32_t*>(W.packed.data_ptr()));
-        W.kind = kAmx;
-        return W;
-      }
-#endif
       if (cpu_runs_avx2_clone()) {
         W.packed = pooled_empty({panel::packed_floats(N, K)}, tensor.options());
         panel::pack(w, wt, N, K, W.packed.template data_ptr<float>());
