@@ -28,6 +28,7 @@ SHAPES = [
     ((4, 1, 3, 5), True),
     ((2, 3, 2, 3, 4), False),
     ((2, 3, 2, 3, 4), True),
+    ((37, 150), False),  # rows of more than one chunk of channels, and a narrower last chunk
 ]
 
 # (rtol, atol) per dtype, against a float64 computation from the same (rounded) inputs.
@@ -179,15 +180,17 @@ def test_odd_and_large_shapes(device, backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("device", devices())
-def test_statistics_stable_for_large_means(device, backend):
+@pytest.mark.parametrize("shape", [(16, 3, 32, 33), (2000, 130)], ids=["planar", "rows"])
+def test_statistics_stable_for_large_means(device, backend, shape):
     """|mean| / std = 1e6: a sum-of-squares variance would be pure rounding noise in fp32."""
     skip_unless_runnable(backend, device)
     g = torch.Generator().manual_seed(0)
-    x64 = 1e4 + 1e-2 * torch.randn(16, 3, 32, 33, generator=g, dtype=torch.float64)
+    x64 = 1e4 + 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64)
     x = x64.float().to(device)
-    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    C = shape[1]
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     fckF.batch_norm(x, rm, rv, training=True, momentum=1.0, backend=backend)
-    exact = x.double().cpu().var(dim=(0, 2, 3))
+    exact = x.double().cpu().var(dim=[d for d in range(len(shape)) if d != 1])
     torch.testing.assert_close(rv.double().cpu(), exact, rtol=1e-3, atol=0)
 
 

@@ -432,7 +432,7 @@ struct RnnSteps {
 #endif
       const bool have = &cblas_sgemm_pack_get_size != nullptr && &cblas_sgemm_pack != nullptr &&
                         &cblas_sgemm_compute != nullptr;
-      if (have && m > 0 && tensor.nbytes() > block_weight_bytes() && fits_int({m, N, K})) {
+      if (have && m > 0 && static_cast<int64_t>(tensor.nbytes()) > block_weight_bytes() && fits_int({m, N, K})) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(N), int(K));
         W.packed = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, tensor.options());
         cblas_sgemm_pack(kRowMajor, kBMatrix, wt ? kTrans : kNoTrans, int(m), int(N), int(K), 1.f, w,

@@ -144,6 +144,10 @@ inline void stream_fence() {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FCK_HAVE_AVX2_CLONE 1
+// Inlined into a loop of constant width (a batch-norm channel chunk), GCC reasons about the tail loop's iteration
+// count and warns of an overflow no call can reach (n <= the buffer's width).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
 template <>
 __attribute__((target("avx2,fma,f16c"))) inline void widen<c10::Half, true>(const uint16_t* __restrict src,
                                                                              float* __restrict dst, int64_t n) {
@@ -164,6 +168,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void narrow<c10::Half, true>(con
   }
   for (; i < n; ++i) dst[i] = cpu_float::float_to_fp16(src[i]);
 }
+#pragma GCC diagnostic pop
 #endif
 
 // f(tag) with a value of the storage type of `t` (double, float, c10::Half or c10::BFloat16).
