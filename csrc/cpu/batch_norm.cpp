@@ -28,6 +28,10 @@ constexpr int64_t kTile = 256;           // elements converted to the accumulati
 constexpr int64_t kBlockElems = 65536;   // elements of one interleaved work unit (whole rows)
 constexpr int64_t kRowTileElems = 8192;  // interleaved: rows per tile of the two-pass statistics
 constexpr int64_t kCols = 64;            // interleaved: channels a row loop reduces at a time
+constexpr int64_t kSmallPlane = 1024;    // planar: planes below this size are reduced by small_planes_*
+constexpr int64_t kLanes = 16;           // small planes: partial sums a channel keeps, one per value index mod 16
+constexpr int64_t kSub = 64;             // small planes: channels reduced together
+constexpr int64_t kPlaneTile = 4096;     // small planes: values of a channel per tile (whole planes)
 
 // The tile as accumulation-type values: the storage itself for fp32/fp64, a widened copy for fp16/bf16.
 template <typename T, bool F16C>
@@ -190,6 +194,169 @@ FCK_HOST_DEVICE const acc_t<T>* relu_masked(const raw_t<T>* dy, const raw_t<T>* 
   return gb;
 }
 
+// Planes of fewer than kSmallPlane values (ResNet's 28x28 and below) are reduced a sub-group of kSub channels and a
+// tile of whole planes at a time: each channel sums into kLanes partial sums (value index mod kLanes) across all
+// of the tile's planes, and reduces them once a tile. Reducing each plane on its own paid two horizontal sums and
+// a double merge per plane, more than the plane's 49 (7x7) values cost to read. The tile (kSub channels, up to
+// kPlaneTile values each, 1 MB in fp32) is read twice, the second time from L2. The bits depend only on the
+// tiles, never on how channels are grouped or which thread runs them.
+template <typename A>
+FCK_HOST_DEVICE A lanes_total(const A* v) {
+  A s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// The small planes' lane sums over whole blocks of kLanes values (the caller adds the tail); each returns the first
+// index not done. The AVX2 versions hold the 16 lanes in two registers (the auto-vectorizer shuffled them); both
+// do the same additions in the same order, so they give the same bits.
+template <typename A, bool F16C>
+struct LaneOps {
+  // v[l] += x[i + l] - p
+  static int64_t shift(A* v, const A* x, int64_t n, A p) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) v[l] += x[i + l] - p;
+    }
+    return i;
+  }
+  // v[l] += (x[i + l] - p - m)^2
+  static int64_t square(A* v, const A* x, int64_t n, A p, A m) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) v[l] += (x[i + l] - p - m) * (x[i + l] - p - m);
+    }
+    return i;
+  }
+  // a[l] += g[i + l], b[l] += g[i + l] (x[i + l] - m)
+  static int64_t grad(A* a, A* b, const A* g, const A* x, int64_t n, A m) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        a[l] += g[i + l];
+        b[l] += g[i + l] * (x[i + l] - m);
+      }
+    }
+    return i;
+  }
+};
+
+#ifdef FCK_HAVE_AVX2_CLONE
+template <>
+struct LaneOps<float, true> {
+  __attribute__((target("avx2,fma,f16c"))) static int64_t shift(float* v, const float* x, int64_t n, float p) {
+    __m256 lo = _mm256_loadu_ps(v), hi = _mm256_loadu_ps(v + 8);
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      lo = _mm256_add_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(x + i), pv));
+      hi = _mm256_add_ps(hi, _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), pv));
+    }
+    _mm256_storeu_ps(v, lo);
+    _mm256_storeu_ps(v + 8, hi);
+    return i;
+  }
+  __attribute__((target("avx2,fma,f16c"))) static int64_t square(float* v, const float* x, int64_t n, float p,
+                                                                 float m) {
+    __m256 lo = _mm256_loadu_ps(v), hi = _mm256_loadu_ps(v + 8);
+    const __m256 pv = _mm256_set1_ps(p), mv = _mm256_set1_ps(m);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      const __m256 d0 = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), pv), mv);
+      const __m256 d1 = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), pv), mv);
+      lo = _mm256_add_ps(lo, _mm256_mul_ps(d0, d0));
+      hi = _mm256_add_ps(hi, _mm256_mul_ps(d1, d1));
+    }
+    _mm256_storeu_ps(v, lo);
+    _mm256_storeu_ps(v + 8, hi);
+    return i;
+  }
+  __attribute__((target("avx2,fma,f16c"))) static int64_t grad(float* a, float* b, const float* g, const float* x,
+                                                               int64_t n, float m) {
+    __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8), b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    const __m256 mv = _mm256_set1_ps(m);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      const __m256 g0 = _mm256_loadu_ps(g + i), g1 = _mm256_loadu_ps(g + i + 8);
+      a0 = _mm256_add_ps(a0, g0);
+      a1 = _mm256_add_ps(a1, g1);
+      b0 = _mm256_add_ps(b0, _mm256_mul_ps(g0, _mm256_sub_ps(_mm256_loadu_ps(x + i), mv)));
+      b1 = _mm256_add_ps(b1, _mm256_mul_ps(g1, _mm256_sub_ps(_mm256_loadu_ps(x + i + 8), mv)));
+    }
+    _mm256_storeu_ps(a, a0);
+    _mm256_storeu_ps(a + 8, a1);
+    _mm256_storeu_ps(b, b0);
+    _mm256_storeu_ps(b + 8, b1);
+    return i;
+  }
+};
+#endif
+
+inline int64_t planes_per_tile(int64_t S) { return std::max<int64_t>(1, kPlaneTile / S); }
+
+// Statistics of channels [c0, c0 + nc) (nc <= kSub) over planes [n0, n1): per channel an exact two-pass mean and
+// M2 of x - pivot over the tile, merged into st (count, mean, M2 per channel).
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void small_planes_stats(const raw_t<T>* x, int64_t n0, int64_t n1, int64_t C, int64_t S,
+                                        int64_t c0, int64_t nc, const acc_t<T>* pivot, double* st) {
+  using A = acc_t<T>;
+  alignas(64) A buf[kSmallPlane], acc[kSub][kLanes], mean[kSub];
+  const A count = A((n1 - n0) * S);
+  for (int pass = 0; pass < 2; ++pass) {  // the sum of x - pivot, then of (x - pivot - tile mean)^2
+    std::fill(&acc[0][0], &acc[0][0] + kSub * kLanes, A(0));
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t j = 0; j < nc; ++j) {
+        const A* xs = as_acc<T, F16C>(x + ((n * C) + c0 + j) * S, buf, S);
+        const A p = pivot[j], m = pass ? mean[j] : A(0);
+        A* v = acc[j];
+        if (pass == 0) {
+          for (int64_t i = LaneOps<A, F16C>::shift(v, xs, S, p), l = 0; i < S; ++i, ++l) v[l] += xs[i] - p;
+        } else {
+          for (int64_t i = LaneOps<A, F16C>::square(v, xs, S, p, m), l = 0; i < S; ++i, ++l) {
+            v[l] += (xs[i] - p - m) * (xs[i] - p - m);
+          }
+        }
+      }
+    }
+    if (pass == 0) {
+      for (int64_t j = 0; j < nc; ++j) mean[j] = lanes_total(acc[j]) / count;
+    }
+  }
+  for (int64_t j = 0; j < nc; ++j) {
+    double* t = st + 3 * j;
+    welford_merge<double>(t[0], t[1], t[2], double(count), double(mean[j]), double(lanes_total(acc[j])));
+  }
+}
+
+// The backward's sums (g, g (x - mean)) of channels [c0, c0 + nc) over planes [n0, n1), added into sums (two per
+// channel) once a tile.
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void small_planes_reduce(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n0,
+                                         int64_t n1, int64_t C, int64_t S, int64_t c0, int64_t nc,
+                                         const acc_t<T>* mean, double* sums) {
+  using A = acc_t<T>;
+  alignas(64) A db[kSmallPlane], yb[kSmallPlane], gb[kSmallPlane], xb[kSmallPlane], a[kSub][kLanes],
+      b[kSub][kLanes];
+  std::fill(&a[0][0], &a[0][0] + kSub * kLanes, A(0));
+  std::fill(&b[0][0], &b[0][0] + kSub * kLanes, A(0));
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t o = ((n * C) + c0 + j) * S;
+      const A* g = relu_masked<T, F16C>(dy + o, y ? y + o : nullptr, S, db, yb, gb);
+      const A* xs = as_acc<T, F16C>(x + o, xb, S);
+      const A m = mean[j];
+      for (int64_t i = LaneOps<A, F16C>::grad(a[j], b[j], g, xs, S, m), l = 0; i < S; ++i, ++l) {
+        a[j][l] += g[i];
+        b[j][l] += g[i] * (xs[i] - m);
+      }
+    }
+  }
+  for (int64_t j = 0; j < nc; ++j) {
+    sums[2 * j] += lanes_total(a[j]);
+    sums[2 * j + 1] += lanes_total(b[j]);
+  }
+}
+
 // (sum g, sum g (x - mean)) of a run.
 template <typename T, bool F16C>
 FCK_HOST_DEVICE void backward_reduce_run(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n,
@@ -297,6 +464,14 @@ FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, const 
   X(stats_run, (const raw_t<T>* x, int64_t n, acc_t<T> pivot, double* out), (x, n, pivot, out))                  \
   X(stats_rows, (const raw_t<T>* x, int64_t rows, int64_t C, const acc_t<T>* pivot, double* m, double* q),       \
     (x, rows, C, pivot, m, q))                                                                                     \
+  X(small_planes_stats,                                                                                            \
+    (const raw_t<T>* x, int64_t n0, int64_t n1, int64_t C, int64_t S, int64_t c0, int64_t nc,                     \
+     const acc_t<T>* pivot, double* st),                                                                           \
+    (x, n0, n1, C, S, c0, nc, pivot, st))                                                                          \
+  X(small_planes_reduce,                                                                                           \
+    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n0, int64_t n1, int64_t C, int64_t S,     \
+     int64_t c0, int64_t nc, const acc_t<T>* mean, double* sums),                                                  \
+    (dy, x, y, n0, n1, C, S, c0, nc, mean, sums))                                                                  \
   X(forward_run,                                                                                                   \
     (const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t n, acc_t<T> mean, acc_t<T> k, acc_t<T> beta,  \
      bool relu),                                                                                                   \
@@ -440,6 +615,39 @@ void for_group_units(const PlanarUnits& U, const BnLayout& L, int64_t c0, int64_
   }
 }
 
+// Small planes (L.S < kSmallPlane): the statistics of channels [c0, c1) into st (count, mean, M2 per channel from
+// c0, zeroed by the caller), pivot indexed from c0; and the backward's sums into sums (two per channel from c0).
+template <typename T>
+void small_stats_channels(const Workers<T>& w, const raw_t<T>* xp, const BnLayout& L, int64_t c0, int64_t c1,
+                          const acc_t<T>* pivot, double* st) {
+  const int64_t tile = planes_per_tile(L.S);
+  for (int64_t s0 = c0; s0 < c1; s0 += kSub) {
+    for (int64_t n0 = 0; n0 < L.N; n0 += tile) {
+      w.small_planes_stats(xp, n0, std::min(L.N, n0 + tile), L.C, L.S, s0, std::min(kSub, c1 - s0),
+                           pivot + (s0 - c0), st + 3 * (s0 - c0));
+    }
+  }
+}
+
+template <typename T>
+void small_reduce_channels(const Workers<T>& w, const raw_t<T>* dyp, const raw_t<T>* xp, const raw_t<T>* yp,
+                           const BnLayout& L, int64_t c0, int64_t c1, const acc_t<T>* mean, double* sums) {
+  const int64_t tile = planes_per_tile(L.S);
+  for (int64_t s0 = c0; s0 < c1; s0 += kSub) {
+    for (int64_t n0 = 0; n0 < L.N; n0 += tile) {
+      w.small_planes_reduce(dyp, xp, yp, n0, std::min(L.N, n0 + tile), L.C, L.S, s0, std::min(kSub, c1 - s0),
+                            mean + (s0 - c0), sums + 2 * (s0 - c0));
+    }
+  }
+}
+
+// Calls f(c0, c1) for sub-groups of kSub channels, in parallel.
+template <class F>
+void parallel_sub_groups(int64_t C, const F& f) {
+  at::parallel_for(0, (C + kSub - 1) / kSub, 1,
+                   [&](int64_t g0, int64_t g1) { f(g0 * kSub, std::min(C, g1 * kSub)); });
+}
+
 // Batch mean and biased variance per channel.
 template <typename T>
 void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, std::vector<double>& mean,
@@ -450,7 +658,13 @@ void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, st
   std::vector<A> pivot(C);  // each channel's first element (n = 0, s = 0)
   for (int64_t c = 0; c < C; ++c) pivot[c] = Storage<T>::load(xp[L.planar ? c * L.S : c]);
   std::vector<double> n(C, 0.0), m(C, 0.0), q(C, 0.0);
-  if (L.planar) {
+  if (L.planar && L.S < kSmallPlane) {
+    std::vector<double> st(3 * C, 0.0);
+    parallel_sub_groups(C, [&](int64_t c0, int64_t c1) {
+      small_stats_channels<T>(w, xp, L, c0, c1, pivot.data() + c0, &st[3 * c0]);
+    });
+    for (int64_t c = 0; c < C; ++c) n[c] = st[3 * c], m[c] = st[3 * c + 1], q[c] = st[3 * c + 2];
+  } else if (L.planar) {
     const PlanarUnits U(L);
     std::vector<double> part(3 * U.total);
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
@@ -517,12 +731,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
         const int64_t c1 = std::min(C, c0 + group);
         std::fill(st.begin(), st.end(), 0.0);
         for (int64_t c = c0; c < c1; ++c) pivot[c - c0] = Storage<T>::load(xp[c * L.S]);
-        for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
-          double part[3];
-          w.stats_run(xp + U.offset(u), U.length(u), pivot[c - c0], part);
-          double* t = &st[3 * (c - c0)];
-          welford_merge<double>(t[0], t[1], t[2], part[0], part[1], part[2]);
-        });
+        if (L.S < kSmallPlane) {
+          small_stats_channels<T>(w, xp, L, c0, c1, pivot.data(), st.data());
+        } else {
+          for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
+            double part[3];
+            w.stats_run(xp + U.offset(u), U.length(u), pivot[c - c0], part);
+            double* t = &st[3 * (c - c0)];
+            welford_merge<double>(t[0], t[1], t[2], part[0], part[1], part[2]);
+          });
+        }
         for (int64_t c = c0; c < c1; ++c) {
           const double* t = &st[3 * (c - c0)];
           mean[c] = double(pivot[c - c0]) + t[1];
@@ -596,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dx = pooled_empty_like(x);
   at::Tensor dres = residual_grad ? pooled_empty_like(x) : at::empty({0}, x.options());
   raw_t<T>*dxp = mptr<T>(dx), *drp = residual_grad ? mptr<T>(dres) : nullptr;
-  std::vector<double> sg(C, 0.0), sgx(C, 0.0);
+  std::vector<double> sg(C, 0.0), sgx(C, 0.0), sums(L.planar && L.S < kSmallPlane ? 2 * C : 0, 0.0);
   std::vector<A> coef(4 * C);
   std::vector<double> dweight(C), dbias(C);
   const auto set_coef = [&](int64_t c) {
@@ -619,16 +837,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::parallel_for(0, (C + group - 1) / group, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t c0 = g0 * group; c0 < std::min(C, g1 * group); c0 += group) {
         const int64_t c1 = std::min(C, c0 + group);
-        for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
-          const int64_t o = U.offset(u);
-          double part[2];
-          w.backward_reduce_run(dyp + o, xp + o, yp ? yp + o : nullptr, U.length(u), mean_a[c], part);
-          sg[c] += part[0];
-          sgx[c] += part[1];
-        });
+        if (L.S < kSmallPlane) {
+          small_reduce_channels<T>(w, dyp, xp, yp, L, c0, c1, mean_a.data() + c0, &sums[2 * c0]);
+          for (int64_t c = c0; c < c1; ++c) sg[c] = sums[2 * c], sgx[c] = sums[2 * c + 1];
+        } else {
+          for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
+            const int64_t o = U.offset(u);
+            double part[2];
+            w.backward_reduce_run(dyp + o, xp + o, yp ? yp + o : nullptr, U.length(u), mean_a[c], part);
+            sg[c] += part[0];
+            sgx[c] += part[1];
+          });
+        }
         for (int64_t c = c0; c < c1; ++c) set_coef(c);
         for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) { apply_unit(U, u, c); });
       }
+    });
+  } else if (L.planar && L.S < kSmallPlane) {
+    parallel_sub_groups(C, [&](int64_t c0, int64_t c1) {
+      small_reduce_channels<T>(w, dyp, xp, yp, L, c0, c1, mean_a.data() + c0, &sums[2 * c0]);
+    });
+    for (int64_t c = 0; c < C; ++c) sg[c] = sums[2 * c], sgx[c] = sums[2 * c + 1];
+    for (int64_t c = 0; c < C; ++c) set_coef(c);
+    const PlanarUnits U(L);
+    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) apply_unit(U, u, U.plane(u) % C);
     });
   } else if (L.planar) {
     const PlanarUnits U(L);
