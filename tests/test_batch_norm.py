@@ -167,7 +167,8 @@ def test_odd_and_large_shapes(device, backend):
     skip_unless_runnable(backend, device)
     interp = backend == "triton" and device == "cpu"
     shapes = [((33, 300), False), ((2, 3, 5000), False), ((3, 70, 3, 5), True)] if interp else [
-        ((4099, 300), False), ((2, 3, 40001), False), ((3, 70, 33, 17), True), ((17, 2053), False)]
+        ((4099, 300), False), ((2, 3, 40001), False), ((3, 70, 33, 17), True), ((17, 2053), False),
+        ((150, 70, 6, 5), False)]
     for shape, cl in shapes:
         x, res, dy, w, b, rm, rv = _inputs(shape, torch.float32, device, cl, seed=3)
         y, rm1, rv1, grads = _run("add_relu", backend, x, res, dy, w, b, rm, rv, True)
@@ -439,7 +440,8 @@ def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(5, 6, 9, 13), (2, 5, 131, 131)])  # planes of 117, and of two runs (> 16384)
+# planes of 117; of 30 in two tiles (150 x 30 values a channel, tiles of 4096); of two runs (> 16384)
+@pytest.mark.parametrize("shape", [(5, 6, 9, 13), (150, 70, 6, 5), (2, 5, 131, 131)])
 def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
     """Planar training inputs whose channels fit in cache are walked a group of channels at a time (C >= 2 x
     threads; on one thread, groups of C // 2: 3 + 3, or 2 + 2 + 1); the same call on four threads takes the
