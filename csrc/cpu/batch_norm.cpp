@@ -587,18 +587,20 @@ struct RowBlocks {
 };
 
 // A training step's planar tensors are read twice (statistics, then normalize; the backward's two sums, then its
-// gradient). When a few channels' planes fit in this thread's share of the caches, the work is taken a group of
-// channels at a time and the second pass reads them from cache, not memory. A group is several channels where they
-// are small, so each plane row read is G * S contiguous values (one 14x14 channel alone is 64 planes of 784 bytes,
-// 200 KB apart: latency-bound). The group's size, counting every tensor its passes touch (`tensors`), is a quarter
-// of the thread's share of the cache: found by timing groups of 1, 4 and this rule against the whole-tensor passes,
-// interleaved in one process (fwd+bwd, N = 64, 32 MB L3, 2 threads): 56x56 -16%, 28x28 -14%, 14x14 -3%, 7x7 even;
-// groups of half the share were no faster than the whole-tensor passes at 56x56 and slower at 28x28 and 14x14.
+// gradient). When a few channels' planes fit in cache, the work is taken a group of channels at a time and the
+// second pass reads them from cache, not memory. A group is several channels where they are small, so each plane
+// row read is G * S contiguous values. Its size counts every tensor its passes touch (`tensors`): half the core's L2
+// when one channel fits there, else a quarter of the thread's share of the largest cache. The L3 rule was found on
+// a host with a 32 MB L3 slice (fwd+bwd, N = 64, 2 threads, against the whole-tensor passes: 56x56 -16%, 28x28
+// -14%, 14x14 -3%, 7x7 even). The L2 rule on a Xeon whose sysfs L3 (480 MB) behaves like ~32-64 MB, once small
+// planes no longer paid per-plane reductions (separate processes, two rounds, us, L3 rule -> L2 rule): 7x7 fwd
+// 677/584 -> 686/609, bwd 934/845 -> 814/784; 14x14 fwd 955/857 -> 798/835, bwd 1611/1715 -> 1228/1312; 28x28 fwd
+// 1738/1752 -> 1389/1385, bwd 3824/3888 -> 3477/3612. A quarter of the L2 was no better at 14x14 and 28x28.
 // Returns the group's channel count, or 0 to take the whole-tensor passes.
 int64_t channel_group(const BnLayout& L, int64_t tensors, int64_t elem) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // a quarter of a thread's share of the cache, for every tensor the group's passes touch
-  const int64_t budget = cpu_cache_bytes() / threads / 4, channel_bytes = tensors * L.N * L.S * elem;
+  const int64_t channel_bytes = tensors * L.N * L.S * elem, l2 = cpu_l2_bytes() / 2;
+  const int64_t budget = channel_bytes <= l2 ? l2 : cpu_cache_bytes() / threads / 4;
   if (!L.planar || L.C < 2 * threads || channel_bytes > budget) return 0;
   return std::max<int64_t>(1, std::min(budget / channel_bytes, L.C / (2 * threads)));
 }
