@@ -2,7 +2,8 @@
 CUDA) with the same weights, in the same run.
 
     python benchmarks/bench_rnn.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out results.json]
-                                   [--quick]
+                                   [--quick] [--backends cuda,triton]
+    FCK_RNN_PERSISTENT_CUDA=1 python benchmarks/bench_rnn.py --device cuda   # CUDA's persistent kernels
 
 Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), the AWD-LSTM shape
 (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
@@ -13,6 +14,7 @@ the input projection and saved gates written and read back, the outputs and thei
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -76,13 +78,18 @@ def main(argv=None) -> Results:
                          "and fastcore_kernels' fp32 recurrent steps on AMX CPUs, compute in bf16")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="skip the AWD-LSTM shape (minutes on a small CPU)")
+    ap.add_argument("--backends", default="", help="comma-separated fastcore_kernels backends to time (default: all "
+                    "that run on the device)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     res = Results(device, args.out)
     backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
-    backends = [b for b in backends if device.type in fck.backends()[b].devices]
+    backends = [b for b in backends if device.type in fck.backends()[b].devices
+                and (not args.backends or b in args.backends.split(","))]
+    # FCK_RNN_PERSISTENT_CUDA=1 (read by the CUDA ops per call) runs hidden <= 64 as one persistent kernel per pass
+    suffix = "-persistent" if os.environ.get("FCK_RNN_PERSISTENT_CUDA") == "1" else ""
     for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
         dtype = getattr(torch, args.dtype)
         theirs, ours = _modules(kind, I, H, L, device, dtype)
@@ -101,7 +108,7 @@ def main(argv=None) -> Results:
                     def run(b=b, f=_step(module, kind, x, weight_drop, raw)):
                         with fck.use_backend(b):
                             f()
-                    fns[f"fck-{b}"] = run
+                    fns[f"fck-{b}" + (suffix if b == "cuda" else "")] = run
         reps = 3 if I >= 400 and device.type == "cpu" else args.reps
         timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
                  else {p: time_ms(f, device) for p, f in fns.items()})

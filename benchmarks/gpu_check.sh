@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # and every JSON row use it.
 export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
-STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_adam bench_learner} "
+STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_rnn_persistent bench_batch_norm bench_adam bench_learner} "
 declare -a summary=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...
@@ -54,6 +54,9 @@ stage bench_embedding_bag 45 $PY benchmarks/bench_embedding_bag.py --device cuda
   --out "$OUT/bench_embedding_bag_cuda.json"
 # FCK_RNN_ARGS: extra bench_rnn arguments (e.g. --dtype bfloat16 --quick).
 stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda ${FCK_RNN_ARGS:-} --out "$OUT/bench_rnn_cuda.json"
+# The opt-in persistent CUDA kernels (hidden <= 64) against cuDNN, lesson-7 shapes and cells.
+stage bench_rnn_persistent 45 env FCK_RNN_PERSISTENT_CUDA=1 $PY benchmarks/bench_rnn.py --device cuda --quick \
+  --backends cuda --out "$OUT/bench_rnn_persistent_cuda.json"
 stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \

@@ -104,6 +104,51 @@ def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, d
         _close(a, b, dtype, "persistent vs per-step")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("B,H", [(19, 20), (5, 64), (4, 33), (64, 64)])
+def test_cuda_persistent_layer_matches_per_step_layer(B, H, mode, reverse, dtype, monkeypatch):
+    """The opt-in persistent CUDA kernels (FCK_RNN_PERSISTENT_CUDA=1, hidden <= 64) against the per-step CUDA loop:
+    every output of both passes, saved tensors included; batches that leave a block's rows partly empty, both
+    register widths (32, 64). The caching allocator's free blocks are filled with NaN before each run, so an
+    element a kernel skipped shows up."""
+    skip_unless_runnable("cuda", "cuda")
+    g = _gen(7)
+    T = 6
+    G = 4 if mode == "lstm" else 3
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to("cuda", dtype)
+
+    xg, h0, w = rnd(T, B, G * H), rnd(B, H), rnd(G * H, H, scale=0.3)
+    grads = (rnd(T, B, H), rnd(B, H), rnd(B, H))
+    extra = (rnd(B, H), rnd(G * H)) if mode == "lstm" else (rnd(G * H), rnd(G * H))
+
+    def run():
+        for n in (1 << 10, 1 << 14, 1 << 18, 1 << 21):
+            torch.full((n,), float("nan"), device="cuda")
+        if mode == "lstm":
+            c0, bias = extra
+            fwd = torch.ops.fck.lstm_layer_fwd(xg, h0, c0, w, bias, reverse)
+            bwd = torch.ops.fck.lstm_layer_bwd(*grads, h0, c0, w, fwd[0], fwd[3], fwd[4], reverse)
+        else:
+            fwd = torch.ops.fck.gru_layer_fwd(xg, h0, w, *extra, reverse)
+            bwd = torch.ops.fck.gru_layer_bwd(grads[0], grads[1], h0, w, fwd[0], fwd[2], reverse)
+        torch.cuda.synchronize()
+        return fwd + bwd
+
+    monkeypatch.setenv("FCK_RNN_PERSISTENT_CUDA", "1")
+    persistent = run()
+    monkeypatch.delenv("FCK_RNN_PERSISTENT_CUDA")
+    per_step = run()
+    for k, (a, b) in enumerate(zip(persistent, per_step)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.isfinite(a).all(), f"output {k}: an element no kernel wrote"
+        _close(a, b, dtype, f"persistent vs per-step, output {k}")
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_cell_gradcheck(backend, device, mode):

@@ -368,6 +368,16 @@ struct RnnSteps {
   }
   static int64_t block_weight_bytes() { return cpu_l2_bytes() * 3 / 4; }
 
+  // No whole-sequence kernels here: the per-step loop (with row blocks) is the CPU's.
+  template <typename... Args>
+  static bool lstm_fwd_whole(const Args&...) { return false; }
+  template <typename... Args>
+  static bool lstm_bwd_whole(const Args&...) { return false; }
+  template <typename... Args>
+  static bool gru_fwd_whole(const Args&...) { return false; }
+  template <typename... Args>
+  static bool gru_bwd_whole(const Args&...) { return false; }
+
   // Bias gradients summed by each row block as it goes (rnn::BlockSums): inside the row blocks' parallel region,
   // where a block's thread owns its rows; the one-block path splits each step across threads and sums afterwards.
   static constexpr bool kSumsRows = true;

@@ -12,7 +12,8 @@
 //
 // each over n rows of one step (typed pointers; see below), plus Dev::dispatch, Dev::Acc<T>, the two GEMMs and
 // Dev::empty(sizes, options) for the sequence-sized tensors (the CPU takes them from its pool of warm blocks: fresh
-// multi-MB mallocs page-faulted on every call and made a lesson-7 LSTM layer's forward 1.7x slower).
+// multi-MB mallocs page-faulted on every call and made a lesson-7 LSTM layer's forward 1.7x slower). Dev may take a
+// whole pass itself instead (Dev::lstm_fwd_whole and the like: CUDA's persistent kernels), returning true.
 //
 // The rows of a batch never meet in the recurrence, so with a small W_hh the CPU gives each thread its own block of
 // rows for the whole sequence: no fork/join per step, and each thread's small GEMM runs single-threaded (nested
@@ -254,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto g = seq<A>(gates, B, G);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T* bp = reinterpret_cast<const T*>(b.data_ptr());
+    if (Dev::lstm_fwd_whole(d, o, save, x, h_init, c_init, wp, bp, y, c, g)) return;
     const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
@@ -303,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const auto c_init = seq<const A>(c0a, B, H);
     const auto dcs = seq<A>(dc, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    if (Dev::lstm_bwd_whole(d, o, dy, dh_last, g, c, c_init, wp, dcs, dx, dh)) return db.missing();
     const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
@@ -346,6 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(const at::Tensor& x
     const auto sv = seq<A>(saved, B, 4 * H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
     const T *bip = reinterpret_cast<const T*>(bi.data_ptr()), *bhp = reinterpret_cast<const T*>(bh.data_ptr());
+    if (Dev::gru_fwd_whole(d, o, save, x, h_init, wp, bip, bhp, y, sv)) return;
     const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
@@ -390,6 +394,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
     const auto sv = seq<const A>(saved, B, 4 * H);
     const auto direct = seq<A>(dh_direct, B, H);
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    if (Dev::gru_bwd_whole(d, o, dy, dh_last, sv, y, h_init, wp, direct, dx, dg, dh)) {
+      db_ih.missing();
+      return db_hh.missing();
+    }
     const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, d.T, w);
     Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
