@@ -104,31 +104,34 @@ def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, d
         _close(a, b, dtype, "persistent vs per-step")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("B,H", [(19, 20), (5, 64), (4, 33), (64, 64)])
-def test_cuda_persistent_layer_matches_per_step_layer(B, H, mode, reverse, dtype, monkeypatch):
-    """The opt-in persistent CUDA kernels (FCK_RNN_PERSISTENT_CUDA=1, hidden <= 64) against the per-step CUDA loop:
-    every output of both passes, saved tensors included; batches that leave a block's rows partly empty, both
-    register widths (32, 64). The caching allocator's free blocks are filled with NaN before each run, so an
-    element a kernel skipped shows up."""
-    skip_unless_runnable("cuda", "cuda")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_persistent_layer_matches_per_step_layer(device, B, H, mode, reverse, dtype, monkeypatch):
+    """CUDA's opt-in persistent kernels (hidden <= 64) against the per-step loop: every output of both passes, saved
+    tensors included; batches that leave a block's rows partly empty, both register widths (32, 64). On CUDA
+    (FCK_RNN_PERSISTENT_CUDA=1) the caching allocator's free blocks are filled with NaN before each run, so an
+    element a kernel skipped shows up; on the CPU the same kernel code runs emulated (FCK_RNN_PERSISTENT_EMULATE=1,
+    a thread per CUDA thread, shared memory filled with NaN) against the CPU's loop."""
+    skip_unless_runnable(device, device)
+    switch = "FCK_RNN_PERSISTENT_CUDA" if device == "cuda" else "FCK_RNN_PERSISTENT_EMULATE"
     g = _gen(7)
     T = 6
     G = 4 if mode == "lstm" else 3
 
     def rnd(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to("cuda", dtype)
+        return (torch.randn(*s, generator=g) * scale).to(device, dtype)
 
     xg, h0, w = rnd(T, B, G * H), rnd(B, H), rnd(G * H, H, scale=0.3)
     grads = (rnd(T, B, H), rnd(B, H), rnd(B, H))
     extra = (rnd(B, H), rnd(G * H)) if mode == "lstm" else (rnd(G * H), rnd(G * H))
 
     def run():
-        for n in (1 << 10, 1 << 14, 1 << 18, 1 << 21):
-            torch.full((n,), float("nan"), device="cuda")
+        if device == "cuda":
+            for n in (1 << 10, 1 << 14, 1 << 18, 1 << 21):
+                torch.full((n,), float("nan"), device="cuda")
         if mode == "lstm":
             c0, bias = extra
             fwd = torch.ops.fck.lstm_layer_fwd(xg, h0, c0, w, bias, reverse)
@@ -136,12 +139,11 @@ def test_cuda_persistent_layer_matches_per_step_layer(B, H, mode, reverse, dtype
         else:
             fwd = torch.ops.fck.gru_layer_fwd(xg, h0, w, *extra, reverse)
             bwd = torch.ops.fck.gru_layer_bwd(grads[0], grads[1], h0, w, fwd[0], fwd[2], reverse)
-        torch.cuda.synchronize()
-        return fwd + bwd
+        return [t.cpu() for t in fwd + bwd]
 
-    monkeypatch.setenv("FCK_RNN_PERSISTENT_CUDA", "1")
+    monkeypatch.setenv(switch, "1")
     persistent = run()
-    monkeypatch.delenv("FCK_RNN_PERSISTENT_CUDA")
+    monkeypatch.delenv(switch)
     per_step = run()
     for k, (a, b) in enumerate(zip(persistent, per_step)):
         assert a.shape == b.shape and a.dtype == b.dtype

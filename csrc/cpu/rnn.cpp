@@ -8,8 +8,12 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <barrier>
+#include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -18,6 +22,7 @@
 #include "fck/ops.h"
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
+#include "fck/rnn_persistent.h"
 #include "panel_gemm.h"
 
 namespace fck {
@@ -337,6 +342,39 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
   at::mm_out(out, view(a, {n, K}, like), W.wt ? view(W.w, {N, K}, like).t() : view(W.w, {K, N}, like));
 }
 
+// CUDA's persistent kernels (fck/rnn_persistent.h) run on the CPU for the tests: one std::thread per CUDA thread, a
+// std::barrier for __syncthreads, a block at a time, its shared memory filled with NaN first so that a read of a
+// value no thread wrote shows in the results. Slow (a thread per gate value), and only for checking the kernels'
+// indexing and barriers where no GPU is.
+struct HostCtx {
+  int tid, block, threads;
+  std::barrier<>* bar;
+  void sync() const { bar->arrive_and_wait(); }
+};
+
+struct EmulatedLaunch {
+  static bool enabled() { return persistent::env_on("FCK_RNN_PERSISTENT_EMULATE"); }
+  template <class Body>
+  static void launch(int blocks, int threads, const Body& body) {
+    using Shared = typename Body::Shared;
+    static_assert(sizeof(Shared) % sizeof(float) == 0);
+    for (int block = 0; block < blocks; ++block) {
+      auto sh = std::make_unique<Shared>();
+      std::fill_n(reinterpret_cast<float*>(sh.get()), sizeof(Shared) / sizeof(float), NAN);
+      std::barrier<> bar(threads);
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (int tid = 0; tid < threads; ++tid) {
+        pool.emplace_back([&, tid] {
+          HostCtx ctx{tid, block, threads, &bar};
+          body(ctx, *sh);
+        });
+      }
+      for (std::thread& t : pool) t.join();
+    }
+  }
+};
+
 struct RnnSteps {
   template <typename T>
   using Acc = acc_t<T>;
@@ -368,15 +406,16 @@ struct RnnSteps {
   }
   static int64_t block_weight_bytes() { return cpu_l2_bytes() * 3 / 4; }
 
-  // No whole-sequence kernels here: the per-step loop (with row blocks) is the CPU's.
+  // The CPU runs the per-step loop (with row blocks); FCK_RNN_PERSISTENT_EMULATE=1 runs CUDA's persistent kernels'
+  // code instead, emulated (EmulatedLaunch), for the tests.
   template <typename... Args>
-  static bool lstm_fwd_whole(const Args&...) { return false; }
+  static bool lstm_fwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::lstm_fwd(a...); }
   template <typename... Args>
-  static bool lstm_bwd_whole(const Args&...) { return false; }
+  static bool lstm_bwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::lstm_bwd(a...); }
   template <typename... Args>
-  static bool gru_fwd_whole(const Args&...) { return false; }
+  static bool gru_fwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::gru_fwd(a...); }
   template <typename... Args>
-  static bool gru_bwd_whole(const Args&...) { return false; }
+  static bool gru_bwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::gru_bwd(a...); }
 
   // Bias gradients summed by each row block as it goes (rnn::BlockSums): inside the row blocks' parallel region,
   // where a block's thread owns its rows; the one-block path splits each step across threads and sums afterwards.

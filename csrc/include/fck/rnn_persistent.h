@@ -1,0 +1,455 @@
+// The persistent LSTM/GRU kernels' bodies (CUDA, opt-in FCK_RNN_PERSISTENT_CUDA=1; hidden <= 64), written once for
+// the GPU and for a CPU emulation the tests run (FCK_RNN_PERSISTENT_EMULATE=1: one std::thread per CUDA thread,
+// a barrier for __syncthreads), so the CPU covers their indexing and barriers as well as the cell math.
+//
+// One launch runs a layer's whole sequence in one direction. The rows of a batch never meet in the recurrence, so a
+// block owns R rows for all T steps, R the gate count: a block of G = R * H threads then has one thread per gate
+// row in the GEMM phase and one per (row, unit) in the cell phase. The forward's thread n keeps row n of W_hh in
+// registers (fp32, H <= MAXH values) and forms the R rows' pre-activations from h in shared memory (broadcast
+// reads); the cell thread (r, j) keeps its cell state in a register. The backward's thread (q, k) keeps column k of
+// gate block q of W_hh in registers and forms R partial sums of dh over that block; the cell thread adds the gate
+// blocks' partials in order. Per step: two barriers, no launch, no GEMM call (the per-step path pays a cuBLAS call
+// and a kernel, ~35 us of host time, per step). Roundings follow the per-step path: the GEMM results and the values
+// it reads (h, the gate gradients) are rounded to the storage type T.
+//
+// A body takes `ctx` (tid, block, threads, sync()) and its block's shared storage.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "fck/macros.h"
+#include "fck/rnn.h"
+#include "fck/rnn_host.h"
+
+#if defined(__CUDA_ARCH__)
+#define FCK_UNROLL _Pragma("unroll")
+#else
+#define FCK_UNROLL
+#endif
+
+namespace fck {
+namespace persistent {
+
+constexpr int kMaxH = 64;
+
+template <int MAXH>
+struct LstmFwdShared {
+  float h[4][MAXH];
+  float pre[4][4 * MAXH];
+};
+template <int MAXH>
+struct LstmBwdShared {
+  float dg[4][4 * MAXH];
+  float part[4][4][MAXH];
+};
+template <int MAXH>
+struct GruFwdShared {
+  float h[3][MAXH];
+  float pre[3][3 * MAXH];
+};
+template <int MAXH>
+struct GruBwdShared {
+  float dg[3][3 * MAXH];
+  float part[3][3][MAXH];
+};
+
+// The gate row a thread owns: W[n, 0..H) widened, zeros past H.
+template <typename T, int MAXH>
+FCK_HOST_DEVICE void load_row(float (&w)[MAXH], const T* w_hh, int n, int H, bool valid) {
+  FCK_UNROLL
+  for (int k = 0; k < MAXH; ++k) w[k] = valid && k < H ? float(w_hh[int64_t(n) * H + k]) : 0.f;
+}
+
+// Column k of gate block q: W[q H + i, k] for i < H, zeros past H.
+template <typename T, int MAXH>
+FCK_HOST_DEVICE void load_column(float (&w)[MAXH], const T* w_hh, int q, int k, int H, bool valid) {
+  FCK_UNROLL
+  for (int i = 0; i < MAXH; ++i) w[i] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
+}
+
+// acc[r] = sum_{k < H} v[r][offset + k] w[k] for the block's R rows (v in shared memory: broadcast reads).
+template <int R, int MAXH, int STRIDE>
+FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float (&v)[R][STRIDE], int offset, const float (&w)[MAXH],
+                              int H) {
+  FCK_UNROLL
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  FCK_UNROLL
+  for (int k = 0; k < MAXH; ++k) {
+    if (k < H) {
+      FCK_UNROLL
+      for (int r = 0; r < R; ++r) acc[r] += v[r][offset + k] * w[k];
+    }
+  }
+}
+
+// h_s[r][k] = h0 of the block's rows, zeros past H and past the batch.
+template <int R, int MAXH, typename T, class Ctx>
+FCK_HOST_DEVICE void load_state(const Ctx& ctx, float (&h_s)[R][MAXH], const T* h0, int b0, int B, int H) {
+  for (int i = ctx.tid; i < R * MAXH; i += ctx.threads) {
+    const int r = i / MAXH, k = i - r * MAXH;
+    h_s[r][k] = k < H && b0 + r < B ? float(h0[int64_t(b0 + r) * H + k]) : 0.f;
+  }
+}
+
+template <int R, int W, class Ctx>
+FCK_HOST_DEVICE void zero_shared(const Ctx& ctx, float (&s)[R][W]) {
+  for (int i = ctx.tid; i < R * W; i += ctx.threads) s[i / W][i % W] = 0.f;
+}
+
+template <typename T, int MAXH, class Ctx>
+FCK_HOST_DEVICE void lstm_fwd_body(Ctx& ctx, LstmFwdShared<MAXH>& sh, const T* xg, const T* h0, const float* c0,
+                                   const T* w_hh, const T* bias, T* out, float* c_all, float* gates, int steps, int B,
+                                   int H, bool reverse, bool save) {
+  constexpr int R = 4;
+  const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+  const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
+  float w[MAXH];
+  load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
+  const float bn = gate_row ? float(bias[tid]) : 0.f;
+  float c = cell ? c0[int64_t(b0 + r) * H + j] : 0.f;
+  load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
+  ctx.sync();
+  for (int s = 0; s < steps; ++s) {
+    const int t = reverse ? steps - 1 - s : s;
+    const int64_t row0 = int64_t(t) * B + b0;
+    if (gate_row) {
+      float xv[R], acc[R];
+      FCK_UNROLL
+      for (int rr = 0; rr < R; ++rr) xv[rr] = b0 + rr < B ? float(xg[(row0 + rr) * G + tid]) : 0.f;
+      dot_rows<R, MAXH, MAXH>(acc, sh.h, 0, w, H);
+      FCK_UNROLL
+      for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = xv[rr] + float(T(acc[rr])) + bn;
+    }
+    ctx.sync();
+    if (cell) {
+      const float* p = sh.pre[r];
+      float cc, hh;
+      const LstmGates<float> a = lstm_forward<float>(p[j], p[H + j], p[2 * H + j], p[3 * H + j], c, cc, hh);
+      c = cc;
+      const int64_t row = row0 + r;
+      const T ht = T(hh);
+      out[row * H + j] = ht;
+      if (save) {
+        float* g = gates + row * G;
+        g[j] = a.i, g[H + j] = a.f, g[2 * H + j] = a.g, g[3 * H + j] = a.o;
+        c_all[row * H + j] = cc;
+      } else {  // inference: two slots of cell states, no gates
+        c_all[(int64_t(s % 2) * B + b0 + r) * H + j] = cc;
+      }
+      sh.h[r][j] = float(ht);
+    }
+    ctx.sync();
+  }
+}
+
+template <typename T, int MAXH, class Ctx>
+FCK_HOST_DEVICE void lstm_bwd_body(Ctx& ctx, LstmBwdShared<MAXH>& sh, const T* dout, const T* dhn, const float* gates,
+                                   const float* c_all, const float* c0, const T* w_hh, float* dc_io, T* dxg, T* dh0,
+                                   int steps, int B, int H, bool reverse) {
+  constexpr int R = 4;
+  const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+  const bool column = tid < G, cell = tid < G && b0 + r < B;
+  float w[MAXH];
+  load_column<T, MAXH>(w, w_hh, r, j, H, column);  // as the GEMM thread, (r, j) is (gate block q, column k)
+  const int64_t state = int64_t(b0 + r) * H + j;
+  float dc = cell ? dc_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
+  zero_shared(ctx, sh.dg);  // rows past the batch are never written, and are read
+  ctx.sync();
+  for (int s = 0; s < steps; ++s) {
+    const int t = reverse ? s : steps - 1 - s, first = reverse ? steps - 1 : 0, before = reverse ? t + 1 : t - 1;
+    if (cell) {
+      const int64_t row = int64_t(t) * B + b0 + r;
+      const float* g = gates + row * G;
+      const float c_prev = t == first ? c0[state] : c_all[(int64_t(before) * B + b0 + r) * H + j];
+      const LstmGates<float> d = lstm_backward<float>(float(dout[row * H + j]) + dh_rec, dc,
+                                                      {g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev,
+                                                      c_all[row * H + j]);
+      const T gi = T(d.i), gf = T(d.f), gg = T(d.g), go = T(d.o);
+      T* dx = dxg + row * G;
+      dx[j] = gi, dx[H + j] = gf, dx[2 * H + j] = gg, dx[3 * H + j] = go;
+      float* dgs = sh.dg[r];
+      dgs[j] = float(gi), dgs[H + j] = float(gf), dgs[2 * H + j] = float(gg), dgs[3 * H + j] = float(go);
+    }
+    ctx.sync();
+    if (column) {
+      float acc[R];
+      dot_rows<R, MAXH, 4 * MAXH>(acc, sh.dg, r * H, w, H);
+      FCK_UNROLL
+      for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
+    }
+    ctx.sync();
+    if (cell) dh_rec = float(T(sh.part[0][r][j] + sh.part[1][r][j] + sh.part[2][r][j] + sh.part[3][r][j]));
+  }
+  if (cell) {
+    dh0[state] = T(dh_rec);
+    dc_io[state] = dc;
+  }
+}
+
+template <typename T, int MAXH, class Ctx>
+FCK_HOST_DEVICE void gru_fwd_body(Ctx& ctx, GruFwdShared<MAXH>& sh, const T* xg, const T* h0, const T* w_hh,
+                                  const T* b_ih, const T* b_hh, T* out, float* saved, int steps, int B, int H,
+                                  bool reverse, bool save) {
+  constexpr int R = 3;
+  const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+  const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
+  float w[MAXH];
+  load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
+  const float bh = gate_row ? float(b_hh[tid]) : 0.f;
+  float bi[3];
+  FCK_UNROLL
+  for (int q = 0; q < 3; ++q) bi[q] = cell ? float(b_ih[q * H + j]) : 0.f;
+  load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
+  ctx.sync();
+  for (int s = 0; s < steps; ++s) {
+    const int t = reverse ? steps - 1 - s : s;
+    const int64_t row0 = int64_t(t) * B + b0;
+    if (gate_row) {
+      float acc[R];
+      dot_rows<R, MAXH, MAXH>(acc, sh.h, 0, w, H);
+      FCK_UNROLL
+      for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
+    }
+    ctx.sync();
+    if (cell) {
+      const int64_t row = row0 + r;
+      const T* x = xg + row * G;
+      const float* hp = sh.pre[r];
+      float hh;
+      const GruSaved<float> sv = gru_forward<float>(float(x[j]) + bi[0], float(x[H + j]) + bi[1],
+                                                    float(x[2 * H + j]) + bi[2], hp[j], hp[H + j], hp[2 * H + j],
+                                                    sh.h[r][j], hh);
+      const T ht = T(hh);
+      out[row * H + j] = ht;
+      float* sp = saved + (save ? row : int64_t(b0 + r)) * 4 * H;  // inference: one slot
+      sp[j] = sv.r, sp[H + j] = sv.z, sp[2 * H + j] = sv.n, sp[3 * H + j] = sv.bn;
+      sh.h[r][j] = float(ht);
+    }
+    ctx.sync();
+  }
+}
+
+template <typename T, int MAXH, class Ctx>
+FCK_HOST_DEVICE void gru_bwd_body(Ctx& ctx, GruBwdShared<MAXH>& sh, const T* dout, const T* dhn, const float* saved,
+                                  const T* out, const T* h0, const T* w_hh, float* direct_io, T* dxg, T* dhg, T* dh0,
+                                  int steps, int B, int H, bool reverse) {
+  constexpr int R = 3;
+  const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+  const bool column = tid < G, cell = tid < G && b0 + r < B;
+  float w[MAXH];
+  load_column<T, MAXH>(w, w_hh, r, j, H, column);
+  const int64_t state = int64_t(b0 + r) * H + j;
+  float direct = cell ? direct_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
+  zero_shared(ctx, sh.dg);
+  ctx.sync();
+  for (int s = 0; s < steps; ++s) {
+    const int t = reverse ? s : steps - 1 - s, first = reverse ? steps - 1 : 0, before = reverse ? t + 1 : t - 1;
+    if (cell) {
+      const int64_t row = int64_t(t) * B + b0 + r;
+      const float* sp = saved + row * 4 * H;
+      const float h_prev = float(t == first ? h0[state] : out[(int64_t(before) * B + b0 + r) * H + j]);
+      const GruGrads<float> p = gru_backward<float>(float(dout[row * H + j]) + dh_rec + direct,
+                                                    {sp[j], sp[H + j], sp[2 * H + j], sp[3 * H + j]}, h_prev);
+      direct = p.h_prev;
+      const T dr = T(p.r), dz = T(p.z), dan = T(p.an), dbn = T(p.bn);
+      T *dx = dxg + row * G, *dh = dhg + row * G;
+      dx[j] = dh[j] = dr;
+      dx[H + j] = dh[H + j] = dz;
+      dx[2 * H + j] = dan;
+      dh[2 * H + j] = dbn;
+      float* dgs = sh.dg[r];
+      dgs[j] = float(dr), dgs[H + j] = float(dz), dgs[2 * H + j] = float(dbn);
+    }
+    ctx.sync();
+    if (column) {
+      float acc[R];
+      dot_rows<R, MAXH, 3 * MAXH>(acc, sh.dg, r * H, w, H);
+      FCK_UNROLL
+      for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
+    }
+    ctx.sync();
+    if (cell) dh_rec = float(T(sh.part[0][r][j] + sh.part[1][r][j] + sh.part[2][r][j]));
+  }
+  if (cell) {
+    dh0[state] = T(dh_rec);
+    direct_io[state] = direct;
+  }
+}
+
+// ---- the bodies as launchable functors (their arguments as fields), and the layer passes built on them ----
+//
+// `Launch::launch(blocks, threads, body)` runs body(ctx, shared) on every thread of every block: fck::cuda's launches
+// a kernel, fck::cpu's emulates one. Launch::enabled() says whether to take the persistent path at all.
+
+template <typename T, int MAXH>
+struct LstmFwd {
+  static constexpr int kRows = 4, kMaxThreads = 4 * MAXH;
+  using Shared = LstmFwdShared<MAXH>;
+  const T *xg, *h0;
+  const float* c0;
+  const T *w_hh, *bias;
+  T* out;
+  float *c_all, *gates;
+  int steps, B, H;
+  bool reverse, save;
+  template <class Ctx>
+  FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
+    lstm_fwd_body<T, MAXH>(ctx, sh, xg, h0, c0, w_hh, bias, out, c_all, gates, steps, B, H, reverse, save);
+  }
+};
+
+template <typename T, int MAXH>
+struct LstmBwd {
+  static constexpr int kRows = 4, kMaxThreads = 4 * MAXH;
+  using Shared = LstmBwdShared<MAXH>;
+  const T *dout, *dhn;
+  const float *gates, *c_all, *c0;
+  const T* w_hh;
+  float* dc_io;
+  T *dxg, *dh0;
+  int steps, B, H;
+  bool reverse;
+  template <class Ctx>
+  FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
+    lstm_bwd_body<T, MAXH>(ctx, sh, dout, dhn, gates, c_all, c0, w_hh, dc_io, dxg, dh0, steps, B, H, reverse);
+  }
+};
+
+template <typename T, int MAXH>
+struct GruFwd {
+  static constexpr int kRows = 3, kMaxThreads = 3 * MAXH;
+  using Shared = GruFwdShared<MAXH>;
+  const T *xg, *h0, *w_hh, *b_ih, *b_hh;
+  T* out;
+  float* saved;
+  int steps, B, H;
+  bool reverse, save;
+  template <class Ctx>
+  FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
+    gru_fwd_body<T, MAXH>(ctx, sh, xg, h0, w_hh, b_ih, b_hh, out, saved, steps, B, H, reverse, save);
+  }
+};
+
+template <typename T, int MAXH>
+struct GruBwd {
+  static constexpr int kRows = 3, kMaxThreads = 3 * MAXH;
+  using Shared = GruBwdShared<MAXH>;
+  const T *dout, *dhn;
+  const float* saved;
+  const T *out, *h0, *w_hh;
+  float* direct_io;
+  T *dxg, *dhg, *dh0;
+  int steps, B, H;
+  bool reverse;
+  template <class Ctx>
+  FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
+    gru_bwd_body<T, MAXH>(ctx, sh, dout, dhn, saved, out, h0, w_hh, direct_io, dxg, dhg, dh0, steps, B, H, reverse);
+  }
+};
+
+// Whether a layer can take the persistent path: hidden <= kMaxH, a 16/32-bit float type (fp32 states), sizes that
+// fit the kernels' int indices.
+template <typename T>
+bool eligible(const rnn::Dims& d) {
+  return !std::is_same_v<T, double> && d.H <= kMaxH && d.B <= (int64_t(1) << 30) && d.T <= (int64_t(1) << 30);
+}
+
+// Runs Body<T, MAXH> (MAXH 32 or 64, the smaller that holds H) over the batch: G = rows * H threads rounded up to
+// a warp, one block per `rows` rows.
+template <class Launch, template <typename, int> class Body, typename T, class Make>
+void run(const rnn::Dims& d, const Make& make) {
+  const auto go = [&](auto maxh) {
+    using B = Body<T, decltype(maxh)::value>;
+    const int threads = int((B::kRows * d.H + 31) / 32 * 32), blocks = int((d.B + B::kRows - 1) / B::kRows);
+    Launch::launch(blocks, threads, make(B{}));
+  };
+  if (d.H <= 32) {
+    go(std::integral_constant<int, 32>{});
+  } else {
+    go(std::integral_constant<int, 64>{});
+  }
+}
+
+// The layer passes as Dev::*_whole hooks (see rnn_host.h): true when the persistent kernel ran the pass.
+template <class Launch>
+struct Passes {
+  template <typename T, typename A>
+  static bool lstm_fwd(const rnn::Dims& d, const rnn::Order& o, bool save, const rnn::Seq<const T>& x,
+                       const rnn::Seq<const T>& h_init, const rnn::Seq<const A>& c_init, const T* w, const T* bias,
+                       const rnn::Seq<T>& y, const rnn::Seq<A>& c, const rnn::Seq<A>& g) {
+    if constexpr (!std::is_same_v<A, float>) {
+      return false;
+    } else {
+      if (!eligible<T>(d) || !Launch::enabled()) return false;
+      run<Launch, LstmFwd, T>(d, [&](auto b) {
+        b.xg = x.p, b.h0 = h_init.p, b.c0 = c_init.p, b.w_hh = w, b.bias = bias, b.out = y.p, b.c_all = c.p;
+        b.gates = g.p, b.steps = int(d.T), b.B = int(d.B), b.H = int(d.H), b.reverse = o.reverse, b.save = save;
+        return b;
+      });
+      return true;
+    }
+  }
+  template <typename T, typename A>
+  static bool lstm_bwd(const rnn::Dims& d, const rnn::Order& o, const rnn::Seq<const T>& dy,
+                       const rnn::Seq<const T>& dh_last, const rnn::Seq<const A>& g, const rnn::Seq<const A>& c,
+                       const rnn::Seq<const A>& c_init, const T* w, const rnn::Seq<A>& dc, const rnn::Seq<T>& dx,
+                       const rnn::Seq<T>& dh) {
+    if constexpr (!std::is_same_v<A, float>) {
+      return false;
+    } else {
+      if (!eligible<T>(d) || !Launch::enabled()) return false;
+      run<Launch, LstmBwd, T>(d, [&](auto b) {
+        b.dout = dy.p, b.dhn = dh_last.p, b.gates = g.p, b.c_all = c.p, b.c0 = c_init.p, b.w_hh = w, b.dc_io = dc.p;
+        b.dxg = dx.p, b.dh0 = dh.p, b.steps = int(d.T), b.B = int(d.B), b.H = int(d.H), b.reverse = o.reverse;
+        return b;
+      });
+      return true;
+    }
+  }
+  template <typename T, typename A>
+  static bool gru_fwd(const rnn::Dims& d, const rnn::Order& o, bool save, const rnn::Seq<const T>& x,
+                      const rnn::Seq<const T>& h_init, const T* w, const T* b_ih, const T* b_hh,
+                      const rnn::Seq<T>& y, const rnn::Seq<A>& sv) {
+    if constexpr (!std::is_same_v<A, float>) {
+      return false;
+    } else {
+      if (!eligible<T>(d) || !Launch::enabled()) return false;
+      run<Launch, GruFwd, T>(d, [&](auto b) {
+        b.xg = x.p, b.h0 = h_init.p, b.w_hh = w, b.b_ih = b_ih, b.b_hh = b_hh, b.out = y.p, b.saved = sv.p;
+        b.steps = int(d.T), b.B = int(d.B), b.H = int(d.H), b.reverse = o.reverse, b.save = save;
+        return b;
+      });
+      return true;
+    }
+  }
+  template <typename T, typename A>
+  static bool gru_bwd(const rnn::Dims& d, const rnn::Order& o, const rnn::Seq<const T>& dy,
+                      const rnn::Seq<const T>& dh_last, const rnn::Seq<const A>& sv, const rnn::Seq<const T>& y,
+                      const rnn::Seq<const T>& h_init, const T* w, const rnn::Seq<A>& direct,
+                      const rnn::Seq<T>& dx, const rnn::Seq<T>& dg, const rnn::Seq<T>& dh) {
+    if constexpr (!std::is_same_v<A, float>) {
+      return false;
+    } else {
+      if (!eligible<T>(d) || !Launch::enabled()) return false;
+      run<Launch, GruBwd, T>(d, [&](auto b) {
+        b.dout = dy.p, b.dhn = dh_last.p, b.saved = sv.p, b.out = y.p, b.h0 = h_init.p, b.w_hh = w;
+        b.direct_io = direct.p, b.dxg = dx.p, b.dhg = dg.p, b.dh0 = dh.p, b.steps = int(d.T), b.B = int(d.B);
+        b.H = int(d.H), b.reverse = o.reverse;
+        return b;
+      });
+      return true;
+    }
+  }
+};
+
+// An environment switch read per call (tests flip it between calls): "1" turns it on.
+inline bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "1") == 0;
+}
+
+}  // namespace persistent
+}  // namespace fck
