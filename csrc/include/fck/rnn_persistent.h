@@ -35,26 +35,46 @@ namespace persistent {
 
 constexpr int kMaxH = 64;
 
+// Shared memory of a block. The backward's gate gradients are laid out per gate block, [row][block][unit], so that
+// a gate block starts on a 16-byte boundary for dot_rows' 4-value loads.
 template <int MAXH>
 struct LstmFwdShared {
-  float h[4][MAXH];
-  float pre[4][4 * MAXH];
+  alignas(16) float h[4][MAXH];
+  alignas(16) float pre[4][4 * MAXH];
 };
 template <int MAXH>
 struct LstmBwdShared {
-  float dg[4][4 * MAXH];
-  float part[4][4][MAXH];
+  alignas(16) float dg[4][4][MAXH];
+  alignas(16) float part[4][4][MAXH];
 };
 template <int MAXH>
 struct GruFwdShared {
-  float h[3][MAXH];
-  float pre[3][3 * MAXH];
+  alignas(16) float h[3][MAXH];
+  alignas(16) float pre[3][3 * MAXH];
 };
 template <int MAXH>
 struct GruBwdShared {
-  float dg[3][3 * MAXH];
-  float part[3][3][MAXH];
+  alignas(16) float dg[3][3][MAXH];
+  alignas(16) float part[3][3][MAXH];
 };
+
+#if defined(__CUDACC__)
+using vec4 = float4;
+#else
+struct alignas(16) vec4 {
+  float x, y, z, w;
+};
+#endif
+
+FCK_HOST_DEVICE vec4 load4(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const vec4*>(p);
+#else
+  vec4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+#endif
+}
 
 // The gate row a thread owns: W[n, 0..H) widened, zeros past H.
 template <typename T, int MAXH>
@@ -70,17 +90,25 @@ FCK_HOST_DEVICE void load_column(float (&w)[MAXH], const T* w_hh, int q, int k, 
   for (int i = 0; i < MAXH; ++i) w[i] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
 }
 
-// acc[r] = sum_{k < H} v[r][offset + k] w[k] for the block's R rows (v in shared memory: broadcast reads).
-template <int R, int MAXH, int STRIDE>
-FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float (&v)[R][STRIDE], int offset, const float (&w)[MAXH],
-                              int H) {
+// acc[r] = sum_{k < H} v[r * stride + k] w[k] for the block's R rows, in k order. v is shared memory every thread
+// of the block reads at the same address (a broadcast), 4 values a load: with one value a load the GEMM phase was
+// bound by shared-memory instructions (~2k a step for a block of 256 threads). v and stride are multiples of 4
+// floats; past H both v and w hold zeros.
+template <int R, int MAXH>
+FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const float (&w)[MAXH], int H) {
   FCK_UNROLL
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
   FCK_UNROLL
-  for (int k = 0; k < MAXH; ++k) {
+  for (int k = 0; k < MAXH; k += 4) {
     if (k < H) {
       FCK_UNROLL
-      for (int r = 0; r < R; ++r) acc[r] += v[r][offset + k] * w[k];
+      for (int r = 0; r < R; ++r) {
+        const vec4 x = load4(v + r * stride + k);
+        acc[r] += x.x * w[k];
+        acc[r] += x.y * w[k + 1];
+        acc[r] += x.z * w[k + 2];
+        acc[r] += x.w * w[k + 3];
+      }
     }
   }
 }
@@ -94,10 +122,13 @@ FCK_HOST_DEVICE void load_state(const Ctx& ctx, float (&h_s)[R][MAXH], const T* 
   }
 }
 
-template <int R, int W, class Ctx>
-FCK_HOST_DEVICE void zero_shared(const Ctx& ctx, float (&s)[R][W]) {
-  for (int i = ctx.tid; i < R * W; i += ctx.threads) s[i / W][i % W] = 0.f;
+template <int N, class Ctx>
+FCK_HOST_DEVICE void zero_shared(const Ctx& ctx, float* s) {
+  for (int i = ctx.tid; i < N; i += ctx.threads) s[i] = 0.f;
 }
+
+// The loads a step needs that do not depend on the recurrence are issued a step ahead (`next`), so their latency
+// overlaps the step before.
 
 template <typename T, int MAXH, class Ctx>
 FCK_HOST_DEVICE void lstm_fwd_body(Ctx& ctx, LstmFwdShared<MAXH>& sh, const T* xg, const T* h0, const float* c0,
@@ -110,18 +141,27 @@ FCK_HOST_DEVICE void lstm_fwd_body(Ctx& ctx, LstmFwdShared<MAXH>& sh, const T* x
   load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
   const float bn = gate_row ? float(bias[tid]) : 0.f;
   float c = cell ? c0[int64_t(b0 + r) * H + j] : 0.f;
+  const auto step_row = [&](int s) { return int64_t(reverse ? steps - 1 - s : s) * B + b0; };
+  const auto load_x = [&](int s, float (&xv)[R]) {
+    const int64_t row0 = step_row(s);
+    FCK_UNROLL
+    for (int rr = 0; rr < R; ++rr) xv[rr] = gate_row && b0 + rr < B ? float(xg[(row0 + rr) * G + tid]) : 0.f;
+  };
+  float xv[R], next[R] = {};
+  load_x(0, xv);
   load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
   ctx.sync();
   for (int s = 0; s < steps; ++s) {
-    const int t = reverse ? steps - 1 - s : s;
-    const int64_t row0 = int64_t(t) * B + b0;
+    const int64_t row0 = step_row(s);
     if (gate_row) {
-      float xv[R], acc[R];
+      if (s + 1 < steps) load_x(s + 1, next);
+      float acc[R];
+      dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, H);
       FCK_UNROLL
-      for (int rr = 0; rr < R; ++rr) xv[rr] = b0 + rr < B ? float(xg[(row0 + rr) * G + tid]) : 0.f;
-      dot_rows<R, MAXH, MAXH>(acc, sh.h, 0, w, H);
-      FCK_UNROLL
-      for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = xv[rr] + float(T(acc[rr])) + bn;
+      for (int rr = 0; rr < R; ++rr) {
+        sh.pre[rr][tid] = xv[rr] + float(T(acc[rr])) + bn;
+        xv[rr] = next[rr];
+      }
     }
     ctx.sync();
     if (cell) {
@@ -145,6 +185,11 @@ FCK_HOST_DEVICE void lstm_fwd_body(Ctx& ctx, LstmFwdShared<MAXH>& sh, const T* x
   }
 }
 
+// What the LSTM backward's cell thread reads at a step besides the recurrence.
+struct LstmBwdIn {
+  float dout, i, f, g, o, c_prev, c;
+};
+
 template <typename T, int MAXH, class Ctx>
 FCK_HOST_DEVICE void lstm_bwd_body(Ctx& ctx, LstmBwdShared<MAXH>& sh, const T* dout, const T* dhn, const float* gates,
                                    const float* c_all, const float* c0, const T* w_hh, float* dc_io, T* dxg, T* dh0,
@@ -155,28 +200,33 @@ FCK_HOST_DEVICE void lstm_bwd_body(Ctx& ctx, LstmBwdShared<MAXH>& sh, const T* d
   float w[MAXH];
   load_column<T, MAXH>(w, w_hh, r, j, H, column);  // as the GEMM thread, (r, j) is (gate block q, column k)
   const int64_t state = int64_t(b0 + r) * H + j;
+  const int first = reverse ? steps - 1 : 0;
+  const auto load_in = [&](int s) {
+    const int t = reverse ? s : steps - 1 - s, before = reverse ? t + 1 : t - 1;
+    const int64_t row = int64_t(t) * B + b0 + r;
+    const float* g = gates + row * G;
+    return LstmBwdIn{float(dout[row * H + j]), g[j], g[H + j], g[2 * H + j], g[3 * H + j],
+                     t == first ? c0[state] : c_all[(int64_t(before) * B + b0 + r) * H + j], c_all[row * H + j]};
+  };
   float dc = cell ? dc_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
-  zero_shared(ctx, sh.dg);  // rows past the batch are never written, and are read
+  LstmBwdIn in{};
+  if (cell) in = load_in(0);
+  zero_shared<4 * 4 * MAXH>(ctx, &sh.dg[0][0][0]);  // rows past the batch and units past H are read, never written
   ctx.sync();
   for (int s = 0; s < steps; ++s) {
-    const int t = reverse ? s : steps - 1 - s, first = reverse ? steps - 1 : 0, before = reverse ? t + 1 : t - 1;
     if (cell) {
-      const int64_t row = int64_t(t) * B + b0 + r;
-      const float* g = gates + row * G;
-      const float c_prev = t == first ? c0[state] : c_all[(int64_t(before) * B + b0 + r) * H + j];
-      const LstmGates<float> d = lstm_backward<float>(float(dout[row * H + j]) + dh_rec, dc,
-                                                      {g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev,
-                                                      c_all[row * H + j]);
+      const int64_t row = int64_t(reverse ? s : steps - 1 - s) * B + b0 + r;
+      const LstmGates<float> d = lstm_backward<float>(in.dout + dh_rec, dc, {in.i, in.f, in.g, in.o}, in.c_prev, in.c);
+      if (s + 1 < steps) in = load_in(s + 1);
       const T gi = T(d.i), gf = T(d.f), gg = T(d.g), go = T(d.o);
       T* dx = dxg + row * G;
       dx[j] = gi, dx[H + j] = gf, dx[2 * H + j] = gg, dx[3 * H + j] = go;
-      float* dgs = sh.dg[r];
-      dgs[j] = float(gi), dgs[H + j] = float(gf), dgs[2 * H + j] = float(gg), dgs[3 * H + j] = float(go);
+      sh.dg[r][0][j] = float(gi), sh.dg[r][1][j] = float(gf), sh.dg[r][2][j] = float(gg), sh.dg[r][3][j] = float(go);
     }
     ctx.sync();
     if (column) {
       float acc[R];
-      dot_rows<R, MAXH, 4 * MAXH>(acc, sh.dg, r * H, w, H);
+      dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, H);
       FCK_UNROLL
       for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
     }
@@ -202,26 +252,31 @@ FCK_HOST_DEVICE void gru_fwd_body(Ctx& ctx, GruFwdShared<MAXH>& sh, const T* xg,
   float bi[3];
   FCK_UNROLL
   for (int q = 0; q < 3; ++q) bi[q] = cell ? float(b_ih[q * H + j]) : 0.f;
+  const auto step_row = [&](int s) { return int64_t(reverse ? steps - 1 - s : s) * B + b0; };
+  const auto load_x = [&](int s, float (&xv)[3]) {  // the cell's x-parts, biased
+    const T* x = xg + (step_row(s) + r) * G;
+    FCK_UNROLL
+    for (int q = 0; q < 3; ++q) xv[q] = float(x[q * H + j]) + bi[q];
+  };
+  float xv[3] = {0.f, 0.f, 0.f};
+  if (cell) load_x(0, xv);
   load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
   ctx.sync();
   for (int s = 0; s < steps; ++s) {
-    const int t = reverse ? steps - 1 - s : s;
-    const int64_t row0 = int64_t(t) * B + b0;
     if (gate_row) {
       float acc[R];
-      dot_rows<R, MAXH, MAXH>(acc, sh.h, 0, w, H);
+      dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, H);
       FCK_UNROLL
       for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
     }
     ctx.sync();
     if (cell) {
-      const int64_t row = row0 + r;
-      const T* x = xg + row * G;
+      const int64_t row = step_row(s) + r;
       const float* hp = sh.pre[r];
       float hh;
-      const GruSaved<float> sv = gru_forward<float>(float(x[j]) + bi[0], float(x[H + j]) + bi[1],
-                                                    float(x[2 * H + j]) + bi[2], hp[j], hp[H + j], hp[2 * H + j],
+      const GruSaved<float> sv = gru_forward<float>(xv[0], xv[1], xv[2], hp[j], hp[H + j], hp[2 * H + j],
                                                     sh.h[r][j], hh);
+      if (s + 1 < steps) load_x(s + 1, xv);
       const T ht = T(hh);
       out[row * H + j] = ht;
       float* sp = saved + (save ? row : int64_t(b0 + r)) * 4 * H;  // inference: one slot
@@ -231,6 +286,11 @@ FCK_HOST_DEVICE void gru_fwd_body(Ctx& ctx, GruFwdShared<MAXH>& sh, const T* xg,
     ctx.sync();
   }
 }
+
+// What the GRU backward's cell thread reads at a step besides the recurrence.
+struct GruBwdIn {
+  float dout, r, z, n, bn, h_prev;
+};
 
 template <typename T, int MAXH, class Ctx>
 FCK_HOST_DEVICE void gru_bwd_body(Ctx& ctx, GruBwdShared<MAXH>& sh, const T* dout, const T* dhn, const float* saved,
@@ -242,17 +302,24 @@ FCK_HOST_DEVICE void gru_bwd_body(Ctx& ctx, GruBwdShared<MAXH>& sh, const T* dou
   float w[MAXH];
   load_column<T, MAXH>(w, w_hh, r, j, H, column);
   const int64_t state = int64_t(b0 + r) * H + j;
+  const int first = reverse ? steps - 1 : 0;
+  const auto load_in = [&](int s) {
+    const int t = reverse ? s : steps - 1 - s, before = reverse ? t + 1 : t - 1;
+    const int64_t row = int64_t(t) * B + b0 + r;
+    const float* sp = saved + row * 4 * H;
+    return GruBwdIn{float(dout[row * H + j]), sp[j], sp[H + j], sp[2 * H + j], sp[3 * H + j],
+                    float(t == first ? h0[state] : out[(int64_t(before) * B + b0 + r) * H + j])};
+  };
   float direct = cell ? direct_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
-  zero_shared(ctx, sh.dg);
+  GruBwdIn in{};
+  if (cell) in = load_in(0);
+  zero_shared<3 * 3 * MAXH>(ctx, &sh.dg[0][0][0]);
   ctx.sync();
   for (int s = 0; s < steps; ++s) {
-    const int t = reverse ? s : steps - 1 - s, first = reverse ? steps - 1 : 0, before = reverse ? t + 1 : t - 1;
     if (cell) {
-      const int64_t row = int64_t(t) * B + b0 + r;
-      const float* sp = saved + row * 4 * H;
-      const float h_prev = float(t == first ? h0[state] : out[(int64_t(before) * B + b0 + r) * H + j]);
-      const GruGrads<float> p = gru_backward<float>(float(dout[row * H + j]) + dh_rec + direct,
-                                                    {sp[j], sp[H + j], sp[2 * H + j], sp[3 * H + j]}, h_prev);
+      const int64_t row = int64_t(reverse ? s : steps - 1 - s) * B + b0 + r;
+      const GruGrads<float> p = gru_backward<float>(in.dout + dh_rec + direct, {in.r, in.z, in.n, in.bn}, in.h_prev);
+      if (s + 1 < steps) in = load_in(s + 1);
       direct = p.h_prev;
       const T dr = T(p.r), dz = T(p.z), dan = T(p.an), dbn = T(p.bn);
       T *dx = dxg + row * G, *dh = dhg + row * G;
@@ -260,13 +327,12 @@ FCK_HOST_DEVICE void gru_bwd_body(Ctx& ctx, GruBwdShared<MAXH>& sh, const T* dou
       dx[H + j] = dh[H + j] = dz;
       dx[2 * H + j] = dan;
       dh[2 * H + j] = dbn;
-      float* dgs = sh.dg[r];
-      dgs[j] = float(dr), dgs[H + j] = float(dz), dgs[2 * H + j] = float(dbn);
+      sh.dg[r][0][j] = float(dr), sh.dg[r][1][j] = float(dz), sh.dg[r][2][j] = float(dbn);
     }
     ctx.sync();
     if (column) {
       float acc[R];
-      dot_rows<R, MAXH, 3 * MAXH>(acc, sh.dg, r * H, w, H);
+      dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, H);
       FCK_UNROLL
       for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
     }
