@@ -375,7 +375,9 @@ struct EmulatedLaunch {
   }
 };
 
-struct RnnSteps {
+// The whole-pass hooks (Passes): the CPU runs the per-step loop below, or, with FCK_RNN_PERSISTENT_EMULATE=1, CUDA's
+// persistent kernels' code emulated, for the tests.
+struct RnnSteps : persistent::Passes<EmulatedLaunch> {
   template <typename T>
   using Acc = acc_t<T>;
 
@@ -406,16 +408,6 @@ struct RnnSteps {
   }
   static int64_t block_weight_bytes() { return cpu_l2_bytes() * 3 / 4; }
 
-  // The CPU runs the per-step loop (with row blocks); FCK_RNN_PERSISTENT_EMULATE=1 runs CUDA's persistent kernels'
-  // code instead, emulated (EmulatedLaunch), for the tests.
-  template <typename... Args>
-  static bool lstm_fwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::lstm_fwd(a...); }
-  template <typename... Args>
-  static bool lstm_bwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::lstm_bwd(a...); }
-  template <typename... Args>
-  static bool gru_fwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::gru_fwd(a...); }
-  template <typename... Args>
-  static bool gru_bwd_whole(const Args&... a) { return persistent::Passes<EmulatedLaunch>::gru_bwd(a...); }
 
   // Bias gradients summed by each row block as it goes (rnn::BlockSums): inside the row blocks' parallel region,
   // where a block's thread owns its rows; the one-block path splits each step across threads and sums afterwards.

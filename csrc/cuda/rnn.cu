@@ -115,7 +115,8 @@ at::Tensor view(const T* p, at::IntArrayRef sizes, const at::Tensor& like) {
   return at::from_blob(const_cast<T*>(p), sizes, like.options());
 }
 
-struct RnnSteps {
+// A whole pass in one persistent kernel when opted in and eligible (Passes, fck/rnn_persistent.h), else the loop.
+struct RnnSteps : persistent::Passes<CudaLaunch> {
   template <typename T>
   using Acc = typename AccOf<T>::type;
 
@@ -147,17 +148,6 @@ struct RnnSteps {
     at::Tensor out = view(c, {n, W.N}, like);
     at::mm_out(out, view(a, {n, W.K}, like), W.wt ? view(W.w, {W.N, W.K}, like).t() : view(W.w, {W.K, W.N}, like));
   }
-
-  // A whole pass in one persistent kernel when opted in and eligible (fck/rnn_persistent.h); false: the caller
-  // runs the per-step loop.
-  template <typename... Args>
-  static bool lstm_fwd_whole(const Args&... a) { return persistent::Passes<CudaLaunch>::lstm_fwd(a...); }
-  template <typename... Args>
-  static bool lstm_bwd_whole(const Args&... a) { return persistent::Passes<CudaLaunch>::lstm_bwd(a...); }
-  template <typename... Args>
-  static bool gru_fwd_whole(const Args&... a) { return persistent::Passes<CudaLaunch>::gru_fwd(a...); }
-  template <typename... Args>
-  static bool gru_bwd_whole(const Args&... a) { return persistent::Passes<CudaLaunch>::gru_bwd(a...); }
 
   template <typename T>
   static void lstm_fwd(const T* xg, const T* hg, const T* bias, const Acc<T>* c_prev, Acc<T>* gates, Acc<T>* c,

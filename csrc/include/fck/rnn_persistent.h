@@ -12,7 +12,8 @@
 // and a kernel, ~35 us of host time, per step). Roundings follow the per-step path: the GEMM results and the values
 // it reads (h, the gate gradients) are rounded to the storage type T.
 //
-// A body takes `ctx` (tid, block, threads, sync()) and its block's shared storage.
+// A body is a functor (the kernel's arguments as fields) called as body(ctx, shared) on every thread: ctx has tid,
+// block, threads and sync(); shared is the block's storage.
 #pragma once
 
 #include <cstdint>
@@ -130,226 +131,6 @@ FCK_HOST_DEVICE void zero_shared(const Ctx& ctx, float* s) {
 // The loads a step needs that do not depend on the recurrence are issued a step ahead (`next`), so their latency
 // overlaps the step before.
 
-template <typename T, int MAXH, class Ctx>
-FCK_HOST_DEVICE void lstm_fwd_body(Ctx& ctx, LstmFwdShared<MAXH>& sh, const T* xg, const T* h0, const float* c0,
-                                   const T* w_hh, const T* bias, T* out, float* c_all, float* gates, int steps, int B,
-                                   int H, bool reverse, bool save) {
-  constexpr int R = 4;
-  const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-  const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
-  float w[MAXH];
-  load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
-  const float bn = gate_row ? float(bias[tid]) : 0.f;
-  float c = cell ? c0[int64_t(b0 + r) * H + j] : 0.f;
-  const auto step_row = [&](int s) { return int64_t(reverse ? steps - 1 - s : s) * B + b0; };
-  const auto load_x = [&](int s, float (&xv)[R]) {
-    const int64_t row0 = step_row(s);
-    FCK_UNROLL
-    for (int rr = 0; rr < R; ++rr) xv[rr] = gate_row && b0 + rr < B ? float(xg[(row0 + rr) * G + tid]) : 0.f;
-  };
-  float xv[R], next[R] = {};
-  load_x(0, xv);
-  load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
-  ctx.sync();
-  for (int s = 0; s < steps; ++s) {
-    const int64_t row0 = step_row(s);
-    if (gate_row) {
-      if (s + 1 < steps) load_x(s + 1, next);
-      float acc[R];
-      dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, H);
-      FCK_UNROLL
-      for (int rr = 0; rr < R; ++rr) {
-        sh.pre[rr][tid] = xv[rr] + float(T(acc[rr])) + bn;
-        xv[rr] = next[rr];
-      }
-    }
-    ctx.sync();
-    if (cell) {
-      const float* p = sh.pre[r];
-      float cc, hh;
-      const LstmGates<float> a = lstm_forward<float>(p[j], p[H + j], p[2 * H + j], p[3 * H + j], c, cc, hh);
-      c = cc;
-      const int64_t row = row0 + r;
-      const T ht = T(hh);
-      out[row * H + j] = ht;
-      if (save) {
-        float* g = gates + row * G;
-        g[j] = a.i, g[H + j] = a.f, g[2 * H + j] = a.g, g[3 * H + j] = a.o;
-        c_all[row * H + j] = cc;
-      } else {  // inference: two slots of cell states, no gates
-        c_all[(int64_t(s % 2) * B + b0 + r) * H + j] = cc;
-      }
-      sh.h[r][j] = float(ht);
-    }
-    ctx.sync();
-  }
-}
-
-// What the LSTM backward's cell thread reads at a step besides the recurrence.
-struct LstmBwdIn {
-  float dout, i, f, g, o, c_prev, c;
-};
-
-template <typename T, int MAXH, class Ctx>
-FCK_HOST_DEVICE void lstm_bwd_body(Ctx& ctx, LstmBwdShared<MAXH>& sh, const T* dout, const T* dhn, const float* gates,
-                                   const float* c_all, const float* c0, const T* w_hh, float* dc_io, T* dxg, T* dh0,
-                                   int steps, int B, int H, bool reverse) {
-  constexpr int R = 4;
-  const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-  const bool column = tid < G, cell = tid < G && b0 + r < B;
-  float w[MAXH];
-  load_column<T, MAXH>(w, w_hh, r, j, H, column);  // as the GEMM thread, (r, j) is (gate block q, column k)
-  const int64_t state = int64_t(b0 + r) * H + j;
-  const int first = reverse ? steps - 1 : 0;
-  const auto load_in = [&](int s) {
-    const int t = reverse ? s : steps - 1 - s, before = reverse ? t + 1 : t - 1;
-    const int64_t row = int64_t(t) * B + b0 + r;
-    const float* g = gates + row * G;
-    return LstmBwdIn{float(dout[row * H + j]), g[j], g[H + j], g[2 * H + j], g[3 * H + j],
-                     t == first ? c0[state] : c_all[(int64_t(before) * B + b0 + r) * H + j], c_all[row * H + j]};
-  };
-  float dc = cell ? dc_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
-  LstmBwdIn in{};
-  if (cell) in = load_in(0);
-  zero_shared<4 * 4 * MAXH>(ctx, &sh.dg[0][0][0]);  // rows past the batch and units past H are read, never written
-  ctx.sync();
-  for (int s = 0; s < steps; ++s) {
-    if (cell) {
-      const int64_t row = int64_t(reverse ? s : steps - 1 - s) * B + b0 + r;
-      const LstmGates<float> d = lstm_backward<float>(in.dout + dh_rec, dc, {in.i, in.f, in.g, in.o}, in.c_prev, in.c);
-      if (s + 1 < steps) in = load_in(s + 1);
-      const T gi = T(d.i), gf = T(d.f), gg = T(d.g), go = T(d.o);
-      T* dx = dxg + row * G;
-      dx[j] = gi, dx[H + j] = gf, dx[2 * H + j] = gg, dx[3 * H + j] = go;
-      sh.dg[r][0][j] = float(gi), sh.dg[r][1][j] = float(gf), sh.dg[r][2][j] = float(gg), sh.dg[r][3][j] = float(go);
-    }
-    ctx.sync();
-    if (column) {
-      float acc[R];
-      dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, H);
-      FCK_UNROLL
-      for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
-    }
-    ctx.sync();
-    if (cell) dh_rec = float(T(sh.part[0][r][j] + sh.part[1][r][j] + sh.part[2][r][j] + sh.part[3][r][j]));
-  }
-  if (cell) {
-    dh0[state] = T(dh_rec);
-    dc_io[state] = dc;
-  }
-}
-
-template <typename T, int MAXH, class Ctx>
-FCK_HOST_DEVICE void gru_fwd_body(Ctx& ctx, GruFwdShared<MAXH>& sh, const T* xg, const T* h0, const T* w_hh,
-                                  const T* b_ih, const T* b_hh, T* out, float* saved, int steps, int B, int H,
-                                  bool reverse, bool save) {
-  constexpr int R = 3;
-  const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-  const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
-  float w[MAXH];
-  load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
-  const float bh = gate_row ? float(b_hh[tid]) : 0.f;
-  float bi[3];
-  FCK_UNROLL
-  for (int q = 0; q < 3; ++q) bi[q] = cell ? float(b_ih[q * H + j]) : 0.f;
-  const auto step_row = [&](int s) { return int64_t(reverse ? steps - 1 - s : s) * B + b0; };
-  const auto load_x = [&](int s, float (&xv)[3]) {  // the cell's x-parts, biased
-    const T* x = xg + (step_row(s) + r) * G;
-    FCK_UNROLL
-    for (int q = 0; q < 3; ++q) xv[q] = float(x[q * H + j]) + bi[q];
-  };
-  float xv[3] = {0.f, 0.f, 0.f};
-  if (cell) load_x(0, xv);
-  load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
-  ctx.sync();
-  for (int s = 0; s < steps; ++s) {
-    if (gate_row) {
-      float acc[R];
-      dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, H);
-      FCK_UNROLL
-      for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
-    }
-    ctx.sync();
-    if (cell) {
-      const int64_t row = step_row(s) + r;
-      const float* hp = sh.pre[r];
-      float hh;
-      const GruSaved<float> sv = gru_forward<float>(xv[0], xv[1], xv[2], hp[j], hp[H + j], hp[2 * H + j],
-                                                    sh.h[r][j], hh);
-      if (s + 1 < steps) load_x(s + 1, xv);
-      const T ht = T(hh);
-      out[row * H + j] = ht;
-      float* sp = saved + (save ? row : int64_t(b0 + r)) * 4 * H;  // inference: one slot
-      sp[j] = sv.r, sp[H + j] = sv.z, sp[2 * H + j] = sv.n, sp[3 * H + j] = sv.bn;
-      sh.h[r][j] = float(ht);
-    }
-    ctx.sync();
-  }
-}
-
-// What the GRU backward's cell thread reads at a step besides the recurrence.
-struct GruBwdIn {
-  float dout, r, z, n, bn, h_prev;
-};
-
-template <typename T, int MAXH, class Ctx>
-FCK_HOST_DEVICE void gru_bwd_body(Ctx& ctx, GruBwdShared<MAXH>& sh, const T* dout, const T* dhn, const float* saved,
-                                  const T* out, const T* h0, const T* w_hh, float* direct_io, T* dxg, T* dhg, T* dh0,
-                                  int steps, int B, int H, bool reverse) {
-  constexpr int R = 3;
-  const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-  const bool column = tid < G, cell = tid < G && b0 + r < B;
-  float w[MAXH];
-  load_column<T, MAXH>(w, w_hh, r, j, H, column);
-  const int64_t state = int64_t(b0 + r) * H + j;
-  const int first = reverse ? steps - 1 : 0;
-  const auto load_in = [&](int s) {
-    const int t = reverse ? s : steps - 1 - s, before = reverse ? t + 1 : t - 1;
-    const int64_t row = int64_t(t) * B + b0 + r;
-    const float* sp = saved + row * 4 * H;
-    return GruBwdIn{float(dout[row * H + j]), sp[j], sp[H + j], sp[2 * H + j], sp[3 * H + j],
-                    float(t == first ? h0[state] : out[(int64_t(before) * B + b0 + r) * H + j])};
-  };
-  float direct = cell ? direct_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
-  GruBwdIn in{};
-  if (cell) in = load_in(0);
-  zero_shared<3 * 3 * MAXH>(ctx, &sh.dg[0][0][0]);
-  ctx.sync();
-  for (int s = 0; s < steps; ++s) {
-    if (cell) {
-      const int64_t row = int64_t(reverse ? s : steps - 1 - s) * B + b0 + r;
-      const GruGrads<float> p = gru_backward<float>(in.dout + dh_rec + direct, {in.r, in.z, in.n, in.bn}, in.h_prev);
-      if (s + 1 < steps) in = load_in(s + 1);
-      direct = p.h_prev;
-      const T dr = T(p.r), dz = T(p.z), dan = T(p.an), dbn = T(p.bn);
-      T *dx = dxg + row * G, *dh = dhg + row * G;
-      dx[j] = dh[j] = dr;
-      dx[H + j] = dh[H + j] = dz;
-      dx[2 * H + j] = dan;
-      dh[2 * H + j] = dbn;
-      sh.dg[r][0][j] = float(dr), sh.dg[r][1][j] = float(dz), sh.dg[r][2][j] = float(dbn);
-    }
-    ctx.sync();
-    if (column) {
-      float acc[R];
-      dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, H);
-      FCK_UNROLL
-      for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
-    }
-    ctx.sync();
-    if (cell) dh_rec = float(T(sh.part[0][r][j] + sh.part[1][r][j] + sh.part[2][r][j]));
-  }
-  if (cell) {
-    dh0[state] = T(dh_rec);
-    direct_io[state] = direct;
-  }
-}
-
-// ---- the bodies as launchable functors (their arguments as fields), and the layer passes built on them ----
-//
-// `Launch::launch(blocks, threads, body)` runs body(ctx, shared) on every thread of every block: fck::cuda's launches
-// a kernel, fck::cpu's emulates one. Launch::enabled() says whether to take the persistent path at all.
-
 template <typename T, int MAXH>
 struct LstmFwd {
   static constexpr int kRows = 4, kMaxThreads = 4 * MAXH;
@@ -361,10 +142,64 @@ struct LstmFwd {
   float *c_all, *gates;
   int steps, B, H;
   bool reverse, save;
+
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    lstm_fwd_body<T, MAXH>(ctx, sh, xg, h0, c0, w_hh, bias, out, c_all, gates, steps, B, H, reverse, save);
+    constexpr int R = kRows;
+    const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+    const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
+    float w[MAXH];
+    load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
+    const float bn = gate_row ? float(bias[tid]) : 0.f;
+    float c = cell ? c0[int64_t(b0 + r) * H + j] : 0.f;
+    const auto step_row = [&](int s) { return int64_t(reverse ? steps - 1 - s : s) * B + b0; };
+    const auto load_x = [&](int s, float (&xv)[R]) {
+      const int64_t row0 = step_row(s);
+      FCK_UNROLL
+      for (int rr = 0; rr < R; ++rr) xv[rr] = gate_row && b0 + rr < B ? float(xg[(row0 + rr) * G + tid]) : 0.f;
+    };
+    float xv[R], next[R] = {};
+    load_x(0, xv);
+    load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
+    ctx.sync();
+    for (int s = 0; s < steps; ++s) {
+      const int64_t row0 = step_row(s);
+      if (gate_row) {
+        if (s + 1 < steps) load_x(s + 1, next);
+        float acc[R];
+        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, H);
+        FCK_UNROLL
+        for (int rr = 0; rr < R; ++rr) {
+          sh.pre[rr][tid] = xv[rr] + float(T(acc[rr])) + bn;
+          xv[rr] = next[rr];
+        }
+      }
+      ctx.sync();
+      if (cell) {
+        const float* p = sh.pre[r];
+        float cc, hh;
+        const LstmGates<float> a = lstm_forward<float>(p[j], p[H + j], p[2 * H + j], p[3 * H + j], c, cc, hh);
+        c = cc;
+        const int64_t row = row0 + r;
+        const T ht = T(hh);
+        out[row * H + j] = ht;
+        if (save) {
+          float* g = gates + row * G;
+          g[j] = a.i, g[H + j] = a.f, g[2 * H + j] = a.g, g[3 * H + j] = a.o;
+          c_all[row * H + j] = cc;
+        } else {  // inference: two slots of cell states, no gates
+          c_all[(int64_t(s % 2) * B + b0 + r) * H + j] = cc;
+        }
+        sh.h[r][j] = float(ht);
+      }
+      ctx.sync();
+    }
   }
+};
+
+// What the LSTM backward's cell thread reads at a step besides the recurrence.
+struct LstmBwdIn {
+  float dout, i, f, g, o, c_prev, c;
 };
 
 template <typename T, int MAXH>
@@ -378,9 +213,52 @@ struct LstmBwd {
   T *dxg, *dh0;
   int steps, B, H;
   bool reverse;
+
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    lstm_bwd_body<T, MAXH>(ctx, sh, dout, dhn, gates, c_all, c0, w_hh, dc_io, dxg, dh0, steps, B, H, reverse);
+    constexpr int R = kRows;
+    const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+    const bool column = tid < G, cell = tid < G && b0 + r < B;
+    float w[MAXH];
+    load_column<T, MAXH>(w, w_hh, r, j, H, column);  // as the GEMM thread, (r, j) is (gate block q, column k)
+    const int64_t state = int64_t(b0 + r) * H + j;
+    const int first = reverse ? steps - 1 : 0;
+    const auto load_in = [&](int s) {
+      const int t = reverse ? s : steps - 1 - s, before = reverse ? t + 1 : t - 1;
+      const int64_t row = int64_t(t) * B + b0 + r;
+      const float* g = gates + row * G;
+      return LstmBwdIn{float(dout[row * H + j]), g[j], g[H + j], g[2 * H + j], g[3 * H + j],
+                       t == first ? c0[state] : c_all[(int64_t(before) * B + b0 + r) * H + j], c_all[row * H + j]};
+    };
+    float dc = cell ? dc_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
+    LstmBwdIn in{};
+    if (cell) in = load_in(0);
+    zero_shared<4 * 4 * MAXH>(ctx, &sh.dg[0][0][0]);  // rows past the batch and units past H are read, never written
+    ctx.sync();
+    for (int s = 0; s < steps; ++s) {
+      if (cell) {
+        const int64_t row = int64_t(reverse ? s : steps - 1 - s) * B + b0 + r;
+        const LstmGates<float> d = lstm_backward<float>(in.dout + dh_rec, dc, {in.i, in.f, in.g, in.o}, in.c_prev, in.c);
+        if (s + 1 < steps) in = load_in(s + 1);
+        const T gi = T(d.i), gf = T(d.f), gg = T(d.g), go = T(d.o);
+        T* dx = dxg + row * G;
+        dx[j] = gi, dx[H + j] = gf, dx[2 * H + j] = gg, dx[3 * H + j] = go;
+        sh.dg[r][0][j] = float(gi), sh.dg[r][1][j] = float(gf), sh.dg[r][2][j] = float(gg), sh.dg[r][3][j] = float(go);
+      }
+      ctx.sync();
+      if (column) {
+        float acc[R];
+        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, H);
+        FCK_UNROLL
+        for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
+      }
+      ctx.sync();
+      if (cell) dh_rec = float(T(sh.part[0][r][j] + sh.part[1][r][j] + sh.part[2][r][j] + sh.part[3][r][j]));
+    }
+    if (cell) {
+      dh0[state] = T(dh_rec);
+      dc_io[state] = dc;
+    }
   }
 };
 
@@ -393,10 +271,57 @@ struct GruFwd {
   float* saved;
   int steps, B, H;
   bool reverse, save;
+
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    gru_fwd_body<T, MAXH>(ctx, sh, xg, h0, w_hh, b_ih, b_hh, out, saved, steps, B, H, reverse, save);
+    constexpr int R = kRows;
+    const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+    const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
+    float w[MAXH];
+    load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
+    const float bh = gate_row ? float(b_hh[tid]) : 0.f;
+    float bi[3];
+    FCK_UNROLL
+    for (int q = 0; q < 3; ++q) bi[q] = cell ? float(b_ih[q * H + j]) : 0.f;
+    const auto step_row = [&](int s) { return int64_t(reverse ? steps - 1 - s : s) * B + b0; };
+    const auto load_x = [&](int s, float (&xv)[3]) {  // the cell's x-parts, biased
+      const T* x = xg + (step_row(s) + r) * G;
+      FCK_UNROLL
+      for (int q = 0; q < 3; ++q) xv[q] = float(x[q * H + j]) + bi[q];
+    };
+    float xv[3] = {0.f, 0.f, 0.f};
+    if (cell) load_x(0, xv);
+    load_state<R, MAXH>(ctx, sh.h, h0, b0, B, H);
+    ctx.sync();
+    for (int s = 0; s < steps; ++s) {
+      if (gate_row) {
+        float acc[R];
+        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, H);
+        FCK_UNROLL
+        for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
+      }
+      ctx.sync();
+      if (cell) {
+        const int64_t row = step_row(s) + r;
+        const float* hp = sh.pre[r];
+        float hh;
+        const GruSaved<float> sv = gru_forward<float>(xv[0], xv[1], xv[2], hp[j], hp[H + j], hp[2 * H + j],
+                                                      sh.h[r][j], hh);
+        if (s + 1 < steps) load_x(s + 1, xv);
+        const T ht = T(hh);
+        out[row * H + j] = ht;
+        float* sp = saved + (save ? row : int64_t(b0 + r)) * 4 * H;  // inference: one slot
+        sp[j] = sv.r, sp[H + j] = sv.z, sp[2 * H + j] = sv.n, sp[3 * H + j] = sv.bn;
+        sh.h[r][j] = float(ht);
+      }
+      ctx.sync();
+    }
   }
+};
+
+// What the GRU backward's cell thread reads at a step besides the recurrence.
+struct GruBwdIn {
+  float dout, r, z, n, bn, h_prev;
 };
 
 template <typename T, int MAXH>
@@ -410,9 +335,56 @@ struct GruBwd {
   T *dxg, *dhg, *dh0;
   int steps, B, H;
   bool reverse;
+
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    gru_bwd_body<T, MAXH>(ctx, sh, dout, dhn, saved, out, h0, w_hh, direct_io, dxg, dhg, dh0, steps, B, H, reverse);
+    constexpr int R = kRows;
+    const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
+    const bool column = tid < G, cell = tid < G && b0 + r < B;
+    float w[MAXH];
+    load_column<T, MAXH>(w, w_hh, r, j, H, column);
+    const int64_t state = int64_t(b0 + r) * H + j;
+    const int first = reverse ? steps - 1 : 0;
+    const auto load_in = [&](int s) {
+      const int t = reverse ? s : steps - 1 - s, before = reverse ? t + 1 : t - 1;
+      const int64_t row = int64_t(t) * B + b0 + r;
+      const float* sp = saved + row * 4 * H;
+      return GruBwdIn{float(dout[row * H + j]), sp[j], sp[H + j], sp[2 * H + j], sp[3 * H + j],
+                      float(t == first ? h0[state] : out[(int64_t(before) * B + b0 + r) * H + j])};
+    };
+    float direct = cell ? direct_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
+    GruBwdIn in{};
+    if (cell) in = load_in(0);
+    zero_shared<3 * 3 * MAXH>(ctx, &sh.dg[0][0][0]);
+    ctx.sync();
+    for (int s = 0; s < steps; ++s) {
+      if (cell) {
+        const int64_t row = int64_t(reverse ? s : steps - 1 - s) * B + b0 + r;
+        const GruGrads<float> p = gru_backward<float>(in.dout + dh_rec + direct, {in.r, in.z, in.n, in.bn}, in.h_prev);
+        if (s + 1 < steps) in = load_in(s + 1);
+        direct = p.h_prev;
+        const T dr = T(p.r), dz = T(p.z), dan = T(p.an), dbn = T(p.bn);
+        T *dx = dxg + row * G, *dh = dhg + row * G;
+        dx[j] = dh[j] = dr;
+        dx[H + j] = dh[H + j] = dz;
+        dx[2 * H + j] = dan;
+        dh[2 * H + j] = dbn;
+        sh.dg[r][0][j] = float(dr), sh.dg[r][1][j] = float(dz), sh.dg[r][2][j] = float(dbn);
+      }
+      ctx.sync();
+      if (column) {
+        float acc[R];
+        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, H);
+        FCK_UNROLL
+        for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
+      }
+      ctx.sync();
+      if (cell) dh_rec = float(T(sh.part[0][r][j] + sh.part[1][r][j] + sh.part[2][r][j]));
+    }
+    if (cell) {
+      dh0[state] = T(dh_rec);
+      direct_io[state] = direct;
+    }
   }
 };
 
@@ -439,11 +411,12 @@ void run(const rnn::Dims& d, const Make& make) {
   }
 }
 
-// The layer passes as Dev::*_whole hooks (see rnn_host.h): true when the persistent kernel ran the pass.
+// The layer passes as Dev::*_whole hooks (see rnn_host.h; a Dev derives from Passes<its Launch>): true when the
+// persistent kernel ran the pass.
 template <class Launch>
 struct Passes {
   template <typename T, typename A>
-  static bool lstm_fwd(const rnn::Dims& d, const rnn::Order& o, bool save, const rnn::Seq<const T>& x,
+  static bool lstm_fwd_whole(const rnn::Dims& d, const rnn::Order& o, bool save, const rnn::Seq<const T>& x,
                        const rnn::Seq<const T>& h_init, const rnn::Seq<const A>& c_init, const T* w, const T* bias,
                        const rnn::Seq<T>& y, const rnn::Seq<A>& c, const rnn::Seq<A>& g) {
     if constexpr (!std::is_same_v<A, float>) {
@@ -459,7 +432,7 @@ struct Passes {
     }
   }
   template <typename T, typename A>
-  static bool lstm_bwd(const rnn::Dims& d, const rnn::Order& o, const rnn::Seq<const T>& dy,
+  static bool lstm_bwd_whole(const rnn::Dims& d, const rnn::Order& o, const rnn::Seq<const T>& dy,
                        const rnn::Seq<const T>& dh_last, const rnn::Seq<const A>& g, const rnn::Seq<const A>& c,
                        const rnn::Seq<const A>& c_init, const T* w, const rnn::Seq<A>& dc, const rnn::Seq<T>& dx,
                        const rnn::Seq<T>& dh) {
@@ -476,7 +449,7 @@ struct Passes {
     }
   }
   template <typename T, typename A>
-  static bool gru_fwd(const rnn::Dims& d, const rnn::Order& o, bool save, const rnn::Seq<const T>& x,
+  static bool gru_fwd_whole(const rnn::Dims& d, const rnn::Order& o, bool save, const rnn::Seq<const T>& x,
                       const rnn::Seq<const T>& h_init, const T* w, const T* b_ih, const T* b_hh,
                       const rnn::Seq<T>& y, const rnn::Seq<A>& sv) {
     if constexpr (!std::is_same_v<A, float>) {
@@ -492,7 +465,7 @@ struct Passes {
     }
   }
   template <typename T, typename A>
-  static bool gru_bwd(const rnn::Dims& d, const rnn::Order& o, const rnn::Seq<const T>& dy,
+  static bool gru_bwd_whole(const rnn::Dims& d, const rnn::Order& o, const rnn::Seq<const T>& dy,
                       const rnn::Seq<const T>& dh_last, const rnn::Seq<const A>& sv, const rnn::Seq<const T>& y,
                       const rnn::Seq<const T>& h_init, const T* w, const rnn::Seq<A>& direct,
                       const rnn::Seq<T>& dx, const rnn::Seq<T>& dg, const rnn::Seq<T>& dh) {
