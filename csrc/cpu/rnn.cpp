@@ -8,15 +8,12 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
-#include <barrier>
-#include <cmath>
 #include <cstring>
 #include <initializer_list>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "fck/block_launch.h"
 #include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
 #include "fck/ops.h"
@@ -342,36 +339,12 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
   at::mm_out(out, view(a, {n, K}, like), W.wt ? view(W.w, {N, K}, like).t() : view(W.w, {K, N}, like));
 }
 
-// CUDA's persistent kernels (fck/rnn_persistent.h) run on the CPU for the tests: one std::thread per CUDA thread, a
-// std::barrier for __syncthreads, a block at a time, its shared memory filled with NaN first so that a read of a
-// value no thread wrote shows in the results. Slow (a thread per gate value), and only for checking the kernels'
-// indexing and barriers where no GPU is.
-struct HostCtx {
-  int tid, block, threads;
-  std::barrier<>* bar;
-  void sync() const { bar->arrive_and_wait(); }
-};
-
+// CUDA's persistent kernels emulated (fck/block_launch.h), for the tests.
 struct EmulatedLaunch {
-  static bool enabled() { return persistent::env_on("FCK_RNN_PERSISTENT_EMULATE"); }
+  static bool enabled() { return env_on("FCK_RNN_PERSISTENT_EMULATE"); }
   template <class Body>
   static void launch(int blocks, int threads, const Body& body) {
-    using Shared = typename Body::Shared;
-    static_assert(sizeof(Shared) % sizeof(float) == 0);
-    for (int block = 0; block < blocks; ++block) {
-      auto sh = std::make_unique<Shared>();
-      std::fill_n(reinterpret_cast<float*>(sh.get()), sizeof(Shared) / sizeof(float), NAN);
-      std::barrier<> bar(threads);
-      std::vector<std::thread> pool;
-      pool.reserve(threads);
-      for (int tid = 0; tid < threads; ++tid) {
-        pool.emplace_back([&, tid] {
-          HostCtx ctx{tid, block, threads, &bar};
-          body(ctx, *sh);
-        });
-      }
-      for (std::thread& t : pool) t.join();
-    }
+    emulate_blocks(blocks, threads, body);
   }
 };
 

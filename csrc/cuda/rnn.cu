@@ -9,6 +9,7 @@
 #include "fck/ops.h"
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
+#include "fck/block_launch.h"
 #include "fck/rnn_persistent.h"
 
 namespace fck {
@@ -80,24 +81,11 @@ __global__ void gru_bwd_kernel(const T* __restrict__ dout, const T* __restrict__
 }
 
 // The persistent kernels (fck/rnn_persistent.h): one launch per layer, direction and pass, for hidden <= 64.
-struct DeviceCtx {
-  int tid, block, threads;
-  __device__ void sync() const { __syncthreads(); }
-};
-
-template <class Body>
-__global__ void __launch_bounds__(Body::kMaxThreads) persistent_kernel(const Body body) {
-  __shared__ typename Body::Shared sh;
-  DeviceCtx ctx{int(threadIdx.x), int(blockIdx.x), int(blockDim.x)};
-  body(ctx, sh);
-}
-
 struct CudaLaunch {
-  static bool enabled() { return persistent::env_on("FCK_RNN_PERSISTENT_CUDA"); }
+  static bool enabled() { return env_on("FCK_RNN_PERSISTENT_CUDA"); }
   template <class Body>
   static void launch(int blocks, int threads, const Body& body) {
-    persistent_kernel<Body><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(body);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_blocks(blocks, threads, body);
   }
 };
 

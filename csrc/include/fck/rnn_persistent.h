@@ -12,12 +12,10 @@
 // and a kernel, ~35 us of host time, per step). Roundings follow the per-step path: the GEMM results and the values
 // it reads (h, the gate gradients) are rounded to the storage type T.
 //
-// A body is a functor (the kernel's arguments as fields) called as body(ctx, shared) on every thread: ctx has tid,
-// block, threads and sync(); shared is the block's storage.
+// Each body is a functor launched by fck/block_launch.h (CUDA, or emulated on the CPU).
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -483,12 +481,6 @@ struct Passes {
     }
   }
 };
-
-// An environment switch read per call (tests flip it between calls): "1" turns it on.
-inline bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v && std::strcmp(v, "1") == 0;
-}
 
 }  // namespace persistent
 }  // namespace fck

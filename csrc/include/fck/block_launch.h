@@ -1,0 +1,82 @@
+// Kernels written as functors, launched on CUDA or emulated on the CPU for the tests.
+//
+// A body is a functor (the kernel's arguments as fields, `Shared` its block's shared storage, `kMaxThreads` its
+// largest block) called as body(ctx, shared) on every thread of every block; ctx has tid, block, threads and sync()
+// (__syncthreads). On the CPU, emulate_blocks runs one std::thread per CUDA thread and a std::barrier for sync(), a
+// block at a time, its shared storage filled with NaN first so that a read of a value no thread wrote shows in the
+// results: slow, and only for checking a kernel's indexing and barriers where no GPU is. An environment switch
+// read per call (tests flip it between calls) picks the emulation; env_on says whether one is "1".
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <ATen/cuda/CUDAContext.h>
+#else
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <vector>
+#endif
+
+namespace fck {
+
+inline bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "1") == 0;
+}
+
+#if defined(__CUDACC__)
+
+struct DeviceCtx {
+  int tid, block, threads;
+  __device__ void sync() const { __syncthreads(); }
+};
+
+template <class Body>
+__global__ void __launch_bounds__(Body::kMaxThreads) block_kernel(const Body body) {
+  __shared__ typename Body::Shared sh;
+  DeviceCtx ctx{int(threadIdx.x), int(blockIdx.x), int(blockDim.x)};
+  body(ctx, sh);
+}
+
+template <class Body>
+void launch_blocks(int blocks, int threads, const Body& body) {
+  block_kernel<Body><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(body);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#else
+
+struct HostCtx {
+  int tid, block, threads;
+  std::barrier<>* bar;
+  void sync() const { bar->arrive_and_wait(); }
+};
+
+template <class Body>
+void emulate_blocks(int blocks, int threads, const Body& body) {
+  using Shared = typename Body::Shared;
+  static_assert(sizeof(Shared) % sizeof(float) == 0);
+  for (int block = 0; block < blocks; ++block) {
+    auto sh = std::make_unique<Shared>();
+    std::fill_n(reinterpret_cast<float*>(sh.get()), sizeof(Shared) / sizeof(float), NAN);
+    std::barrier<> bar(threads);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int tid = 0; tid < threads; ++tid) {
+      pool.emplace_back([&, tid] {
+        HostCtx ctx{tid, block, threads, &bar};
+        body(ctx, *sh);
+      });
+    }
+    for (std::thread& t : pool) t.join();
+  }
+}
+
+#endif
+
+}  // namespace fck
