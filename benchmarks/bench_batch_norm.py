@@ -49,7 +49,9 @@ def ours(backend):
 
 def providers(device, with_compile):
     status = fck.backends()
-    out = {f"fck-{b}": ours(b) for b in ("cpu", "cuda", "triton")
+    # FCK_BN_FUSED_CUDA=1 (read by the CUDA ops per call): planar channels of up to 16384 values in one kernel a pass
+    fused = "-fused" if os.environ.get("FCK_BN_FUSED_CUDA") == "1" else ""
+    out = {f"fck-{b}" + (fused if b == "cuda" else ""): ours(b) for b in ("cpu", "cuda", "triton")
            if device.type in status[b].devices and not (b == "triton" and device.type == "cpu")}
     out["torch"] = stock
     if with_compile:

@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # and every JSON row use it.
 export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
-STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_rnn_persistent bench_batch_norm bench_adam bench_learner} "
+STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_rnn_persistent bench_batch_norm bench_bn_fused bench_adam bench_learner} "
 declare -a summary=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...
@@ -59,6 +59,9 @@ stage bench_rnn_persistent 45 env FCK_RNN_PERSISTENT_CUDA=1 $PY benchmarks/bench
   --backends cuda --out "$OUT/bench_rnn_persistent_cuda.json"
 stage bench_batch_norm 140 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
+# The opt-in one-kernel batch norm for small planar channels (14x14, 7x7 at batch 64) against cuDNN.
+stage bench_bn_fused 40 env FCK_BN_FUSED_CUDA=1 $PY benchmarks/bench_batch_norm.py --device cuda --stages 2,3 --no-conv \
+  --out "$OUT/bench_bn_fused_cuda.json"
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
   --out $OUT/adam_100m.json"

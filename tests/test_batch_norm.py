@@ -117,6 +117,30 @@ def test_matches_float64_reference(device, backend, shape, channels_last, varian
             _close(g, tg, dtype if name in ("input", "residual") else torch.float32, f"{dtype} grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(5, 3, 5, 7), (64, 3, 7, 7), (3, 2, 1, 5000), (2, 3, 4)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_small_channel_kernels(device, shape, dtype, monkeypatch):
+    """CUDA's one-kernel forward and backward for planar channels of up to 16384 values (opt-in
+    FCK_BN_FUSED_CUDA=1; on the CPU the same kernel code runs emulated, FCK_BN_FUSED_EMULATE=1) against the float64
+    reference: every variant, training and eval, running statistics, every gradient, inputs whose mean is 3 std."""
+    skip_unless_runnable(device, device)
+    monkeypatch.setenv("FCK_BN_FUSED_CUDA" if device == "cuda" else "FCK_BN_FUSED_EMULATE", "1")
+    for variant in VARIANTS:
+        for training in (True, False):
+            x, res, dy, w, b, rm, rv = _inputs(shape, dtype, device, mean=3.0)
+            y, rm1, rv1, grads = _run(variant, device, x, res, dy, w, b, rm, rv, training)
+            ty, trm, trv, tgrads = _truth(variant, x, res, dy, w, b, rm, rv, training)
+            _close(y, ty, dtype, f"{variant} output")
+            _close(rm1, trm, torch.float32, "running_mean")
+            _close(rv1, trv, torch.float32, "running_var")
+            for name, g, tg in zip(("input", "residual", "weight", "bias"), grads, tgrads):
+                if tg is None:
+                    assert g is None
+                    continue
+                _close(g, tg, dtype if name in ("input", "residual") else torch.float32, f"{variant} grad {name}")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("device", devices())

@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "fck/batch_norm.h"
+#include "fck/batch_norm_fused.h"
 #include "fck/batch_norm_host.h"
+#include "fck/block_launch.h"
 #include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
 #include "fck/ops.h"
@@ -926,6 +928,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
     at::Tensor zeros = at::zeros({L.C}, input.options().dtype(acc));
     return {at::empty_like(input), zeros, zeros.clone()};
   }
+  if (training && env_on("FCK_BN_FUSED_EMULATE") && bn_fused::applies(input, L)) {  // CUDA's kernel, for the tests
+    return bn_fused::forward(input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, L,
+                             pooled_empty_like(input), [](int b, int t, const auto& body) { emulate_blocks(b, t, body); });
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -942,6 +948,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
     at::Tensor zeros = at::zeros({L.C}, save_mean.options());
     return {at::empty_like(input), residual_grad ? at::empty_like(input) : at::empty({0}, input.options()), zeros,
             zeros.clone()};
+  }
+  if (env_on("FCK_BN_FUSED_EMULATE") && bn_fused::applies(input, L)) {
+    return bn_fused::backward(grad_output, input, relu ? output : std::nullopt, weight, save_mean, save_invstd,
+                              training, L, pooled_empty_like(input),
+                              residual_grad ? pooled_empty_like(input) : at::empty({0}, input.options()),
+                              [](int b, int t, const auto& body) { emulate_blocks(b, t, body); });
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   dispatch_float(input.scalar_type(), [&](auto tag) {

@@ -15,7 +15,9 @@
 
 #include "fck/acc.h"
 #include "fck/batch_norm.h"
+#include "fck/batch_norm_fused.h"
 #include "fck/batch_norm_host.h"
+#include "fck/block_launch.h"
 #include "fck/ops.h"
 
 namespace fck {
@@ -319,6 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
   at::Tensor save_mean = at::zeros({L.C}, acc_opts), save_invstd = at::zeros({L.C}, acc_opts);
   at::Tensor y = at::empty_like(input);
   if (input.numel() == 0) return {y, save_mean, save_invstd};
+  if (training && env_on("FCK_BN_FUSED_CUDA") && bn_fused::applies(input, L)) {  // opt-in until measured
+    return bn_fused::forward(input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, L, y,
+                             [](int b, int t, const auto& body) { launch_blocks(b, t, body); });
+  }
   at::Tensor rm = as_acc(running_mean, acc), rv = as_acc(running_var, acc), w = as_acc(weight, acc),
              b = as_acc(bias, acc);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -356,6 +362,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
   at::Tensor dres = residual_grad ? at::empty_like(input) : at::empty({0}, input.options());
   at::Tensor dw = at::zeros({L.C}, acc_opts), db = at::zeros({L.C}, acc_opts);
   if (input.numel() == 0) return {dx, dres, dw, db};
+  if (env_on("FCK_BN_FUSED_CUDA") && bn_fused::applies(input, L)) {
+    return bn_fused::backward(grad_output, input, relu ? output : std::nullopt, weight, save_mean, save_invstd,
+                              training, L, dx, dres, [](int b, int t, const auto& body) { launch_blocks(b, t, body); });
+  }
   at::Tensor w = as_acc(weight, acc), coef = at::empty({3, L.C}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fck::batch_norm_bwd", [&] {

@@ -7,3 +7,10 @@
 #else
 #define FCK_HOST_DEVICE inline __attribute__((always_inline))
 #endif
+
+// Unrolls a loop on the GPU (register arrays indexed by its counter stay in registers); nothing on the host.
+#if defined(__CUDA_ARCH__)
+#define FCK_UNROLL _Pragma("unroll")
+#else
+#define FCK_UNROLL
+#endif

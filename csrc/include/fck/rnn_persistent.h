@@ -23,12 +23,6 @@
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
 
-#if defined(__CUDA_ARCH__)
-#define FCK_UNROLL _Pragma("unroll")
-#else
-#define FCK_UNROLL
-#endif
-
 namespace fck {
 namespace persistent {
 
