@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (no network): build the extension there, run the GPU tests, run the
 # benchmarks, and leave logs + JSON in $OUT (default ./bench_out). Budget: the default stages' timeouts add up to
-# under 600 s, one device call's limit (the last full run took ~250 s). Each stage runs even if an earlier one failed; summary.txt lists the environment and
-# every stage's exit code. FCK_STAGES picks stages (default: all, in this order). At most 8 files come back from the
+# under 600 s, one device call's limit (the last full run took ~250 s). Each stage runs even if an earlier one
+# failed; summary.txt lists the environment and every stage's exit code. FCK_STAGES picks stages (default: those
+# in STAGES below, in this order). At most 8 files come back from the
 # device tool: the benchmark logs are joined into bench.log and the JSON rows into bench_cuda.json, leaving at most
 # 5 (build.log, tests_gpu.log, bench.log, bench_cuda.json, summary.txt).
 set -u
