@@ -790,8 +790,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   } else if (!grouped) {
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     const RowBlocks B(L);
+    // Each thread walks its blocks last to first, so the rows the statistics read last are still in its L2 (the
+    // same static split of B.total gives each thread the same blocks in both passes). The backward's gradient pass
+    // too: at 4096 x 200 a thread's dy, x and y are 4.8 MB against a 2 MB L2, and its op went 440-472 -> 389-411 us.
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t b = hi - 1; b >= lo; --b) {
         const int64_t o = B.first(b) * C;
         w.forward_rows(xp + o, rp ? rp + o : nullptr, yp + o, B.count(b), C, coef.data(), relu);
       }
@@ -904,7 +907,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     }
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t b = hi - 1; b >= lo; --b) {  // last to first, as the forward's second pass
         const int64_t o = B.first(b) * C;
         w.backward_rows(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, B.count(b), C,
                         coef.data());
