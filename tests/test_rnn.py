@@ -107,7 +107,7 @@ def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-@pytest.mark.parametrize("B,H", [(19, 20), (5, 64), (4, 33), (64, 64)])
+@pytest.mark.parametrize("B,H", [(19, 20), (5, 64), (4, 33), (64, 64), (0, 20)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_persistent_layer_matches_per_step_layer(device, B, H, mode, reverse, dtype, monkeypatch):
     """CUDA's opt-in persistent kernels (hidden <= 64) against the per-step loop: every output of both passes, saved

@@ -384,7 +384,8 @@ struct GruBwd {
 // fit the kernels' int indices.
 template <typename T>
 bool eligible(const rnn::Dims& d) {
-  return !std::is_same_v<T, double> && d.H <= kMaxH && d.B <= (int64_t(1) << 30) && d.T <= (int64_t(1) << 30);
+  return !std::is_same_v<T, double> && d.H > 0 && d.H <= kMaxH && d.B > 0 && d.B <= (int64_t(1) << 30) &&
+         d.T <= (int64_t(1) << 30);  // an empty batch or state: no block to launch
 }
 
 // Runs Body<T, MAXH> (MAXH 32 or 64, the smaller that holds H) over the batch: G = rows * H threads rounded up to
