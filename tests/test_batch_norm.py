@@ -102,19 +102,27 @@ def test_matches_float64_reference(device, backend, shape, channels_last, varian
     skip_unless_runnable(backend, device)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x, res, dy, w, b, rm, rv = _inputs(shape, dtype, device, channels_last)
-        y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
-        ty, trm, trv, tgrads = _truth(variant, x, res, dy, w, b, rm, rv, training)
+        y = _check_against_truth(variant, backend, x, res, dy, w, b, rm, rv, training)
         assert y.dtype == dtype and y.shape == x.shape
         assert y.is_contiguous(memory_format=_fmt(shape, channels_last))
-        _close(y, ty, dtype, f"{dtype} output")
-        _close(rm1, trm, torch.float32, "running_mean")
-        _close(rv1, trv, torch.float32, "running_var")
-        for name, g, tg in zip(("input", "residual", "weight", "bias"), grads, tgrads):
-            if tg is None:
-                assert g is None
-                continue
-            # weight/bias grads are sums over N*S values, rounded once: compare at the input dtype's tolerance
-            _close(g, tg, dtype if name in ("input", "residual") else torch.float32, f"{dtype} grad {name}")
+
+
+def _check_against_truth(variant, backend, x, res, dy, w, b, rm, rv, training):
+    """One call with autograd against the float64 reference: output, running statistics, every gradient. Returns
+    the output."""
+    dtype = x.dtype
+    y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
+    ty, trm, trv, tgrads = _truth(variant, x, res, dy, w, b, rm, rv, training)
+    _close(y, ty, dtype, f"{dtype} {variant} output")
+    _close(rm1, trm, torch.float32, "running_mean")
+    _close(rv1, trv, torch.float32, "running_var")
+    for name, g, tg in zip(("input", "residual", "weight", "bias"), grads, tgrads):
+        if tg is None:
+            assert g is None
+            continue
+        # weight/bias grads are sums over N*S values, rounded once: compare at the input dtype's tolerance
+        _close(g, tg, dtype if name in ("input", "residual") else torch.float32, f"{dtype} {variant} grad {name}")
+    return y
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -129,16 +137,7 @@ def test_fused_small_channel_kernels(device, shape, dtype, monkeypatch):
     for variant in VARIANTS:
         for training in (True, False):
             x, res, dy, w, b, rm, rv = _inputs(shape, dtype, device, mean=3.0)
-            y, rm1, rv1, grads = _run(variant, device, x, res, dy, w, b, rm, rv, training)
-            ty, trm, trv, tgrads = _truth(variant, x, res, dy, w, b, rm, rv, training)
-            _close(y, ty, dtype, f"{variant} output")
-            _close(rm1, trm, torch.float32, "running_mean")
-            _close(rv1, trv, torch.float32, "running_var")
-            for name, g, tg in zip(("input", "residual", "weight", "bias"), grads, tgrads):
-                if tg is None:
-                    assert g is None
-                    continue
-                _close(g, tg, dtype if name in ("input", "residual") else torch.float32, f"{variant} grad {name}")
+            _check_against_truth(variant, device, x, res, dy, w, b, rm, rv, training)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
