@@ -381,7 +381,6 @@ struct RnnSteps : persistent::Passes<EmulatedLaunch> {
   }
   static int64_t block_weight_bytes() { return cpu_l2_bytes() * 3 / 4; }
 
-
   // Bias gradients summed by each row block as it goes (rnn::BlockSums): inside the row blocks' parallel region,
   // where a block's thread owns its rows; the one-block path splits each step across threads and sums afterwards.
   static constexpr bool kSumsRows = true;

@@ -6,10 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "fck/acc.h"
+#include "fck/block_launch.h"
 #include "fck/ops.h"
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
-#include "fck/block_launch.h"
 #include "fck/rnn_persistent.h"
 
 namespace fck {
