@@ -463,8 +463,9 @@ def test_cpu_kernels_write_every_output_element_of_a_poisoned_pooled_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# planes of 117; of 30 in two tiles (150 x 30 values a channel, tiles of 4096); of two runs (> 16384)
-@pytest.mark.parametrize("shape", [(5, 6, 9, 13), (150, 70, 6, 5), (2, 5, 131, 131)])
+# planes of 117; of 30 in two tiles (150 x 30 values a channel, tiles of 4096), with 70 channels or with 2 (too
+# few for groups on four threads: the whole-tensor passes, tiles in parallel); of two runs (> 16384)
+@pytest.mark.parametrize("shape", [(5, 6, 9, 13), (150, 70, 6, 5), (150, 2, 6, 5), (2, 5, 131, 131)])
 def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
     """Planar training inputs whose channels fit in cache are walked a group of channels at a time (C >= 2 x
     threads; on one thread, groups of C // 2: 3 + 3, or 2 + 2 + 1); the same call on four threads takes the

@@ -647,11 +647,48 @@ void small_reduce_channels(const Workers<T>& w, const raw_t<T>* dyp, const raw_t
   }
 }
 
-// Calls f(c0, c1) for sub-groups of kSub channels, in parallel.
-template <class F>
-void parallel_sub_groups(int64_t C, const F& f) {
-  at::parallel_for(0, (C + kSub - 1) / kSub, 1,
-                   [&](int64_t g0, int64_t g1) { f(g0 * kSub, std::min(C, g1 * kSub)); });
+// The whole-tensor small-plane passes (few channels, or channels too large for groups): every (sub-group, tile) is
+// a unit of its own, run in parallel into its own slots; then each channel takes its tiles in order. Merging a
+// tile into an empty state gives the tile's own values, so these are the operations of one sub-group walking its
+// tiles, in the same order: the grouped passes' bits. (Units of whole sub-groups left channels that fit one
+// sub-group, two or three at a batch norm's start, on one thread.)
+template <typename T>
+void small_stats_all(const Workers<T>& w, const raw_t<T>* xp, const BnLayout& L, const acc_t<T>* pivot, double* st) {
+  const int64_t tile = planes_per_tile(L.S), tiles = (L.N + tile - 1) / tile, subs = (L.C + kSub - 1) / kSub;
+  std::vector<double> part(3 * L.C * tiles, 0.0);  // [tile][channel][count, mean, M2]
+  at::parallel_for(0, subs * tiles, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t s0 = u / tiles * kSub, n0 = u % tiles * tile;
+      w.small_planes_stats(xp, n0, std::min(L.N, n0 + tile), L.C, L.S, s0, std::min(kSub, L.C - s0), pivot + s0,
+                           &part[3 * (u % tiles * L.C + s0)]);
+    }
+  });
+  for (int64_t c = 0; c < L.C; ++c) {
+    for (int64_t k = 0; k < tiles; ++k) {
+      const double* p = &part[3 * (k * L.C + c)];
+      welford_merge<double>(st[3 * c], st[3 * c + 1], st[3 * c + 2], p[0], p[1], p[2]);
+    }
+  }
+}
+
+template <typename T>
+void small_reduce_all(const Workers<T>& w, const raw_t<T>* dyp, const raw_t<T>* xp, const raw_t<T>* yp,
+                      const BnLayout& L, const acc_t<T>* mean, double* sums) {
+  const int64_t tile = planes_per_tile(L.S), tiles = (L.N + tile - 1) / tile, subs = (L.C + kSub - 1) / kSub;
+  std::vector<double> part(2 * L.C * tiles, 0.0);  // [tile][channel][sum g, sum g (x - mean)]
+  at::parallel_for(0, subs * tiles, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t s0 = u / tiles * kSub, n0 = u % tiles * tile;
+      w.small_planes_reduce(dyp, xp, yp, n0, std::min(L.N, n0 + tile), L.C, L.S, s0, std::min(kSub, L.C - s0),
+                            mean + s0, &part[2 * (u % tiles * L.C + s0)]);
+    }
+  });
+  for (int64_t c = 0; c < L.C; ++c) {
+    for (int64_t k = 0; k < tiles; ++k) {
+      sums[2 * c] += part[2 * (k * L.C + c)];
+      sums[2 * c + 1] += part[2 * (k * L.C + c) + 1];
+    }
+  }
 }
 
 // Batch mean and biased variance per channel.
@@ -666,9 +703,7 @@ void batch_stats(const at::Tensor& x, const BnLayout& L, const Workers<T>& w, st
   std::vector<double> n(C, 0.0), m(C, 0.0), q(C, 0.0);
   if (L.planar && L.S < kSmallPlane) {
     std::vector<double> st(3 * C, 0.0);
-    parallel_sub_groups(C, [&](int64_t c0, int64_t c1) {
-      small_stats_channels<T>(w, xp, L, c0, c1, pivot.data() + c0, &st[3 * c0]);
-    });
+    small_stats_all<T>(w, xp, L, pivot.data(), st.data());
     for (int64_t c = 0; c < C; ++c) n[c] = st[3 * c], m[c] = st[3 * c + 1], q[c] = st[3 * c + 2];
   } else if (L.planar) {
     const PlanarUnits U(L);
@@ -863,9 +898,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       }
     });
   } else if (L.planar && L.S < kSmallPlane) {
-    parallel_sub_groups(C, [&](int64_t c0, int64_t c1) {
-      small_reduce_channels<T>(w, dyp, xp, yp, L, c0, c1, mean_a.data() + c0, &sums[2 * c0]);
-    });
+    small_reduce_all<T>(w, dyp, xp, yp, L, mean_a.data(), sums.data());
     for (int64_t c = 0; c < C; ++c) sg[c] = sums[2 * c], sgx[c] = sums[2 * c + 1];
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     const PlanarUnits U(L);
