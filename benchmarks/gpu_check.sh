@@ -39,10 +39,11 @@ cat "$OUT/env.txt"
 
 stage build 130 $PY setup.py build_ext --inplace
 # Tests in 8 processes: most of their time is Triton compiling kernels on the host's cores.
+# -v: each result is logged as it lands, so a stage cut off by its timeout still names what failed.
 # FCK_TEST_K: a pytest -k expression to run only some of them.
 test_args=()
 [[ -n ${FCK_TEST_K:-} ]] && test_args=(-k "$FCK_TEST_K")
-stage tests_gpu 150 $PY -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 120 -rfE --tb=short \
+stage tests_gpu 150 $PY -m pytest tests -m gpu -v -p no:cacheprovider -n 8 --timeout 120 -rfE --tb=short \
   ${test_args[@]+"${test_args[@]}"}
 # A test that killed its worker leaves no traceback of the C++ side: rerun the first one under cuda-gdb for one.
 crashed=$(grep -a -o "worker '[^']*' crashed while running '[^']*'" "$OUT/tests_gpu.log" 2>/dev/null | head -n 1 \
