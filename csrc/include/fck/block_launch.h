@@ -2,7 +2,7 @@
 //
 // A body is a functor (the kernel's arguments as fields, `Shared` its block's shared storage, `kMaxThreads` its
 // largest block) called as body(ctx, shared) on every thread of every block; ctx has tid, block, threads and sync()
-// (__syncthreads). On the CPU, emulate_blocks runs one std::thread per CUDA thread and a std::barrier for sync(), a
+// (__syncthreads). On the CPU, emulate_blocks runs one std::thread per CUDA thread and a barrier for sync(), a
 // block at a time, its shared storage filled with NaN first so that a read of a value no thread wrote shows in the
 // results: slow, and only for checking a kernel's indexing and barriers where no GPU is. An environment switch
 // read per call (tests flip it between calls) picks the emulation; env_on says whether one is "1".
@@ -15,9 +15,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #else
 #include <algorithm>
-#include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 #endif
@@ -51,9 +52,33 @@ void launch_blocks(int blocks, int threads, const Body& body) {
 
 #else
 
+// std::barrier is C++20, and older torch (2.11 on the GPU machine) builds extensions as C++17.
+class BlockBarrier {
+ public:
+  explicit BlockBarrier(int threads) : threads_(threads) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const long generation = generation_;
+    if (++arrived_ == threads_) {
+      arrived_ = 0;
+      ++generation_;
+      released_.notify_all();
+    } else {
+      released_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  const int threads_;
+  int arrived_ = 0;
+  long generation_ = 0;
+};
+
 struct HostCtx {
   int tid, block, threads;
-  std::barrier<>* bar;
+  BlockBarrier* bar;
   void sync() const { bar->arrive_and_wait(); }
 };
 
@@ -64,7 +89,7 @@ void emulate_blocks(int blocks, int threads, const Body& body) {
   for (int block = 0; block < blocks; ++block) {
     auto sh = std::make_unique<Shared>();
     std::fill_n(reinterpret_cast<float*>(sh.get()), sizeof(Shared) / sizeof(float), NAN);
-    std::barrier<> bar(threads);
+    BlockBarrier bar(threads);
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (int tid = 0; tid < threads; ++tid) {
