@@ -88,8 +88,8 @@ def main(argv=None) -> Results:
     backends = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
     backends = [b for b in backends if device.type in fck.backends()[b].devices
                 and (not args.backends or b in args.backends.split(","))]
-    # FCK_RNN_PERSISTENT_CUDA=1 (read by the CUDA ops per call) runs hidden <= 64 as one persistent kernel per pass
-    suffix = "-persistent" if os.environ.get("FCK_RNN_PERSISTENT_CUDA") == "1" else ""
+    # CUDA runs hidden <= 64 as one persistent kernel per pass; FCK_RNN_PERSISTENT_CUDA=0 (read per call) the loop
+    suffix = "-per-step" if os.environ.get("FCK_RNN_PERSISTENT_CUDA") == "0" else ""
     for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
         dtype = getattr(torch, args.dtype)
         theirs, ours = _modules(kind, I, H, L, device, dtype)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (no network): build the extension there, run the GPU tests, run the
 # benchmarks, and leave logs + JSON in $OUT (default ./bench_out). Budget: the default stages' timeouts add up to
-# under 600 s, one device call's limit (the last full run took ~250 s). Each stage runs even if an earlier one
-# failed; summary.txt lists the environment and every stage's exit code. FCK_STAGES picks stages (default: those
-# in STAGES below, in this order). At most 8 files come back from the
-# device tool: the benchmark logs are joined into bench.log and the JSON rows into bench_cuda.json, leaving at most
-# 5 (build.log, tests_gpu.log, bench.log, bench_cuda.json, summary.txt).
+# under 600 s, one device call's limit (the last full run took ~285 s on an H200). Each stage runs even if an
+# earlier one failed; summary.txt lists the environment and every stage's exit code. FCK_STAGES picks stages
+# (default: those in STAGES below, in this order). At most 8 files come back from the device tool: the benchmark
+# logs are joined into bench.log and the JSON rows into bench_cuda.json, leaving at most 5 (build.log,
+# tests_gpu.log, bench.log, bench_cuda.json, summary.txt).
 set -u
 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
@@ -14,8 +14,9 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # and every JSON row use it.
 export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
-# bench_adam and bench_learner (measured on the H100 runs of 2026-11-26/27) run only when FCK_STAGES names them.
-STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_rnn_persistent bench_batch_norm bench_bn_fused} "
+# bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27) and bench_rnn_per_step (H200, 2026-11-28)
+# run only when FCK_STAGES names them.
+STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_bn_fused} "
 declare -a summary=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...
@@ -57,9 +58,9 @@ stage bench_embedding_bag 45 $PY benchmarks/bench_embedding_bag.py --device cuda
   --out "$OUT/bench_embedding_bag_cuda.json"
 # FCK_RNN_ARGS: extra bench_rnn arguments (e.g. --dtype bfloat16 --quick).
 stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda ${FCK_RNN_ARGS:-} --out "$OUT/bench_rnn_cuda.json"
-# The opt-in persistent CUDA kernels (hidden <= 64) against cuDNN, lesson-7 shapes and cells.
-stage bench_rnn_persistent 45 env FCK_RNN_PERSISTENT_CUDA=1 $PY benchmarks/bench_rnn.py --device cuda --quick \
-  --backends cuda --out "$OUT/bench_rnn_persistent_cuda.json"
+# The per-step CUDA loop (the persistent kernels switched off) against cuDNN, lesson-7 shapes and cells.
+stage bench_rnn_per_step 45 env FCK_RNN_PERSISTENT_CUDA=0 $PY benchmarks/bench_rnn.py --device cuda --quick \
+  --backends cuda --out "$OUT/bench_rnn_per_step_cuda.json"
 stage bench_batch_norm 110 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
 # The opt-in one-kernel batch norm for small planar channels (14x14, 7x7 at batch 64) against cuDNN.

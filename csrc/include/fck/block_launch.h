@@ -5,7 +5,8 @@
 // (__syncthreads). On the CPU, emulate_blocks runs one std::thread per CUDA thread and a barrier for sync(), a
 // block at a time, its shared storage filled with NaN first so that a read of a value no thread wrote shows in the
 // results: slow, and only for checking a kernel's indexing and barriers where no GPU is. An environment switch
-// read per call (tests flip it between calls) picks the emulation; env_on says whether one is "1".
+// read per call (tests flip it between calls) picks the emulation; env_on says whether one is "1", env_off whether
+// it is "0" (a default-on kernel switched off).
 #pragma once
 
 #include <cstdlib>
@@ -28,6 +29,11 @@ namespace fck {
 inline bool env_on(const char* name) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, "1") == 0;
+}
+
+inline bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "0") == 0;
 }
 
 #if defined(__CUDACC__)

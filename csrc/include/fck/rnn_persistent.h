@@ -1,6 +1,7 @@
-// The persistent LSTM/GRU kernels' bodies (CUDA, opt-in FCK_RNN_PERSISTENT_CUDA=1; hidden <= 64), written once for
-// the GPU and for a CPU emulation the tests run (FCK_RNN_PERSISTENT_EMULATE=1: one std::thread per CUDA thread,
-// a barrier for __syncthreads), so the CPU covers their indexing and barriers as well as the cell math.
+// The persistent LSTM/GRU kernels' bodies (CUDA's default for hidden <= 64; FCK_RNN_PERSISTENT_CUDA=0 runs the
+// per-step loop), written once for the GPU and for a CPU emulation the tests run (FCK_RNN_PERSISTENT_EMULATE=1:
+// one std::thread per CUDA thread, a barrier for __syncthreads), so the CPU covers their indexing and barriers as
+// well as the cell math.
 //
 // One launch runs a layer's whole sequence in one direction. The rows of a batch never meet in the recurrence, so a
 // block owns R rows for all T steps, R the gate count: a block of G = R * H threads then has one thread per gate
