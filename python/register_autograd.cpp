@@ -439,6 +439,200 @@ at::Tensor gru_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at:
   return GruCell::apply(x, h, w_ih, w_hh, b_ih, b_hh);
 }
 
+
+// ---- whole multi-layer sequences: every layer's projection, layer pass and gradient in one node ----
+// torch.nn.LSTM/GRU's stack without inter-layer dropout (ops/rnn.py composes the layers in Python when dropout
+// applies): x (T, B, I), params in torch's flat order, states (L*D, B, H). The same ops as the composition of
+// projection, bias sum and layer nodes, so the same bits, without a Python-level op or autograd node per layer: on
+// a GPU machine each costs tens of microseconds of host time, more than a small layer's kernels.
+struct SeqSpec {
+  bool lstm, has_biases;
+  int64_t layers, dirs;
+  int64_t per() const { return has_biases ? 4 : 2; }
+  int64_t w_ih(int64_t k) const { return k * per(); }
+  int64_t w_hh(int64_t k) const { return k * per() + 1; }
+};
+
+// a @ b: into a pooled block on the CPU (as the Python projection, fck::mm_pooled), cuBLAS elsewhere.
+at::Tensor mm_dev(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_cpu() ? mm_pooled().call(a, b) : at::mm(a, b);
+}
+
+at::Tensor initial_state(const std::optional<at::Tensor>& s, const at::Tensor& x, const SeqSpec& sp, int64_t H) {
+  return s.has_value() ? s->contiguous() : at::zeros({sp.layers * sp.dirs, x.size(1), H}, x.options());
+}
+
+// Runs the stack. With `saved`, each layer's input, then per direction the layer's output and the tensors its
+// backward reads, are appended to it; without, the layers run as plain ops (a CPU inference saves nothing).
+variable_list seq_forward(const at::Tensor& x, at::TensorList params, const at::Tensor& h0, const at::Tensor& c0,
+                          const SeqSpec& sp, std::vector<at::Tensor>* saved) {
+  const int64_t T = x.size(0), B = x.size(1);
+  at::Tensor input = x;
+  std::vector<at::Tensor> h_n, c_n;
+  for (int64_t l = 0; l < sp.layers; ++l) {
+    const at::Tensor x2d = input.reshape({T * B, input.size(2)});
+    if (saved) saved->push_back(x2d);
+    std::vector<at::Tensor> outs;
+    for (int64_t d = 0; d < sp.dirs; ++d) {
+      const int64_t k = l * sp.dirs + d;
+      const at::Tensor& w_hh = params[sp.w_hh(k)];
+      const at::Tensor xg = mm_dev(x2d, params[sp.w_ih(k)].t()).view({T, B, -1});
+      std::optional<at::Tensor> b_ih, b_hh;
+      if (sp.has_biases) b_ih = params[sp.w_ih(k) + 2], b_hh = params[sp.w_ih(k) + 3];
+      if (sp.lstm) {
+        const std::optional<at::Tensor> bias = b_ih ? std::optional<at::Tensor>(at::add(*b_ih, *b_hh)) : std::nullopt;
+        if (saved) {
+          auto [out, h, c, c_all, gates] = lstm_fwd().call(xg, h0[k], c0[k], w_hh, bias, d == 1);
+          saved->insert(saved->end(), {out, c_all, gates});
+          outs.push_back(out), h_n.push_back(h), c_n.push_back(c);
+        } else {
+          auto [out, h, c] = lstm_layer_plain(xg, h0[k], c0[k], w_hh, bias, d == 1);
+          outs.push_back(out), h_n.push_back(h), c_n.push_back(c);
+        }
+      } else if (saved) {
+        auto [out, h, sv] = gru_fwd().call(xg, h0[k], w_hh, b_ih, b_hh, d == 1);
+        saved->insert(saved->end(), {out, sv});
+        outs.push_back(out), h_n.push_back(h);
+      } else {
+        auto [out, h] = gru_layer_plain(xg, h0[k], w_hh, b_ih, b_hh, d == 1);
+        outs.push_back(out), h_n.push_back(h);
+      }
+    }
+    input = sp.dirs == 1 ? outs[0] : at::cat(outs, 2);
+  }
+  return {input, at::stack(h_n), sp.lstm ? at::stack(c_n) : at::Tensor()};
+}
+
+struct RnnSeq : public torch::autograd::Function<RnnSeq> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList params, const at::Tensor& h0,
+                               const at::Tensor& c0, bool lstm, bool has_biases, int64_t layers, bool bidirectional) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    const SeqSpec sp{lstm, has_biases, layers, bidirectional ? 2 : 1};
+    std::vector<at::Tensor> saved{h0, c0};
+    saved.insert(saved.end(), params.begin(), params.end());
+    variable_list r = seq_forward(x, params, h0, c0, sp, &saved);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["spec"] = std::vector<int64_t>{lstm, has_biases, layers, sp.dirs, int64_t(params.size())};
+    if (!lstm) r[2] = at::empty({0}, x.options());  // an output of the node must be a tensor
+    return r;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    const variable_list s = ctx->get_saved_variables();
+    const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
+    const SeqSpec sp{spec[0] != 0, spec[1] != 0, spec[2], spec[3]};
+    const int64_t P = spec[4], L = sp.layers, D = sp.dirs;
+    const at::Tensor &h0 = s[0], &c0 = s[1];
+    const auto param = [&](int64_t i) -> const at::Tensor& { return s[2 + i]; };
+    // after h0, c0 and the params: per layer its input, then per direction (out, c_all, gates) or (out, saved)
+    const int64_t per_dir = sp.lstm ? 3 : 2, per_layer = 1 + D * per_dir;
+    const auto at_layer = [&](int64_t l, int64_t i) -> const at::Tensor& { return s[2 + P + l * per_layer + i]; };
+    const int64_t H = h0.size(2), T = grads[0].size(0), B = grads[0].size(1);
+
+    variable_list result(1 + P + 2 + 4);  // x, params, h0, c0, then the four non-tensor arguments
+    std::vector<at::Tensor> dh0(L * D), dc0(L * D);
+    at::Tensor dinput = grads[0];
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const at::Tensor& x2d = at_layer(l, 0);
+      at::Tensor dx2d;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t k = l * D + d;
+        const at::Tensor dy = (D == 1 ? dinput : dinput.narrow(2, d * H, H)).contiguous();
+        const at::Tensor& w_hh = param(sp.w_hh(k));
+        const at::Tensor& out = at_layer(l, 1 + d * per_dir);
+        at::Tensor dxg, dw_hh, db_ih, db_hh;
+        if (sp.lstm) {
+          auto [g_x, g_h0, g_c0, g_w, g_b] =
+              lstm_bwd().call(dy, grads[1][k].contiguous(), grads[2][k].contiguous(), h0[k], c0[k], w_hh, out,
+                              at_layer(l, 2 + d * per_dir), at_layer(l, 3 + d * per_dir), d == 1);
+          dxg = g_x, dh0[k] = g_h0, dc0[k] = g_c0, dw_hh = g_w, db_ih = g_b;
+          if (sp.has_biases) db_hh = g_b.clone();  // b_ih + b_hh: one gradient, two parameters' own tensors
+        } else {
+          auto [g_x, g_h0, g_w, g_bi, g_bh] =
+              gru_bwd().call(dy, grads[1][k].contiguous(), h0[k], w_hh, out, at_layer(l, 2 + d * per_dir), d == 1);
+          dxg = g_x, dh0[k] = g_h0, dw_hh = g_w, db_ih = g_bi, db_hh = g_bh;
+        }
+        const at::Tensor dxg2d = dxg.view({T * B, -1});
+        const int64_t wi = sp.w_ih(k);
+        if (l > 0 || ctx->needs_input_grad(0)) {
+          const at::Tensor part = mm_dev(dxg2d, param(wi));
+          dx2d = dx2d.defined() ? dx2d + part : part;
+        }
+        if (ctx->needs_input_grad(1 + wi)) result[1 + wi] = mm_dev(dxg2d.t(), x2d);
+        result[1 + wi + 1] = dw_hh;
+        if (sp.has_biases) result[1 + wi + 2] = db_ih, result[1 + wi + 3] = db_hh;
+      }
+      if (dx2d.defined()) dinput = dx2d.view({T, B, -1});
+    }
+    if (ctx->needs_input_grad(0)) result[0] = dinput;
+    if (ctx->needs_input_grad(1 + P)) result[1 + P] = at::stack(dh0);
+    if (sp.lstm && ctx->needs_input_grad(2 + P)) result[2 + P] = at::stack(dc0);
+    return result;
+  }
+};
+
+bool seq_needs_grad(const at::Tensor& x, at::TensorList params, const std::optional<at::Tensor>& h0,
+                    const std::optional<at::Tensor>& c0) {
+  if (!at::GradMode::is_enabled()) return false;
+  bool any = x.requires_grad() || needs(h0) || needs(c0);
+  for (const at::Tensor& p : params) any = any || p.requires_grad();
+  return any;
+}
+
+SeqSpec seq_spec(const at::Tensor& x, at::TensorList params, bool lstm, bool has_biases, int64_t layers,
+                 bool bidirectional, const char* op) {
+  const SeqSpec sp{lstm, has_biases, layers, bidirectional ? 2 : 1};
+  TORCH_CHECK(x.dim() == 3, op, ": input must be (T, B, input_size), got ", x.sizes());
+  TORCH_CHECK(layers > 0 && int64_t(params.size()) == sp.per() * layers * sp.dirs, op, ": expected ",
+              sp.per() * layers * sp.dirs, " weight tensors, got ", params.size());
+  return sp;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_plain(const at::Tensor& x, at::TensorList params,
+                                                              const std::optional<at::Tensor>& h0,
+                                                              const std::optional<at::Tensor>& c0, bool has_biases,
+                                                              int64_t layers, bool bidirectional) {
+  const SeqSpec sp = seq_spec(x, params, true, has_biases, layers, bidirectional, "fck::lstm_seq");
+  const int64_t H = params[1].size(1);
+  const variable_list r =
+      seq_forward(x, params, initial_state(h0, x, sp, H), initial_state(c0, x, sp, H), sp, nullptr);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_autograd(const at::Tensor& x, at::TensorList params,
+                                                                 const std::optional<at::Tensor>& h0,
+                                                                 const std::optional<at::Tensor>& c0,
+                                                                 bool has_biases, int64_t layers, bool bidirectional) {
+  if (!seq_needs_grad(x, params, h0, c0)) return lstm_seq_plain(x, params, h0, c0, has_biases, layers, bidirectional);
+  const SeqSpec sp = seq_spec(x, params, true, has_biases, layers, bidirectional, "fck::lstm_seq");
+  const int64_t H = params[1].size(1);
+  const variable_list r = RnnSeq::apply(x, params, initial_state(h0, x, sp, H), initial_state(c0, x, sp, H), true,
+                                        has_biases, layers, bidirectional);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_seq_plain(const at::Tensor& x, at::TensorList params,
+                                                 const std::optional<at::Tensor>& h0, bool has_biases, int64_t layers,
+                                                 bool bidirectional) {
+  const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, "fck::gru_seq");
+  const at::Tensor h = initial_state(h0, x, sp, params[1].size(1));
+  const variable_list r = seq_forward(x, params, h, h, sp, nullptr);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_seq_autograd(const at::Tensor& x, at::TensorList params,
+                                                    const std::optional<at::Tensor>& h0, bool has_biases,
+                                                    int64_t layers, bool bidirectional) {
+  if (!seq_needs_grad(x, params, h0, std::nullopt)) return gru_seq_plain(x, params, h0, has_biases, layers, bidirectional);
+  const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, "fck::gru_seq");
+  const at::Tensor h = initial_state(h0, x, sp, params[1].size(1));
+  // the GRU has no cell state: c0's slot holds an empty tensor that no gradient reaches
+  const variable_list r = RnnSeq::apply(x, params, h, at::empty({0}, x.options()), false, has_biases, layers,
+                                        bidirectional);
+  return {r[0], r[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fck, Autograd, m) {
@@ -450,6 +644,8 @@ TORCH_LIBRARY_IMPL(fck, Autograd, m) {
   m.impl("mm_pooled", &mm_pooled_autograd);
   m.impl("lstm_cell", &lstm_cell_autograd);
   m.impl("gru_cell", &gru_cell_autograd);
+  m.impl("lstm_seq", &lstm_seq_autograd);
+  m.impl("gru_seq", &gru_seq_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
@@ -460,4 +656,6 @@ TORCH_LIBRARY_IMPL(fck, CompositeExplicitAutograd, m) {
   m.impl("gru_layer", &gru_layer_plain);
   m.impl("lstm_cell", &lstm_cell_plain);
   m.impl("gru_cell", &gru_cell_plain);
+  m.impl("lstm_seq", &lstm_seq_plain);
+  m.impl("gru_seq", &gru_seq_plain);
 }

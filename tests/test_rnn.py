@@ -111,9 +111,9 @@ def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, d
 @pytest.mark.parametrize("B,H", [(19, 20), (5, 64), (4, 33), (64, 64), (0, 20)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_persistent_layer_matches_per_step_layer(device, B, H, mode, reverse, dtype, monkeypatch):
-    """CUDA's opt-in persistent kernels (hidden <= 64) against the per-step loop: every output of both passes, saved
-    tensors included; batches that leave a block's rows partly empty, both register widths (32, 64). On CUDA
-    (FCK_RNN_PERSISTENT_CUDA=1) the caching allocator's free blocks are filled with NaN before each run, so an
+    """CUDA's persistent kernels (the default for hidden <= 64) against the per-step loop (FCK_RNN_PERSISTENT_CUDA=0):
+    every output of both passes, saved tensors included; batches that leave a block's rows partly empty, both
+    register widths (32, 64). On CUDA the caching allocator's free blocks are filled with NaN before each run, so an
     element a kernel skipped shows up; on the CPU the same kernel code runs emulated (FCK_RNN_PERSISTENT_EMULATE=1,
     a thread per CUDA thread, shared memory filled with NaN) against the CPU's loop."""
     skip_unless_runnable(device, device)
@@ -144,7 +144,7 @@ def test_persistent_layer_matches_per_step_layer(device, B, H, mode, reverse, dt
 
     monkeypatch.setenv(switch, "1")
     persistent = run()
-    monkeypatch.delenv(switch)
+    monkeypatch.setenv(switch, "0")
     per_step = run()
     for k, (a, b) in enumerate(zip(persistent, per_step)):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -315,6 +315,82 @@ def test_sequence_matches_torch(backend, device, mode, config):
     assert a[2].keys() == b[2].keys()
     for n in b[2]:
         _close(a[2][n], b[2][n], torch.float64, f"grad {n}")
+
+
+SEQ_CASES = {  # name: (I, H, layers, bidirectional, bias, T, B, states given, what requires grad)
+    "2 layers bidirectional, states": (5, 7, 2, True, True, 4, 3, True, "all"),
+    "3 layers, zeros, frozen weights": (6, 9, 3, False, True, 3, 2, False, "input"),
+    "1 layer, no bias, weights only": (4, 6, 1, False, False, 5, 3, True, "weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ_CASES))
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sequence_node_matches_the_layer_composition(device, mode, case):
+    """The whole stack as one C++ node (fck::lstm_seq / gru_seq) against the same ops composed layer by layer in
+    Python: on the CPU the same bits (outputs and every gradient), on CUDA within fp32 rounding (cuBLAS may order
+    the weight gradient's sums differently); gradients only for what requires them."""
+    skip_unless_runnable(device, device)
+    I, H, L, bi, bias, T, B, states, needs = SEQ_CASES[case]
+    D = 2 if bi else 1
+    g = _gen(11)
+    G = 4 if mode == "lstm" else 3
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    params = []
+    for layer in range(L):
+        for _ in range(D):
+            params += [rnd(G * H, I if layer == 0 else D * H) * 0.4, rnd(G * H, H) * 0.4]
+            params += [rnd(G * H) * 0.1, rnd(G * H) * 0.1] if bias else []
+    x = rnd(T, B, I)
+    given = [rnd(L * D, B, H) for _ in range(2 if mode == "lstm" else 1)] if states else \
+        [None] * (2 if mode == "lstm" else 1)
+    dys = [rnd(T, B, D * H), rnd(L * D, B, H), rnd(L * D, B, H)]
+
+    def run(fused):
+        xs = x.clone().requires_grad_(needs in ("all", "input"))
+        ps = [p.clone().requires_grad_(needs in ("all", "weights")) for p in params]
+        st = [s if s is None else s.clone().requires_grad_(needs == "all") for s in given]
+        if fused:
+            seq = torch.ops.fck.lstm_seq if mode == "lstm" else torch.ops.fck.gru_seq
+            outs = list(seq(xs, ps, *st, bias, L, bi))
+        else:
+            per = 4 if bias else 2
+            weights = [tuple(ps[k * per:(k + 1) * per]) + ((None, None) if not bias else ()) for k in range(L * D)]
+            outs = list(rnn_ops._rnn_layers(mode == "lstm", xs, st, weights, L, D, 0.0, True, device))
+        outs = [o for o in outs if o is not None]
+        leaves = [t for t in [xs, *ps, *st] if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(sum((o * dy).sum() for o, dy in zip(outs, dys)), leaves)
+        return [o.detach() for o in outs], list(grads), [t is xs for t in leaves]
+
+    fused, layered = run(True), run(False)
+    assert fused[2] == layered[2]
+    for k, (a, b) in enumerate(zip(fused[0] + fused[1], layered[0] + layered[1])):
+        assert a.shape == b.shape, k
+        if device == "cpu":
+            assert torch.equal(a, b), f"tensor {k}: {(a - b).abs().max()}"
+        else:
+            _close(a, b, torch.float32, f"tensor {k}")
+
+
+def test_sequence_node_checks_its_arguments():
+    skip_unless_runnable("cpu", "cpu")
+    x, w = torch.randn(3, 2, 4), [torch.randn(8, 4), torch.randn(8, 2)]
+    with pytest.raises(RuntimeError, match="expected 4 weight tensors, got 2"):
+        torch.ops.fck.lstm_seq(x, w, None, None, True, 1, False)
+    with pytest.raises(RuntimeError, match="input must be"):
+        torch.ops.fck.gru_seq(x[0], w, None, False, 1, False)
+    out, h_n = torch.ops.fck.gru_seq(x, [torch.randn(6, 4), torch.randn(6, 2)], None, False, 1, False)
+    assert out.shape == (3, 2, 2) and h_n.shape == (1, 2, 2)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    h = torch.randn(2, 2, 2)
+    lstm_w = [torch.randn(8, 4), torch.randn(8, 2), torch.randn(8), torch.randn(8)] * 2
+    torch.library.opcheck(torch.ops.fck.lstm_seq.default, (x, lstm_w, h, h, True, 1, True), test_utils=tests)
+    gru_w = [torch.randn(6, 4), torch.randn(6, 2), torch.randn(6, 2), torch.randn(6, 2)]
+    torch.library.opcheck(torch.ops.fck.gru_seq.default, (x, gru_w, h, False, 2, False), test_utils=tests)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -292,17 +292,32 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
     states = hx if lstm else (hx,)
     if hx is not None and lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
         raise TypeError(f"{name}: hx must be a tuple (h_0, c_0)")
-    full = []
+    given = []
     for i, s in enumerate(states if hx is not None else (None,) * (2 if lstm else 1)):
-        if s is None:
-            full.append(x.new_zeros(num_layers * D, B, H))
-            continue
-        _check_tensor(s, "hx" if i == 0 else "cx", x, name)
-        want = (num_layers * D, B, H) if batched else (num_layers * D, H)
-        if tuple(s.shape) != want:
-            raise RuntimeError(f"Expected hidden[{i}] size {want}, got {list(s.shape)}")  # torch's message
-        full.append(s if batched else s.unsqueeze(1))
+        if s is not None:
+            _check_tensor(s, "hx" if i == 0 else "cx", x, name)
+            want = (num_layers * D, B, H) if batched else (num_layers * D, H)
+            if tuple(s.shape) != want:
+                raise RuntimeError(f"Expected hidden[{i}] size {want}, got {list(s.shape)}")  # torch's message
+            s = s if batched else s.unsqueeze(1)
+        given.append(s)
     impl = _backend.resolve(x.device, backend, op=name)
+    if impl in ("cpu", "cuda") and not _backend.compiling() and not (dropout > 0 and training and num_layers > 1):
+        # the whole stack as one C++ autograd node (register_autograd.cpp): the same ops, no per-layer Python
+        seq = torch.ops.fck.lstm_seq if lstm else torch.ops.fck.gru_seq
+        r = seq(x, list(params), *given, has_biases, num_layers, bidirectional)
+        return _rnn_result(r[0], r[1], r[2] if lstm else None, lstm, batched, batch_first)
+    out, h_n, c_n = _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
+    return _rnn_result(out, h_n, c_n, lstm, batched, batch_first)
+
+
+def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl):
+    """The stack composed in Python, layer by layer: x (T, B, I), `given` states (L*D, B, H) or None, weights per
+    layer and direction. Runs dropout between layers, the Triton and reference backends and torch.compile."""
+    T, B = x.shape[0], x.shape[1]
+    gates = 4 if lstm else 3
+    H = weights[0][1].shape[-1]
+    full = [x.new_zeros(num_layers * D, B, H) if s is None else s for s in given]
     h_n, c_n = [], []
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
@@ -322,11 +337,13 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
             outs.append(out)
             h_n.append(h)
         x = outs[0] if D == 1 else torch.cat(outs, dim=2)
-    out = x
+    return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+
+
+def _rnn_result(out, h_n, c_n, lstm, batched, batch_first):
+    """(T, B, D*H) output and (L*D, B, H) states in the caller's layout, as torch.nn.LSTM/GRU return them."""
     if batched and batch_first:
         out = out.transpose(0, 1)
-    h_n = torch.stack(h_n)
-    c_n = torch.stack(c_n) if lstm else None
     if not batched:
         out, h_n = out.squeeze(1), h_n.squeeze(1)
         c_n = None if c_n is None else c_n.squeeze(1)
