@@ -424,11 +424,18 @@ def test_cuda_matches_torch(backend, mode):
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "sgd deterministic"])
 @pytest.mark.parametrize("device", devices())
-def test_fused_update_equals_unfused_step(device, optimizer, mode):
+def test_fused_update_equals_unfused_step(device, optimizer, mode, request):
+    """On CUDA an fp32 table's SGD step is atomics straight into the table; under deterministic algorithms it is
+    the sorted path, one block per row, as row-wise Adagrad always is."""
     backend = "cpu" if device == "cpu" else "cuda"
     skip_unless_runnable(backend, device)
+    if optimizer == "sgd deterministic":
+        optimizer = "sgd"
+        was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        request.addfinalizer(lambda: torch.use_deterministic_algorithms(was[0], warn_only=was[1]))
     indices, offsets = (t.to(device) for t in _bags(8, n_bags=40, vocab=30, max_len=12))
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(30, 8, generator=g).to(device)

@@ -154,34 +154,40 @@ __global__ void __launch_bounds__(kThreads) bag_forward(const T* __restrict__ w,
 template <typename A, int V>
 __device__ void add_row(A* dst, const A (&v)[V]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (V == 4 && std::is_same<A, float>::value) {
-    atomicAdd(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
-    return;
-  }
+  constexpr bool kVector = V == 4 && std::is_same<A, float>::value;  // sm_90's 16-byte atomics
+#else
+  constexpr bool kVector = false;
 #endif
+  if constexpr (kVector) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
+#endif
+  } else {
 #pragma unroll
-  for (int k = 0; k < V; ++k) atomicAdd(dst + k, v[k]);
+    for (int k = 0; k < V; ++k) atomicAdd(dst + k, v[k]);
+  }
 }
 
-// Bag-major backward of 'sum'/'mean': each thread adds its bag's gradient (times the per-sample weight, 1/count)
-// to the rows the bag named.
+// Bag-major backward of 'sum'/'mean': each thread adds its bag's gradient (times alpha, the per-sample weight,
+// 1/count) to the rows the bag named: into the gradient (alpha 1), or straight into an fp32 table (alpha -lr: the
+// fused SGD step).
 template <typename T, typename A, typename I, int V>
 __global__ void __launch_bounds__(kThreads) bag_backward(const T* __restrict__ g, const I* __restrict__ idx,
                                                          const I* __restrict__ off, const T* __restrict__ psw,
-                                                         A* __restrict__ gw, BagLayout l, int64_t mode) {
+                                                         A* __restrict__ gw, BagLayout l, int64_t mode, A alpha) {
   const int64_t b = int64_t(blockIdx.x) * l.bpb + threadIdx.x / l.tpb;
   const int64_t c = (int64_t(blockIdx.y) * l.tpb + threadIdx.x % l.tpb) * V;
   if (b >= l.n_bags || threadIdx.x >= l.tpb * l.bpb || c >= l.dim) return;
   int64_t start, end;
   if (!bag_range(off, b, l, start, end) || start == end) return;
-  A scale = A(1);
+  A scale = alpha;
   if (mode == kBagMean) {
     int64_t count = 0;
     for (int64_t i = start; i < end; ++i) {
       const int64_t r = idx[i];
       count += in_table(r, l) && r != l.pad;
     }
-    scale = bag_output_scale<A>(mode, count);
+    scale *= bag_output_scale<A>(mode, count);
   }
   const Pack<T, V> gp = *reinterpret_cast<const Pack<T, V>*>(g + b * l.dim + c);
   A gv[V];
@@ -341,6 +347,35 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_fwd(FCK_EMBEDDING_BAG_FWD_ARGS)
   return {out, arg};
 }
 
+// dst (num_weights, dim) of the accumulation type += alpha * each bag's gradient at the rows it named, by atomics.
+void add_bag_rows(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& offsets, int64_t mode,
+                  const std::optional<at::Tensor>& per_sample_weights, int64_t padding_idx, const at::Tensor& dst,
+                  double alpha) {
+  const int64_t dim = grad_output.size(1), n_bags = offsets.numel() - 1, num_weights = dst.size(0);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "fck::embedding_bag_bwd", [&] {
+    using T = scalar_t;
+    using A = typename AccOf<T>::type;
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "fck::embedding_bag_bwd", [&] {
+      const T* p = psw.defined() ? psw.data_ptr<T>() : nullptr;
+      if (vec4(dim, {grad_output.data_ptr(), dst.data_ptr()}, sizeof(T)) &&
+          reinterpret_cast<uintptr_t>(dst.data_ptr()) % (4 * sizeof(A)) == 0) {
+        const BagLayout l = layout<4>(n_bags, indices.numel(), dim, num_weights, padding_idx);
+        bag_backward<T, A, index_t, 4><<<bag_grid<4>(l), l.tpb * l.bpb, 0, stream>>>(
+            grad_output.data_ptr<T>(), indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), p,
+            dst.data_ptr<A>(), l, mode, A(alpha));
+      } else {
+        const BagLayout l = layout<1>(n_bags, indices.numel(), dim, num_weights, padding_idx);
+        bag_backward<T, A, index_t, 1><<<bag_grid<1>(l), l.tpb * l.bpb, 0, stream>>>(
+            grad_output.data_ptr<T>(), indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), p,
+            dst.data_ptr<A>(), l, mode, A(alpha));
+      }
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
   const char* op = "fck::embedding_bag_bwd";
   check_embedding_bag_bwd(grad_output, indices, offsets, max_indices, num_weights, mode, per_sample_weights);
@@ -366,27 +401,7 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
     const at::Tensor rows = grad_output.to(acc).index_select(0, bag).mul_(scale.unsqueeze(1));
     return gw.index_add_(0, indices, rows).to(grad_output.scalar_type());
   }
-  const at::Tensor psw = has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "fck::embedding_bag_bwd", [&] {
-    using T = scalar_t;
-    using A = typename AccOf<T>::type;
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "fck::embedding_bag_bwd", [&] {
-      const T* p = psw.defined() ? psw.data_ptr<T>() : nullptr;
-      if (vec4(dim, {grad_output.data_ptr(), gw.data_ptr()}, sizeof(T)) &&
-          reinterpret_cast<uintptr_t>(gw.data_ptr()) % (4 * sizeof(A)) == 0) {
-        const BagLayout l = layout<4>(n_bags, indices.numel(), dim, num_weights, padding_idx);
-        bag_backward<T, A, index_t, 4><<<bag_grid<4>(l), l.tpb * l.bpb, 0, stream>>>(
-            grad_output.data_ptr<T>(), indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), p, gw.data_ptr<A>(),
-            l, mode);
-      } else {
-        const BagLayout l = layout<1>(n_bags, indices.numel(), dim, num_weights, padding_idx);
-        bag_backward<T, A, index_t, 1><<<bag_grid<1>(l), l.tpb * l.bpb, 0, stream>>>(
-            grad_output.data_ptr<T>(), indices.data_ptr<index_t>(), offsets.data_ptr<index_t>(), p, gw.data_ptr<A>(),
-            l, mode);
-      }
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  add_bag_rows(grad_output, indices, offsets, mode, per_sample_weights, padding_idx, gw, 1.0);
   return gw.to(grad_output.scalar_type());
 }
 
@@ -400,6 +415,13 @@ void embedding_bag_fused_update_(FCK_EMBEDDING_BAG_UPDATE_ARGS) {
   const c10::cuda::CUDAGuard guard(weight.device());
   if (n == 0 || dim == 0) return;
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // SGD is linear in the gradient: an fp32/fp64 table takes -lr times each bag's gradient by atomics, one launch
+  // and no sort (the order of a row's additions varies between runs: not under deterministic algorithms).
+  if (optimizer == kSgd && weight.scalar_type() == acc && weight.is_contiguous() &&
+      !at::globalContext().deterministicAlgorithms()) {
+    add_bag_rows(grad_output, indices, offsets, mode, per_sample_weights, padding_idx, weight, -lr);
+    return;
+  }
   at::Tensor scale, bag;
   std::tie(scale, bag) = index_scale(indices, offsets, mode, per_sample_weights, padding_idx, acc);
   at::Tensor sorted, perm;
