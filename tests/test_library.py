@@ -214,3 +214,33 @@ def test_opcheck_winograd_conv():
                                [2, 1], 9, False))
         torch.library.opcheck(torch.ops.fck.conv3x3_winograd_weight_grad.default,
                               (x, torch.randn(2, 20, 7, 4, generator=g), [1, 0], m))
+
+
+def test_cpu_sources_compile_as_cxx17():
+    """torch < 2.13 builds extensions as C++17 (the GPU machine's torch 2.11 does; this one builds C++20, whose
+    standard library alone once let std::barrier through and broke that machine's build). Each C++ source is parsed
+    as C++17; only errors located in this project's files count, because recent torch headers refuse C++17 outright.
+    The CUDA sources' headers are parsed here too, through the CPU files that emulate their kernels."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from fastcore_kernels import _build
+
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no C++ compiler")
+    kw = _build.build_kwargs(False)
+    includes = [f"-I{d}" for d in kw["include_dirs"] + cpp_extension.include_paths()]
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
+    flags = [f for f in kw["cxx"] if not f.startswith("-std=") and not f.startswith("-march")]
+    ours = (str(_build.ROOT / "csrc"), str(_build.ROOT / "python"))
+    failures = []
+    for src in kw["sources"]:
+        r = subprocess.run([gxx, "-std=c++17", "-fsyntax-only", *flags, "-DTORCH_API_INCLUDE_EXTENSION_H",
+                            "-DTORCH_EXTENSION_NAME=_C", *includes, src], capture_output=True, text=True)
+        failures += [line for line in r.stderr.splitlines() if line.startswith(ours) and ": error:" in line]
+    assert not failures, "\n".join(failures[:20])
