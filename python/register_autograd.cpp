@@ -162,7 +162,7 @@ using BatchNormFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     double, bool);
 using BatchNormBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, bool, bool, bool);
+    const at::Tensor&, const at::Tensor&, bool, bool, bool, const std::optional<at::Tensor>&, bool);
 
 FCK_OP_HANDLE(batch_norm_fwd, BatchNormFwd, "fck::batch_norm_fwd")
 FCK_OP_HANDLE(batch_norm_bwd, BatchNormBwd, "fck::batch_norm_bwd")
@@ -186,10 +186,11 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
                             bool relu) {
     auto [y, mean, invstd] =
         batch_norm_fwd().call(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu);
-    const at::Tensor w = weight.value_or(at::Tensor());
-    ctx->save_for_backward({x, relu ? y : at::Tensor(), w, mean, invstd});
+    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+    ctx->save_for_backward({x, relu ? y : at::Tensor(), w, mean, invstd, b});
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
+    ctx->saved_data["mask_from_input"] = relu && training && !residual;
     // Which gradients to make, by argument (needs_input_grad counts only the tensors given).
     ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), residual && residual->requires_grad(),
                                                 w.defined() && w.requires_grad(), bias && bias->requires_grad()};
@@ -201,9 +202,9 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
-    auto [dx, dres, dw, db] = batch_norm_bwd().call(like_input(grads[0], x), x, opt(y), opt(weight), saved[3],
-                                                    saved[4], ctx->saved_data["training"].toBool(),
-                                                    ctx->saved_data["relu"].toBool(), need[1]);
+    auto [dx, dres, dw, db] = batch_norm_bwd().call(
+        like_input(grads[0], x), x, opt(y), opt(weight), saved[3], saved[4], ctx->saved_data["training"].toBool(),
+        ctx->saved_data["relu"].toBool(), need[1], opt(saved[5]), ctx->saved_data["mask_from_input"].toBool());
     const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
     return {need[0] ? dx : at::Tensor(),
             need[1] ? dres : at::Tensor(),

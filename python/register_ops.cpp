@@ -21,10 +21,14 @@ TORCH_LIBRARY(fck, m) {
       "batch_norm_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // Its backward: (grad_input, grad_residual (empty unless residual_grad), grad_weight, grad_bias), the last two
-  // in the statistics' dtype. `output` (the forward's result) supplies the ReLU mask.
+  // in the statistics' dtype. `output` (the forward's result) supplies the ReLU mask; with mask_from_input (a
+  // training forward without a residual) and its bias, a kernel may instead recompute the pre-activation from the
+  // input with the forward's coefficients, the same mask without reading the output (the C++ CPU one does, for
+  // fp32 and fp64).
   m.def(
       "batch_norm_bwd(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, "
-      "Tensor save_invstd, bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor save_invstd, bool training, bool relu, bool residual_grad, Tensor? bias=None, "
+      "bool mask_from_input=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // relu?(batch_norm(input) + residual?) with its autograd in C++ (python/register_autograd.cpp), on the two ops
   // above: the output alone.
   m.def(

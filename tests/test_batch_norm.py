@@ -488,6 +488,37 @@ def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
             assert torch.equal(t, u)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,channels_last", [((64, 7), False), ((4096, 200), False), ((4, 3, 40, 40), False),
+                                                 ((8, 16, 7, 7), False), ((2, 5, 33, 35), False),
+                                                 ((3, 2, 16, 16), False), ((4, 6, 9, 9), True),
+                                                 ((2, 3, 4, 4, 4), False)])
+def test_cpu_relu_mask_from_the_input_is_the_outputs(shape, channels_last, dtype, affine):
+    """The CPU backward of BN+ReLU without a residual recomputes the forward's pre-activation from x with the
+    forward's coefficients (mask_from_input) instead of reading y: every layout's kernels (rows, large and small
+    planes, grouped or whole-tensor) must give the bits of the mask read from y, pre-activations exactly 0
+    included (channel 0 holds -1, 0, 1 repeated: mean 0, so x = 0 gives 0 with a zero bias)."""
+    skip_unless_runnable("cpu", "cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    x[:, 0] = (torch.arange(x[:, 0].numel()) % 3 - 1).to(dtype).view(x[:, 0].shape)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt)
+    C = shape[1]
+    w, b = (torch.randn(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)) if affine else \
+        (None, None)
+    if b is not None:
+        b[0] = 0
+    y, mean, invstd = torch.ops.fck.batch_norm_fwd(x, None, w, b, None, None, True, 0.1, 1e-5, True)
+    assert (y[:, 0] == 0).any() and (y[:, 0] > 0).any()
+    from_y = torch.ops.fck.batch_norm_bwd(dy, x, y, w, mean, invstd, True, True, False)
+    from_x = torch.ops.fck.batch_norm_bwd(dy, x, y, w, mean, invstd, True, True, False, b, True)
+    for a, c in zip(from_y, from_x):
+        assert torch.equal(a, c)
+
+
 def _ran_winograd(y) -> bool:
     """Whether y's autograd graph holds the Winograd convolution's node."""
     nodes, stack = set(), [y.grad_fn]

@@ -184,15 +184,36 @@ FCK_HOST_DEVICE void forward_rows(const raw_t<T>* x, const raw_t<T>* res, raw_t<
   }
 }
 
-// g = dy through the ReLU (mask from y), into `gb`.
-template <typename T, bool F16C>
-FCK_HOST_DEVICE const acc_t<T>* relu_masked(const raw_t<T>* dy, const raw_t<T>* y, int64_t n, acc_t<T>* db,
-                                            acc_t<T>* yb, acc_t<T>* gb) {
+// Where the backward's ReLU mask comes from. y: the forward's output, zero gradient where y <= 0. Else mean/k/beta:
+// the forward's own coefficients (per channel, from the call's first channel), with which the pre-activation
+// (x - mean) k + beta is recomputed from x: the expression the forward evaluated, so the same mask, and one tensor
+// fewer to read (the backward of BN+ReLU without a residual). Neither: no ReLU.
+template <typename T>
+struct Mask {
+  const raw_t<T>* y = nullptr;
+  const acc_t<T>*mean = nullptr, *k = nullptr, *beta = nullptr;
+  Mask at(int64_t offset) const { return {y ? y + offset : nullptr, mean, k, beta}; }
+  Mask channel(int64_t c) const { return k ? Mask{y, mean + c, k + c, beta + c} : *this; }
+};
+
+// g = dy through the ReLU, into `gb`; xs is x's run (as the accumulation type). kRow: element i is channel i (a
+// chunk of a channels-last row); else every element is the mask's first channel (a planar run).
+template <typename T, bool F16C, bool kRow>
+FCK_HOST_DEVICE const acc_t<T>* relu_masked(const raw_t<T>* dy, const Mask<T>& m, const acc_t<T>* xs, int64_t n,
+                                            acc_t<T>* db, acc_t<T>* yb, acc_t<T>* gb) {
   using A = acc_t<T>;
   const A* ds = as_acc<T, F16C>(dy, db, n);
-  if (!y) return ds;
-  const A* ys = as_acc<T, F16C>(y, yb, n);
-  for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], ys[i]);
+  if (m.y) {
+    const A* ys = as_acc<T, F16C>(m.y, yb, n);
+    for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], ys[i]);
+  } else if (!m.k) {
+    return ds;
+  } else if constexpr (kRow) {
+    for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], bn_normalize<A>(xs[i], m.mean[i], m.k[i], m.beta[i]));
+  } else {
+    const A mean = m.mean[0], k = m.k[0], beta = m.beta[0];
+    for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], bn_normalize<A>(xs[i], mean, k, beta));
+  }
   return gb;
 }
 
@@ -333,7 +354,7 @@ FCK_HOST_DEVICE void small_planes_stats(const raw_t<T>* x, int64_t n0, int64_t n
 // The backward's sums (g, g (x - mean)) of channels [c0, c0 + nc) over planes [n0, n1), added into sums (two per
 // channel) once a tile.
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void small_planes_reduce(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n0,
+FCK_HOST_DEVICE void small_planes_reduce(const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, int64_t n0,
                                          int64_t n1, int64_t C, int64_t S, int64_t c0, int64_t nc,
                                          const acc_t<T>* mean, double* sums) {
   using A = acc_t<T>;
@@ -344,8 +365,8 @@ FCK_HOST_DEVICE void small_planes_reduce(const raw_t<T>* dy, const raw_t<T>* x, 
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t j = 0; j < nc; ++j) {
       const int64_t o = ((n * C) + c0 + j) * S;
-      const A* g = relu_masked<T, F16C>(dy + o, y ? y + o : nullptr, S, db, yb, gb);
       const A* xs = as_acc<T, F16C>(x + o, xb, S);
+      const A* g = relu_masked<T, F16C, false>(dy + o, y.at(o).channel(j), xs, S, db, yb, gb);
       const A m = mean[j];
       for (int64_t i = LaneOps<A, F16C>::grad(a[j], b[j], g, xs, S, m), l = 0; i < S; ++i, ++l) {
         a[j][l] += g[i];
@@ -361,15 +382,15 @@ FCK_HOST_DEVICE void small_planes_reduce(const raw_t<T>* dy, const raw_t<T>* x, 
 
 // (sum g, sum g (x - mean)) of a run.
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void backward_reduce_run(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n,
+FCK_HOST_DEVICE void backward_reduce_run(const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, int64_t n,
                                          acc_t<T> mean, double* out) {
   using A = acc_t<T>;
   alignas(64) A db[kTile], yb[kTile], gb[kTile], xb[kTile];
   double sg = 0, sgx = 0;
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t len = std::min(kTile, n - t);
-    const A* g = relu_masked<T, F16C>(dy + t, y ? y + t : nullptr, len, db, yb, gb);
     const A* xs = as_acc<T, F16C>(x + t, xb, len);
+    const A* g = relu_masked<T, F16C, false>(dy + t, y.at(t), xs, len, db, yb, gb);
     A a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
     for (int64_t i = 0; i < len; ++i) {
@@ -385,7 +406,7 @@ FCK_HOST_DEVICE void backward_reduce_run(const raw_t<T>* dy, const raw_t<T>* x, 
 
 // Per-channel sums over `rows` rows, written as sum_g[C], sum_gxm[C]; `mean` has C entries. Chunked as stats_rows.
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void backward_reduce_rows(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t rows,
+FCK_HOST_DEVICE void backward_reduce_rows(const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, int64_t rows,
                                           int64_t C, const acc_t<T>* mean, double* sg_out, double* sgx_out) {
   using A = acc_t<T>;
   std::fill(sg_out, sg_out + C, 0.0);
@@ -399,8 +420,8 @@ FCK_HOST_DEVICE void backward_reduce_rows(const raw_t<T>* dy, const raw_t<T>* x,
       for (int64_t c = 0; c < w; ++c) m[c] = mean[c0 + c], a[c] = b[c] = A(0);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t o = r * C + c0;
-        const A* g = relu_masked<T, F16C>(dy + o, y ? y + o : nullptr, w, db, yb, gb);
         const A* xs = as_acc<T, F16C>(x + o, xb, w);
+        const A* g = relu_masked<T, F16C, true>(dy + o, y.at(o).channel(c0), xs, w, db, yb, gb);
         for (int64_t c = 0; c < w; ++c) {
           a[c] += g[c];
           b[c] += g[c] * (xs[c] - m[c]);
@@ -415,15 +436,15 @@ FCK_HOST_DEVICE void backward_reduce_rows(const raw_t<T>* dy, const raw_t<T>* x,
 }
 
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void backward_run(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx,
+FCK_HOST_DEVICE void backward_run(const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx,
                                   raw_t<T>* dres, int64_t n, acc_t<T> mean, acc_t<T> k, acc_t<T> mean_g,
                                   acc_t<T> c) {
   using A = acc_t<T>;
   alignas(64) A db[kTile], yb[kTile], gb[kTile], xb[kTile], ob[kTile];
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t len = std::min(kTile, n - t);
-    const A* g = relu_masked<T, F16C>(dy + t, y ? y + t : nullptr, len, db, yb, gb);
     const A* xs = as_acc<T, F16C>(x + t, xb, len);
+    const A* g = relu_masked<T, F16C, false>(dy + t, y.at(t), xs, len, db, yb, gb);
     A* o = out_buf<T>(dx + t, ob);
     for (int64_t i = 0; i < len; ++i) o[i] = bn_grad_input<A>(g[i], xs[i], mean, k, mean_g, c);
     store<T, F16C>(o, dx + t, len);
@@ -439,15 +460,15 @@ FCK_HOST_DEVICE void backward_run(const raw_t<T>* dy, const raw_t<T>* x, const r
 
 // `coef` holds mean[C], k[C], mean_g[C], c[C].
 template <typename T, bool F16C>
-FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx,
+FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx,
                                    raw_t<T>* dres, int64_t rows, int64_t C, const acc_t<T>* coef) {
   using A = acc_t<T>;
   std::vector<A> scratch(5 * C);
   A *db = scratch.data(), *yb = db + C, *gb = yb + C, *xb = gb + C, *ob = xb + C;
   const A *mean = coef, *k = coef + C, *mean_g = coef + 2 * C, *cc = coef + 3 * C;
   for (int64_t r = 0; r < rows; ++r) {
-    const A* g = relu_masked<T, F16C>(dy + r * C, y ? y + r * C : nullptr, C, db, yb, gb);
     const A* xs = as_acc<T, F16C>(x + r * C, xb, C);
+    const A* g = relu_masked<T, F16C, true>(dy + r * C, y.at(r * C), xs, C, db, yb, gb);
     A* o = out_buf<T>(dx + r * C, ob);
     for (int64_t c = 0; c < C; ++c) o[c] = bn_grad_input<A>(g[c], xs[c], mean[c], k[c], mean_g[c], cc[c]);
     store<T, F16C>(o, dx + r * C, C);
@@ -471,7 +492,7 @@ FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, const 
      const acc_t<T>* pivot, double* st),                                                                           \
     (x, n0, n1, C, S, c0, nc, pivot, st))                                                                          \
   X(small_planes_reduce,                                                                                           \
-    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n0, int64_t n1, int64_t C, int64_t S,     \
+    (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, int64_t n0, int64_t n1, int64_t C, int64_t S,             \
      int64_t c0, int64_t nc, const acc_t<T>* mean, double* sums),                                                  \
     (dy, x, y, n0, n1, C, S, c0, nc, mean, sums))                                                                  \
   X(forward_run,                                                                                                   \
@@ -483,18 +504,18 @@ FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, const 
      bool relu),                                                                                                   \
     (x, res, y, rows, C, coef, relu))                                                                              \
   X(backward_reduce_run,                                                                                           \
-    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t n, acc_t<T> mean, double* out),           \
+    (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, int64_t n, acc_t<T> mean, double* out),                   \
     (dy, x, y, n, mean, out))                                                                                      \
   X(backward_reduce_rows,                                                                                          \
-    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, int64_t rows, int64_t C, const acc_t<T>* mean,    \
+    (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, int64_t rows, int64_t C, const acc_t<T>* mean,            \
      double* a, double* b),                                                                                        \
     (dy, x, y, rows, C, mean, a, b))                                                                               \
   X(backward_run,                                                                                                  \
-    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx, raw_t<T>* dres, int64_t n,          \
+    (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx, raw_t<T>* dres, int64_t n,                  \
      acc_t<T> mean, acc_t<T> k, acc_t<T> mean_g, acc_t<T> c),                                                      \
     (dy, x, y, dx, dres, n, mean, k, mean_g, c))                                                                   \
   X(backward_rows,                                                                                                 \
-    (const raw_t<T>* dy, const raw_t<T>* x, const raw_t<T>* y, raw_t<T>* dx, raw_t<T>* dres, int64_t rows,       \
+    (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx, raw_t<T>* dres, int64_t rows,               \
      int64_t C, const acc_t<T>* coef),                                                                             \
     (dy, x, y, dx, dres, rows, C, coef))
 
@@ -636,13 +657,13 @@ void small_stats_channels(const Workers<T>& w, const raw_t<T>* xp, const BnLayou
 }
 
 template <typename T>
-void small_reduce_channels(const Workers<T>& w, const raw_t<T>* dyp, const raw_t<T>* xp, const raw_t<T>* yp,
+void small_reduce_channels(const Workers<T>& w, const raw_t<T>* dyp, const raw_t<T>* xp, const Mask<T>& yp,
                            const BnLayout& L, int64_t c0, int64_t c1, const acc_t<T>* mean, double* sums) {
   const int64_t tile = planes_per_tile(L.S);
   for (int64_t s0 = c0; s0 < c1; s0 += kSub) {
     for (int64_t n0 = 0; n0 < L.N; n0 += tile) {
-      w.small_planes_reduce(dyp, xp, yp, n0, std::min(L.N, n0 + tile), L.C, L.S, s0, std::min(kSub, c1 - s0),
-                            mean + (s0 - c0), sums + 2 * (s0 - c0));
+      w.small_planes_reduce(dyp, xp, yp.channel(s0), n0, std::min(L.N, n0 + tile), L.C, L.S, s0,
+                            std::min(kSub, c1 - s0), mean + (s0 - c0), sums + 2 * (s0 - c0));
     }
   }
 }
@@ -672,15 +693,15 @@ void small_stats_all(const Workers<T>& w, const raw_t<T>* xp, const BnLayout& L,
 }
 
 template <typename T>
-void small_reduce_all(const Workers<T>& w, const raw_t<T>* dyp, const raw_t<T>* xp, const raw_t<T>* yp,
+void small_reduce_all(const Workers<T>& w, const raw_t<T>* dyp, const raw_t<T>* xp, const Mask<T>& yp,
                       const BnLayout& L, const acc_t<T>* mean, double* sums) {
   const int64_t tile = planes_per_tile(L.S), tiles = (L.N + tile - 1) / tile, subs = (L.C + kSub - 1) / kSub;
   std::vector<double> part(2 * L.C * tiles, 0.0);  // [tile][channel][sum g, sum g (x - mean)]
   at::parallel_for(0, subs * tiles, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t s0 = u / tiles * kSub, n0 = u % tiles * tile;
-      w.small_planes_reduce(dyp, xp, yp, n0, std::min(L.N, n0 + tile), L.C, L.S, s0, std::min(kSub, L.C - s0),
-                            mean + s0, &part[2 * (u % tiles * L.C + s0)]);
+      w.small_planes_reduce(dyp, xp, yp.channel(s0), n0, std::min(L.N, n0 + tile), L.C, L.S, s0,
+                            std::min(kSub, L.C - s0), mean + s0, &part[2 * (u % tiles * L.C + s0)]);
     }
   });
   for (int64_t c = 0; c < L.C; ++c) {
@@ -756,7 +777,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   const auto set_coef = [&](int64_t c) {
     invstd[c] = bn_invstd<double>(var[c], eps);
     coef[c] = A(mean[c]);
-    coef[C + c] = A(gamma[c] * invstd[c]);
+    coef[C + c] = forward_k<A>(gamma[c], invstd[c]);
     coef[2 * C + c] = A(beta[c]);
   };
   const raw_t<T>*xp = cptr<T>(x), *rp = cptr<T>(res);
@@ -843,18 +864,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   return {y, save_mean, save_invstd};
 }
 
+// The ReLU mask's source for the backward: the output y, or, when the caller says the forward had no residual
+// (mask_from_input), the forward's coefficients (forward_coef's k, from the saved invstd) for x. Only where the
+// output is stored in the accumulation type: a half-precision y is a rounded pre-activation, whose mask could
+// differ from the unrounded one's in the last subnormal.
+template <typename T>
+struct MaskSource {
+  std::vector<acc_t<T>> mean, k, beta;
+  Mask<T> mask;
+  MaskSource(const at::Tensor& y, bool from_input, bool training, const std::vector<double>& m,
+             const std::vector<double>& invstd, const std::vector<double>& gamma,
+             const std::optional<at::Tensor>& bias) {
+    if (from_input && training && y.defined() && std::is_same_v<raw_t<T>, acc_t<T>>) {
+      const int64_t C = int64_t(m.size());
+      const std::vector<double> b = channel_values(bias, C, 0);
+      for (int64_t c = 0; c < C; ++c) {
+        mean.push_back(acc_t<T>(m[c]));
+        k.push_back(forward_k<acc_t<T>>(gamma[c], invstd[c]));
+        beta.push_back(acc_t<T>(b[c]));
+      }
+      mask = Mask<T>{nullptr, mean.data(), k.data(), beta.data()};
+    } else {
+      mask = Mask<T>{cptr<T>(y)};
+    }
+  }
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& weight,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool residual_grad,
-    const BnLayout& L) {
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+    bool training, bool residual_grad, bool mask_from_input, const BnLayout& L) {
   using A = acc_t<T>;
   const int64_t C = L.C;
   const Workers<T> w = Workers<T>::get();
   const std::vector<double> mean = channel_values(save_mean, C, 0), invstd = channel_values(save_invstd, C, 1),
                             gamma = channel_values(weight, C, 1);
   std::vector<A> mean_a(mean.begin(), mean.end());
-  const raw_t<T>*dyp = cptr<T>(dy), *xp = cptr<T>(x), *yp = cptr<T>(y);
+  const MaskSource<T> source(y, mask_from_input, training, mean, invstd, gamma, bias);
+  const Mask<T>& mask = source.mask;
+  const raw_t<T>*dyp = cptr<T>(dy), *xp = cptr<T>(x), *yp = mask.y;
   at::Tensor dx = pooled_empty_like(x);
   at::Tensor dres = residual_grad ? pooled_empty_like(x) : at::empty({0}, x.options());
   raw_t<T>*dxp = mptr<T>(dx), *drp = residual_grad ? mptr<T>(dres) : nullptr;
@@ -873,7 +922,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   };
   const auto apply_unit = [&](const PlanarUnits& U, int64_t u, int64_t c) {
     const int64_t o = U.offset(u);
-    w.backward_run(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, U.length(u), coef[c],
+    w.backward_run(dyp + o, xp + o, mask.at(o).channel(c), dxp + o, drp ? drp + o : nullptr, U.length(u), coef[c],
                    coef[C + c], coef[2 * C + c], coef[3 * C + c]);
   };
   if (const int64_t group = channel_group(L, (yp ? 4 : 3) + (drp ? 1 : 0), sizeof(raw_t<T>))) {
@@ -882,13 +931,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       for (int64_t c0 = g0 * group; c0 < std::min(C, g1 * group); c0 += group) {
         const int64_t c1 = std::min(C, c0 + group);
         if (L.S < kSmallPlane) {
-          small_reduce_channels<T>(w, dyp, xp, yp, L, c0, c1, mean_a.data() + c0, &sums[2 * c0]);
+          small_reduce_channels<T>(w, dyp, xp, mask, L, c0, c1, mean_a.data() + c0, &sums[2 * c0]);
           for (int64_t c = c0; c < c1; ++c) sg[c] = sums[2 * c], sgx[c] = sums[2 * c + 1];
         } else {
           for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
             const int64_t o = U.offset(u);
             double part[2];
-            w.backward_reduce_run(dyp + o, xp + o, yp ? yp + o : nullptr, U.length(u), mean_a[c], part);
+            w.backward_reduce_run(dyp + o, xp + o, mask.at(o).channel(c), U.length(u), mean_a[c], part);
             sg[c] += part[0];
             sgx[c] += part[1];
           });
@@ -898,7 +947,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       }
     });
   } else if (L.planar && L.S < kSmallPlane) {
-    small_reduce_all<T>(w, dyp, xp, yp, L, mean_a.data(), sums.data());
+    small_reduce_all<T>(w, dyp, xp, mask, L, mean_a.data(), sums.data());
     for (int64_t c = 0; c < C; ++c) sg[c] = sums[2 * c], sgx[c] = sums[2 * c + 1];
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     const PlanarUnits U(L);
@@ -911,8 +960,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
         const int64_t o = U.offset(u);
-        w.backward_reduce_run(dyp + o, xp + o, yp ? yp + o : nullptr, U.length(u), mean_a[U.plane(u) % C],
-                              &part[2 * u]);
+        const int64_t c = U.plane(u) % C;
+        w.backward_reduce_run(dyp + o, xp + o, mask.at(o).channel(c), U.length(u), mean_a[c], &part[2 * u]);
       }
     });
     for (int64_t u = 0; u < U.total; ++u) {
@@ -930,7 +979,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         const int64_t o = B.first(b) * C;
-        w.backward_reduce_rows(dyp + o, xp + o, yp ? yp + o : nullptr, B.count(b), C, mean_a.data(), &pa[b * C],
+        w.backward_reduce_rows(dyp + o, xp + o, mask.at(o), B.count(b), C, mean_a.data(), &pa[b * C],
                                &pb[b * C]);
       }
     });
@@ -944,7 +993,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::parallel_for(0, B.total, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t b = hi - 1; b >= lo; --b) {  // last to first, as the forward's second pass
         const int64_t o = B.first(b) * C;
-        w.backward_rows(dyp + o, xp + o, yp ? yp + o : nullptr, dxp + o, drp ? drp + o : nullptr, B.count(b), C,
+        w.backward_rows(dyp + o, xp + o, mask.at(o), dxp + o, drp ? drp + o : nullptr, B.count(b), C,
                         coef.data());
       }
     });
@@ -996,8 +1045,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    out = backward<T>(grad_output, input, relu ? *output : at::Tensor(), weight, save_mean, save_invstd, training,
-                      residual_grad, L);
+    out = backward<T>(grad_output, input, relu ? *output : at::Tensor(), weight, bias, save_mean, save_invstd,
+                      training, residual_grad, mask_from_input, L);
   });
   return out;
 }

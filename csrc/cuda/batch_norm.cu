@@ -352,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
   return {y, save_mean, save_invstd};
 }
 
+// The ReLU mask comes from the output here (bias and mask_from_input are the CPU kernels' option).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS) {
   const BnLayout L = check_batch_norm_bwd(grad_output, input, output, weight, save_mean, save_invstd, relu);
   TORCH_CHECK(input.is_cuda(), "fck::batch_norm_bwd (cuda): input must be a CUDA tensor");

@@ -33,7 +33,8 @@ def _fake_fwd(x, residual, weight, bias, running_mean, running_var, training, mo
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-def _fake_bwd(dy, x, y, weight, save_mean, save_invstd, training, relu, residual_grad):
+def _fake_bwd(dy, x, y, weight, save_mean, save_invstd, training, relu, residual_grad, bias=None,
+              mask_from_input=False):
     stats = torch.empty_like(save_mean)
     dres = torch.empty_like(x) if residual_grad else x.new_empty(0)
     return torch.empty_like(x), dres, stats, torch.empty_like(stats)
@@ -76,19 +77,22 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu, backend):
         fwd, _ = _kernels(backend)
         y, mean, invstd = fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
-        ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
+        ctx.save_for_backward(x, y if relu else None, weight, mean, invstd, bias)
         ctx.backend, ctx.training, ctx.relu = backend, training, relu
+        ctx.mask_from_input = relu and training and residual is None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, y, weight, mean, invstd = ctx.saved_tensors
+        x, y, weight, mean, invstd, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         _, bwd = _kernels(ctx.backend)
-        dx, dres, dw, db = bwd(_like(dy, x, _memory_format(x)), x, y, weight, mean, invstd, ctx.training, ctx.relu,
-                               need[1])
+        args = (_like(dy, x, _memory_format(x)), x, y, weight, mean, invstd, ctx.training, ctx.relu, need[1])
+        if ctx.backend != "triton":  # the C++ ops may take the ReLU mask from x instead of reading y
+            args += (bias, ctx.mask_from_input)
+        dx, dres, dw, db = bwd(*args)
         dw = dw.to(weight.dtype) if need[2] else None
         db = db.to(ctx.bias_dtype) if need[3] else None
         return dx if need[0] else None, dres if need[1] else None, dw, db, None, None, None, None, None, None, None

@@ -38,6 +38,13 @@ FCK_HOST_DEVICE A bn_running(A old, A batch, A momentum) {
   return old * (A(1) - momentum) + batch * momentum;
 }
 
+// The forward's scale gamma * invstd, from invstd as the saved statistics hold it (rounded to A), so that a
+// backward recomputing the pre-activation from the saved statistics gets the forward's very value.
+template <typename A>
+FCK_HOST_DEVICE A forward_k(double gamma, double invstd) {
+  return A(gamma * double(A(invstd)));
+}
+
 template <typename A>
 FCK_HOST_DEVICE A bn_normalize(A x, A mean, A k, A beta) {
   return (x - mean) * k + beta;

@@ -22,7 +22,7 @@ namespace fck {
 #define FCK_BATCH_NORM_BWD_ARGS                                                                              \
   const at::Tensor &grad_output, const at::Tensor &input, const std::optional<at::Tensor>&output,             \
       const std::optional<at::Tensor>&weight, const at::Tensor &save_mean, const at::Tensor &save_invstd,     \
-      bool training, bool relu, bool residual_grad
+      bool training, bool relu, bool residual_grad, const std::optional<at::Tensor>&bias, bool mask_from_input
 
 #define FCK_EMBEDDING_BAG_FWD_ARGS                                                                           \
   const at::Tensor &weight, const at::Tensor &indices, const at::Tensor &offsets, int64_t mode,               \
