@@ -482,6 +482,28 @@ FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, Mask<T
   }
 }
 
+// Planes [p0, p1) (plane p = n C + c) of fewer than kSmallPlane values each: the forward's and the backward's
+// elementwise pass, a whole range per call. One call per 49-value plane (7x7) spent as much on the call, its tile
+// loop and the unit arithmetic as on the values. `coef` as forward_rows's (3 C) and backward_rows's (4 C).
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void forward_planes(const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t p0, int64_t p1,
+                                    int64_t C, int64_t S, const acc_t<T>* coef, bool relu) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C, o = p * S;
+    forward_run<T, F16C>(x + o, res ? res + o : nullptr, y + o, S, coef[c], coef[C + c], coef[2 * C + c], relu);
+  }
+}
+
+template <typename T, bool F16C>
+FCK_HOST_DEVICE void backward_planes(const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx, raw_t<T>* dres,
+                                     int64_t p0, int64_t p1, int64_t C, int64_t S, const acc_t<T>* coef) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C, o = p * S;
+    backward_run<T, F16C>(dy + o, x + o, y.at(o).channel(c), dx + o, dres ? dres + o : nullptr, S, coef[c],
+                          coef[C + c], coef[2 * C + c], coef[3 * C + c]);
+  }
+}
+
 // Every worker compiled twice; `Workers<T>::get()` hands out the AVX2 set when the CPU runs it.
 #define FCK_BN_WORKERS(X)                                                                                           \
   X(stats_run, (const raw_t<T>* x, int64_t n, acc_t<T> pivot, double* out), (x, n, pivot, out))                  \
@@ -517,7 +539,15 @@ FCK_HOST_DEVICE void backward_rows(const raw_t<T>* dy, const raw_t<T>* x, Mask<T
   X(backward_rows,                                                                                                 \
     (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx, raw_t<T>* dres, int64_t rows,               \
      int64_t C, const acc_t<T>* coef),                                                                             \
-    (dy, x, y, dx, dres, rows, C, coef))
+    (dy, x, y, dx, dres, rows, C, coef))                                                                           \
+  X(forward_planes,                                                                                                \
+    (const raw_t<T>* x, const raw_t<T>* res, raw_t<T>* y, int64_t p0, int64_t p1, int64_t C, int64_t S,          \
+     const acc_t<T>* coef, bool relu),                                                                             \
+    (x, res, y, p0, p1, C, S, coef, relu))                                                                         \
+  X(backward_planes,                                                                                               \
+    (const raw_t<T>* dy, const raw_t<T>* x, Mask<T> y, raw_t<T>* dx, raw_t<T>* dres, int64_t p0, int64_t p1,     \
+     int64_t C, int64_t S, const acc_t<T>* coef),                                                                  \
+    (dy, x, y, dx, dres, p0, p1, C, S, coef))
 
 #ifdef FCK_HAVE_AVX2_CLONE
 #define FCK_BN_AVX2(name, params, args) \
@@ -809,11 +839,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
           var[c] = t[2] / t[0];
           set_coef(c);
         }
-        for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
-          const int64_t o = U.offset(u);
-          w.forward_run(xp + o, rp ? rp + o : nullptr, yp + o, U.length(u), coef[c], coef[C + c], coef[2 * C + c],
-                        relu);
-        });
+        if (L.S < kSmallPlane) {
+          for (int64_t n = 0; n < L.N; ++n) {
+            w.forward_planes(xp, rp, yp, n * C + c0, n * C + c1, C, L.S, coef.data(), relu);
+          }
+        } else {
+          for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) {
+            const int64_t o = U.offset(u);
+            w.forward_run(xp + o, rp ? rp + o : nullptr, yp + o, U.length(u), coef[c], coef[C + c],
+                          coef[2 * C + c], relu);
+          });
+        }
       }
     });
   } else if (training) {
@@ -835,7 +871,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
       write_channels(rvt, rv);
     }
   }
-  if (!grouped && L.planar) {
+  if (!grouped && L.planar && L.S < kSmallPlane) {
+    for (int64_t c = 0; c < C; ++c) set_coef(c);
+    at::parallel_for(0, L.N * C, 1, [&](int64_t lo, int64_t hi) {
+      w.forward_planes(xp, rp, yp, lo, hi, C, L.S, coef.data(), relu);
+    });
+  } else if (!grouped && L.planar) {
     for (int64_t c = 0; c < C; ++c) set_coef(c);
     const PlanarUnits U(L);
     at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
@@ -943,16 +984,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           });
         }
         for (int64_t c = c0; c < c1; ++c) set_coef(c);
-        for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) { apply_unit(U, u, c); });
+        if (L.S < kSmallPlane) {
+          for (int64_t n = 0; n < L.N; ++n) {
+            w.backward_planes(dyp, xp, mask, dxp, drp, n * C + c0, n * C + c1, C, L.S, coef.data());
+          }
+        } else {
+          for_group_units(U, L, c0, c1, [&](int64_t u, int64_t c) { apply_unit(U, u, c); });
+        }
       }
     });
   } else if (L.planar && L.S < kSmallPlane) {
     small_reduce_all<T>(w, dyp, xp, mask, L, mean_a.data(), sums.data());
     for (int64_t c = 0; c < C; ++c) sg[c] = sums[2 * c], sgx[c] = sums[2 * c + 1];
     for (int64_t c = 0; c < C; ++c) set_coef(c);
-    const PlanarUnits U(L);
-    at::parallel_for(0, U.total, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t u = lo; u < hi; ++u) apply_unit(U, u, U.plane(u) % C);
+    at::parallel_for(0, L.N * C, 1, [&](int64_t lo, int64_t hi) {
+      w.backward_planes(dyp, xp, mask, dxp, drp, lo, hi, C, L.S, coef.data());
     });
   } else if (L.planar) {
     const PlanarUnits U(L);
