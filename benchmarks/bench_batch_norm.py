@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 import fastcore_kernels.functional as fckF  # noqa: E402
-from benchmarks.common import Results, device_time_ms, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
+from benchmarks.common import Results, device_profile, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
 
 RESNET34 = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W) of the four stages
 TABULAR = (4096, 200)
@@ -148,13 +148,14 @@ def bench_bn(res, device, dtype, shape, residual, channels_last, makers, reps, p
             if mode == "fwd+bwd":
                 extra["saved_mib"] = round(saved_mib(makers[name], (x, r, rm, rv, w, b)), 1)
                 if device.type == "cuda":
-                    extra["device_ms"] = round(device_time_ms(fns[name], steps=5), 4)
+                    extra.update(device_profile(fns[name], f"{label} {name}"))
             peak = None
             if mode == "fwd+bwd":
                 peak = (peak_mib(fns[name], device) if device.type == "cuda" else
                         peak_rss_mib(name, shape, residual) if peak_rss and not channels_last else None)
             res.add(op, name, mode, label, times, nbytes[mode], peak_mem_mb=peak, dtype=str(dtype), **extra)
-            print(f"  {op:<12}{label:<22}{mode:<8}{name:<14} p50 {times[1]:9.3f} ms {extra}", flush=True)
+            shown = {k: v for k, v in extra.items() if k != "kernels"}
+            print(f"  {op:<12}{label:<22}{mode:<8}{name:<14} p50 {times[1]:9.3f} ms {shown}", flush=True)
         del fns
 
 

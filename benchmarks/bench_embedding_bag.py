@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 import fastcore_kernels.functional as fckF  # noqa: E402
-from benchmarks.common import Results, device_time_ms, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
+from benchmarks.common import Results, device_profile, interleaved_time_ms, step_peak_mib, time_ms  # noqa: E402
 from fastcore_kernels.ops.embedding_bag import IMPLEMENTED, EmbeddingUpdate  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def main(argv=None) -> Results:
                  else {p: time_ms(f, device) for p, f in fns.items()})
         nbytes = sum(4 * d * (2 * len(i) + 2 * len(o)) for n, d, i, o, m in tables)
         for p, times in timed.items():
-            extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
+            extra = device_profile(fns[p], f"{name[:12]} {p}") if device.type == "cuda" else {}
             res.add("embedding_bag", p, "fwd+bwd", name, times, nbytes, **extra)
             print(f"  {name:<28}{p:<12} p50 {times[1]:9.3f} ms", flush=True)
     if not args.no_large:

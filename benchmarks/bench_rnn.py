@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastcore_kernels as fck  # noqa: E402
 from fastcore_kernels import nn as fnn  # noqa: E402
-from benchmarks.common import Results, device_time_ms, interleaved_time_ms, time_ms  # noqa: E402
+from benchmarks.common import Results, device_profile, interleaved_time_ms, time_ms  # noqa: E402
 
 
 def cases(quick: bool):
@@ -113,7 +113,7 @@ def main(argv=None) -> Results:
         timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
                  else {p: time_ms(f, device) for p, f in fns.items()})
         for p, times in timed.items():
-            extra = {"device_ms": round(device_time_ms(fns[p], steps=5), 4)} if device.type == "cuda" else {}
+            extra = device_profile(fns[p], p, show=6) if device.type == "cuda" else {}
             res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T, dtype.itemsize),
                     dtype=str(dtype), matmul_precision=args.matmul_precision, **extra)
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)

@@ -79,9 +79,11 @@ def interleaved_time_ms(fns: dict[str, Callable[[], object]], reps: int = 20) ->
     return {name: _quantiles(s) for name, s in samples.items()}
 
 
-def device_time_ms(fn: Callable[[], object], steps: int = 20) -> float:
+def device_time_ms(fn: Callable[[], object], steps: int = 20, kernels: list | None = None) -> float:
     """GPU time per call summed over the kernels and copies fn() launches (torch.profiler), without the host time
-    between them: the difference to time_ms() is host overhead that the GPU waited for."""
+    between them: the difference to time_ms() is host overhead that the GPU waited for. `kernels`, if given, gets
+    each kernel's (name, GPU us per call, launches per call), largest first: where the GPU time goes, from the same
+    profile."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -91,10 +93,26 @@ def device_time_ms(fn: Callable[[], object], steps: int = 20) -> float:
             fn()
         torch.cuda.synchronize()
     total_us = 0.0
+    rows = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None)
-        total_us += us if us is not None else event.self_cuda_time_total
+        us = us if us is not None else event.self_cuda_time_total
+        total_us += us
+        if us > 0:
+            rows.append((event.key[:90], round(us / steps, 2), round(event.count / steps, 2)))
+    if kernels is not None:
+        kernels.extend(sorted(rows, key=lambda r: -r[1]))
     return total_us / steps / 1e3
+
+
+def device_profile(fn: Callable[[], object], label: str, steps: int = 5, show: int = 4) -> dict:
+    """{"device_ms", "kernels": the 8 costliest (name, us per call, launches per call)} of fn() on a GPU, the top
+    `show` printed under `label`: a later session reads where the GPU time went without another device run."""
+    kernels = []
+    ms = device_time_ms(fn, steps=steps, kernels=kernels)
+    for name, us, calls in kernels[:show]:
+        print(f"    {label:<24}{us:9.1f} us  x{calls:<6g} {name}")
+    return {"device_ms": round(ms, 4), "kernels": kernels[:8]}
 
 
 def _status_kib(field: str) -> int:
