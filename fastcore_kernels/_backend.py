@@ -63,7 +63,16 @@ def get_backend() -> str:
         return scoped
     if _global_choice is not None:
         return _global_choice
-    return _validate(os.environ.get("FCK_BACKEND", "auto") or "auto")
+    raw = os.environ.get("FCK_BACKEND")
+    name = _env_choice.get(raw)
+    if name is None:
+        name = _env_choice[raw] = _validate(raw or "auto")
+    return name
+
+
+# FCK_BACKEND's value -> the validated choice: every op resolves its backend per call, and on small tensors the
+# resolution was a measurable part of the call (~2 us of an embedding lookup's ~9).
+_env_choice: dict[str | None, str] = {}
 
 
 def triton_interpreting() -> bool:
@@ -112,8 +121,10 @@ def backends() -> dict[str, BackendStatus]:
     return {name: _status(name) for name in BACKENDS}
 
 
-# What "auto" tries, fastest first, per device type.
+# What "auto" tries, fastest first, per device type; and what it picked, per (device type, the op's backends), as
+# _status is cached (the interpreter flag that _status keys on only adds the CPU to Triton, which CPU's auto skips).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_auto_choice: dict[tuple, str] = {}
 
 
 def resolve(device: torch.device, choice: str | None = None, implemented: tuple[str, ...] = BACKENDS,
@@ -123,10 +134,12 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
     choice = _validate(choice) if choice is not None else get_backend()
     kind = device.type
     if choice == "auto":
-        for name in _AUTO_ORDER.get(kind, ("reference",)):
-            if name in implemented and kind in _status(name).devices:
-                return name
-        return "reference"
+        key = (kind, implemented)
+        name = _auto_choice.get(key)
+        if name is None:
+            name = _auto_choice[key] = next((n for n in _AUTO_ORDER.get(kind, ("reference",))
+                                             if n in implemented and kind in _status(n).devices), "reference")
+        return name
     if choice not in implemented:
         raise NotImplementedError(f"{op} has no {choice!r} kernels yet; it runs on {', '.join(implemented)}")
     status = _status(choice)
