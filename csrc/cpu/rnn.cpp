@@ -342,6 +342,8 @@ void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor
 // CUDA's persistent kernels emulated (fck/block_launch.h), for the tests.
 struct EmulatedLaunch {
   static bool enabled() { return env_on("FCK_RNN_PERSISTENT_EMULATE"); }
+  // a device of 8 multiprocessors: the tests' batches of 4 and 5 take one row a block, 19 and 64 the gate count
+  static int64_t blocks_at_once() { return 8; }
   template <class Body>
   static void launch(int blocks, int threads, const Body& body) {
     emulate_blocks(blocks, threads, body);

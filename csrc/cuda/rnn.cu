@@ -85,6 +85,7 @@ __global__ void gru_bwd_kernel(const T* __restrict__ dout, const T* __restrict__
 // loop's 8.1 / 1.62); FCK_RNN_PERSISTENT_CUDA=0 runs the per-step loop.
 struct CudaLaunch {
   static bool enabled() { return !env_off("FCK_RNN_PERSISTENT_CUDA"); }
+  static int64_t blocks_at_once() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
   template <class Body>
   static void launch(int blocks, int threads, const Body& body) {
     launch_blocks(blocks, threads, body);

@@ -4,8 +4,9 @@
 // well as the cell math.
 //
 // One launch runs a layer's whole sequence in one direction. The rows of a batch never meet in the recurrence, so a
-// block owns R rows for all T steps, R the gate count: a block of G = R * H threads then has one thread per gate
-// row in the GEMM phase and one per (row, unit) in the cell phase. The forward's thread n keeps row n of W_hh in
+// block owns R rows for all T steps (R 1, or the gate count for large batches; see run): a block of G = gates * H
+// threads has one thread per gate row in the GEMM phase and one per (row, unit), R * H of them, in the cell phase.
+// The forward's thread n keeps row n of W_hh in
 // registers (fp32, H <= MAXH values) and forms the R rows' pre-activations from h in shared memory (broadcast
 // reads); the cell thread (r, j) keeps its cell state in a register. The backward's thread (q, k) keeps column k of
 // gate block q of W_hh in registers and forms R partial sums of dh over that block; the cell thread adds the gate
@@ -31,25 +32,25 @@ constexpr int kMaxH = 64;
 
 // Shared memory of a block. The backward's gate gradients are laid out per gate block, [row][block][unit], so that
 // a gate block starts on a 16-byte boundary for dot_rows' 4-value loads.
-template <int MAXH>
+template <int MAXH, int R>
 struct LstmFwdShared {
-  alignas(16) float h[4][MAXH];
-  alignas(16) float pre[4][4 * MAXH];
+  alignas(16) float h[R][MAXH];
+  alignas(16) float pre[R][4 * MAXH];
 };
-template <int MAXH>
+template <int MAXH, int R>
 struct LstmBwdShared {
-  alignas(16) float dg[4][4][MAXH];
-  alignas(16) float part[4][4][MAXH];
+  alignas(16) float dg[R][4][MAXH];
+  alignas(16) float part[4][R][MAXH];
 };
-template <int MAXH>
+template <int MAXH, int R>
 struct GruFwdShared {
-  alignas(16) float h[3][MAXH];
-  alignas(16) float pre[3][3 * MAXH];
+  alignas(16) float h[R][MAXH];
+  alignas(16) float pre[R][3 * MAXH];
 };
-template <int MAXH>
+template <int MAXH, int R>
 struct GruBwdShared {
-  alignas(16) float dg[3][3][MAXH];
-  alignas(16) float part[3][3][MAXH];
+  alignas(16) float dg[R][3][MAXH];
+  alignas(16) float part[3][R][MAXH];
 };
 
 #if defined(__CUDACC__)
@@ -84,27 +85,32 @@ FCK_HOST_DEVICE void load_column(float (&w)[MAXH], const T* w_hh, int q, int k, 
   for (int i = 0; i < MAXH; ++i) w[i] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
 }
 
-// acc[r] = sum_{k < H} v[r * stride + k] w[k] for the block's R rows, in k order. v is shared memory every thread
-// of the block reads at the same address (a broadcast), 4 values a load: with one value a load the GEMM phase was
-// bound by shared-memory instructions (~2k a step for a block of 256 threads). v and stride are multiples of 4
-// floats; past H both v and w hold zeros.
+// acc[r] = sum_{k < H} v[r * stride + k] w[k] for the block's R rows: four partial sums (k mod 4), added pairwise
+// at the end, so a row's chain of dependent adds is H / 4 long (one row a block leaves no other row's chain to
+// interleave), and a row's value never depends on R. v is shared memory every thread of the block reads at the
+// same address (a broadcast), 4 values a load: with one value a load the GEMM phase was bound by shared-memory
+// instructions (~2k a step for a block of 256 threads). v and stride are multiples of 4 floats; past H both v and
+// w hold zeros.
 template <int R, int MAXH>
 FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const float (&w)[MAXH], int H) {
+  float part[R][4];
   FCK_UNROLL
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = part[r][2] = part[r][3] = 0.f;
   FCK_UNROLL
   for (int k = 0; k < MAXH; k += 4) {
     if (k < H) {
       FCK_UNROLL
       for (int r = 0; r < R; ++r) {
         const vec4 x = load4(v + r * stride + k);
-        acc[r] += x.x * w[k];
-        acc[r] += x.y * w[k + 1];
-        acc[r] += x.z * w[k + 2];
-        acc[r] += x.w * w[k + 3];
+        part[r][0] += x.x * w[k];
+        part[r][1] += x.y * w[k + 1];
+        part[r][2] += x.z * w[k + 2];
+        part[r][3] += x.w * w[k + 3];
       }
     }
   }
+  FCK_UNROLL
+  for (int r = 0; r < R; ++r) acc[r] = (part[r][0] + part[r][1]) + (part[r][2] + part[r][3]);
 }
 
 // h_s[r][k] = h0 of the block's rows, zeros past H and past the batch.
@@ -124,10 +130,10 @@ FCK_HOST_DEVICE void zero_shared(const Ctx& ctx, float* s) {
 // The loads a step needs that do not depend on the recurrence are issued a step ahead (`next`), so their latency
 // overlaps the step before.
 
-template <typename T, int MAXH>
+template <typename T, int MAXH, int R>
 struct LstmFwd {
-  static constexpr int kRows = 4, kMaxThreads = 4 * MAXH;
-  using Shared = LstmFwdShared<MAXH>;
+  static constexpr int kGates = 4, kRows = R, kMaxThreads = 4 * MAXH;
+  using Shared = LstmFwdShared<MAXH, R>;
   const T *xg, *h0;
   const float* c0;
   const T *w_hh, *bias;
@@ -138,9 +144,8 @@ struct LstmFwd {
 
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    constexpr int R = kRows;
     const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-    const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
+    const bool gate_row = tid < G, cell = tid < R * H && b0 + r < B;
     float w[MAXH];
     load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
     const float bn = gate_row ? float(bias[tid]) : 0.f;
@@ -195,10 +200,10 @@ struct LstmBwdIn {
   float dout, i, f, g, o, c_prev, c;
 };
 
-template <typename T, int MAXH>
+template <typename T, int MAXH, int R>
 struct LstmBwd {
-  static constexpr int kRows = 4, kMaxThreads = 4 * MAXH;
-  using Shared = LstmBwdShared<MAXH>;
+  static constexpr int kGates = 4, kRows = R, kMaxThreads = 4 * MAXH;
+  using Shared = LstmBwdShared<MAXH, R>;
   const T *dout, *dhn;
   const float *gates, *c_all, *c0;
   const T* w_hh;
@@ -209,9 +214,8 @@ struct LstmBwd {
 
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    constexpr int R = kRows;
     const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-    const bool column = tid < G, cell = tid < G && b0 + r < B;
+    const bool column = tid < G, cell = tid < R * H && b0 + r < B;
     float w[MAXH];
     load_column<T, MAXH>(w, w_hh, r, j, H, column);  // as the GEMM thread, (r, j) is (gate block q, column k)
     const int64_t state = int64_t(b0 + r) * H + j;
@@ -226,7 +230,7 @@ struct LstmBwd {
     float dc = cell ? dc_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
     LstmBwdIn in{};
     if (cell) in = load_in(0);
-    zero_shared<4 * 4 * MAXH>(ctx, &sh.dg[0][0][0]);  // rows past the batch and units past H are read, never written
+    zero_shared<R * 4 * MAXH>(ctx, &sh.dg[0][0][0]);  // rows past the batch and units past H are read, never written
     ctx.sync();
     for (int s = 0; s < steps; ++s) {
       if (cell) {
@@ -255,10 +259,10 @@ struct LstmBwd {
   }
 };
 
-template <typename T, int MAXH>
+template <typename T, int MAXH, int R>
 struct GruFwd {
-  static constexpr int kRows = 3, kMaxThreads = 3 * MAXH;
-  using Shared = GruFwdShared<MAXH>;
+  static constexpr int kGates = 3, kRows = R, kMaxThreads = 3 * MAXH;
+  using Shared = GruFwdShared<MAXH, R>;
   const T *xg, *h0, *w_hh, *b_ih, *b_hh;
   T* out;
   float* saved;
@@ -267,9 +271,8 @@ struct GruFwd {
 
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    constexpr int R = kRows;
     const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-    const bool gate_row = tid < G, cell = tid < G && b0 + r < B;
+    const bool gate_row = tid < G, cell = tid < R * H && b0 + r < B;
     float w[MAXH];
     load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
     const float bh = gate_row ? float(b_hh[tid]) : 0.f;
@@ -317,10 +320,10 @@ struct GruBwdIn {
   float dout, r, z, n, bn, h_prev;
 };
 
-template <typename T, int MAXH>
+template <typename T, int MAXH, int R>
 struct GruBwd {
-  static constexpr int kRows = 3, kMaxThreads = 3 * MAXH;
-  using Shared = GruBwdShared<MAXH>;
+  static constexpr int kGates = 3, kRows = R, kMaxThreads = 3 * MAXH;
+  using Shared = GruBwdShared<MAXH, R>;
   const T *dout, *dhn;
   const float* saved;
   const T *out, *h0, *w_hh;
@@ -331,9 +334,8 @@ struct GruBwd {
 
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
-    constexpr int R = kRows;
     const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
-    const bool column = tid < G, cell = tid < G && b0 + r < B;
+    const bool column = tid < G, cell = tid < R * H && b0 + r < B;
     float w[MAXH];
     load_column<T, MAXH>(w, w_hh, r, j, H, column);
     const int64_t state = int64_t(b0 + r) * H + j;
@@ -348,7 +350,7 @@ struct GruBwd {
     float direct = cell ? direct_io[state] : 0.f, dh_rec = cell ? float(dhn[state]) : 0.f;
     GruBwdIn in{};
     if (cell) in = load_in(0);
-    zero_shared<3 * 3 * MAXH>(ctx, &sh.dg[0][0][0]);
+    zero_shared<R * 3 * MAXH>(ctx, &sh.dg[0][0][0]);
     ctx.sync();
     for (int s = 0; s < steps; ++s) {
       if (cell) {
@@ -389,19 +391,25 @@ bool eligible(const rnn::Dims& d) {
          d.T <= (int64_t(1) << 30);  // an empty batch or state: no block to launch
 }
 
-// Runs Body<T, MAXH> (MAXH 32 or 64, the smaller that holds H) over the batch: G = rows * H threads rounded up to
-// a warp, one block per `rows` rows.
-template <class Launch, template <typename, int> class Body, typename T, class Make>
+// Runs Body<T, MAXH, R> (MAXH 32 or 64, the smaller that holds H) over the batch: G = gates * H threads rounded up
+// to a warp, one block per R rows. R = 1 while the batch's blocks fit the device at once (Launch::blocks_at_once:
+// the multiprocessors), else R = gates. A block's GEMM phase issues R times a row's FMAs on one multiprocessor:
+// lesson 7's batch of 64 as 16 blocks of 4 rows kept 16 of 132 SMs busy, at 4x the work each.
+template <class Launch, template <typename, int, int> class Body, typename T, class Make>
 void run(const rnn::Dims& d, const Make& make) {
-  const auto go = [&](auto maxh) {
-    using B = Body<T, decltype(maxh)::value>;
-    const int threads = int((B::kRows * d.H + 31) / 32 * 32), blocks = int((d.B + B::kRows - 1) / B::kRows);
+  const auto go = [&](auto maxh, auto rows) {
+    using B = Body<T, decltype(maxh)::value, decltype(rows)::value>;
+    const int threads = int((B::kGates * d.H + 31) / 32 * 32), blocks = int((d.B + B::kRows - 1) / B::kRows);
     Launch::launch(blocks, threads, make(B{}));
   };
+  constexpr int kGates = Body<T, 32, 1>::kGates;
+  const bool one = d.B <= Launch::blocks_at_once();
   if (d.H <= 32) {
-    go(std::integral_constant<int, 32>{});
+    one ? go(std::integral_constant<int, 32>{}, std::integral_constant<int, 1>{})
+        : go(std::integral_constant<int, 32>{}, std::integral_constant<int, kGates>{});
   } else {
-    go(std::integral_constant<int, 64>{});
+    one ? go(std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{})
+        : go(std::integral_constant<int, 64>{}, std::integral_constant<int, kGates>{});
   }
 }
 
