@@ -477,7 +477,8 @@ variable_list seq_forward(const at::Tensor& x, at::TensorList params, const at::
     for (int64_t d = 0; d < sp.dirs; ++d) {
       const int64_t k = l * sp.dirs + d;
       const at::Tensor& w_hh = params[sp.w_hh(k)];
-      const at::Tensor xg = mm_dev(x2d, params[sp.w_ih(k)].t()).view({T, B, -1});
+      const at::Tensor& w_ih = params[sp.w_ih(k)];  // sizes spelled out: a batch of 0 leaves no -1 to infer
+      const at::Tensor xg = mm_dev(x2d, w_ih.t()).view({T, B, w_ih.size(0)});
       std::optional<at::Tensor> b_ih, b_hh;
       if (sp.has_biases) b_ih = params[sp.w_ih(k) + 2], b_hh = params[sp.w_ih(k) + 3];
       if (sp.lstm) {
@@ -554,7 +555,7 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
               gru_bwd().call(dy, grads[1][k].contiguous(), h0[k], w_hh, out, at_layer(l, 2 + d * per_dir), d == 1);
           dxg = g_x, dh0[k] = g_h0, dw_hh = g_w, db_ih = g_bi, db_hh = g_bh;
         }
-        const at::Tensor dxg2d = dxg.view({T * B, -1});
+        const at::Tensor dxg2d = dxg.view({T * B, dxg.size(2)});
         const int64_t wi = sp.w_ih(k);
         if (l > 0 || ctx->needs_input_grad(0)) {
           const at::Tensor part = mm_dev(dxg2d, param(wi));
@@ -564,7 +565,7 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
         result[1 + wi + 1] = dw_hh;
         if (sp.has_biases) result[1 + wi + 2] = db_ih, result[1 + wi + 3] = db_hh;
       }
-      if (dx2d.defined()) dinput = dx2d.view({T, B, -1});
+      if (dx2d.defined()) dinput = dx2d.view({T, B, x2d.size(1)});
     }
     if (ctx->needs_input_grad(0)) result[0] = dinput;
     if (ctx->needs_input_grad(1 + P)) result[1 + P] = at::stack(dh0);

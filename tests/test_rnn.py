@@ -377,6 +377,22 @@ def test_sequence_node_matches_the_layer_composition(device, mode, case):
             _close(a, b, torch.float32, f"tensor {k}")
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_sequence_of_an_empty_batch(mode):
+    """A batch of 0 rows through the stack's node: torch's shapes, forward and backward."""
+    skip_unless_runnable("cpu", "cpu")
+    tcls, ocls = (nn.LSTM, fnn.LSTM) if mode == "lstm" else (nn.GRU, fnn.GRU)
+    theirs = tcls(4, 5, 2, bidirectional=True)
+    ours = ocls(4, 5, 2, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 0, 4, requires_grad=True)
+    a, b = ours(x), theirs(x)
+    assert a[0].shape == b[0].shape == (3, 0, 10)
+    a[0].sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in ours.parameters())
+
+
 def test_sequence_node_checks_its_arguments():
     skip_unless_runnable("cpu", "cpu")
     x, w = torch.randn(3, 2, 4), [torch.randn(8, 4), torch.randn(8, 2)]
