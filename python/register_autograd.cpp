@@ -626,7 +626,9 @@ std::tuple<at::Tensor, at::Tensor> gru_seq_plain(const at::Tensor& x, at::Tensor
 std::tuple<at::Tensor, at::Tensor> gru_seq_autograd(const at::Tensor& x, at::TensorList params,
                                                     const std::optional<at::Tensor>& h0, bool has_biases,
                                                     int64_t layers, bool bidirectional) {
-  if (!seq_needs_grad(x, params, h0, std::nullopt)) return gru_seq_plain(x, params, h0, has_biases, layers, bidirectional);
+  if (!seq_needs_grad(x, params, h0, std::nullopt)) {
+    return gru_seq_plain(x, params, h0, has_biases, layers, bidirectional);
+  }
   const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, "fck::gru_seq");
   const at::Tensor h = initial_state(h0, x, sp, params[1].size(1));
   // the GRU has no cell state: c0's slot holds an empty tensor that no gradient reaches

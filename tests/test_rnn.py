@@ -114,9 +114,10 @@ def test_persistent_layer_matches_per_step_layer(device, B, H, mode, reverse, dt
     """CUDA's persistent kernels (the default for hidden <= 64) against the per-step loop (FCK_RNN_PERSISTENT_CUDA=0):
     every output of both passes, saved tensors included; batches that leave a block's rows partly empty, both
     register widths (32, 64), both block shapes (one row a block while the batch fits the multiprocessors, 8 in
-    the emulation, 132 on an H100/H200; else as many rows as gates: B = 140). On CUDA the caching allocator's free blocks are filled with NaN before each run, so an
-    element a kernel skipped shows up; on the CPU the same kernel code runs emulated (FCK_RNN_PERSISTENT_EMULATE=1,
-    a thread per CUDA thread, shared memory filled with NaN) against the CPU's loop."""
+    the emulation, 132 on an H100/H200; else as many rows as gates: B = 140). On CUDA the caching allocator's free
+    blocks are filled with NaN before each run, so an element a kernel skipped shows up; on the CPU the same kernel
+    code runs emulated (FCK_RNN_PERSISTENT_EMULATE=1, a thread per CUDA thread, shared memory filled with NaN)
+    against the CPU's loop."""
     skip_unless_runnable(device, device)
     switch = "FCK_RNN_PERSISTENT_CUDA" if device == "cuda" else "FCK_RNN_PERSISTENT_EMULATE"
     g = _gen(7)

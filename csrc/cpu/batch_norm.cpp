@@ -209,7 +209,9 @@ FCK_HOST_DEVICE const acc_t<T>* relu_masked(const raw_t<T>* dy, const Mask<T>& m
   } else if (!m.k) {
     return ds;
   } else if constexpr (kRow) {
-    for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], bn_normalize<A>(xs[i], m.mean[i], m.k[i], m.beta[i]));
+    for (int64_t i = 0; i < n; ++i) {
+      gb[i] = bn_relu_grad<A>(ds[i], bn_normalize<A>(xs[i], m.mean[i], m.k[i], m.beta[i]));
+    }
   } else {
     const A mean = m.mean[0], k = m.k[0], beta = m.beta[0];
     for (int64_t i = 0; i < n; ++i) gb[i] = bn_relu_grad<A>(ds[i], bn_normalize<A>(xs[i], mean, k, beta));
