@@ -3,12 +3,14 @@ CUDA) with the same weights, in the same run.
 
     python benchmarks/bench_rnn.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out results.json]
                                    [--quick] [--backends cuda,triton]
-    FCK_RNN_PERSISTENT_CUDA=1 python benchmarks/bench_rnn.py --device cuda   # CUDA's persistent kernels
+    FCK_RNN_PERSISTENT_CUDA=0 python benchmarks/bench_rnn.py --device cuda   # CUDA's per-step loop, not the
+                                                                              # persistent kernels (hidden <= 64)
 
 Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), the AWD-LSTM shape
 (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
-forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. GB/s counts the activations each pass must move at least:
-the input projection and saved gates written and read back, the outputs and their gradients.
+forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. GB/s counts the
+activations each pass must move at least: the input projection and saved gates written and read back, the outputs
+and their gradients. On a GPU each row also records its costliest kernels.
 """
 
 from __future__ import annotations
