@@ -8,14 +8,18 @@ CUDA) with the same weights, in the same run.
 
 Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), the AWD-LSTM shape
 (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
-forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. GB/s counts the
-activations each pass must move at least: the input projection and saved gates written and read back, the outputs
-and their gradients. On a GPU each row also records its costliest kernels.
+forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. Stock nn.LSTM/GRU on
+CUDA compute their fp32 GEMMs in TF32 (torch.backends.cudnn.allow_tf32 is on by default) while fastcore_kernels'
+follow torch's fp32 matmul precision (full fp32 under "highest"): an fp32 CUDA run adds the like-for-like pairs,
+torch-fp32 (cuDNN with TF32 off) and fck-cuda-tf32 (our GEMMs under set_float32_matmul_precision("high")). GB/s
+counts the activations each pass must move at least: the input projection and saved gates written and read back,
+the outputs and their gradients. On a GPU each row also records its costliest kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -65,6 +69,23 @@ def _step(module, kind, x, weight_drop, raw):
     return run
 
 
+@contextlib.contextmanager
+def _matmul_precision(precision):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _under(ctx, f):
+    def run():
+        with ctx():
+            f()
+    return run
+
+
 def _min_bytes(kind, I, H, L, B, T, elem=4):
     G = 4 if "lstm" in kind else 3
     per_layer = T * B * (2 * G * H + 2 * G * H + 4 * H)  # xg + dxg, saved gates written + read, h/c and grads
@@ -92,8 +113,9 @@ def main(argv=None) -> Results:
                 and (not args.backends or b in args.backends.split(","))]
     # CUDA runs hidden <= 64 as one persistent kernel per pass; FCK_RNN_PERSISTENT_CUDA=0 (read per call) the loop
     suffix = "-per-step" if os.environ.get("FCK_RNN_PERSISTENT_CUDA") == "0" else ""
+    dtype = getattr(torch, args.dtype)
+    like_for_like = device.type == "cuda" and dtype == torch.float32 and args.matmul_precision == "highest"
     for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
-        dtype = getattr(torch, args.dtype)
         theirs, ours = _modules(kind, I, H, L, device, dtype)
         x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, dtype=dtype,
                         requires_grad=True)
@@ -105,12 +127,17 @@ def main(argv=None) -> Results:
                 del module._parameters["weight_hh_l0"]
             if provider:
                 fns[provider] = _step(module, kind, x, weight_drop, raw)
+                if like_for_like:
+                    fns["torch-fp32"] = _under(lambda: torch.backends.cudnn.flags(enabled=True, allow_tf32=False),
+                                               fns[provider])
             else:
                 for b in backends:
                     def run(b=b, f=_step(module, kind, x, weight_drop, raw)):
                         with fck.use_backend(b):
                             f()
                     fns[f"fck-{b}" + (suffix if b == "cuda" else "")] = run
+                    if like_for_like and b == "cuda":
+                        fns[f"fck-cuda{suffix}-tf32"] = _under(lambda: _matmul_precision("high"), run)
         reps = 3 if I >= 400 and device.type == "cpu" else args.reps
         timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
                  else {p: time_ms(f, device) for p, f in fns.items()})
