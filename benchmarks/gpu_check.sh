@@ -14,8 +14,8 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # and every JSON row use it.
 export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
-# bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27) and bench_rnn_per_step (H200, 2026-11-28)
-# run only when FCK_STAGES names them.
+# bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27), bench_rnn_per_step (H200, 2026-11-28) and
+# ncu_rnn run only when FCK_STAGES names them.
 STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_bn_fused} "
 declare -a summary=()
 
@@ -69,6 +69,17 @@ stage bench_bn_fused 40 env FCK_BN_FUSED_CUDA=1 $PY benchmarks/bench_batch_norm.
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
   --out $OUT/adam_100m.json"
+# Nsight Compute on the persistent LSTM/GRU kernels of one lesson-7 fwd+bwd (their warp stall reasons and the SASS
+# lines they stall on): the forward kernels took 2.4x their backward's time on the H200 (run 3), unexplained by
+# their instruction counts. Needs a runtime whose counters ncu can read (Firecracker).
+stage ncu_rnn 90 ncu --clock-control none --kernel-name-base demangled -k "regex:Lstm|Gru" -c 4 \
+  --section WarpStateStats --section SchedulerStats --section SourceCounters --section LaunchStats $PY -c "
+import torch, fastcore_kernels as fck
+from fastcore_kernels import nn as fnn
+for cls in (fnn.LSTM, fnn.GRU):
+    m = cls(64, 64, 1).cuda(); x = torch.randn(70, 64, 64, device='cuda', requires_grad=True)
+    with fck.use_backend('cuda'): m(x)[0].sum().backward()
+torch.cuda.synchronize()"
 stage bench_learner 50 $PY benchmarks/bench_learner.py --device cuda --out "$OUT/bench_learner_cuda.json"
 
 # One JSON of every benchmark row, one benchmark log: the device tool brings back at most 8 files.
