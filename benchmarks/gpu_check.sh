@@ -69,17 +69,30 @@ stage bench_bn_fused 40 env FCK_BN_FUSED_CUDA=1 $PY benchmarks/bench_batch_norm.
 stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets resnet34 --compile \
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
   --out $OUT/adam_100m.json"
-# Nsight Compute on the persistent LSTM/GRU kernels of one lesson-7 fwd+bwd (their warp stall reasons and the SASS
-# lines they stall on): the forward kernels took 2.4x their backward's time on the H200 (run 3), unexplained by
-# their instruction counts. Needs a runtime whose counters ncu can read (Firecracker).
-stage ncu_rnn 90 ncu --clock-control none --kernel-name-base demangled -k "regex:Lstm|Gru" -c 4 \
-  --section WarpStateStats --section SchedulerStats --section SourceCounters --section LaunchStats $PY -c "
+# Nsight Compute on the persistent LSTM/GRU kernels of one lesson-7 fwd+bwd: the LSTM forward took 2x its
+# backward's time on the H200 (run 4: 95 vs 48 us a layer) at the same issue rate (0.19 vs 0.20 a scheduler),
+# unexplained by the instruction counts. Each warp stall reason in cycles per issued instruction and the instruction
+# mix for all four kernels, then the LSTM forward's SASS with its per-line stall samples. Needs a runtime whose
+# counters ncu can read (Firecracker).
+ncu_rnn() {
+  local prog="
 import torch, fastcore_kernels as fck
 from fastcore_kernels import nn as fnn
 for cls in (fnn.LSTM, fnn.GRU):
     m = cls(64, 64, 1).cuda(); x = torch.randn(70, 64, 64, device='cuda', requires_grad=True)
     with fck.use_backend('cuda'): m(x)[0].sum().backward()
 torch.cuda.synchronize()"
+  local common=(--clock-control none --kernel-name-base demangled)
+  ncu "${common[@]}" -k "regex:Lstm|Gru" -c 4 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,\
+smsp__inst_executed.sum,smsp__inst_executed_op_shared_ld.sum,smsp__inst_executed_op_shared_st.sum,\
+smsp__inst_executed_op_global_ld.sum,smsp__inst_executed_op_branch.sum,smsp__inst_executed_pipe_xu.sum,\
+smsp__inst_executed_pipe_fma.sum,sm__cycles_elapsed.max,gpu__time_duration.sum" $PY -c "$prog"
+  ncu "${common[@]}" -k "regex:LstmFwd" -c 1 --section SourceCounters --section WarpStateStats --page source \
+    --print-source sass $PY -c "$prog"
+}
+export -f ncu_rnn
+export PY
+stage ncu_rnn 120 bash -c ncu_rnn
 stage bench_learner 50 $PY benchmarks/bench_learner.py --device cuda --out "$OUT/bench_learner_cuda.json"
 
 # One JSON of every benchmark row, one benchmark log: the device tool brings back at most 8 files.
