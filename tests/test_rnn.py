@@ -605,15 +605,29 @@ def test_cpu_forward_without_grad_gives_the_training_forward_bits(mode, hidden, 
         assert torch.equal(a.detach(), b) and torch.equal(a.detach(), c)
 
 
-def test_nan_propagates():
-    skip_unless_runnable("cpu", "cpu")
-    m = fnn.LSTM(3, 4)
-    x = torch.randn(5, 2, 3)
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", [("cpu", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_nan_and_saturated_gates(backend, device, mode):
+    """A NaN input makes its batch row NaN from its step on and nothing else; pre-activations far past exp's range
+    (+-1e4, +-100: exp overflows, and on the GPU the reciprocal's argument is clamped to 2^126) give torch's
+    float64 outputs. On CUDA these shapes run the persistent kernels."""
+    skip_unless_runnable(backend, device)
+    torch.manual_seed(4)
+    ocls, tcls = (fnn.LSTM, nn.LSTM) if mode == "lstm" else (fnn.GRU, nn.GRU)
+    theirs = tcls(3, 4).double()
+    ours = ocls(3, 4).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, device=device)
     x[2, 1, 0] = float("nan")
-    out, (h, c) = m(x)
+    with fck.use_backend(backend):
+        out = ours(x)[0]
     assert torch.isnan(out[2:, 1]).all() and torch.isfinite(out[:, 0]).all() and torch.isfinite(out[:2]).all()
-    out, (h, c) = m(torch.full((2, 1, 3), 1e4))  # saturated gates stay finite
+    big = torch.tensor([1e4, -1e4, 100.0, -100.0, 30.0, -30.0]).repeat_interleave(6).reshape(6, 2, 3)
+    big = big * torch.randn(6, 2, 3).sign()
+    with fck.use_backend(backend):
+        out = ours(big.to(device))[0]
     assert torch.isfinite(out).all()
+    _close(out.cpu(), theirs(big.double())[0], torch.float32, "saturated gates")
 
 
 # ---- dropout between layers, weight-dropped W_hh ----
