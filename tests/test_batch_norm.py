@@ -494,12 +494,14 @@ def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
                                                  ((8, 16, 7, 7), False), ((2, 5, 33, 35), False),
                                                  ((3, 2, 16, 16), False), ((4, 6, 9, 9), True),
                                                  ((2, 3, 4, 4, 4), False)])
-def test_cpu_relu_mask_from_the_input_is_the_outputs(shape, channels_last, dtype, affine):
-    """The CPU backward of BN+ReLU without a residual recomputes the forward's pre-activation from x with the
-    forward's coefficients (mask_from_input) instead of reading y: every layout's kernels (rows, large and small
-    planes, grouped or whole-tensor) must give the bits of the mask read from y, pre-activations exactly 0
-    included (channel 0 holds -1, 0, 1 repeated: mean 0, so x = 0 gives 0 with a zero bias)."""
-    skip_unless_runnable("cpu", "cpu")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_relu_mask_from_the_input_is_the_outputs(device, shape, channels_last, dtype, affine):
+    """The C++ backward of BN+ReLU without a residual recomputes the forward's pre-activation from x with the
+    forward's coefficients (mask_from_input) instead of reading y: every layout's kernels (CPU: rows, large and
+    small planes, grouped or whole-tensor; CUDA: rows, planes in 16-byte groups or one value at a time, flat small
+    planes) must give the bits of the mask read from y, pre-activations exactly 0 included (channel 0 holds -1, 0, 1
+    repeated: mean 0, so x = 0 gives 0 with a zero bias)."""
+    skip_unless_runnable(device, device)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g, dtype=dtype)
     x[:, 0] = (torch.arange(x[:, 0].numel()) % 3 - 1).to(dtype).view(x[:, 0].shape)
@@ -511,6 +513,7 @@ def test_cpu_relu_mask_from_the_input_is_the_outputs(shape, channels_last, dtype
         (None, None)
     if b is not None:
         b[0] = 0
+    x, dy, w, b = [None if t is None else t.to(device) for t in (x, dy, w, b)]
     y, mean, invstd = torch.ops.fck.batch_norm_fwd(x, None, w, b, None, None, True, 0.1, 1e-5, True)
     assert (y[:, 0] == 0).any() and (y[:, 0] > 0).any()
     from_y = torch.ops.fck.batch_norm_bwd(dy, x, y, w, mean, invstd, True, True, False)

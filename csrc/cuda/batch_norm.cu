@@ -28,20 +28,71 @@ constexpr int kPlanarThreads = 256;
 constexpr int kLanes = 32;  // interleaved: channels per block
 constexpr int kRowsPerBlock = 8;
 
+// V values of T at once: 16-byte loads and stores where a pass's planes allow them (S a multiple of V, every
+// pointer 16-byte aligned; the host checks), so a thread has 4x (fp32) or 8x (fp16/bf16) the bytes in flight for
+// the same instructions; V = 1 is the scalar path.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+// Whether V-wide accesses fit: runs of `run` values (a plane, or a whole tensor) and the pointers (null ones aside).
+template <typename T>
+bool vector_ok(int64_t run, std::initializer_list<const void*> ptrs) {
+  if (run % kVec<T> != 0) return false;
+  for (const void* p : ptrs) {
+    if (p && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// A channel's values for the element-wise passes, read once per plane (planar) or per channel (rows): Channel's
+// pointers are not restrict, so the compiler re-read them after every store when the element read them. Forward:
+// z = (x - mean) k + beta. Backward: grad_input's coefficients (k, mean_g, c) and, for a ReLU mask from x, the
+// forward's own k_fwd and beta.
+template <typename A>
+struct ChannelValues {
+  A mean, k, beta, mean_g, c, k_fwd;
+};
+
 // What a reduction sums per element: (x - pivot, (x - pivot)^2) for the statistics, (g, g * (x - mean)) for the
-// backward.
-template <typename T, typename A, bool GRAD>
-__device__ __forceinline__ void accumulate(const T* x, const T* dy, const T* y, int64_t i, A center, bool relu, A& a,
-                                           A& b) {
-  const A xv = static_cast<A>(x[i]) - center;
-  if (GRAD) {
-    A g = static_cast<A>(dy[i]);
-    if (relu) g = bn_relu_grad<A>(g, static_cast<A>(y[i]));
-    a += g;
-    b += g * xv;
-  } else {
-    a += xv;
-    b += xv * xv;
+// backward. The ReLU's gradient mask comes from y, or (y null: mask_from_input) from the pre-activation recomputed
+// with the forward's coefficients.
+template <typename T, typename A, bool GRAD, int V>
+__device__ __forceinline__ void accumulate(const T* x, const T* dy, const T* y, int64_t i, A center, bool relu,
+                                           const ChannelValues<A>& cv, A& a, A& b) {
+  const Pack<T, V> xs = load<T, V>(x + i);
+  Pack<T, V> ds{}, ys{};
+  if (GRAD) ds = load<T, V>(dy + i);
+  if (GRAD && relu && y) ys = load<T, V>(y + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const A xv = static_cast<A>(xs.v[k]);
+    const A xc = xv - center;
+    if (GRAD) {
+      A g = static_cast<A>(ds.v[k]);
+      if (relu) {
+        g = bn_relu_grad<A>(g, y ? static_cast<A>(ys.v[k]) : bn_normalize<A>(xv, cv.mean, cv.k_fwd, cv.beta));
+      }
+      a += g;
+      b += g * xc;
+    } else {
+      a += xc;
+      b += xc * xc;
+    }
   }
 }
 
@@ -57,26 +108,61 @@ __device__ __forceinline__ A center_of(const T* x, const A* mean, int64_t c, int
   return GRAD ? mean[c] : static_cast<A>(x[c * pivot_stride]);
 }
 
-// grid (C, splits): block (c, split) sums planes [split * per_split, ...) of channel c.
-template <typename T, typename A, bool GRAD>
+// Per-channel inputs of the element-wise passes and of the backward's reduction.
+template <typename A>
+struct Channel {
+  const A* mean;
+  const A* invstd;  // forward; backward: for a ReLU mask from x
+  const A* weight;  // forward (backward: mask from x), may be null
+  const A* bias;    // forward (backward: mask from x), may be null
+  const A* coef;    // backward: k[C], mean_g[C], c[C]
+};
+
+template <typename A, bool BWD>
+__device__ __forceinline__ ChannelValues<A> values_of(const Channel<A>& ch, int64_t c, int64_t C) {
+  ChannelValues<A> v{};
+  v.mean = ch.mean[c];
+  // The forward's scale, evaluated as the forward evaluates it, so that a mask from x sees the forward's values.
+  const A k_fwd = ch.invstd ? ch.invstd[c] * (ch.weight ? ch.weight[c] : A(1)) : A(0);
+  v.beta = ch.bias ? ch.bias[c] : A(0);
+  if (BWD) {
+    if (ch.coef) {  // none yet in the backward's reduction
+      v.k = ch.coef[c];
+      v.mean_g = ch.coef[C + c];
+      v.c = ch.coef[2 * C + c];
+    }
+    v.k_fwd = k_fwd;
+  } else {
+    v.k = k_fwd;
+  }
+  return v;
+}
+
+// grid (C, splits): block (c, split) sums planes [split * per_split, ...) of channel c. V > 1 only where the host
+// checked S % V == 0 and the pointers' alignment.
+template <typename T, typename A, bool GRAD, int V>
 __global__ void reduce_planar(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
-                              const A* __restrict__ mean, bool relu, int64_t N, int64_t C, int64_t S,
-                              int64_t per_split, A* __restrict__ part) {
+                              Channel<A> ch, bool relu, int64_t N, int64_t C, int64_t S, int64_t per_split,
+                              A* __restrict__ part) {
   const int64_t c = blockIdx.x, split = blockIdx.y;
   const int64_t n0 = split * per_split, n1 = min(N, n0 + per_split);
-  const A center = center_of<T, A, GRAD>(x, mean, c, S);
+  const A center = center_of<T, A, GRAD>(x, ch.mean, c, S);
+  const ChannelValues<A> cv = GRAD ? values_of<A, true>(ch, c, C) : ChannelValues<A>{};
   A a = 0, b = 0;
   if (S >= kPlanarThreads * 4 || (n1 - n0) * S >= (int64_t(1) << 31)) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * C + c) * S;
-      for (int64_t s = threadIdx.x; s < S; s += blockDim.x) accumulate<T, A, GRAD>(x, dy, y, base + s, center, relu, a, b);
+      for (int64_t s = int64_t(threadIdx.x) * V; s < S; s += int64_t(blockDim.x) * V) {
+        accumulate<T, A, GRAD, V>(x, dy, y, base + s, center, relu, cv, a, b);
+      }
     }
   } else {
-    // Small planes (7x7 = 49 values): threads walk the split's planes as one run, or most of them would idle.
-    const uint32_t s32 = uint32_t(S), len = uint32_t((n1 - n0) * S);
+    // Small planes (7x7 = 49 values): threads walk the split's planes as one run of V-value groups (a group never
+    // straddles two planes: S % V == 0), or most of them would idle.
+    const uint32_t sv = uint32_t(S / V), len = uint32_t((n1 - n0) * (S / V));
     for (uint32_t j = threadIdx.x; j < len; j += blockDim.x) {
-      const uint32_t n = j / s32;
-      accumulate<T, A, GRAD>(x, dy, y, ((n0 + n) * C + c) * S + (j - n * s32), center, relu, a, b);
+      const uint32_t n = j / sv;
+      accumulate<T, A, GRAD, V>(x, dy, y, ((n0 + n) * C + c) * S + int64_t(j - n * sv) * V, center, relu, cv, a, b);
     }
   }
   __shared__ A sa[kPlanarThreads / 32], sb[kPlanarThreads / 32];
@@ -103,15 +189,16 @@ __global__ void reduce_planar(const T* __restrict__ x, const T* __restrict__ dy,
 // grid (ceil(C / 32), splits), block (32, 8): thread (tx, ty) sums rows ty, ty + 8, ... of its split, channel tx.
 template <typename T, typename A, bool GRAD>
 __global__ void reduce_rows(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
-                            const A* __restrict__ mean, bool relu, int64_t R, int64_t C, int64_t per_split,
+                            Channel<A> ch, bool relu, int64_t R, int64_t C, int64_t per_split,
                             A* __restrict__ part) {
   const int64_t c = int64_t(blockIdx.x) * kLanes + threadIdx.x, split = blockIdx.y;
   const int64_t r0 = split * per_split, r1 = min(R, r0 + per_split);
   A a = 0, b = 0;
   if (c < C) {
-    const A center = center_of<T, A, GRAD>(x, mean, c, 1);
+    const A center = center_of<T, A, GRAD>(x, ch.mean, c, 1);
+    const ChannelValues<A> cv = GRAD ? values_of<A, true>(ch, c, C) : ChannelValues<A>{};
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
-      accumulate<T, A, GRAD>(x, dy, y, r * C + c, center, relu, a, b);
+      accumulate<T, A, GRAD, 1>(x, dy, y, r * C + c, center, relu, cv, a, b);
     }
   }
   __shared__ A sa[kRowsPerBlock][kLanes + 1], sb[kRowsPerBlock][kLanes + 1];
@@ -178,67 +265,74 @@ __global__ void finalize_backward(const A* __restrict__ part, int64_t splits, in
   coef[2 * C + c] = A(k.c);
 }
 
-// Per-channel inputs of the element-wise passes.
-template <typename A>
-struct Channel {
-  const A* mean;
-  const A* invstd;  // forward
-  const A* weight;  // forward, may be null
-  const A* bias;    // forward, may be null
-  const A* coef;    // backward: k[C], mean_g[C], c[C]
-};
-
-// Forward: out = relu?(normalize(x) + other?). Backward: out = grad_input from g = dy through the ReLU mask of y
-// (other = dy), and out2 = g when the residual needs its gradient.
-template <typename T, typename A, bool BWD>
-__device__ __forceinline__ void element(const T* x, const T* other, const T* y, T* out, T* out2, int64_t i,
-                                        int64_t c, int64_t C, const Channel<A>& ch, bool relu) {
-  const A xv = static_cast<A>(x[i]);
-  if (BWD) {
-    A g = static_cast<A>(other[i]);
-    if (relu) g = bn_relu_grad<A>(g, static_cast<A>(y[i]));
-    out[i] = static_cast<T>(bn_grad_input<A>(g, xv, ch.mean[c], ch.coef[c], ch.coef[C + c], ch.coef[2 * C + c]));
-    if (out2) out2[i] = static_cast<T>(g);
-  } else {
-    const A k = ch.invstd[c] * (ch.weight ? ch.weight[c] : A(1));
-    A z = bn_normalize<A>(xv, ch.mean[c], k, ch.bias ? ch.bias[c] : A(0));
-    if (other) z += static_cast<A>(other[i]);
-    if (relu) z = bn_relu<A>(z);
-    out[i] = static_cast<T>(z);
+// Forward: out = relu?(normalize(x) + other?). Backward: out = grad_input from g = dy (other) through the ReLU
+// mask (of y, or y null: of the pre-activation from x), and out2 = g when the residual needs its gradient.
+template <typename T, typename A, bool BWD, int V>
+__device__ __forceinline__ void elements(const T* __restrict__ x, const T* __restrict__ other,
+                                         const T* __restrict__ y, T* __restrict__ out, T* __restrict__ out2,
+                                         int64_t i, const ChannelValues<A>& cv, bool relu) {
+  const Pack<T, V> xs = load<T, V>(x + i);
+  Pack<T, V> os{}, ys{}, r, r2;
+  if (other) os = load<T, V>(other + i);
+  if (BWD && relu && y) ys = load<T, V>(y + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const A xv = static_cast<A>(xs.v[k]);
+    if (BWD) {
+      A g = static_cast<A>(os.v[k]);
+      if (relu) {
+        g = bn_relu_grad<A>(g, y ? static_cast<A>(ys.v[k]) : bn_normalize<A>(xv, cv.mean, cv.k_fwd, cv.beta));
+      }
+      r.v[k] = static_cast<T>(bn_grad_input<A>(g, xv, cv.mean, cv.k, cv.mean_g, cv.c));
+      r2.v[k] = static_cast<T>(g);
+    } else {
+      A z = bn_normalize<A>(xv, cv.mean, cv.k, cv.beta);
+      if (other) z += static_cast<A>(os.v[k]);
+      if (relu) z = bn_relu<A>(z);
+      r.v[k] = static_cast<T>(z);
+    }
   }
+  store<T, V>(out + i, r);
+  if (BWD && out2) store<T, V>(out2 + i, r2);
 }
 
-// Small planes, fewer than 2^31 values: a flat grid-stride loop, the channel of value i being (i / S) % C.
-template <typename T, typename A, bool BWD>
+// Small planes, fewer than 2^31 values: a flat grid-stride loop over V-value groups, the channel of value i being
+// (i / S) % C (a group lies in one plane: S % V == 0).
+template <typename T, typename A, bool BWD, int V>
 __global__ void apply_flat(const T* __restrict__ x, const T* __restrict__ other, const T* __restrict__ y,
                            T* __restrict__ out, T* __restrict__ out2, Channel<A> ch, bool relu, uint32_t total,
                            uint32_t C, uint32_t S) {
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    element<T, A, BWD>(x, other, y, out, out2, i, (i / S) % C, C, ch, relu);
+  for (uint32_t i = (blockIdx.x * blockDim.x + threadIdx.x) * V; i < total; i += gridDim.x * blockDim.x * V) {
+    elements<T, A, BWD, V>(x, other, y, out, out2, i, values_of<A, BWD>(ch, (i / S) % C, C), relu);
   }
 }
 
 // grid (chunks along S, planes): planes strided by gridDim.y, so any N * C fits.
-template <typename T, typename A, bool BWD>
+template <typename T, typename A, bool BWD, int V>
 __global__ void apply_planar(const T* __restrict__ x, const T* __restrict__ other, const T* __restrict__ y,
                              T* __restrict__ out, T* __restrict__ out2, Channel<A> ch, bool relu, int64_t planes,
                              int64_t C, int64_t S) {
   for (int64_t p = blockIdx.y; p < planes; p += gridDim.y) {
-    const int64_t c = p % C, base = p * S;
-    for (int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; s < S; s += int64_t(gridDim.x) * blockDim.x) {
-      element<T, A, BWD>(x, other, y, out, out2, base + s, c, C, ch, relu);
+    const ChannelValues<A> cv = values_of<A, BWD>(ch, p % C, C);
+    const int64_t base = p * S;
+    for (int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
+         s += int64_t(gridDim.x) * blockDim.x * V) {
+      elements<T, A, BWD, V>(x, other, y, out, out2, base + s, cv, relu);
     }
   }
 }
 
-// block (32, 8): rows strided over the grid, channels over the 32 lanes.
+// block (32, 8): channels over the 32 lanes, rows strided over the grid.
 template <typename T, typename A, bool BWD>
 __global__ void apply_rows(const T* __restrict__ x, const T* __restrict__ other, const T* __restrict__ y,
                            T* __restrict__ out, T* __restrict__ out2, Channel<A> ch, bool relu, int64_t R,
                            int64_t C) {
-  for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.y; r < R;
-       r += int64_t(gridDim.x) * kRowsPerBlock) {
-    for (int64_t c = threadIdx.x; c < C; c += kLanes) element<T, A, BWD>(x, other, y, out, out2, r * C + c, c, C, ch, relu);
+  for (int64_t c = threadIdx.x; c < C; c += kLanes) {
+    const ChannelValues<A> cv = values_of<A, BWD>(ch, c, C);
+    for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.y; r < R;
+         r += int64_t(gridDim.x) * kRowsPerBlock) {
+      elements<T, A, BWD, 1>(x, other, y, out, out2, r * C + c, cv, relu);
+    }
   }
 }
 
@@ -262,17 +356,30 @@ Launch split_rows(const BnLayout& L) {
   return {(L.rows() + per - 1) / per, per};
 }
 
+// f(std::integral_constant<int, V>{}): V = kVec<T> where `vec`, else 1.
+template <typename T, class F>
+void with_width(bool vec, const F& f) {
+  if (vec) {
+    f(std::integral_constant<int, kVec<T>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
 template <typename T, typename A, bool GRAD>
-at::Tensor reduce(const BnLayout& L, const T* x, const T* dy, const T* y, const A* mean, bool relu,
+at::Tensor reduce(const BnLayout& L, const T* x, const T* dy, const T* y, const Channel<A>& ch, bool relu,
                   const at::TensorOptions& acc, cudaStream_t stream) {
   const Launch s = L.planar ? split_planar(L) : split_rows(L);
   at::Tensor part = at::empty({2, s.splits, L.C}, acc);
   if (L.planar) {
-    reduce_planar<T, A, GRAD><<<dim3(L.C, s.splits), kPlanarThreads, 0, stream>>>(
-        x, dy, y, mean, relu, L.N, L.C, L.S, s.per_split, part.data_ptr<A>());
+    with_width<T>(vector_ok<T>(L.S, {x, dy, y}), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      reduce_planar<T, A, GRAD, V><<<dim3(L.C, s.splits), kPlanarThreads, 0, stream>>>(
+          x, dy, y, ch, relu, L.N, L.C, L.S, s.per_split, part.data_ptr<A>());
+    });
   } else {
     reduce_rows<T, A, GRAD><<<dim3((L.C + kLanes - 1) / kLanes, s.splits), dim3(kLanes, kRowsPerBlock), 0, stream>>>(
-        x, dy, y, mean, relu, L.rows(), L.C, s.per_split, part.data_ptr<A>());
+        x, dy, y, ch, relu, L.rows(), L.C, s.per_split, part.data_ptr<A>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return part;
@@ -282,21 +389,28 @@ template <typename T, typename A, bool BWD>
 void apply(const BnLayout& L, const T* x, const T* other, const T* y, T* out, T* out2, const Channel<A>& ch,
            bool relu, cudaStream_t stream) {
   const int64_t total = L.N * L.C * L.S;
-  if (L.planar && L.S < kPlanarThreads * 4 && total < (int64_t(1) << 31)) {
-    const int64_t blocks = std::min<int64_t>((total + kPlanarThreads - 1) / kPlanarThreads, target_blocks() * 8);
-    apply_flat<T, A, BWD><<<blocks, kPlanarThreads, 0, stream>>>(x, other, y, out, out2, ch, relu, uint32_t(total),
-                                                                 uint32_t(L.C), uint32_t(L.S));
-  } else if (L.planar) {
-    const int64_t planes = L.N * L.C;
-    const int64_t chunks = std::min<int64_t>((L.S + kPlanarThreads - 1) / kPlanarThreads,
-                                             std::max<int64_t>(1, target_blocks() * 4 / std::max<int64_t>(planes, 1)));
-    apply_planar<T, A, BWD><<<dim3(chunks, std::min<int64_t>(planes, 65535)), kPlanarThreads, 0, stream>>>(
-        x, other, y, out, out2, ch, relu, planes, L.C, L.S);
-  } else {
+  if (!L.planar) {
     const int64_t blocks = std::min<int64_t>((L.rows() + kRowsPerBlock - 1) / kRowsPerBlock, target_blocks() * 8);
     apply_rows<T, A, BWD><<<blocks, dim3(kLanes, kRowsPerBlock), 0, stream>>>(x, other, y, out, out2, ch, relu,
                                                                               L.rows(), L.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
+  with_width<T>(vector_ok<T>(L.S, {x, other, y, out, out2}), [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if (L.S < kPlanarThreads * 4 && total < (int64_t(1) << 31)) {
+      const int64_t groups = total / V;
+      const int64_t blocks = std::min<int64_t>((groups + kPlanarThreads - 1) / kPlanarThreads, target_blocks() * 8);
+      apply_flat<T, A, BWD, V><<<blocks, kPlanarThreads, 0, stream>>>(x, other, y, out, out2, ch, relu,
+                                                                      uint32_t(total), uint32_t(L.C), uint32_t(L.S));
+    } else {
+      const int64_t planes = L.N * L.C, group_runs = (L.S / V + kPlanarThreads - 1) / kPlanarThreads;
+      const int64_t chunks =
+          std::min<int64_t>(group_runs, std::max<int64_t>(1, target_blocks() * 4 / std::max<int64_t>(planes, 1)));
+      apply_planar<T, A, BWD, V><<<dim3(chunks, std::min<int64_t>(planes, 65535)), kPlanarThreads, 0, stream>>>(
+          x, other, y, out, out2, ch, relu, planes, L.C, L.S);
+    }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -332,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
     using T = scalar_t;
     using A = typename AccOf<T>::type;
     const T* xp = input.data_ptr<T>();
-    at::Tensor part = training ? reduce<T, A, false>(L, xp, nullptr, nullptr, nullptr, false, acc_opts, stream)
+    at::Tensor part = training ? reduce<T, A, false>(L, xp, nullptr, nullptr, Channel<A>{}, false, acc_opts, stream)
                                : at::empty({2, 1, L.C}, acc_opts);
     const int64_t splits = part.size(1);
     finalize_forward<T, A><<<(L.C + 127) / 128, 128, 0, stream>>>(
@@ -352,7 +466,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
   return {y, save_mean, save_invstd};
 }
 
-// The ReLU mask comes from the output here (bias and mask_from_input are the CPU kernels' option).
+// The ReLU mask comes from the output, or with mask_from_input (the forward had no residual) from x with the
+// forward's coefficients where y holds the pre-activation's own values (fp32, fp64; a half-precision y is a rounded
+// one, whose mask could differ in the last subnormal): y is then never read, one pass fewer over a full tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS) {
   const BnLayout L = check_batch_norm_bwd(grad_output, input, output, weight, save_mean, save_invstd, relu);
   TORCH_CHECK(input.is_cuda(), "fck::batch_norm_bwd (cuda): input must be a CUDA tensor");
@@ -368,18 +484,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
                               training, L, dx, dres, [](int b, int t, const auto& body) { launch_blocks(b, t, body); });
   }
   at::Tensor w = as_acc(weight, acc), coef = at::empty({3, L.C}, acc_opts);
+  const bool from_x = relu && mask_from_input && training && has(output) && input.scalar_type() == acc;
+  const at::Tensor b = from_x ? as_acc(bias, acc) : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fck::batch_norm_bwd", [&] {
     using T = scalar_t;
     using A = typename AccOf<T>::type;
     const T *xp = input.data_ptr<T>(), *dyp = grad_output.data_ptr<T>();
-    const T* yp = relu ? output->data_ptr<T>() : nullptr;
-    at::Tensor part = reduce<T, A, true>(L, xp, dyp, yp, save_mean.data_ptr<A>(), relu, acc_opts, stream);
+    const T* yp = relu && !from_x ? output->data_ptr<T>() : nullptr;
+    const Channel<A> ch{save_mean.data_ptr<A>(), from_x ? save_invstd.data_ptr<A>() : nullptr, ptr_or_null<A>(w),
+                        ptr_or_null<A>(b), coef.data_ptr<A>()};
+    Channel<A> stats = ch;
+    stats.coef = nullptr;  // the reduction comes first: no coefficients yet
+    at::Tensor part = reduce<T, A, true>(L, xp, dyp, yp, stats, relu, acc_opts, stream);
     finalize_backward<A><<<(L.C + 127) / 128, 128, 0, stream>>>(
         part.data_ptr<A>(), part.size(1), L.C, double(L.count()), training, save_invstd.data_ptr<A>(),
         ptr_or_null<A>(w), dw.data_ptr<A>(), db.data_ptr<A>(), coef.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const Channel<A> ch{save_mean.data_ptr<A>(), nullptr, nullptr, nullptr, coef.data_ptr<A>()};
     apply<T, A, true>(L, xp, dyp, yp, dx.data_ptr<T>(), residual_grad ? dres.data_ptr<T>() : nullptr, ch, relu,
                       stream);
   });
