@@ -69,6 +69,10 @@ TORCH_LIBRARY(fck, m) {
   // Its backward: (grad_xg, grad_h0, grad_w_hh, grad_b_ih, grad_b_hh).
   m.def("gru_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
         "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CUDA recurrent step's own GEMM (csrc/include/fck/skinny_gemm.h): a (n x K) @ op(w), fp32, 1 <= n <= 32,
+  // op(w) = w^T (w N x K) when wt, else w (K x N); splits: K splits (0: chosen for the device). On the CPU the same
+  // kernel code runs emulated, for the tests.
+  m.def("skinny_mm(Tensor a, Tensor w, bool wt, int splits=0) -> Tensor");
   // The two layers with their autograd in C++ (register_autograd.cpp): (output, h_n, c_n) / (output, h_n). A cell
   // is a one-step layer, called many times per batch, where a Python autograd.Function costs more than the step.
   m.def("lstm_layer(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> (Tensor, Tensor, "
@@ -155,6 +159,7 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("embedding_bag_bwd", &fck::cpu::embedding_bag_bwd);
   m.impl("embedding_bag_fused_update_", &fck::cpu::embedding_bag_fused_update_);
   m.impl("lstm_layer_fwd", &fck::cpu::lstm_layer_fwd);
+  m.impl("skinny_mm", &fck::cpu::skinny_mm);
   m.impl("lstm_layer_bwd", &fck::cpu::lstm_layer_bwd);
   m.impl("gru_layer_fwd", &fck::cpu::gru_layer_fwd);
   m.impl("gru_layer_bwd", &fck::cpu::gru_layer_bwd);

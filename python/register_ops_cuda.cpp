@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(fck, CUDA, m) {
   m.impl("embedding_bag_bwd", &fck::cuda::embedding_bag_bwd);
   m.impl("embedding_bag_fused_update_", &fck::cuda::embedding_bag_fused_update_);
   m.impl("lstm_layer_fwd", &fck::cuda::lstm_layer_fwd);
+  m.impl("skinny_mm", &fck::cuda::skinny_mm);
   m.impl("lstm_layer_bwd", &fck::cuda::lstm_layer_bwd);
   m.impl("gru_layer_fwd", &fck::cuda::gru_layer_fwd);
   m.impl("gru_layer_bwd", &fck::cuda::gru_layer_bwd);

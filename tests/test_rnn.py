@@ -489,6 +489,51 @@ def test_cpu_kernels_write_every_element_of_a_poisoned_pooled_block(mode):
     assert fck.ops.release_cpu_pool() > 0
 
 
+SKINNY_CASES = {  # name: (rows, K, N, splits)
+    "AWD forward step, 32 x 1152 by 1152 x 4608": (32, 1152, 4608, 0),
+    "one row, K and N of one value": (1, 1, 1, 0),
+    "partial tiles, K past a chunk": (5, 33, 70, 0),
+    "3 K splits, the last one short": (7, 300, 31, 3),
+    "more splits than K fills": (32, 40, 33, 4),
+}
+
+
+@pytest.mark.parametrize("wt", [True, False], ids=["w^T", "w"])
+@pytest.mark.parametrize("case", list(SKINNY_CASES))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_skinny_step_gemm_matches_mm(device, case, wt):
+    """CUDA's own GEMM for the recurrent step (fp32, up to 32 rows; emulated on the CPU, a thread per CUDA thread):
+    a @ w^T and a @ w against the float64 product, for partial row and column tiles, K ranges that leave warps or
+    whole splits empty, and K split across blocks. On CUDA the caching allocator's free blocks hold NaN first."""
+    skip_unless_runnable(device, device)
+    n, K, N, splits = SKINNY_CASES[case]
+    if device == "cpu" and n * K * N > 1 << 22:
+        pytest.skip("the emulation runs a thread per CUDA thread: the AWD shape runs on the GPU")
+    g = _gen(11)
+    a = torch.randn(n, K, generator=g)
+    w = torch.randn((N, K) if wt else (K, N), generator=g)
+    if device == "cuda":
+        for size in (1 << 12, 1 << 16, 1 << 20, 1 << 23):
+            torch.full((size,), float("nan"), device="cuda")
+    c = torch.ops.fck.skinny_mm(a.to(device), w.to(device), wt, splits)
+    ref = a.double() @ (w.double().t() if wt else w.double())
+    assert c.shape == (n, N) and c.dtype == torch.float32
+    torch.testing.assert_close(c.cpu().double(), ref, rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+def test_skinny_step_gemm_checks_its_operands():
+    skip_unless_runnable("cpu", "cpu")
+    a, w = torch.randn(4, 6), torch.randn(5, 6)
+    with pytest.raises(RuntimeError, match="1 to 32 rows"):
+        torch.ops.fck.skinny_mm(torch.randn(33, 6), w, True)
+    with pytest.raises(RuntimeError, match="but w"):
+        torch.ops.fck.skinny_mm(a, w, False)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fck.skinny_mm(a.double(), w.double(), True)
+    with pytest.raises(RuntimeError, match="splits"):
+        torch.ops.fck.skinny_mm(a, w, True, 65)
+
+
 def test_mm_pooled_matches_mm_and_checks_its_operands():
     skip_unless_runnable("cpu", "cpu")
     g = _gen(4)

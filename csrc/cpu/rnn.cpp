@@ -20,6 +20,7 @@
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
 #include "fck/rnn_persistent.h"
+#include "fck/skinny_gemm.h"
 #include "panel_gemm.h"
 
 namespace fck {
@@ -510,6 +511,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS) {
   check_cpu(out, "lstm_layer_bwd");
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
+}
+
+// CUDA's step GEMM emulated (a device of EmulatedLaunch's 8 multiprocessors), for the tests.
+at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w, bool wt, int64_t splits) {
+  TORCH_CHECK(a.is_cpu() && w.is_cpu(), "fck::skinny_mm (cpu): expected CPU tensors");
+  return skinny::mm<EmulatedLaunch>(a, w, wt, splits);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_infer(FCK_LSTM_FWD_ARGS) {

@@ -11,6 +11,7 @@
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
 #include "fck/rnn_persistent.h"
+#include "fck/skinny_gemm.h"
 
 namespace fck {
 namespace cuda {
@@ -133,12 +134,22 @@ struct RnnSteps : persistent::Passes<CudaLaunch> {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     return at::empty(sizes, options);  // the caching allocator keeps blocks warm already
   }
-  // cuBLAS through at::mm_out on views of the buffers: c (n x N) = a (n x K) @ op(w).
+  // c (n x N) = a (n x K) @ op(w) on views of the buffers: fp32 steps of up to 32 rows under full fp32 matmul
+  // precision by fck/skinny_gemm.h (FCK_RNN_SKINNY_GEMM=0: cuBLAS), the rest by cuBLAS through at::mm_out.
   template <typename T>
   static void gemm(int64_t n, const T* a, const rnn::Weight<T>& W, T* c, const at::Tensor& like) {
     if (n == 0) return;
     at::Tensor out = view(c, {n, W.N}, like);
-    at::mm_out(out, view(a, {n, W.K}, like), W.wt ? view(W.w, {W.N, W.K}, like).t() : view(W.w, {W.K, W.N}, like));
+    const at::Tensor av = view(a, {n, W.K}, like);
+    const at::Tensor wv = W.wt ? view(W.w, {W.N, W.K}, like) : view(W.w, {W.K, W.N}, like);
+    if constexpr (std::is_same_v<T, float>) {
+      if (skinny::takes(n, W.K, W.N) && !env_off("FCK_RNN_SKINNY_GEMM") &&
+          at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST) {
+        skinny::mm_out<CudaLaunch>(out, av, wv, W.wt);
+        return;
+      }
+    }
+    at::mm_out(out, av, W.wt ? wv.t() : wv);
   }
 
   template <typename T>
@@ -179,6 +190,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   check_cuda(out, "lstm_layer_bwd");
   const c10::cuda::CUDAGuard guard(out.device());
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
+}
+
+at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w, bool wt, int64_t splits) {
+  check_cuda(a, "skinny_mm");
+  const c10::cuda::CUDAGuard guard(a.device());
+  return skinny::mm<CudaLaunch>(a, w, wt, splits);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS) {
