@@ -29,6 +29,8 @@ SHAPES = [
     ((2, 3, 2, 3, 4), False),
     ((2, 3, 2, 3, 4), True),
     ((37, 150), False),  # rows of more than one chunk of channels, and a narrower last chunk
+    ((37, 152), False),  # CUDA: rows in 16-byte channel groups (38 of 4 fp32, 19 of 8 half)
+    ((3, 8, 5, 7), True),  # CUDA: channels-last rows of one or two channel groups
 ]
 
 # (rtol, atol) per dtype, against a float64 computation from the same (rounded) inputs.
@@ -191,7 +193,7 @@ def test_odd_and_large_shapes(device, backend):
     interp = backend == "triton" and device == "cpu"
     shapes = [((33, 300), False), ((2, 3, 5000), False), ((3, 70, 3, 5), True)] if interp else [
         ((4099, 300), False), ((2, 3, 40001), False), ((3, 70, 33, 17), True), ((17, 2053), False),
-        ((150, 70, 6, 5), False)]
+        ((150, 70, 6, 5), False), ((9, 1024), False), ((5, 1028), False)]  # CUDA: 256 fp32 channel groups, 257
     for shape, cl in shapes:
         x, res, dy, w, b, rm, rv = _inputs(shape, torch.float32, device, cl, seed=3)
         y, rm1, rv1, grads = _run("add_relu", backend, x, res, dy, w, b, rm, rv, True)

@@ -70,28 +70,31 @@ struct ChannelValues {
 
 // What a reduction sums per element: (x - pivot, (x - pivot)^2) for the statistics, (g, g * (x - mean)) for the
 // backward. The ReLU's gradient mask comes from y, or (y null: mask_from_input) from the pre-activation recomputed
-// with the forward's coefficients.
-template <typename T, typename A, bool GRAD, int V>
-__device__ __forceinline__ void accumulate(const T* x, const T* dy, const T* y, int64_t i, A center, bool relu,
-                                           const ChannelValues<A>& cv, A& a, A& b) {
+// with the forward's coefficients. NC: the channels among the V values, 1 (a plane's run) or V (a channels-last
+// row's V adjacent channels, each with its own center, values and sums).
+template <typename T, typename A, bool GRAD, int V, int NC>
+__device__ __forceinline__ void accumulate(const T* x, const T* dy, const T* y, int64_t i, const A* center,
+                                           bool relu, const ChannelValues<A>* cv, A* a, A* b) {
+  static_assert(NC == 1 || NC == V, "a group holds one channel or one per value");
   const Pack<T, V> xs = load<T, V>(x + i);
   Pack<T, V> ds{}, ys{};
   if (GRAD) ds = load<T, V>(dy + i);
   if (GRAD && relu && y) ys = load<T, V>(y + i);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
+    const int q = NC == 1 ? 0 : k;
     const A xv = static_cast<A>(xs.v[k]);
-    const A xc = xv - center;
+    const A xc = xv - center[q];
     if (GRAD) {
       A g = static_cast<A>(ds.v[k]);
       if (relu) {
-        g = bn_relu_grad<A>(g, y ? static_cast<A>(ys.v[k]) : bn_normalize<A>(xv, cv.mean, cv.k_fwd, cv.beta));
+        g = bn_relu_grad<A>(g, y ? static_cast<A>(ys.v[k]) : bn_normalize<A>(xv, cv[q].mean, cv[q].k_fwd, cv[q].beta));
       }
-      a += g;
-      b += g * xc;
+      a[q] += g;
+      b[q] += g * xc;
     } else {
-      a += xc;
-      b += xc * xc;
+      a[q] += xc;
+      b[q] += xc * xc;
     }
   }
 }
@@ -153,7 +156,7 @@ __global__ void reduce_planar(const T* __restrict__ x, const T* __restrict__ dy,
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * C + c) * S;
       for (int64_t s = int64_t(threadIdx.x) * V; s < S; s += int64_t(blockDim.x) * V) {
-        accumulate<T, A, GRAD, V>(x, dy, y, base + s, center, relu, cv, a, b);
+        accumulate<T, A, GRAD, V, 1>(x, dy, y, base + s, &center, relu, &cv, &a, &b);
       }
     }
   } else {
@@ -162,7 +165,8 @@ __global__ void reduce_planar(const T* __restrict__ x, const T* __restrict__ dy,
     const uint32_t sv = uint32_t(S / V), len = uint32_t((n1 - n0) * (S / V));
     for (uint32_t j = threadIdx.x; j < len; j += blockDim.x) {
       const uint32_t n = j / sv;
-      accumulate<T, A, GRAD, V>(x, dy, y, ((n0 + n) * C + c) * S + int64_t(j - n * sv) * V, center, relu, cv, a, b);
+      accumulate<T, A, GRAD, V, 1>(x, dy, y, ((n0 + n) * C + c) * S + int64_t(j - n * sv) * V, &center, relu, &cv, &a,
+                                   &b);
     }
   }
   __shared__ A sa[kPlanarThreads / 32], sb[kPlanarThreads / 32];
@@ -198,7 +202,7 @@ __global__ void reduce_rows(const T* __restrict__ x, const T* __restrict__ dy, c
     const A center = center_of<T, A, GRAD>(x, ch.mean, c, 1);
     const ChannelValues<A> cv = GRAD ? values_of<A, true>(ch, c, C) : ChannelValues<A>{};
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
-      accumulate<T, A, GRAD, 1>(x, dy, y, r * C + c, center, relu, cv, a, b);
+      accumulate<T, A, GRAD, 1, 1>(x, dy, y, r * C + c, &center, relu, &cv, &a, &b);
     }
   }
   __shared__ A sa[kRowsPerBlock][kLanes + 1], sb[kRowsPerBlock][kLanes + 1];
@@ -212,6 +216,55 @@ __global__ void reduce_rows(const T* __restrict__ x, const T* __restrict__ dy, c
     }
     part[split * C + c] = a;
     part[(gridDim.y + split) * C + c] = b;
+  }
+}
+
+// Channels-last (and (N, C)) in groups of V adjacent channels, where C % V == 0, C / V <= kVecThreads and the
+// pointers allow 16-byte accesses: thread t of a block owns channel group t % G (G = C / V) of rows t / G,
+// t / G + RB, ... (RB = kVecThreads / G rows at once), so a warp reads whole rows' runs 16 bytes a thread and keeps
+// its V channels' values or sums in registers (the scalar kernels above give a lane one channel and 4 bytes).
+constexpr int kVecThreads = 256;
+
+template <typename T>
+bool rows_vector_ok(const BnLayout& L, std::initializer_list<const void*> ptrs) {
+  return !L.planar && L.C / kVec<T> <= kVecThreads && vector_ok<T>(L.C, ptrs);
+}
+
+// grid (splits): block `split` sums rows [split * per_split, ...) of every channel.
+template <typename T, typename A, bool GRAD, int V>
+__global__ void __launch_bounds__(kVecThreads)
+    reduce_rows_vec(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y, Channel<A> ch,
+                    bool relu, int64_t R, int64_t C, int64_t per_split, A* __restrict__ part) {
+  const int G = int(C / V), RB = kVecThreads / G, t = threadIdx.x, cg = t % G, lr = t / G;
+  const int64_t split = blockIdx.x, r0 = split * per_split, r1 = min(R, r0 + per_split);
+  __shared__ A sa[kVecThreads * V], sb[kVecThreads * V];  // [row lane][channel]: RB * C <= kVecThreads * V
+  if (lr < RB) {
+    A a[V], b[V], center[V];
+    ChannelValues<A> cv[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      a[k] = b[k] = A(0);
+      center[k] = center_of<T, A, GRAD>(x, ch.mean, cg * V + k, 1);
+      cv[k] = GRAD ? values_of<A, true>(ch, cg * V + k, C) : ChannelValues<A>{};
+    }
+    for (int64_t r = r0 + lr; r < r1; r += RB) {
+      accumulate<T, A, GRAD, V, V>(x, dy, y, r * C + cg * V, center, relu, cv, a, b);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      sa[lr * C + cg * V + k] = a[k];
+      sb[lr * C + cg * V + k] = b[k];
+    }
+  }
+  __syncthreads();
+  for (int64_t c = t; c < C; c += kVecThreads) {
+    A ta = 0, tb = 0;
+    for (int l = 0; l < RB; ++l) {
+      ta += sa[l * C + c];
+      tb += sb[l * C + c];
+    }
+    part[split * C + c] = ta;
+    part[(gridDim.x + split) * C + c] = tb;
   }
 }
 
@@ -267,26 +320,26 @@ __global__ void finalize_backward(const A* __restrict__ part, int64_t splits, in
 
 // Forward: out = relu?(normalize(x) + other?). Backward: out = grad_input from g = dy (other) through the ReLU
 // mask (of y, or y null: of the pre-activation from x), and out2 = g when the residual needs its gradient.
-template <typename T, typename A, bool BWD, int V>
+template <typename T, typename A, bool BWD, int V, int NC = 1>
 __device__ __forceinline__ void elements(const T* __restrict__ x, const T* __restrict__ other,
                                          const T* __restrict__ y, T* __restrict__ out, T* __restrict__ out2,
-                                         int64_t i, const ChannelValues<A>& cv, bool relu) {
+                                         int64_t i, const ChannelValues<A>* cv, bool relu) {
+  static_assert(NC == 1 || NC == V, "a group holds one channel or one per value");
   const Pack<T, V> xs = load<T, V>(x + i);
   Pack<T, V> os{}, ys{}, r, r2;
   if (other) os = load<T, V>(other + i);
   if (BWD && relu && y) ys = load<T, V>(y + i);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
+    const ChannelValues<A>& v = cv[NC == 1 ? 0 : k];
     const A xv = static_cast<A>(xs.v[k]);
     if (BWD) {
       A g = static_cast<A>(os.v[k]);
-      if (relu) {
-        g = bn_relu_grad<A>(g, y ? static_cast<A>(ys.v[k]) : bn_normalize<A>(xv, cv.mean, cv.k_fwd, cv.beta));
-      }
-      r.v[k] = static_cast<T>(bn_grad_input<A>(g, xv, cv.mean, cv.k, cv.mean_g, cv.c));
+      if (relu) g = bn_relu_grad<A>(g, y ? static_cast<A>(ys.v[k]) : bn_normalize<A>(xv, v.mean, v.k_fwd, v.beta));
+      r.v[k] = static_cast<T>(bn_grad_input<A>(g, xv, v.mean, v.k, v.mean_g, v.c));
       r2.v[k] = static_cast<T>(g);
     } else {
-      A z = bn_normalize<A>(xv, cv.mean, cv.k, cv.beta);
+      A z = bn_normalize<A>(xv, v.mean, v.k, v.beta);
       if (other) z += static_cast<A>(os.v[k]);
       if (relu) z = bn_relu<A>(z);
       r.v[k] = static_cast<T>(z);
@@ -303,7 +356,8 @@ __global__ void apply_flat(const T* __restrict__ x, const T* __restrict__ other,
                            T* __restrict__ out, T* __restrict__ out2, Channel<A> ch, bool relu, uint32_t total,
                            uint32_t C, uint32_t S) {
   for (uint32_t i = (blockIdx.x * blockDim.x + threadIdx.x) * V; i < total; i += gridDim.x * blockDim.x * V) {
-    elements<T, A, BWD, V>(x, other, y, out, out2, i, values_of<A, BWD>(ch, (i / S) % C, C), relu);
+    const ChannelValues<A> cv = values_of<A, BWD>(ch, (i / S) % C, C);
+    elements<T, A, BWD, V>(x, other, y, out, out2, i, &cv, relu);
   }
 }
 
@@ -317,7 +371,7 @@ __global__ void apply_planar(const T* __restrict__ x, const T* __restrict__ othe
     const int64_t base = p * S;
     for (int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; s < S;
          s += int64_t(gridDim.x) * blockDim.x * V) {
-      elements<T, A, BWD, V>(x, other, y, out, out2, base + s, cv, relu);
+      elements<T, A, BWD, V>(x, other, y, out, out2, base + s, &cv, relu);
     }
   }
 }
@@ -331,8 +385,23 @@ __global__ void apply_rows(const T* __restrict__ x, const T* __restrict__ other,
     const ChannelValues<A> cv = values_of<A, BWD>(ch, c, C);
     for (int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.y; r < R;
          r += int64_t(gridDim.x) * kRowsPerBlock) {
-      elements<T, A, BWD, 1>(x, other, y, out, out2, r * C + c, cv, relu);
+      elements<T, A, BWD, 1>(x, other, y, out, out2, r * C + c, &cv, relu);
     }
+  }
+}
+
+// block kVecThreads: the channel groups as in reduce_rows_vec, rows strided over the grid.
+template <typename T, typename A, bool BWD, int V>
+__global__ void __launch_bounds__(kVecThreads)
+    apply_rows_vec(const T* __restrict__ x, const T* __restrict__ other, const T* __restrict__ y,
+                   T* __restrict__ out, T* __restrict__ out2, Channel<A> ch, bool relu, int64_t R, int64_t C) {
+  const int G = int(C / V), RB = kVecThreads / G, t = threadIdx.x, cg = t % G, lr = t / G;
+  if (lr >= RB) return;
+  ChannelValues<A> cv[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) cv[k] = values_of<A, BWD>(ch, cg * V + k, C);
+  for (int64_t r = int64_t(blockIdx.x) * RB + lr; r < R; r += int64_t(gridDim.x) * RB) {
+    elements<T, A, BWD, V, V>(x, other, y, out, out2, r * C + cg * V, cv, relu);
   }
 }
 
@@ -369,6 +438,17 @@ void with_width(bool vec, const F& f) {
 template <typename T, typename A, bool GRAD>
 at::Tensor reduce(const BnLayout& L, const T* x, const T* dy, const T* y, const Channel<A>& ch, bool relu,
                   const at::TensorOptions& acc, cudaStream_t stream) {
+  if (rows_vector_ok<T>(L, {x, dy, y})) {
+    constexpr int V = kVec<T>;
+    const int64_t R = L.rows(), rb = kVecThreads / (L.C / V);
+    const int64_t want = std::min<int64_t>((R + rb - 1) / rb, target_blocks());
+    const int64_t per = (R + want - 1) / want, splits = (R + per - 1) / per;
+    at::Tensor part = at::empty({2, splits, L.C}, acc);
+    reduce_rows_vec<T, A, GRAD, V><<<splits, kVecThreads, 0, stream>>>(x, dy, y, ch, relu, R, L.C, per,
+                                                                       part.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return part;
+  }
   const Launch s = L.planar ? split_planar(L) : split_rows(L);
   at::Tensor part = at::empty({2, s.splits, L.C}, acc);
   if (L.planar) {
@@ -389,6 +469,14 @@ template <typename T, typename A, bool BWD>
 void apply(const BnLayout& L, const T* x, const T* other, const T* y, T* out, T* out2, const Channel<A>& ch,
            bool relu, cudaStream_t stream) {
   const int64_t total = L.N * L.C * L.S;
+  if (rows_vector_ok<T>(L, {x, other, y, out, out2})) {
+    constexpr int V = kVec<T>;
+    const int64_t rb = kVecThreads / (L.C / V);
+    const int64_t blocks = std::min<int64_t>((L.rows() + rb - 1) / rb, target_blocks() * 8);
+    apply_rows_vec<T, A, BWD, V><<<blocks, kVecThreads, 0, stream>>>(x, other, y, out, out2, ch, relu, L.rows(), L.C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (!L.planar) {
     const int64_t blocks = std::min<int64_t>((L.rows() + kRowsPerBlock - 1) / kRowsPerBlock, target_blocks() * 8);
     apply_rows<T, A, BWD><<<blocks, dim3(kLanes, kRowsPerBlock), 0, stream>>>(x, other, y, out, out2, ch, relu,
