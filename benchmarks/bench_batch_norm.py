@@ -51,6 +51,8 @@ def providers(device, with_compile):
     status = fck.backends()
     # FCK_BN_FUSED_CUDA=1 (read by the CUDA ops per call): planar channels of up to 16384 values in one kernel a pass
     fused = "-fused" if os.environ.get("FCK_BN_FUSED_CUDA") == "1" else ""
+    # FCK_BN_VECTOR_CUDA=0: scalar accesses and the ReLU mask from y (the A/B of the 16-byte passes)
+    fused += "-scalar" if os.environ.get("FCK_BN_VECTOR_CUDA") == "0" else ""
     out = {f"fck-{b}" + (fused if b == "cuda" else ""): ours(b) for b in ("cpu", "cuda", "triton")
            if device.type in status[b].devices and not (b == "triton" and device.type == "cpu")}
     out["torch"] = stock

@@ -14,9 +14,9 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # and every JSON row use it.
 export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
-# bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27), bench_rnn_per_step (H200, 2026-11-28) and
-# ncu_rnn run only when FCK_STAGES names them.
-STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_bn_fused} "
+# bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27), bench_rnn_per_step, bench_bn_fused (H200,
+# 2026-11-28) and ncu_rnn run only when FCK_STAGES names them.
+STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_bn_scalar} "
 declare -a summary=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...
@@ -63,6 +63,10 @@ stage bench_rnn_per_step 45 env FCK_RNN_PERSISTENT_CUDA=0 $PY benchmarks/bench_r
   --backends cuda --out "$OUT/bench_rnn_per_step_cuda.json"
 stage bench_batch_norm 110 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
+# The same batch norms at 56x56 (planar and channels-last) and tabular with scalar accesses and the ReLU mask from y
+# (FCK_BN_VECTOR_CUDA=0): the A/B of the 16-byte passes and the mask from x, in one run.
+stage bench_bn_scalar 40 env FCK_BN_VECTOR_CUDA=0 $PY benchmarks/bench_batch_norm.py --device cuda --stages 0 \
+  --channels-last --no-conv --out "$OUT/bench_bn_scalar_cuda.json"
 # The opt-in one-kernel batch norm for small planar channels (14x14, 7x7 at batch 64) against cuDNN.
 stage bench_bn_fused 40 env FCK_BN_FUSED_CUDA=1 $PY benchmarks/bench_batch_norm.py --device cuda --stages 2,3 --no-conv \
   --out "$OUT/bench_bn_fused_cuda.json"

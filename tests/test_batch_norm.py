@@ -490,6 +490,27 @@ def test_cpu_channel_groups_give_the_whole_tensor_passes_bits(shape, dtype):
             assert torch.equal(t, u)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("variant", ["relu", "add_relu"])
+def test_cuda_vector_passes_match_the_scalar_ones(variant, dtype, monkeypatch):
+    """The CUDA kernels' 16-byte passes and ReLU mask from x against FCK_BN_VECTOR_CUDA=0 (scalar accesses, mask from
+    y) and the float64 truth: planes of whole groups, channels-last and (N, C) rows of whole channel groups."""
+    skip_unless_runnable("cuda", "cuda")
+    for shape, cl in [((4, 8, 16, 16), False), ((4, 8, 16, 16), True), ((37, 152), False), ((3, 16, 7, 9), False)]:
+        x, res, dy, w, b, rm, rv = _inputs(shape, dtype, "cuda", cl, seed=4)
+        runs = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FCK_BN_VECTOR_CUDA", flag)
+            runs.append(_run(variant, "cuda", x, res, dy, w, b, rm, rv, True))
+        truth = _truth(variant, x, res, dy, w, b, rm, rv, True)
+        for run in runs:
+            _close(run[0], truth[0], dtype, f"{shape} output")
+            for g, t in zip(run[3], truth[3]):
+                if t is not None:
+                    _close(g, t, dtype, f"{shape} gradient")
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,channels_last", [((64, 7), False), ((4096, 200), False), ((4, 3, 40, 40), False),

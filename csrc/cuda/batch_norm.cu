@@ -49,10 +49,12 @@ __device__ __forceinline__ void store(T* p, const Pack<T, V>& v) {
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
 
-// Whether V-wide accesses fit: runs of `run` values (a plane, or a whole tensor) and the pointers (null ones aside).
+// Whether V-wide accesses fit: runs of `run` values (a plane, or a channels-last row) and the pointers (null ones
+// aside). FCK_BN_VECTOR_CUDA=0 (read per call): scalar accesses and the ReLU mask read from y, as before both came
+// in, for an A/B on the GPU (gpu_check.sh's bench_bn_scalar).
 template <typename T>
 bool vector_ok(int64_t run, std::initializer_list<const void*> ptrs) {
-  if (run % kVec<T> != 0) return false;
+  if (run % kVec<T> != 0 || env_off("FCK_BN_VECTOR_CUDA")) return false;
   for (const void* p : ptrs) {
     if (p && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
   }
@@ -572,7 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BA
                               training, L, dx, dres, [](int b, int t, const auto& body) { launch_blocks(b, t, body); });
   }
   at::Tensor w = as_acc(weight, acc), coef = at::empty({3, L.C}, acc_opts);
-  const bool from_x = relu && mask_from_input && training && has(output) && input.scalar_type() == acc;
+  const bool from_x = relu && mask_from_input && training && has(output) && input.scalar_type() == acc &&
+                      !env_off("FCK_BN_VECTOR_CUDA");
   const at::Tensor b = from_x ? as_acc(bias, acc) : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fck::batch_norm_bwd", [&] {
