@@ -7,8 +7,8 @@
 // block owns R rows for all T steps (R 1, or the gate count for large batches; see run): a block of G = gates * H
 // threads has one thread per gate row in the GEMM phase and one per (row, unit), R * H of them, in the cell phase.
 // The forward's thread n keeps row n of W_hh in
-// registers (fp32, H <= MAXH values) and forms the R rows' pre-activations from h in shared memory (broadcast
-// reads); the cell thread (r, j) keeps its cell state in a register. The backward's thread (q, k) keeps column k of
+// registers (fp32, H <= MAXH values) and forms the R rows' W_hh h from h in shared memory (broadcast
+// reads); the cell thread (r, j) adds its x-parts and biases and keeps its cell state in a register. The backward's thread (q, k) keeps column k of
 // gate block q of W_hh in registers and forms R partial sums of dh over that block; the cell thread adds the gate
 // blocks' partials in order. Per step: two barriers, no launch, no GEMM call (the per-step path pays a cuBLAS call
 // and a kernel, ~35 us of host time, per step). Roundings follow the per-step path: the GEMM results and the values
