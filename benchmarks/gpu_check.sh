@@ -74,10 +74,10 @@ stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets 
   --out $OUT/adam_resnet34.json && $PY benchmarks/bench_adam.py --device cuda --sets 100m \
   --out $OUT/adam_100m.json"
 # Nsight Compute on the persistent LSTM/GRU kernels of one lesson-7 fwd+bwd: the LSTM forward took 2x its
-# backward's time on the H200 (run 4: 95 vs 48 us a layer) at the same issue rate (0.19 vs 0.20 a scheduler),
-# unexplained by the instruction counts. Each warp stall reason in cycles per issued instruction and the instruction
-# mix for all four kernels, then the LSTM forward's SASS with its per-line stall samples. Needs a runtime whose
-# counters ncu can read (Firecracker).
+# backward's time on the H200 (run 4: 95 vs 48 us a layer) at the same issue rate, which its SASS explained (a
+# branch per dot group, serialized activations; both removed since). Each warp stall reason in cycles per issued
+# instruction and the instruction mix for all four kernels, then the LSTM forward's SASS with its per-line stall
+# samples. Needs a runtime whose counters ncu can read (Firecracker).
 ncu_rnn() {
   local prog="
 import torch, fastcore_kernels as fck
