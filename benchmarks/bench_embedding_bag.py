@@ -15,6 +15,7 @@ step's peak memory beyond the table.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def cases(device):
     text = torch.randint(0, 60_000, (int(lengths.sum()),), generator=g)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
     out.append(("text 60k x400, 4096 bags", [(60_000, 400, text, offsets, "mean")]))
+    # The same bags over a Zipfian vocabulary (word k drawn with probability ~ 1/(k + 1), fastai's vocab order:
+    # frequent words first): the most frequent row is named in ~9% of the positions, which a backward with
+    # one writer per row, or atomics into one row, serializes.
+    zipf = torch.multinomial(1.0 / torch.arange(1, 60_001, dtype=torch.float64), len(text), replacement=True,
+                             generator=g)
+    out.append(("text zipf 60k x400, 4096", [(60_000, 400, zipf, offsets, "mean")]))
     return [(name, [(n, d, i.to(device), o.to(device), m) for n, d, i, o, m in tables]) for name, tables in out]
 
 
@@ -60,7 +67,10 @@ def main(argv=None) -> Results:
     device = torch.device(args.device)
     res = Results(device, args.out)
     status = fck.backends()
-    providers = {f"fck-{b}": b for b in IMPLEMENTED if b != "reference" and device.type in status[b].devices
+    # FCK_BAG_ROWS_CUDA=0 / 1 (read by the CUDA backward per call): atomics or the row-by-row backward for every case
+    forced = {"0": "-atomics", "1": "-rows"}.get(os.environ.get("FCK_BAG_ROWS_CUDA", ""), "")
+    providers = {f"fck-{b}" + (forced if b == "cuda" else ""): b for b in IMPLEMENTED
+                 if b != "reference" and device.type in status[b].devices
                  and not (b == "triton" and device.type == "cpu")}
     providers["torch"] = None
     for name, tables in cases(device):

@@ -16,7 +16,7 @@ export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
 # bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27), bench_rnn_per_step, bench_bn_fused (H200,
 # 2026-11-28) and ncu_rnn run only when FCK_STAGES names them.
-STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_rnn bench_batch_norm bench_bn_scalar} "
+STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_bag_atomics bench_rnn bench_batch_norm bench_bn_scalar} "
 declare -a summary=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...
@@ -56,6 +56,10 @@ if [[ -n $crashed ]] && command -v cuda-gdb >/dev/null; then
 fi
 stage bench_embedding_bag 45 $PY benchmarks/bench_embedding_bag.py --device cuda \
   --out "$OUT/bench_embedding_bag_cuda.json"
+# The embedding backward with atomics for every case (FCK_BAG_ROWS_CUDA=0; the default goes row by row from 8M
+# index-columns: the text cases): the A/B of fck/embedding_bag_rows.h, in one run.
+stage bench_bag_atomics 30 env FCK_BAG_ROWS_CUDA=0 $PY benchmarks/bench_embedding_bag.py --device cuda --no-large \
+  --out "$OUT/bench_bag_atomics_cuda.json"
 # FCK_RNN_ARGS: extra bench_rnn arguments (e.g. --dtype bfloat16 --quick).
 stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda ${FCK_RNN_ARGS:-} --out "$OUT/bench_rnn_cuda.json"
 # The per-step CUDA loop (the persistent kernels switched off) against cuDNN, lesson-7 shapes and cells.

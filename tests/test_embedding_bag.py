@@ -387,6 +387,87 @@ def test_modules_are_drop_ins_and_fuse_swaps_them():
     torch.testing.assert_close(fused(x), model(x))
 
 
+def _row_bags(seed, n_bags, vocab, max_len, hot, index_dtype):
+    """Bags of 0..max_len indices over `vocab` rows with row 1 `hot` times over (a frequent word: its occurrences
+    span several of the row-by-row backward's 64-occurrence chunks), rows past vocab // 2 never named, and a
+    leading empty bag."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len + 1, (n_bags,), generator=g)
+    lengths[0] = 0
+    indices = torch.randint(0, max(1, vocab // 2), (int(lengths.sum()),), generator=g)
+    indices[torch.randperm(len(indices), generator=g)[:hot]] = 1
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    return indices.to(index_dtype), offsets.to(index_dtype)
+
+
+# CUDA's row-by-row backward (fck/embedding_bag_rows.h), its functors emulated on the CPU: a std::thread per CUDA
+# thread, its outputs NaN-filled first. Widths: 16-byte vectors (8, 1100: two column tiles of 256 threads) and
+# scalar columns (5).
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 8), (torch.float32, 5), (torch.float64, 6),
+                                       (torch.bfloat16, 16), (torch.float16, 5), (torch.float32, 1100)])
+@pytest.mark.parametrize("mode,use_psw,padding_idx", [("sum", False, None), ("sum", True, 3), ("mean", False, 3),
+                                                      ("mean", True, None)])
+def test_rows_backward_emulated_cpu(monkeypatch, mode, use_psw, padding_idx, dtype, dim):
+    skip_unless_runnable("cpu", "cpu")
+    monkeypatch.setenv("FCK_BAG_ROWS_EMULATE", "1")
+    wide = dim > 64
+    indices, offsets = _row_bags(dim, n_bags=6 if wide else 60, vocab=40, max_len=8 if wide else 12,
+                                 hot=12 if wide else 200, index_dtype=torch.int32 if dim % 2 else torch.int64)
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, dim, generator=g).to(dtype)
+    psw = torch.rand(len(indices), generator=g).to(dtype) if use_psw else None
+    if mode == "mean" and use_psw:  # the backward's per-index scales ('mean' with scale_grad_by_freq's folded in)
+        grad = torch.randn(len(offsets), dim, generator=g).to(dtype)
+        off = torch.cat([offsets, torch.tensor([len(indices)], dtype=offsets.dtype)])
+        ours = torch.ops.fck.embedding_bag_bwd(grad, indices, off, torch.empty(0, dtype=torch.long), 40, 1, psw,
+                                               padding_idx if padding_idx is not None else -1)
+        rows = grad.double().repeat_interleave(off.diff().long(), 0)
+        per_bag = torch.zeros(len(offsets), dtype=torch.float64).index_add_(
+            0, torch.arange(len(offsets)).repeat_interleave(off.diff().long()), torch.ones(len(indices)).double())
+        scale = psw.double() / per_bag.clamp_min(1).repeat_interleave(off.diff().long())
+        theirs = torch.zeros(40, dim, dtype=torch.float64).index_add_(0, indices.long(), rows * scale[:, None])
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol * theirs.abs().max().item())
+        return
+    _check_against_float64("cpu", indices, offsets, weight, psw, mode, padding_idx, dtype)
+
+
+def test_rows_backward_emulated_edges_cpu(monkeypatch):
+    """No index at all, bags that are all padding, and a table whose rows are all untouched but one."""
+    skip_unless_runnable("cpu", "cpu")
+    monkeypatch.setenv("FCK_BAG_ROWS_EMULATE", "1")
+    grad = torch.randn(3, 4)
+    empty = torch.ops.fck.embedding_bag_bwd(grad, torch.empty(0, dtype=torch.long), torch.tensor([0, 0, 0, 0]),
+                                            torch.empty(0, dtype=torch.long), 9, 0, None, -1)
+    assert torch.equal(empty, torch.zeros(9, 4))
+    indices, offsets = torch.tensor([2, 2, 7, 2]), torch.tensor([0, 2, 3, 4])
+    out = torch.ops.fck.embedding_bag_bwd(grad, indices, offsets, torch.empty(0, dtype=torch.long), 9, 1, None, 2)
+    want = torch.zeros(9, 4)
+    want[7] = grad[1]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode,use_psw", [("sum", True), ("mean", False)])
+def test_rows_backward_cuda(monkeypatch, mode, use_psw, dtype):
+    """The row-by-row backward forced on (FCK_BAG_ROWS_CUDA=1) against float64 with a frequent row across many
+    chunks, bitwise repeatable; and the atomics forced on (=0) against the same."""
+    skip_unless_runnable("cuda", "cuda")
+    indices, offsets = _row_bags(9, n_bags=500, vocab=3000, max_len=60, hot=5000, index_dtype=torch.int64)
+    weight = torch.randn(3000, 72).to(dtype)
+    psw = torch.rand(len(indices)).to(dtype) if use_psw else None
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FCK_BAG_ROWS_CUDA", flag)
+        _check_against_float64("cuda", indices, offsets, weight, psw, mode, 7, dtype, device="cuda")
+    monkeypatch.setenv("FCK_BAG_ROWS_CUDA", "1")
+    idx, off, w = indices.cuda(), offsets.cuda(), weight.cuda()
+    p = None if psw is None else psw.cuda()
+    runs = [_run(lambda w_, p_: fckF.embedding_bag(idx, w_, off, mode=mode, per_sample_weights=p_, padding_idx=7,
+                                                   backend="cuda"), w, p)[1] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", devices())
 def test_deterministic_mode(device, backend):

@@ -16,9 +16,11 @@
 #include <utility>
 #include <vector>
 
+#include "fck/block_launch.h"
 #include "fck/cpu_pool.h"
 #include "fck/cpu_vec.h"
 #include "fck/embedding_bag.h"
+#include "fck/embedding_bag_rows.h"
 #include "fck/embedding_bag_host.h"
 #include "fck/ops.h"
 
@@ -623,6 +625,11 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
   check_embedding_bag_bwd(grad_output, indices, offsets, max_indices, num_weights, mode, per_sample_weights);
   TORCH_CHECK(grad_output.device().is_cpu(), "fck::embedding_bag_bwd (cpu): tensors must be on the CPU");
   check_index_range(indices, num_weights);
+  if (mode != kBagMax && env_on("FCK_BAG_ROWS_EMULATE")) {  // CUDA's row-by-row backward, emulated for the tests
+    return bag_rows::grad(grad_output, indices, offsets, num_weights, mode,
+                          has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor(), padding_idx,
+                          [](int b, int t, const auto& body) { emulate_blocks(b, t, body); });
+  }
   // A large table's gradient comes from the CPU pool (warm pages; see fck/cpu_pool.h) and is zeroed in parallel.
   // sum/mean write every row; max only the rows its maxima came from.
   at::Tensor grad_w = pooled_empty({num_weights, grad_output.size(1)}, grad_output.options());

@@ -6,8 +6,9 @@
 // per thread). The backward holds its bag's gradient in registers and adds it to every row the bag named
 // (atomicAdd into an fp32/fp64 buffer; 16-byte vector atomics on sm_90): no per-index bag ids or scales are built,
 // and one kernel does it all. 'max': block (bag, column chunk) adds each column to the row its maximum came from.
-// Under torch.use_deterministic_algorithms(True) the backward gathers the per-index rows instead and lets ATen's
-// deterministic index_add_ sum them.
+// Where the indices times the columns are many (text bags: 450k x 400), the atomics cost more than grouping the
+// occurrences by row: the backward then sorts them and writes each gradient row once (fck/embedding_bag_rows.h:
+// no atomics, no zero fill, the same bits every run, so also the path under torch.use_deterministic_algorithms).
 //
 // Validation costs one wait: the forward kernel checks every offset and index as it reads it (a bad one is never
 // dereferenced) and records the first bad bag and index; the host reads those 16 bytes back and raises
@@ -21,8 +22,10 @@
 #include <type_traits>
 
 #include "fck/acc.h"
+#include "fck/block_launch.h"
 #include "fck/embedding_bag.h"
 #include "fck/embedding_bag_host.h"
+#include "fck/embedding_bag_rows.h"
 #include "fck/ops.h"
 
 namespace fck {
@@ -31,6 +34,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kCols = 128;  // columns per block of the 'max' backward
+// Indices x columns from which the dense backward goes row by row: an estimate until the H200 measures both (the
+// text case, 180M, spent 440 us in atomics; collab's 0.2M and tabular's less take one atomic launch and a fill).
+constexpr int64_t kRowsWork = int64_t(1) << 23;
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -382,6 +388,13 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
   TORCH_CHECK(grad_output.is_cuda(), op, " (cuda): tensors must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const int64_t dim = grad_output.size(1), n_bags = offsets.numel() - 1;
+  // FCK_BAG_ROWS_CUDA=0 / 1 picks the atomics or the rows outside deterministic mode (the benchmark's A/B).
+  if (mode != kBagMax && (at::globalContext().deterministicAlgorithms() || env_on("FCK_BAG_ROWS_CUDA") ||
+                          (!env_off("FCK_BAG_ROWS_CUDA") && indices.numel() * dim >= kRowsWork))) {
+    return bag_rows::grad(grad_output, indices, offsets, num_weights, mode,
+                          has(per_sample_weights) ? per_sample_weights->contiguous() : at::Tensor(), padding_idx,
+                          [](int b, int t, const auto& body) { launch_blocks(b, t, body); });
+  }
   const auto acc = grad_output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor gw = at::zeros({num_weights, dim}, grad_output.options().dtype(acc));
   if (grad_output.numel() == 0 || (mode != kBagMax && indices.numel() == 0)) return gw.to(grad_output.scalar_type());
@@ -394,12 +407,6 @@ at::Tensor embedding_bag_bwd(FCK_EMBEDDING_BAG_BWD_ARGS) {
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return gw.to(grad_output.scalar_type());
-  }
-  if (at::globalContext().deterministicAlgorithms()) {
-    at::Tensor scale, bag;
-    std::tie(scale, bag) = index_scale(indices, offsets, mode, per_sample_weights, padding_idx, acc);
-    const at::Tensor rows = grad_output.to(acc).index_select(0, bag).mul_(scale.unsqueeze(1));
-    return gw.index_add_(0, indices, rows).to(grad_output.scalar_type());
   }
   add_bag_rows(grad_output, indices, offsets, mode, per_sample_weights, padding_idx, gw, 1.0);
   return gw.to(grad_output.scalar_type());

@@ -11,6 +11,8 @@
 // Unrolls a loop on the GPU (register arrays indexed by its counter stay in registers); nothing on the host.
 #if defined(__CUDA_ARCH__)
 #define FCK_UNROLL _Pragma("unroll")
+#define FCK_UNROLL_4 _Pragma("unroll 4")
 #else
 #define FCK_UNROLL
+#define FCK_UNROLL_4
 #endif
