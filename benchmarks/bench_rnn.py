@@ -6,8 +6,8 @@ CUDA) with the same weights, in the same run.
     FCK_RNN_PERSISTENT_CUDA=0 python benchmarks/bench_rnn.py --device cuda   # CUDA's per-step loop, not the
                                                                               # persistent kernels (hidden <= 64)
 
-Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), hidden 128 and
-256 (2 layers, batch 32, 70 steps), the AWD-LSTM shape (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
+Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), hidden 128 (LSTM
+and GRU) and 256 (2 layers, batch 32, 70 steps), the AWD-LSTM shape (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
 forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. Stock nn.LSTM/GRU on
 CUDA compute their fp32 GEMMs in TF32 (torch.backends.cudnn.allow_tf32 is on by default) while fastcore_kernels'
 follow torch's fp32 matmul precision (full fp32 under "highest"): an fp32 CUDA run adds the like-for-like pairs,
@@ -43,8 +43,10 @@ def cases(quick: bool):
            ("LSTMCell 64->64, B64", "lstm_cell", 64, 64, 1, 64, 1, False),
            ("GRUCell 64->64, B64", "gru_cell", 64, 64, 1, 64, 1, False)]
     if not quick:
-        # hidden 65-256 (no persistent kernel on CUDA: the per-step loop, its GEMM our own at 32 rows), then AWD's
+        # hidden 128 (CUDA: the persistent kernels, W_hh split between registers and shared memory) and 256 (the
+        # per-step loop, its GEMM our own at 32 rows), then AWD's
         out.append(("LSTM 128->128 x2, B32 T70", "lstm", 128, 128, 2, 32, 70, False))
+        out.append(("GRU 128->128 x2, B32 T70", "gru", 128, 128, 2, 32, 70, False))
         out.append(("LSTM 256->256 x2, B32 T70", "lstm", 256, 256, 2, 32, 70, False))
         out.append(("AWD LSTM 400->1152 x3, B32 T70", "lstm", 400, 1152, 3, 32, 70, False))
     return out

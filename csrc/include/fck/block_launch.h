@@ -43,16 +43,22 @@ struct DeviceCtx {
   __device__ void sync() const { __syncthreads(); }
 };
 
+// The block's Shared lives in dynamic shared memory (one untyped array for every instantiation), so a body may hold
+// more than the 48 KB a static declaration allows: the persistent RNN kernels keep part of W_hh there.
 template <class Body>
 __global__ void __launch_bounds__(Body::kMaxThreads) block_kernel(const Body body) {
-  __shared__ typename Body::Shared sh;
+  extern __shared__ __align__(16) unsigned char block_shared[];
   DeviceCtx ctx{int(threadIdx.x), int(blockIdx.x), int(blockDim.x)};
-  body(ctx, sh);
+  body(ctx, *reinterpret_cast<typename Body::Shared*>(block_shared));
 }
 
 template <class Body>
 void launch_blocks(int blocks, int threads, const Body& body) {
-  block_kernel<Body><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(body);
+  constexpr size_t bytes = sizeof(typename Body::Shared);
+  if (bytes > 48 * 1024) {  // the opt-in above 48 KB, per device (a cheap driver call next to a persistent launch)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(block_kernel<Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+  block_kernel<Body><<<blocks, threads, bytes, at::cuda::getCurrentCUDAStream()>>>(body);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,4 +1,4 @@
-// The persistent LSTM/GRU kernels' bodies (CUDA's default for hidden <= 64; FCK_RNN_PERSISTENT_CUDA=0 runs the
+// The persistent LSTM/GRU kernels' bodies (CUDA's default for hidden <= 128; FCK_RNN_PERSISTENT_CUDA=0 runs the
 // per-step loop), written once for the GPU and for a CPU emulation the tests run (FCK_RNN_PERSISTENT_EMULATE=1:
 // one std::thread per CUDA thread, a barrier for __syncthreads), so the CPU covers their indexing and barriers as
 // well as the cell math.
@@ -7,10 +7,10 @@
 // block owns R rows for all T steps (R 1, or the gate count for large batches; see run): a block of G = gates * H
 // threads has one thread per gate row in the GEMM phase and one per (row, unit), R * H of them, in the cell phase.
 // The forward's thread n keeps row n of W_hh in
-// registers (fp32, H <= MAXH values) and forms the R rows' W_hh h from h in shared memory (broadcast
-// reads); the cell thread (r, j) adds its x-parts and biases and keeps its cell state in a register. The backward's thread (q, k) keeps column k of
-// gate block q of W_hh in registers and forms R partial sums of dh over that block; the cell thread adds the gate
-// blocks' partials in order. Per step: two barriers, no launch, no GEMM call (the per-step path pays a cuBLAS call
+// registers (fp32, H <= MAXH values; past hidden 64 the first 64, the rest in shared memory) and forms the R rows'
+// W_hh h from h in shared memory (broadcast reads); the cell thread (r, j) adds its x-parts and biases and keeps its
+// cell state in a register. The backward's thread (q, k) keeps column k of gate block q of W_hh the same way and
+// forms R partial sums of dh over that block; the cell thread adds the gate blocks' partials in order. Per step: two barriers, no launch, no GEMM call (the per-step path pays a cuBLAS call
 // and a kernel, ~35 us of host time, per step). Roundings follow the per-step path: the GEMM results and the values
 // it reads (h, the gate gradients) are rounded to the storage type T.
 //
@@ -28,27 +28,47 @@
 namespace fck {
 namespace persistent {
 
-constexpr int kMaxH = 64;
+constexpr int kMaxH = 128;
+// A thread's W_hh values held in registers: its whole row (forward) or column (backward) up to hidden 64; past that
+// (fp32 W_hh of 4 x 128 x 128 is 256 KB, a multiprocessor's whole register file) the first kRegH values, and the
+// rest in shared memory (SharedW: 128 KB for the LSTM at 128, above the 48 KB of a static declaration, hence
+// block_launch.h's dynamic shared memory).
+constexpr int kRegH = 64;
+
+template <int MAXH>
+constexpr int reg_h() {
+  return MAXH < kRegH ? MAXH : kRegH;
+}
+
+// W_hh values kRegH.. of each thread's row or column, [k / 4][thread][4]: a warp's 16-byte loads of one k group are
+// consecutive, so they meet no bank conflict. Empty up to hidden 64.
+template <int GATES, int MAXH, bool = (MAXH > kRegH)>
+struct SharedW {};
+template <int GATES, int MAXH>
+struct SharedW<GATES, MAXH, true> {
+  static constexpr int kStride = GATES * MAXH * 4;  // floats from one k group of a thread to the next
+  alignas(16) float w[(MAXH - kRegH) / 4][GATES * MAXH][4];
+};
 
 // Shared memory of a block. The backward's gate gradients are laid out per gate block, [row][block][unit], so that
 // a gate block starts on a 16-byte boundary for dot_rows' 4-value loads.
 template <int MAXH, int R>
-struct LstmFwdShared {
+struct LstmFwdShared : SharedW<4, MAXH> {
   alignas(16) float h[R][MAXH];
   alignas(16) float pre[R][4 * MAXH];
 };
 template <int MAXH, int R>
-struct LstmBwdShared {
+struct LstmBwdShared : SharedW<4, MAXH> {
   alignas(16) float dg[R][4][MAXH];
   alignas(16) float part[4][R][MAXH];
 };
 template <int MAXH, int R>
-struct GruFwdShared {
+struct GruFwdShared : SharedW<3, MAXH> {
   alignas(16) float h[R][MAXH];
   alignas(16) float pre[R][3 * MAXH];
 };
 template <int MAXH, int R>
-struct GruBwdShared {
+struct GruBwdShared : SharedW<3, MAXH> {
   alignas(16) float dg[R][3][MAXH];
   alignas(16) float part[3][R][MAXH];
 };
@@ -103,6 +123,21 @@ FCK_HOST_DEVICE void load_column(float (&w)[MAXH], const T* w_hh, int q, int k, 
   for (int i = 0; i < MAXH; ++i) w[i] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
 }
 
+// The shared part of load_row / load_column (values kRegH..MAXH, zeros past H) into the thread's slots of s.
+template <typename T, int GATES, int MAXH>
+FCK_HOST_DEVICE void load_row_shared(SharedW<GATES, MAXH, true>& s, const T* w_hh, int n, int H, bool valid,
+                                     int tid) {
+  const T* row = w_hh + int64_t(n) * H;
+  for (int k = kRegH; k < MAXH; ++k) s.w[(k - kRegH) / 4][tid][k % 4] = valid && k < H ? float(row[k]) : 0.f;
+}
+template <typename T, int GATES, int MAXH>
+FCK_HOST_DEVICE void load_column_shared(SharedW<GATES, MAXH, true>& s, const T* w_hh, int q, int k, int H,
+                                        bool valid, int tid) {
+  for (int i = kRegH; i < MAXH; ++i) {
+    s.w[(i - kRegH) / 4][tid][i % 4] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
+  }
+}
+
 // acc[r] = sum_{k < H} v[r * stride + k] w[k] for the block's R rows: four partial sums (k mod 4), added pairwise
 // at the end, so a row's chain of dependent adds is H / 4 long (one row a block leaves no other row's chain to
 // interleave), and a row's value never depends on R. v is shared memory every thread of the block reads at the
@@ -112,14 +147,29 @@ FCK_HOST_DEVICE void load_column(float (&w)[MAXH], const T* w_hh, int q, int k, 
 // body is straight-line code whose 4-value loads the compiler can issue together. (With a runtime `k < H` test per
 // group of 4, the LSTM/GRU forwards compiled it as 16 branches a step, each group's load waited on alone: ncu on the
 // H200 showed 24 branches per warp and step against the backwards' 6, shared-load scoreboard stalls first, and the
-// forwards at 2x the backwards' time.)
+// forwards at 2x the backwards' time.) Past kRegH the weights come from the thread's shared slots ws (k group
+// g at ws[g * ws_stride]), into the same four partial sums.
 template <int R, int MAXH>
-FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const float (&w)[MAXH]) {
+FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const float (&w)[reg_h<MAXH>()],
+                              const float* ws = nullptr, int ws_stride = 0) {
+  constexpr int RH = reg_h<MAXH>();
   float part[R][4];
   FCK_UNROLL
   for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = part[r][2] = part[r][3] = 0.f;
   FCK_UNROLL
-  for (int k = 0; k < MAXH; k += 4) {
+  for (int k = RH; k < MAXH; k += 4) {
+    const vec4 y = load4(ws + (k - RH) / 4 * ws_stride);
+    FCK_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const vec4 x = load4(v + r * stride + k);
+      part[r][0] += x.x * y.x;
+      part[r][1] += x.y * y.y;
+      part[r][2] += x.z * y.z;
+      part[r][3] += x.w * y.w;
+    }
+  }
+  FCK_UNROLL
+  for (int k = 0; k < RH; k += 4) {
     FCK_UNROLL
     for (int r = 0; r < R; ++r) {
       const vec4 x = load4(v + r * stride + k);
@@ -169,8 +219,14 @@ struct LstmFwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool gate_row = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[MAXH];
-    load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
+    float w[reg_h<MAXH>()];
+    load_row<T, reg_h<MAXH>()>(w, w_hh, tid, H, gate_row);
+    const float* ws = nullptr;
+    int ws_stride = 0;
+    if constexpr (MAXH > kRegH) {
+      load_row_shared<T>(sh, w_hh, tid, H, gate_row, tid);
+      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
+    }
     float bn[4];
     FCK_UNROLL
     for (int q = 0; q < 4; ++q) bn[q] = cell ? float(bias[q * H + j]) : 0.f;
@@ -188,7 +244,7 @@ struct LstmFwd {
     for (int s = 0; s < steps; ++s) {
       if (gate_row) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w);
+        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr]));
       }
@@ -240,8 +296,14 @@ struct LstmBwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool column = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[MAXH];
-    load_column<T, MAXH>(w, w_hh, r, j, H, column);  // as the GEMM thread, (r, j) is (gate block q, column k)
+    float w[reg_h<MAXH>()];
+    load_column<T, reg_h<MAXH>()>(w, w_hh, r, j, H, column);
+    const float* ws = nullptr;
+    int ws_stride = 0;
+    if constexpr (MAXH > kRegH) {
+      load_column_shared<T>(sh, w_hh, r, j, H, column, tid);
+      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
+    }  // as the GEMM thread, (r, j) is (gate block q, column k)
     const int64_t state = int64_t(b0 + r) * H + j;
     const int first = reverse ? steps - 1 : 0;
     const auto load_in = [&](int s) {
@@ -269,7 +331,7 @@ struct LstmBwd {
       ctx.sync();
       if (column) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w);
+        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, ws, ws_stride);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
       }
@@ -297,8 +359,14 @@ struct GruFwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool gate_row = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[MAXH];
-    load_row<T, MAXH>(w, w_hh, tid, H, gate_row);
+    float w[reg_h<MAXH>()];
+    load_row<T, reg_h<MAXH>()>(w, w_hh, tid, H, gate_row);
+    const float* ws = nullptr;
+    int ws_stride = 0;
+    if constexpr (MAXH > kRegH) {
+      load_row_shared<T>(sh, w_hh, tid, H, gate_row, tid);
+      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
+    }
     const float bh = gate_row ? float(b_hh[tid]) : 0.f;
     float bi[3];
     FCK_UNROLL
@@ -316,7 +384,7 @@ struct GruFwd {
     for (int s = 0; s < steps; ++s) {
       if (gate_row) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w);
+        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
       }
@@ -360,8 +428,14 @@ struct GruBwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool column = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[MAXH];
-    load_column<T, MAXH>(w, w_hh, r, j, H, column);
+    float w[reg_h<MAXH>()];
+    load_column<T, reg_h<MAXH>()>(w, w_hh, r, j, H, column);
+    const float* ws = nullptr;
+    int ws_stride = 0;
+    if constexpr (MAXH > kRegH) {
+      load_column_shared<T>(sh, w_hh, r, j, H, column, tid);
+      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
+    }
     const int64_t state = int64_t(b0 + r) * H + j;
     const int first = reverse ? steps - 1 : 0;
     const auto load_in = [&](int s) {
@@ -393,7 +467,7 @@ struct GruBwd {
       ctx.sync();
       if (column) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w);
+        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, ws, ws_stride);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
       }
@@ -415,26 +489,35 @@ bool eligible(const rnn::Dims& d) {
          d.T <= (int64_t(1) << 30);  // an empty batch or state: no block to launch
 }
 
-// Runs Body<T, MAXH, R> (MAXH 32 or 64, the smaller that holds H) over the batch: G = gates * H threads rounded up
-// to a warp, one block per R rows. R = 1 while the batch's blocks fit the device at once (Launch::blocks_at_once:
-// the multiprocessors), else R = gates. A block's GEMM phase issues R times a row's FMAs on one multiprocessor:
-// lesson 7's batch of 64 as 16 blocks of 4 rows kept 16 of 132 SMs busy, at 4x the work each.
+// Runs Body<T, MAXH, R> (MAXH 32, 64 or 128, the smallest that holds H) over the batch: G = gates * H threads
+// rounded up to a warp, one block per R rows. R = 1 while the batch's blocks fit the device at once
+// (Launch::blocks_at_once: the multiprocessors), else R = gates. A block's GEMM phase issues R times a row's FMAs on
+// one multiprocessor: lesson 7's batch of 64 as 16 blocks of 4 rows kept 16 of 132 SMs busy, at 4x the work each.
+// Past hidden 64, R = 1: a block of up to 512 threads takes a multiprocessor's registers (128 a thread under the
+// launch bounds) and its W_hh part 96-128 KB of shared memory; larger batches run in waves.
+// False, launching nothing, where the device cannot give a block the shared memory it needs (Launch::shared_max:
+// 227 KB on an H100/H200, 163 KB on an A100, 99 KB on consumer parts, where hidden > 96 falls back to the loop).
 template <class Launch, template <typename, int, int> class Body, typename T, class Make>
-void run(const rnn::Dims& d, const Make& make) {
+bool run(const rnn::Dims& d, const Make& make) {
+  bool ran = true;
   const auto go = [&](auto maxh, auto rows) {
     using B = Body<T, decltype(maxh)::value, decltype(rows)::value>;
     const int threads = int((B::kGates * d.H + 31) / 32 * 32), blocks = int((d.B + B::kRows - 1) / B::kRows);
-    Launch::launch(blocks, threads, make(B{}));
+    ran = sizeof(typename B::Shared) <= Launch::shared_max();
+    if (ran) Launch::launch(blocks, threads, make(B{}));
   };
   constexpr int kGates = Body<T, 32, 1>::kGates;
   const bool one = d.B <= Launch::blocks_at_once();
   if (d.H <= 32) {
     one ? go(std::integral_constant<int, 32>{}, std::integral_constant<int, 1>{})
         : go(std::integral_constant<int, 32>{}, std::integral_constant<int, kGates>{});
-  } else {
+  } else if (d.H <= 64) {
     one ? go(std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{})
         : go(std::integral_constant<int, 64>{}, std::integral_constant<int, kGates>{});
+  } else {
+    go(std::integral_constant<int, 128>{}, std::integral_constant<int, 1>{});
   }
+  return ran;
 }
 
 // The layer passes as Dev::*_whole hooks (see rnn_host.h; a Dev derives from Passes<its Launch>): true when the
@@ -449,12 +532,11 @@ struct Passes {
       return false;
     } else {
       if (!eligible<T>(d) || !Launch::enabled()) return false;
-      run<Launch, LstmFwd, T>(d, [&](auto b) {
+      return run<Launch, LstmFwd, T>(d, [&](auto b) {
         b.xg = x.p, b.h0 = h_init.p, b.c0 = c_init.p, b.w_hh = w, b.bias = bias, b.out = y.p, b.c_all = c.p;
         b.gates = g.p, b.steps = int(d.T), b.B = int(d.B), b.H = int(d.H), b.reverse = o.reverse, b.save = save;
         return b;
       });
-      return true;
     }
   }
   template <typename T, typename A>
@@ -466,12 +548,11 @@ struct Passes {
       return false;
     } else {
       if (!eligible<T>(d) || !Launch::enabled()) return false;
-      run<Launch, LstmBwd, T>(d, [&](auto b) {
+      return run<Launch, LstmBwd, T>(d, [&](auto b) {
         b.dout = dy.p, b.dhn = dh_last.p, b.gates = g.p, b.c_all = c.p, b.c0 = c_init.p, b.w_hh = w, b.dc_io = dc.p;
         b.dxg = dx.p, b.dh0 = dh.p, b.steps = int(d.T), b.B = int(d.B), b.H = int(d.H), b.reverse = o.reverse;
         return b;
       });
-      return true;
     }
   }
   template <typename T, typename A>
@@ -482,12 +563,11 @@ struct Passes {
       return false;
     } else {
       if (!eligible<T>(d) || !Launch::enabled()) return false;
-      run<Launch, GruFwd, T>(d, [&](auto b) {
+      return run<Launch, GruFwd, T>(d, [&](auto b) {
         b.xg = x.p, b.h0 = h_init.p, b.w_hh = w, b.b_ih = b_ih, b.b_hh = b_hh, b.out = y.p, b.saved = sv.p;
         b.steps = int(d.T), b.B = int(d.B), b.H = int(d.H), b.reverse = o.reverse, b.save = save;
         return b;
       });
-      return true;
     }
   }
   template <typename T, typename A>
@@ -499,13 +579,12 @@ struct Passes {
       return false;
     } else {
       if (!eligible<T>(d) || !Launch::enabled()) return false;
-      run<Launch, GruBwd, T>(d, [&](auto b) {
+      return run<Launch, GruBwd, T>(d, [&](auto b) {
         b.dout = dy.p, b.dhn = dh_last.p, b.saved = sv.p, b.out = y.p, b.h0 = h_init.p, b.w_hh = w;
         b.direct_io = direct.p, b.dxg = dx.p, b.dhg = dg.p, b.dh0 = dh.p, b.steps = int(d.T), b.B = int(d.B);
         b.H = int(d.H), b.reverse = o.reverse;
         return b;
       });
-      return true;
     }
   }
 };
