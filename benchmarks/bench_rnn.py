@@ -6,14 +6,15 @@ CUDA) with the same weights, in the same run.
     FCK_RNN_PERSISTENT_CUDA=0 python benchmarks/bench_rnn.py --device cuda   # CUDA's per-step loop, not the
                                                                               # persistent kernels (hidden <= 64)
 
-Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), hidden 128 (LSTM
-and GRU) and 256 (2 layers, batch 32, 70 steps), the AWD-LSTM shape (400 -> 1152, 3 layers, batch 32, 70 steps), the same small LSTM with AWD-style weight dropout (a fresh W_hh every
-forward, which cuDNN must re-pack), and the cells alone; both libraries' modules in --dtype. Stock nn.LSTM/GRU on
-CUDA compute their fp32 GEMMs in TF32 (torch.backends.cudnn.allow_tf32 is on by default) while fastcore_kernels'
-follow torch's fp32 matmul precision (full fp32 under "highest"): an fp32 CUDA run adds the like-for-like pairs,
-torch-fp32 (cuDNN with TF32 off) and fck-cuda-tf32 (our GEMMs under set_float32_matmul_precision("high")). GB/s
-counts the activations each pass must move at least: the input projection and saved gates written and read back,
-the outputs and their gradients. On a GPU each row also records its costliest kernels.
+Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), hidden 128 (LSTM and
+GRU) and 256 (2 layers, batch 32, 70 steps), the AWD-LSTM shape (400 -> 1152, 3 layers, batch 32, 70 steps), the same
+small LSTM with AWD-style weight dropout (a fresh W_hh every forward, which cuDNN must re-pack), and the cells alone;
+both libraries' modules in --dtype. Stock nn.LSTM/GRU on CUDA compute their fp32 GEMMs in TF32
+(torch.backends.cudnn.allow_tf32 is on by default) while fastcore_kernels' follow torch's fp32 matmul precision (full
+fp32 under "highest"): an fp32 CUDA run adds the like-for-like pairs, torch-fp32 (cuDNN with TF32 off) and
+fck-cuda-tf32 (our GEMMs under set_float32_matmul_precision("high")). GB/s counts the activations each pass must move
+at least: the input projection and saved gates written and read back, the outputs and their gradients. On a GPU each
+row also records its costliest kernels.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
 # bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27), bench_rnn_per_step, bench_bn_fused (H200,
 # 2026-11-28) and ncu_rnn run only when FCK_STAGES names them.
-STAGES=" ${FCK_STAGES:-build tests_gpu bench_embedding_bag bench_bag_atomics bench_rnn bench_batch_norm bench_bn_scalar} "
+DEFAULT_STAGES="build tests_gpu bench_embedding_bag bench_bag_atomics bench_rnn bench_batch_norm bench_bn_scalar"
+STAGES=" ${FCK_STAGES:-$DEFAULT_STAGES} "
 declare -a summary=()
 
 stage() {  # stage NAME TIMEOUT_S CMD...

@@ -109,18 +109,17 @@ def test_triton_persistent_layer_matches_per_step_layer(device, mode, reverse, d
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("B,H", [(19, 20), (5, 64), (4, 33), (64, 64), (0, 20), (140, 20), (3, 100), (2, 128),
-                                 (9, 72)])
+                                 (9, 72), (2, 200), (1, 256)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_persistent_layer_matches_per_step_layer(device, B, H, mode, reverse, dtype, monkeypatch):
-    """CUDA's persistent kernels (the default for hidden <= 128) against the per-step loop (FCK_RNN_PERSISTENT_CUDA=0):
-    every output of both passes, saved tensors included; batches that leave a block's rows partly empty, all three
-    widths (32, 64 in registers; 128, the first 64 in registers and the rest in shared memory, 72 and 100 with
-    zero padding in both), both block shapes (one row a block while the batch fits the multiprocessors, 8 in
-    the emulation, 132 on an H100/H200; else as many rows as gates: B = 140; past hidden 64 always one row, the
-    batch in waves: B = 9). On CUDA the caching allocator's free
-    blocks are filled with NaN before each run, so an element a kernel skipped shows up; on the CPU the same kernel
-    code runs emulated (FCK_RNN_PERSISTENT_EMULATE=1, a thread per CUDA thread, shared memory filled with NaN)
-    against the CPU's loop."""
+    """CUDA's persistent kernels (the default for hidden <= 256) against the per-step loop (FCK_RNN_PERSISTENT_CUDA=0):
+    every output of both passes, saved tensors included; batches that leave a block's rows partly empty, all four widths
+    (32, 64 in registers; 128, the first 64 in registers and the rest in shared memory, 72 and 100 with zero padding in
+    both; 256, registers, shared and global memory, 200 with padding), both block shapes (one row a block while the
+    batch fits the multiprocessors, 8 in the emulation, 132 on an H100/H200; else as many rows as gates: B = 140; past
+    hidden 64 always one row, the batch in waves: B = 9). On CUDA the caching allocator's free blocks are filled with
+    NaN before each run, so an element a kernel skipped shows up; on the CPU the same kernel code runs emulated
+    (FCK_RNN_PERSISTENT_EMULATE=1, a thread per CUDA thread, shared memory filled with NaN) against the CPU's loop."""
     skip_unless_runnable(device, device)
     switch = "FCK_RNN_PERSISTENT_CUDA" if device == "cuda" else "FCK_RNN_PERSISTENT_EMULATE"
     g = _gen(7)

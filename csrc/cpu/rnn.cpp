@@ -346,6 +346,7 @@ struct EmulatedLaunch {
   // a device of 8 multiprocessors: the tests' batches of 4 and 5 take one row a block, 19 and 64 the gate count
   static int64_t blocks_at_once() { return 8; }
   static size_t shared_max() { return size_t(227) << 10; }  // an H100's
+  static at::Tensor scratch(int64_t floats) { return at::full({floats}, NAN, at::kFloat); }  // unwritten: NaN
   template <class Body>
   static void launch(int blocks, int threads, const Body& body) {
     emulate_blocks(blocks, threads, body);

@@ -81,13 +81,16 @@ __global__ void gru_bwd_kernel(const T* __restrict__ dout, const T* __restrict__
   dhg[g0 + 2 * H] = T(p.bn);
 }
 
-// The persistent kernels (fck/rnn_persistent.h): one launch per layer, direction and pass, for hidden <= 128. On by
+// The persistent kernels (fck/rnn_persistent.h): one launch per layer, direction and pass, for hidden <= 256. On by
 // default since the H200 run of 2026-11-28 (lesson-7 LSTM fwd+bwd 1.66 ms wall / 0.62 GPU against the per-step
 // loop's 8.1 / 1.62); FCK_RNN_PERSISTENT_CUDA=0 runs the per-step loop.
 struct CudaLaunch {
   static bool enabled() { return !env_off("FCK_RNN_PERSISTENT_CUDA"); }
   static int64_t blocks_at_once() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
   static size_t shared_max() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+  static at::Tensor scratch(int64_t floats) {
+    return at::empty({floats}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, at::cuda::current_device()));
+  }
   template <class Body>
   static void launch(int blocks, int threads, const Body& body) {
     launch_blocks(blocks, threads, body);

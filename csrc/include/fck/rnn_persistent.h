@@ -1,4 +1,4 @@
-// The persistent LSTM/GRU kernels' bodies (CUDA's default for hidden <= 128; FCK_RNN_PERSISTENT_CUDA=0 runs the
+// The persistent LSTM/GRU kernels' bodies (CUDA's default for hidden <= 256; FCK_RNN_PERSISTENT_CUDA=0 runs the
 // per-step loop), written once for the GPU and for a CPU emulation the tests run (FCK_RNN_PERSISTENT_EMULATE=1:
 // one std::thread per CUDA thread, a barrier for __syncthreads), so the CPU covers their indexing and barriers as
 // well as the cell math.
@@ -6,13 +6,13 @@
 // One launch runs a layer's whole sequence in one direction. The rows of a batch never meet in the recurrence, so a
 // block owns R rows for all T steps (R 1, or the gate count for large batches; see run): a block of G = gates * H
 // threads has one thread per gate row in the GEMM phase and one per (row, unit), R * H of them, in the cell phase.
-// The forward's thread n keeps row n of W_hh in
-// registers (fp32, H <= MAXH values; past hidden 64 the first 64, the rest in shared memory) and forms the R rows'
-// W_hh h from h in shared memory (broadcast reads); the cell thread (r, j) adds its x-parts and biases and keeps its
-// cell state in a register. The backward's thread (q, k) keeps column k of gate block q of W_hh the same way and
-// forms R partial sums of dh over that block; the cell thread adds the gate blocks' partials in order. Per step: two barriers, no launch, no GEMM call (the per-step path pays a cuBLAS call
-// and a kernel, ~35 us of host time, per step). Roundings follow the per-step path: the GEMM results and the values
-// it reads (h, the gate gradients) are rounded to the storage type T.
+// The forward's thread n keeps row n of W_hh (fp32, MAXH values: in registers up to hidden 64, past that split
+// between registers, shared and global memory, see reg_h) and forms the R rows' W_hh h from h in shared memory
+// (broadcast reads); the cell thread (r, j) adds its x-parts and biases and keeps its cell state in a register. The
+// backward's thread (q, k) keeps column k of gate block q of W_hh the same way and forms R partial sums of dh over
+// that block; the cell thread adds the gate blocks' partials in order. Per step: two barriers, no launch, no GEMM
+// call (the per-step path pays a cuBLAS call and a kernel, ~35 us of host time, per step). Roundings follow the
+// per-step path: the GEMM results and the values it reads (h, the gate gradients) are rounded to the storage type T.
 //
 // Each body is a functor launched by fck/block_launch.h (CUDA, or emulated on the CPU).
 #pragma once
@@ -28,26 +28,35 @@
 namespace fck {
 namespace persistent {
 
-constexpr int kMaxH = 128;
-// A thread's W_hh values held in registers: its whole row (forward) or column (backward) up to hidden 64; past that
-// (fp32 W_hh of 4 x 128 x 128 is 256 KB, a multiprocessor's whole register file) the first kRegH values, and the
-// rest in shared memory (SharedW: 128 KB for the LSTM at 128, above the 48 KB of a static declaration, hence
-// block_launch.h's dynamic shared memory).
-constexpr int kRegH = 64;
-
+constexpr int kMaxH = 256;
+// Where a thread's W_hh values live (its row in the forward, its column in the backward; MAXH of them, zeros past
+// H): up to hidden 64 all in registers. Past that, fp32 W_hh (4 x 128 x 128 is 256 KB) outgrows a multiprocessor's
+// register file: at MAXH 128 the first 64 in registers and the rest in shared memory (SharedW: 128 KB for the LSTM,
+// above the 48 KB of a static declaration, hence block_launch.h's dynamic shared memory); at MAXH 256 (1024 threads
+// for the LSTM, 64 registers each: 32 W values there spilled 104-128 bytes) 16 in registers, 52 in shared memory
+// (208 KB) and the last 188 in global memory, one fp32 copy packed for the launch (PackGlobal) that every block
+// reads from L2.
 template <int MAXH>
 constexpr int reg_h() {
-  return MAXH < kRegH ? MAXH : kRegH;
+  return MAXH <= 64 ? MAXH : MAXH == 128 ? 64 : 16;
+}
+template <int MAXH>
+constexpr int shared_h() {
+  return MAXH <= 64 ? 0 : MAXH == 128 ? 64 : 52;
+}
+template <int MAXH>
+constexpr int global_h() {
+  return MAXH - reg_h<MAXH>() - shared_h<MAXH>();
 }
 
-// W_hh values kRegH.. of each thread's row or column, [k / 4][thread][4]: a warp's 16-byte loads of one k group are
+// W_hh values reg_h.. of each thread's row or column, [k / 4][thread][4]: a warp's 16-byte loads of one k group are
 // consecutive, so they meet no bank conflict. Empty up to hidden 64.
-template <int GATES, int MAXH, bool = (MAXH > kRegH)>
+template <int GATES, int MAXH, bool = (shared_h<MAXH>() > 0)>
 struct SharedW {};
 template <int GATES, int MAXH>
 struct SharedW<GATES, MAXH, true> {
   static constexpr int kStride = GATES * MAXH * 4;  // floats from one k group of a thread to the next
-  alignas(16) float w[(MAXH - kRegH) / 4][GATES * MAXH][4];
+  alignas(16) float w[shared_h<MAXH>() / 4][GATES * MAXH][4];
 };
 
 // Shared memory of a block. The backward's gate gradients are laid out per gate block, [row][block][unit], so that
@@ -123,20 +132,45 @@ FCK_HOST_DEVICE void load_column(float (&w)[MAXH], const T* w_hh, int q, int k, 
   for (int i = 0; i < MAXH; ++i) w[i] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
 }
 
-// The shared part of load_row / load_column (values kRegH..MAXH, zeros past H) into the thread's slots of s.
-template <typename T, int GATES, int MAXH>
-FCK_HOST_DEVICE void load_row_shared(SharedW<GATES, MAXH, true>& s, const T* w_hh, int n, int H, bool valid,
-                                     int tid) {
-  const T* row = w_hh + int64_t(n) * H;
-  for (int k = kRegH; k < MAXH; ++k) s.w[(k - kRegH) / 4][tid][k % 4] = valid && k < H ? float(row[k]) : 0.f;
+// Value k of a thread's row n (forward) or of column j of gate block q (backward, n = q H + j), zero past H.
+template <typename T>
+FCK_HOST_DEVICE float w_value(const T* w_hh, bool columns, int n, int k, int H, bool valid) {
+  if (!valid || k >= H) return 0.f;
+  if (!columns) return float(w_hh[int64_t(n) * H + k]);
+  const int q = n / H, j = n - q * H;
+  return float(w_hh[(int64_t(q) * H + k) * H + j]);
 }
+
+// The shared part (values reg_h .. reg_h + shared_h) into the thread's slots of s.
 template <typename T, int GATES, int MAXH>
-FCK_HOST_DEVICE void load_column_shared(SharedW<GATES, MAXH, true>& s, const T* w_hh, int q, int k, int H,
-                                        bool valid, int tid) {
-  for (int i = kRegH; i < MAXH; ++i) {
-    s.w[(i - kRegH) / 4][tid][i % 4] = valid && i < H ? float(w_hh[(int64_t(q) * H + i) * H + k]) : 0.f;
+FCK_HOST_DEVICE void load_shared(SharedW<GATES, MAXH, true>& s, const T* w_hh, bool columns, int n, int H,
+                                 bool valid, int tid) {
+  constexpr int lo = reg_h<MAXH>(), hi = lo + shared_h<MAXH>();
+  for (int k = lo; k < hi; ++k) s.w[(k - lo) / 4][tid][k % 4] = w_value(w_hh, columns, n, k, H, valid);
+}
+
+// The global part (values reg_h + shared_h .. MAXH) of every thread's row or column, fp32, [k / 4][slot][4] for the
+// `slots` threads of the kernel's blocks: one copy that all blocks read (L2-resident: 752 KB for the LSTM at 256).
+template <typename T, int MAXH>
+struct PackGlobal {
+  static constexpr int kMaxThreads = 256;
+  struct Shared {
+    float unused;
+  };
+  const T* w_hh;
+  float* out;
+  int H, G, slots;
+  bool columns;
+
+  template <class Ctx>
+  FCK_HOST_DEVICE void operator()(const Ctx& ctx, Shared&) const {
+    constexpr int lo = reg_h<MAXH>() + shared_h<MAXH>();
+    const int64_t e = int64_t(ctx.block) * ctx.threads + ctx.tid;
+    if (e >= int64_t(global_h<MAXH>() / 4) * slots) return;
+    const int g = int(e / slots), n = int(e - int64_t(g) * slots);
+    for (int c = 0; c < 4; ++c) out[e * 4 + c] = w_value(w_hh, columns, n, lo + 4 * g + c, H, n < G);
   }
-}
+};
 
 // acc[r] = sum_{k < H} v[r * stride + k] w[k] for the block's R rows: four partial sums (k mod 4), added pairwise
 // at the end, so a row's chain of dependent adds is H / 4 long (one row a block leaves no other row's chain to
@@ -147,17 +181,31 @@ FCK_HOST_DEVICE void load_column_shared(SharedW<GATES, MAXH, true>& s, const T* 
 // body is straight-line code whose 4-value loads the compiler can issue together. (With a runtime `k < H` test per
 // group of 4, the LSTM/GRU forwards compiled it as 16 branches a step, each group's load waited on alone: ncu on the
 // H200 showed 24 branches per warp and step against the backwards' 6, shared-load scoreboard stalls first, and the
-// forwards at 2x the backwards' time.) Past kRegH the weights come from the thread's shared slots ws (k group
-// g at ws[g * ws_stride]), into the same four partial sums.
+// forwards at 2x the backwards' time.) Past reg_h the weights come from the thread's shared slots ws (k group g
+// at ws[g * ws_stride]) and past reg_h + shared_h from its global slots wg (the same), into the same four partial
+// sums.
 template <int R, int MAXH>
 FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const float (&w)[reg_h<MAXH>()],
-                              const float* ws = nullptr, int ws_stride = 0) {
-  constexpr int RH = reg_h<MAXH>();
+                              const float* ws = nullptr, int ws_stride = 0, const float* wg = nullptr,
+                              int wg_stride = 0) {
+  constexpr int RH = reg_h<MAXH>(), SH = RH + shared_h<MAXH>();
   float part[R][4];
   FCK_UNROLL
   for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = part[r][2] = part[r][3] = 0.f;
   FCK_UNROLL
-  for (int k = RH; k < MAXH; k += 4) {
+  for (int k = SH; k < MAXH; k += 4) {
+    const vec4 y = load4(wg + (k - SH) / 4 * wg_stride);
+    FCK_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const vec4 x = load4(v + r * stride + k);
+      part[r][0] += x.x * y.x;
+      part[r][1] += x.y * y.y;
+      part[r][2] += x.z * y.z;
+      part[r][3] += x.w * y.w;
+    }
+  }
+  FCK_UNROLL
+  for (int k = RH; k < SH; k += 4) {
     const vec4 y = load4(ws + (k - RH) / 4 * ws_stride);
     FCK_UNROLL
     for (int r = 0; r < R; ++r) {
@@ -203,7 +251,9 @@ FCK_HOST_DEVICE void zero_shared(const Ctx& ctx, float* s) {
 template <typename T, int MAXH, int R>
 struct LstmFwd {
   static constexpr int kGates = 4, kRows = R, kMaxThreads = 4 * MAXH;
+  static constexpr bool kColumns = false;
   using Shared = LstmFwdShared<MAXH, R>;
+  const float* wg = nullptr;  // PackGlobal's copy (MAXH 256)
   const T *xg, *h0;
   const float* c0;
   const T *w_hh, *bias;
@@ -223,8 +273,8 @@ struct LstmFwd {
     load_row<T, reg_h<MAXH>()>(w, w_hh, tid, H, gate_row);
     const float* ws = nullptr;
     int ws_stride = 0;
-    if constexpr (MAXH > kRegH) {
-      load_row_shared<T>(sh, w_hh, tid, H, gate_row, tid);
+    if constexpr (shared_h<MAXH>() > 0) {
+      load_shared<T>(sh, w_hh, false, tid, H, gate_row, tid);
       ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
     }
     float bn[4];
@@ -244,7 +294,8 @@ struct LstmFwd {
     for (int s = 0; s < steps; ++s) {
       if (gate_row) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride);
+        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
+                          4 * ctx.threads);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr]));
       }
@@ -283,7 +334,9 @@ struct LstmBwdIn {
 template <typename T, int MAXH, int R>
 struct LstmBwd {
   static constexpr int kGates = 4, kRows = R, kMaxThreads = 4 * MAXH;
+  static constexpr bool kColumns = true;
   using Shared = LstmBwdShared<MAXH, R>;
+  const float* wg = nullptr;
   const T *dout, *dhn;
   const float *gates, *c_all, *c0;
   const T* w_hh;
@@ -300,8 +353,8 @@ struct LstmBwd {
     load_column<T, reg_h<MAXH>()>(w, w_hh, r, j, H, column);
     const float* ws = nullptr;
     int ws_stride = 0;
-    if constexpr (MAXH > kRegH) {
-      load_column_shared<T>(sh, w_hh, r, j, H, column, tid);
+    if constexpr (shared_h<MAXH>() > 0) {
+      load_shared<T>(sh, w_hh, true, tid, H, column, tid);
       ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
     }  // as the GEMM thread, (r, j) is (gate block q, column k)
     const int64_t state = int64_t(b0 + r) * H + j;
@@ -331,7 +384,8 @@ struct LstmBwd {
       ctx.sync();
       if (column) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, ws, ws_stride);
+        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
+                          4 * ctx.threads);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
       }
@@ -348,7 +402,9 @@ struct LstmBwd {
 template <typename T, int MAXH, int R>
 struct GruFwd {
   static constexpr int kGates = 3, kRows = R, kMaxThreads = 3 * MAXH;
+  static constexpr bool kColumns = false;
   using Shared = GruFwdShared<MAXH, R>;
+  const float* wg = nullptr;
   const T *xg, *h0, *w_hh, *b_ih, *b_hh;
   T* out;
   float* saved;
@@ -363,8 +419,8 @@ struct GruFwd {
     load_row<T, reg_h<MAXH>()>(w, w_hh, tid, H, gate_row);
     const float* ws = nullptr;
     int ws_stride = 0;
-    if constexpr (MAXH > kRegH) {
-      load_row_shared<T>(sh, w_hh, tid, H, gate_row, tid);
+    if constexpr (shared_h<MAXH>() > 0) {
+      load_shared<T>(sh, w_hh, false, tid, H, gate_row, tid);
       ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
     }
     const float bh = gate_row ? float(b_hh[tid]) : 0.f;
@@ -384,7 +440,8 @@ struct GruFwd {
     for (int s = 0; s < steps; ++s) {
       if (gate_row) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride);
+        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
+                          4 * ctx.threads);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
       }
@@ -415,7 +472,9 @@ struct GruBwdIn {
 template <typename T, int MAXH, int R>
 struct GruBwd {
   static constexpr int kGates = 3, kRows = R, kMaxThreads = 3 * MAXH;
+  static constexpr bool kColumns = true;
   using Shared = GruBwdShared<MAXH, R>;
+  const float* wg = nullptr;
   const T *dout, *dhn;
   const float* saved;
   const T *out, *h0, *w_hh;
@@ -432,8 +491,8 @@ struct GruBwd {
     load_column<T, reg_h<MAXH>()>(w, w_hh, r, j, H, column);
     const float* ws = nullptr;
     int ws_stride = 0;
-    if constexpr (MAXH > kRegH) {
-      load_column_shared<T>(sh, w_hh, r, j, H, column, tid);
+    if constexpr (shared_h<MAXH>() > 0) {
+      load_shared<T>(sh, w_hh, true, tid, H, column, tid);
       ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
     }
     const int64_t state = int64_t(b0 + r) * H + j;
@@ -467,7 +526,8 @@ struct GruBwd {
       ctx.sync();
       if (column) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, ws, ws_stride);
+        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
+                          4 * ctx.threads);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
       }
@@ -494,7 +554,8 @@ bool eligible(const rnn::Dims& d) {
 // (Launch::blocks_at_once: the multiprocessors), else R = gates. A block's GEMM phase issues R times a row's FMAs on
 // one multiprocessor: lesson 7's batch of 64 as 16 blocks of 4 rows kept 16 of 132 SMs busy, at 4x the work each.
 // Past hidden 64, R = 1: a block of up to 512 threads takes a multiprocessor's registers (128 a thread under the
-// launch bounds) and its W_hh part 96-128 KB of shared memory; larger batches run in waves.
+// launch bounds) and its W_hh part 96-128 KB of shared memory (up to 1024 threads, 64 registers and 156-208 KB past
+// hidden 128); larger batches run in waves.
 // False, launching nothing, where the device cannot give a block the shared memory it needs (Launch::shared_max:
 // 227 KB on an H100/H200, 163 KB on an A100, 99 KB on consumer parts, where hidden > 96 falls back to the loop).
 template <class Launch, template <typename, int, int> class Body, typename T, class Make>
@@ -504,7 +565,19 @@ bool run(const rnn::Dims& d, const Make& make) {
     using B = Body<T, decltype(maxh)::value, decltype(rows)::value>;
     const int threads = int((B::kGates * d.H + 31) / 32 * 32), blocks = int((d.B + B::kRows - 1) / B::kRows);
     ran = sizeof(typename B::Shared) <= Launch::shared_max();
-    if (ran) Launch::launch(blocks, threads, make(B{}));
+    if (!ran) return;
+    B body = make(B{});
+    at::Tensor wg;
+    constexpr int MAXH = decltype(maxh)::value;
+    if constexpr (global_h<MAXH>() > 0) {  // the W_hh values past shared memory, packed once for all blocks
+      const int64_t floats = int64_t(global_h<MAXH>()) * threads;
+      wg = Launch::scratch(floats);
+      Launch::launch(int((floats / 4 + 255) / 256), 256,
+                     PackGlobal<T, MAXH>{body.w_hh, wg.template data_ptr<float>(), int(d.H), int(B::kGates * d.H),
+                                         threads, B::kColumns});
+      body.wg = wg.template data_ptr<float>();
+    }
+    Launch::launch(blocks, threads, body);
   };
   constexpr int kGates = Body<T, 32, 1>::kGates;
   const bool one = d.B <= Launch::blocks_at_once();
@@ -514,8 +587,10 @@ bool run(const rnn::Dims& d, const Make& make) {
   } else if (d.H <= 64) {
     one ? go(std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{})
         : go(std::integral_constant<int, 64>{}, std::integral_constant<int, kGates>{});
-  } else {
+  } else if (d.H <= 128) {
     go(std::integral_constant<int, 128>{}, std::integral_constant<int, 1>{});
+  } else {
+    go(std::integral_constant<int, 256>{}, std::integral_constant<int, 1>{});
   }
   return ran;
 }
