@@ -555,11 +555,14 @@ bool eligible(const rnn::Dims& d) {
 // one multiprocessor: lesson 7's batch of 64 as 16 blocks of 4 rows kept 16 of 132 SMs busy, at 4x the work each.
 // Past hidden 64, R = 1: a block of up to 512 threads takes a multiprocessor's registers (128 a thread under the
 // launch bounds) and its W_hh part 96-128 KB of shared memory (up to 1024 threads, 64 registers and 156-208 KB past
-// hidden 128); larger batches run in waves.
+// hidden 128); batches of up to two waves.
 // False, launching nothing, where the device cannot give a block the shared memory it needs (Launch::shared_max:
 // 227 KB on an H100/H200, 163 KB on an A100, 99 KB on consumer parts, where hidden > 96 falls back to the loop).
 template <class Launch, template <typename, int, int> class Body, typename T, class Make>
 bool run(const rnn::Dims& d, const Make& make) {
+  // Past hidden 64 a block holds one batch row and fills a multiprocessor: a batch of many waves of blocks runs each
+  // wave's T steps in turn, where the per-step loop's GEMMs grow more efficient with the batch. Two waves at most.
+  if (d.H > 64 && d.B > 2 * Launch::blocks_at_once()) return false;
   bool ran = true;
   const auto go = [&](auto maxh, auto rows) {
     using B = Body<T, decltype(maxh)::value, decltype(rows)::value>;
