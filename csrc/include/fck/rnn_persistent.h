@@ -184,6 +184,18 @@ struct PackGlobal {
 // forwards at 2x the backwards' time.) Past reg_h the weights come from the thread's shared slots ws (k group g
 // at ws[g * ws_stride]) and past reg_h + shared_h from its global slots wg (the same), into the same four partial
 // sums.
+template <int R>
+FCK_HOST_DEVICE void add_products(float (&part)[R][4], const float* v, int stride, int k, const vec4& y) {
+  FCK_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const vec4 x = load4(v + r * stride + k);
+    part[r][0] += x.x * y.x;
+    part[r][1] += x.y * y.y;
+    part[r][2] += x.z * y.z;
+    part[r][3] += x.w * y.w;
+  }
+}
+
 template <int R, int MAXH>
 FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const float (&w)[reg_h<MAXH>()],
                               const float* ws = nullptr, int ws_stride = 0, const float* wg = nullptr,
@@ -193,43 +205,49 @@ FCK_HOST_DEVICE void dot_rows(float (&acc)[R], const float* v, int stride, const
   FCK_UNROLL
   for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = part[r][2] = part[r][3] = 0.f;
   FCK_UNROLL
-  for (int k = SH; k < MAXH; k += 4) {
-    const vec4 y = load4(wg + (k - SH) / 4 * wg_stride);
-    FCK_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const vec4 x = load4(v + r * stride + k);
-      part[r][0] += x.x * y.x;
-      part[r][1] += x.y * y.y;
-      part[r][2] += x.z * y.z;
-      part[r][3] += x.w * y.w;
-    }
-  }
+  for (int k = SH; k < MAXH; k += 4) add_products<R>(part, v, stride, k, load4(wg + (k - SH) / 4 * wg_stride));
   FCK_UNROLL
-  for (int k = RH; k < SH; k += 4) {
-    const vec4 y = load4(ws + (k - RH) / 4 * ws_stride);
-    FCK_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const vec4 x = load4(v + r * stride + k);
-      part[r][0] += x.x * y.x;
-      part[r][1] += x.y * y.y;
-      part[r][2] += x.z * y.z;
-      part[r][3] += x.w * y.w;
-    }
-  }
+  for (int k = RH; k < SH; k += 4) add_products<R>(part, v, stride, k, load4(ws + (k - RH) / 4 * ws_stride));
   FCK_UNROLL
   for (int k = 0; k < RH; k += 4) {
-    FCK_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const vec4 x = load4(v + r * stride + k);
-      part[r][0] += x.x * w[k];
-      part[r][1] += x.y * w[k + 1];
-      part[r][2] += x.z * w[k + 2];
-      part[r][3] += x.w * w[k + 3];
-    }
+    vec4 y;
+    y.x = w[k], y.y = w[k + 1], y.z = w[k + 2], y.w = w[k + 3];
+    add_products<R>(part, v, stride, k, y);
   }
   FCK_UNROLL
   for (int r = 0; r < R; ++r) acc[r] = (part[r][0] + part[r][1]) + (part[r][2] + part[r][3]);
 }
+
+// A thread's W_hh values (its row n, or with `columns` the column of gate block n / H): reg_h of them in
+// registers, the shared part loaded into sh, the global part in the launch's packed copy wg (see reg_h).
+template <typename T, int MAXH>
+struct ThreadW {
+  float w[reg_h<MAXH>()];
+  const float *ws = nullptr, *wg = nullptr;
+  int ws_stride = 0, wg_stride = 0;
+
+  template <class Ctx, class Sh>
+  FCK_HOST_DEVICE ThreadW(const Ctx& ctx, Sh& sh, const T* w_hh, const float* packed, bool columns, int H,
+                          bool valid) {
+    const int n = ctx.tid;
+    if (columns) {
+      load_column<T, reg_h<MAXH>()>(w, w_hh, n / H, n % H, H, valid);
+    } else {
+      load_row<T, reg_h<MAXH>()>(w, w_hh, n, H, valid);
+    }
+    if constexpr (shared_h<MAXH>() > 0) {
+      load_shared<T>(sh, w_hh, columns, n, H, valid, n);
+      ws = &sh.w[0][n][0], ws_stride = Sh::kStride;
+    }
+    if (packed) wg = packed + 4 * n, wg_stride = 4 * ctx.threads;
+  }
+
+  // acc[r] = sum_k v[r * stride + k] W(k), dot_rows' sums
+  template <int R>
+  FCK_HOST_DEVICE void dot(float (&acc)[R], const float* v, int stride) const {
+    dot_rows<R, MAXH>(acc, v, stride, w, ws, ws_stride, wg, wg_stride);
+  }
+};
 
 // h_s[r][k] = h0 of the block's rows, zeros past H and past the batch.
 template <int R, int MAXH, typename T, class Ctx>
@@ -269,14 +287,7 @@ struct LstmFwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool gate_row = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[reg_h<MAXH>()];
-    load_row<T, reg_h<MAXH>()>(w, w_hh, tid, H, gate_row);
-    const float* ws = nullptr;
-    int ws_stride = 0;
-    if constexpr (shared_h<MAXH>() > 0) {
-      load_shared<T>(sh, w_hh, false, tid, H, gate_row, tid);
-      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
-    }
+    const ThreadW<T, MAXH> w(ctx, sh, w_hh, wg, false, H, gate_row);
     float bn[4];
     FCK_UNROLL
     for (int q = 0; q < 4; ++q) bn[q] = cell ? float(bias[q * H + j]) : 0.f;
@@ -294,8 +305,7 @@ struct LstmFwd {
     for (int s = 0; s < steps; ++s) {
       if (gate_row) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
-                          4 * ctx.threads);
+        w.dot(acc, &sh.h[0][0], MAXH);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr]));
       }
@@ -349,14 +359,7 @@ struct LstmBwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 4 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool column = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[reg_h<MAXH>()];
-    load_column<T, reg_h<MAXH>()>(w, w_hh, r, j, H, column);
-    const float* ws = nullptr;
-    int ws_stride = 0;
-    if constexpr (shared_h<MAXH>() > 0) {
-      load_shared<T>(sh, w_hh, true, tid, H, column, tid);
-      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
-    }  // as the GEMM thread, (r, j) is (gate block q, column k)
+    const ThreadW<T, MAXH> w(ctx, sh, w_hh, wg, true, H, column);  // (r, j) is (gate block q, column k)
     const int64_t state = int64_t(b0 + r) * H + j;
     const int first = reverse ? steps - 1 : 0;
     const auto load_in = [&](int s) {
@@ -384,8 +387,7 @@ struct LstmBwd {
       ctx.sync();
       if (column) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 4 * MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
-                          4 * ctx.threads);
+        w.dot(acc, &sh.dg[0][r][0], 4 * MAXH);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
       }
@@ -415,14 +417,7 @@ struct GruFwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool gate_row = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[reg_h<MAXH>()];
-    load_row<T, reg_h<MAXH>()>(w, w_hh, tid, H, gate_row);
-    const float* ws = nullptr;
-    int ws_stride = 0;
-    if constexpr (shared_h<MAXH>() > 0) {
-      load_shared<T>(sh, w_hh, false, tid, H, gate_row, tid);
-      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
-    }
+    const ThreadW<T, MAXH> w(ctx, sh, w_hh, wg, false, H, gate_row);
     const float bh = gate_row ? float(b_hh[tid]) : 0.f;
     float bi[3];
     FCK_UNROLL
@@ -440,8 +435,7 @@ struct GruFwd {
     for (int s = 0; s < steps; ++s) {
       if (gate_row) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.h[0][0], MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
-                          4 * ctx.threads);
+        w.dot(acc, &sh.h[0][0], MAXH);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.pre[rr][tid] = float(T(acc[rr])) + bh;
       }
@@ -487,14 +481,7 @@ struct GruBwd {
   FCK_HOST_DEVICE void operator()(Ctx& ctx, Shared& sh) const {
     const int G = 3 * H, tid = ctx.tid, b0 = ctx.block * R, r = tid / H, j = tid - r * H;
     const bool column = tid < G, cell = tid < R * H && b0 + r < B;
-    float w[reg_h<MAXH>()];
-    load_column<T, reg_h<MAXH>()>(w, w_hh, r, j, H, column);
-    const float* ws = nullptr;
-    int ws_stride = 0;
-    if constexpr (shared_h<MAXH>() > 0) {
-      load_shared<T>(sh, w_hh, true, tid, H, column, tid);
-      ws = &sh.w[0][tid][0], ws_stride = Shared::kStride;
-    }
+    const ThreadW<T, MAXH> w(ctx, sh, w_hh, wg, true, H, column);  // (r, j) is (gate block q, column k)
     const int64_t state = int64_t(b0 + r) * H + j;
     const int first = reverse ? steps - 1 : 0;
     const auto load_in = [&](int s) {
@@ -526,8 +513,7 @@ struct GruBwd {
       ctx.sync();
       if (column) {
         float acc[R];
-        dot_rows<R, MAXH>(acc, &sh.dg[0][r][0], 3 * MAXH, w, ws, ws_stride, wg ? wg + 4 * tid : nullptr,
-                          4 * ctx.threads);
+        w.dot(acc, &sh.dg[0][r][0], 3 * MAXH);
         FCK_UNROLL
         for (int rr = 0; rr < R; ++rr) sh.part[r][rr][j] = acc[rr];
       }
