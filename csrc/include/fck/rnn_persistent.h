@@ -535,7 +535,7 @@ bool eligible(const rnn::Dims& d) {
          d.T <= (int64_t(1) << 30);  // an empty batch or state: no block to launch
 }
 
-// Runs Body<T, MAXH, R> (MAXH 32, 64 or 128, the smallest that holds H) over the batch: G = gates * H threads
+// Runs Body<T, MAXH, R> (MAXH 32, 64, 128 or 256, the smallest that holds H) over the batch: G = gates * H threads
 // rounded up to a warp, one block per R rows. R = 1 while the batch's blocks fit the device at once
 // (Launch::blocks_at_once: the multiprocessors), else R = gates. A block's GEMM phase issues R times a row's FMAs on
 // one multiprocessor: lesson 7's batch of 64 as 16 blocks of 4 rows kept 16 of 132 SMs busy, at 4x the work each.
@@ -543,7 +543,8 @@ bool eligible(const rnn::Dims& d) {
 // launch bounds) and its W_hh part 96-128 KB of shared memory (up to 1024 threads, 64 registers and 156-208 KB past
 // hidden 128); batches of up to two waves.
 // False, launching nothing, where the device cannot give a block the shared memory it needs (Launch::shared_max:
-// 227 KB on an H100/H200, 163 KB on an A100, 99 KB on consumer parts, where hidden > 96 falls back to the loop).
+// 227 KB on an H100/H200, 163 KB on an A100, where hidden > 128 falls back to the loop; 99 KB on consumer parts,
+// where hidden > 64 does).
 template <class Launch, template <typename, int, int> class Body, typename T, class Make>
 bool run(const rnn::Dims& d, const Make& make) {
   // Past hidden 64 a block holds one batch row and fills a multiprocessor: a batch of many waves of blocks runs each
