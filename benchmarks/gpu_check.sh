@@ -63,9 +63,10 @@ stage bench_bag_atomics 30 env FCK_BAG_ROWS_CUDA=0 $PY benchmarks/bench_embeddin
   --out "$OUT/bench_bag_atomics_cuda.json"
 # FCK_RNN_ARGS: extra bench_rnn arguments (e.g. --dtype bfloat16 --quick).
 stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda ${FCK_RNN_ARGS:-} --out "$OUT/bench_rnn_cuda.json"
-# The per-step CUDA loop (the persistent kernels switched off) against cuDNN, lesson-7 shapes and cells.
-stage bench_rnn_per_step 45 env FCK_RNN_PERSISTENT_CUDA=0 $PY benchmarks/bench_rnn.py --device cuda --quick \
-  --backends cuda --out "$OUT/bench_rnn_per_step_cuda.json"
+# The per-step CUDA loop (the persistent kernels switched off) against cuDNN, lesson-7 shapes and cells;
+# FCK_RNN_PER_STEP_ARGS="" adds hidden 128/256 and AWD (the A/B of the persistent kernels past hidden 64).
+stage bench_rnn_per_step 45 env FCK_RNN_PERSISTENT_CUDA=0 $PY benchmarks/bench_rnn.py --device cuda \
+  ${FCK_RNN_PER_STEP_ARGS---quick} --backends cuda --out "$OUT/bench_rnn_per_step_cuda.json"
 stage bench_batch_norm 110 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
 # The same batch norms at 56x56 (planar and channels-last) and tabular with scalar accesses and the ReLU mask from y
@@ -82,17 +83,19 @@ stage bench_adam 100 bash -c "$PY benchmarks/bench_adam.py --device cuda --sets 
 # backward's time on the H200 (run 4: 95 vs 48 us a layer) at the same issue rate, which its SASS explained (a
 # branch per dot group, serialized activations; both removed since). Each warp stall reason in cycles per issued
 # instruction and the instruction mix for all four kernels, then the LSTM forward's SASS with its per-line stall
-# samples. Needs a runtime whose counters ncu can read (Firecracker).
+# samples. Needs a runtime whose counters ncu can read (Firecracker). FCK_NCU_HIDDEN=128 or 256: those kernels (batch
+# 32) instead of lesson 7's.
 ncu_rnn() {
   local prog="
-import torch, fastcore_kernels as fck
+import os, torch, fastcore_kernels as fck
 from fastcore_kernels import nn as fnn
+H = int(os.environ.get('FCK_NCU_HIDDEN', '64')); B = 64 if H <= 64 else 32
 for cls in (fnn.LSTM, fnn.GRU):
-    m = cls(64, 64, 1).cuda(); x = torch.randn(70, 64, 64, device='cuda', requires_grad=True)
+    m = cls(H, H, 1).cuda(); x = torch.randn(70, B, H, device='cuda', requires_grad=True)
     with fck.use_backend('cuda'): m(x)[0].sum().backward()
 torch.cuda.synchronize()"
   local common=(--clock-control none --kernel-name-base demangled)
-  ncu "${common[@]}" -k "regex:Lstm|Gru" -c 4 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,\
+  ncu "${common[@]}" -k "regex:Lstm|Gru|PackGlobal" -c 6 --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,\
 smsp__inst_executed.sum,smsp__inst_executed_op_shared_ld.sum,smsp__inst_executed_op_shared_st.sum,\
 smsp__inst_executed_op_global_ld.sum,smsp__inst_executed_op_branch.sum,smsp__inst_executed_pipe_xu.sum,\
 smsp__inst_executed_pipe_fma.sum,sm__cycles_elapsed.max,gpu__time_duration.sum" $PY -c "$prog"
