@@ -504,9 +504,13 @@ void apply(const BnLayout& L, const T* x, const T* other, const T* y, T* out, T*
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A per-channel tensor in the accumulation dtype (a no-op view when it already is one), or undefined.
+// A per-channel tensor in the accumulation dtype, or undefined. Already one (the usual case): the tensor itself, no
+// new tensor a call (a small batch norm's wall time is host time), and the running statistics updated in place
+// need no copy back.
 at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  return has(t) ? t->detach().to(acc).contiguous() : at::Tensor();
+  if (!has(t)) return at::Tensor();
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
+  return t->detach().to(acc).contiguous();
 }
 
 template <typename A>
