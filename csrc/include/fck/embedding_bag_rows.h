@@ -12,8 +12,10 @@
 //     adjacent columns) sums each run of one row in index order. A run that is its row's whole segment is written to
 //     the gradient; a run that continues from the chunk before or into the chunk after (a row with many
 //     occurrences: a frequent word) goes to the chunk's partial slot 0 (the run opens the chunk) or 1 (it closes it).
-//  4. `Rows`: a group per table row finds its segment in the sorted keys (two binary searches): no occurrence, it
-//     writes zeros; a segment across chunks, it adds its chunks' partials in chunk order and writes the sum.
+//     The chunks holding a row's first and last occurrences record where its segment starts and ends (`seg`).
+//  4. `Rows`: a group per table row reads its segment: none (seg's fill), it writes zeros; a segment across chunks,
+//     it adds its chunks' partials in chunk order and writes the sum. (Two binary searches over the sorted keys by
+//     every thread would cost the text case's 6M threads ~38 dependent L2 loads each.)
 // Chunks and orders are fixed, so the result does not depend on timing (this is also the path under
 // torch.use_deterministic_algorithms(True)), and a frequent row's occurrences are summed by many groups at once
 // rather than in one long loop, as a row-per-group kernel would on Zipfian text.
@@ -82,17 +84,6 @@ FCK_HOST_DEVICE void store_pack(T* p, const A (&v)[V]) {
   FCK_UNROLL
   for (int k = 0; k < V; ++k) out.v[k] = static_cast<T>(v[k]);
   *reinterpret_cast<Pack<T, V>*>(p) = out;
-}
-
-// The first position in sorted[0, n) whose key is >= r.
-template <typename K>
-FCK_HOST_DEVICE int64_t lower_bound(const K* sorted, int64_t n, int64_t r) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (int64_t(sorted[mid]) < r) lo = mid + 1; else hi = mid;
-  }
-  return lo;
 }
 
 // Bag b's offsets as the forward checks them (fck/embedding_bag_host.h: check_offsets).
@@ -182,7 +173,8 @@ struct Chunks {
   const A* factor;
   const T* g;
   T* gw;
-  A* part;  // [chunk][slot][dim]
+  A* part;       // [chunk][slot][dim]
+  int64_t* seg;  // [row][first, end) of its sorted occurrences
   int64_t n;
   Groups grp;
 
@@ -203,6 +195,10 @@ struct Chunks {
       add_occurrences<T, A, K, V>(acc, perm, bag, factor, g, dim, col, j, e);
       const bool from_before = j == j0 && j0 > 0 && key[j0 - 1] == r;
       const bool into_next = e == j1 && j1 < n && key[j1] == r;
+      if (col == 0) {  // the chunks holding the row's first and last occurrences mark its segment
+        if (!from_before) seg[2 * int64_t(r)] = j;
+        if (!into_next) seg[2 * int64_t(r) + 1] = e;
+      }
       if (from_before || into_next) {
         A* p = part + (c * 2 + (j == j0 ? 0 : 1)) * dim + col;
         FCK_UNROLL
@@ -215,21 +211,20 @@ struct Chunks {
   }
 };
 
-template <typename T, typename A, typename K, int V>
+template <typename T, typename A, int V>
 struct Rows {
   static constexpr int kMaxThreads = kThreads;
   using Shared = NoShared;
-  const K* key;  // sorted
+  const int64_t* seg;  // Chunks' segments; -1 where a row has none
   const A* part;
   T* gw;
-  int64_t n;
   Groups grp;
 
   template <class Ctx>
   FCK_HOST_DEVICE void operator()(const Ctx& ctx, Shared&) const {
     int64_t r, col;
     if (!grp.at<V>(ctx, r, col)) return;
-    const int64_t dim = grp.dim, lo = lower_bound(key, n, r), hi = lower_bound(key, n, r + 1);
+    const int64_t dim = grp.dim, lo = seg[2 * r], hi = seg[2 * r + 1];
     A acc[V];
     FCK_UNROLL
     for (int q = 0; q < V; ++q) acc[q] = A(0);
@@ -302,6 +297,7 @@ at::Tensor grad(const at::Tensor& grad_output, const at::Tensor& indices, const 
         const int64_t chunks = (n + kChunk - 1) / kChunk;
         part = at::empty({chunks, 2, dim}, o.dtype(acc));
         if (emulated) part.fill_(NAN);
+        const at::Tensor seg = at::full({num_weights, 2}, -1, o.dtype(at::kLong));
         const auto go = [&](auto v) {
           constexpr int V = decltype(v)::value;
           const Groups gc = Groups::make<V>(chunks, dim), gr = Groups::make<V>(num_weights, dim);
@@ -309,10 +305,10 @@ at::Tensor grad(const at::Tensor& grad_output, const at::Tensor& indices, const 
             launch(blocks(gc.blocks()), kThreads,
                    Chunks<T, A, K, V>{sorted.data_ptr<K>(), perm.data_ptr<int64_t>(), bag.data_ptr<int64_t>(),
                                       factor.data_ptr<A>(), grad_output.data_ptr<T>(), gw.data_ptr<T>(),
-                                      part.data_ptr<A>(), n, gc});
+                                      part.data_ptr<A>(), seg.data_ptr<int64_t>(), n, gc});
           }
           launch(blocks(gr.blocks()), kThreads,
-                 Rows<T, A, K, V>{sorted.data_ptr<K>(), part.data_ptr<A>(), gw.data_ptr<T>(), n, gr});
+                 Rows<T, A, V>{seg.data_ptr<int64_t>(), part.data_ptr<A>(), gw.data_ptr<T>(), gr});
         };
         // 16-byte loads and stores of grad_output and the gradient where the rows allow (4 fp32 or 8 half values)
         constexpr int kVec = 16 / sizeof(T) > 8 ? 8 : 16 / sizeof(T);
