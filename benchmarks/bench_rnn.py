@@ -37,7 +37,7 @@ from benchmarks.common import Results, device_profile, interleaved_time_ms, time
 
 
 def cases(quick: bool):
-    """(name, kind, input, hidden, layers, batch, steps, weight_drop)."""
+    """(name, kind, input, hidden, layers, batch, steps, weight_drop); kind "lstm/P": an LSTM with proj_size P."""
     out = [("lesson7 LSTM 64->64 x2, B64 T70", "lstm", 64, 64, 2, 64, 70, False),
            ("lesson7 GRU 64->64 x2, B64 T70", "gru", 64, 64, 2, 64, 70, False),
            ("lesson7 LSTM + weight drop", "lstm", 64, 64, 2, 64, 70, True),
@@ -49,6 +49,8 @@ def cases(quick: bool):
         out.append(("LSTM 128->128 x2, B32 T70", "lstm", 128, 128, 2, 32, 70, False))
         out.append(("GRU 128->128 x2, B32 T70", "gru", 128, 128, 2, 32, 70, False))
         out.append(("LSTM 256->256 x2, B32 T70", "lstm", 256, 256, 2, 32, 70, False))
+        # an LSTM with a projection (proj_size): torch's CPU path steps it natively, cuDNN has its own kernels
+        out.append(("LSTM 256->512 proj 128 x2, B32 T70", "lstm/128", 256, 512, 2, 32, 70, False))
         out.append(("AWD LSTM 400->1152 x3, B32 T70", "lstm", 400, 1152, 3, 32, 70, False))
     return out
 
@@ -57,8 +59,11 @@ def _modules(kind, I, H, L, device, dtype=torch.float32):
     torch.manual_seed(0)
     pairs = {"lstm": (nn.LSTM, fnn.LSTM), "gru": (nn.GRU, fnn.GRU), "lstm_cell": (nn.LSTMCell, fnn.LSTMCell),
              "gru_cell": (nn.GRUCell, fnn.GRUCell)}
+    kind, _, proj = kind.partition("/")
     tcls, ocls = pairs[kind]
     kw = {} if kind.endswith("cell") else {"num_layers": L}
+    if proj:
+        kw["proj_size"] = int(proj)
     theirs = tcls(I, H, **kw).to(device, dtype)
     ours = ocls(I, H, **kw).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())

@@ -46,11 +46,12 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
 
 
 def lstm(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, training=False,
-         bidirectional=False, batch_first=False, backend=None):
+         bidirectional=False, batch_first=False, proj_size=0, backend=None):
     """torch.nn.LSTM's forward over a whole sequence: returns (output, (h_n, c_n)). `params` are the weights in
-    torch's flat order (w_ih, w_hh[, b_ih, b_hh] per layer and direction, as `module._flat_weights`)."""
+    torch's flat order (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction, as `module._flat_weights`; w_hr
+    with proj_size > 0, whose h, output and h_n are proj_size wide)."""
     return _rnn.lstm(input, params, hx, has_biases, num_layers, dropout, training, bidirectional, batch_first,
-                     backend)
+                     backend, proj_size)
 
 
 def gru(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, training=False,

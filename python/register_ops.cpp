@@ -78,6 +78,15 @@ TORCH_LIBRARY(fck, m) {
   m.def("lstm_layer(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, bool reverse) -> (Tensor, Tensor, "
         "Tensor)");
   m.def("gru_layer(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor)");
+  // An LSTM layer with a projection (torch's proj_size): w_hh (4H, P), w_hr (P, H), h0 (B, P), c0 (B, H). h_t =
+  // W_hr (o_t * tanh(c_t)) is the output (T, B, P) and the next step's input; returns (output, h_n, c_n, c_all,
+  // gates, u), u (T, B, H) the unprojected o_t * tanh(c_t) the backward needs. The backward returns the gradients of
+  // xg, h0, c0, w_hh, w_hr and the bias. Autograd in Python (fastcore_kernels/ops/rnn.py).
+  m.def("lstm_proj_layer_fwd(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor w_hr, Tensor? bias, bool reverse) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_proj_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, "
+        "Tensor w_hr, Tensor out, Tensor u, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
   // The cells, x (B, I) and states (B, H): the input GEMM, the one-step layer and all five gradients as one autograd
   // node in C++ (register_autograd.cpp). A cell's GEMMs are ~15 us on a CPU: the composition of a Python GEMM, a bias
   // add and the layer op paid more for its autograd nodes, copies and transposes than for the arithmetic.
@@ -161,6 +170,8 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("lstm_layer_fwd", &fck::cpu::lstm_layer_fwd);
   m.impl("skinny_mm", &fck::cpu::skinny_mm);
   m.impl("lstm_layer_bwd", &fck::cpu::lstm_layer_bwd);
+  m.impl("lstm_proj_layer_fwd", &fck::cpu::lstm_proj_layer_fwd);
+  m.impl("lstm_proj_layer_bwd", &fck::cpu::lstm_proj_layer_bwd);
   m.impl("gru_layer_fwd", &fck::cpu::gru_layer_fwd);
   m.impl("gru_layer_bwd", &fck::cpu::gru_layer_bwd);
 }

@@ -13,6 +13,8 @@ TORCH_LIBRARY_IMPL(fck, CUDA, m) {
   m.impl("lstm_layer_fwd", &fck::cuda::lstm_layer_fwd);
   m.impl("skinny_mm", &fck::cuda::skinny_mm);
   m.impl("lstm_layer_bwd", &fck::cuda::lstm_layer_bwd);
+  m.impl("lstm_proj_layer_fwd", &fck::cuda::lstm_proj_layer_fwd);
+  m.impl("lstm_proj_layer_bwd", &fck::cuda::lstm_proj_layer_bwd);
   m.impl("gru_layer_fwd", &fck::cuda::gru_layer_fwd);
   m.impl("gru_layer_bwd", &fck::cuda::gru_layer_bwd);
 }

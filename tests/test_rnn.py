@@ -269,25 +269,28 @@ WIDE = {"13 rows, K blocks": (20, 70, 1, False, False, 3, 13, True),
 
 
 def _pair(mode, cfg, device, dtype=torch.float64):
+    """Our module and torch's with the same weights, an input and initial states. mode "lstmp": an LSTM with
+    proj_size H // 2 (h0 that wide, c0 H wide)."""
     I, H, L, bi, bf, T, B, bias = cfg
     torch.manual_seed(3)
-    tcls, ocls = (nn.LSTM, fnn.LSTM) if mode == "lstm" else (nn.GRU, fnn.GRU)
-    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
+    tcls, ocls = (nn.GRU, fnn.GRU) if mode == "gru" else (nn.LSTM, fnn.LSTM)
+    P = H // 2 if mode == "lstmp" else 0
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias, **({"proj_size": P} if P else {}))
     theirs = tcls(I, H, **kw).to(device, torch.float64)
     ours = ocls(I, H, **kw).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
     shape = ((B, T, I) if bf else (T, B, I)) if B is not None else (T, I)
     x = torch.randn(shape, dtype=torch.float64, device=device)
     D = 2 if bi else 1
-    hshape = (L * D, B, H) if B is not None else (L * D, H)
+    hshape, cshape = [(L * D, B, n) if B is not None else (L * D, n) for n in (P or H, H)]
     h0 = torch.randn(hshape, dtype=torch.float64, device=device)
-    c0 = torch.randn(hshape, dtype=torch.float64, device=device)
+    c0 = torch.randn(cshape, dtype=torch.float64, device=device)
     return ours, theirs, x, h0, c0
 
 
 def _run_seq(module, mode, x, h0, c0, dtype):
     x, h0, c0 = [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
-    if mode == "lstm":
+    if mode != "gru":
         out, (h, c) = module(x, (h0, c0))
         outs = [out, h, c]
     else:
@@ -296,12 +299,12 @@ def _run_seq(module, mode, x, h0, c0, dtype):
     g = _gen(9)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
     loss.backward()
-    grads = [x.grad, h0.grad] + ([c0.grad] if mode == "lstm" else [])
+    grads = [x.grad, h0.grad] + ([c0.grad] if mode != "gru" else [])
     return outs, grads, {n: p.grad for n, p in module.named_parameters()}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_sequence_matches_torch(backend, device, mode, config):
     skip_unless_runnable(backend, device)
@@ -363,7 +366,8 @@ def test_sequence_node_matches_the_layer_composition(device, mode, case):
             outs = list(seq(xs, ps, *st, bias, L, bi))
         else:
             per = 4 if bias else 2
-            weights = [tuple(ps[k * per:(k + 1) * per]) + ((None, None) if not bias else ()) for k in range(L * D)]
+            weights = [tuple(ps[k * per:(k + 1) * per]) + ((None, None) if not bias else ()) + (None,)
+                       for k in range(L * D)]
             outs = list(rnn_ops._rnn_layers(mode == "lstm", xs, st, weights, L, D, 0.0, True, device))
         outs = [o for o in outs if o is not None]
         leaves = [t for t in [xs, *ps, *st] if t is not None and t.requires_grad]
@@ -414,7 +418,7 @@ def test_sequence_node_checks_its_arguments():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_sequence_dtypes(backend, device, mode, dtype):
     """Low precision against torch's float64 result on the same (rounded) weights."""
@@ -448,7 +452,7 @@ def _check_against_float64(backend, device, mode, dtype, cfg):
 
 
 @pytest.mark.parametrize("config", ["3 layers, odd hidden, no bias", "13 rows, K blocks"])
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 def test_kernels_write_every_output(mode, config):
     """Under deterministic mode torch fills every at::empty/torch.empty with NaN: an element a kernel forgot to
     write would surface."""
@@ -468,7 +472,7 @@ def test_kernels_write_every_output(mode, config):
         _close(u, v, torch.float32, "output/grad")
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 def test_cpu_kernels_write_every_element_of_a_poisoned_pooled_block(mode):
     """On the CPU the sequence-sized tensors (outputs, saved gates, the input projection and the gradients) come
     from a pool of reused blocks. Fill blocks of every size class the run takes with NaN and return them to the
@@ -747,7 +751,7 @@ def test_fuse_swaps_rnns_and_keeps_state_dict():
     x = torch.randint(0, 10, (7, 3))
     fused = fck.fuse(model, verbose=False)
     assert type(fused.rnn) is fnn.LSTM and type(fused.gru) is fnn.GRU and type(fused.cell) is fnn.GRUCell
-    assert type(fused.proj) is nn.LSTM and any("proj_size" in r for r in fused.fck_fuse_report)
+    assert type(fused.proj) is fnn.LSTM
     for a, b in zip(fused(x), model(x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert list(fused.state_dict()) == list(model.state_dict())
@@ -770,9 +774,65 @@ def test_packed_sequence_runs_torch_forward(mode):
     torch.testing.assert_close(out[0].data, ref(packed)[0].data)
 
 
-def test_proj_size_is_refused():
-    with pytest.raises(ValueError, match="proj_size"):
-        fnn.LSTM(4, 6, proj_size=2)
+# ---- LSTM with a projection (proj_size) ----
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_projected_layer_gradcheck(device, reverse):
+    """The C++ projected layer (fck::lstm_proj_layer_fwd/_bwd through its autograd) in float64, every input."""
+    skip_unless_runnable(device, device)
+    g = _gen(11)
+    T, B, H, P = 4, 3, 5, 2
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    args = (rnd(T, B, 4 * H), rnd(B, P), rnd(B, H), rnd(4 * H, P), rnd(P, H), rnd(4 * H))
+    fn = lambda *a: rnn_ops._lstm_projected_layer(*a, reverse, device, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_projected_sequence_without_grad_and_with_given_states(backend, device):
+    """No autograd (the forward alone) and a user's h0 / c0: the same numbers as torch's projected LSTM."""
+    skip_unless_runnable(backend, device)
+    ours, theirs, x, h0, c0 = _pair("lstmp", CONFIGS["2-layer bidirectional batch_first"], device)
+    with torch.no_grad(), fck.use_backend(backend):
+        a = ours(x, (h0, c0))
+    with torch.no_grad():
+        b = theirs(x, (h0, c0))
+    for u, v in zip((a[0], *a[1]), (b[0], *b[1])):
+        _close(u, v, torch.float64, "output/state")
+
+
+def test_projected_layer_checks_its_arguments():
+    skip_unless_runnable("cpu", "cpu")
+    T, B, H, P = 3, 2, 6, 2
+    xg, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(B, P), torch.randn(B, H)
+    w_hh, w_hr = torch.randn(4 * H, P), torch.randn(P, H)
+    op = torch.ops.fck.lstm_proj_layer_fwd
+    with pytest.raises(RuntimeError, match="w_hr must be"):
+        op(xg, h0, c0, w_hh, torch.randn(H, H), None, False)
+    with pytest.raises(RuntimeError, match="w_hh must be"):
+        op(xg, h0, c0, torch.randn(4 * H, H), w_hr, None, False)
+    with pytest.raises(RuntimeError, match="h0 must be"):
+        op(xg, c0, c0, w_hh, w_hr, None, False)
+    with pytest.raises(RuntimeError, match="c0 must be"):
+        op(xg, h0, h0, w_hh, w_hr, None, False)
+    out, hn, cn, c_all, gates, u = op(xg, h0, c0, w_hh, w_hr, None, False)
+    bwd = torch.ops.fck.lstm_proj_layer_bwd
+    with pytest.raises(RuntimeError, match="out must be"):
+        bwd(u, hn, cn, h0, c0, w_hh, w_hr, u, u, c_all, gates, False)
+    with pytest.raises(RuntimeError, match="saved gates"):
+        bwd(out, hn, cn, h0, c0, w_hh, w_hr, out, u, c_all, c_all, False)
+    m = fnn.LSTM(4, 6, proj_size=2)
+    with pytest.raises(RuntimeError, match="Expected hidden\\[0\\] size \\(1, 3, 2\\)"):
+        m(torch.randn(5, 3, 4), (torch.randn(1, 3, 6), torch.randn(1, 3, 6)))
+    with pytest.raises(RuntimeError, match="Expected hidden\\[1\\] size \\(1, 3, 6\\)"):
+        m(torch.randn(5, 3, 4), (torch.randn(1, 3, 2), torch.randn(1, 3, 2)))
+    with pytest.raises(ValueError, match="weight_hr must be"):
+        fckF.lstm(torch.randn(5, 3, 4), [torch.randn(24, 4), torch.randn(24, 2), torch.randn(6, 6)], has_biases=False,
+                  proj_size=2)
 
 
 # ---- bad input ----
@@ -849,6 +909,14 @@ def test_opcheck(backend):
     torch.library.opcheck(op("lstm_layer_fwd"), (xg4, h0, c0, w4, None, False), test_utils=tests)
     dy = torch.randn_like(out)
     torch.library.opcheck(op("lstm_layer_bwd"), (dy, hn, cn, h0, c0, w4, out, c_all, gates, True), test_utils=tests)
+    if backend == "cpu":  # the projected layer has C++ kernels only
+        P = 2
+        hp, wp4, w_hr = torch.randn(B, P, generator=g), torch.randn(4 * H, P, generator=g), torch.randn(P, H, generator=g)
+        fwd_p, bwd_p = torch.ops.fck.lstm_proj_layer_fwd, torch.ops.fck.lstm_proj_layer_bwd
+        torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, b4, True), test_utils=tests)
+        outp, hnp, cnp, c_allp, gatesp, u = fwd_p(xg4, hp, c0, wp4, w_hr, None, False)
+        torch.library.opcheck(bwd_p, (torch.randn_like(outp), hnp, cnp, hp, c0, wp4, w_hr, outp, u, c_allp, gatesp,
+                                      False), test_utils=tests)
     out, hn, saved = op("gru_layer_fwd")(xg3, h0, w3, b3, b3 * 2, False)
     torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, b3, b3 * 2, False), test_utils=tests)
     torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, None, None, True), test_utils=tests)
@@ -878,6 +946,24 @@ def test_compiles_fullgraph(how):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.weight_hh_l1_reverse.grad, ref.weight_hh_l1_reverse.grad, rtol=1e-5, atol=1e-6)
     assert reference.acc_dtype(torch.float16) == torch.float32
+
+
+def test_projected_lstm_compiles_fullgraph():
+    skip_unless_runnable("cpu", "cpu")
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    m = fnn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
+    ref = nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4)
+    fn = torch.compile(lambda x, *w: fckF.lstm(x, w, num_layers=2, bidirectional=True, proj_size=3)[0],
+                       fullgraph=True)
+    out = fn(x, *m._flat_weights)
+    out.sum().backward()
+    ref_out = ref(x)[0]
+    ref_out.sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.weight_hr_l1_reverse.grad, ref.weight_hr_l1_reverse.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_benchmark_script_runs(tmp_path):

@@ -515,6 +515,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_fwd(
+    FCK_LSTM_PROJ_FWD_ARGS) {
+  check_cpu(xg, "lstm_proj_layer_fwd");
+  return rnn::lstm_proj_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, w_hr, bias, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_bwd(
+    FCK_LSTM_PROJ_BWD_ARGS) {
+  check_cpu(out, "lstm_proj_layer_bwd");
+  return rnn::lstm_proj_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, c_all, gates,
+                                            reverse);
+}
+
 // CUDA's step GEMM emulated (a device of EmulatedLaunch's 8 multiprocessors), for the tests.
 at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w, bool wt, int64_t splits) {
   TORCH_CHECK(a.is_cpu() && w.is_cpu(), "fck::skinny_mm (cpu): expected CPU tensors");

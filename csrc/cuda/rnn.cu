@@ -196,6 +196,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return rnn::lstm_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, reverse);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_fwd(
+    FCK_LSTM_PROJ_FWD_ARGS) {
+  check_cuda(xg, "lstm_proj_layer_fwd");
+  const c10::cuda::CUDAGuard guard(xg.device());
+  return rnn::lstm_proj_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, w_hr, bias, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_bwd(
+    FCK_LSTM_PROJ_BWD_ARGS) {
+  check_cuda(out, "lstm_proj_layer_bwd");
+  const c10::cuda::CUDAGuard guard(out.device());
+  return rnn::lstm_proj_layer_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, c_all, gates,
+                                            reverse);
+}
+
 at::Tensor skinny_mm(const at::Tensor& a, const at::Tensor& w, bool wt, int64_t splits) {
   check_cuda(a, "skinny_mm");
   const c10::cuda::CUDAGuard guard(a.device());

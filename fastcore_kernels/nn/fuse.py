@@ -8,7 +8,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
     Embedding, EmbeddingBag                the fastcore_kernels drop-ins
-    LSTM, GRU, LSTMCell, GRUCell           the fastcore_kernels drop-ins (an LSTM with proj_size is left alone)
+    LSTM, GRU, LSTMCell, GRUCell           the fastcore_kernels drop-ins
 
 Modules are converted in place (their class changes; parameters, buffers and hooks stay), and fused-away ReLUs
 disappear from the graph or become nn.Identity, so every parameter and buffer keeps its state_dict key: the fused
@@ -153,9 +153,7 @@ class _Fuser:
         return module
 
     def leaf(self, m: nn.Module, name: str) -> nn.Module:
-        if type(m) is nn.LSTM and m.proj_size:
-            self.report.append(f"left {name}: LSTM with proj_size has no fused kernel")
-        elif type(m) in _DROP_IN:
+        if type(m) in _DROP_IN:
             m.__class__ = _DROP_IN[type(m)]
             self.report.append(f"swapped {name}: {type(m).__name__} drop-in")
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, fused._FusedBatchNormMixin):

@@ -32,10 +32,6 @@ def _packed_fallback(module, input) -> bool:
 class _Sequence:
     """What LSTM and GRU share: the weights by name, and the options torch's module holds."""
 
-    def _check_supported(self):
-        if getattr(self, "proj_size", 0):
-            raise ValueError(f"{type(self).__name__}: proj_size > 0 is not supported by the fused kernels")
-
     def _params(self):
         return [getattr(self, n) for n in self._flat_weights_names]
 
@@ -45,17 +41,13 @@ class _Sequence:
 
 
 class LSTM(_Sequence, nn.LSTM):
-    """torch.nn.LSTM on the fused kernels: forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n))."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._check_supported()
+    """torch.nn.LSTM on the fused kernels: forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n)). With proj_size,
+    the projected recurrence runs as its hidden-size equivalent (see ops/rnn.py: _lstm_projected_layer)."""
 
     def forward(self, input, hx=None):
-        self._check_supported()
         if _packed_fallback(self, input):
             return super().forward(input, hx)
-        return ops.lstm(input, self._params(), hx, **self._options())
+        return ops.lstm(input, self._params(), hx, proj_size=self.proj_size, **self._options())
 
 
 class GRU(_Sequence, nn.GRU):

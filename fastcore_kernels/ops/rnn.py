@@ -64,12 +64,26 @@ def _fake_gru_bwd(grad_out, grad_hn, h0, w_hh, out, saved, reverse):
             out.new_empty(3 * H))
 
 
+def _fake_lstm_proj_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse):
+    T, B, P, H = xg.shape[0], xg.shape[1], w_hr.shape[0], w_hr.shape[1]
+    return (xg.new_empty(T, B, P), h0.new_empty(B, P), c0.new_empty(B, H), _acc_like(xg, T, B, H),
+            _acc_like(xg, T, B, 4 * H), xg.new_empty(T, B, H))
+
+
+def _fake_lstm_proj_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, c_all, gates, reverse):
+    T, B, H = u.shape
+    return (out.new_empty(T, B, 4 * H), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh),
+            torch.empty_like(w_hr), out.new_empty(4 * H))
+
+
 _FAKES = {"lstm_layer_fwd": _fake_lstm_fwd, "lstm_layer_bwd": _fake_lstm_bwd, "gru_layer_fwd": _fake_gru_fwd,
           "gru_layer_bwd": _fake_gru_bwd}
+# ops with C++ kernels only (no Triton version)
+_CPP_FAKES = {"lstm_proj_layer_fwd": _fake_lstm_proj_fwd, "lstm_proj_layer_bwd": _fake_lstm_proj_bwd}
 
 
 def register_fake() -> None:
-    for name, fake in _FAKES.items():
+    for name, fake in {**_FAKES, **_CPP_FAKES}.items():
         torch.library.register_fake(f"fck::{name}")(fake)
 
 
@@ -114,6 +128,23 @@ class _GRULayer(torch.autograd.Function):
         grads = _kernel("gru_layer_bwd", ctx.backend)(
             d_out.contiguous(), d_hn.contiguous(), h0, w_hh, out, saved, ctx.reverse)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
+
+
+class _LSTMProjLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, h0, c0, w_hh, w_hr, bias, reverse):
+        out, h_n, c_n, c_all, gates, u = torch.ops.fck.lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse)
+        ctx.save_for_backward(h0, c0, w_hh, w_hr, out, u, c_all, gates)
+        ctx.reverse = reverse
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        h0, c0, w_hh, w_hr, out, u, c_all, gates = ctx.saved_tensors
+        grads = torch.ops.fck.lstm_proj_layer_bwd(d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), h0, c0,
+                                                  w_hh, w_hr, out, u, c_all, gates, ctx.reverse)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,)
 
 
 def _grad_needed(*tensors) -> bool:
@@ -173,13 +204,26 @@ def _check_input(x, name):
         raise TypeError(f"{name}: input must be float64, float32, float16 or bfloat16, got {x.dtype}")
 
 
-def _check_weights(x, w_ih, w_hh, b_ih, b_hh, gates, name, hidden=None):
-    for what, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+def _check_weights(x, w_ih, w_hh, b_ih, b_hh, gates, name, w_hr=None):
+    """The hidden size H, from weights torch's shapes: w_ih (gates H, input), w_hh (gates H, H) — or, with an LSTM's
+    projection w_hr (P, H), w_hh (gates H, P) — and biases (gates H,)."""
+    for what, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                    ("weight_hr", w_hr)):
         if t is not None:
             _check_tensor(t, what, x, name)
-    H = w_hh.shape[-1]
-    if w_hh.dim() != 2 or w_hh.shape[0] != gates * H:
-        raise ValueError(f"{name}: weight_hh must be ({gates}*hidden_size, hidden_size), got {tuple(w_hh.shape)}")
+    if w_hr is not None:
+        if w_hr.dim() != 2 or not 0 < w_hr.shape[0] < w_hr.shape[1]:
+            raise ValueError(f"{name}: weight_hr must be (proj_size, hidden_size) with proj_size < hidden_size, "
+                             f"got {tuple(w_hr.shape)}")
+        P, H = w_hr.shape
+        if w_hh.dim() != 2 or tuple(w_hh.shape) != (gates * H, P):
+            raise ValueError(f"{name}: weight_hh must be ({gates}*hidden_size, proj_size) = {(gates * H, P)} with "
+                             f"weight_hr {tuple(w_hr.shape)}, got {tuple(w_hh.shape)}")
+    else:
+        H = w_hh.shape[-1]
+        if w_hh.dim() != 2 or w_hh.shape[0] != gates * H:
+            raise ValueError(f"{name}: weight_hh must be ({gates}*hidden_size, hidden_size), got "
+                             f"{tuple(w_hh.shape)}")
     if w_ih.dim() != 2 or w_ih.shape[0] != gates * H:
         raise ValueError(f"{name}: weight_ih must be ({gates * H}, input_size), got {tuple(w_ih.shape)}")
     if (b_ih is None) != (b_hh is None):
@@ -252,20 +296,23 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
 
 # ---- sequences ----
 
-def _layer_params(params, has_biases, num_layers, num_directions):
-    """torch's flat weight order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh]."""
-    per = 4 if has_biases else 2
+def _layer_params(params, has_biases, num_layers, num_directions, proj):
+    """torch's flat weight order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh][, w_hr] (w_hr: an LSTM with
+    proj_size). Tuples (w_ih, w_hh, b_ih, b_hh, w_hr), None for what is not there."""
+    per = (4 if has_biases else 2) + (1 if proj else 0)
     if len(params) != per * num_layers * num_directions:
         raise ValueError(f"expected {per * num_layers * num_directions} weight tensors "
                          f"({num_layers} layers x {num_directions} directions x {per}), got {len(params)}")
     out = []
     for k in range(num_layers * num_directions):
         p = list(params[k * per:(k + 1) * per])
-        out.append(tuple(p) if has_biases else (p[0], p[1], None, None))
+        w_hr = p.pop() if proj else None
+        out.append((*p, w_hr) if has_biases else (p[0], p[1], None, None, w_hr))
     return out
 
 
-def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first, backend):
+def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first, backend,
+         proj_size=0):
     lstm = mode == "lstm"
     gates = 4 if lstm else 3
     name = mode
@@ -280,15 +327,20 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
     if T == 0:
         raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
     D = 2 if bidirectional else 1
-    weights = _layer_params(params, has_biases, num_layers, D)
-    H = weights[0][1].shape[-1]
+    proj = lstm and proj_size > 0
+    weights = _layer_params(params, has_biases, num_layers, D, proj)
+    H = weights[0][4].shape[1] if proj else weights[0][1].shape[-1]
+    P = proj_size if proj else H  # the size of h: each layer's output and the next layer's input per direction
     for layer in range(num_layers):
         for d in range(D):
-            w_ih, w_hh, b_ih, b_hh = weights[layer * D + d]
-            want = x.shape[-1] if layer == 0 else D * H
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer * D + d]
+            want = x.shape[-1] if layer == 0 else D * P
             probe = x if layer == 0 else x.new_empty(0, want)
-            if _check_weights(probe, w_ih, w_hh, b_ih, b_hh, gates, name) != H:
+            if _check_weights(probe, w_ih, w_hh, b_ih, b_hh, gates, name, w_hr) != H:
                 raise ValueError(f"{name}: every layer must have hidden_size {H}")
+            if proj and w_hr.shape[0] != P:
+                raise ValueError(f"{name}: weight_hr must be ({P}, {H}) for proj_size {P}, got "
+                                 f"{tuple(w_hr.shape)}")
     states = hx if lstm else (hx,)
     if hx is not None and lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
         raise TypeError(f"{name}: hx must be a tuple (h_0, c_0)")
@@ -296,13 +348,15 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
     for i, s in enumerate(states if hx is not None else (None,) * (2 if lstm else 1)):
         if s is not None:
             _check_tensor(s, "hx" if i == 0 else "cx", x, name)
-            want = (num_layers * D, B, H) if batched else (num_layers * D, H)
+            size = P if i == 0 else H  # h is proj_size wide with a projection, c always hidden_size
+            want = (num_layers * D, B, size) if batched else (num_layers * D, size)
             if tuple(s.shape) != want:
                 raise RuntimeError(f"Expected hidden[{i}] size {want}, got {list(s.shape)}")  # torch's message
             s = s if batched else s.unsqueeze(1)
         given.append(s)
     impl = _backend.resolve(x.device, backend, op=name)
-    if impl in ("cpu", "cuda") and not _backend.compiling() and not (dropout > 0 and training and num_layers > 1):
+    if impl in ("cpu", "cuda") and not _backend.compiling() and not (dropout > 0 and training and num_layers > 1) \
+            and not proj:
         # the whole stack as one C++ autograd node (register_autograd.cpp): the same ops, no per-layer Python
         seq = torch.ops.fck.lstm_seq if lstm else torch.ops.fck.gru_seq
         r = seq(x, list(params), *given, has_biases, num_layers, bidirectional)
@@ -312,12 +366,15 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
 
 
 def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl):
-    """The stack composed in Python, layer by layer: x (T, B, I), `given` states (L*D, B, H) or None, weights per
-    layer and direction. Runs dropout between layers, the Triton and reference backends and torch.compile."""
+    """The stack composed in Python, layer by layer: x (T, B, I), `given` states (L*D, B, P) and (L*D, B, H) or
+    None, weights per layer and direction. Runs dropout between layers, projections, the Triton and reference
+    backends and torch.compile."""
     T, B = x.shape[0], x.shape[1]
     gates = 4 if lstm else 3
-    H = weights[0][1].shape[-1]
-    full = [x.new_zeros(num_layers * D, B, H) if s is None else s for s in given]
+    w_hr0 = weights[0][4]
+    H = w_hr0.shape[1] if w_hr0 is not None else weights[0][1].shape[-1]
+    P = w_hr0.shape[0] if w_hr0 is not None else H
+    full = [x.new_zeros(num_layers * D, B, P if i == 0 else H) if s is None else s for i, s in enumerate(given)]
     h_n, c_n = [], []
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
@@ -326,11 +383,15 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
         outs = []
         for d in range(D):
             k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh = weights[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             xg = _project(x2d, w_ih, impl).view(T, B, gates * H)  # biases go into the kernels
             if lstm:
                 b = None if b_ih is None else b_ih + b_hh
-                out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, b, d == 1, impl)
+                if w_hr is None:
+                    out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, b, d == 1, impl)
+                else:
+                    out, h, c = _lstm_projected_layer(xg, full[0][k], full[1][k], w_hh, w_hr, b, d == 1, impl,
+                                                      given[0] is not None)
                 c_n.append(c)
             else:
                 out, h = gru_layer(xg, full[0][k], w_hh, b_ih, b_hh, d == 1, impl)
@@ -338,6 +399,32 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
             h_n.append(h)
         x = outs[0] if D == 1 else torch.cat(outs, dim=2)
     return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+
+
+def _lstm_projected_layer(xg, h0, c0, w_hh, w_hr, bias, reverse, impl, h0_given):
+    """An LSTM layer with a projection (torch's proj_size): h_t = W_hr (o_t * tanh(c_t)), P values, is the output and
+    the next step's recurrent input. The C++ backends step it natively (fck::lstm_proj_layer_fwd/_bwd: the recurrent
+    GEMM, the fused cell, the projection GEMM). Triton runs it on its plain layer: a step's recurrent term
+    W_hh h_{t-1} = (W_hh W_hr) u_{t-1}, u the unprojected H values, so the hidden-H recurrence with W_hh W_hr (formed
+    once a call) over u, from u_0 = 0 with W_hh h_0 added to the first step's input projection, then one GEMM
+    projecting the outputs; autograd carries the gradients back through both products. Exact, but a step then has
+    4 H^2 multiplies a row where a projected step has 5 H P. The reference steps the projection itself: the
+    specification the others are tested against."""
+    if impl == "reference":
+        return reference.lstm_layer(xg, h0, c0, w_hh, bias, reverse, w_hr=w_hr)
+    if impl in ("cpu", "cuda"):
+        if _grad_needed(xg, h0, c0, w_hh, w_hr, bias):
+            return _LSTMProjLayer.apply(xg, h0, c0, w_hh, w_hr, bias, reverse)
+        return torch.ops.fck.lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse)[:3]
+    # formed in fp32 (float64 for float64) and rounded once, like any weight of that dtype
+    acc = reference.acc_dtype(w_hh.dtype)
+    w_eff = (w_hh.to(acc) @ w_hr.to(acc)).to(w_hh.dtype)
+    if h0_given:
+        first = xg.shape[0] - 1 if reverse else 0
+        xg = xg.index_add(0, torch.tensor([first], device=xg.device), (h0 @ w_hh.t()).unsqueeze(0))
+    u0 = xg.new_zeros(xg.shape[1], w_hr.shape[1])
+    u, u_n, c_n = lstm_layer(xg, u0, c0, w_eff, bias, reverse, impl)
+    return u @ w_hr.t(), u_n @ w_hr.t(), c_n
 
 
 def _rnn_result(out, h_n, c_n, lstm, batched, batch_first):
@@ -351,10 +438,10 @@ def _rnn_result(out, h_n, c_n, lstm, batched, batch_first):
 
 
 def lstm(input, params, hx=None, has_biases=True, num_layers=1, dropout=0.0, training=False, bidirectional=False,
-         batch_first=False, backend=None):
+         batch_first=False, backend=None, proj_size=0):
     """torch.nn.LSTM's forward: (output, (h_n, c_n)). `params` in torch's flat order (module._flat_weights)."""
     return _rnn("lstm", input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first,
-                backend)
+                backend, proj_size)
 
 
 def gru(input, params, hx=None, has_biases=True, num_layers=1, dropout=0.0, training=False, bidirectional=False,

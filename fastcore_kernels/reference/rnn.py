@@ -23,9 +23,10 @@ def _bias(b, acc):
     return 0 if b is None else b.to(acc)
 
 
-def lstm_layer(xg, h0, c0, w_hh, bias=None, reverse=False):
+def lstm_layer(xg, h0, c0, w_hh, bias=None, reverse=False, w_hr=None):
     """One LSTM layer over a sequence, given the input projection xg = x W_ih^T of shape (T, B, 4H) and
-    bias = b_ih + b_hh. Returns (output (T, B, H), h_n, c_n)."""
+    bias = b_ih + b_hh. Returns (output (T, B, H), h_n, c_n). With w_hr (P, H), torch's proj_size: h is projected,
+    h_t = W_hr (o_t * tanh(c_t)), and output and h_n are P wide (h0 too; c stays H wide)."""
     acc = acc_dtype(xg.dtype)
     h, c = h0, c0.to(acc)
     b = _bias(bias, acc)
@@ -35,6 +36,8 @@ def lstm_layer(xg, h0, c0, w_hh, bias=None, reverse=False):
         i, f, g, o = p.chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = (torch.sigmoid(o) * torch.tanh(c)).to(xg.dtype)
+        if w_hr is not None:
+            h = h @ w_hr.t()
         outs[t] = h
     return torch.stack(outs), h, c.to(xg.dtype)
 

@@ -47,6 +47,13 @@ namespace fck {
   const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &grad_cn, const at::Tensor &h0,     \
       const at::Tensor &c0, const at::Tensor &w_hh, const at::Tensor &out, const at::Tensor &c_all,           \
       const at::Tensor &gates, bool reverse
+#define FCK_LSTM_PROJ_FWD_ARGS                                                                               \
+  const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &c0, const at::Tensor &w_hh,                   \
+      const at::Tensor &w_hr, const std::optional<at::Tensor>&bias, bool reverse
+#define FCK_LSTM_PROJ_BWD_ARGS                                                                               \
+  const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &grad_cn, const at::Tensor &h0,     \
+      const at::Tensor &c0, const at::Tensor &w_hh, const at::Tensor &w_hr, const at::Tensor &out,            \
+      const at::Tensor &u, const at::Tensor &c_all, const at::Tensor &gates, bool reverse
 #define FCK_GRU_FWD_ARGS                                                                                     \
   const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &w_hh, const std::optional<at::Tensor>&b_ih,   \
       const std::optional<at::Tensor>&b_hh, bool reverse
@@ -56,6 +63,10 @@ namespace fck {
 #define FCK_RNN_DECLS                                                                                        \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(FCK_LSTM_FWD_ARGS);   \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd(FCK_LSTM_BWD_ARGS);   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_fwd(        \
+      FCK_LSTM_PROJ_FWD_ARGS);                                                                                \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_bwd(        \
+      FCK_LSTM_PROJ_BWD_ARGS);                                                                                \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS);                             \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS);   \
   at::Tensor skinny_mm(const at::Tensor &a, const at::Tensor &w, bool wt, int64_t splits);

@@ -227,8 +227,125 @@ struct Weight {
   int kind = 0;       // which packed form (Dev's own tags)
 };
 
-// `save`: keep every step's activated gates and cell state for the backward. Without it (inference) one step's
-// gates and two steps' cell states are kept, reused step after step; the returned c_all and gates are those slots.
+// The LSTM passes below serve the plain layer and, with w_hr defined, the layer with a projection (torch's
+// proj_size): h_t = W_hr u_t, u_t = o_t * tanh(c_t), h (P < H values) the output and the next step's recurrent
+// input, u the cell's own output, kept for the backward. A projected step adds the projection GEMM (u_t W_hr^T into
+// the output) to the recurrent GEMM (K = P) and the same fused cell (writing u). Shapes: xg (T, B, 4H), h0 (B, P),
+// c0 (B, H), w_hh (4H, P), w_hr (P, H); P = H without a projection.
+//
+// `save`: keep every step's activated gates and cell state (and u) for the backward. Without it (inference) one
+// step's gates and two steps' cell states are kept, reused step after step; the returned c_all and gates are those
+// slots. Returns (output (T, B, P), h_n, c_n, c_all, gates, u (undefined without a projection)).
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_pass_fwd(
+    const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& w_hr,
+    const at::Tensor& b, const Dims& d, bool reverse, bool save) {
+  const bool proj = w_hr.defined();
+  const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
+  const int64_t B = d.B, H = d.H, G = 4 * H, P = proj ? w_hr.size(0) : H;
+  at::Tensor out = Dev::empty({d.T, B, P}, xg.options());
+  at::Tensor c_all = Dev::empty({save ? d.T : std::min<int64_t>(2, d.T), B, H}, acc);
+  at::Tensor gates = Dev::empty({save ? d.T : 1, B, G}, acc);
+  at::Tensor u_all = proj ? Dev::empty({save ? d.T : 1, B, H}, xg.options()) : at::Tensor();
+  const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
+  const at::Tensor wr = proj ? w_hr.contiguous() : at::Tensor();
+  const Order o{d.T, reverse};
+  Dev::dispatch(xg.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Dev::template Acc<T>;
+    const auto x = seq<const T>(xg, B, G);
+    const auto y = seq<T>(out, B, P);
+    const auto u = proj ? seq<T>(u_all, B, H) : y;  // the cell's output: the layer's own without a projection
+    const auto h_init = seq<const T>(h0c, B, P);
+    const auto c = seq<A>(c_all, B, H);
+    const auto c_init = seq<const A>(c0a, B, H);
+    const auto g = seq<A>(gates, B, G);
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    const T* bp = reinterpret_cast<const T*>(b.data_ptr());
+    if (!proj && Dev::lstm_fwd_whole(d, o, save, x, h_init, c_init, wp, bp, y, c, g)) return;
+    const Weight<T> W = Dev::template weight<T>(wp, true, G, P, B, d.T, w);
+    const Weight<T> Wr = proj ? Dev::template weight<T>(reinterpret_cast<const T*>(wr.data_ptr()), true, P, H, B,
+                                                         d.T, wr)
+                              : Weight<T>{};
+    Dev::row_blocks(B, G, d.T, w.nbytes() + (proj ? wr.nbytes() : 0), [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      const at::Tensor hg_buf = at::empty({n, G}, xg.options());
+      T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
+      for (int64_t s = 0; s < d.T; ++s) {
+        const int64_t t = o.fwd(s), p = o.before(t);
+        const int64_t ct = save ? t : s % 2, cp = save ? p : (s + 1) % 2, gt = save ? t : 0;
+        T* ut = proj ? u.at(save ? t : 0, b0) : y.at(t, b0);
+        Dev::gemm(n, s == 0 ? h_init.at(b0) : y.at(p, b0), W, hg, xg);
+        Dev::lstm_fwd(x.at(t, b0), hg, bp, s == 0 ? c_init.at(b0) : c.at(cp, b0), g.at(gt, b0), c.at(ct, b0), ut,
+                      n, H);
+        if (proj) Dev::gemm(n, ut, Wr, y.at(t, b0), xg);
+      }
+    });
+  });
+  at::Tensor h_n = out.select(0, o.last()).clone();
+  at::Tensor c_n = c_all.select(0, save ? o.last() : (d.T - 1) % 2).to(xg.scalar_type(), false, /*copy=*/true);
+  return {out, h_n, c_n, c_all, gates, u_all};
+}
+
+// The backward of lstm_pass_fwd: (grad xg, grad h0, grad c0, grad w_hh, grad bias). The gradient reaching u_t is
+// dy_t (the cell kernel's first input) plus the recurrent part (its second); without a projection those are
+// grad_out[t] and the step before's dh. With one, the gradient reaching h_t is grad_out[t] + r_t (grad_hn at the
+// last step), u_t's (grad_out[t] + r_t) W_hr: dy = grad_out W_hr for every step at once (one GEMM before the loop,
+// by the caller), r_t W_hr a step. `r` (T, B, P, grad_hn in the last step's slot) receives every r_t, for W_hr's
+// gradient.
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_pass_bwd(
+    const at::Tensor& dy_in, const at::Tensor& grad_hn, const at::Tensor& grad_cn, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& r_all,
+    const at::Tensor& out, const at::Tensor& c_all, const at::Tensor& gates, const Dims& d, bool reverse) {
+  const bool proj = w_hr.defined();
+  const auto acc = out.options().dtype(acc_type(out.scalar_type()));
+  const int64_t B = d.B, H = d.H, G = 4 * H, P = proj ? w_hr.size(0) : H;
+  at::Tensor dxg = Dev::empty({d.T, B, G}, out.options());
+  BlockSums db(G);
+  at::Tensor dc = grad_cn.to(acc, false, /*copy=*/true).contiguous();
+  at::Tensor dh0 = at::empty({B, P}, out.options());
+  const at::Tensor c0a = c0.to(acc).contiguous(), dhn = grad_hn.contiguous(), w = w_hh.contiguous();
+  const at::Tensor wr = proj ? w_hr.contiguous() : at::Tensor();
+  const Order o{d.T, reverse};
+  Dev::dispatch(out.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Dev::template Acc<T>;
+    const auto dy = seq<const T>(dy_in, B, H);
+    const auto dx = seq<T>(dxg, B, G);
+    const auto dh = seq<T>(dh0, B, P);
+    const auto dh_last = seq<const T>(dhn, B, P);
+    const auto r = proj ? seq<T>(r_all, B, P) : dh;
+    const auto g = seq<const A>(gates, B, G);
+    const auto c = seq<const A>(c_all, B, H);
+    const auto c_init = seq<const A>(c0a, B, H);
+    const auto dcs = seq<A>(dc, B, H);
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    if (!proj && Dev::lstm_bwd_whole(d, o, dy, dh_last, g, c, c_init, wp, dcs, dx, dh)) return db.missing();
+    const Weight<T> W = Dev::template weight<T>(wp, false, P, G, B, d.T, w);
+    const Weight<T> Wr = proj ? Dev::template weight<T>(reinterpret_cast<const T*>(wr.data_ptr()), false, H, P, B,
+                                                         d.T, wr)
+                              : Weight<T>{};
+    Dev::row_blocks(B, G, d.T, w.nbytes() + (proj ? wr.nbytes() : 0), [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      BlockPart<Dev> part(b0, G, 1);
+      const at::Tensor rh_buf = proj ? at::empty({n, H}, out.options()) : at::Tensor();
+      T* rh = proj ? reinterpret_cast<T*>(rh_buf.data_ptr()) : nullptr;
+      for (int64_t s = 0; s < d.T; ++s) {
+        const int64_t t = o.bwd(s);
+        if (proj) Dev::gemm(n, r.at(t, b0), Wr, rh, out);
+        const T* rec = proj ? rh : s == 0 ? dh_last.at(b0) : dh.at(b0);
+        Dev::lstm_bwd(dy.at(t, b0), rec, g.at(t, b0), t == o.first() ? c_init.at(b0) : c.at(o.before(t), b0),
+                      c.at(t, b0), dcs.at(b0), dx.at(t, b0), n, H);
+        part.add(0, dx.at(t, b0), n);
+        Dev::gemm(n, dx.at(t, b0), W, proj && t != o.first() ? r.at(o.before(t), b0) : dh.at(b0), out);
+      }
+      part.finish({&db});
+    });
+  });
+  return {dxg, dh0, dc.to(c0.scalar_type()), weight_grad<Dev>(dxg, h0.contiguous(), out, o), db.result(dxg)};
+}
+
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd(
     const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
@@ -237,41 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const Dims d = check_layer(xg, h0, w_hh, 4, op);
   check_state(c0, d, xg, "c0", op);
   const at::Tensor b = bias_or_zeros(bias, xg, 4 * d.H, "bias", op);
-  const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
-  const int64_t B = d.B, H = d.H, G = 4 * H;
-  at::Tensor out = Dev::empty({d.T, B, H}, xg.options());
-  at::Tensor c_all = Dev::empty({save ? d.T : std::min<int64_t>(2, d.T), B, H}, acc);
-  at::Tensor gates = Dev::empty({save ? d.T : 1, B, G}, acc);
-  const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
-  const Order o{d.T, reverse};
-  Dev::dispatch(xg.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    using A = typename Dev::template Acc<T>;
-    const auto x = seq<const T>(xg, B, G);
-    const auto y = seq<T>(out, B, H);
-    const auto h_init = seq<const T>(h0c, B, H);
-    const auto c = seq<A>(c_all, B, H);
-    const auto c_init = seq<const A>(c0a, B, H);
-    const auto g = seq<A>(gates, B, G);
-    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    const T* bp = reinterpret_cast<const T*>(b.data_ptr());
-    if (Dev::lstm_fwd_whole(d, o, save, x, h_init, c_init, wp, bp, y, c, g)) return;
-    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, d.T, w);
-    Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
-      const int64_t n = b1 - b0;
-      const at::Tensor hg_buf = at::empty({n, G}, xg.options());
-      T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
-      for (int64_t s = 0; s < d.T; ++s) {
-        const int64_t t = o.fwd(s), p = o.before(t);
-        const int64_t ct = save ? t : s % 2, cp = save ? p : (s + 1) % 2, gt = save ? t : 0;
-        Dev::gemm(n, s == 0 ? h_init.at(b0) : y.at(p, b0), W, hg, xg);
-        Dev::lstm_fwd(x.at(t, b0), hg, bp, s == 0 ? c_init.at(b0) : c.at(cp, b0), g.at(gt, b0), c.at(ct, b0),
-                      y.at(t, b0), n, H);
-      }
-    });
-  });
-  at::Tensor h_n = out.select(0, o.last()).clone();
-  at::Tensor c_n = c_all.select(0, save ? o.last() : (d.T - 1) % 2).to(xg.scalar_type(), false, /*copy=*/true);
+  auto [out, h_n, c_n, c_all, gates, u] = lstm_pass_fwd<Dev>(xg, h0, c0, w_hh, at::Tensor(), b, d, reverse, save);
   return {out, h_n, c_n, c_all, gates};
 }
 
@@ -285,43 +368,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   TORCH_CHECK(c_all.sizes() == out.sizes(), op, ": saved tensors do not match the output");
   check_state(grad_cn, d, out, "grad_cn", op);
   check_state(c0, d, out, "c0", op);
-  const auto acc = out.options().dtype(acc_type(out.scalar_type()));
-  const int64_t B = d.B, H = d.H, G = 4 * H;
-  at::Tensor dxg = Dev::empty({d.T, B, G}, out.options());
-  BlockSums db(G);
-  at::Tensor dc = grad_cn.to(acc, false, /*copy=*/true).contiguous();
-  at::Tensor dh0 = at::empty({B, H}, out.options());
-  const at::Tensor c0a = c0.to(acc).contiguous(), dhn = grad_hn.contiguous(), w = w_hh.contiguous();
-  const Order o{d.T, reverse};
-  Dev::dispatch(out.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    using A = typename Dev::template Acc<T>;
-    const auto dy = seq<const T>(grad_out, B, H);
-    const auto dx = seq<T>(dxg, B, G);
-    const auto dh = seq<T>(dh0, B, H);
-    const auto dh_last = seq<const T>(dhn, B, H);
-    const auto g = seq<const A>(gates, B, G);
-    const auto c = seq<const A>(c_all, B, H);
-    const auto c_init = seq<const A>(c0a, B, H);
-    const auto dcs = seq<A>(dc, B, H);
-    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    if (Dev::lstm_bwd_whole(d, o, dy, dh_last, g, c, c_init, wp, dcs, dx, dh)) return db.missing();
-    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, d.T, w);
-    Dev::row_blocks(B, G, d.T, w.nbytes(), [&](int64_t b0, int64_t b1) {
-      const int64_t n = b1 - b0;
-      BlockPart<Dev> part(b0, G, 1);
-      for (int64_t s = 0; s < d.T; ++s) {
-        const int64_t t = o.bwd(s);
-        Dev::lstm_bwd(dy.at(t, b0), s == 0 ? dh_last.at(b0) : dh.at(b0), g.at(t, b0),
-                      t == o.first() ? c_init.at(b0) : c.at(o.before(t), b0), c.at(t, b0), dcs.at(b0), dx.at(t, b0),
-                      n, H);
-        part.add(0, dx.at(t, b0), n);
-        Dev::gemm(n, dx.at(t, b0), W, dh.at(b0), out);
-      }
-      part.finish({&db});
-    });
-  });
-  return {dxg, dh0, dc.to(c0.scalar_type()), weight_grad<Dev>(dxg, h0.contiguous(), out, o), db.result(dxg)};
+  return lstm_pass_bwd<Dev>(grad_out, grad_hn, grad_cn, h0, c0, w_hh, at::Tensor(), at::Tensor(), out, c_all, gates,
+                            d, reverse);
+}
+
+// ---- the layer with a projection ----
+struct ProjDims {
+  Dims d;
+  int64_t P;
+};
+
+// w_hh (4H, P) and w_hr (P, H), 0 < P < H, like x: returns P.
+inline int64_t check_proj_weights(const at::Tensor& w_hh, const at::Tensor& w_hr, int64_t H, const at::Tensor& x,
+                                  const char* op) {
+  check_like(w_hr, x, "w_hr", op);
+  TORCH_CHECK(w_hr.dim() == 2 && w_hr.size(1) == H && w_hr.size(0) > 0 && w_hr.size(0) < H, op,
+              ": w_hr must be (P, ", H, ") with 0 < P < ", H, ", got ", w_hr.sizes());
+  const int64_t P = w_hr.size(0);
+  check_like(w_hh, x, "w_hh", op);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == P, op, ": w_hh must be (", 4 * H, ", ",
+              P, "), got ", w_hh.sizes());
+  return P;
+}
+
+inline ProjDims check_proj_layer(const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0,
+                                 const at::Tensor& w_hh, const at::Tensor& w_hr, const char* op) {
+  check_float(xg, "xg", op);
+  TORCH_CHECK(xg.dim() == 3 && xg.size(2) % 4 == 0 && xg.size(2) > 0, op, ": xg must be (T, B, 4*H), got ",
+              xg.sizes());
+  TORCH_CHECK(xg.is_contiguous(), op, ": xg must be contiguous");
+  TORCH_CHECK(xg.size(0) > 0, op, ": the sequence must have at least one step");
+  const Dims d{xg.size(0), xg.size(1), xg.size(2) / 4};
+  const int64_t P = check_proj_weights(w_hh, w_hr, d.H, xg, op);
+  check_state(h0, Dims{d.T, d.B, P}, xg, "h0", op);
+  check_state(c0, d, xg, "c0", op);
+  return {d, P};
+}
+
+// Returns (output (T, B, P), h_n, c_n, c_all, gates, u (T, B, H)).
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_fwd(
+    const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& w_hr,
+    const std::optional<at::Tensor>& bias, bool reverse, bool save = true) {
+  constexpr const char* op = "lstm_proj_layer_fwd";
+  const ProjDims pd = check_proj_layer(xg, h0, c0, w_hh, w_hr, op);
+  const at::Tensor b = bias_or_zeros(bias, xg, 4 * pd.d.H, "bias", op);
+  return lstm_pass_fwd<Dev>(xg, h0, c0, w_hh, w_hr, b, pd.d, reverse, save);
+}
+
+// Returns (grad xg, grad h0, grad c0, grad w_hh, grad w_hr, grad bias). W_hr's gradient is
+// sum_t (grad_out[t] + r_t)^T u_t, one GEMM after the loop.
+template <class Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_bwd(
+    const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& grad_cn, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& out,
+    const at::Tensor& u_all, const at::Tensor& c_all, const at::Tensor& gates, bool reverse) {
+  constexpr const char* op = "lstm_proj_layer_bwd";
+  check_float(out, "out", op);
+  TORCH_CHECK(u_all.dim() == 3 && u_all.size(0) > 0 && u_all.size(2) > 0, op, ": u must be (T, B, H), got ",
+              u_all.sizes());
+  const Dims d{u_all.size(0), u_all.size(1), u_all.size(2)};
+  const int64_t P = check_proj_weights(w_hh, w_hr, d.H, out, op);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({d.T, d.B, P}), op, ": out must be (", d.T, ", ", d.B, ", ", P,
+              "), got ", out.sizes());
+  check_state(h0, Dims{d.T, d.B, P}, out, "h0", op);
+  check_state(c0, d, out, "c0", op);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
+              out.sizes());
+  check_like(grad_out, out, "grad_out", op);
+  check_like(out, u_all, "out", op);
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({d.T, d.B, 4 * d.H}), op, ": saved gates do not match the output");
+  TORCH_CHECK(c_all.sizes() == u_all.sizes(), op, ": saved cell states do not match the output");
+  check_state(grad_hn, Dims{d.T, d.B, P}, out, "grad_hn", op);
+  check_state(grad_cn, d, out, "grad_cn", op);
+  const int64_t rows = d.T * d.B;
+  const at::Tensor wr = w_hr.contiguous();
+  at::Tensor du_out = Dev::empty({d.T, d.B, d.H}, out.options());
+  at::Tensor du_rows = du_out.view({rows, d.H});
+  at::mm_out(du_rows, grad_out.view({rows, P}), wr);
+  at::Tensor r = Dev::empty({d.T, d.B, P}, out.options());
+  r.select(0, reverse ? 0 : d.T - 1).copy_(grad_hn);
+  auto [dxg, dh0, dc0, dw, db] = lstm_pass_bwd<Dev>(du_out, grad_hn, grad_cn, h0, c0, w_hh, wr, r, out, c_all,
+                                                    gates, d, reverse);
+  at::Tensor dwr = at::mm(r.add_(grad_out).view({rows, P}).t(), u_all.contiguous().view({rows, d.H}));
+  return {dxg, dh0, dc0, dw, dwr, db};
 }
 
 // `save` as lstm_layer_fwd's: without it one step's saved values are kept, reused step after step.
