@@ -80,10 +80,11 @@ TORCH_LIBRARY(fck, m) {
   m.def("gru_layer(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> (Tensor, Tensor)");
   // An LSTM layer with a projection (torch's proj_size): w_hh (4H, P), w_hr (P, H), h0 (B, P), c0 (B, H). h_t =
   // W_hr (o_t * tanh(c_t)) is the output (T, B, P) and the next step's input; returns (output, h_n, c_n, c_all,
-  // gates, u), u (T, B, H) the unprojected o_t * tanh(c_t) the backward needs. The backward returns the gradients of
-  // xg, h0, c0, w_hh, w_hr and the bias. Autograd in Python (fastcore_kernels/ops/rnn.py).
-  m.def("lstm_proj_layer_fwd(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor w_hr, Tensor? bias, bool reverse) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // gates, u), u (T, B, H) the unprojected o_t * tanh(c_t) the backward needs; without `save` (inference) the last
+  // three are one or two steps' reused slots. The backward returns the gradients of xg, h0, c0, w_hh, w_hr and the
+  // bias. Autograd in Python (fastcore_kernels/ops/rnn.py).
+  m.def("lstm_proj_layer_fwd(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor w_hr, Tensor? bias, bool reverse, "
+        "bool save=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_proj_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, "
         "Tensor w_hr, Tensor out, Tensor u, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)");

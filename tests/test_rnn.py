@@ -914,6 +914,7 @@ def test_opcheck(backend):
         hp, wp4, w_hr = torch.randn(B, P, generator=g), torch.randn(4 * H, P, generator=g), torch.randn(P, H, generator=g)
         fwd_p, bwd_p = torch.ops.fck.lstm_proj_layer_fwd, torch.ops.fck.lstm_proj_layer_bwd
         torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, b4, True), test_utils=tests)
+        torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, None, False, False), test_utils=tests)
         outp, hnp, cnp, c_allp, gatesp, u = fwd_p(xg4, hp, c0, wp4, w_hr, None, False)
         torch.library.opcheck(bwd_p, (torch.randn_like(outp), hnp, cnp, hp, c0, wp4, w_hr, outp, u, c_allp, gatesp,
                                       False), test_utils=tests)

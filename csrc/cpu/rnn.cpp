@@ -518,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_fwd(
     FCK_LSTM_PROJ_FWD_ARGS) {
   check_cpu(xg, "lstm_proj_layer_fwd");
-  return rnn::lstm_proj_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, w_hr, bias, reverse);
+  return rnn::lstm_proj_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, w_hr, bias, reverse, save);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_bwd(

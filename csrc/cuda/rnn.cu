@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     FCK_LSTM_PROJ_FWD_ARGS) {
   check_cuda(xg, "lstm_proj_layer_fwd");
   const c10::cuda::CUDAGuard guard(xg.device());
-  return rnn::lstm_proj_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, w_hr, bias, reverse);
+  return rnn::lstm_proj_layer_fwd<RnnSteps>(xg, h0, c0, w_hh, w_hr, bias, reverse, save);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_bwd(

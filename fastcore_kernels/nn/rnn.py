@@ -41,8 +41,8 @@ class _Sequence:
 
 
 class LSTM(_Sequence, nn.LSTM):
-    """torch.nn.LSTM on the fused kernels: forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n)). With proj_size,
-    the projected recurrence runs as its hidden-size equivalent (see ops/rnn.py: _lstm_projected_layer)."""
+    """torch.nn.LSTM on the fused kernels: forward(input, (h_0, c_0)=None) -> (output, (h_n, c_n)), proj_size
+    included (ops/rnn.py: _lstm_projected_layer)."""
 
     def forward(self, input, hx=None):
         if _packed_fallback(self, input):

@@ -64,10 +64,11 @@ def _fake_gru_bwd(grad_out, grad_hn, h0, w_hh, out, saved, reverse):
             out.new_empty(3 * H))
 
 
-def _fake_lstm_proj_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse):
+def _fake_lstm_proj_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse, save=True):
     T, B, P, H = xg.shape[0], xg.shape[1], w_hr.shape[0], w_hr.shape[1]
-    return (xg.new_empty(T, B, P), h0.new_empty(B, P), c0.new_empty(B, H), _acc_like(xg, T, B, H),
-            _acc_like(xg, T, B, 4 * H), xg.new_empty(T, B, H))
+    return (xg.new_empty(T, B, P), h0.new_empty(B, P), c0.new_empty(B, H),
+            _acc_like(xg, T if save else min(2, T), B, H), _acc_like(xg, T if save else 1, B, 4 * H),
+            xg.new_empty(T if save else 1, B, H))
 
 
 def _fake_lstm_proj_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, c_all, gates, reverse):
@@ -415,7 +416,7 @@ def _lstm_projected_layer(xg, h0, c0, w_hh, w_hr, bias, reverse, impl, h0_given)
     if impl in ("cpu", "cuda"):
         if _grad_needed(xg, h0, c0, w_hh, w_hr, bias):
             return _LSTMProjLayer.apply(xg, h0, c0, w_hh, w_hr, bias, reverse)
-        return torch.ops.fck.lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse)[:3]
+        return torch.ops.fck.lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse, False)[:3]
     # formed in fp32 (float64 for float64) and rounded once, like any weight of that dtype
     acc = reference.acc_dtype(w_hh.dtype)
     w_eff = (w_hh.to(acc) @ w_hr.to(acc)).to(w_hh.dtype)

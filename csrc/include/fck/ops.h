@@ -49,7 +49,7 @@ namespace fck {
       const at::Tensor &gates, bool reverse
 #define FCK_LSTM_PROJ_FWD_ARGS                                                                               \
   const at::Tensor &xg, const at::Tensor &h0, const at::Tensor &c0, const at::Tensor &w_hh,                   \
-      const at::Tensor &w_hr, const std::optional<at::Tensor>&bias, bool reverse
+      const at::Tensor &w_hr, const std::optional<at::Tensor>&bias, bool reverse, bool save
 #define FCK_LSTM_PROJ_BWD_ARGS                                                                               \
   const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &grad_cn, const at::Tensor &h0,     \
       const at::Tensor &c0, const at::Tensor &w_hh, const at::Tensor &w_hr, const at::Tensor &out,            \
