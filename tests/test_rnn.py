@@ -777,10 +777,10 @@ def test_packed_sequence_runs_torch_forward(mode):
 # ---- LSTM with a projection (proj_size) ----
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_projected_layer_gradcheck(device, reverse):
-    """The C++ projected layer (fck::lstm_proj_layer_fwd/_bwd through its autograd) in float64, every input."""
-    skip_unless_runnable(device, device)
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_projected_layer_gradcheck(backend, device, reverse):
+    """The projected layer (fck::lstm_proj_layer_fwd/_bwd through its autograd) in float64, every input."""
+    skip_unless_runnable(backend, device)
     g = _gen(11)
     T, B, H, P = 4, 3, 5, 2
 
@@ -788,7 +788,7 @@ def test_projected_layer_gradcheck(device, reverse):
         return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
 
     args = (rnd(T, B, 4 * H), rnd(B, P), rnd(B, H), rnd(4 * H, P), rnd(P, H), rnd(4 * H))
-    fn = lambda *a: rnn_ops._lstm_projected_layer(*a, reverse, device, True)  # noqa: E731
+    fn = lambda *a: rnn_ops._lstm_projected_layer(*a, reverse, backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
 
 
@@ -909,15 +909,14 @@ def test_opcheck(backend):
     torch.library.opcheck(op("lstm_layer_fwd"), (xg4, h0, c0, w4, None, False), test_utils=tests)
     dy = torch.randn_like(out)
     torch.library.opcheck(op("lstm_layer_bwd"), (dy, hn, cn, h0, c0, w4, out, c_all, gates, True), test_utils=tests)
-    if backend == "cpu":  # the projected layer has C++ kernels only
-        P = 2
-        hp, wp4, w_hr = torch.randn(B, P, generator=g), torch.randn(4 * H, P, generator=g), torch.randn(P, H, generator=g)
-        fwd_p, bwd_p = torch.ops.fck.lstm_proj_layer_fwd, torch.ops.fck.lstm_proj_layer_bwd
-        torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, b4, True), test_utils=tests)
-        torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, None, False, False), test_utils=tests)
-        outp, hnp, cnp, c_allp, gatesp, u = fwd_p(xg4, hp, c0, wp4, w_hr, None, False)
-        torch.library.opcheck(bwd_p, (torch.randn_like(outp), hnp, cnp, hp, c0, wp4, w_hr, outp, u, c_allp, gatesp,
-                                      False), test_utils=tests)
+    P = 2  # the layer with a projection
+    hp, wp4, w_hr = torch.randn(B, P, generator=g), torch.randn(4 * H, P, generator=g), torch.randn(P, H, generator=g)
+    fwd_p, bwd_p = op("lstm_proj_layer_fwd"), op("lstm_proj_layer_bwd")
+    torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, b4, True), test_utils=tests)
+    torch.library.opcheck(fwd_p, (xg4, hp, c0, wp4, w_hr, None, False, False), test_utils=tests)
+    outp, hnp, cnp, c_allp, gatesp, u = fwd_p(xg4, hp, c0, wp4, w_hr, None, False)
+    torch.library.opcheck(bwd_p, (torch.randn_like(outp), hnp, cnp, hp, c0, wp4, w_hr, outp, u, c_allp, gatesp, False),
+                          test_utils=tests)
     out, hn, saved = op("gru_layer_fwd")(xg3, h0, w3, b3, b3 * 2, False)
     torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, b3, b3 * 2, False), test_utils=tests)
     torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, None, None, True), test_utils=tests)

@@ -31,6 +31,11 @@ LSTM_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias,
                    "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 LSTM_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, Tensor out, "
                    "Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+LSTM_PROJ_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor w_hr, Tensor? bias, bool reverse, "
+                        "bool save=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+LSTM_PROJ_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor h0, Tensor c0, Tensor w_hh, "
+                        "Tensor w_hr, Tensor out, Tensor u, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, "
+                        "Tensor, Tensor, Tensor, Tensor, Tensor)")
 GRU_FWD_SCHEMA = ("(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) -> "
                   "(Tensor, Tensor, Tensor)")
 GRU_BWD_SCHEMA = ("(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
@@ -78,18 +83,18 @@ def _fake_lstm_proj_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, 
 
 
 _FAKES = {"lstm_layer_fwd": _fake_lstm_fwd, "lstm_layer_bwd": _fake_lstm_bwd, "gru_layer_fwd": _fake_gru_fwd,
-          "gru_layer_bwd": _fake_gru_bwd}
-# ops with C++ kernels only (no Triton version)
-_CPP_FAKES = {"lstm_proj_layer_fwd": _fake_lstm_proj_fwd, "lstm_proj_layer_bwd": _fake_lstm_proj_bwd}
+          "gru_layer_bwd": _fake_gru_bwd, "lstm_proj_layer_fwd": _fake_lstm_proj_fwd,
+          "lstm_proj_layer_bwd": _fake_lstm_proj_bwd}
 
 
 def register_fake() -> None:
-    for name, fake in {**_FAKES, **_CPP_FAKES}.items():
+    for name, fake in _FAKES.items():
         torch.library.register_fake(f"fck::{name}")(fake)
 
 
 for _name, _schema in (("lstm_layer_fwd", LSTM_FWD_SCHEMA), ("lstm_layer_bwd", LSTM_BWD_SCHEMA),
-                       ("gru_layer_fwd", GRU_FWD_SCHEMA), ("gru_layer_bwd", GRU_BWD_SCHEMA)):
+                       ("gru_layer_fwd", GRU_FWD_SCHEMA), ("gru_layer_bwd", GRU_BWD_SCHEMA),
+                       ("lstm_proj_layer_fwd", LSTM_PROJ_FWD_SCHEMA), ("lstm_proj_layer_bwd", LSTM_PROJ_BWD_SCHEMA)):
     triton_op(f"{_name}_triton", f"rnn.{_name}", _schema, _FAKES[_name])
 
 
@@ -133,19 +138,20 @@ class _GRULayer(torch.autograd.Function):
 
 class _LSTMProjLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, h0, c0, w_hh, w_hr, bias, reverse):
-        out, h_n, c_n, c_all, gates, u = torch.ops.fck.lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse)
+    def forward(ctx, xg, h0, c0, w_hh, w_hr, bias, reverse, backend):
+        out, h_n, c_n, c_all, gates, u = _kernel("lstm_proj_layer_fwd", backend)(xg, h0, c0, w_hh, w_hr, bias,
+                                                                                 reverse)
         ctx.save_for_backward(h0, c0, w_hh, w_hr, out, u, c_all, gates)
-        ctx.reverse = reverse
+        ctx.reverse, ctx.backend = reverse, backend
         return out, h_n, c_n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
         h0, c0, w_hh, w_hr, out, u, c_all, gates = ctx.saved_tensors
-        grads = torch.ops.fck.lstm_proj_layer_bwd(d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), h0, c0,
-                                                  w_hh, w_hr, out, u, c_all, gates, ctx.reverse)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,)
+        grads = _kernel("lstm_proj_layer_bwd", ctx.backend)(d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(),
+                                                            h0, c0, w_hh, w_hr, out, u, c_all, gates, ctx.reverse)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
 
 
 def _grad_needed(*tensors) -> bool:
@@ -391,8 +397,7 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
                 if w_hr is None:
                     out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, b, d == 1, impl)
                 else:
-                    out, h, c = _lstm_projected_layer(xg, full[0][k], full[1][k], w_hh, w_hr, b, d == 1, impl,
-                                                      given[0] is not None)
+                    out, h, c = _lstm_projected_layer(xg, full[0][k], full[1][k], w_hh, w_hr, b, d == 1, impl)
                 c_n.append(c)
             else:
                 out, h = gru_layer(xg, full[0][k], w_hh, b_ih, b_hh, d == 1, impl)
@@ -402,30 +407,15 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
     return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
 
 
-def _lstm_projected_layer(xg, h0, c0, w_hh, w_hr, bias, reverse, impl, h0_given):
+def _lstm_projected_layer(xg, h0, c0, w_hh, w_hr, bias, reverse, impl):
     """An LSTM layer with a projection (torch's proj_size): h_t = W_hr (o_t * tanh(c_t)), P values, is the output and
-    the next step's recurrent input. The C++ backends step it natively (fck::lstm_proj_layer_fwd/_bwd: the recurrent
-    GEMM, the fused cell, the projection GEMM). Triton runs it on its plain layer: a step's recurrent term
-    W_hh h_{t-1} = (W_hh W_hr) u_{t-1}, u the unprojected H values, so the hidden-H recurrence with W_hh W_hr (formed
-    once a call) over u, from u_0 = 0 with W_hh h_0 added to the first step's input projection, then one GEMM
-    projecting the outputs; autograd carries the gradients back through both products. Exact, but a step then has
-    4 H^2 multiplies a row where a projected step has 5 H P. The reference steps the projection itself: the
-    specification the others are tested against."""
+    the next step's recurrent input. `fck::lstm_proj_layer_fwd`/`_bwd` (C++ or Triton) step it: the recurrent GEMM,
+    the fused cell, the projection GEMM; the reference steps it in plain PyTorch."""
     if impl == "reference":
         return reference.lstm_layer(xg, h0, c0, w_hh, bias, reverse, w_hr=w_hr)
-    if impl in ("cpu", "cuda"):
-        if _grad_needed(xg, h0, c0, w_hh, w_hr, bias):
-            return _LSTMProjLayer.apply(xg, h0, c0, w_hh, w_hr, bias, reverse)
-        return torch.ops.fck.lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse, False)[:3]
-    # formed in fp32 (float64 for float64) and rounded once, like any weight of that dtype
-    acc = reference.acc_dtype(w_hh.dtype)
-    w_eff = (w_hh.to(acc) @ w_hr.to(acc)).to(w_hh.dtype)
-    if h0_given:
-        first = xg.shape[0] - 1 if reverse else 0
-        xg = xg.index_add(0, torch.tensor([first], device=xg.device), (h0 @ w_hh.t()).unsqueeze(0))
-    u0 = xg.new_zeros(xg.shape[1], w_hr.shape[1])
-    u, u_n, c_n = lstm_layer(xg, u0, c0, w_eff, bias, reverse, impl)
-    return u @ w_hr.t(), u_n @ w_hr.t(), c_n
+    if _grad_needed(xg, h0, c0, w_hh, w_hr, bias):
+        return _LSTMProjLayer.apply(xg, h0, c0, w_hh, w_hr, bias, reverse, impl)
+    return _kernel("lstm_proj_layer_fwd", impl)(xg, h0, c0, w_hh, w_hr, bias, reverse, False)[:3]
 
 
 def _rnn_result(out, h_n, c_n, lstm, batched, batch_first):

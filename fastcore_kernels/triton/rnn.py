@@ -472,6 +472,53 @@ def lstm_layer_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, out, c_all, gates, 
     return dxg, dh_buf, dc.to(c0.dtype), _weight_grad(dxg, h0.contiguous(), out, reverse), dxg.sum((0, 1))
 
 
+def lstm_proj_layer_fwd(xg, h0, c0, w_hh, w_hr, bias, reverse, save=True):
+    """The layer with a projection (fck::lstm_proj_layer_fwd, rnn_host.h: lstm_pass_fwd): per step the recurrent
+    torch.mm (K = P), the cell kernel writing u_t = o_t * tanh(c_t), and the projection torch.mm into the output."""
+    T, B, _ = xg.shape
+    P, H = w_hr.shape
+    acc = _acc(xg.dtype)
+    slots = T if save else 1
+    out = torch.empty(T, B, P, dtype=xg.dtype, device=xg.device)
+    u = torch.empty(slots, B, H, dtype=xg.dtype, device=xg.device)
+    c_all = torch.empty(T if save else min(2, T), B, H, dtype=acc, device=xg.device)
+    gates = torch.empty(slots, B, 4 * H, dtype=acc, device=xg.device)
+    bias = _bias(bias, 4 * H, xg)
+    hg = torch.empty(B, 4 * H, dtype=xg.dtype, device=xg.device)
+    h0, c0, wt, wrt = h0.contiguous(), c0.to(acc).contiguous(), w_hh.t(), w_hr.t()
+    steps, _, before, first, last = _order(T, reverse)
+    for s, t in enumerate(steps):
+        ct, cp, k = (t, before(t), t) if save else (s % 2, (s + 1) % 2, 0)
+        torch.mm(h0 if t == first else out[before(t)], wt, out=hg)
+        _launch(_lstm_fwd, B, H, xg[t], hg, bias, c0 if t == first else c_all[cp], gates[k], c_all[ct], u[k])
+        torch.mm(u[k], wrt, out=out[t])
+    c_last = c_all[last if save else (T - 1) % 2]
+    return out, out[last].clone(), c_last.to(xg.dtype, copy=True), c_all, gates, u
+
+
+def lstm_proj_layer_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, c_all, gates, reverse):
+    """Its backward (rnn_host.h: lstm_proj_layer_bwd): u_t's gradient is grad_out[t] W_hr, for all steps in one GEMM,
+    plus r_t W_hr a step, r_t the recurrent part of h_t's; W_hr's gradient sum_t (grad_out[t] + r_t)^T u_t."""
+    T, B, H = u.shape
+    P = w_hr.shape[0]
+    acc = _acc(out.dtype)
+    grad_out = grad_out.contiguous()
+    du = (grad_out.reshape(T * B, P) @ w_hr).view(T, B, H)
+    r = torch.empty(T, B, P, dtype=out.dtype, device=out.device)
+    dxg = torch.empty(T, B, 4 * H, dtype=out.dtype, device=out.device)
+    dh0 = torch.empty(B, P, dtype=out.dtype, device=out.device)
+    rh = torch.empty(B, H, dtype=out.dtype, device=out.device)
+    dc, c0a = grad_cn.to(acc, copy=True).contiguous(), c0.to(acc).contiguous()
+    _, steps, before, first, last = _order(T, reverse)
+    r[last] = grad_hn
+    for t in steps:
+        torch.mm(r[t], w_hr, out=rh)
+        _launch(_lstm_bwd, B, H, du[t], rh, gates[t], c0a if t == first else c_all[before(t)], c_all[t], dc, dxg[t])
+        torch.mm(dxg[t], w_hh, out=dh0 if t == first else r[before(t)])
+    dwr = (r + grad_out).reshape(T * B, P).t() @ u.reshape(T * B, H)
+    return dxg, dh0, dc.to(c0.dtype), _weight_grad(dxg, h0.contiguous(), out, reverse), dwr, dxg.sum((0, 1))
+
+
 def gru_layer_fwd(xg, h0, w_hh, b_ih, b_hh, reverse):
     T, B, _ = xg.shape
     H = w_hh.shape[1]
