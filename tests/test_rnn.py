@@ -830,6 +830,8 @@ def test_projected_layer_checks_its_arguments():
         m(torch.randn(5, 3, 4), (torch.randn(1, 3, 6), torch.randn(1, 3, 6)))
     with pytest.raises(RuntimeError, match="Expected hidden\\[1\\] size \\(1, 3, 6\\)"):
         m(torch.randn(5, 3, 4), (torch.randn(1, 3, 2), torch.randn(1, 3, 2)))
+    with pytest.raises(ValueError, match="proj_size should be a positive integer"):
+        fckF.lstm(torch.randn(5, 3, 4), [torch.randn(24, 4), torch.randn(24, 6)], has_biases=False, proj_size=-1)
     with pytest.raises(ValueError, match="weight_hr must be"):
         fckF.lstm(torch.randn(5, 3, 4), [torch.randn(24, 4), torch.randn(24, 2), torch.randn(6, 6)], has_biases=False,
                   proj_size=2)

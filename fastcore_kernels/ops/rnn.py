@@ -1,7 +1,8 @@
 """LSTM and GRU: cells and multi-layer, bidirectional sequence models on fused recurrent kernels.
 
 One layer in one direction is one torch.library op per pass — `fck::lstm_layer_fwd`/`_bwd`, `fck::gru_layer_fwd`/
-`_bwd` (C++ for CPU and CUDA, `..._triton` for Triton) — that runs the whole recurrence: per step one GEMM with
+`_bwd` (C++ for CPU and CUDA, `..._triton` for Triton; `fck::lstm_proj_layer_fwd`/`_bwd` for an LSTM with
+proj_size, a projection GEMM after each step's cell) — that runs the whole recurrence: per step one GEMM with
 W_hh and one fused pointwise kernel, or, on the Triton backend for hidden sizes up to 128 and FCK_RNN_PERSISTENT=1,
 one persistent kernel for all steps (experimental: see triton/rnn.py). Around it, plain PyTorch does what needs no
 loop: the input projection of all steps in one GEMM without bias (its gradients too, by autograd; the kernels add
@@ -212,8 +213,8 @@ def _check_input(x, name):
 
 
 def _check_weights(x, w_ih, w_hh, b_ih, b_hh, gates, name, w_hr=None):
-    """The hidden size H, from weights torch's shapes: w_ih (gates H, input), w_hh (gates H, H) — or, with an LSTM's
-    projection w_hr (P, H), w_hh (gates H, P) — and biases (gates H,)."""
+    """The hidden size H, checking the weights against torch's shapes: w_ih (gates H, input), w_hh (gates H, H) — or,
+    with an LSTM's projection w_hr (P, H), w_hh (gates H, P) — and biases (gates H,)."""
     for what, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
                     ("weight_hr", w_hr)):
         if t is not None:
@@ -334,6 +335,8 @@ def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bid
     if T == 0:
         raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
     D = 2 if bidirectional else 1
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")  # torch's message
     proj = lstm and proj_size > 0
     weights = _layer_params(params, has_biases, num_layers, D, proj)
     H = weights[0][4].shape[1] if proj else weights[0][1].shape[-1]
