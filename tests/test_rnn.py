@@ -268,14 +268,21 @@ WIDE = {"13 rows, K blocks": (20, 70, 1, False, False, 3, 13, True),
         "unbatched": (5, 20, 1, False, False, 3, None, True)}
 
 
+def _classes(mode, H):
+    """(ours, torch's, constructor keywords) for a mode: "lstm", "gru", or "lstmp" (an LSTM with proj_size H // 2)."""
+    if mode == "gru":
+        return fnn.GRU, nn.GRU, {}
+    return fnn.LSTM, nn.LSTM, ({"proj_size": H // 2} if mode == "lstmp" else {})
+
+
 def _pair(mode, cfg, device, dtype=torch.float64):
     """Our module and torch's with the same weights, an input and initial states. mode "lstmp": an LSTM with
     proj_size H // 2 (h0 that wide, c0 H wide)."""
     I, H, L, bi, bf, T, B, bias = cfg
     torch.manual_seed(3)
-    tcls, ocls = (nn.GRU, fnn.GRU) if mode == "gru" else (nn.LSTM, fnn.LSTM)
-    P = H // 2 if mode == "lstmp" else 0
-    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias, **({"proj_size": P} if P else {}))
+    ocls, tcls, extra = _classes(mode, H)
+    P = extra.get("proj_size", 0)
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias, **extra)
     theirs = tcls(I, H, **kw).to(device, torch.float64)
     ours = ocls(I, H, **kw).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
@@ -575,13 +582,14 @@ def test_larger_shapes_fp32(backend, mode, hidden):
         _close(u, v, torch.float32, "output/grad")
 
 
-@pytest.mark.parametrize("mode,hidden", [("lstm", 20), ("lstm", 256), ("gru", 300)])
+@pytest.mark.parametrize("mode,hidden", [("lstm", 20), ("lstm", 256), ("gru", 300), ("lstmp", 20), ("lstmp", 600)])
 def test_weight_gradients_come_contiguous(mode, hidden):
     """The CPU path hands autograd every weight gradient in its parameter's layout (small weights and those past
     the 1 MB orientation rule), so AccumulateGrad keeps the tensor instead of copying it."""
     skip_unless_runnable("cpu", "cpu")
     torch.manual_seed(0)
-    m = (fnn.LSTM if mode == "lstm" else fnn.GRU)(24, hidden, 2)
+    ocls, _, extra = _classes(mode, hidden)
+    m = ocls(24, hidden, 2, **extra)
     x = torch.randn(5, 3, 24, requires_grad=True)
     with fck.use_backend("cpu"):
         out, _ = m(x)
@@ -656,17 +664,17 @@ def test_cpu_forward_without_grad_gives_the_training_forward_bits(mode, hidden, 
         assert torch.equal(a.detach(), b) and torch.equal(a.detach(), c)
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 @pytest.mark.parametrize("backend,device", [("cpu", "cpu"), pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
 def test_nan_and_saturated_gates(backend, device, mode):
     """A NaN input makes its batch row NaN from its step on and nothing else; pre-activations far past exp's range
     (+-1e4, +-100: exp overflows, and on the GPU the reciprocal's argument is clamped to 2^126) give torch's
-    float64 outputs. On CUDA these shapes run the persistent kernels."""
+    float64 outputs. On CUDA these shapes run the persistent kernels (the projected LSTM, the per-step loop)."""
     skip_unless_runnable(backend, device)
     torch.manual_seed(4)
-    ocls, tcls = (fnn.LSTM, nn.LSTM) if mode == "lstm" else (fnn.GRU, nn.GRU)
-    theirs = tcls(3, 4).double()
-    ours = ocls(3, 4).to(device)
+    ocls, tcls, extra = _classes(mode, 4)
+    theirs = tcls(3, 4, **extra).double()
+    ours = ocls(3, 4, **extra).to(device)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(5, 2, 3, device=device)
     x[2, 1, 0] = float("nan")
@@ -683,12 +691,12 @@ def test_nan_and_saturated_gates(backend, device, mode):
 
 # ---- dropout between layers, weight-dropped W_hh ----
 
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 def test_dropout_between_layers(mode):
     torch.manual_seed(4)
-    cls = fnn.LSTM if mode == "lstm" else fnn.GRU
-    m = cls(4, 6, num_layers=2, dropout=1.0)  # every value dropped: layer 2 sees zeros
-    ref = (nn.LSTM if mode == "lstm" else nn.GRU)(4, 6, num_layers=2, dropout=1.0)
+    ocls, tcls, extra = _classes(mode, 6)
+    m = ocls(4, 6, num_layers=2, dropout=1.0, **extra)  # every value dropped: layer 2 sees zeros
+    ref = tcls(4, 6, num_layers=2, dropout=1.0, **extra)
     ref.load_state_dict(m.state_dict())
     x = torch.randn(5, 3, 4)
     torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
