@@ -61,5 +61,5 @@ def gru(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, t
                     backend)
 
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "embedding", "embedding_bag", "lstm_cell",
-           "gru_cell", "lstm", "gru"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "embedding", "embedding_bag",
+           "lstm_cell", "gru_cell", "lstm", "gru"]
