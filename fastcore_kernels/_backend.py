@@ -19,6 +19,10 @@ _CHOICES = ("auto",) + BACKENDS
 
 _global_choice: str | None = None
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fck_backend", default=None)
+# What torch.compile reads instead of _scoped_choice, which torch 2.4 cannot trace: the innermost `use_backend`
+# entered (by any thread). Dynamo guards on the module global, so code compiled outside a `with use_backend(...)`
+# block recompiles inside it.
+_scoped_traced: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,21 +52,33 @@ def set_backend(name: str | None) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Select a backend inside a `with` block only."""
-    token = _scoped_choice.set(_validate(name))
+    """Select a backend inside a `with` block only (per thread in eager code; torch.compile'd code sees the
+    innermost block entered by any thread)."""
+    global _scoped_traced
+    name = _validate(name)
+    token = _scoped_choice.set(name)
+    outer, _scoped_traced = _scoped_traced, name
     try:
         yield
     finally:
         _scoped_choice.reset(token)
+        _scoped_traced = outer
 
 
 def get_backend() -> str:
     """The backend choice in force here (may be "auto")."""
-    scoped = _scoped_choice.get()
+    scoped = _scoped_traced if compiling() else _scoped_choice.get()
     if scoped is not None:
         return scoped
     if _global_choice is not None:
         return _global_choice
+    return _env_backend()
+
+
+# torch.compile'd code takes FCK_BACKEND's value when it compiles (torch 2.4 cannot trace a lookup of an unset
+# environment variable).
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
     raw = os.environ.get("FCK_BACKEND")
     name = _env_choice.get(raw)
     if name is None:
@@ -75,6 +91,7 @@ def get_backend() -> str:
 _env_choice: dict[str | None, str] = {}
 
 
+@torch.compiler.assume_constant_result  # torch 2.4 cannot trace the environment lookup
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -137,8 +154,12 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
         key = (kind, implemented)
         name = _auto_choice.get(key)
         if name is None:
-            name = _auto_choice[key] = next((n for n in _AUTO_ORDER.get(kind, ("reference",))
-                                             if n in implemented and kind in _status(n).devices), "reference")
+            name = "reference"
+            for n in _AUTO_ORDER.get(kind, ("reference",)):  # a loop: torch 2.4's compile cannot trace next(gen, x)
+                if n in implemented and kind in _status(n).devices:
+                    name = n
+                    break
+            _auto_choice[key] = name
         return name
     if choice not in implemented:
         raise NotImplementedError(f"{op} has no {choice!r} kernels yet; it runs on {', '.join(implemented)}")

@@ -38,6 +38,31 @@ def test_set_and_use_backend_nest():
     assert fck.get_backend() == os.environ.get("FCK_BACKEND", "auto")
 
 
+def test_compiled_code_follows_the_backend_choice():
+    """Code compiled under one choice recompiles under another (use_backend's block and set_backend), on torch 2.4
+    too, whose compiler cannot read use_backend's ContextVar."""
+    torch._dynamo.reset()
+
+    def f(x):
+        return x + 1 if fck.get_backend() == "reference" else x * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.full((3,), 5.0)
+    outside = 6.0 if fck.get_backend() == "reference" else 10.0
+    assert compiled(x)[0] == outside
+    with fck.use_backend("reference"):
+        assert compiled(x)[0] == 6.0
+        with fck.use_backend("cpu"):
+            assert compiled(x)[0] == 10.0
+        assert compiled(x)[0] == 6.0
+    assert compiled(x)[0] == outside
+    try:
+        fck.set_backend("reference")
+        assert compiled(x)[0] == 6.0
+    finally:
+        fck.set_backend(None)
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown fastcore_kernels backend"):
         fck.set_backend("fastest")

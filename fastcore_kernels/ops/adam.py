@@ -155,6 +155,20 @@ def adam_(
     if args[0][0].dtype == torch.float64:
         name = "reference"  # the fused kernels compute in fp32; float64 keeps its precision on the reference
     _check(*args, amsgrad, backend=name)
-    _IMPLS[name](*args, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
-                 bool(maximize), bool(decoupled_weight_decay), float(inv_grad_scale))
+    hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
+             bool(decoupled_weight_decay), float(inv_grad_scale))
+    if COMPILE_TRACES_LIST_MUTATION or not _backend.compiling():
+        _IMPLS[name](*args, *hyper)
+    else:
+        _eager_step(name, *args, *hyper)
     return name
+
+
+# torch 2.4's torch.compile cannot functionalize an op that mutates lists of tensors (fck::adam_): there a compiled
+# step runs the kernels eagerly behind a graph break, and fullgraph=True needs torch >= 2.5.
+COMPILE_TRACES_LIST_MUTATION = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@torch.compiler.disable
+def _eager_step(name, *args):
+    _IMPLS[name](*args)

@@ -37,15 +37,20 @@ class _Bucket(NamedTuple):
     def empty() -> "_Bucket":
         return _Bucket([], [], [], [], [], [], [])
 
+    def with_grads(self, grads: list) -> "_Bucket":
+        # Not _replace, which torch 2.4's torch.compile will not trace (it lives in collections).
+        return _Bucket(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.master_params,
+                       self.state_steps)
+
 
 class _GroupPlan:
     """What FusedAdam knows about a param group between steps. `full`: the buckets (without grads) and the params'
     contiguity, once every param of the group has state; reused while every param keeps getting a grad."""
 
-    __slots__ = ("group", "flags", "entries", "full")
+    __slots__ = ("group", "flags", "state", "entries", "full")
 
-    def __init__(self, group: dict, flags: tuple, entries: list) -> None:
-        self.group, self.flags, self.entries, self.full = group, flags, entries, None
+    def __init__(self, group: dict, flags: tuple, state: dict, entries: list) -> None:
+        self.group, self.flags, self.state, self.entries, self.full = group, flags, state, entries, None
 
 
 class FusedAdam(torch.optim.Optimizer):
@@ -100,7 +105,7 @@ class FusedAdam(torch.optim.Optimizer):
             foreach=foreach, capturable=False, differentiable=False, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
         )
-        self._plans: dict[int, _GroupPlan] = {}
+        self._plans: list[_GroupPlan | None] = []  # by the group's index in param_groups
         super().__init__(params, defaults)
         self.backend = backend
         # GradScaler then hands us `grad_scale`/`found_inf` instead of unscaling the grads itself (no extra pass).
@@ -108,7 +113,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self._plans = {}
+        self._plans = []
         for group in self.param_groups:
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
                                ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False),
@@ -119,7 +124,7 @@ class FusedAdam(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
-        self._plans = {}
+        self._plans = []
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             state = self.state.get(p)
@@ -138,7 +143,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
-        self._plans = {}
+        self._plans = []
 
     def _state_for(self, p: torch.Tensor, amsgrad: bool, master: bool) -> dict:
         state = self.state[p]
@@ -163,13 +168,14 @@ class FusedAdam(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         return state
 
-    def _plan(self, group) -> _GroupPlan:
+    def _plan(self, group, index: int) -> _GroupPlan:
         """Per-param facts that do not change between steps (bucket key, whether grads can be used as they come,
         the param's state dict), computed once per group and rebuilt when the group's options, its params or the
         optimizer's state are replaced."""
-        flags = (group["amsgrad"], group["master_weights"], len(group["params"]), id(self.state))
-        cached = self._plans.get(id(group))
-        if cached is not None and cached.group is group and cached.flags == flags:
+        # By index and identity, not id(): torch 2.4's torch.compile cannot take the id of a dict.
+        flags = (group["amsgrad"], group["master_weights"], len(group["params"]))
+        cached = self._plans[index] if index < len(self._plans) else None
+        if cached is not None and cached.group is group and cached.flags == flags and cached.state is self.state:
             return cached
         amsgrad, master_weights = group["amsgrad"], group["master_weights"]
         name = type(self).__name__
@@ -190,7 +196,9 @@ class FusedAdam(torch.optim.Optimizer):
             dense = p.is_contiguous() or _dense(p)
             state = self._state_for(p, amsgrad, master) if self.state.get(p) else None
             entries.append([p, (p.dtype, master, dense), p.is_contiguous(), state])
-        plan = self._plans[id(group)] = _GroupPlan(group, flags, entries)
+        plan = _GroupPlan(group, flags, self.state, entries)
+        self._plans.extend([None] * (index + 1 - len(self._plans)))
+        self._plans[index] = plan
         return plan
 
     def _grad_for(self, p: torch.Tensor, grad: torch.Tensor, contiguous: bool, dense: bool) -> torch.Tensor:
@@ -202,8 +210,8 @@ class FusedAdam(torch.optim.Optimizer):
             grad = torch.empty_like(p).copy_(grad)  # kernels read grad and param as equal flat arrays
         return grad
 
-    def _buckets(self, group) -> dict[tuple, _Bucket]:
-        plan = self._plan(group)
+    def _buckets(self, group, index: int) -> dict[tuple, _Bucket]:
+        plan = self._plan(group, index)
         if plan.full is not None:
             # Steady state (every param has state and, so far, a grad each step): reuse the bucketed state lists
             # and gather only the grads.
@@ -212,8 +220,8 @@ class FusedAdam(torch.optim.Optimizer):
                 grads = [p.grad for p in b.params]
                 if any(g is None for g in grads):
                     break
-                out[key] = b._replace(
-                    grads=[self._grad_for(p, g, c, key[2]) for p, g, c in zip(b.params, grads, contiguous)]
+                out[key] = b.with_grads(
+                    [self._grad_for(p, g, c, key[2]) for p, g, c in zip(b.params, grads, contiguous)]
                 )
             else:
                 return out
@@ -244,7 +252,7 @@ class FusedAdam(torch.optim.Optimizer):
                 b.master_params.append(state["master_param"])
             b.state_steps.append(state["step"])
         if sum(len(b.params) for b in buckets.values()) == len(plan.entries):
-            plan.full = {key: (b._replace(grads=[]), contiguity[key]) for key, b in buckets.items()}
+            plan.full = {key: (b.with_grads([]), contiguity[key]) for key, b in buckets.items()}
         return buckets
 
     @torch.no_grad()
@@ -261,9 +269,9 @@ class FusedAdam(torch.optim.Optimizer):
         if grad_scale is not None:
             inv_grad_scale = 1.0 / _scalar(grad_scale)
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
-            for (_, _, dense), b in self._buckets(group).items():
+            for (_, _, dense), b in self._buckets(group, index).items():
                 adam_(
                     b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.master_params, b.state_steps,
                     lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2), eps=group["eps"],

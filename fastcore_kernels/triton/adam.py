@@ -10,8 +10,6 @@ Table layout (int64), ROW = 8 columns per tensor, then one entry per chunk:
     ntensors  |  tensor index of each chunk
 """
 
-from __future__ import annotations
-
 import ctypes
 import itertools
 import math

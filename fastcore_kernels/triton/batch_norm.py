@@ -11,8 +11,6 @@ then `_forward` normalizes. Backward: `_backward_reduce` writes partial sums of 
 grad_input (and grad_residual). Accumulation is fp32, or fp64 for float64 inputs.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

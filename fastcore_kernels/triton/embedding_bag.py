@@ -7,8 +7,6 @@ adds make the summation order vary from run to run; under `torch.use_determinist
 instead gathers the per-index rows and lets torch's deterministic index_add_ sum them.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

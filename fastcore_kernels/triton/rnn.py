@@ -15,8 +15,6 @@ loop and torch), but not yet fast: on an H100 its fp32 dots ran on the FMA path 
 (three tensor-core passes, fp32-accurate) and bf16 for a native dot on the GPU; neither was measured yet.
 """
 
-from __future__ import annotations
-
 import os
 
 import torch
