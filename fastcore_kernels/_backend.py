@@ -114,6 +114,15 @@ def _probe(name: str, interpreting: bool) -> BackendStatus:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(False, (), "triton is not installed")
+        if interpreting:  # every Triton kernel, CUDA tensors' too, then runs in the interpreter
+            from fastcore_kernels.triton._common import interpreter_runs
+
+            if not interpreter_runs():
+                import numpy
+                import triton
+
+                return BackendStatus(False, (), f"Triton {triton.__version__}'s CPU interpreter does not run under "
+                                                f"numpy {numpy.__version__} (Triton 3.0 needs numpy < 2)")
         devices = (("cuda",) if torch.cuda.is_available() else ()) + (("cpu",) if interpreting else ())
         if not devices:
             return BackendStatus(False, (), "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)")

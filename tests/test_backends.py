@@ -63,6 +63,20 @@ def test_compiled_code_follows_the_backend_choice():
         fck.set_backend(None)
 
 
+def test_an_interpreter_that_does_not_run_kernels_makes_triton_unavailable(monkeypatch):
+    """Triton 3.0's interpreter under numpy 2 drops every store: Triton must then say so, not leave outputs
+    unwritten."""
+    pytest.importorskip("triton")
+    from fastcore_kernels import _backend
+    from fastcore_kernels.triton import _common
+
+    if _backend.triton_interpreting():
+        assert _common.interpreter_runs()  # this environment's interpreter writes what a kernel stores
+    monkeypatch.setattr(_common, "interpreter_runs", lambda: False)
+    status = _backend._probe("triton", True)
+    assert not status.available and not status.devices and "numpy" in status.reason
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown fastcore_kernels backend"):
         fck.set_backend("fastest")

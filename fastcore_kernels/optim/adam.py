@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from fastcore_kernels import _backend
 from fastcore_kernels.ops.adam import _dense, adam_
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -47,10 +48,10 @@ class _GroupPlan:
     """What FusedAdam knows about a param group between steps. `full`: the buckets (without grads) and the params'
     contiguity, once every param of the group has state; reused while every param keeps getting a grad."""
 
-    __slots__ = ("group", "flags", "state", "entries", "full")
+    __slots__ = ("group", "flags", "entries", "full")
 
-    def __init__(self, group: dict, flags: tuple, state: dict, entries: list) -> None:
-        self.group, self.flags, self.state, self.entries, self.full = group, flags, state, entries, None
+    def __init__(self, group: dict, flags: tuple, entries: list) -> None:
+        self.group, self.flags, self.entries, self.full = group, flags, entries, None
 
 
 class FusedAdam(torch.optim.Optimizer):
@@ -105,7 +106,7 @@ class FusedAdam(torch.optim.Optimizer):
             foreach=foreach, capturable=False, differentiable=False, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
         )
-        self._plans: list[_GroupPlan | None] = []  # by the group's index in param_groups
+        self._plans: dict[int, _GroupPlan] = {}
         super().__init__(params, defaults)
         self.backend = backend
         # GradScaler then hands us `grad_scale`/`found_inf` instead of unscaling the grads itself (no extra pass).
@@ -113,7 +114,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self._plans = []
+        self._plans = {}
         for group in self.param_groups:
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
                                ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False),
@@ -124,7 +125,7 @@ class FusedAdam(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
-        self._plans = []
+        self._plans = {}
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             state = self.state.get(p)
@@ -143,7 +144,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
-        self._plans = []
+        self._plans = {}
 
     def _state_for(self, p: torch.Tensor, amsgrad: bool, master: bool) -> dict:
         state = self.state[p]
@@ -168,15 +169,22 @@ class FusedAdam(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         return state
 
-    def _plan(self, group, index: int) -> _GroupPlan:
+    def _plan(self, group) -> _GroupPlan:
         """Per-param facts that do not change between steps (bucket key, whether grads can be used as they come,
         the param's state dict), computed once per group and rebuilt when the group's options, its params or the
         optimizer's state are replaced."""
-        # By index and identity, not id(): torch 2.4's torch.compile cannot take the id of a dict.
-        flags = (group["amsgrad"], group["master_weights"], len(group["params"]))
-        cached = self._plans[index] if index < len(self._plans) else None
-        if cached is not None and cached.group is group and cached.flags == flags and cached.state is self.state:
+        if _backend.compiling():
+            # Traced once per compilation, so nothing to save; and torch 2.4-2.6 cannot trace the cache's checks
+            # (the id or identity of a dict).
+            return self._new_plan(group, None)
+        flags = (group["amsgrad"], group["master_weights"], len(group["params"]), id(self.state))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached.group is group and cached.flags == flags:
             return cached
+        plan = self._plans[id(group)] = self._new_plan(group, flags)
+        return plan
+
+    def _new_plan(self, group, flags: tuple | None) -> _GroupPlan:
         amsgrad, master_weights = group["amsgrad"], group["master_weights"]
         name = type(self).__name__
         entries, device = [], None
@@ -196,10 +204,7 @@ class FusedAdam(torch.optim.Optimizer):
             dense = p.is_contiguous() or _dense(p)
             state = self._state_for(p, amsgrad, master) if self.state.get(p) else None
             entries.append([p, (p.dtype, master, dense), p.is_contiguous(), state])
-        plan = _GroupPlan(group, flags, self.state, entries)
-        self._plans.extend([None] * (index + 1 - len(self._plans)))
-        self._plans[index] = plan
-        return plan
+        return _GroupPlan(group, flags, entries)
 
     def _grad_for(self, p: torch.Tensor, grad: torch.Tensor, contiguous: bool, dense: bool) -> torch.Tensor:
         if grad.is_sparse:
@@ -210,8 +215,8 @@ class FusedAdam(torch.optim.Optimizer):
             grad = torch.empty_like(p).copy_(grad)  # kernels read grad and param as equal flat arrays
         return grad
 
-    def _buckets(self, group, index: int) -> dict[tuple, _Bucket]:
-        plan = self._plan(group, index)
+    def _buckets(self, group) -> dict[tuple, _Bucket]:
+        plan = self._plan(group)
         if plan.full is not None:
             # Steady state (every param has state and, so far, a grad each step): reuse the bucketed state lists
             # and gather only the grads.
@@ -269,9 +274,9 @@ class FusedAdam(torch.optim.Optimizer):
         if grad_scale is not None:
             inv_grad_scale = 1.0 / _scalar(grad_scale)
 
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for (_, _, dense), b in self._buckets(group, index).items():
+            for (_, _, dense), b in self._buckets(group).items():
                 adam_(
                     b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.master_params, b.state_steps,
                     lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2), eps=group["eps"],

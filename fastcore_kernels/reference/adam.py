@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fastcore_kernels import _backend
 
 def adam_(
     params: list[torch.Tensor],
@@ -43,7 +44,9 @@ def adam_(
 
         step_t = state_steps[i]
         step_t += 1
-        step = step_t.item()
+        # Under torch.compile the step stays a tensor, as in torch's own Adam: .item() breaks the graph (torch < 2.6
+        # refuses it under fullgraph=True).
+        step = step_t if _backend.compiling() else step_t.item()
 
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -68,7 +71,10 @@ def adam_(
         else:
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
 
-        p.addcdiv_(m, denom, value=-step_size)
+        if isinstance(step_size, torch.Tensor):
+            p.addcdiv_(m, denom.div_(-step_size))  # addcdiv_'s value must be a number
+        else:
+            p.addcdiv_(m, denom, value=-step_size)
 
         for stored, work in ((param, p), (exp_avgs[i], m), (exp_avg_sqs[i], v)):
             if work is not stored:

@@ -19,3 +19,17 @@ def _cast(x, DT: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN
     else:
         return x.to(DT)
+
+
+@triton.jit
+def _probe_kernel(out, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out + offs, offs + 1)
+
+
+def interpreter_runs() -> bool:
+    """Whether Triton's CPU interpreter really runs kernels here: Triton 3.0's does nothing at all under numpy 2
+    (every load reads zeros, every store is dropped), which would leave outputs unwritten."""
+    out = torch.zeros(4, dtype=torch.int32)
+    _probe_kernel[(1,)](out, 4)
+    return out.tolist() == [1, 2, 3, 4]
