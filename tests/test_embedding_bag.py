@@ -143,17 +143,22 @@ def test_gradcheck_float64(device, backend):
         (weight, psw))
 
 
-def test_sparse_gradient_matches_dense_and_trains_with_sparse_adam():
-    skip_unless_runnable("cpu", "cpu")
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_sparse_gradient_matches_dense_and_trains_with_sparse_adam(backend):
+    skip_unless_runnable(backend, "cpu")
     indices, offsets = _bags(4)
     weight = torch.randn(23, 6)
     for mode in ("sum", "mean"):
-        dense = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode=mode, padding_idx=3, backend="cpu"),
-                     weight, None)[1]
-        sparse = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode=mode, padding_idx=3, sparse=True,
-                                                      backend="cpu"), weight, None)[1]
-        assert sparse.is_sparse
-        torch.testing.assert_close(sparse.to_dense(), dense)
+        for freq in (False, True):
+            kw = dict(mode=mode, padding_idx=3, scale_grad_by_freq=freq, backend=backend)
+            dense = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, **kw), weight, None)[1]
+            sparse = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, sparse=True, **kw), weight, None)[1]
+            assert sparse.is_sparse and not dense.is_sparse
+            torch.testing.assert_close(sparse.to_dense(), dense)
+    rows = _run(lambda w, p: fckF.embedding(indices, w, padding_idx=3, sparse=True, backend=backend), weight, None)[1]
+    assert rows.is_sparse
+    torch.testing.assert_close(rows.to_dense(), _run(lambda w, p: F.embedding(indices, w, padding_idx=3), weight,
+                                                      None)[1])
     bag = fnn.EmbeddingBag(23, 6, mode="sum", sparse=True)
     opt = torch.optim.SparseAdam(bag.parameters(), lr=0.1)
     before = bag.weight.detach().clone()
@@ -165,20 +170,27 @@ def test_sparse_gradient_matches_dense_and_trains_with_sparse_adam():
                                                                                   before[~touched])
 
 
-def test_scale_grad_by_freq_and_max_norm_match_torch():
-    skip_unless_runnable("cpu", "cpu")
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_scale_grad_by_freq_and_max_norm_match_torch(backend):
+    skip_unless_runnable(backend, "cpu")
     indices, offsets = _bags(5)
     weight = torch.randn(23, 6) * 3
+    psw = torch.rand(len(indices))
     # The definition, not torch's scale_grad_by_freq=True, which miscounts on the CPU in torch 2.4: the gradient
     # without scaling, each row's divided by its count in the batch.
     counts = torch.bincount(indices, minlength=weight.shape[0]).clamp(min=1)[:, None].float()
-    for mode in ("sum", "mean"):
+    for mode, p in (("sum", None), ("mean", None), ("sum", psw)):
         ours = _run(lambda w, p: fckF.embedding_bag(indices, w, offsets, mode=mode, scale_grad_by_freq=True,
-                                                    backend="cpu"), weight, None)
-        theirs = _run(lambda w, p: F.embedding_bag(indices, w, offsets, mode=mode), weight, None)
+                                                    per_sample_weights=p, backend=backend), weight, p)
+        theirs = _run(lambda w, p: F.embedding_bag(indices, w, offsets, mode=mode, per_sample_weights=p), weight, p)
         torch.testing.assert_close(ours[1], theirs[1] / counts)
+        if p is not None:
+            torch.testing.assert_close(ours[2], theirs[2])  # the per-sample weights' gradient is not scaled
+    ours = _run(lambda w, p: fckF.embedding(indices, w, scale_grad_by_freq=True, backend=backend), weight, None)
+    theirs = _run(lambda w, p: F.embedding(indices, w), weight, None)
+    torch.testing.assert_close(ours[1], theirs[1] / counts)
     w1, w2 = weight.clone(), weight.clone()
-    torch.testing.assert_close(fckF.embedding_bag(indices, w1, offsets, max_norm=1.0, backend="cpu"),
+    torch.testing.assert_close(fckF.embedding_bag(indices, w1, offsets, max_norm=1.0, backend=backend),
                                F.embedding_bag(indices, w2, offsets, max_norm=1.0))
     torch.testing.assert_close(w1, w2)  # the looked-up rows were renormalised in place, as torch does
 
@@ -562,12 +574,3 @@ def test_fused_update_module_and_refusals():
         fckF.embedding_bag(idx, bag.weight, off, mode="max", update=fnn.EmbeddingUpdate("sgd", lr=1.0))
     with pytest.raises(ValueError, match="optimizer"):
         fnn.EmbeddingUpdate("adam", lr=1.0)
-
-
-def test_reference_refuses_what_it_does_not_model():
-    w = torch.randn(5, 2, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="sparse"):
-        fckF.embedding(torch.tensor([1, 2]), w, sparse=True, backend="reference")
-    with pytest.raises(NotImplementedError, match="sparse"):
-        fckF.embedding_bag(torch.tensor([1, 2]), w, torch.tensor([0]), scale_grad_by_freq=True,
-                           backend="reference")

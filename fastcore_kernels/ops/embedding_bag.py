@@ -254,13 +254,12 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
         if not weight.requires_grad:
             raise ValueError("embedding_bag: the fused update needs weight.requires_grad=True, so a backward runs")
         return _EmbeddingBag.apply(weight, psw, indices, offsets, code, pad, pad, False, False, impl, update)[0]
-    if impl == "reference" and not sparse and not scale_grad_by_freq:
-        return reference.embedding_bag(weight, indices, offsets, mode, psw, None if pad < 0 else pad)
+    if impl == "reference":
+        return reference.embedding_bag(weight, indices, offsets, mode, psw, None if pad < 0 else pad,
+                                       bool(scale_grad_by_freq), bool(sparse))
     if impl in ("cpu", "cuda") and psw is None and not sparse and not scale_grad_by_freq and not _backend.compiling():
         # One C++ op with its autograd in C++: a Python autograd.Function costs more than a small table's bags.
         return torch.ops.fck.embedding_bag(weight, indices, offsets, code, pad)
-    if impl == "reference":
-        raise NotImplementedError("the reference backend runs embedding_bag without sparse/scale_grad_by_freq")
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (psw is not None and psw.requires_grad))
     if not needs_grad:
         return _kernels(impl)[0](weight, indices, offsets, code, psw, pad)[0]
@@ -286,10 +285,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
         with torch.no_grad():
             torch.embedding_renorm_(weight, flat, max_norm, norm_type)
     shape = (*input.shape, weight.shape[1])
-    if impl == "reference" and (sparse or scale_grad_by_freq):
-        raise NotImplementedError("the reference backend runs embedding without sparse/scale_grad_by_freq")
     if impl == "reference":
-        out = weight[flat.long()]
+        out = reference.rows_of(weight, flat, bool(scale_grad_by_freq), bool(sparse))
         if pad >= 0 and weight.requires_grad:  # the padding row's value, without a gradient path
             keep = (flat != pad)[:, None]
             out = torch.where(keep, out, weight.detach()[flat.long()])

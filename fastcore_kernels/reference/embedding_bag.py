@@ -35,13 +35,25 @@ def per_index_scale(indices, offsets, mode: int, psw, pad: int, freq: bool, acc:
     return scale * keep, bags
 
 
+def rows_of(weight: torch.Tensor, indices: torch.Tensor, scale_grad_by_freq: bool, sparse: bool) -> torch.Tensor:
+    """weight's rows at `indices`; their gradient reaches weight as a sparse COO tensor when `sparse`, and divided
+    by each index's count in the batch when `scale_grad_by_freq` (torch's definitions)."""
+    rows = torch.nn.functional.embedding(indices.long(), weight, sparse=sparse)
+    if scale_grad_by_freq and rows.requires_grad:
+        flat = indices.reshape(-1).long()
+        inv = (1.0 / torch.bincount(flat)[flat].double()).reshape(*indices.shape, 1)
+        rows.register_hook(lambda g: (g.double() * inv).to(g.dtype))
+    return rows
+
+
 def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode: str,
-                  per_sample_weights: torch.Tensor | None, padding_idx: int | None) -> torch.Tensor:
+                  per_sample_weights: torch.Tensor | None, padding_idx: int | None, scale_grad_by_freq: bool = False,
+                  sparse: bool = False) -> torch.Tensor:
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     n_bags, dim = len(offsets) - 1, weight.shape[1]
     bags = bag_ids(offsets, len(indices))
     keep = torch.ones_like(indices, dtype=torch.bool) if padding_idx is None else indices != padding_idx
-    rows = weight.to(acc)[indices]
+    rows = rows_of(weight, indices, scale_grad_by_freq, sparse).to(acc)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.to(acc)[:, None]
     rows = rows * keep[:, None].to(acc)
