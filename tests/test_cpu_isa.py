@@ -45,7 +45,7 @@ def _fresh_runs(tmp_path, script, flag):
         path = tmp_path / f"{flag}-{flagged}.pt"
         run_env = dict(env, **{flag: "1"}) if flagged else {k: v for k, v in env.items() if k != flag}
         subprocess.run([sys.executable, "-c", script, str(path)], env=run_env, cwd=root, check=True, timeout=300)
-        runs.append(torch.load(path) if path.exists() else None)
+        runs.append(torch.load(path, weights_only=True) if path.exists() else None)
     return runs
 
 
