@@ -11,6 +11,7 @@ import torch
 
 from fastcore_kernels import _backend
 
+
 def adam_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -44,8 +45,8 @@ def adam_(
 
         step_t = state_steps[i]
         step_t += 1
-        # Under torch.compile the step stays a tensor, as in torch's own Adam: .item() breaks the graph (torch < 2.6
-        # refuses it under fullgraph=True).
+        # Under torch.compile the step stays a tensor, as in torch's own Adam: .item() breaks the graph (torch 2.5
+        # refused it under fullgraph=True).
         step = step_t if _backend.compiling() else step_t.item()
 
         if weight_decay != 0:

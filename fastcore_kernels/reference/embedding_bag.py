@@ -35,10 +35,14 @@ def per_index_scale(indices, offsets, mode: int, psw, pad: int, freq: bool, acc:
     return scale * keep, bags
 
 
-def rows_of(weight: torch.Tensor, indices: torch.Tensor, scale_grad_by_freq: bool, sparse: bool) -> torch.Tensor:
-    """weight's rows at `indices`; their gradient reaches weight as a sparse COO tensor when `sparse`, and divided
-    by each index's count in the batch when `scale_grad_by_freq` (torch's definitions)."""
-    rows = torch.nn.functional.embedding(indices.long(), weight, sparse=sparse)
+def rows_of(weight: torch.Tensor, indices: torch.Tensor, scale_grad_by_freq: bool, sparse: bool,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """weight's rows at `indices`, in `dtype` (as read from weight converted whole, so a dense gradient sums in
+    `dtype` and rounds once); their gradient reaches weight as a sparse COO tensor when `sparse` (one value per
+    index, in weight's dtype, as torch's), and divided by each index's count in the batch when `scale_grad_by_freq`
+    (torch's definitions)."""
+    source = weight if sparse or dtype is None else weight.to(dtype)
+    rows = torch.nn.functional.embedding(indices.long(), source, sparse=sparse)
     if scale_grad_by_freq and rows.requires_grad:
         flat = indices.reshape(-1).long()
         inv = (1.0 / torch.bincount(flat)[flat].double()).reshape(*indices.shape, 1)
@@ -53,7 +57,7 @@ def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     n_bags, dim = len(offsets) - 1, weight.shape[1]
     bags = bag_ids(offsets, len(indices))
     keep = torch.ones_like(indices, dtype=torch.bool) if padding_idx is None else indices != padding_idx
-    rows = rows_of(weight, indices, scale_grad_by_freq, sparse).to(acc)
+    rows = rows_of(weight, indices, scale_grad_by_freq, sparse, acc).to(acc)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.to(acc)[:, None]
     rows = rows * keep[:, None].to(acc)
