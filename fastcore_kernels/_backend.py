@@ -115,14 +115,18 @@ def _probe(name: str, interpreting: bool) -> BackendStatus:
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(False, (), "triton is not installed")
         if interpreting:  # every Triton kernel, CUDA tensors' too, then runs in the interpreter
-            from fastcore_kernels.triton._common import interpreter_runs
+            import numpy
+            import triton
 
-            if not interpreter_runs():
-                import numpy
-                import triton
+            try:
+                from fastcore_kernels.triton._common import interpreter_runs
 
-                return BackendStatus(False, (), f"Triton {triton.__version__}'s CPU interpreter does not run under "
-                                                f"numpy {numpy.__version__} (Triton 3.0 needs numpy < 2)")
+                why = None if interpreter_runs() else (f"does not run under numpy {numpy.__version__} (Triton 3.0 "
+                                                       "needs numpy < 2)")
+            except Exception as e:  # an interpreter that cannot run a kernel at all
+                why = f"failed to run a kernel: {type(e).__name__}: {e}"
+            if why:
+                return BackendStatus(False, (), f"Triton {triton.__version__}'s CPU interpreter {why}")
         devices = (("cuda",) if torch.cuda.is_available() else ()) + (("cpu",) if interpreting else ())
         if not devices:
             return BackendStatus(False, (), "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)")

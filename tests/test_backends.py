@@ -76,6 +76,13 @@ def test_an_interpreter_that_does_not_run_kernels_makes_triton_unavailable(monke
     status = _backend._probe("triton", True)
     assert not status.available and not status.devices and "numpy" in status.reason
 
+    def fails():
+        raise RuntimeError("no interpreter")
+
+    monkeypatch.setattr(_common, "interpreter_runs", fails)
+    status = _backend._probe("triton", True)
+    assert not status.available and "no interpreter" in status.reason
+
 
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown fastcore_kernels backend"):
