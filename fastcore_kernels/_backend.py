@@ -184,5 +184,4 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
 
 def compiling() -> bool:
     """True while torch.compile traces: the ops with C++ autograd (eager-only) take their Python autograd path."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return torch.compiler.is_compiling()  # in every supported torch (>= 2.4)

@@ -66,13 +66,6 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format  # any other strides: the kernels get a contiguous copy
 
 
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t laid out like x (contiguous in `_memory_format(x)`), the layout the kernels require of every full-size
-    tensor. By is_contiguous, not by comparing strides: torch 2.4's torch.compile cannot read strides in an
-    autograd.Function's backward."""
-    return t.contiguous(memory_format=_memory_format(x))
-
-
 class _BatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu, backend):
@@ -90,7 +83,8 @@ class _BatchNormAct(torch.autograd.Function):
         x, y, weight, mean, invstd, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         _, bwd = _kernels(ctx.backend)
-        args = (_like(dy, x), x, y, weight, mean, invstd, ctx.training, ctx.relu, need[1])
+        dy = dy.contiguous(memory_format=_memory_format(x))  # laid out like x, as the kernels require
+        args = (dy, x, y, weight, mean, invstd, ctx.training, ctx.relu, need[1])
         if ctx.backend != "triton":  # the C++ ops may take the ReLU mask from x instead of reading y
             args += (bias, ctx.mask_from_input)
         dx, dres, dw, db = bwd(*args)
@@ -143,7 +137,7 @@ def batch_norm_act(x, residual, running_mean, running_var, weight, bias, trainin
     fmt = _memory_format(x)
     x = x if x.is_contiguous(memory_format=fmt) else x.contiguous()
     if residual is not None:
-        residual = _like(residual, x)
+        residual = residual.contiguous(memory_format=fmt)  # laid out like x
     # Running statistics are updated by the kernels in place: they must be dense vectors.
     if running_mean is not None and not (running_mean.is_contiguous() and running_var.is_contiguous()):
         raise ValueError(f"{name}: running_mean and running_var must be contiguous")
