@@ -126,6 +126,16 @@ def test_input_forms(device, backend):
         ours = fckF.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=last, backend=backend)
         torch.testing.assert_close(ours, F.embedding_bag(indices, weight, offsets, mode="sum",
                                                          include_last_offset=last), rtol=1e-5, atol=1e-4)
+    # No offsets at all: no bags, whatever the indices (PyTorch ignores them), and no gradient.
+    leaf = weight.clone().requires_grad_()
+    no_offsets = torch.zeros(0, dtype=torch.long, device=device)
+    for idx in (indices[:3], indices[:0]):
+        for mode, psw in (("sum", torch.randn(idx.shape, device=device, requires_grad=True)), ("mean", None),
+                          ("max", None)):
+            out = fckF.embedding_bag(idx, leaf, no_offsets, mode=mode, per_sample_weights=psw, backend=backend)
+            assert out.shape == (0, 33)  # PyTorch's shape (its CPU max mode crashes when idx is not empty)
+            out.sum().backward()
+            assert leaf.grad.count_nonzero() == 0 and (psw is None or psw.grad.count_nonzero() == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -191,10 +191,11 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
         if offsets.dim() != 1:
             raise ValueError("offsets has to be a 1D Tensor")
         offsets = offsets.to(device=input.device, dtype=input.dtype)
+        if offsets.numel() == 0 and not include_last_offset:  # no bags: PyTorch ignores the indices
+            input = input[:0]
+            per_sample_weights = None if per_sample_weights is None else per_sample_weights[:0]
         n = input.numel()
         if kernel_checks and not include_last_offset:
-            if offsets.numel() == 0:
-                raise ValueError("offsets has to be a 1D Tensor with at least one offset")
             offsets = torch.cat([offsets, offsets.new_full((1,), n)])  # (F.pad: 2.5x the time, a dozen ops)
             return (input.contiguous(), offsets, per_sample_weights,
                     _padding_index(padding_idx, weight.shape[0], name))
