@@ -1,6 +1,7 @@
 """Backend selection: which implementation of an op runs for a tensor's device.
 
-Precedence: `use_backend(...)` (innermost wins) > `set_backend(...)` > the FCK_BACKEND environment variable > "auto".
+Precedence: `use_backend(...)` (innermost wins) > `set_backend(...)` > the FCK_BACKEND environment variable (read at
+the first call and by `set_backend(None)`) > "auto".
 An explicitly chosen backend that cannot serve a device raises; "auto" never does.
 """
 
@@ -46,8 +47,10 @@ def _validate(name: str) -> str:
 def set_backend(name: str | None) -> None:
     """Select the backend for all later calls ("auto", "reference", "cpu", "cuda" or "triton"); None goes back to
     the FCK_BACKEND environment variable (default "auto")."""
-    global _global_choice
+    global _global_choice, _env_name
     _global_choice = None if name is None else _validate(name)
+    if name is None:
+        _env_name = None
 
 
 @contextlib.contextmanager
@@ -67,28 +70,37 @@ def use_backend(name: str):
 
 def get_backend() -> str:
     """The backend choice in force here (may be "auto")."""
-    scoped = _scoped_traced if compiling() else _scoped_choice.get()
+    return _choice(compiling())
+
+
+def _choice(traced: bool) -> str:
+    scoped = _scoped_traced if traced else _scoped_choice.get()
     if scoped is not None:
         return scoped
     if _global_choice is not None:
         return _global_choice
-    return _env_backend()
+    if traced:
+        return _env_backend_traced()
+    return _env_name if _env_name is not None else _env_backend()
+
+
+# FCK_BACKEND, validated, read on first use and again by set_backend(None): not on every call, as every op resolves
+# its backend per call and an unset variable's lookup (os.environ raises and catches a KeyError) took 0.8 us of an
+# embedding lookup's ~10.
+_env_name: str | None = None
+
+
+def _env_backend() -> str:
+    global _env_name
+    _env_name = _validate(os.environ.get("FCK_BACKEND") or "auto")
+    return _env_name
 
 
 # torch.compile'd code takes FCK_BACKEND's value when it compiles (torch 2.4 cannot trace a lookup of an unset
 # environment variable).
 @torch.compiler.assume_constant_result
-def _env_backend() -> str:
-    raw = os.environ.get("FCK_BACKEND")
-    name = _env_choice.get(raw)
-    if name is None:
-        name = _env_choice[raw] = _validate(raw or "auto")
-    return name
-
-
-# FCK_BACKEND's value -> the validated choice: every op resolves its backend per call, and on small tensors the
-# resolution was a measurable part of the call (~2 us of an embedding lookup's ~9).
-_env_choice: dict[str | None, str] = {}
+def _env_backend_traced() -> str:
+    return _env_name if _env_name is not None else _env_backend()
 
 
 @torch.compiler.assume_constant_result  # torch 2.4 cannot trace the environment lookup
@@ -153,17 +165,24 @@ def backends() -> dict[str, BackendStatus]:
 
 # What "auto" tries, fastest first, per device type; and what it picked, per (device type, the op's backends), as
 # _status is cached (the interpreter flag that _status keys on only adds the CPU to Triton, which CPU's auto skips).
+# Eager calls look it up by the device itself: `device.type` builds a string (0.3 us a call).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _auto_choice: dict[tuple, str] = {}
+_auto_by_device: dict[tuple, str] = {}
 
 
 def resolve(device: torch.device, choice: str | None = None, implemented: tuple[str, ...] = BACKENDS,
             op: str = "this op") -> str:
     """The backend that will run an op on `device`: `choice` if given, else the user's selection. `implemented`
     names the backends the op has kernels for; "auto" skips the others, an explicit choice of one raises."""
-    choice = _validate(choice) if choice is not None else get_backend()
-    kind = device.type
+    traced = compiling()
+    choice = _validate(choice) if choice is not None else _choice(traced)
     if choice == "auto":
+        if not traced:
+            name = _auto_by_device.get((device, implemented))
+            if name is not None:
+                return name
+        kind = device.type
         key = (kind, implemented)
         name = _auto_choice.get(key)
         if name is None:
@@ -173,7 +192,10 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
                     name = n
                     break
             _auto_choice[key] = name
+        if not traced:
+            _auto_by_device[(device, implemented)] = name
         return name
+    kind = device.type
     if choice not in implemented:
         raise NotImplementedError(f"{op} has no {choice!r} kernels yet; it runs on {', '.join(implemented)}")
     status = _status(choice)

@@ -38,6 +38,27 @@ def test_set_and_use_backend_nest():
     assert fck.get_backend() == os.environ.get("FCK_BACKEND", "auto")
 
 
+def test_set_backend_none_reads_the_environment_again(monkeypatch):
+    """FCK_BACKEND is read once, not per call; set_backend(None) reads it again, and a bad value raises there."""
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.setenv("FCK_BACKEND", "reference")
+        fck.set_backend(None)
+        assert fck.get_backend() == "reference" and resolve(cpu) == "reference"
+        monkeypatch.setenv("FCK_BACKEND", "auto")
+        assert fck.get_backend() == "reference"  # not read again per call
+        fck.set_backend(None)
+        assert fck.get_backend() == "auto" and resolve(cpu) == ("cpu" if fck.backends()["cpu"].available else
+                                                               "reference")
+        monkeypatch.setenv("FCK_BACKEND", "nonsense")
+        fck.set_backend(None)
+        with pytest.raises(ValueError, match="unknown fastcore_kernels backend 'nonsense'"):
+            fck.get_backend()
+    finally:
+        monkeypatch.undo()
+        fck.set_backend(None)
+
+
 def test_compiled_code_follows_the_backend_choice():
     """Code compiled under one choice recompiles under another (use_backend's block and set_backend), on torch 2.4
     too, whose compiler cannot read use_backend's ContextVar."""
