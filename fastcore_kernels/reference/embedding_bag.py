@@ -63,10 +63,19 @@ def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     rows = rows * keep[:, None].to(acc)
     bag_index = bags[:, None].expand(-1, dim)
     if mode == "max":
-        out = torch.full((n_bags, dim), float("-inf"), dtype=acc, device=weight.device)
-        rows = torch.where(keep[:, None], rows, torch.tensor(float("-inf"), dtype=acc, device=weight.device))
-        out = out.scatter_reduce(0, bag_index, rows, reduce="amax", include_self=True)
-        out = torch.where(torch.isinf(out) & (out < 0), torch.zeros_like(out), out)  # empty (or all-padding) bags
+        # The value is each column's maximum; its gradient goes to the bag's first row holding it, as torch's
+        # kernels give it (amax's own gradient would split it among tied rows).
+        n, dev = len(indices), weight.device
+        top = torch.full((n_bags, dim), float("-inf"), dtype=acc, device=dev).scatter_reduce(
+            0, bag_index, torch.where(keep[:, None], rows.detach(), float("-inf")), reduce="amax", include_self=True)
+        hit = keep[:, None] & (rows.detach() == top[bags])
+        position = torch.where(hit, torch.arange(n, device=dev)[:, None], n)
+        first = torch.full((n_bags, dim), n, device=dev).scatter_reduce(0, bag_index, position, reduce="amin",
+                                                                        include_self=True)
+        empty = top == float("-inf")  # no rows, or only padding (a NaN maximum is no hit and stays NaN)
+        # The bags without a hit point past the rows: to an extra row, whose gradient is dropped.
+        picked = torch.cat([rows, rows.new_zeros(1, dim)]).gather(0, first)
+        out = torch.where(first < n, picked, torch.where(empty, 0.0, top))
     else:
         out = torch.zeros((n_bags, dim), dtype=acc, device=weight.device).index_add(0, bags, rows)
         if mode == "mean":
