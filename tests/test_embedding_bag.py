@@ -141,22 +141,25 @@ def test_input_forms(device, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", devices())
 def test_max_ties_and_infinities_as_torch(device, backend):
-    """mode='max': a column's gradient goes whole to the bag's first row holding the maximum (not split among tied
-    rows), and a bag whose maximum is -inf gives -inf (an empty bag gives 0)."""
+    """mode='max' by torch's rule: the bag's first row is the maximum, replaced by each later row strictly greater.
+    A column's gradient goes whole to the first of tied rows (not split among them), a bag whose maximum is -inf
+    gives -inf (an empty bag gives 0), and a NaN counts only as a bag's first row."""
     skip_unless_runnable(backend, device)
-    weight = torch.tensor([[1.0, 2.0], [1.0, 5.0], [0.0, 5.0], [-float("inf"), 1.0]], device=device)
-    indices = torch.tensor([0, 1, 2, 2, 1, 3, 3, 0], device=device)
-    offsets = torch.tensor([0, 3, 5, 5, 6], device=device)
+    nan, inf = float("nan"), float("inf")
+    weight = torch.tensor([[1.0, 2.0], [1.0, 5.0], [0.0, 5.0], [-inf, 1.0], [nan, 0.5]], device=device)
+    indices = torch.tensor([0, 1, 2, 2, 1, 3, 3, 0, 4, 0, 0, 4], device=device)
+    offsets = torch.tensor([0, 3, 5, 5, 6, 8, 10], device=device)
     results = []
     for fn in (F.embedding_bag, lambda *a, **k: fckF.embedding_bag(*a, **k, backend=backend)):
         w = weight.clone().requires_grad_()
         out = fn(indices, w, offsets, mode="max")
         out.backward(torch.arange(1.0, 1 + out.numel(), device=device).view(out.shape))
         results.append((out.detach(), w.grad))
-    expected_out = [[1.0, 5.0], [1.0, 5.0], [0.0, 0.0], [-float("inf"), 1.0], [1.0, 2.0]]
-    assert results[0][0].tolist() == expected_out and results[0][1].tolist() == [[10, 10], [3, 2], [0, 4], [7, 8]]
+    expected_out = [[1, 5], [1, 5], [0, 0], [-inf, 1], [1, 2], [nan, 2], [1, 2]]
+    torch.testing.assert_close(results[0][0].cpu(), torch.tensor(expected_out, dtype=torch.float32), equal_nan=True)
+    assert results[0][1].tolist() == [[23, 36], [3, 2], [0, 4], [7, 8], [11, 0]]
     for ours, theirs in zip(results[1], results[0]):
-        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

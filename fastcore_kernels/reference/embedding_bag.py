@@ -63,19 +63,26 @@ def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     rows = rows * keep[:, None].to(acc)
     bag_index = bags[:, None].expand(-1, dim)
     if mode == "max":
-        # The value is each column's maximum; its gradient goes to the bag's first row holding it, as torch's
-        # kernels give it (amax's own gradient would split it among tied rows).
+        # torch's rule, row by row: the bag's first row is the maximum, replaced by each later row strictly greater.
+        # So a NaN counts only as a bag's first row (then the result is NaN), and the gradient goes whole to the row
+        # chosen, the first of tied rows (amax's own gradient would split it among them).
         n, dev = len(indices), weight.device
+        values = rows.detach()
+        number = keep[:, None] & ~torch.isnan(values)
         top = torch.full((n_bags, dim), float("-inf"), dtype=acc, device=dev).scatter_reduce(
-            0, bag_index, torch.where(keep[:, None], rows.detach(), float("-inf")), reduce="amax", include_self=True)
-        hit = keep[:, None] & (rows.detach() == top[bags])
-        position = torch.where(hit, torch.arange(n, device=dev)[:, None], n)
-        first = torch.full((n_bags, dim), n, device=dev).scatter_reduce(0, bag_index, position, reduce="amin",
+            0, bag_index, torch.where(number, values, float("-inf")), reduce="amax", include_self=True)
+        position = torch.arange(n, device=dev)[:, None]
+        chosen = torch.where(number & (values == top[bags]), position, n)
+        first_row = torch.full((n_bags,), n, device=dev).scatter_reduce(0, bags, torch.where(keep, position[:, 0], n),
+                                                                        reduce="amin", include_self=True)
+        nan_first = (position == first_row[bags][:, None]) & torch.isnan(values)
+        chosen = torch.where(nan_first, position, chosen)
+        first = torch.full((n_bags, dim), n, device=dev).scatter_reduce(0, bag_index, chosen, reduce="amin",
                                                                         include_self=True)
-        empty = top == float("-inf")  # no rows, or only padding (a NaN maximum is no hit and stays NaN)
-        # The bags without a hit point past the rows: to an extra row, whose gradient is dropped.
+        # Bags without a chosen row (empty, or only padding) give 0; they point past the rows, to an extra row whose
+        # gradient is dropped.
         picked = torch.cat([rows, rows.new_zeros(1, dim)]).gather(0, first)
-        out = torch.where(first < n, picked, torch.where(empty, 0.0, top))
+        out = torch.where(first < n, picked, 0.0)
     else:
         out = torch.zeros((n_bags, dim), dtype=acc, device=weight.device).index_add(0, bags, rows)
         if mode == "mean":
