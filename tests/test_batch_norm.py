@@ -266,6 +266,40 @@ def test_nan_propagates_per_channel(device, backend):
     assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, :2]).any()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape,channels_last", [((4, 3, 5), False), ((3, 5, 2, 3), True), ((6, 4), False)],
+                         ids=["planar", "channels_last", "rows"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_non_finite_inputs_as_torch(device, backend, shape, channels_last, variant):
+    """inf, -inf and NaN inputs give torch's values: in eval mode an input's gradient does not depend on x, so it
+    stays finite at a non-finite x; in training the channel holding one turns NaN; the running mean of a channel
+    whose first value is inf is inf, as torch's sum gives it (the reference; see test_fuzz for the kernels)."""
+    skip_unless_runnable(backend, device)
+    x, res, dy, w, b, rm, rv = _inputs(shape, torch.float32, device, channels_last)
+    x[0, 0].view(-1)[0] = float("inf")
+    x[1, 1].view(-1)[-1] = -float("inf")
+    x[-1, -1].view(-1)[0] = float("nan")
+    for training in (False, True):
+        y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
+        xs, rs = x.clone().requires_grad_(), res.clone().requires_grad_()
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        rm2, rv2 = rm.clone(), rv.clone()
+        ys = F.batch_norm(xs, rm2, rv2, ws, bs, training, 0.1, 1e-5)
+        ys = F.relu(ys + rs if variant == "add_relu" else ys) if variant != "plain" else ys
+        ys.backward(dy)
+        if backend != "reference":
+            rm1, rm2 = (torch.where(t.isinf(), float("nan"), t) for t in (rm1, rm2))
+        expected = (ys, rm2, rv2, xs.grad, rs.grad if variant == "add_relu" else None, ws.grad, bs.grad)
+        for what, a, e in zip(("output", "running_mean", "running_var", "grad input", "grad residual", "grad weight",
+                               "grad bias"), (y, rm1, rv1, *grads), expected):
+            if e is not None:
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, equal_nan=True,
+                                           msg=lambda m: f"{what} (training={training}): {m}")
+        if not training:
+            assert grads[0].isfinite().all()
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("device", devices())
 def test_empty_batch(device, backend):

@@ -43,7 +43,14 @@ def _close(ours, theirs, what, case, atol, rtol=None):
         return
     assert ours.shape == theirs.shape, f"{case}: {what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
     torch.testing.assert_close(ours.double(), theirs.double(), atol=atol, rtol=atol if rtol is None else rtol,
-                               msg=lambda m: f"{case}: {what}: {m}")
+                               equal_nan=True, msg=lambda m: f"{case}: {what}: {m}")
+
+
+def _poison_some(r, t):
+    """t with, in some cases, a NaN, +inf or -inf at a random place: they must travel as they do through torch."""
+    if t.numel() and r.random() < 0.15:
+        t.view(-1)[r.randrange(t.numel())] = r.choice([float("nan"), float("inf"), -float("inf")])
+    return t
 
 
 def _both(run_theirs, run_ours, case):
@@ -81,7 +88,7 @@ def _bag_case(seed):
         inp.view(-1)[0] = pad % V
     kw = dict(mode=mode, include_last_offset=last, padding_idx=pad)
     case = dict(seed=seed, V=V, D=D, shape=tuple(inp.shape), itype=itype, psw=psw, **kw)
-    return case, inp, offsets, kw, _randn(g, V, D), _randn(g, *inp.shape) if psw else None, g
+    return case, inp, offsets, kw, _poison_some(r, _randn(g, V, D)), _randn(g, *inp.shape) if psw else None, g
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,7 +171,7 @@ def test_batch_norm_fuzz(backend):
         case = dict(seed=seed, shape=shape, kind=kind, training=training, affine=affine, stats=stats,
                     momentum=momentum, channels_last=channels_last)
         g = torch.Generator().manual_seed(seed)
-        x = _randn(g, *shape, scale=r.choice([1, 5]), shift=r.choice([0, 3, 100]))
+        x = _poison_some(r, _randn(g, *shape, scale=r.choice([1, 5]), shift=r.choice([0, 3, 100])))
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         res = _randn(g, *shape) if kind == "add" else None
@@ -195,6 +202,10 @@ def test_batch_norm_fuzz(backend):
         theirs, ours, _ = _both(lambda: run(theirs_fn), lambda: run(ours_fn), case)
         names = ("output", "running_mean", "running_var", "grad input", "grad residual", "grad weight", "grad bias")
         for what, a, c in zip(names, ours or (), theirs or ()):
+            if what == "running_mean" and a is not None:
+                # A batch holding inf: torch's mean is inf (a sum), the kernels' may be NaN (their merges of shifted
+                # partial statistics compute inf - inf); the variance and the outputs are NaN on both sides.
+                a, c = (torch.where(t.isinf(), float("nan"), t) for t in (a, c))
             _close(a, c, what, case, 1e-9)
 
 

@@ -38,8 +38,11 @@ def batch_norm_act(
         # Shifted by each channel's first value: var_mean's fp32 CUDA reduction loses the variance to rounding when
         # |mean| >> std; the shift leaves the statistics (and, detached, their gradients) as they are.
         pivot = xf.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape)
-        var, mean = torch.var_mean(xf - pivot, dim=dims, unbiased=False)
-        mean = mean + pivot.view(-1)
+        # The mean as a sum (var_mean's running update makes an inf into NaN; torch's batch norm gives inf) of
+        # values shifted by a finite pivot (an inf one would make a NaN of inf - inf).
+        pivot = torch.where(pivot.isfinite(), pivot, 0.0)
+        var = torch.var(xf - pivot, dim=dims, unbiased=False)
+        mean = (xf - pivot).mean(dim=dims) + pivot.view(-1)
         if running_mean is not None or running_var is not None:
             count = x.numel() // x.shape[1]
             with torch.no_grad():

@@ -60,7 +60,7 @@ def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     rows = rows_of(weight, indices, scale_grad_by_freq, sparse, acc).to(acc)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.to(acc)[:, None]
-    rows = rows * keep[:, None].to(acc)
+    rows = torch.where(keep[:, None], rows, 0.0)  # not a product: a padding row holding inf or NaN adds nothing
     bag_index = bags[:, None].expand(-1, dim)
     if mode == "max":
         # torch's rule, row by row: the bag's first row is the maximum, replaced by each later row strictly greater.

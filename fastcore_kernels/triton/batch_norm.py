@@ -225,7 +225,8 @@ def _backward(
         offs, mask, _ = _tile_offsets(pid_c, r0, r_end, S, sN, sC, sS, BLOCK_R, BLOCK_C, C)
         g = _grad_through_relu(DY, Y, offs, mask, RELU, ACC)
         x = tl.load(X + offs, mask=mask, other=0).to(ACC)
-        dx = (g - mean_g - (x - mean) * c) * k
+        # c is 0 in eval mode, where dx does not depend on x (an inf or NaN x must not make it NaN)
+        dx = tl.where(c == 0, (g - mean_g) * k, (g - mean_g - (x - mean) * c) * k)
         tl.store(DX + offs, _cast(dx, DX.dtype.element_ty), mask=mask)
         if HAS_DRES:
             tl.store(DRES + offs, _cast(g, DRES.dtype.element_ty), mask=mask)

@@ -62,9 +62,12 @@ FCK_HOST_DEVICE A bn_relu_grad(A dy, A y) {
   return y <= A(0) ? A(0) : dy;
 }
 
+// c is 0 in eval mode, where dx does not depend on x: an inf or NaN x must not make it NaN (as (x - mean) * 0
+// would). In training c is 0 only with finite statistics and then the term is 0 anyway, so the select changes no
+// value torch's formula gives.
 template <typename A>
 FCK_HOST_DEVICE A bn_grad_input(A g, A x, A mean, A k, A mean_g, A c) {
-  return (g - mean_g - (x - mean) * c) * k;
+  return c == A(0) ? (g - mean_g) * k : (g - mean_g - (x - mean) * c) * k;
 }
 
 // Per-channel coefficients of the backward from the two reductions sum(g) and sum(g (x - mean)).
