@@ -164,6 +164,30 @@ def test_max_ties_and_infinities_as_torch(device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", devices())
+def test_padding_rows_holding_inf_or_nan_add_nothing(device, backend):
+    """A padding row is skipped, whatever it holds: it adds nothing to its bag (mean does not count it), and its
+    weight and per-sample weight get zero gradients, as torch gives them (a product by 0 would give NaN)."""
+    skip_unless_runnable(backend, device)
+    weight = torch.randn(5, 3, device=device)
+    weight[2] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    indices = torch.tensor([2, 0, 2, 1, 4, 2], device=device)
+    offsets = torch.tensor([0, 2, 3], device=device)
+    sample_weights = torch.randn(6, device=device)
+    for mode in ("sum", "mean", "max"):
+        results = []
+        for fn in (F.embedding_bag, lambda *a, **k: fckF.embedding_bag(*a, **k, backend=backend)):
+            w = weight.clone().requires_grad_()
+            psw = sample_weights.clone().requires_grad_() if mode == "sum" else None
+            out = fn(indices, w, offsets, mode=mode, per_sample_weights=psw, padding_idx=2)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device))
+            results.append((out.detach(), w.grad) + ((psw.grad,) if psw is not None else ()))
+        assert results[0][0].isfinite().all() and results[0][1].isfinite().all()
+        for ours, theirs in zip(*results[::-1]):
+            torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", devices())
 def test_gradcheck_float64(device, backend):
     skip_unless_runnable(backend, device)
     indices, offsets = (t.to(device) for t in _bags(3, n_bags=5, vocab=8, max_len=5))

@@ -141,8 +141,8 @@ class _EmbeddingBag(torch.autograd.Function):
             bags = reference.bag_ids(offsets, indices.numel())
             acc = _acc(psw.dtype)
             grad_psw = (grad[bags].to(acc) * weight[indices.long()].to(acc)).sum(1)
-            if ctx.pad >= 0:
-                grad_psw = grad_psw * (indices != ctx.pad)
+            if ctx.pad >= 0:  # by selection: a padding row holding inf or NaN gives 0, not NaN
+                grad_psw = torch.where(indices != ctx.pad, grad_psw, 0.0)
             grad_psw = grad_psw.to(psw.dtype)
         return grad_w, grad_psw, None, None, None, None, None, None, None, None, None
 

@@ -58,9 +58,11 @@ def embedding_bag(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     bags = bag_ids(offsets, len(indices))
     keep = torch.ones_like(indices, dtype=torch.bool) if padding_idx is None else indices != padding_idx
     rows = rows_of(weight, indices, scale_grad_by_freq, sparse, acc).to(acc)
+    # Padding rows dropped by selection, before the per-sample weights: one holding inf or NaN adds nothing and
+    # gives its per-sample weight a zero gradient (a product by 0 would give NaN).
+    rows = torch.where(keep[:, None], rows, 0.0)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.to(acc)[:, None]
-    rows = torch.where(keep[:, None], rows, 0.0)  # not a product: a padding row holding inf or NaN adds nothing
     bag_index = bags[:, None].expand(-1, dim)
     if mode == "max":
         # torch's rule, row by row: the bag's first row is the maximum, replaced by each later row strictly greater.
