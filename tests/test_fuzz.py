@@ -152,6 +152,41 @@ def test_embedding_fuzz(backend):
         assert ours[3] == theirs[3], f"{case}: the gradient's layout differs"
 
 
+def test_fused_update_fuzz():
+    """embedding_bag's fused SGD / row-wise Adagrad step against the unfused one (torch's gradient, then the step on
+    the touched rows), over bag forms, modes, per-sample weights, padding and a few steps."""
+    skip_unless_runnable("cpu", "cpu")
+    for seed in range(9000, 9150):
+        case, inp, offsets, kw, weight, psw, g = _bag_case(seed)
+        r = random.Random(-seed)
+        if kw["mode"] == "max" or not weight.isfinite().all():
+            continue
+        optimizer, lr, eps = r.choice(["sgd", "rowwise_adagrad"]), r.choice([0.01, 0.5]), r.choice([1e-10, 1e-3])
+        case.update(optimizer=optimizer, lr=lr, eps=eps)
+        update = fnn.EmbeddingUpdate(optimizer, lr=lr, eps=eps)
+        fused, ref = weight.clone().requires_grad_(), weight.clone()
+        state = torch.zeros(weight.shape[0], dtype=torch.float32)
+        pad = kw["padding_idx"]
+        for step in range(r.randrange(1, 4)):
+            out = fckF.embedding_bag(inp, fused, offsets, per_sample_weights=psw, update=update, backend="cpu", **kw)
+            dy = _randn(g, *out.shape)
+            out.backward(dy)
+            w = ref.clone().requires_grad_()
+            F.embedding_bag(inp, w, offsets, per_sample_weights=psw, **kw).backward(dy)
+            touched = torch.zeros(weight.shape[0], dtype=torch.bool)
+            used = inp.reshape(-1)[: int(offsets[-1]) if kw["include_last_offset"] and offsets.numel() else None]
+            touched[used[used != pad % weight.shape[0]] if pad is not None else used] = True
+            with torch.no_grad():
+                if optimizer == "sgd":
+                    ref -= lr * w.grad
+                else:
+                    state[touched] += w.grad[touched].square().mean(1).float()
+                    ref[touched] -= lr * w.grad[touched] / (state[touched].double().sqrt() + eps)[:, None]
+            _close(fused.detach(), ref, f"weight after step {step}", case, 1e-6)
+            if optimizer == "rowwise_adagrad":
+                _close(update.state, state, f"state after step {step}", case, 1e-6)
+
+
 # ---- batch norm, its fused forms, conv-BN-ReLU ----
 
 @pytest.mark.parametrize("backend", BACKENDS)
