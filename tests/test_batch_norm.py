@@ -361,6 +361,8 @@ def test_bad_input_gets_a_clear_error(backend):
         call(x, torch.zeros(4), torch.ones(4))
     with pytest.raises(RuntimeError, match="should contain 3 elements not 2"):
         call(x, rm, rv, torch.ones(2))
+    with pytest.raises(RuntimeError, match=r"weight must be 1-D \(4 elements\), got shape \(2, 2\)"):
+        call(torch.randn(2, 4), None, None, torch.ones(2, 2), training=True)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         call(torch.randn(1, 3), rm, rv, training=True)
     with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
@@ -384,6 +386,8 @@ def test_cxx_op_rejects_what_would_read_out_of_bounds():
                                      1e-5, True)
     with pytest.raises(RuntimeError, match="should contain 3 elements"):
         torch.ops.fck.batch_norm_fwd(x, None, torch.ones(2), None, None, None, True, 0.1, 1e-5, False)
+    with pytest.raises(RuntimeError, match="must be 1-D"):
+        torch.ops.fck.batch_norm_fwd(x, None, torch.ones(3, 1), None, None, None, True, 0.1, 1e-5, False)
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
         torch.ops.fck.batch_norm_fwd(x.transpose(0, 2).contiguous().transpose(0, 2)[:, :, ::2], None, None, None,
                                      None, None, True, 0.1, 1e-5, False)

@@ -111,8 +111,10 @@ def _check(x, residual, weight, bias, running_mean, running_var, training, name)
                     ("bias", bias)):
         if t is None:
             continue
-        if t.numel() != C or t.dim() != 1:
+        if t.numel() != C:
             raise RuntimeError(f"{what} should contain {C} elements not {t.numel()}")  # torch's message
+        if t.dim() != 1:
+            raise RuntimeError(f"{name}: {what} must be 1-D ({C} elements), got shape {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name}: {what} is on {t.device} but input is on {x.device}")
         if not t.is_floating_point():

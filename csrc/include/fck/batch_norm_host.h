@@ -46,8 +46,8 @@ inline void check_per_channel(const std::optional<at::Tensor>& t, const at::Tens
                               const char* op) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->device() == x.device(), op, ": ", what, " is on ", t->device(), " but input is on ", x.device());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", what, " should contain ", x.size(1),
-              " elements not ", t->numel());
+  TORCH_CHECK(t->numel() == x.size(1), op, ": ", what, " should contain ", x.size(1), " elements not ", t->numel());
+  TORCH_CHECK(t->dim() == 1, op, ": ", what, " must be 1-D (", x.size(1), " elements), got shape ", t->sizes());
   check_float(*t, what, op);
 }
 
