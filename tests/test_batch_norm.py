@@ -82,6 +82,17 @@ def _run(variant, backend, x, residual, dy, w, b, rm, rv, training):
     return y, rm, rv, grads
 
 
+def _run_torch(variant, x, residual, dy, w, b, rm, rv, training):
+    """_run's results from torch.nn.functional's batch_norm (+ residual, + relu)."""
+    x, residual, w, b = (t.detach().clone().requires_grad_() for t in (x, residual, w, b))
+    rm, rv = rm.clone(), rv.clone()
+    y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    y = y + residual if variant == "add_relu" else y
+    y = y if variant == "plain" else F.relu(y)
+    y.backward(dy)
+    return y, rm, rv, [x.grad, residual.grad if variant == "add_relu" else None, w.grad, b.grad]
+
+
 def _truth(variant, x, residual, dy, w, b, rm, rv, training):
     """The reference run in float64 on the same (already rounded) values."""
     d = torch.float64
@@ -150,19 +161,11 @@ def test_against_torch_functional(device, backend, variant):
     x, res, dy, w, b, rm, rv = _inputs((6, 5, 4, 3), torch.float32, device)
     for training in (True, False):
         y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
-        xs, rs = x.clone().requires_grad_(), res.clone().requires_grad_()
-        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
-        rm2, rv2 = rm.clone(), rv.clone()
-        ys = F.batch_norm(xs, rm2, rv2, ws, bs, training, 0.1, 1e-5)
-        if variant == "add_relu":
-            ys = ys + rs
-        if variant != "plain":
-            ys = F.relu(ys)
-        ys.backward(dy)
+        ys, rm2, rv2, torch_grads = _run_torch(variant, x, res, dy, w, b, rm, rv, training)
         torch.testing.assert_close(y, ys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rm1, rm2)
         torch.testing.assert_close(rv1, rv2)
-        for g, gs in zip(grads, (xs.grad, rs.grad if variant == "add_relu" else None, ws.grad, bs.grad)):
+        for g, gs in zip(grads, torch_grads):
             if gs is not None:
                 torch.testing.assert_close(g, gs, rtol=1e-4, atol=1e-4)
 
@@ -282,17 +285,11 @@ def test_non_finite_inputs_as_torch(device, backend, shape, channels_last, varia
     x[-1, -1].view(-1)[0] = float("nan")
     for training in (False, True):
         y, rm1, rv1, grads = _run(variant, backend, x, res, dy, w, b, rm, rv, training)
-        xs, rs = x.clone().requires_grad_(), res.clone().requires_grad_()
-        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
-        rm2, rv2 = rm.clone(), rv.clone()
-        ys = F.batch_norm(xs, rm2, rv2, ws, bs, training, 0.1, 1e-5)
-        ys = F.relu(ys + rs if variant == "add_relu" else ys) if variant != "plain" else ys
-        ys.backward(dy)
+        ys, rm2, rv2, torch_grads = _run_torch(variant, x, res, dy, w, b, rm, rv, training)
         if backend != "reference":
             rm1, rm2 = (torch.where(t.isinf(), float("nan"), t) for t in (rm1, rm2))
-        expected = (ys, rm2, rv2, xs.grad, rs.grad if variant == "add_relu" else None, ws.grad, bs.grad)
         for what, a, e in zip(("output", "running_mean", "running_var", "grad input", "grad residual", "grad weight",
-                               "grad bias"), (y, rm1, rv1, *grads), expected):
+                               "grad bias"), (y, rm1, rv1, *grads), (ys, rm2, rv2, *torch_grads)):
             if e is not None:
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, equal_nan=True,
                                            msg=lambda m: f"{what} (training={training}): {m}")
