@@ -35,11 +35,11 @@ def batch_norm_act(
     if training and x.numel() == 0:  # an empty batch normalizes nothing and leaves the running statistics alone
         mean, var = xf.new_zeros(x.shape[1]), xf.new_ones(x.shape[1])
     elif training:
-        # Shifted by each channel's first value: var_mean's fp32 CUDA reduction loses the variance to rounding when
-        # |mean| >> std; the shift leaves the statistics (and, detached, their gradients) as they are.
+        # Shifted by each channel's first value (0 where that is not finite: inf - inf would be NaN): an fp32 CUDA
+        # variance loses to rounding when |mean| >> std; the shift leaves the statistics (and, detached, their
+        # gradients) as they are. The mean is a sum, as torch's batch norm takes it: an inf in the batch gives an
+        # inf mean (var_mean's running update gives NaN).
         pivot = xf.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape)
-        # The mean as a sum (var_mean's running update makes an inf into NaN; torch's batch norm gives inf) of
-        # values shifted by a finite pivot (an inf one would make a NaN of inf - inf).
         pivot = torch.where(pivot.isfinite(), pivot, 0.0)
         var = torch.var(xf - pivot, dim=dims, unbiased=False)
         mean = (xf - pivot).mean(dim=dims) + pivot.view(-1)
