@@ -4,6 +4,7 @@ and torch.nn.functional, forward and backward, plus the bad inputs."""
 import copy
 import importlib
 import io
+import struct
 
 import pytest
 import torch
@@ -372,6 +373,21 @@ def test_bad_input_gets_a_clear_error(backend):
         fckF.batch_norm_add_relu(x, x[:, :, :4], rm, rv, backend=backend)
     with pytest.raises(ValueError, match="both running_mean and running_var"):
         call(x, rm, None, training=True)
+
+
+def test_triton_scalars_keep_float64_precision():
+    """Triton passes a Python float to a kernel as fp32: momentum and eps go as two fp32 values whose sum keeps
+    ~48 bits, so a float64 batch norm's running statistics are not rounded to fp32's precision."""
+    from fastcore_kernels.triton.batch_norm import _two_floats
+
+    def fp32(v):
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    for v in (0.1, 0.3, 1e-5, 1 / 3, 0.0):
+        hi, lo = _two_floats(v)
+        assert fp32(hi) == hi and abs((hi + fp32(lo)) - v) <= abs(v) * 2.0 ** -46  # what the kernel adds up
+        assert abs(fp32(v) - v) > abs(v) * 2.0 ** -30 or v in (0.0,)  # fp32 alone loses these (0 aside)
+    assert _two_floats(1e39) == (1e39, 0.0)  # beyond fp32: left to Triton's conversion
 
 
 def test_cxx_op_rejects_what_would_read_out_of_bounds():

@@ -11,6 +11,9 @@ then `_forward` normalizes. Backward: `_backward_reduce` writes partial sums of 
 grad_input (and grad_residual). Accumulation is fp32, or fp64 for float64 inputs.
 """
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -76,11 +79,13 @@ def _finalize_forward(
     PART_MEAN, PART_M2, P, ROWS_PER_PROG, R,
     RUNNING_MEAN, RUNNING_VAR,  # [C], any float dtype, updated in place when training
     MEAN, INVSTD,  # [C] ACC outputs
-    C, momentum, eps,
+    C, momentum_hi, momentum_lo, eps_hi, eps_lo,  # each the sum of two fp32 values: see _two_floats
     TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    momentum = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     if TRAINING:
         cnt = tl.zeros([BLOCK_C], ACC)
         mean = tl.zeros([BLOCK_C], ACC)
@@ -260,6 +265,19 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _two_floats(v: float) -> tuple[float, float]:
+    """v as hi + lo, both exact in fp32 (about 48 bits together): Triton passes a Python float to a kernel as fp32,
+    which rounded a float64 batch norm's momentum and eps (running statistics off by ~1e-8 relative)."""
+    v = float(v)
+    try:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond fp32's range (older Pythons raise; newer give inf)
+        hi = math.inf
+    if not math.isfinite(hi):  # inf or NaN, or beyond fp32's range: Triton's own conversion it is
+        return v, 0.0
+    return hi, v - hi
+
+
 def batch_norm_fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu):
     """The fck::batch_norm_fwd contract: (output, save_mean, save_invstd); inputs checked by the caller."""
     acc = _acc(x)
@@ -284,7 +302,7 @@ def batch_norm_fwd(x, residual, weight, bias, running_mean, running_var, trainin
     _finalize_forward[(n_cblocks,)](
         x, sC, part_mean, part_m2, progs_r, rpp, R,
         running_mean if has_running else dummy, running_var if has_running else dummy,
-        mean, invstd, C, float(momentum), float(eps),
+        mean, invstd, C, *_two_floats(momentum), *_two_floats(eps),
         TRAINING=bool(training), HAS_RUNNING=has_running, BLOCK_C=block_c, ACC=ACC,
     )
     _forward[(n_cblocks, progs_r)](
