@@ -185,11 +185,12 @@ def _finalize_backward(
     PART_G, PART_GX, P,
     INVSTD, W,  # [C]
     DW, DB, COEF,  # [C] grad_weight and grad_bias (ACC); COEF [3, C]: k, mean_g, c
-    C, count,
+    C, R,  # R: values per channel, an integer (as a Python float it would reach the kernel as fp32)
     TRAINING: tl.constexpr, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    count = tl.cast(R, ACC)
     sg = tl.zeros([BLOCK_C], ACC)
     sgx = tl.zeros([BLOCK_C], ACC)
     for j in range(0, P):
@@ -335,7 +336,7 @@ def batch_norm_bwd(dy, x, y, weight, save_mean, save_invstd, training, relu, res
     _backward_reduce[(n_cblocks, progs_r)](dy, x, yy, save_mean, part_g, part_gx, R, C, S, sN, sC, sS, rpp,
                                            RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c, ACC=ACC)
     _finalize_backward[(n_cblocks,)](part_g, part_gx, progs_r, save_invstd, weight if weight is not None else dw,
-                                     dw, db, coef, C, float(R),
+                                     dw, db, coef, C, R,
                                      TRAINING=bool(training), HAS_W=weight is not None, BLOCK_C=block_c, ACC=ACC)
     _backward[(n_cblocks, progs_r)](dy, x, yy, dx, dres if residual_grad else dx, save_mean, coef,
                                     R, C, S, sN, sC, sS, rpp,
