@@ -268,7 +268,7 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 def _two_floats(v: float) -> tuple[float, float]:
     """v as hi + lo, both exact in fp32 (about 48 bits together): Triton passes a Python float to a kernel as fp32,
-    which rounded a float64 batch norm's momentum and eps (running statistics off by ~1e-8 relative)."""
+    which rounded a float64 batch norm's momentum and eps (running statistics off by up to ~1e-7 relative)."""
     v = float(v)
     try:
         hi = struct.unpack("f", struct.pack("f", v))[0]
