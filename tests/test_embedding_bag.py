@@ -155,9 +155,10 @@ def test_max_ties_and_infinities_as_torch(device, backend):
         out = fn(indices, w, offsets, mode="max")
         out.backward(torch.arange(1.0, 1 + out.numel(), device=device).view(out.shape))
         results.append((out.detach(), w.grad))
-    expected_out = [[1, 5], [1, 5], [0, 0], [-inf, 1], [1, 2], [nan, 2], [1, 2]]
-    torch.testing.assert_close(results[0][0].cpu(), torch.tensor(expected_out, dtype=torch.float32), equal_nan=True)
-    assert results[0][1].tolist() == [[23, 36], [3, 2], [0, 4], [7, 8], [11, 0]]
+    if device == "cpu":  # torch's CPU kernel, worked out by hand (its CUDA kernel is compared with, not asserted)
+        expected_out = [[1, 5], [1, 5], [0, 0], [-inf, 1], [1, 2], [nan, 2], [1, 2]]
+        torch.testing.assert_close(results[0][0], torch.tensor(expected_out, dtype=torch.float32), equal_nan=True)
+        assert results[0][1].tolist() == [[23, 36], [3, 2], [0, 4], [7, 8], [11, 0]]
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
 
@@ -182,7 +183,7 @@ def test_padding_rows_holding_inf_or_nan_add_nothing(device, backend):
             out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device))
             results.append((out.detach(), w.grad) + ((psw.grad,) if psw is not None else ()))
         assert results[0][0].isfinite().all() and results[0][1].isfinite().all()
-        for ours, theirs in zip(*results[::-1]):
+        for ours, theirs in zip(results[1], results[0]):
             torch.testing.assert_close(ours, theirs)
 
 
