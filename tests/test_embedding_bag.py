@@ -187,6 +187,47 @@ def test_padding_rows_holding_inf_or_nan_add_nothing(device, backend):
             torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("view", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_strided_weight_views(device, backend, view):
+    """A table that is a strided view (transposed, a slice of a wider table, expanded) gives torch's values and
+    gradients, which reach the view's base (the Triton kernels read such a view as packed rows: wrong values). The
+    fused update, which writes rows in place, refuses one."""
+    skip_unless_runnable(backend, device)
+    indices = torch.randint(0, 10, (6, 4), generator=torch.Generator().manual_seed(0)).to(device)
+    psw = torch.rand(6, 4, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def table():
+        g = torch.Generator().manual_seed(2)
+        if view == "transposed":
+            base = torch.randn(4, 10, generator=g).to(device).requires_grad_()
+            return base, base.t()
+        if view == "sliced":
+            base = torch.randn(10, 8, generator=g).to(device).requires_grad_()
+            return base, base[:, :4]
+        base = torch.randn(1, 4, generator=g).to(device).requires_grad_()
+        return base, base.expand(10, 4)
+
+    calls = [(fckF.embedding, F.embedding, {}), (fckF.embedding_bag, F.embedding_bag, {"mode": "max"}),
+             (fckF.embedding_bag, F.embedding_bag, {"mode": "sum", "per_sample_weights": psw})]
+    if view != "expanded":  # torch's renorm cannot write into an expanded view
+        calls.append((fckF.embedding_bag, F.embedding_bag, {"mode": "mean", "max_norm": 1.0}))
+    for ours_fn, torch_fn, kw in calls:
+        results = []
+        for fn in (torch_fn, lambda *a, **k: ours_fn(*a, **k, backend=backend)):
+            base, weight = table()
+            out = fn(indices, weight, **kw)
+            out.backward(torch.arange(out.numel(), dtype=out.dtype, device=device).view(out.shape))
+            results.append((out.detach(), base.grad, base.detach()))
+        for ours, theirs in zip(results[1], results[0]):
+            torch.testing.assert_close(ours, theirs, msg=lambda m: f"{ours_fn.__name__} {kw}: {m}")
+    if backend == "cpu":
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            fckF.embedding_bag(indices, table()[1], mode="sum", update=fnn.EmbeddingUpdate("sgd", lr=0.1),
+                               backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", devices())
 def test_gradcheck_float64(device, backend):

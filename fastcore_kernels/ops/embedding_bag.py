@@ -248,6 +248,12 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
             _index_error(indices, weight.shape[0])
             torch.embedding_renorm_(weight, indices, max_norm, norm_type)
     code = MODES[mode]
+    if impl != "reference" and not weight.is_contiguous():
+        # The kernels read packed rows (Triton's read a strided view's as packed, silently wrong). A copy is
+        # differentiable, so gradients still reach the view; the fused update, which writes rows in place, is not.
+        if update is not None:
+            raise ValueError("embedding_bag: the fused update writes into weight in place; weight must be contiguous")
+        weight = weight.contiguous()
     if update is not None:
         if impl not in ("cpu", "cuda") or mode == "max" or sparse or scale_grad_by_freq:
             raise NotImplementedError("embedding_bag: the fused update runs on the cpu and cuda backends, for mode "
@@ -277,7 +283,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     plain = max_norm is None and not sparse and not scale_grad_by_freq
     if impl in ("cpu", "cuda") and plain and not _backend.compiling():
         # The C++ op with C++ autograd: a small table's lookup is otherwise mostly Python overhead.
-        return torch.ops.fck.embedding(weight, input, _padding_index(padding_idx, weight.shape[0], "embedding"))
+        return torch.ops.fck.embedding(weight.contiguous(), input,
+                                       _padding_index(padding_idx, weight.shape[0], "embedding"))
     flat = input.reshape(-1)
     _, offsets, _, pad = _normalize(flat[:, None], weight, None, "sum", None, False, padding_idx, "embedding")
     if impl in ("reference", "triton") or max_norm is not None:
@@ -292,7 +299,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
             keep = (flat != pad)[:, None]
             out = torch.where(keep, out, weight.detach()[flat.long()])
         return out.reshape(shape)
-    flat = flat.contiguous()
+    flat, weight = flat.contiguous(), weight.contiguous()  # (after the renorm, which writes into the caller's)
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return _kernels(impl)[0](weight, flat, offsets, 0, None, -1)[0].reshape(shape)
     out = _EmbeddingBag.apply(weight, None, flat, offsets, 0, -1, pad, bool(sparse), bool(scale_grad_by_freq),

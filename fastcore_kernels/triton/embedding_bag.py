@@ -92,6 +92,10 @@ def _block_d(D: int) -> int:
 
 
 def embedding_bag_fwd(weight, indices, offsets, mode, per_sample_weights, padding_idx):
+    # The kernels index packed rows: a strided view (a transposed or sliced table) is read as a copy, here too, as a
+    # direct call of the op skips ops/embedding_bag.py.
+    weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
+    per_sample_weights = None if per_sample_weights is None else per_sample_weights.contiguous()
     n_bags, D = offsets.numel() - 1, weight.shape[1]
     out = torch.empty(n_bags, D, device=weight.device, dtype=weight.dtype)
     arg = torch.empty((n_bags, D) if mode == 2 else (0,), device=weight.device, dtype=torch.long)
@@ -107,6 +111,7 @@ def embedding_bag_fwd(weight, indices, offsets, mode, per_sample_weights, paddin
 
 
 def embedding_bag_bwd(grad, indices, offsets, max_indices, num_weights, mode, per_sample_weights, padding_idx):
+    grad, indices, offsets, max_indices = (t.contiguous() for t in (grad, indices, offsets, max_indices))
     D = grad.shape[1]
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     gw = torch.zeros(num_weights, D, device=grad.device, dtype=acc_dtype)
