@@ -41,8 +41,9 @@ def batch_norm_act(
         # inf mean (var_mean's running update gives NaN).
         pivot = xf.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].view(shape)
         pivot = torch.where(pivot.isfinite(), pivot, 0.0)
-        var = torch.var(xf - pivot, dim=dims, unbiased=False)
-        mean = (xf - pivot).mean(dim=dims) + pivot.view(-1)
+        shifted = xf - pivot
+        var = torch.var(shifted, dim=dims, unbiased=False)
+        mean = shifted.mean(dim=dims) + pivot.view(-1)
         if running_mean is not None or running_var is not None:
             count = x.numel() // x.shape[1]
             with torch.no_grad():
