@@ -158,6 +158,13 @@ def _probe(name: str, interpreting: bool) -> BackendStatus:
     return BackendStatus(True, ("cuda",), f"CUDA kernels, {ext.how}")
 
 
+# Probing loads the extension under a lock, which torch.compile cannot trace: a model compiled before any eager call
+# (fullgraph=True) takes the answer as a constant of its graph.
+@torch.compiler.assume_constant_result
+def _serves(name: str, kind: str) -> bool:
+    return kind in _status(name).devices
+
+
 def backends() -> dict[str, BackendStatus]:
     """Every backend with whether it can run in this process, where, and why (not)."""
     return {name: _status(name) for name in BACKENDS}
@@ -188,7 +195,7 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
         if name is None:
             name = "reference"
             for n in _AUTO_ORDER.get(kind, ("reference",)):  # a loop: torch 2.4's compile cannot trace next(gen, x)
-                if n in implemented and kind in _status(n).devices:
+                if n in implemented and _serves(n, kind):
                     name = n
                     break
             _auto_choice[key] = name
@@ -198,9 +205,8 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
     kind = device.type
     if choice not in implemented:
         raise NotImplementedError(f"{op} has no {choice!r} kernels yet; it runs on {', '.join(implemented)}")
-    status = _status(choice)
-    if kind not in status.devices:
-        raise RuntimeError(f"fastcore_kernels backend {choice!r} cannot run on {kind} tensors: {status}")
+    if not _serves(choice, kind):
+        raise RuntimeError(f"fastcore_kernels backend {choice!r} cannot run on {kind} tensors: {_status(choice)}")
     return choice
 
 

@@ -160,6 +160,35 @@ def test_import_never_builds_or_warns():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize("backend", ["auto"])
+def test_a_model_compiles_before_any_eager_call(backend):
+    """The first op of a process may run inside torch.compile(fullgraph=True): probing the backends (which loads the
+    extension under a lock) must not be traced."""
+    out = _run(
+        f"""
+        import torch, fastcore_kernels as fck, fastcore_kernels._ext as ext
+        from torch import nn
+        torch.manual_seed(0)
+        model = fck.fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(64, 5)))
+        emb = fck.nn.EmbeddingBag(10, 6)
+        fck.set_backend({backend!r})
+        assert ext._loaded is None
+        x, idx = torch.randn(2, 3, 6, 6), torch.tensor([[1, 2], [3, 9]])
+        out = torch.compile(model, fullgraph=True)(x)
+        bags = torch.compile(emb, fullgraph=True)(idx)
+        (out.sum() + bags.sum()).backward()
+        g = model[0].weight.grad.clone()
+        model.zero_grad()
+        model(x).sum().backward()
+        torch.testing.assert_close(model[0].weight.grad, g)
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok"]
+
+
 def test_missing_extension_falls_back_with_one_warning():
     """No prebuilt library and no way to build one: import works, one warning, reference/triton serve."""
     out = _run(

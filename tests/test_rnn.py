@@ -1,6 +1,7 @@
 """LSTM/GRU cells and sequences: every backend against the reference and against torch's modules with the same
 weights, forward and backward; dtypes, odd shapes, weight-dropped W_hh, fuse(), bad input."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -780,6 +781,95 @@ def test_packed_sequence_runs_torch_forward(mode):
     with pytest.warns(UserWarning, match="PackedSequence"):
         out = m(packed)
     torch.testing.assert_close(out[0].data, ref(packed)[0].data)
+
+
+# ---- torch.autocast ----
+
+AUTOCAST_CASES = {  # name: (module class name, constructor arguments, keywords, input shape, states given)
+    "lstm": ("LSTM", (5, 7), dict(num_layers=2), (4, 3, 5), False),
+    "lstm bidirectional batch_first, states": ("LSTM", (5, 7), dict(bidirectional=True, batch_first=True),
+                                               (3, 4, 5), True),
+    "lstm proj_size, states": ("LSTM", (5, 8), dict(num_layers=2, proj_size=3), (4, 3, 5), True),
+    "gru, states": ("GRU", (5, 7), dict(num_layers=2), (4, 3, 5), True),
+    "lstm cell": ("LSTMCell", (5, 7), {}, (3, 5), False),
+    "gru cell, state": ("GRUCell", (5, 7), {}, (3, 5), True),
+}
+
+
+def _autocast_case(name, device, dtype=torch.float32):
+    """Our module and torch's with the same weights, the input and the states (or None) of an AUTOCAST_CASES case."""
+    cls, args, kw, shape, given = AUTOCAST_CASES[name]
+    torch.manual_seed(5)
+    theirs = getattr(nn, cls)(*args, **kw).to(device, dtype)
+    ours = getattr(fnn, cls)(*args, **kw).to(device, dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, device=device, dtype=dtype)
+    state = None
+    if given:
+        H, P = args[1], kw.get("proj_size", 0) or args[1]
+        lead = () if "Cell" in cls else ((kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)),)
+        B = shape[0] if "Cell" in cls or kw.get("batch_first") else shape[1]
+        h = torch.randn(*lead, B, P, device=device, dtype=dtype)
+        state = (h, torch.randn(*lead, B, H, device=device, dtype=dtype)) if cls.startswith("LSTM") else h
+    return ours, theirs, x, state
+
+
+def _flat(o):
+    return [o] if isinstance(o, torch.Tensor) else [u for v in o for u in _flat(v)]
+
+
+def _call(module, x, state, grad_seed=None):
+    """The module's outputs, flat; with grad_seed, after a backward of a random weighting of them in fp32, the
+    gradients of x and of the parameters (in the parameters' own dtypes)."""
+    x = x.detach().requires_grad_()
+    outs = _flat(module(x, state))
+    if grad_seed is None:
+        return outs
+    g = _gen(grad_seed)
+    sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs).backward()
+    return outs, [x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("case", list(AUTOCAST_CASES))
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_autocast_computes_in_its_dtype(backend, device, case):
+    """Inside torch.autocast the recurrent ops run in its dtype (bf16 on the CPU, fp16 on CUDA by default), as torch's
+    LSTM/GRU/cells do: the values of the module run in that dtype explicitly, bit for bit; the result dtypes torch's
+    modules give under the same autocast (on the CPU its GRU and cells hand back fp32, a projected LSTM's c_n too);
+    gradients in the parameters' and input's dtype (fp32) equal to the explicit run's; values within the low dtype's
+    tolerance of torch's."""
+    skip_unless_runnable(backend, device)
+    ours, theirs, x, state = _autocast_case(case, device)
+    low = torch.get_autocast_dtype(device)
+    explicit = copy.deepcopy(ours).to(low)
+    low_state = state.to(low) if isinstance(state, torch.Tensor) else state and tuple(s.to(low) for s in state)
+    with fck.use_backend(backend):
+        with torch.autocast(device):
+            outs, grads = _call(ours, x, state, grad_seed=4)
+        want, want_grads = _call(explicit, x.to(low), low_state, grad_seed=4)
+    with torch.autocast(device):
+        theirs_outs = _call(theirs, x, state)
+    assert [o.dtype for o in outs] == [o.dtype for o in theirs_outs]
+    for o, w, t in zip(outs, want, theirs_outs):
+        torch.testing.assert_close(o, w.to(o.dtype), rtol=0, atol=0)
+        _close(o, t, low, "output against torch's")
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["lstm bidirectional batch_first, states", "gru cell, state"])
+def test_autocast_leaves_float64_and_disabled_regions_alone(case):
+    """float64 is never cast (torch's rule), and autocast(enabled=False) inside a region restores the input dtype."""
+    skip_unless_runnable("cpu", "cpu")
+    for dtype, enabled in ((torch.float64, True), (torch.float32, False)):
+        ours, _, x, state = _autocast_case(case, "cpu", dtype)
+        plain = _call(ours, x, state)
+        with torch.autocast("cpu"), torch.autocast("cpu", enabled=enabled):
+            under = _call(ours, x, state)
+        for u, p in zip(under, plain):
+            assert u.dtype == dtype
+            torch.testing.assert_close(u, p, rtol=0, atol=0)
 
 
 # ---- LSTM with a projection (proj_size) ----

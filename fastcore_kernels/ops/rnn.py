@@ -245,6 +245,37 @@ def _check_weights(x, w_ih, w_hh, b_ih, b_hh, gates, name, w_hr=None):
     return H
 
 
+# ---- torch.autocast ----
+# Inside an autocast region torch runs its recurrent ops in the region's lower-precision dtype: on CUDA the cells
+# and cuDNN's LSTM/GRU (outputs and states in that dtype), on the CPU the LSTM (oneDNN's). Ours do the same on every
+# device and backend, so a mixed-precision model gets the half-precision kernels (fp32 cell state and accumulation
+# inside) instead of fp32 ones. Where torch's CPU ops compute in the lower dtype but hand back another one (GRU and
+# the cells: the input's dtype; a projected LSTM's c_n: the state's), the result is cast back to it, so a model
+# sees the dtypes it saw with torch's modules. float64 is never cast, as in torch.
+
+
+def _autocast_dtype(device: torch.device):
+    """The dtype autocast runs torch's recurrent ops in on `device`, or None outside an autocast region."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _lower(t, dtype):
+    """t in `dtype` where autocast would cast it (a floating tensor other than float64), else t: lists and tuples of
+    them (states, weights) element by element."""
+    if isinstance(t, (list, tuple)):
+        return type(t)(_lower(u, dtype) for u in t)
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
+        return t.to(dtype)
+    return t
+
+
+def _torch_cpu_dtype(t, like):
+    """t cast to `like`'s dtype (torch's CPU result dtype for the GRU, the cells and a projected LSTM's c_n)."""
+    return t if like is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
 # ---- cells ----
 
 def _cell_input(input, hx, name, what):
@@ -270,6 +301,14 @@ def _cell_state(h, x, B, H, what, name):
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """torch.nn.LSTMCell's math: returns (h', c'). hx = (h, c) or None for zeros."""
+    dtype = _autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+    if dtype is None:
+        return _lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+    out = _lstm_cell(*_lower((input, hx, w_ih, w_hh, b_ih, b_hh), dtype), backend)
+    return out if input.device.type != "cpu" else tuple(_torch_cpu_dtype(t, input) for t in out)
+
+
+def _lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     name = "lstm_cell"
     h, c = (None, None) if hx is None else hx
     batched = _cell_input(input, (h, c), name, ("hx", "cx"))
@@ -289,6 +328,14 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """torch.nn.GRUCell's math: returns h'. hx None means zeros."""
+    dtype = _autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+    if dtype is None:
+        return _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+    out = _gru_cell(*_lower((input, hx, w_ih, w_hh, b_ih, b_hh), dtype), backend)
+    return out if input.device.type != "cpu" else _torch_cpu_dtype(out, input)
+
+
+def _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     name = "gru_cell"
     batched = _cell_input(input, (hx,), name, ("hx",))
     x = input if batched else input.unsqueeze(0)
@@ -321,6 +368,20 @@ def _layer_params(params, has_biases, num_layers, num_directions, proj):
 
 def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first, backend,
          proj_size=0):
+    dtype = _autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+    args = (has_biases, num_layers, dropout, training, bidirectional, batch_first, backend, proj_size)
+    if dtype is None:
+        return _rnn_in_dtype(mode, input, hx, params, *args)
+    out, h = _rnn_in_dtype(mode, *_lower((input, hx, params), dtype), *args)
+    if input.device.type != "cpu" or (mode == "lstm" and proj_size == 0):
+        return out, h
+    if mode == "gru":
+        return _torch_cpu_dtype(out, input), _torch_cpu_dtype(h, input)
+    return out, (h[0], _torch_cpu_dtype(h[1], input if hx is None else hx[1]))
+
+
+def _rnn_in_dtype(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first,
+                  backend, proj_size):
     lstm = mode == "lstm"
     gates = 4 if lstm else 3
     name = mode
