@@ -2,7 +2,7 @@
 CUDA) with the same weights, in the same run.
 
     python benchmarks/bench_rnn.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--out results.json]
-                                   [--quick] [--backends cuda,triton]
+                                   [--quick] [--backends cuda,triton] [--autocast]
     FCK_RNN_PERSISTENT_CUDA=0 python benchmarks/bench_rnn.py --device cuda   # CUDA's per-step loop, not the
                                                                               # persistent kernels (hidden <= 64)
 
@@ -14,7 +14,8 @@ both libraries' modules in --dtype. Stock nn.LSTM/GRU on CUDA compute their fp32
 fp32 under "highest"): an fp32 CUDA run adds the like-for-like pairs, torch-fp32 (cuDNN with TF32 off) and
 fck-cuda-tf32 (our GEMMs under set_float32_matmul_precision("high")). GB/s counts the activations each pass must move
 at least: the input projection and saved gates written and read back, the outputs and their gradients. On a GPU each
-row also records its costliest kernels.
+row also records its costliest kernels. --autocast: fp32 modules, both libraries' steps inside torch.autocast (its
+default dtype: bf16 on the CPU, fp16 on CUDA), as a mixed-precision training loop runs them.
 """
 
 from __future__ import annotations
@@ -115,8 +116,11 @@ def main(argv=None) -> Results:
                     "small CPU)")
     ap.add_argument("--backends", default="", help="comma-separated fastcore_kernels backends to time (default: all "
                     "that run on the device)")
+    ap.add_argument("--autocast", action="store_true", help="fp32 modules stepped inside torch.autocast")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if args.autocast and args.dtype != "float32":
+        ap.error("--autocast steps fp32 modules; leave --dtype at float32")
     torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     res = Results(device, args.out)
@@ -126,7 +130,12 @@ def main(argv=None) -> Results:
     # CUDA runs hidden <= 64 as one persistent kernel per pass; FCK_RNN_PERSISTENT_CUDA=0 (read per call) the loop
     suffix = "-per-step" if os.environ.get("FCK_RNN_PERSISTENT_CUDA") == "0" else ""
     dtype = getattr(torch, args.dtype)
-    like_for_like = device.type == "cuda" and dtype == torch.float32 and args.matmul_precision == "highest"
+    like_for_like = (device.type == "cuda" and dtype == torch.float32 and args.matmul_precision == "highest"
+                     and not args.autocast)
+    elem, dtype_name = dtype.itemsize, str(dtype)
+    if args.autocast:
+        low = torch.get_autocast_dtype(device.type)
+        elem, dtype_name = low.itemsize, f"autocast {low}"
     for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
         theirs, ours = _modules(kind, I, H, L, device, dtype)
         x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, dtype=dtype,
@@ -150,13 +159,15 @@ def main(argv=None) -> Results:
                     fns[f"fck-{b}" + (suffix if b == "cuda" else "")] = run
                     if like_for_like and b == "cuda":
                         fns[f"fck-cuda{suffix}-tf32"] = _under(lambda: _matmul_precision("high"), run)
+        if args.autocast:
+            fns = {p: _under(lambda: torch.autocast(device.type), f) for p, f in fns.items()}
         reps = 3 if I >= 400 and device.type == "cpu" else args.reps
         timed = (interleaved_time_ms(fns, reps=reps) if device.type == "cpu"
                  else {p: time_ms(f, device) for p, f in fns.items()})
         for p, times in timed.items():
             extra = device_profile(fns[p], p, show=6) if device.type == "cuda" else {}
-            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T, dtype.itemsize),
-                    dtype=str(dtype), matmul_precision=args.matmul_precision, **extra)
+            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T, elem),
+                    dtype=dtype_name, matmul_precision=args.matmul_precision, **extra)
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
     return res.finish("torch", args.out)
 

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export FCK_COMMIT=${FCK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 PY=${PYTHON:-python3}
 # bench_adam, bench_learner (measured on the H100 runs of 2026-11-26/27), bench_rnn_per_step, bench_bn_fused (H200,
-# 2026-11-28) and ncu_rnn run only when FCK_STAGES names them.
+# 2026-11-28), bench_rnn_autocast (never run on a GPU yet) and ncu_rnn run only when FCK_STAGES names them.
 DEFAULT_STAGES="build tests_gpu bench_embedding_bag bench_bag_atomics bench_rnn bench_batch_norm bench_bn_scalar"
 STAGES=" ${FCK_STAGES:-$DEFAULT_STAGES} "
 declare -a summary=()
@@ -67,6 +67,9 @@ stage bench_rnn 75 $PY benchmarks/bench_rnn.py --device cuda ${FCK_RNN_ARGS:-} -
 # FCK_RNN_PER_STEP_ARGS="" adds hidden 128/256 and AWD (the A/B of the persistent kernels past hidden 64).
 stage bench_rnn_per_step 45 env FCK_RNN_PERSISTENT_CUDA=0 $PY benchmarks/bench_rnn.py --device cuda \
   ${FCK_RNN_PER_STEP_ARGS---quick} --backends cuda --out "$OUT/bench_rnn_per_step_cuda.json"
+# fp32 modules stepped inside torch.autocast (fp16): our half-precision kernels against cuDNN's autocast RNNs.
+stage bench_rnn_autocast 40 $PY benchmarks/bench_rnn.py --device cuda --autocast --quick \
+  --out "$OUT/bench_rnn_autocast_cuda.json"
 stage bench_batch_norm 110 $PY benchmarks/bench_batch_norm.py --device cuda ${FCK_BN_ARGS:---compile --channels-last --conv-train} \
   --out "$OUT/bench_batch_norm_cuda.json"
 # The same batch norms at 56x56 (planar and channels-last) and tabular with scalar accesses and the ReLU mask from y

@@ -1081,3 +1081,5 @@ def test_benchmark_script_runs(tmp_path):
     rows = json.loads(out.read_text())
     assert {r["provider"] for r in rows} == {"torch", "fck-cpu"}
     assert len(rows) == 2 * len(bench_rnn.cases(quick=True))
+    bench_rnn.main(["--device", "cpu", "--quick", "--reps", "1", "--autocast", "--out", str(out)])
+    assert {r["dtype"] for r in json.loads(out.read_text())} == {"autocast torch.bfloat16"}
