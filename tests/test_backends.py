@@ -160,7 +160,7 @@ def test_import_never_builds_or_warns():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("backend", ["auto"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_a_model_compiles_before_any_eager_call(backend):
     """The first op of a process may run inside torch.compile(fullgraph=True): probing the backends (which loads the
     extension under a lock) must not be traced."""

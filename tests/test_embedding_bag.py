@@ -475,6 +475,93 @@ def test_cxx_op_guards_hold_alone():
                                         torch.full((1, 3), 50), 10, 2, None, -1)
 
 
+def test_triton_op_guards_hold_alone():
+    """The Triton ops check their offsets and indices themselves (in the C++ ops' words), so no caller — compiled
+    code, a direct call — makes their kernels read out of bounds; the max backward skips rows outside the table."""
+    skip_unless_runnable("triton", "cpu")
+    w = torch.randn(10, 3)
+    fwd, bwd = torch.ops.fck.embedding_bag_fwd_triton, torch.ops.fck.embedding_bag_bwd_triton
+    for op, args in ((fwd, (w,)), (bwd, (torch.randn(1, 3),))):
+        rest = (0, None, -1) if op is fwd else (torch.empty(0, dtype=torch.long), 10, 0, None, -1)
+        with pytest.raises(IndexError, match="index 1 of input takes value 99 which is not in the valid range"):
+            op(*args, torch.tensor([3, 99]), torch.tensor([0, 2]), *rest)
+        with pytest.raises(RuntimeError, match="offsets\\[0\\] has to be 0"):
+            op(*args, torch.tensor([3, 4]), torch.tensor([1, 2]), *rest)
+        with pytest.raises(RuntimeError, match="can not be greater than input's length 2 but got 5"):
+            op(*args, torch.tensor([3, 4]), torch.tensor([0, 5]), *rest)
+        with pytest.raises(RuntimeError, match="last offset must be the number of indices, 2, got 1"):
+            op(*args, torch.tensor([3, 4]), torch.tensor([0, 1]), *rest)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        fwd(w, torch.tensor([3, 4]), torch.tensor([0, 2, 1, 2]), 0, None, -1)
+    with pytest.raises(RuntimeError, match="with no bags"):
+        fwd(w, torch.tensor([3, 4]), torch.tensor([2]), 0, None, -1)
+    grad = torch.randn(2, 3)
+    max_rows = torch.tensor([[1, 50, -1], [-7, 2, 9]])
+    got = bwd(grad, torch.tensor([1, 2]), torch.tensor([0, 1, 2]), max_rows, 10, 2, None, -1)
+    want = torch.zeros(10, 3)
+    want[1, 0], want[2, 1], want[9, 2] = grad[0, 0], grad[1, 1], grad[1, 2]
+    torch.testing.assert_close(got, want)
+
+
+def test_checked_indices_op():
+    idx, off = torch.tensor([3, 4, 0]), torch.tensor([0, 2, 3])
+    torch.library.opcheck(torch.ops.fck.embedding_bag_checked, (idx, off, 5))
+    out = torch.ops.fck.embedding_bag_checked(idx, off, 5)
+    assert out.data_ptr() != idx.data_ptr() and torch.equal(out, idx)
+    with pytest.raises(IndexError, match="index 1 of input takes value 4"):
+        torch.ops.fck.embedding_bag_checked(idx, off, 4)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        torch.ops.fck.embedding_bag_checked(idx, torch.tensor([0, 2, 1, 3]), 5)
+
+
+@pytest.mark.parametrize("form", ["offsets", "include_last_offset", "2-D, per-sample weights", "max_norm",
+                                  "embedding"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_form_compiles_fullgraph(backend, form):
+    """No form reads a tensor's value on the host (the ops check their inputs), so each traces into one graph;
+    include_last_offset's end offset stops short of the input here (the extra bag is dropped, as torch ignores those
+    indices). Forward and backward against torch in eager mode, and an out-of-range index still raises."""
+    skip_unless_runnable(backend, "cpu")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(12, 5, generator=g)
+    idx, off = torch.randint(0, 12, (9,), generator=g), torch.tensor([0, 2, 2, 7])
+    psw = None
+    kw = {}
+    if form == "include_last_offset":
+        off, kw = torch.tensor([0, 2, 2, 7]), dict(include_last_offset=True, mode="max")
+    elif form.startswith("2-D"):
+        idx, off, psw, kw = idx.view(3, 3), None, torch.randn(3, 3, generator=g), dict(mode="sum")
+    elif form == "max_norm":
+        kw = dict(max_norm=1.0)
+
+    def run(fn, w, i, o, p):
+        if form == "embedding":
+            return fn(i.view(3, 3), w, padding_idx=2)
+        return fn(i, w, o, per_sample_weights=p, **kw)
+
+    def ours(w, i, o, p):
+        return run(lambda *a, **k: fckF.embedding_bag(*a, **k, backend=backend) if form != "embedding"
+                   else fckF.embedding(*a, **k, backend=backend), w, i, o, p)
+
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, lambda w, i, o, p: run(F.embedding_bag if form != "embedding" else F.embedding, w, i, o,
+                                                  p)):
+        w = weight.clone().requires_grad_()
+        p = None if psw is None else psw.clone().requires_grad_()
+        out = fn(w, idx, off, p)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin())
+        results.append((out, w.grad, None if p is None else p.grad, w.detach()))
+    for a, b in zip(*results):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    bad = idx.clone()
+    bad.view(-1)[4] = 12
+    with pytest.raises(IndexError, match="takes value 12"):
+        compiled(weight, bad, off, psw)
+
+
 def test_backends_an_op_lacks_are_refused_clearly():
     from fastcore_kernels import _backend
 

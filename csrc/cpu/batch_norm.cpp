@@ -1056,6 +1056,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS) {
+  const std::optional<at::Tensor> residual = like_input(input, residual_in);
   const BnLayout L = check_batch_norm_fwd(input, residual, weight, bias, running_mean, running_var, training);
   TORCH_CHECK(input.device().is_cpu(), "fck::batch_norm_fwd (cpu): input must be a CPU tensor");
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -1077,6 +1078,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS) {
+  const at::Tensor grad_output = like_input(input, grad_output_in);
+  const std::optional<at::Tensor> output = like_input(input, output_in);
   const BnLayout L = check_batch_norm_bwd(grad_output, input, output, weight, save_mean, save_invstd, relu);
   TORCH_CHECK(input.device().is_cpu(), "fck::batch_norm_bwd (cpu): input must be a CPU tensor");
   if (input.numel() == 0) {

@@ -521,6 +521,7 @@ A* ptr_or_null(const at::Tensor& t) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS) {
+  const std::optional<at::Tensor> residual = like_input(input, residual_in);
   const BnLayout L = check_batch_norm_fwd(input, residual, weight, bias, running_mean, running_var, training);
   TORCH_CHECK(input.is_cuda(), "fck::batch_norm_fwd (cuda): input must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(input.device());
@@ -566,6 +567,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD
 // forward's coefficients where y holds the pre-activation's own values (fp32, fp64; a half-precision y is a rounded
 // one, whose mask could differ in the last subnormal): y is then never read, one pass fewer over a full tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS) {
+  const at::Tensor grad_output = like_input(input, grad_output_in);
+  const std::optional<at::Tensor> output = like_input(input, output_in);
   const BnLayout L = check_batch_norm_bwd(grad_output, input, output, weight, save_mean, save_invstd, relu);
   TORCH_CHECK(input.is_cuda(), "fck::batch_norm_bwd (cuda): input must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(input.device());

@@ -56,15 +56,21 @@ def _kernels(backend: str):
     return torch.ops.fck.embedding_bag_fwd, torch.ops.fck.embedding_bag_bwd  # resolve() has loaded the library
 
 
-def _index_error(indices: torch.Tensor, num_weights: int) -> None:
-    """The C++ kernels check this themselves; Python backends check here. Never reads out of bounds."""
-    if indices.numel() == 0:
-        return
-    bad = (indices < 0) | (indices >= num_weights)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(f"embedding_bag: index {i} of input takes value {int(indices[i])} which is not in the valid "
-                         f"range [0, {num_weights})")
+# (An explicit schema: torch 2.4 cannot infer one from this module's postponed annotations.)
+@torch.library.custom_op("fck::embedding_bag_checked", mutates_args=(),
+                         schema="(Tensor indices, Tensor offsets, int num_weights) -> Tensor")
+def _checked(indices, offsets, num_weights):
+    """A copy of `indices` once they and `offsets` pass the bag kernels' checks (reference.check_bags). For the code
+    outside the kernels that reads rows by index — the reference backend, max_norm's renormalisation — as an op,
+    so that torch.compile keeps the check (data-dependent, it cannot be traced) and orders what reads the indices
+    after it (they read its result)."""
+    reference.check_bags(indices, offsets, num_weights)
+    return indices.clone()
+
+
+@_checked.register_fake
+def _(indices, offsets, num_weights):
+    return torch.empty_like(indices)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -159,12 +165,13 @@ def _check_weight(weight, input, name) -> None:
         raise ValueError(f"{name}: input is on {input.device} but weight is on {weight.device}")
 
 
-def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name,
-               kernel_checks=False):
-    """Flat indices, offsets with the end offset last, per-sample weights and padding row. kernel_checks: the
-    backend's C++ op checks the offsets' values, in PyTorch's words (CUDA: as its kernel reads them, since reading
-    them here would make the host wait for the GPU; CPU: in one loop, not ~6 tensor ops a call). The caller has
-    run _check_weight."""
+def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset, padding_idx, name):
+    """Flat indices, offsets with the end offset last, per-sample weights and padding row. Nothing here reads a
+    value of a tensor: the ops check the offsets and indices, in PyTorch's words (C++ CUDA: as its kernel reads
+    them; C++ CPU: in one loop; Triton: in its launcher; reference: fck::embedding_bag_checked), so no call waits
+    for a GPU and torch.compile traces every form. include_last_offset's offsets get the input's length appended as
+    well: the indices past their last offset (none, when the offsets are as torch documents them) form one more
+    bag, which the caller drops. The caller has run _check_weight."""
     if mode not in MODES:
         raise ValueError(f"{name}: mode has to be one of sum, mean or max, got {mode!r}")
     if per_sample_weights is not None:
@@ -191,30 +198,12 @@ def _normalize(input, weight, offsets, mode, per_sample_weights, include_last_of
         if offsets.dim() != 1:
             raise ValueError("offsets has to be a 1D Tensor")
         offsets = offsets.to(device=input.device, dtype=input.dtype)
-        if offsets.numel() == 0 and not include_last_offset:  # no bags: PyTorch ignores the indices
+        if include_last_offset and offsets.numel() == 0:
+            raise ValueError("include_last_offset: offsets must hold at least the end offset")
+        if offsets.numel() == 0:  # no bags: PyTorch ignores the indices
             input = input[:0]
             per_sample_weights = None if per_sample_weights is None else per_sample_weights[:0]
-        n = input.numel()
-        if kernel_checks and not include_last_offset:
-            offsets = torch.cat([offsets, offsets.new_full((1,), n)])  # (F.pad: 2.5x the time, a dozen ops)
-            return (input.contiguous(), offsets, per_sample_weights,
-                    _padding_index(padding_idx, weight.shape[0], name))
-        if offsets.numel() and int(offsets[0]) != 0:
-            raise RuntimeError(f"offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start "
-                               f"from position 0. However, got {int(offsets[0])}")
-        if offsets.numel() and int(offsets[-1]) > n:
-            raise RuntimeError(f"offsets[-1] can not be greater than input's length {n} but got offsets[-1] of "
-                               f"{int(offsets[-1])}")
-        if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-            raise RuntimeError(f"{name}: offsets must not decrease")
-        if include_last_offset:
-            if offsets.numel() == 0:
-                raise ValueError("include_last_offset: offsets must hold at least the end offset")
-            end = int(offsets[-1])
-            input = input[:end]
-            per_sample_weights = None if per_sample_weights is None else per_sample_weights[:end]
-        else:
-            offsets = torch.cat([offsets, offsets.new_full((1,), n)])
+        offsets = torch.cat([offsets, offsets.new_full((1,), input.numel())])  # (F.pad: 2.5x the time, a dozen ops)
     else:
         raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
     return input.contiguous(), offsets.contiguous(), per_sample_weights, _padding_index(padding_idx, weight.shape[0],
@@ -238,14 +227,20 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
     _check_weight(weight, input, "embedding_bag")
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
     indices, offsets, psw, pad = _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset,
-                                            padding_idx, "embedding_bag", kernel_checks=impl in ("cpu", "cuda"))
+                                            padding_idx, "embedding_bag")
     if mode == "max" and (sparse or scale_grad_by_freq):
         raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
-    if impl in ("reference", "triton"):  # the C++ ops check on their own
-        _index_error(indices, weight.shape[0])
+    out = _bags(indices, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, psw, pad, update,
+                impl)
+    return out[:-1] if include_last_offset and input.dim() == 1 else out
+
+
+def _bags(indices, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, psw, pad, update, impl):
+    """embedding_bag on normalised arguments (_normalize)."""
+    if impl == "reference" or max_norm is not None:
+        indices = _checked(indices, offsets, weight.shape[0])
     if max_norm is not None:
         with torch.no_grad():
-            _index_error(indices, weight.shape[0])
             torch.embedding_renorm_(weight, indices, max_norm, norm_type)
     code = MODES[mode]
     if impl != "reference" and not weight.is_contiguous():
@@ -287,8 +282,8 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
                                        _padding_index(padding_idx, weight.shape[0], "embedding"))
     flat = input.reshape(-1)
     _, offsets, _, pad = _normalize(flat[:, None], weight, None, "sum", None, False, padding_idx, "embedding")
-    if impl in ("reference", "triton") or max_norm is not None:
-        _index_error(flat, weight.shape[0])
+    if impl == "reference" or max_norm is not None:
+        flat = _checked(flat, offsets, weight.shape[0])
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, flat, max_norm, norm_type)

@@ -14,6 +14,41 @@ import torch
 MODES = ("sum", "mean", "max")
 
 
+def check_bags(indices: torch.Tensor, offsets: torch.Tensor, num_weights: int, op: str = "embedding_bag") -> None:
+    """What every bag kernel may assume, raised in the C++ ops' words (csrc/cpu/embedding_bag.cpp, raise_bag_status)
+    for the first bag that breaks it: offsets start at 0, never decrease and end at len(indices); every index is a
+    row of the table. One host sync when all is well."""
+    n = indices.numel()
+    off = offsets.long()
+    lo, hi = off[:-1], off[1:]
+    bad = (hi > n) | (lo > n) | (lo > hi) | (lo < 0)
+    if len(lo):
+        bad[0] |= lo[0] != 0
+    wrong_index = (indices < 0) | (indices >= num_weights)
+    if not bool(torch.stack([bad.any(), off[-1] != n, off[0] != 0, wrong_index.any()]).any()):
+        return
+    if not len(lo):
+        raise RuntimeError(f"{op}: with no bags the one offset must be 0 and the input empty, got offsets[0] = "
+                           f"{int(off[0])} and {n} indices")
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        first, last = int(lo[b]), int(hi[b])
+        if b == 0 and first != 0:
+            msg = (f"offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start from position 0. "
+                   f"However, got {first}")
+        elif first > n or last > n:
+            msg = (f"offsets[{b if first > n else b + 1}] can not be greater than input's length {n} but got "
+                   f"{first if first > n else last}")
+        else:
+            msg = f"offsets must not decrease, but offsets[{b + 1}] = {last} < offsets[{b}] = {first}"
+        raise RuntimeError(f"{op}: {msg}")
+    if int(off[-1]) != n:
+        raise RuntimeError(f"{op}: the last offset must be the number of indices, {n}, got {int(off[-1])}")
+    i = int(wrong_index.nonzero()[0, 0])
+    raise IndexError(f"embedding_bag: index {i} of input takes value {int(indices[i])} which is not in the valid "
+                     f"range [0, {num_weights})")
+
+
 def bag_ids(offsets: torch.Tensor, n: int) -> torch.Tensor:
     """The bag of each of the n indices, from offsets with a trailing end entry."""
     counts = (offsets[1:] - offsets[:-1]).long()

@@ -238,6 +238,24 @@ def _backward(
             tl.store(DRES + offs, _cast(g, DRES.dtype.element_ty), mask=mask)
 
 
+def _laid_out(x: torch.Tensor, op: str) -> torch.Tensor:
+    """x, which the kernels index as contiguous or channels-last: anything else is refused, as by the C++ ops."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or \
+            (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return x
+    raise RuntimeError(f"{op}: input must be contiguous or channels_last")
+
+
+def _like(x, t):
+    """An operand the kernels index with x's strides (residual, output, grad_output) laid out like x: itself when it
+    is, else a copy. Eager callers pass them so; a compiled graph may not (torch 2.4's inductor lays a convolution's
+    output out channels-last while the gradient from a flatten behind it stays NCHW), and reading one with x's
+    strides would be a wrong answer, not an error."""
+    if t is None or all(n == 1 or a == b for n, a, b in zip(x.shape, x.stride(), t.stride())):
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
 def _geometry(x: torch.Tensor):
     """(R, C, S, sN, sC, sS) of x viewed as (N, C, S); x is contiguous or channels-last (checked by the caller)."""
     N, C = x.shape[0], x.shape[1]
@@ -280,7 +298,9 @@ def _two_floats(v: float) -> tuple[float, float]:
 
 
 def batch_norm_fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu):
-    """The fck::batch_norm_fwd contract: (output, save_mean, save_invstd); inputs checked by the caller."""
+    """The fck::batch_norm_fwd contract: (output, save_mean, save_invstd); shapes and dtypes checked by the caller."""
+    x = _laid_out(x, "fck::batch_norm_fwd_triton")
+    residual = _like(x, residual)
     acc = _acc(x)
     C = x.shape[1]
     y = torch.empty_like(x)
@@ -318,6 +338,8 @@ def batch_norm_fwd(x, residual, weight, bias, running_mean, running_var, trainin
 
 def batch_norm_bwd(dy, x, y, weight, save_mean, save_invstd, training, relu, residual_grad):
     """The fck::batch_norm_bwd contract: (grad_input, grad_residual or empty, grad_weight, grad_bias)."""
+    x = _laid_out(x, "fck::batch_norm_bwd_triton")
+    dy, y = _like(x, dy), _like(x, y)
     acc = _acc(x)
     C = x.shape[1]
     dx = torch.empty_like(x)

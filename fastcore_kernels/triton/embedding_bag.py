@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcore_kernels.reference.embedding_bag import check_bags, per_index_scale
 from fastcore_kernels.triton._common import _TL_DTYPE, _cast
 
 
@@ -78,11 +79,11 @@ def _backward(
 
 
 @triton.jit
-def _backward_max(G, ARG, GW, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _backward_max(G, ARG, GW, D, NW, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     arg = tl.load(ARG + b * D + cols, mask=cols < D, other=-1)
-    mask = (cols < D) & (arg >= 0)
+    mask = (cols < D) & (arg >= 0) & (arg < NW)  # an empty bag's -1; any other row outside the table is skipped
     g = tl.load(G + b * D + cols, mask=mask, other=0).to(ACC)
     tl.atomic_add(GW + arg * D + cols, g, mask=mask)
 
@@ -96,6 +97,9 @@ def embedding_bag_fwd(weight, indices, offsets, mode, per_sample_weights, paddin
     # direct call of the op skips ops/embedding_bag.py.
     weight, indices, offsets = weight.contiguous(), indices.contiguous(), offsets.contiguous()
     per_sample_weights = None if per_sample_weights is None else per_sample_weights.contiguous()
+    # The kernels read rows and indices where offsets and indices point; checked here, as the C++ ops check theirs,
+    # so that no caller (torch.compile'd code, a direct call of the op) can make them read out of bounds.
+    check_bags(indices, offsets, weight.shape[0], "fck::embedding_bag_fwd_triton")
     n_bags, D = offsets.numel() - 1, weight.shape[1]
     out = torch.empty(n_bags, D, device=weight.device, dtype=weight.dtype)
     arg = torch.empty((n_bags, D) if mode == 2 else (0,), device=weight.device, dtype=torch.long)
@@ -112,6 +116,12 @@ def embedding_bag_fwd(weight, indices, offsets, mode, per_sample_weights, paddin
 
 def embedding_bag_bwd(grad, indices, offsets, max_indices, num_weights, mode, per_sample_weights, padding_idx):
     grad, indices, offsets, max_indices = (t.contiguous() for t in (grad, indices, offsets, max_indices))
+    if grad.dim() != 2 or grad.shape[0] != offsets.numel() - 1:
+        raise RuntimeError("fck::embedding_bag_bwd_triton: grad_output must be a (bags, dim) tensor")
+    if mode == 2 and max_indices.shape != grad.shape:
+        raise RuntimeError("fck::embedding_bag_bwd_triton: max_indices must be the forward's (bags, dim) tensor")
+    if mode != 2:  # 'max' reads only max_indices, bounded in the kernel
+        check_bags(indices, offsets, num_weights, "fck::embedding_bag_bwd_triton")
     D = grad.shape[1]
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     gw = torch.zeros(num_weights, D, device=grad.device, dtype=acc_dtype)
@@ -119,10 +129,9 @@ def embedding_bag_bwd(grad, indices, offsets, max_indices, num_weights, mode, pe
         return gw.to(grad.dtype)
     acc, block = _TL_DTYPE[acc_dtype], _block_d(D)
     if mode == 2:
-        _backward_max[(grad.shape[0], triton.cdiv(D, block))](grad, max_indices, gw, D, BLOCK_D=block, ACC=acc)
+        _backward_max[(grad.shape[0], triton.cdiv(D, block))](grad, max_indices, gw, D, num_weights, BLOCK_D=block,
+                                                               ACC=acc)
         return gw.to(grad.dtype)
-    from fastcore_kernels.reference.embedding_bag import per_index_scale
-
     scale, bags = per_index_scale(indices, offsets, int(mode), per_sample_weights, int(padding_idx), False, acc_dtype)
     if torch.are_deterministic_algorithms_enabled():
         return gw.index_add_(0, indices.long(), grad.to(acc_dtype)[bags] * scale[:, None]).to(grad.dtype)

@@ -42,6 +42,25 @@ inline void check_like(const at::Tensor& x, const at::Tensor& t, const char* wha
   TORCH_CHECK(same || x.numel() == 0, op, ": ", what, " must have the input's strides (memory format)");
 }
 
+// An operand the kernels index with the input's strides (residual, output, grad_output) laid out like the input:
+// itself when it is, else a copy. Eager callers pass them so; a compiled graph may not (torch 2.4's inductor lays a
+// convolution's output out channels-last while the gradient from a flatten behind it stays NCHW). Anything that is
+// not the input's shape, dtype and device is left for check_like to refuse.
+inline at::Tensor like_input(const at::Tensor& x, const at::Tensor& t) {
+  if (!t.defined() || !t.sizes().equals(x.sizes()) || t.scalar_type() != x.scalar_type() ||
+      t.device() != x.device() || x.numel() == 0) {
+    return t;
+  }
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) != 1 && t.stride(d) != x.stride(d)) return at::empty_like(x).copy_(t);
+  }
+  return t;
+}
+
+inline std::optional<at::Tensor> like_input(const at::Tensor& x, const std::optional<at::Tensor>& t) {
+  return has(t) ? std::optional<at::Tensor>(like_input(x, *t)) : t;
+}
+
 inline void check_per_channel(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* what,
                               const char* op) {
   if (!t.has_value() || !t->defined()) return;

@@ -15,12 +15,12 @@ namespace fck {
       bool decoupled_weight_decay, double inv_grad_scale
 
 #define FCK_BATCH_NORM_FWD_ARGS                                                                              \
-  const at::Tensor &input, const std::optional<at::Tensor>&residual, const std::optional<at::Tensor>&weight,  \
+  const at::Tensor &input, const std::optional<at::Tensor>&residual_in, const std::optional<at::Tensor>&weight,\
       const std::optional<at::Tensor>&bias, const std::optional<at::Tensor>&running_mean,                     \
       const std::optional<at::Tensor>&running_var, bool training, double momentum, double eps, bool relu
 
 #define FCK_BATCH_NORM_BWD_ARGS                                                                              \
-  const at::Tensor &grad_output, const at::Tensor &input, const std::optional<at::Tensor>&output,             \
+  const at::Tensor &grad_output_in, const at::Tensor &input, const std::optional<at::Tensor>&output_in,       \
       const std::optional<at::Tensor>&weight, const at::Tensor &save_mean, const at::Tensor &save_invstd,     \
       bool training, bool relu, bool residual_grad, const std::optional<at::Tensor>&bias, bool mask_from_input
 
