@@ -858,6 +858,25 @@ def test_autocast_computes_in_its_dtype(backend, device, case):
         torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
 
 
+def test_autocast_compiles_fullgraph():
+    """The autocast query traces: a compiled LSTM under autocast gives the eager result, in the same dtypes, within
+    bf16's rounding (the compiled graph's GEMMs and bias sums are inductor's, not the eager path's)."""
+    skip_unless_runnable("cpu", "cpu")
+    torch._dynamo.reset()
+    ours, _, x, state = _autocast_case("lstm proj_size, states", "cpu")
+
+    def run(x, *w):
+        with torch.autocast("cpu"):
+            out, (h, c) = fckF.lstm(x, w, state, num_layers=2, proj_size=3)
+        return out, h, c
+
+    got = torch.compile(run, fullgraph=True)(x, *ours._flat_weights)
+    want = run(x, *ours._flat_weights)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    for a, b in zip(got, want):
+        _close(a, b, torch.bfloat16, "compiled against eager")
+
+
 @pytest.mark.parametrize("case", ["lstm bidirectional batch_first, states", "gru cell, state"])
 def test_autocast_leaves_float64_and_disabled_regions_alone(case):
     """float64 is never cast (torch's rule), and autocast(enabled=False) inside a region restores the input dtype."""
