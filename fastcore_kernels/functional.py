@@ -6,7 +6,7 @@ choice of `fastcore_kernels.set_backend`/`use_backend`/FCK_BACKEND applies.
 
 from __future__ import annotations
 
-from fastcore_kernels.ops.batch_norm import batch_norm_act
+from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
 from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
 from fastcore_kernels.ops import rnn as _rnn
@@ -29,7 +29,9 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
 
 def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None, bias=None, training=False,
                         momentum=0.1, eps=1e-5, *, backend=None):
-    """relu(batch_norm(input, ...) + residual): the tail of a ResNet block in one pass."""
+    """relu(batch_norm(input, ...) + residual): the tail of a ResNet block in one pass. The add's dtype rule is
+    torch's: an input and residual of different float dtypes (under autocast, say) promote."""
+    input, residual = residual_in_one_dtype(input, residual)
     return batch_norm_act(input, residual, running_mean, running_var, weight, bias, training, momentum, eps, True,
                           backend, "batch_norm_add_relu")
 

@@ -343,6 +343,23 @@ def test_non_contiguous_input_is_handled(device, backend):
                                F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_add_relu_of_mixed_dtypes_promotes_as_torch(backend):
+    """relu(batch_norm(x) + residual) for a bf16 x and an fp32 residual (autocast's convolution output and
+    identity): torch's promotion, an fp32 result, and each gradient in its operand's dtype."""
+    skip_unless_runnable(backend, "cpu")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 5, 5, generator=g).bfloat16().requires_grad_()
+    res = torch.randn(3, 4, 5, 5, generator=g).requires_grad_()
+    w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    out = fckF.batch_norm_add_relu(x, res, None, None, w, b, training=True, backend=backend)
+    want = F.relu(F.batch_norm(x.float(), None, None, w, b, training=True) + res)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and res.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("x_layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("backend,device", [("cpu", "cpu"), ("triton", "cpu"),
                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
@@ -407,8 +424,8 @@ def test_bad_input_gets_a_clear_error(backend):
         call(x, None, None, training=False)
     with pytest.raises(TypeError, match="float64, float32, float16 or bfloat16"):
         call(torch.ones(4, 3, dtype=torch.int64), rm, rv)
-    with pytest.raises(TypeError, match="residual"):
-        fckF.batch_norm_add_relu(x, x.double(), rm, rv, backend=backend)
+    with pytest.raises(TypeError, match="residual"):  # (another float dtype promotes, as torch's add)
+        fckF.batch_norm_add_relu(x, torch.ones_like(x, dtype=torch.int64), rm, rv, backend=backend)
     with pytest.raises(ValueError, match="residual has shape"):
         fckF.batch_norm_add_relu(x, x[:, :, :4], rm, rv, backend=backend)
     with pytest.raises(ValueError, match="both running_mean and running_var"):

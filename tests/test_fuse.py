@@ -132,6 +132,63 @@ def test_fuse_resnet_same_outputs_gradients_and_state_dict(device, backend):
     fused_model.load_state_dict(original.state_dict())
 
 
+class ResidualFirst(nn.Module):
+    """The add written into the identity: `identity += out` keeps the identity's dtype."""
+
+    def __init__(self, planes):
+        super().__init__()
+        self.conv = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(planes)
+
+    def forward(self, x):
+        identity = x.clone()
+        identity += self.bn(self.conv(x))
+        return F.relu(identity)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fused_resnet_under_autocast(backend):
+    """Under autocast a block's convolution output is bf16 and its identity may be fp32: the fused add meets them
+    in the dtype the original add gave (`out + x` promoted, `identity += out` the identity's, `out += identity` the
+    output's), so every block's output has the original's dtype, and values and gradients agree within bf16."""
+    skip_unless_runnable(backend, "cpu")
+    torch.manual_seed(1)
+    blocks = nn.Sequential(Bottleneck(16, 4), ResidualFirst(16), BasicBlock(16, 16))
+    model = nn.Sequential(blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    _randomize_bn_state(model)
+    original, fused_model = model, fck.fuse(copy.deepcopy(model))
+    kept = [str(m.add_keeps) for m in fused_model.modules() if isinstance(m, fnn.BatchNormAddReLU2d)]
+    assert kept == ["None", "residual", "input"]
+    x = torch.randn(3, 16, 10, 10)
+    weights = torch.linspace(-1, 1, 16)
+    for mode in ("train", "eval"):
+        runs = []
+        for m, autocast in ((original, False), (original, True), (fused_model, True)):
+            getattr(m, mode)()
+            state = copy.deepcopy(m.state_dict())
+            seen = []
+            hooks = [b.register_forward_hook(lambda _, __, y: seen.append(y.dtype)) for b in m[0]]
+            with fck.use_backend(backend), torch.autocast("cpu", enabled=autocast):
+                y = m(x)
+            for h in hooks:
+                h.remove()
+            (y.float() * weights).sum().backward()
+            runs.append((seen, y, [p.grad.clone() for p in m.parameters()]))
+            m.zero_grad()
+            m.load_state_dict(state)  # the next run sees the same running statistics
+        (_, y32, g32), (seen_a, ya, ga), (seen_b, yb, gb) = runs
+        assert seen_a == seen_b == [torch.float32, torch.float32, torch.bfloat16], mode
+        assert ya.dtype == yb.dtype == torch.bfloat16
+        # against the fp32 run: the fused model's bf16 error is the stock model's, within a factor
+        for what, ours, theirs, truth in [("output", [yb], [ya], [y32])] + [
+                (f"grad {n}", [b], [a], [t]) for n, a, b, t in zip(
+                    [n for n, _ in original.named_parameters()], ga, gb, g32)]:
+            err_ours = (ours[0].float() - truth[0]).abs().max().item()
+            err_theirs = (theirs[0].float() - truth[0]).abs().max().item()
+            scale = truth[0].abs().max().item()
+            assert err_ours <= 2 * err_theirs + 1e-2 * scale, f"{mode} {what}: {err_ours} vs stock {err_theirs}"
+
+
 def test_fuse_channels_last_and_report(capsys):
     torch.manual_seed(0)
     model = small_resnet().to(memory_format=torch.channels_last)

@@ -70,6 +70,30 @@ def test_lesson7_human_numbers_quick(tmp_path):
     assert (tmp_path / "lesson7-human-numbers" / "loss_gru_fused.png").is_file()
 
 
+def test_lesson_parts_under_mixed_precision(tmp_path, monkeypatch):
+    """--mixed-precision gives every Learner of a part (fused and stock) the MixedPrecision callback; the fused
+    recurrent models then run their bf16 kernels and still learn what stock's learn."""
+    skip_unless_runnable("cpu", "cpu")
+    import fastcore_kernels.lessons as lessons
+
+    seen = []
+
+    class Recording(lessons.MixedPrecision):
+        def before_fit(self):
+            super().before_fit()
+            seen.append(self.amp_dtype)
+
+    monkeypatch.setattr(lessons, "MixedPrecision", Recording)
+    assert main(["lesson", "7", "--part", "human-numbers", "--quick", "--device", "cpu", "--mixed-precision",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(seen) == len(rows) == 2 * len(hn.MODELS) and set(seen) == {torch.bfloat16}
+    by = {(r["model"], r["kernels"]): r["value"] for r in rows}
+    for m in hn.MODELS:
+        assert by[(m, "fused")] == pytest.approx(by[(m, "stock")], abs=0.02)
+    assert not lessons.extra_callbacks()  # reset after the run
+
+
 def test_unknown_lesson_or_part():
     with pytest.raises(SystemExit, match="no parts"):
         main(["lesson", "99"])

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from fastcore_kernels.learner import Learner, Timer
+from fastcore_kernels.learner import Learner, MixedPrecision, Timer
 
 # (lesson, part) -> "module:function" in this package; every function takes
 # (data, epochs, kernel_sets, device, quick, out) and returns a list of RunResult.
@@ -94,6 +94,16 @@ def epoch_seconds(timer) -> float:
     return statistics.median(times)
 
 
+# run(..., mixed_precision=True) sets this for its parts: every Learner they build gets MixedPrecision (autocast:
+# bf16 on the CPU, fp16 with a GradScaler on CUDA), fused and stock alike.
+_mixed_precision = False
+
+
+def extra_callbacks() -> list:
+    """The callbacks run()'s options add to every Learner a part builds."""
+    return [MixedPrecision()] if _mixed_precision else []
+
+
 class _StageTimer(Timer):
     """A Timer that keeps counting across several fits (freeze, then unfreeze stages)."""
 
@@ -113,7 +123,8 @@ def train_kernel_sets(lesson: int, part: str, model_name: str, make_model: Calla
     for kernels in kernel_sets:
         torch.manual_seed(0)
         timer = _StageTimer()
-        learn = Learner(dls, make_model(), loss_func, metrics=metrics, cbs=[*cbs(), timer], kernels=kernels,
+        learn = Learner(dls, make_model(), loss_func, metrics=metrics, cbs=[*cbs(), *extra_callbacks(), timer],
+                        kernels=kernels,
                         progress=False, **(learner_kwargs or {}))
         print(f"lesson {lesson} {part}: {model_name} ({kernels})", flush=True)
         fit(learn)
@@ -130,7 +141,8 @@ def train_kernel_sets(lesson: int, part: str, model_name: str, make_model: Calla
 
 def run(lesson: int, part: str | None = None, *, data=None, epochs: int | None = None, kernels: str = "both",
         device: str | None = None, quick: bool = False, out: str | Path = "lesson_out",
-        weights: str | Path | None = None) -> list[RunResult]:
+        weights: str | Path | None = None, mixed_precision: bool = False) -> list[RunResult]:
+    global _mixed_precision
     if lesson not in LESSONS:
         raise SystemExit(f"lesson {lesson} has no parts yet; available: "
                          + ", ".join(f"{n} ({', '.join(p)})" for n, p in LESSONS.items()))
@@ -142,14 +154,18 @@ def run(lesson: int, part: str | None = None, *, data=None, epochs: int | None =
     out = Path(out)
     results = []
     t0 = time.perf_counter()
-    for p in ([part] if part else parts):
-        module, fn = PARTS[(lesson, p)].split(":")
-        runner = getattr(importlib.import_module(f"fastcore_kernels.lessons.{module}"), fn)
-        extra = {"weights": weights} if weights is not None else {}
-        if extra and "weights" not in inspect.signature(runner).parameters:
-            raise SystemExit(f"lesson {lesson} {p} takes no --weights")
-        results += runner(data=data, epochs=epochs, kernel_sets=kernel_sets, device=device, quick=quick,
-                          out=out / f"lesson{lesson}-{p}", **extra)
+    _mixed_precision = mixed_precision
+    try:
+        for p in ([part] if part else parts):
+            module, fn = PARTS[(lesson, p)].split(":")
+            runner = getattr(importlib.import_module(f"fastcore_kernels.lessons.{module}"), fn)
+            extra = {"weights": weights} if weights is not None else {}
+            if extra and "weights" not in inspect.signature(runner).parameters:
+                raise SystemExit(f"lesson {lesson} {p} takes no --weights")
+            results += runner(data=data, epochs=epochs, kernel_sets=kernel_sets, device=device, quick=quick,
+                              out=out / f"lesson{lesson}-{p}", **extra)
+    finally:
+        _mixed_precision = False
     print_results(results)
     path = write_results(results, out)
     print(f"\n{len(results)} runs in {time.perf_counter() - t0:.1f} s; results in {path}")

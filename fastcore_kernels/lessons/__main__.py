@@ -1,5 +1,5 @@
 """`fastcore-kernels lesson N [--part NAME] [--data PATH] [--epochs E] [--kernels fused|stock|both]
-[--device cpu|cuda] [--quick] [--out DIR] [--weights PATH]`"""
+[--device cpu|cuda] [--quick] [--out DIR] [--weights PATH] [--mixed-precision]`"""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a short smoke run: one epoch on a slice of the data")
     p.add_argument("--out", default="lesson_out", help="folder for plots and results.json")
     p.add_argument("--weights", default=None, help="lesson 1: a torchvision-format ResNet-18 state_dict to start from")
+    p.add_argument("--mixed-precision", action="store_true", help="train under torch.autocast (bf16 on the CPU, "
+                   "fp16 with a GradScaler on CUDA): the Learner's MixedPrecision callback, fused and stock alike")
     args = ap.parse_args(argv)
     run(args.n, args.part, data=args.data, epochs=args.epochs, kernels=args.kernels, device=args.device,
-        quick=args.quick, out=args.out, weights=args.weights)
+        quick=args.quick, out=args.out, weights=args.weights, mixed_precision=args.mixed_precision)
     return 0
 
 

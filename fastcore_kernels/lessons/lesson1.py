@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcore_kernels.learner import ClassificationInterpretation, DataLoaders, accuracy, error_rate
-from fastcore_kernels.lessons import RunResult, train_kernel_sets
+from fastcore_kernels.lessons import RunResult, extra_callbacks, train_kernel_sets
 from fastcore_kernels.lessons import foundations as fd
 from fastcore_kernels.lessons import vision as vis
 
@@ -49,7 +49,7 @@ def pretrained_body(device, quick: bool, kernels: str) -> dict:
     torch.manual_seed(0)
     model = vis.resnet18(n_classes=10, width=WIDTH, in_channels=1, stem="small")
     learn = Learner(DataLoaders.from_tensors((xt, yt), (xv, yv), batch_size=64, device=device, seed=0), model,
-                    F.cross_entropy, metrics=[accuracy], kernels=kernels, progress=False)
+                    F.cross_entropy, metrics=[accuracy], cbs=extra_callbacks(), kernels=kernels, progress=False)
     learn.fit_one_cycle(1 if quick else 2, 1e-2)
     print(f"  pretrained on MNIST ({kernels}): accuracy {learn.recorder.value('accuracy'):.4f}", flush=True)
     return {k: v for k, v in learn.model.state_dict().items() if not k.startswith("fc.")}

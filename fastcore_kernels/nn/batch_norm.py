@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcore_kernels.ops.batch_norm import batch_norm_act
+from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
 from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu, training_conv2d
 
 
@@ -72,13 +72,18 @@ class BatchNormReLU2d(BatchNorm2d):
 
 
 class BatchNormAddReLU2d(BatchNorm2d):
-    """relu(BatchNorm2d(x) + residual) in one pass: the tail of a ResNet block. `forward(x, residual)`."""
+    """relu(BatchNorm2d(x) + residual) in one pass: the tail of a ResNet block. `forward(x, residual)`. Operands of
+    different dtypes (autocast's bf16 convolution output, an fp32 identity) meet in the dtype the fused add gave:
+    `add_keeps` None promotes (`out + identity`), "input" keeps the batch norm's (`out += identity`), "residual"
+    the residual's (`identity += out`); fuse() sets it from the add it replaces."""
 
     _relu = True
+    add_keeps = None
 
     def forward(self, input, residual=None):
         if residual is None:
             raise TypeError("BatchNormAddReLU2d.forward needs the residual: forward(input, residual)")
+        input, residual = residual_in_one_dtype(input, residual, self.add_keeps)
         return _FusedBatchNormMixin.forward(self, input, residual)
 
 

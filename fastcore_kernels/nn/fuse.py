@@ -83,6 +83,9 @@ class _Fuser:
             def is_leaf_module(self, m, qualname):  # only this module's own forward goes into the graph
                 return True
 
+            def proxy(self, node):
+                return _InPlaceProxy(node, self)
+
         try:
             graph = LeafTracer().trace(module)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "leave the module as it is"
@@ -113,6 +116,8 @@ class _Fuser:
                 relu = _only_user(user)
                 other = user.args[1] if user.args[0] is node else user.args[0]
                 bn.__class__ = fused.BatchNormAddReLU2d
+                if user.target in (operator.iadd, "add_"):  # in place: the mutated operand's dtype stays
+                    bn.add_keeps = "input" if user.args[0] is node else "residual"
                 with graph.inserting_before(user):  # where both the BN input and the residual exist
                     fused_node = graph.call_module(node.target, (node.args[0], other))
                 relu.replace_all_uses_with(fused_node)
@@ -171,6 +176,16 @@ def _is_relu_node(node: fx.Node, mods: dict) -> bool:
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+class _InPlaceProxy(fx.Proxy):
+    """torch.fx traces `out += x` as `out = out + x` (its Proxy has no __iadd__), and the regenerated forward then
+    computes out of place: under autocast `bf16 + fp32` becomes fp32 where the in-place add kept bf16. Traced as
+    operator.iadd, which fx writes back as `out += x`, the semantics stay the module's, and fuse() knows which
+    operand's dtype a fused add must keep."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
 
 
 def _is_add_node(node: fx.Node) -> bool:

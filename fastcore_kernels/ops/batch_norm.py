@@ -127,6 +127,18 @@ def _check(x, residual, weight, bias, running_mean, running_var, training, name)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
 
+def residual_in_one_dtype(x, residual, keep=None):
+    """(x, residual) in the dtype the add that batch_norm_add_relu fuses would give: `bn(x) + residual` promotes
+    (keep=None), `out += residual` keeps the batch norm's dtype (keep="input"), `residual += out` the residual's
+    (keep="residual"). Autocast makes such pairs: a bf16 convolution's output and a block's fp32 identity. A cast is
+    differentiable, so the gradients return in each operand's own dtype."""
+    if residual is None or not isinstance(residual, torch.Tensor) or not isinstance(x, torch.Tensor) \
+            or residual.dtype == x.dtype or not (x.is_floating_point() and residual.is_floating_point()):
+        return x, residual
+    dtype = {"input": x.dtype, "residual": residual.dtype}.get(keep) or torch.result_type(x, residual)
+    return x.to(dtype), residual.to(dtype)
+
+
 def batch_norm_act(x, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
                    backend=None, name="batch_norm"):
     """relu?(batch_norm(x) + residual?) on the selected backend; see fastcore_kernels.functional for the API."""
