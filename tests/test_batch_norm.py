@@ -770,6 +770,45 @@ def _winograd_for_small_shapes(monkeypatch, weight_grad=True):
     monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WEIGHT_GRAD_WORK", 0 if weight_grad else float("inf"))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fused_conv_follows_autocast(monkeypatch, channels_last):
+    """Inside torch.autocast a convolution runs in its dtype: the fused one too, in training (not the fp32 Winograd
+    kernel, which the size rules would pick here) and eval (the folded weights cast): the stock block's output dtype,
+    and its bf16 error against the fp32 run within 2x the stock block's, outputs and gradients."""
+    _winograd_or_skip()
+    _winograd_for_small_shapes(monkeypatch)
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+    with torch.no_grad():
+        stock[1].running_mean.uniform_(-0.5, 0.5), stock[1].running_var.uniform_(0.5, 2)
+    fused = fck.fuse(copy.deepcopy(stock))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(6, 16, 11, 13).contiguous(memory_format=fmt)  # 72 tiles: Winograd's, on one thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    weights = torch.randn(24, 1, 1)
+    for mode in ("train", "eval"):  # eval without gradients: the folded path
+        runs = []
+        for m, autocast in ((stock, False), (stock, True), (fused, True)):
+            getattr(m, mode)()
+            state = copy.deepcopy(m.state_dict())
+            xi = x.clone().requires_grad_(mode == "train")
+            with torch.autocast("cpu", enabled=autocast), torch.set_grad_enabled(mode == "train"):
+                y = m(xi)
+            grads = []
+            if mode == "train":
+                (y.float() * weights).sum().backward()
+                grads = [xi.grad] + [p.grad.clone() for p in m.parameters()]
+            runs.append((y, grads))
+            m.zero_grad()
+            m.load_state_dict(state)
+        (y32, g32), (ya, ga), (yb, gb) = runs
+        assert ya.dtype == yb.dtype == torch.bfloat16, mode
+        for what, ours, theirs, truth in [("output", yb, ya, y32)] + [
+                (f"grad {i}", b, a, t) for i, (a, b, t) in enumerate(zip(ga, gb, g32))]:
+            err_ours, err_theirs = ((u.float() - truth).abs().max().item() for u in (ours, theirs))
+            assert err_ours <= 2 * err_theirs + 1e-2 * truth.abs().max().item(), f"{mode} {what}"
+
+
 @pytest.mark.parametrize("weight_grad", ["winograd", "onednn"])
 def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch, weight_grad):
     """Training: the convolution, its input gradient and (large enough, or forced here) its weight gradient by

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcore_kernels import _backend
+from fastcore_kernels.ops._autocast import autocast_dtype, lower
 from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import rnn as reference
 
@@ -254,23 +255,6 @@ def _check_weights(x, w_ih, w_hh, b_ih, b_hh, gates, name, w_hr=None):
 # sees the dtypes it saw with torch's modules. float64 is never cast, as in torch.
 
 
-def _autocast_dtype(device: torch.device):
-    """The dtype autocast runs torch's recurrent ops in on `device`, or None outside an autocast region."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _lower(t, dtype):
-    """t in `dtype` where autocast would cast it (a floating tensor other than float64), else t: lists and tuples of
-    them (states, weights) element by element."""
-    if isinstance(t, (list, tuple)):
-        return type(t)(_lower(u, dtype) for u in t)
-    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
-        return t.to(dtype)
-    return t
-
-
 def _torch_cpu_dtype(t, like):
     """t cast to `like`'s dtype (torch's CPU result dtype for the GRU, the cells and a projected LSTM's c_n)."""
     return t if like is None or t.dtype == like.dtype else t.to(like.dtype)
@@ -301,10 +285,10 @@ def _cell_state(h, x, B, H, what, name):
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """torch.nn.LSTMCell's math: returns (h', c'). hx = (h, c) or None for zeros."""
-    dtype = _autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+    dtype = autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
     if dtype is None:
         return _lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
-    out = _lstm_cell(*_lower((input, hx, w_ih, w_hh, b_ih, b_hh), dtype), backend)
+    out = _lstm_cell(*lower((input, hx, w_ih, w_hh, b_ih, b_hh), dtype), backend)
     return out if input.device.type != "cpu" else tuple(_torch_cpu_dtype(t, input) for t in out)
 
 
@@ -328,10 +312,10 @@ def _lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """torch.nn.GRUCell's math: returns h'. hx None means zeros."""
-    dtype = _autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+    dtype = autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
     if dtype is None:
         return _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend)
-    out = _gru_cell(*_lower((input, hx, w_ih, w_hh, b_ih, b_hh), dtype), backend)
+    out = _gru_cell(*lower((input, hx, w_ih, w_hh, b_ih, b_hh), dtype), backend)
     return out if input.device.type != "cpu" else _torch_cpu_dtype(out, input)
 
 
@@ -368,11 +352,11 @@ def _layer_params(params, has_biases, num_layers, num_directions, proj):
 
 def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first, backend,
          proj_size=0):
-    dtype = _autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+    dtype = autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
     args = (has_biases, num_layers, dropout, training, bidirectional, batch_first, backend, proj_size)
     if dtype is None:
         return _rnn_in_dtype(mode, input, hx, params, *args)
-    out, h = _rnn_in_dtype(mode, *_lower((input, hx, params), dtype), *args)
+    out, h = _rnn_in_dtype(mode, *lower((input, hx, params), dtype), *args)
     if input.device.type != "cpu" or (mode == "lstm" and proj_size == 0):
         return out, h
     if mode == "gru":
