@@ -124,8 +124,7 @@ def train_kernel_sets(lesson: int, part: str, model_name: str, make_model: Calla
         torch.manual_seed(0)
         timer = _StageTimer()
         learn = Learner(dls, make_model(), loss_func, metrics=metrics, cbs=[*cbs(), *extra_callbacks(), timer],
-                        kernels=kernels,
-                        progress=False, **(learner_kwargs or {}))
+                        kernels=kernels, progress=False, **(learner_kwargs or {}))
         print(f"lesson {lesson} {part}: {model_name} ({kernels})", flush=True)
         fit(learn)
         name = metric or (learn.recorder.metric_names[3] if learn.metrics else "valid_loss")
