@@ -8,7 +8,9 @@ CUDA) with the same weights, in the same run.
 
 Cases: the lesson-7 human-numbers RNN (embedding 64 -> hidden 64, 2 layers, batch 64, 70 steps), hidden 128 (LSTM and
 GRU) and 256 (2 layers, batch 32, 70 steps), the AWD-LSTM shape (400 -> 1152, 3 layers, batch 32, 70 steps), the same
-small LSTM with AWD-style weight dropout (a fresh W_hh every forward, which cuDNN must re-pack), and the cells alone;
+small LSTM with AWD-style weight dropout (a fresh W_hh every forward, which cuDNN must re-pack), PackedSequence
+input (variable-length sequences: the lesson-7 shape and a text-classifier LSTM, lengths drawn from T/5 to T, as
+pack_padded_sequence gives them), and the cells alone;
 both libraries' modules in --dtype. Stock nn.LSTM/GRU on CUDA compute their fp32 GEMMs in TF32
 (torch.backends.cudnn.allow_tf32 is on by default) while fastcore_kernels' follow torch's fp32 matmul precision (full
 fp32 under "highest"): an fp32 CUDA run adds the like-for-like pairs, torch-fp32 (cuDNN with TF32 off) and
@@ -38,21 +40,24 @@ from benchmarks.common import Results, device_profile, interleaved_time_ms, time
 
 
 def cases(quick: bool):
-    """(name, kind, input, hidden, layers, batch, steps, weight_drop); kind "lstm/P": an LSTM with proj_size P."""
-    out = [("lesson7 LSTM 64->64 x2, B64 T70", "lstm", 64, 64, 2, 64, 70, False),
-           ("lesson7 GRU 64->64 x2, B64 T70", "gru", 64, 64, 2, 64, 70, False),
-           ("lesson7 LSTM + weight drop", "lstm", 64, 64, 2, 64, 70, True),
-           ("LSTMCell 64->64, B64", "lstm_cell", 64, 64, 1, 64, 1, False),
-           ("GRUCell 64->64, B64", "gru_cell", 64, 64, 1, 64, 1, False)]
+    """(name, kind, input, hidden, layers, batch, steps, variant); kind "lstm/P": an LSTM with proj_size P; variant
+    None, "weight drop" or "packed"."""
+    out = [("lesson7 LSTM 64->64 x2, B64 T70", "lstm", 64, 64, 2, 64, 70, None),
+           ("lesson7 GRU 64->64 x2, B64 T70", "gru", 64, 64, 2, 64, 70, None),
+           ("lesson7 LSTM + weight drop", "lstm", 64, 64, 2, 64, 70, "weight drop"),
+           ("lesson7 LSTM, packed T14-70", "lstm", 64, 64, 2, 64, 70, "packed"),
+           ("LSTMCell 64->64, B64", "lstm_cell", 64, 64, 1, 64, 1, None),
+           ("GRUCell 64->64, B64", "gru_cell", 64, 64, 1, 64, 1, None)]
     if not quick:
         # hidden 128 (CUDA: the persistent kernels, W_hh split between registers and shared memory) and 256 (the
         # per-step loop, its GEMM our own at 32 rows), then AWD's
-        out.append(("LSTM 128->128 x2, B32 T70", "lstm", 128, 128, 2, 32, 70, False))
-        out.append(("GRU 128->128 x2, B32 T70", "gru", 128, 128, 2, 32, 70, False))
-        out.append(("LSTM 256->256 x2, B32 T70", "lstm", 256, 256, 2, 32, 70, False))
+        out.append(("LSTM 128->128 x2, B32 T70", "lstm", 128, 128, 2, 32, 70, None))
+        out.append(("GRU 128->128 x2, B32 T70", "gru", 128, 128, 2, 32, 70, None))
+        out.append(("LSTM 256->256 x2, B32 T70", "lstm", 256, 256, 2, 32, 70, None))
+        out.append(("LSTM 400->256 x2 bidir, B64 packed T20-100", "lstm/bidir", 400, 256, 2, 64, 100, "packed"))
         # an LSTM with a projection (proj_size): torch's CPU path steps it natively, cuDNN has its own kernels
-        out.append(("LSTM 256->512 proj 128 x2, B32 T70", "lstm/128", 256, 512, 2, 32, 70, False))
-        out.append(("AWD LSTM 400->1152 x3, B32 T70", "lstm", 400, 1152, 3, 32, 70, False))
+        out.append(("LSTM 256->512 proj 128 x2, B32 T70", "lstm/128", 256, 512, 2, 32, 70, None))
+        out.append(("AWD LSTM 400->1152 x3, B32 T70", "lstm", 400, 1152, 3, 32, 70, None))
     return out
 
 
@@ -60,11 +65,13 @@ def _modules(kind, I, H, L, device, dtype=torch.float32):
     torch.manual_seed(0)
     pairs = {"lstm": (nn.LSTM, fnn.LSTM), "gru": (nn.GRU, fnn.GRU), "lstm_cell": (nn.LSTMCell, fnn.LSTMCell),
              "gru_cell": (nn.GRUCell, fnn.GRUCell)}
-    kind, _, proj = kind.partition("/")
+    kind, _, option = kind.partition("/")
     tcls, ocls = pairs[kind]
     kw = {} if kind.endswith("cell") else {"num_layers": L}
-    if proj:
-        kw["proj_size"] = int(proj)
+    if option == "bidir":
+        kw["bidirectional"] = True
+    elif option:
+        kw["proj_size"] = int(option)
     theirs = tcls(I, H, **kw).to(device, dtype)
     ours = ocls(I, H, **kw).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
@@ -77,6 +84,7 @@ def _step(module, kind, x, weight_drop, raw):
             module.weight_hh_l0 = F.dropout(raw, 0.5, True)
         out = module(x)
         out = out[0] if isinstance(out, tuple) else out
+        out = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
         out.backward(torch.ones_like(out))
     return run
 
@@ -100,8 +108,9 @@ def _under(ctx, f):
 
 def _min_bytes(kind, I, H, L, B, T, elem=4):
     G = 4 if "lstm" in kind else 3
+    D = 2 if kind.endswith("bidir") else 1
     per_layer = T * B * (2 * G * H + 2 * G * H + 4 * H)  # xg + dxg, saved gates written + read, h/c and grads
-    return elem * (L * per_layer + T * B * I * 2)
+    return int(elem * (L * D * per_layer + T * B * I * 2))
 
 
 def main(argv=None) -> Results:
@@ -136,10 +145,18 @@ def main(argv=None) -> Results:
     if args.autocast:
         low = torch.get_autocast_dtype(device.type)
         elem, dtype_name = low.itemsize, f"autocast {low}"
-    for name, kind, I, H, L, B, T, weight_drop in cases(args.quick):
+    for name, kind, I, H, L, B, T, variant in cases(args.quick):
+        weight_drop = variant == "weight drop"
         theirs, ours = _modules(kind, I, H, L, device, dtype)
         x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, dtype=dtype,
                         requires_grad=True)
+        rows = T * B
+        if variant == "packed":  # sequences of T/5 to T steps, the longest T, in a fixed random order
+            lengths = torch.randint(T // 5, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+            lengths[0] = T
+            packed = nn.utils.rnn.pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
+            x = nn.utils.rnn.PackedSequence(packed.data.requires_grad_(), *packed[1:])
+            rows = int(lengths.sum())
         fns = {}
         for module, provider in ((theirs, "torch"), (ours, None)):
             raw = None
@@ -166,7 +183,7 @@ def main(argv=None) -> Results:
                  else {p: time_ms(f, device) for p, f in fns.items()})
         for p, times in timed.items():
             extra = device_profile(fns[p], p, show=6) if device.type == "cuda" else {}
-            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, B, T, elem),
+            res.add("rnn", p, "fwd+bwd", name, times, _min_bytes(kind, I, H, L, rows / T, T, elem),
                     dtype=dtype_name, matmul_precision=args.matmul_precision, **extra)
             print(f"  {name:<34}{p:<12} p50 {times[1]:10.3f} ms", flush=True)
     return res.finish("torch", args.out)

@@ -51,14 +51,15 @@ def lstm(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, 
          bidirectional=False, batch_first=False, proj_size=0, backend=None):
     """torch.nn.LSTM's forward over a whole sequence: returns (output, (h_n, c_n)). `params` are the weights in
     torch's flat order (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction, as `module._flat_weights`; w_hr
-    with proj_size > 0, whose h, output and h_n are proj_size wide)."""
+    with proj_size > 0, whose h, output and h_n are proj_size wide). `input` may be a PackedSequence: the output is
+    then packed like it and the states are in the caller's batch order, as the module returns them."""
     return _rnn.lstm(input, params, hx, has_biases, num_layers, dropout, training, bidirectional, batch_first,
                      backend, proj_size)
 
 
 def gru(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, training=False,
         bidirectional=False, batch_first=False, backend=None):
-    """torch.nn.GRU's forward over a whole sequence: returns (output, h_n)."""
+    """torch.nn.GRU's forward over a whole sequence: returns (output, h_n). `input` may be a PackedSequence."""
     return _rnn.gru(input, params, hx, has_biases, num_layers, dropout, training, bidirectional, batch_first,
                     backend)
 

@@ -75,6 +75,18 @@ TORCH_LIBRARY(fck, m) {
   // Its backward: (grad_xg, grad_h0, grad_w_hh, grad_b_ih, grad_b_hh).
   m.def("gru_layer_bwd(Tensor grad_out, Tensor grad_hn, Tensor h0, Tensor w_hh, Tensor out, Tensor saved, "
         "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", kFixedStrides);
+  // The same layers over a PackedSequence's rows (CPU): xg (N, G*H), batch_sizes[t] rows at step t (a
+  // PackedSequence's, int64 on the CPU); outputs and saved tensors packed the same way, h_n/c_n each sequence's
+  // state at its last step. Autograd in Python (fastcore_kernels/ops/rnn.py).
+  m.def("lstm_packed_fwd(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, "
+        "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", kFixedStrides);
+  m.def("lstm_packed_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor batch_sizes, Tensor h0, "
+        "Tensor c0, Tensor w_hh, Tensor out, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)", kFixedStrides);
+  m.def("gru_packed_fwd(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "bool reverse) -> (Tensor, Tensor, Tensor)", kFixedStrides);
+  m.def("gru_packed_bwd(Tensor grad_out, Tensor grad_hn, Tensor batch_sizes, Tensor h0, Tensor w_hh, Tensor out, "
+        "Tensor saved, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", kFixedStrides);
   // The CUDA recurrent step's own GEMM (csrc/include/fck/skinny_gemm.h): a (n x K) @ op(w), fp32, 1 <= n <= 32,
   // op(w) = w^T (w N x K) when wt, else w (K x N); splits: K splits (0: chosen for the device). On the CPU the same
   // kernel code runs emulated, for the tests.
@@ -184,4 +196,8 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("lstm_proj_layer_bwd", &fck::cpu::lstm_proj_layer_bwd);
   m.impl("gru_layer_fwd", &fck::cpu::gru_layer_fwd);
   m.impl("gru_layer_bwd", &fck::cpu::gru_layer_bwd);
+  m.impl("lstm_packed_fwd", &fck::cpu::lstm_packed_fwd);
+  m.impl("lstm_packed_bwd", &fck::cpu::lstm_packed_bwd);
+  m.impl("gru_packed_fwd", &fck::cpu::gru_packed_fwd);
+  m.impl("gru_packed_bwd", &fck::cpu::gru_packed_bwd);
 }

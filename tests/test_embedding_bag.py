@@ -446,6 +446,10 @@ def test_bad_input_gets_a_clear_error(device, backend):
         bag([1, 2], [0], mode="mean", per_sample_weights=torch.ones(2, device=device))
     with pytest.raises(ValueError, match="same shape as the input"):
         bag([1, 2], [0], mode="sum", per_sample_weights=torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="max mode does not support sparse weights"):  # torch's errors
+        bag([1, 2], [0], mode="max", sparse=True)
+    with pytest.raises(ValueError, match="max mode does not support scaling the gradient"):
+        bag([1, 2], [0], mode="max", scale_grad_by_freq=True)
     with pytest.raises(RuntimeError, match="Long, Int"):
         fckF.embedding_bag(torch.tensor([1.0, 2.0], device=device), weight, torch.tensor([0], device=device),
                            backend=backend)

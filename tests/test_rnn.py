@@ -767,20 +767,159 @@ def test_fuse_swaps_rnns_and_keeps_state_dict():
     Net().load_state_dict(fused.state_dict())
 
 
+# ---- PackedSequence input ----
+
+PACKED_CASES = {  # name: (I, H, layers, bidirectional, bias, lengths, sorted, states given)
+    "2 layers bidirectional, unsorted, states": (5, 7, 2, True, True, [6, 2, 6, 1, 4, 2], False, True),
+    "1 layer, sorted, equal lengths": (4, 6, 1, False, True, [5, 5, 5], True, False),
+    "3 layers, no bias, one sequence": (3, 5, 3, False, False, [4], True, True),
+    "bidirectional, all lengths differ": (4, 9, 1, True, True, [1, 7, 3, 5, 2], False, False),
+}
+PACKED_FAST = ("2 layers bidirectional, unsorted, states",)  # what the interpreter runs
+
+
+def _packed_pair(mode, case, device):
+    I, H, L, bi, bias, lengths, enforce_sorted, given = PACKED_CASES[case]
+    T, B, D = max(lengths), len(lengths), 2 if bi else 1
+    ours, theirs, x, h0, c0 = _pair(mode, (I, H, L, bi, False, T, B, bias), device)
+    return ours, theirs, x, (h0, c0) if given else None, torch.tensor(lengths), enforce_sorted
+
+
+def _run_packed(module, mode, x, states, lengths, enforce_sorted, dtype):
+    """Output data, final states, and the gradients of input, states and parameters of a loss on all of them."""
+    x = x.detach().to(dtype).requires_grad_()
+    states = None if states is None else [s.detach().to(dtype).requires_grad_() for s in states]
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    hx = None if states is None else (tuple(states) if mode != "gru" else states[0])
+    out, h = module(packed, hx)
+    assert isinstance(out, nn.utils.rnn.PackedSequence)
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    for a, b in ((out.sorted_indices, packed.sorted_indices), (out.unsorted_indices, packed.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    outs = [out.data] + (list(h) if mode != "gru" else [h])
+    g = _gen(9)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    loss.backward()
+    grads = [x.grad] + ([] if states is None else [s.grad for s in states[:1 if mode == "gru" else 2]])
+    return outs, grads, {n: p.grad for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_packed_sequence_matches_torch(backend, device, mode, case):
+    """A PackedSequence runs on the fused layers (one call per run of equal batch size, the state carried between
+    runs): output data, h_n, c_n (in the caller's batch order) and every gradient as torch's packed forward."""
+    skip_unless_runnable(backend, device)
+    if backend == "triton" and device == "cpu" and case not in PACKED_FAST:
+        pytest.skip("the interpreter runs the case that covers every path")
+    ours, theirs, x, states, lengths, enforce_sorted = _packed_pair(mode, case, device)
+    with fck.use_backend(backend):
+        a = _run_packed(ours, mode, x, states, lengths, enforce_sorted, torch.float64)
+    b = _run_packed(theirs, mode, x, states, lengths, enforce_sorted, torch.float64)
+    for what, u, v in zip(("output", "h_n", "c_n"), a[0], b[0]):
+        assert u.shape == v.shape, what
+        _close(u, v, torch.float64, what)
+    for what, u, v in zip(("grad input", "grad h0", "grad c0"), a[1], b[1]):
+        _close(u, v, torch.float64, what)
+    assert a[2].keys() == b[2].keys()
+    for n in b[2]:
+        _close(a[2][n], b[2][n], torch.float64, f"grad {n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_packed_sequence_runs_torch_forward(mode):
-    """A model fuse() converted must keep working on PackedSequence input: the module falls back to torch's forward
-    (one warning), with the same weights and result."""
-    torch.manual_seed(9)
-    m = (fnn.LSTM if mode == "lstm" else fnn.GRU)(4, 6, num_layers=2)
-    ref = (nn.LSTM if mode == "lstm" else nn.GRU)(4, 6, num_layers=2)
-    ref.load_state_dict(m.state_dict())
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 4), [5, 4, 2])
-    import fastcore_kernels.nn.rnn as rnn_module
-    rnn_module._warned_packed = False
-    with pytest.warns(UserWarning, match="PackedSequence"):
-        out = m(packed)
-    torch.testing.assert_close(out[0].data, ref(packed)[0].data)
+def test_packed_sequence_dtypes(mode, dtype):
+    """fp32 and bf16 packed runs against torch's float64 packed run, within the padded sequences' tolerances."""
+    case = "2 layers bidirectional, unsorted, states"
+    ours, theirs, x, states, lengths, enforce_sorted = _packed_pair(mode, case, "cpu")
+    a = _run_packed(ours.to(dtype), mode, x, states, lengths, enforce_sorted, dtype)
+    b = _run_packed(theirs, mode, x, states, lengths, enforce_sorted, torch.float64)
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        _close(u, v, dtype, "output, state or gradient")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", ["row blocks in parallel", "one block, GEMM split"])
+def test_packed_sequence_cpu_paths(mode, shape):
+    """The CPU's packed layer on both of its paths: a small W_hh with the batch split into row blocks that run the
+    whole sequence in parallel (sequences ending and, in reverse, joining inside a block and at block edges), and a
+    W_hh past 3/4 of the L2, one block whose steps split across threads. fp32 against torch's float64 run."""
+    skip_unless_runnable("cpu", "cpu")
+    I, H, B, T = (6, 16, 40, 30) if shape == "row blocks in parallel" else (8, 320, 9, 5)
+    g = _gen(11)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[3] = T
+    ours, theirs, x, h0, c0 = _pair(mode, (I, H, 1, True, False, T, B, True), "cpu")
+    a = _run_packed(ours.float(), mode, x, (h0, c0), lengths, False, torch.float32)
+    b = _run_packed(theirs, mode, x, (h0, c0), lengths, False, torch.float64)
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        _close(u, v, torch.float32, "output, state or gradient")
+    for n in b[2]:
+        _close(a[2][n], b[2][n], torch.float32, f"grad {n}")
+
+
+def test_packed_sequence_compiles():
+    """A compiled module takes a PackedSequence (the packed ops have fake kernels; batch_sizes is read on the host,
+    so the graph is specialised to it)."""
+    skip_unless_runnable("cpu", "cpu")
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    m = fnn.GRU(4, 6, num_layers=2, bidirectional=True)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 4), torch.tensor([2, 5, 4]), enforce_sorted=False)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = torch.compile(m, backend="aot_eager")(packed)
+    want = m(packed)
+    torch.testing.assert_close(got[0].data, want[0].data)
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_packed_sequence_gradcheck():
+    """float64 gradcheck through the runs: a bidirectional 2-layer LSTM, states given, unsorted lengths."""
+    torch.manual_seed(4)
+    m = fnn.LSTM(3, 4, num_layers=2, bidirectional=True).double()
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def fn(x, h0, c0):
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 5, 1]), enforce_sorted=False)
+        out, (h, c) = m(packed, (h0, c0))
+        return out.data, h, c
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0), eps=1e-6, atol=1e-7)
+
+
+def test_packed_sequence_without_grad_and_in_the_functional_form():
+    """Inference (no autograd) and fckF.lstm/gru on a PackedSequence give torch's results."""
+    torch.manual_seed(5)
+    x = torch.randn(6, 4, 5)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 6, 3, 3]), enforce_sorted=False)
+    for ocls, tcls, fn in ((fnn.LSTM, nn.LSTM, fckF.lstm), (fnn.GRU, nn.GRU, fckF.gru)):
+        theirs = tcls(5, 7, num_layers=2)
+        ours = ocls(5, 7, num_layers=2)
+        ours.load_state_dict(theirs.state_dict())
+        with torch.no_grad():
+            want = theirs(packed)
+            got = ours(packed)
+            functional = fn(packed, theirs._flat_weights, num_layers=2)
+        for out in (got, functional):
+            torch.testing.assert_close(out[0].data, want[0].data)
+            torch.testing.assert_close(out[1], want[1])
+
+
+def test_packed_sequence_bad_input():
+    m = fnn.LSTM(4, 6)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), [3, 2])
+    with pytest.raises(RuntimeError, match="Expected hidden\\[0\\] size"):
+        m(packed, (torch.randn(1, 3, 6), torch.randn(1, 3, 6)))
+    bad = nn.utils.rnn.PackedSequence(torch.randn(5, 4), torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="non-increasing"):
+        m(bad)
+    short = nn.utils.rnn.PackedSequence(torch.randn(4, 4), torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match="sum\\(batch_sizes\\)"):
+        m(short)
+    with pytest.raises(RuntimeError, match="input_size"):
+        m(nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 5), [3, 2]))
 
 
 # ---- torch.autocast ----
@@ -856,6 +995,32 @@ def test_autocast_computes_in_its_dtype(backend, device, case):
     for g, w in zip(grads, want_grads):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_packed_sequence_under_autocast(device, mode):
+    """A PackedSequence under autocast: computed in its dtype (the explicit low-precision run's values, bit for bit),
+    results in the dtypes torch's packed forward gives (on the CPU a plain LSTM and a GRU hand back fp32, unlike the
+    padded LSTM)."""
+    skip_unless_runnable("cpu" if device == "cpu" else "cuda", device)
+    ours, theirs, x, states, lengths, _ = _packed_pair(mode, "2 layers bidirectional, unsorted, states", device)
+    ours, theirs = ours.float(), theirs.float()
+    low = torch.get_autocast_dtype(device)
+    explicit = copy.deepcopy(ours).to(low)
+
+    def run(module, dtype, autocast):
+        packed = nn.utils.rnn.pack_padded_sequence(x.to(dtype), lengths, enforce_sorted=False)
+        hx = [s.to(dtype) for s in states]
+        with torch.autocast(device, enabled=autocast):
+            out, h = module(packed, tuple(hx) if mode != "gru" else hx[0])
+        return [out.data] + _flat(h)
+
+    got, want, torch_got = run(ours, torch.float32, True), run(explicit, low, False), run(theirs, torch.float32, True)
+    assert [t.dtype for t in got] == [t.dtype for t in torch_got]
+    for a, b, t in zip(got, want, torch_got):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)
+        _close(a, t, low, "against torch's")
 
 
 def test_autocast_compiles_fullgraph():
@@ -977,9 +1142,6 @@ def test_bad_input():
         fnn.GRU(4, 6)(torch.randn(0, 2, 4))
     with pytest.raises(ValueError, match="is on meta"):
         fnn.GRU(4, 6)(torch.randn(3, 2, 4), torch.randn(1, 2, 6, device="meta"))
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), [3, 2])
-    with pytest.raises(TypeError, match="PackedSequence"):
-        fckF.gru(packed, fnn.GRU(4, 6)._flat_weights)
     cell = fnn.LSTMCell(4, 6)
     with pytest.raises(RuntimeError, match="input.size\\(-1\\)"):
         cell(torch.randn(2, 3))
@@ -1007,6 +1169,18 @@ def test_cpp_guards():
         torch.ops.fck.gru_layer_fwd(torch.randn(0, 2, 6), h0, torch.randn(6, 2), None, None, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.fck.lstm_layer_fwd(torch.randn(2, 3, 8).transpose(0, 1), h0, h0, w, None, False)
+    bs = torch.tensor([2, 1])
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), torch.tensor([1, 2]), h0[:1], h0[:1], w, None, False)
+    with pytest.raises(RuntimeError, match="sum to 3 but the packed tensors have 4 rows"):
+        torch.ops.fck.gru_packed_fwd(torch.randn(4, 6), bs, h0, torch.randn(6, 2), None, None, False)
+    with pytest.raises(RuntimeError, match="1-D int64 CPU"):
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs.int(), h0, h0, w, None, True)
+    with pytest.raises(RuntimeError, match="h0 must be \\(2, 2\\)"):
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs, h0[:1], h0, w, None, True)
+    with pytest.raises(RuntimeError, match="saved tensors do not match"):
+        out = torch.randn(3, 2)
+        torch.ops.fck.lstm_packed_bwd(out, h0, h0, bs, h0, h0, w, out, out, torch.randn(3, 4), False)
 
 
 # ---- library citizenship ----
@@ -1040,6 +1214,19 @@ def test_opcheck(backend):
     torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, b3, b3 * 2, False), test_utils=tests)
     torch.library.opcheck(op("gru_layer_fwd"), (xg3, h0, w3, None, None, True), test_utils=tests)
     torch.library.opcheck(op("gru_layer_bwd"), (dy, hn, h0, w3, out, saved, False), test_utils=tests)
+    if backend == "cpu":  # the packed layers: 3 steps of 2, 2 and 1 rows
+        bs = torch.tensor([2, 2, 1])
+        x4, x3 = xg4.reshape(-1, 4 * H)[:5], xg3.reshape(-1, 3 * H)[:5]
+        for reverse in (False, True):
+            torch.library.opcheck(torch.ops.fck.lstm_packed_fwd, (x4, bs, h0, c0, w4, b4, reverse), test_utils=tests)
+            o, hn, cn, c_all, gates = torch.ops.fck.lstm_packed_fwd(x4, bs, h0, c0, w4, None, reverse)
+            torch.library.opcheck(torch.ops.fck.lstm_packed_bwd,
+                                  (torch.randn_like(o), hn, cn, bs, h0, c0, w4, o, c_all, gates, reverse),
+                                  test_utils=tests)
+            torch.library.opcheck(torch.ops.fck.gru_packed_fwd, (x3, bs, h0, w3, b3, None, reverse), test_utils=tests)
+            o, hn, saved = torch.ops.fck.gru_packed_fwd(x3, bs, h0, w3, b3, b3, reverse)
+            torch.library.opcheck(torch.ops.fck.gru_packed_bwd, (torch.randn_like(o), hn, bs, h0, w3, o, saved,
+                                                                 reverse), test_utils=tests)
 
 
 @pytest.mark.parametrize("how", ["functional", "module"])

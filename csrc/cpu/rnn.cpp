@@ -19,6 +19,7 @@
 #include "fck/ops.h"
 #include "fck/rnn.h"
 #include "fck/rnn_host.h"
+#include "fck/rnn_packed.h"
 #include "fck/rnn_persistent.h"
 #include "fck/skinny_gemm.h"
 #include "panel_gemm.h"
@@ -554,6 +555,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_fwd(FCK_GRU_FWD_ARGS) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_bwd(FCK_GRU_BWD_ARGS) {
   check_cpu(out, "gru_layer_bwd");
   return rnn::gru_layer_bwd<RnnSteps>(grad_out, grad_hn, h0, w_hh, out, saved, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(FCK_LSTM_PACKED_FWD_ARGS) {
+  check_cpu(xg, "lstm_packed_fwd");
+  return rnn::lstm_packed_fwd<RnnSteps>(xg, batch_sizes, h0, c0, w_hh, bias, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(FCK_LSTM_PACKED_BWD_ARGS) {
+  check_cpu(out, "lstm_packed_bwd");
+  return rnn::lstm_packed_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, batch_sizes, h0, c0, w_hh, out, c_all, gates,
+                                        reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_packed_fwd(FCK_GRU_PACKED_FWD_ARGS) {
+  check_cpu(xg, "gru_packed_fwd");
+  return rnn::gru_packed_fwd<RnnSteps>(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_packed_bwd(FCK_GRU_PACKED_BWD_ARGS) {
+  check_cpu(out, "gru_packed_bwd");
+  return rnn::gru_packed_bwd<RnnSteps>(grad_out, grad_hn, batch_sizes, h0, w_hh, out, saved, reverse);
 }
 
 }  // namespace cpu

@@ -2,32 +2,15 @@
 parameter names such as `weight_hh_l0_reverse`, state_dict keys), swapped in by `fastcore_kernels.fuse(model)`.
 
 The weights are read by name at every forward, so code that replaces `weight_hh_l0` between calls (AWD-LSTM's weight
-dropout) just works, with no flatten_parameters() and no re-packing.
+dropout) just works, with no flatten_parameters() and no re-packing. Input may be a padded tensor or a
+PackedSequence (output packed like it, states in the caller's batch order), as torch's modules take.
 """
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from fastcore_kernels.ops import rnn as ops
-
-_warned_packed = False
-
-
-def _packed_fallback(module, input) -> bool:
-    """PackedSequence input has no fused kernel: the module runs torch's own forward (same weights, same result), so
-    a model fuse() converted keeps working. Warned once per process."""
-    global _warned_packed
-    if not isinstance(input, nn.utils.rnn.PackedSequence):
-        return False
-    if not _warned_packed:
-        _warned_packed = True
-        warnings.warn(f"fastcore_kernels {type(module).__name__}: PackedSequence input runs torch's implementation "
-                      "(the fused kernels take padded tensors)", stacklevel=3)
-    return True
-
 
 class _Sequence:
     """What LSTM and GRU share: the weights by name, and the options torch's module holds."""
@@ -45,8 +28,6 @@ class LSTM(_Sequence, nn.LSTM):
     included (ops/rnn.py: _lstm_projected_layer)."""
 
     def forward(self, input, hx=None):
-        if _packed_fallback(self, input):
-            return super().forward(input, hx)
         return ops.lstm(input, self._params(), hx, proj_size=self.proj_size, **self._options())
 
 
@@ -54,8 +35,6 @@ class GRU(_Sequence, nn.GRU):
     """torch.nn.GRU on the fused kernels: forward(input, h_0=None) -> (output, h_n)."""
 
     def forward(self, input, hx=None):
-        if _packed_fallback(self, input):
-            return super().forward(input, hx)
         return ops.gru(input, self._params(), hx, **self._options())
 
 

@@ -228,8 +228,10 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2.0, sca
     impl = _backend.resolve(weight.device, backend, IMPLEMENTED, "embedding_bag")
     indices, offsets, psw, pad = _normalize(input, weight, offsets, mode, per_sample_weights, include_last_offset,
                                             padding_idx, "embedding_bag")
-    if mode == "max" and (sparse or scale_grad_by_freq):
-        raise NotImplementedError("embedding_bag: mode='max' supports neither sparse=True nor scale_grad_by_freq")
+    if mode == "max" and scale_grad_by_freq:  # torch's errors, in its order
+        raise ValueError("max mode does not support scaling the gradient by the frequency")
+    if mode == "max" and sparse:
+        raise ValueError("max mode does not support sparse weights")
     out = _bags(indices, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse, psw, pad, update,
                 impl)
     return out[:-1] if include_last_offset and input.dim() == 1 else out

@@ -17,6 +17,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
 
 from fastcore_kernels import _backend
 from fastcore_kernels.ops._autocast import autocast_dtype, lower
@@ -84,9 +85,34 @@ def _fake_lstm_proj_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, 
             torch.empty_like(w_hr), out.new_empty(4 * H))
 
 
+def _fake_lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, bias, reverse):
+    N, H = xg.shape[0], w_hh.shape[1]
+    return (xg.new_empty(N, H), torch.empty_like(h0), torch.empty_like(c0), _acc_like(xg, N, H),
+            _acc_like(xg, N, 4 * H))
+
+
+def _fake_lstm_packed_bwd(grad_out, grad_hn, grad_cn, batch_sizes, h0, c0, w_hh, out, c_all, gates, reverse):
+    N, H = out.shape
+    return (out.new_empty(N, 4 * H), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh),
+            out.new_empty(4 * H))
+
+
+def _fake_gru_packed_fwd(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse):
+    N, H = xg.shape[0], w_hh.shape[1]
+    return xg.new_empty(N, H), torch.empty_like(h0), _acc_like(xg, N, 4 * H)
+
+
+def _fake_gru_packed_bwd(grad_out, grad_hn, batch_sizes, h0, w_hh, out, saved, reverse):
+    N, H = out.shape
+    return (out.new_empty(N, 3 * H), torch.empty_like(h0), torch.empty_like(w_hh), out.new_empty(3 * H),
+            out.new_empty(3 * H))
+
+
 _FAKES = {"lstm_layer_fwd": _fake_lstm_fwd, "lstm_layer_bwd": _fake_lstm_bwd, "gru_layer_fwd": _fake_gru_fwd,
           "gru_layer_bwd": _fake_gru_bwd, "lstm_proj_layer_fwd": _fake_lstm_proj_fwd,
-          "lstm_proj_layer_bwd": _fake_lstm_proj_bwd}
+          "lstm_proj_layer_bwd": _fake_lstm_proj_bwd, "lstm_packed_fwd": _fake_lstm_packed_fwd,
+          "lstm_packed_bwd": _fake_lstm_packed_bwd, "gru_packed_fwd": _fake_gru_packed_fwd,
+          "gru_packed_bwd": _fake_gru_packed_bwd}
 
 
 def register_fake() -> None:
@@ -156,6 +182,45 @@ class _LSTMProjLayer(torch.autograd.Function):
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
 
 
+class _LSTMPackedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, batch_sizes, h0, c0, w_hh, bias, reverse):
+        out, h_n, c_n, c_all, gates = torch.ops.fck.lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, bias, reverse)
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, out, c_all, gates)
+        ctx.reverse = reverse
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        batch_sizes, h0, c0, w_hh, out, c_all, gates = ctx.saved_tensors
+        dxg, dh0, dc0, dw, db = torch.ops.fck.lstm_packed_bwd(d_out.contiguous(), d_hn.contiguous(),
+                                                              d_cn.contiguous(), batch_sizes, h0, c0, w_hh, out,
+                                                              c_all, gates, ctx.reverse)
+        need = ctx.needs_input_grad
+        return (dxg if need[0] else None, None, dh0 if need[2] else None, dc0 if need[3] else None,
+                dw if need[4] else None, db if need[5] else None, None)
+
+
+class _GRUPackedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse):
+        out, h_n, saved = torch.ops.fck.gru_packed_fwd(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse)
+        ctx.save_for_backward(batch_sizes, h0, w_hh, out, saved)
+        ctx.reverse = reverse
+        return out, h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn):
+        batch_sizes, h0, w_hh, out, saved = ctx.saved_tensors
+        dxg, dh0, dw, db_ih, db_hh = torch.ops.fck.gru_packed_bwd(d_out.contiguous(), d_hn.contiguous(),
+                                                                  batch_sizes, h0, w_hh, out, saved, ctx.reverse)
+        need = ctx.needs_input_grad
+        return (dxg if need[0] else None, None, dh0 if need[2] else None, dw if need[3] else None,
+                db_ih if need[4] else None, db_hh if need[5] else None, None)
+
+
 def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -204,9 +269,6 @@ def _check_tensor(t, what, like, name):
 
 
 def _check_input(x, name):
-    if isinstance(x, torch.nn.utils.rnn.PackedSequence):
-        raise TypeError(f"{name}: PackedSequence input is not supported; pass a padded tensor (T, B, *) "
-                        "or (B, T, *) with batch_first=True")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -352,31 +414,71 @@ def _layer_params(params, has_biases, num_layers, num_directions, proj):
 
 def _rnn(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first, backend,
          proj_size=0):
+    if isinstance(input, PackedSequence):
+        return _rnn_packed(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional,
+                           backend, proj_size)
+    return _rnn_tensor(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional,
+                       batch_first, backend, proj_size)
+
+
+def _rnn_tensor(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first,
+                backend, proj_size, batch_sizes=None):
     dtype = autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
-    args = (has_biases, num_layers, dropout, training, bidirectional, batch_first, backend, proj_size)
+    args = (has_biases, num_layers, dropout, training, bidirectional, batch_first, backend, proj_size, batch_sizes)
     if dtype is None:
         return _rnn_in_dtype(mode, input, hx, params, *args)
     out, h = _rnn_in_dtype(mode, *lower((input, hx, params), dtype), *args)
-    if input.device.type != "cpu" or (mode == "lstm" and proj_size == 0):
+    if input.device.type != "cpu" or (mode == "lstm" and proj_size == 0 and batch_sizes is None):
         return out, h
     if mode == "gru":
         return _torch_cpu_dtype(out, input), _torch_cpu_dtype(h, input)
-    return out, (h[0], _torch_cpu_dtype(h[1], input if hx is None else hx[1]))
+    c_n = _torch_cpu_dtype(h[1], input if hx is None else hx[1])
+    if proj_size == 0:  # a packed LSTM: torch's CPU op hands everything back in the input's dtype
+        return _torch_cpu_dtype(out, input), (_torch_cpu_dtype(h[0], input if hx is None else hx[0]), c_n)
+    return out, (h[0], c_n)
+
+
+def _rnn_packed(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, backend,
+                proj_size):
+    """A PackedSequence through the stack, as torch's module takes it: states in the caller's batch order (permuted
+    by sorted_indices in, unsorted_indices out), the output packed like the input."""
+    data, batch_sizes, sorted_indices, unsorted_indices = input
+    lstm = mode == "lstm"
+
+    def permute(state, index):
+        return state if state is None or index is None else state.index_select(1, index)
+
+    if hx is not None and sorted_indices is not None:
+        if lstm and isinstance(hx, (tuple, list)) and len(hx) == 2:
+            hx = (permute(hx[0], sorted_indices), permute(hx[1], sorted_indices))
+        elif not lstm and isinstance(hx, torch.Tensor):
+            hx = permute(hx, sorted_indices)
+    out, h = _rnn_tensor(mode, data, hx, params, has_biases, num_layers, dropout, training, bidirectional, False,
+                         backend, proj_size, batch_sizes)
+    h = (permute(h[0], unsorted_indices), permute(h[1], unsorted_indices)) if lstm else permute(h, unsorted_indices)
+    return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), h
 
 
 def _rnn_in_dtype(mode, input, hx, params, has_biases, num_layers, dropout, training, bidirectional, batch_first,
-                  backend, proj_size):
+                  backend, proj_size, batch_sizes=None):
+    """The stack on a padded input (T, B, I), (B, T, I) or (T, I); or, with `batch_sizes`, on a PackedSequence's
+    data (rows of all sequences' steps, step by step: batch_sizes[t] rows at step t, in non-increasing numbers)."""
     lstm = mode == "lstm"
     gates = 4 if lstm else 3
     name = mode
     _check_input(input, name)
-    if input.dim() not in (2, 3):
-        raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")  # torch's message
-    batched = input.dim() == 3
-    x = input if batched else input.unsqueeze(1)
-    if batched and batch_first:
-        x = x.transpose(0, 1)
-    T, B = x.shape[0], x.shape[1]
+    if batch_sizes is not None:
+        runs = _packed_runs(input, batch_sizes, name)
+        batched, x = True, input
+        T, B = len(batch_sizes), runs[0][2]
+    else:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")  # torch's message
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
     if T == 0:
         raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
     D = 2 if bidirectional else 1
@@ -410,6 +512,10 @@ def _rnn_in_dtype(mode, input, hx, params, has_biases, num_layers, dropout, trai
             s = s if batched else s.unsqueeze(1)
         given.append(s)
     impl = _backend.resolve(x.device, backend, op=name)
+    if batch_sizes is not None:
+        out, h_n, c_n = _rnn_layers_packed(lstm, x, runs, batch_sizes, given, weights, num_layers, D, dropout,
+                                           training, impl)
+        return _rnn_result(out, h_n, c_n, lstm, True, False)
     if impl in ("cpu", "cuda") and not _backend.compiling() and not (dropout > 0 and training and num_layers > 1) \
             and not proj:
         # the whole stack as one C++ autograd node (register_autograd.cpp): the same ops, no per-layer Python
@@ -452,6 +558,122 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
             outs.append(out)
             h_n.append(h)
         x = outs[0] if D == 1 else torch.cat(outs, dim=2)
+    return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+
+
+def _packed_runs(data, batch_sizes, name):
+    """A PackedSequence's steps as runs of equal batch size: (first row, steps, rows a step), in time order. Each run
+    is one layer call on a (steps, rows, *) view of the packed rows; between runs the batch shrinks (forward) or
+    grows (reverse) at its end, where the sorted sequences that end (begin) are."""
+    if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1 or batch_sizes.device.type != "cpu" \
+            or batch_sizes.dtype != torch.int64:
+        raise ValueError(f"{name}: batch_sizes must be a 1-D int64 CPU tensor (a PackedSequence's)")
+    sizes = batch_sizes.tolist()
+    if not sizes or sizes[-1] < 1 or any(a < b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"{name}: batch_sizes must be positive and non-increasing, got {sizes}")
+    if data.dim() != 2 or data.shape[0] != sum(sizes):
+        raise ValueError(f"{name}: packed data must be 2-D with sum(batch_sizes) = {sum(sizes)} rows, got "
+                         f"{tuple(data.shape)}")
+    runs, row, t = [], 0, 0
+    while t < len(sizes):
+        b, steps = sizes[t], 1
+        while t + steps < len(sizes) and sizes[t + steps] == b:
+            steps += 1
+        runs.append((row, steps, b))
+        row, t = row + steps * b, t + steps
+    return runs
+
+
+def _packed_direction(layer, xg, runs, h0, c0, reverse):
+    """One layer and direction over packed rows xg (N, G*H): `layer(xg3, h, c, reverse) -> (out, h, c)` per run of
+    equal batch size, the state carried from run to run. Forward in time, the sequences past a run's rows have ended:
+    their state is final. In reverse, they have not begun: they join with their initial state. (out rows (N, P),
+    h_n, c_n); c is None for a GRU."""
+    # One split of xg and of the initial states, not a slice per run: a slice's backward writes its gradient into
+    # a zero tensor of the whole input, per run (a lesson-7 LSTM on 42 runs spent 3/4 of its time filling zeros).
+    parts = xg.split([steps * b for _, steps, b in runs])
+    outs, done_h, done_c = [], [], []
+    if reverse:
+        bounds = [runs[-1][2]] + [b2 - b1 for (_, _, b1), (_, _, b2) in zip(runs[::-1], runs[-2::-1]) if b2 > b1]
+        h_parts = list(h0.split(bounds)[::-1])
+        c_parts = None if c0 is None else list(c0.split(bounds)[::-1])
+        h, c = h_parts.pop(), None if c0 is None else c_parts.pop()
+    else:
+        h, c = h0, c0
+    for (_, steps, b), xs in zip(reversed(runs), parts[::-1]) if reverse else zip(runs, parts):
+        n = h.shape[0]
+        if b < n:
+            h, ended = h.split([b, n - b])
+            done_h.append(ended)
+            if c is not None:
+                c, ended = c.split([b, n - b])
+                done_c.append(ended)
+        elif b > n:
+            h = torch.cat([h, h_parts.pop()])
+            c = None if c is None else torch.cat([c, c_parts.pop()])
+        out, h, c = layer(xs.view(steps, b, xg.shape[1]), h, c, reverse)
+        outs.append(out.reshape(steps * b, out.shape[-1]))
+    if reverse:
+        outs.reverse()
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    h_n = torch.cat([h] + done_h[::-1]) if done_h else h
+    c_n = None if c is None else (torch.cat([c] + done_c[::-1]) if done_c else c)
+    return out, h_n, c_n
+
+
+def _packed_layer(lstm, xg, batch_sizes, h0, c0, w_hh, b_ih, b_hh, reverse):
+    """One layer and direction over packed rows in one op (the CPU's `fck::lstm_packed_fwd`/`gru_packed_fwd`,
+    csrc/include/fck/rnn_packed.h): (out, h_n, c_n); c_n None for a GRU."""
+    if lstm:
+        bias = None if b_ih is None else b_ih + b_hh
+        if _grad_needed(xg, h0, c0, w_hh, bias):
+            return _LSTMPackedLayer.apply(xg, batch_sizes, h0, c0, w_hh, bias, reverse)
+        return torch.ops.fck.lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, bias, reverse)[:3]
+    if _grad_needed(xg, h0, w_hh, b_ih, b_hh):
+        return (*_GRUPackedLayer.apply(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse), None)
+    return (*torch.ops.fck.gru_packed_fwd(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse)[:2], None)
+
+
+def _rnn_layers_packed(lstm, x, runs, batch_sizes, given, weights, num_layers, D, dropout, training, impl):
+    """The stack over a PackedSequence's rows x (N, I), as _rnn_layers. The input projection is one GEMM over all N
+    rows. The CPU backend runs each layer and direction as one packed op (`_packed_layer`); the others, and an LSTM
+    with a projection, by runs of equal batch size on the padded layer ops (`_packed_direction`)."""
+    B = runs[0][2]
+    w_hr0 = weights[0][4]
+    H = w_hr0.shape[1] if w_hr0 is not None else weights[0][1].shape[-1]
+    P = w_hr0.shape[0] if w_hr0 is not None else H
+    full = [x.new_zeros(num_layers * D, B, P if i == 0 else H) if s is None else s for i, s in enumerate(given)]
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        if layer > 0 and dropout > 0 and training:
+            x = F.dropout(x, dropout, True)
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            xg = _project(x, w_ih, impl)
+            if impl == "cpu" and w_hr is None:
+                out, h, c = _packed_layer(lstm, xg, batch_sizes, full[0][k], full[1][k] if lstm else None, w_hh,
+                                          b_ih, b_hh, d == 1)
+                if lstm:
+                    c_n.append(c)
+            elif lstm:
+                b = None if b_ih is None else b_ih + b_hh
+                if w_hr is None:
+                    def step(xg3, h, c, reverse):
+                        return lstm_layer(xg3, h, c, w_hh, b, reverse, impl)
+                else:
+                    def step(xg3, h, c, reverse):
+                        return _lstm_projected_layer(xg3, h, c, w_hh, w_hr, b, reverse, impl)
+                out, h, c = _packed_direction(step, xg, runs, full[0][k], full[1][k], d == 1)
+                c_n.append(c)
+            else:
+                def step(xg3, h, c, reverse):
+                    return (*gru_layer(xg3, h, w_hh, b_ih, b_hh, reverse, impl), None)
+                out, h, _ = _packed_direction(step, xg, runs, full[0][k], None, d == 1)
+            outs.append(out)
+            h_n.append(h)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=1)
     return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
 
 
