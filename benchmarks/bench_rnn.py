@@ -126,6 +126,7 @@ def main(argv=None) -> Results:
     ap.add_argument("--backends", default="", help="comma-separated fastcore_kernels backends to time (default: all "
                     "that run on the device)")
     ap.add_argument("--autocast", action="store_true", help="fp32 modules stepped inside torch.autocast")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this text (e.g. packed)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     if args.autocast and args.dtype != "float32":
@@ -146,6 +147,8 @@ def main(argv=None) -> Results:
         low = torch.get_autocast_dtype(device.type)
         elem, dtype_name = low.itemsize, f"autocast {low}"
     for name, kind, I, H, L, B, T, variant in cases(args.quick):
+        if args.only and args.only not in name:
+            continue
         weight_drop = variant == "weight drop"
         theirs, ours = _modules(kind, I, H, L, device, dtype)
         x = torch.randn((B, I) if kind.endswith("cell") else (T, B, I), device=device, dtype=dtype,

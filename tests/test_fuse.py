@@ -236,6 +236,31 @@ def test_fused_model_survives_deepcopy_and_pickle():
         torch.testing.assert_close(other(x), fused_model(x))
 
 
+def test_sync_batchnorm_conversion_refuses_fused_modules_and_works_before_fuse():
+    """torch's SyncBatchNorm.convert_sync_batchnorm rebuilds every batch norm from its attributes: on a fused model it
+    would drop the fused ReLU / residual add, and re-normalise the output of a convolution that absorbed its batch
+    norm. Each fused module refuses with a clear error; the plain drop-ins convert; converting before fuse() works
+    (fuse leaves SyncBatchNorm as it is) and computes what the model did."""
+    torch.manual_seed(0)
+    model = small_resnet()
+    fused_model = fck.fuse(model)
+    with pytest.raises(TypeError, match="Convert the model before fastcore_kernels.fuse"):
+        nn.SyncBatchNorm.convert_sync_batchnorm(fused_model)
+    for m in (fnn.BatchNormReLU1d(3), fnn.BatchNormReLU2d(3), fnn.BatchNormAddReLU2d(3)):
+        with pytest.raises(TypeError, match="fused with a"):
+            nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(m))
+    plain = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(fnn.BatchNorm2d(3), fnn.BatchNorm1d(3)))
+    assert all(type(m) is nn.SyncBatchNorm for m in plain)
+    bn = fnn.BatchNorm2d(3)
+    assert not hasattr(bn, "qconfig")
+    bn.qconfig = "set"  # the attribute still works on the drop-ins
+    assert bn.qconfig == "set"
+    synced = fck.fuse(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))).eval()
+    assert any(type(m) is nn.SyncBatchNorm for m in synced.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(synced(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("cls,torch_cls,shape", [
     (fnn.BatchNorm1d, nn.BatchNorm1d, (6, 5)),
     (fnn.BatchNorm1d, nn.BatchNorm1d, (6, 5, 7)),

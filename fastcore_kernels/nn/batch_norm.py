@@ -20,6 +20,32 @@ class _FusedBatchNormMixin:
     to use), leading to one fused kernel call."""
 
     _relu = False
+    # What a fused module adds to its batch norm (a ReLU, a residual add, the convolution that absorbed it), or None.
+    # torch's conversions that rebuild batch norms from their attributes (SyncBatchNorm.convert_sync_batchnorm,
+    # eager-mode quantization) would silently drop it; both read `qconfig`, so a fused module refuses there.
+    _fused_extra = None
+
+    def _refuse_rebuild(self):
+        return TypeError(
+            f"{type(self).__name__} is a batch norm fused with {self._fused_extra}: torch's conversions that rebuild "
+            "batch norms from their attributes (SyncBatchNorm.convert_sync_batchnorm, eager-mode quantization) would "
+            "drop it and compute something else. Convert the model before fastcore_kernels.fuse(), which leaves "
+            "SyncBatchNorm as it is.")
+
+    @property
+    def qconfig(self):
+        if self._fused_extra:
+            raise self._refuse_rebuild()
+        try:
+            return self.__dict__["_fck_qconfig"]
+        except KeyError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'") from None
+
+    @qconfig.setter
+    def qconfig(self, value):
+        if self._fused_extra:
+            raise self._refuse_rebuild()
+        self.__dict__["_fck_qconfig"] = value
 
     def _bn_args(self):
         factor = 0.0 if self.momentum is None else self.momentum
@@ -63,12 +89,14 @@ class BatchNormReLU1d(BatchNorm1d):
     """relu(BatchNorm1d(x)) in one pass, with BatchNorm1d's parameters and state_dict (the tabular MLP block)."""
 
     _relu = True
+    _fused_extra = "a ReLU"
 
 
 class BatchNormReLU2d(BatchNorm2d):
     """relu(BatchNorm2d(x)) in one pass, with BatchNorm2d's parameters and state_dict."""
 
     _relu = True
+    _fused_extra = "a ReLU"
 
 
 class BatchNormAddReLU2d(BatchNorm2d):
@@ -78,6 +106,7 @@ class BatchNormAddReLU2d(BatchNorm2d):
     the residual's (`identity += out`); fuse() sets it from the add it replaces."""
 
     _relu = True
+    _fused_extra = "a residual add and a ReLU"
     add_keeps = None
 
     def forward(self, input, residual=None):
@@ -94,6 +123,7 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
     # True where it sits in a (FusedConv2d, this, Identity) Sequential, whose ReLU the fusion removed: what follows
     # sees the fused output as it would see a stock ReLU's (saved for the backward, like torch's ReLU output).
     chained = False
+    _fused_extra = "the convolution before it, which does its work"
 
     def forward(self, input):
         if self.chained:
