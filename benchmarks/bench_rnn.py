@@ -45,7 +45,6 @@ def cases(quick: bool):
     out = [("lesson7 LSTM 64->64 x2, B64 T70", "lstm", 64, 64, 2, 64, 70, None),
            ("lesson7 GRU 64->64 x2, B64 T70", "gru", 64, 64, 2, 64, 70, None),
            ("lesson7 LSTM + weight drop", "lstm", 64, 64, 2, 64, 70, "weight drop"),
-           ("lesson7 LSTM, packed T14-70", "lstm", 64, 64, 2, 64, 70, "packed"),
            ("LSTMCell 64->64, B64", "lstm_cell", 64, 64, 1, 64, 1, None),
            ("GRUCell 64->64, B64", "gru_cell", 64, 64, 1, 64, 1, None)]
     if not quick:
@@ -54,10 +53,14 @@ def cases(quick: bool):
         out.append(("LSTM 128->128 x2, B32 T70", "lstm", 128, 128, 2, 32, 70, None))
         out.append(("GRU 128->128 x2, B32 T70", "gru", 128, 128, 2, 32, 70, None))
         out.append(("LSTM 256->256 x2, B32 T70", "lstm", 256, 256, 2, 32, 70, None))
-        out.append(("LSTM 400->256 x2 bidir, B64 packed T20-100", "lstm/bidir", 400, 256, 2, 64, 100, "packed"))
         # an LSTM with a projection (proj_size): torch's CPU path steps it natively, cuDNN has its own kernels
         out.append(("LSTM 256->512 proj 128 x2, B32 T70", "lstm/128", 256, 512, 2, 32, 70, None))
         out.append(("AWD LSTM 400->1152 x3, B32 T70", "lstm", 400, 1152, 3, 32, 70, None))
+    # variable-length sequences last: on a GPU they are the newest path, and a stage cut off by its timeout keeps
+    # the rows before them
+    out.append(("lesson7 LSTM, packed T14-70", "lstm", 64, 64, 2, 64, 70, "packed"))
+    if not quick:
+        out.append(("LSTM 400->256 x2 bidir, B64 packed T20-100", "lstm/bidir", 400, 256, 2, 64, 100, "packed"))
     return out
 
 

@@ -36,6 +36,15 @@ bool plain_cpu(std::initializer_list<at::Tensor> tensors) {
   return true;
 }
 
+// A backward asked to build a graph (create_graph=True: a gradient penalty, a Hessian-vector product) must be
+// differentiable; the kernels' backward is not, and its result would silently carry no second derivative. Ops
+// whose backward has a differentiable form below take it; the others refuse, as torch's embedding_bag does.
+void refuse_double_backward(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "fastcore_kernels ", op,
+                              ": the fused backward is not differentiable (double backward / create_graph=True); "
+                              "use torch's module for this part of the model");
+}
+
 using EmbeddingBagFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            int64_t, const std::optional<at::Tensor>&, int64_t);
 using EmbeddingBagBwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -74,6 +83,12 @@ struct Embedding : public torch::autograd::Function<Embedding> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor flat = ctx->get_saved_variables()[0];
     const at::Tensor grad = grads[0].reshape({flat.numel(), grads[0].size(-1)}).contiguous();
+    if (at::GradMode::is_enabled()) {  // create_graph: the same sum of rows as differentiable ops
+      const int64_t pad = ctx->saved_data["padding_idx"].toInt();
+      const at::Tensor g = pad >= 0 ? grad * flat.ne(pad).unsqueeze(1).to(grad.scalar_type()) : grad;
+      return {at::zeros({ctx->saved_data["num_weights"].toInt(), grad.size(1)}, grad.options()).index_add(0, flat, g),
+              at::Tensor(), at::Tensor()};
+    }
     if (plain_cpu({grad, flat})) {
       return {fck::cpu::embedding_lookup_bwd(grad, flat, ctx->saved_data["num_weights"].toInt(),
                                              ctx->saved_data["padding_idx"].toInt()),
@@ -109,6 +124,7 @@ struct EmbeddingBag : public torch::autograd::Function<EmbeddingBag> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("embedding_bag");
     const variable_list saved = ctx->get_saved_variables();
     at::Tensor grad_weight = embedding_bag_bwd().call(
         grads[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["num_weights"].toInt(),
@@ -145,6 +161,10 @@ struct PooledMM : public torch::autograd::Function<PooledMM> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {  // create_graph: torch's differentiable mm
+      return {ctx->needs_input_grad(0) ? at::mm(grads[0], s[1].t()) : at::Tensor(),
+              ctx->needs_input_grad(1) ? at::mm(s[0].t(), grads[0]) : at::Tensor()};
+    }
     const at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor grad_a, grad_b;
     if (ctx->needs_input_grad(0)) grad_a = mm_pooled().call(grads[0], s[1].t());
@@ -164,8 +184,14 @@ using BatchNormBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, bool, bool, bool, const std::optional<at::Tensor>&, bool);
 
+using BatchNormGradGraph = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, bool, bool, double);
+
 FCK_OP_HANDLE(batch_norm_fwd, BatchNormFwd, "fck::batch_norm_fwd")
 FCK_OP_HANDLE(batch_norm_bwd, BatchNormBwd, "fck::batch_norm_bwd")
+// The backward as differentiable torch ops (fastcore_kernels/ops/batch_norm.py defines it), for create_graph.
+FCK_OP_HANDLE(batch_norm_grad_graph, BatchNormGradGraph, "fck::batch_norm_grad_graph")
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -190,6 +216,7 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     ctx->save_for_backward({x, relu ? y : at::Tensor(), w, mean, invstd, b});
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["mask_from_input"] = relu && training && !residual;
     // Which gradients to make, by argument (needs_input_grad counts only the tensors given).
     ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), residual && residual->requires_grad(),
@@ -202,9 +229,13 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
-    auto [dx, dres, dw, db] = batch_norm_bwd().call(
-        like_input(grads[0], x), x, opt(y), opt(weight), saved[3], saved[4], ctx->saved_data["training"].toBool(),
-        ctx->saved_data["relu"].toBool(), need[1], opt(saved[5]), ctx->saved_data["mask_from_input"].toBool());
+    const bool training = ctx->saved_data["training"].toBool(), relu = ctx->saved_data["relu"].toBool();
+    auto [dx, dres, dw, db] =
+        at::GradMode::is_enabled()
+            ? batch_norm_grad_graph().call(grads[0], x, opt(y), opt(weight), saved[3], saved[4], training, relu,
+                                           ctx->saved_data["eps"].toDouble())
+            : batch_norm_bwd().call(like_input(grads[0], x), x, opt(y), opt(weight), saved[3], saved[4], training,
+                                    relu, need[1], opt(saved[5]), ctx->saved_data["mask_from_input"].toBool());
     const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
     return {need[0] ? dx : at::Tensor(),
             need[1] ? dres : at::Tensor(),
@@ -262,6 +293,7 @@ struct LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
+    refuse_double_backward("lstm");
     auto [dxg, dh0, dc0, dw, db] = lstm_bwd().call(
         grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
         ctx->saved_data["reverse"].toBool());
@@ -282,6 +314,7 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
+    refuse_double_backward("gru");
     auto [dxg, dh0, dw, db_ih, db_hh] = gru_bwd().call(
         grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], s[2], s[3], ctx->saved_data["reverse"].toBool());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -376,6 +409,7 @@ struct LstmCell : public torch::autograd::Function<LstmCell> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    refuse_double_backward("lstm_cell");
     // h' is the one-step output and h_n both: its gradient enters once, as the output's.
     const at::Tensor dh = grads[0].contiguous();
     auto [dxg, dh0, dc0, dw_hh, db] = lstm_bwd().call(dh.unsqueeze(0), at::zeros_like(dh), grads[1].contiguous(),
@@ -402,6 +436,7 @@ struct GruCell : public torch::autograd::Function<GruCell> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
+    refuse_double_backward("gru_cell");
     const at::Tensor dh = grads[0].contiguous();
     auto [dxg, dh0, dw_hh, db_ih, db_hh] =
         gru_bwd().call(dh.unsqueeze(0), at::zeros_like(dh), s[1], s[3], s[4], s[5], false);
@@ -522,6 +557,7 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::AutoDispatchBelowADInplaceOrView below;
     const variable_list s = ctx->get_saved_variables();
+    refuse_double_backward("lstm/gru");
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
     const SeqSpec sp{spec[0] != 0, spec[1] != 0, spec[2], spec[3]};
     const int64_t P = spec[4], L = sp.layers, D = sp.dirs;

@@ -189,6 +189,41 @@ def test_gradcheck_float64(device, backend, channels_last, variant):
         assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("device", devices())
+def test_double_backward_float64(device, backend, variant):
+    """A backward that builds a graph (create_graph=True: gradient penalties) gets differentiable gradients: float64
+    gradgradcheck in training and eval, and a gradient penalty's parameter gradients equal torch's. (The kernels'
+    own backward is not differentiable; under create_graph the op takes reference.batch_norm_act_backward.)"""
+    skip_unless_runnable(backend, device)
+    x, res, dy, w, b, rm, rv = _inputs((3, 4, 3, 2), torch.float64, device, seed=4)
+    w, b = w.double(), b.double()
+    fast = backend == "triton" and device == "cpu"
+    for training in (True, False):
+        def f(x, res, w, b):
+            return _call(variant, backend, x, res, rm.double().clone(), rv.double().clone(), w, b, training)
+
+        args = [t.clone().requires_grad_() for t in (x, res, w, b)]
+        assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-6, fast_mode=fast)
+        penalties = []
+        for fn in (f, lambda x, res, w, b: _run_torch_graph(variant, x, res, w, b, rm, rv, training)):
+            args = [t.clone().requires_grad_() for t in (x, res, w, b)]
+            g, = torch.autograd.grad((fn(*args) * dy).sum(), args[0], create_graph=True)
+            (g ** 2).sum().backward()
+            penalties.append([a.grad for a in args])
+        for what, u, v, t in zip(("x", "residual", "weight", "bias"), *penalties, args):
+            # None where the penalty does not depend on the tensor (the bias; x in eval)
+            u, v = (torch.zeros_like(t) if a is None else a for a in (u, v))
+            _close(u, v, torch.float64, f"penalty gradient of {what}, training={training}")
+
+
+def _run_torch_graph(variant, x, residual, w, b, rm, rv, training):
+    y = F.batch_norm(x, rm.double().clone(), rv.double().clone(), w, b, training, 0.1, 1e-5)
+    y = y + residual if variant == "add_relu" else y
+    return y if variant == "plain" else F.relu(y)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("device", devices())
 def test_odd_and_large_shapes(device, backend):

@@ -422,6 +422,30 @@ def test_embedding_compiles_fullgraph():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", devices())
+def test_double_backward(device, backend):
+    """create_graph=True: a plain lookup's weight gradient is differentiable as torch's (gradgradcheck, padding row
+    included where the op runs it through the C++ node); a bag's backward refuses with torch's kind of error, never a
+    silently non-differentiable gradient."""
+    skip_unless_runnable(backend, device)
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    idx = torch.tensor([[1, 4, 1], [0, 5, 2]], device=device)
+    if backend in ("cpu", "cuda"):
+        for pad in (None, 1):
+            def lookup(w):
+                return fckF.embedding(idx, w, padding_idx=pad, backend=backend) ** 2
+            assert torch.autograd.gradgradcheck(lookup, (weight,), eps=1e-6, atol=1e-7)
+    bags = fckF.embedding_bag(idx, weight, mode="sum", backend=backend)
+    if backend == "reference":
+        assert torch.autograd.grad((bags ** 2).sum(), weight, create_graph=True)[0].requires_grad
+        return
+    with pytest.raises((NotImplementedError, RuntimeError), match="not differentiable|differentiate twice"):
+        gw, = torch.autograd.grad((bags ** 2).sum(), weight, create_graph=True)
+        (gw ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", devices())
 def test_bad_input_gets_a_clear_error(device, backend):
     skip_unless_runnable(backend, device)
     weight = torch.randn(10, 3, device=device)

@@ -1153,6 +1153,28 @@ def test_bad_input():
         fckF.gru_cell(torch.randn(2, 4), None, torch.randn(18, 4), torch.randn(18, 5))
 
 
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_double_backward_is_refused_not_silently_wrong(backend, device):
+    """The fused recurrent backward is not differentiable: a backward with create_graph=True (a gradient penalty)
+    gets an error from every backend, never a graph that silently drops the second derivative (the reference
+    backend, plain PyTorch, differentiates as torch does)."""
+    skip_unless_runnable(backend, device)
+    torch.manual_seed(2)
+    with fck.use_backend(backend):
+        for module, x in ((fnn.LSTM(3, 4, num_layers=2), torch.randn(5, 2, 3)), (fnn.GRU(3, 4), torch.randn(5, 2, 3)),
+                          (fnn.LSTMCell(3, 4), torch.randn(2, 3)), (fnn.GRUCell(3, 4), torch.randn(2, 3))):
+            module, x = module.double().to(device), x.double().to(device).requires_grad_()
+            out = module(x)
+            y = out[0] if isinstance(out, tuple) else out
+            if backend == "reference":
+                g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+                assert g.requires_grad
+                continue
+            with pytest.raises((NotImplementedError, RuntimeError), match="not differentiable|differentiate twice"):
+                g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+                (g ** 2).sum().backward()
+
+
 def test_cpp_guards():
     """The C++ ops check what Python would have checked, for callers that use torch.ops directly."""
     skip_unless_runnable("cpu", "cpu")

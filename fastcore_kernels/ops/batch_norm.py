@@ -50,6 +50,14 @@ triton_op("batch_norm_fwd_triton", "batch_norm.batch_norm_fwd", FWD_SCHEMA, _fak
 triton_op("batch_norm_bwd_triton", "batch_norm.batch_norm_bwd", BWD_SCHEMA, _fake_bwd)
 
 
+# The backward as differentiable ops (reference.batch_norm_act_backward), for backwards that build a graph
+# (create_graph=True); the C++ autograd node (python/register_autograd.cpp) calls it through the dispatcher.
+_LIB = torch.library.Library("fck", "FRAGMENT")
+_LIB.define("batch_norm_grad_graph(Tensor grad, Tensor input, Tensor? output, Tensor? weight, Tensor save_mean, "
+            "Tensor save_invstd, bool training, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.impl("batch_norm_grad_graph", reference.batch_norm_act_backward, "CompositeImplicitAutograd")
+
+
 def _kernels(backend: str):
     if backend == "triton":
         return torch.ops.fck.batch_norm_fwd_triton, torch.ops.fck.batch_norm_bwd_triton
@@ -72,16 +80,20 @@ class _BatchNormAct(torch.autograd.Function):
         fwd, _ = _kernels(backend)
         y, mean, invstd = fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
         ctx.save_for_backward(x, y if relu else None, weight, mean, invstd, bias)
-        ctx.backend, ctx.training, ctx.relu = backend, training, relu
+        ctx.backend, ctx.training, ctx.relu, ctx.eps = backend, training, relu, eps
         ctx.mask_from_input = relu and training and residual is None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, y, weight, mean, invstd, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            dx, dres, dw, db = reference.batch_norm_act_backward(dy, x, y, weight, mean, invstd, ctx.training,
+                                                                 ctx.relu, ctx.eps)
+            return (dx if need[0] else None, dres if need[1] else None, dw.to(weight.dtype) if need[2] else None,
+                    db.to(ctx.bias_dtype) if need[3] else None, None, None, None, None, None, None, None)
         _, bwd = _kernels(ctx.backend)
         dy = dy.contiguous(memory_format=_memory_format(x))  # laid out like x, as the kernels require
         args = (dy, x, y, weight, mean, invstd, ctx.training, ctx.relu, need[1])

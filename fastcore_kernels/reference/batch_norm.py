@@ -64,3 +64,40 @@ def batch_norm_act(
     if relu:
         z = torch.relu(z)
     return z.to(x.dtype)
+
+
+def batch_norm_act_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    save_mean: torch.Tensor,
+    save_invstd: torch.Tensor,
+    training: bool,
+    relu: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (input, residual, weight, bias) of batch_norm_act given its output's gradient, as
+    differentiable PyTorch ops: what the fused kernels' backward computes, for a backward that must itself be
+    differentiated (create_graph=True). y: the output (its sign is the ReLU mask, piecewise constant). Batch
+    statistics are recomputed from x, so their dependence on x is in the graph; eval mode uses the saved (running)
+    ones."""
+    acc = acc_dtype(x.dtype)
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    g = grad.to(acc)
+    if relu:
+        g = g * (y > 0)
+    xf = x.to(acc)
+    if training:
+        mean = xf.mean(dim=dims, keepdim=True)
+        invstd = torch.rsqrt(torch.var(xf, dim=dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean, invstd = save_mean.to(acc).view(shape), save_invstd.to(acc).view(shape)
+    xhat = (xf - mean) * invstd
+    scale = invstd if weight is None else invstd * weight.to(acc).view(shape)
+    if training:
+        dx = scale * (g - g.mean(dim=dims, keepdim=True) - xhat * (g * xhat).mean(dim=dims, keepdim=True))
+    else:
+        dx = scale * g
+    return dx.to(x.dtype), g.to(x.dtype), (g * xhat).sum(dim=dims), g.sum(dim=dims)
