@@ -306,8 +306,9 @@ def test_conv_bn_relu_fuzz():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_fuzz(backend):
-    """LSTM (with and without proj_size) and GRU modules: layers, directions, batch_first, unbatched inputs, biases,
-    given or zero initial states; outputs, final states and every gradient, in float64."""
+    """LSTM (with and without proj_size) and GRU modules: layers, directions, batch_first, unbatched inputs,
+    PackedSequence inputs (random lengths, sorted or not), biases, given or zero initial states; outputs, final
+    states and every gradient, in float64."""
     skip_unless_runnable(backend, "cpu")
     for seed in _seeds(backend, 5):
         r = random.Random(seed)
@@ -318,7 +319,14 @@ def test_rnn_fuzz(backend):
         if kind == "LSTM" and H > 1 and r.random() < 0.25:
             kw["proj_size"] = r.randrange(1, H)
         B, T, batched, give = r.choice([1, 2, 7]), r.choice([1, 2, 9]), r.random() < 0.85, r.random() < 0.5
-        case = dict(seed=seed, kind=kind, I=I, H=H, B=B, T=T, batched=batched, given_state=give, **kw)
+        packed = batched and r.random() < 0.3
+        lengths = torch.tensor([r.randint(1, T) for _ in range(B)])
+        lengths[r.randrange(B)] = T
+        enforce_sorted = r.random() < 0.3
+        if enforce_sorted:
+            lengths = lengths.sort(descending=True).values
+        case = dict(seed=seed, kind=kind, I=I, H=H, B=B, T=T, batched=batched, given_state=give, **kw,
+                    packed=lengths.tolist() if packed else False)
         torch.manual_seed(seed)  # the module's initial weights
         theirs_m = getattr(nn, kind)(I, H, **kw)
         ours_m = getattr(fnn, kind)(I, H, **kw)
@@ -334,7 +342,11 @@ def test_rnn_fuzz(backend):
             xs = x.clone().requires_grad_()
             states = [t.clone().requires_grad_() for t in (h0, c0) if t is not None]
             hx = None if not give else (tuple(states) if kind == "LSTM" else states[0])
-            out, st = m(xs, hx)
+            inp = xs
+            if packed:
+                inp = nn.utils.rnn.pack_padded_sequence(xs, lengths, kw["batch_first"], enforce_sorted)
+            out, st = m(inp, hx)
+            out = out.data if packed else out
             finals = list(st) if kind == "LSTM" else [st]
             loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
             (loss + sum((s * s).sum() for s in finals)).backward()
