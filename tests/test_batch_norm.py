@@ -543,6 +543,41 @@ def _conv_bn_relu_train_and_eval(device, backend, channels_last):
             torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
 
 
+def test_fold_cache_shared_by_threads_serving_different_shapes():
+    """A fused model in eval shared by request threads (a web app): inputs of several shapes at once each get their
+    own result. The cache's packed weight is per input shape; before, a thread switch between storing a packed
+    weight and reading it back could hand one thread another's (a narrow window: this test did not catch it in
+    1600 calls, the rewrite closes it by construction)."""
+    import threading
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    for m in (seq[1], seq[4]):
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2)
+    fused = fck.fuse(seq).eval()
+    inputs = [torch.randn(n, 8, h, w) for n, h, w in ((2, 9, 9), (3, 12, 7), (1, 16, 16), (4, 5, 11))]
+    with torch.no_grad():
+        want = [seq(x) for x in inputs]
+    errors = []
+
+    def serve(k):
+        with torch.no_grad():
+            for i in range(40):
+                j = (i + k) % len(inputs)
+                y = fused(inputs[j])
+                if y.shape != want[j].shape or not torch.allclose(y, want[j], rtol=1e-4, atol=1e-4):
+                    errors.append((k, i, j))
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"wrong results (thread, iteration, input): {errors[:5]}"
+
+
 @pytest.mark.parametrize("device", devices())
 def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
     """Eval-mode FusedConv2d folds once and reuses it; an in-place update, a `.data =` swap and load_state_dict

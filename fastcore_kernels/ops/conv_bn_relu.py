@@ -63,7 +63,7 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
     if fold_cache is None or reorder is None or w.shape[1] < 8:
         return op(x, w, b, *args, "relu", [], "")
     key = (tuple(x.shape), *map(tuple, args[:3]), groups)
-    packed = fold_cache.packed(key, lambda: reorder(w, *args, list(x.shape)))
+    packed = fold_cache.packed(w, key, lambda: reorder(w, *args, list(x.shape)))
     y = op(x, packed, b, *args, "relu", [], "")
     if x.is_contiguous() and not y.is_contiguous():
         y = torch.ops.fck.contiguous_pooled(y) if extension().ok else y.contiguous()
@@ -129,7 +129,7 @@ def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
     if not m:
         return None
     make = lambda: torch.ops.fck.winograd_weight(w, m)  # noqa: E731
-    u = make() if fold_cache is None else fold_cache.packed(("winograd", m), make)
+    u = make() if fold_cache is None else fold_cache.packed(w, ("winograd", m), make)
     return torch.ops.fck.conv3x3_winograd(x, u, b, _pair(padding), w.shape[0], True)
 
 
@@ -197,25 +197,54 @@ def _cudnn_conv_relu(x, w, b, stride, padding, dilation, groups):
         return None
 
 
+class _FoldEntry:
+    """What one set of source tensors gave: the folded (weight, bias), and one packed form of the folded weight for
+    the last key a backend asked with."""
+
+    __slots__ = ("sources", "eps", "folded", "pack")
+
+    def __init__(self, tensors, eps, folded):
+        self.sources = tuple((t, None if t is None else t.data_ptr(), None if t is None else t._version)
+                             for t in tensors)
+        self.eps, self.folded, self.pack = eps, folded, (None, None)
+
+    def matches(self, tensors, eps):
+        return eps == self.eps and len(tensors) == len(self.sources) and all(
+            t is s and (t is None or (t.data_ptr() == p and t._version == v))
+            for t, (s, p, v) in zip(tensors, self.sources))
+
+
 class FoldCache:
     """The folded weight and bias of one module, reused while the tensors they came from are the same objects with
     the same storage and version counter (an in-place update, load_state_dict or `.data =` all show): eval-mode
-    inference folds once instead of every call."""
+    inference folds once instead of every call.
+
+    Threads may share it (a model serving requests on several): a call works with the entry it read, a change of
+    weights or of the packed form's key replaces an entry or its (key, pack) pair whole, and a packed form is kept
+    only for the entry whose folded weight it was made from. Before, two requests of different image sizes could
+    swap packed weights between the store and the read (oneDNN's packed weight for another input shape)."""
 
     def __init__(self):
-        self.sources, self.eps, self.folded = (), None, None
-        self.pack_key, self.pack = None, None
+        self._entry = None
 
     def get(self, tensors, eps, fold):
-        same = eps == self.eps and len(tensors) == len(self.sources) and all(
-            t is s and (t is None or (t.data_ptr() == p and t._version == v))
-            for t, (s, p, v) in zip(tensors, self.sources))
-        if not same:
-            self.folded, self.eps = fold(), eps
-            self.sources = tuple((t, None if t is None else t.data_ptr(), None if t is None else t._version)
-                                 for t in tensors)
-            self.pack_key, self.pack = None, None
-        return self.folded
+        entry = self._entry
+        if entry is None or not entry.matches(tensors, eps):
+            entry = _FoldEntry(tensors, eps, fold())
+            self._entry = entry
+        return entry.folded
+
+    @property
+    def folded(self):
+        return None if self._entry is None else self._entry.folded
+
+    @property
+    def pack_key(self):
+        return None if self._entry is None else self._entry.pack[0]
+
+    @property
+    def pack(self):
+        return None if self._entry is None else self._entry.pack[1]
 
     # What it holds is derived from the module's tensors (and oneDNN's packed weight is an opaque tensor without
     # storage, which deepcopy and pickle refuse): a copied or unpickled module starts with an empty cache.
@@ -228,12 +257,18 @@ class FoldCache:
     def __setstate__(self, state):
         self.__init__()
 
-    def packed(self, key, make):
-        """A backend's packed form of the folded weight for `key` (the input shape and convolution arguments),
-        made again when the key or the folded weights change."""
-        if key != self.pack_key:
-            self.pack, self.pack_key = make(), key
-        return self.pack
+    def packed(self, weight, key, make):
+        """A backend's packed form of the folded `weight` for `key` (the input shape and convolution arguments),
+        made again when the key or the folded weights change; not kept when `weight` is not the cached one (the
+        weights changed meanwhile, or autocast cast it)."""
+        entry = self._entry
+        if entry is None or entry.folded[0] is not weight:
+            return make()
+        pack_key, pack = entry.pack
+        if pack_key != key:
+            pack = make()
+            entry.pack = (key, pack)
+        return pack
 
 
 def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
