@@ -9,6 +9,10 @@ loop: the input projection of all steps in one GEMM without bias (its gradients 
 the biases and return their gradients), dropout between layers, and the direction concatenation. W_hh is read as
 it is at every call, so a weight-dropped W_hh (AWD-LSTM) costs nothing extra: there is no packed weight
 buffer to rebuild, unlike cuDNN's. The reference backend runs the same driver on the plain-PyTorch layers.
+
+A PackedSequence's rows (step t: its batch_sizes[t] longest sequences) go through `fck::lstm_packed_fwd`/`_bwd`
+and `fck::gru_packed_fwd`/`_bwd` on the CPU (one call per layer and direction); the other backends, and an LSTM
+with a projection, run the padded layer ops once per run of steps with the same batch size (_packed_direction).
 """
 
 from __future__ import annotations
