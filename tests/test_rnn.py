@@ -311,6 +311,18 @@ def _run_seq(module, mode, x, h0, c0, dtype):
     return outs, grads, {n: p.grad for n, p in module.named_parameters()}
 
 
+def _compare_runs(a, b, dtype=torch.float64):
+    """Two (outputs, input/state gradients, parameter gradients) results, as _run_seq and _run_packed return them."""
+    for what, u, v in zip(("output", "h_n", "c_n"), a[0], b[0]):
+        assert u.shape == v.shape, what
+        _close(u, v, dtype, what)
+    for what, u, v in zip(("grad input", "grad h0", "grad c0"), a[1], b[1]):
+        _close(u, v, dtype, what)
+    assert a[2].keys() == b[2].keys()
+    for n in b[2]:
+        _close(a[2][n], b[2][n], dtype, f"grad {n}")
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("mode", ["lstm", "gru", "lstmp"])
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -322,14 +334,7 @@ def test_sequence_matches_torch(backend, device, mode, config):
     with fck.use_backend(backend):
         a = _run_seq(ours, mode, x, h0, c0, torch.float64)
     b = _run_seq(theirs, mode, x, h0, c0, torch.float64)
-    for what, u, v in zip(("output", "h_n", "c_n"), a[0], b[0]):
-        assert u.shape == v.shape, what
-        _close(u, v, torch.float64, what)
-    for what, u, v in zip(("grad input", "grad h0", "grad c0"), a[1], b[1]):
-        _close(u, v, torch.float64, what)
-    assert a[2].keys() == b[2].keys()
-    for n in b[2]:
-        _close(a[2][n], b[2][n], torch.float64, f"grad {n}")
+    _compare_runs(a, b)
 
 
 SEQ_CASES = {  # name: (I, H, layers, bidirectional, bias, T, B, states given, what requires grad)
@@ -817,26 +822,19 @@ def test_packed_sequence_matches_torch(backend, device, mode, case):
     with fck.use_backend(backend):
         a = _run_packed(ours, mode, x, states, lengths, enforce_sorted, torch.float64)
     b = _run_packed(theirs, mode, x, states, lengths, enforce_sorted, torch.float64)
-    for what, u, v in zip(("output", "h_n", "c_n"), a[0], b[0]):
-        assert u.shape == v.shape, what
-        _close(u, v, torch.float64, what)
-    for what, u, v in zip(("grad input", "grad h0", "grad c0"), a[1], b[1]):
-        _close(u, v, torch.float64, what)
-    assert a[2].keys() == b[2].keys()
-    for n in b[2]:
-        _close(a[2][n], b[2][n], torch.float64, f"grad {n}")
+    _compare_runs(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_packed_sequence_dtypes(mode, dtype):
-    """fp32 and bf16 packed runs against torch's float64 packed run, within the padded sequences' tolerances."""
+    """fp32 and bf16 packed runs against torch's float64 packed run (outputs, states, every gradient), within the
+    padded sequences' tolerances."""
     case = "2 layers bidirectional, unsorted, states"
     ours, theirs, x, states, lengths, enforce_sorted = _packed_pair(mode, case, "cpu")
     a = _run_packed(ours.to(dtype), mode, x, states, lengths, enforce_sorted, dtype)
     b = _run_packed(theirs, mode, x, states, lengths, enforce_sorted, torch.float64)
-    for u, v in zip(a[0] + a[1], b[0] + b[1]):
-        _close(u, v, dtype, "output, state or gradient")
+    _compare_runs(a, b, dtype)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
@@ -853,10 +851,7 @@ def test_packed_sequence_cpu_paths(mode, shape):
     ours, theirs, x, h0, c0 = _pair(mode, (I, H, 1, True, False, T, B, True), "cpu")
     a = _run_packed(ours.float(), mode, x, (h0, c0), lengths, False, torch.float32)
     b = _run_packed(theirs, mode, x, (h0, c0), lengths, False, torch.float64)
-    for u, v in zip(a[0] + a[1], b[0] + b[1]):
-        _close(u, v, torch.float32, "output, state or gradient")
-    for n in b[2]:
-        _close(a[2][n], b[2][n], torch.float32, f"grad {n}")
+    _compare_runs(a, b, torch.float32)
 
 
 def test_packed_sequence_compiles():

@@ -517,8 +517,8 @@ def _rnn_in_dtype(mode, input, hx, params, has_biases, num_layers, dropout, trai
         given.append(s)
     impl = _backend.resolve(x.device, backend, op=name)
     if batch_sizes is not None:
-        out, h_n, c_n = _rnn_layers_packed(lstm, x, runs, batch_sizes, given, weights, num_layers, D, dropout,
-                                           training, impl)
+        out, h_n, c_n = _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl,
+                                    (runs, batch_sizes))
         return _rnn_result(out, h_n, c_n, lstm, True, False)
     if impl in ("cpu", "cuda") and not _backend.compiling() and not (dropout > 0 and training and num_layers > 1) \
             and not proj:
@@ -530,12 +530,12 @@ def _rnn_in_dtype(mode, input, hx, params, has_biases, num_layers, dropout, trai
     return _rnn_result(out, h_n, c_n, lstm, batched, batch_first)
 
 
-def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl):
-    """The stack composed in Python, layer by layer: x (T, B, I), `given` states (L*D, B, P) and (L*D, B, H) or
-    None, weights per layer and direction. Runs dropout between layers, projections, the Triton and reference
-    backends and torch.compile."""
-    T, B = x.shape[0], x.shape[1]
-    gates = 4 if lstm else 3
+def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl, packed=None):
+    """The stack composed in Python, layer by layer: x (T, B, I) — or, with `packed` = (runs, batch_sizes), a
+    PackedSequence's rows (N, I) — `given` states (L*D, B, P) and (L*D, B, H) or None, weights per layer and
+    direction. Runs dropout between layers, projections, packed input, the Triton and reference backends and
+    torch.compile. The input projection of every step is one GEMM (biases go into the kernels)."""
+    B = packed[0][0][2] if packed else x.shape[1]
     w_hr0 = weights[0][4]
     H = w_hr0.shape[1] if w_hr0 is not None else weights[0][1].shape[-1]
     P = w_hr0.shape[0] if w_hr0 is not None else H
@@ -544,25 +544,41 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
             x = F.dropout(x, dropout, True)
-        x2d = x.reshape(T * B, x.shape[-1])
         outs = []
         for d in range(D):
             k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            xg = _project(x2d, w_ih, impl).view(T, B, gates * H)  # biases go into the kernels
+            xg = _project(x.reshape(-1, x.shape[-1]), weights[k][0], impl)
+            if not packed:
+                xg = xg.view(x.shape[0], x.shape[1], xg.shape[1])
+            out, h, c = _direction(lstm, xg, full[0][k], full[1][k] if lstm else None, weights[k], d == 1, impl,
+                                   packed)
             if lstm:
-                b = None if b_ih is None else b_ih + b_hh
-                if w_hr is None:
-                    out, h, c = lstm_layer(xg, full[0][k], full[1][k], w_hh, b, d == 1, impl)
-                else:
-                    out, h, c = _lstm_projected_layer(xg, full[0][k], full[1][k], w_hh, w_hr, b, d == 1, impl)
                 c_n.append(c)
-            else:
-                out, h = gru_layer(xg, full[0][k], w_hh, b_ih, b_hh, d == 1, impl)
             outs.append(out)
             h_n.append(h)
-        x = outs[0] if D == 1 else torch.cat(outs, dim=2)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
     return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+
+
+def _direction(lstm, xg, h0, c0, weights, reverse, impl, packed):
+    """One layer in one direction from its input projection xg: (out, h_n, c_n), c_n None for a GRU. Packed rows go
+    to the CPU's packed op, or by runs of equal batch size (_packed_direction) to the padded layer ops."""
+    _, w_hh, b_ih, b_hh, w_hr = weights
+    if packed and impl == "cpu" and w_hr is None:
+        return _packed_layer(lstm, xg, packed[1], h0, c0, w_hh, b_ih, b_hh, reverse)
+    if not lstm:
+        def step(xg3, h, c, reverse):
+            return (*gru_layer(xg3, h, w_hh, b_ih, b_hh, reverse, impl), None)
+    else:
+        b = None if b_ih is None else b_ih + b_hh
+
+        def step(xg3, h, c, reverse):
+            if w_hr is None:
+                return lstm_layer(xg3, h, c, w_hh, b, reverse, impl)
+            return _lstm_projected_layer(xg3, h, c, w_hh, w_hr, b, reverse, impl)
+    if packed:
+        return _packed_direction(step, xg, packed[0], h0, c0, reverse)
+    return step(xg, h0, c0, reverse)
 
 
 def _packed_runs(data, batch_sizes, name):
@@ -636,49 +652,6 @@ def _packed_layer(lstm, xg, batch_sizes, h0, c0, w_hh, b_ih, b_hh, reverse):
     if _grad_needed(xg, h0, w_hh, b_ih, b_hh):
         return (*_GRUPackedLayer.apply(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse), None)
     return (*torch.ops.fck.gru_packed_fwd(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse)[:2], None)
-
-
-def _rnn_layers_packed(lstm, x, runs, batch_sizes, given, weights, num_layers, D, dropout, training, impl):
-    """The stack over a PackedSequence's rows x (N, I), as _rnn_layers. The input projection is one GEMM over all N
-    rows. The CPU backend runs each layer and direction as one packed op (`_packed_layer`); the others, and an LSTM
-    with a projection, by runs of equal batch size on the padded layer ops (`_packed_direction`)."""
-    B = runs[0][2]
-    w_hr0 = weights[0][4]
-    H = w_hr0.shape[1] if w_hr0 is not None else weights[0][1].shape[-1]
-    P = w_hr0.shape[0] if w_hr0 is not None else H
-    full = [x.new_zeros(num_layers * D, B, P if i == 0 else H) if s is None else s for i, s in enumerate(given)]
-    h_n, c_n = [], []
-    for layer in range(num_layers):
-        if layer > 0 and dropout > 0 and training:
-            x = F.dropout(x, dropout, True)
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            xg = _project(x, w_ih, impl)
-            if impl == "cpu" and w_hr is None:
-                out, h, c = _packed_layer(lstm, xg, batch_sizes, full[0][k], full[1][k] if lstm else None, w_hh,
-                                          b_ih, b_hh, d == 1)
-                if lstm:
-                    c_n.append(c)
-            elif lstm:
-                b = None if b_ih is None else b_ih + b_hh
-                if w_hr is None:
-                    def step(xg3, h, c, reverse):
-                        return lstm_layer(xg3, h, c, w_hh, b, reverse, impl)
-                else:
-                    def step(xg3, h, c, reverse):
-                        return _lstm_projected_layer(xg3, h, c, w_hh, w_hr, b, reverse, impl)
-                out, h, c = _packed_direction(step, xg, runs, full[0][k], full[1][k], d == 1)
-                c_n.append(c)
-            else:
-                def step(xg3, h, c, reverse):
-                    return (*gru_layer(xg3, h, w_hh, b_ih, b_hh, reverse, impl), None)
-                out, h, _ = _packed_direction(step, xg, runs, full[0][k], None, d == 1)
-            outs.append(out)
-            h_n.append(h)
-        x = outs[0] if D == 1 else torch.cat(outs, dim=1)
-    return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
 
 
 def _lstm_projected_layer(xg, h0, c0, w_hh, w_hr, bias, reverse, impl):

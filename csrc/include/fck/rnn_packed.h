@@ -81,6 +81,17 @@ void pieces(int64_t b0, int64_t e, int64_t with_prev, const F& f) {
   if (e > mid) f(mid, e, false);
 }
 
+// Calls step(t, p, e) for the steps of a pass over rows [b0, b1), in the pass's order (backward: the backward
+// pass's), skipping steps with none of those rows: t the time step, p = the step before it in time order, e the end
+// of the rows active at t.
+template <class F>
+void walk(const Packed& pk, const Order& o, bool backward, int64_t b0, int64_t b1, const F& step) {
+  for (int64_t s = 0; s < pk.T(); ++s) {
+    const int64_t t = backward ? o.bwd(s) : o.fwd(s), e = std::min(b1, pk.sizes[t]);
+    if (e > b0) step(t, o.before(t), e);
+  }
+}
+
 // Each packed row's previous hidden state (h0's row, or a step's output), stacked: W_hh's gradient is then one GEMM.
 inline at::Tensor previous_states(const at::Tensor& out, const at::Tensor& h0, const Packed& pk, const Order& o) {
   std::vector<int64_t> index(pk.N);
@@ -121,6 +132,25 @@ inline Packed check_packed_layer(const at::Tensor& xg, const at::Tensor& batch_s
   return pk;
 }
 
+// What both backward passes check: out (N, H) and its gradient, w_hh (gates H, H), the saved (N, saved_width)
+// tensor; returns the packing.
+inline Packed check_packed_backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& w_hh,
+                                    const at::Tensor& saved, int64_t gates, int64_t saved_width,
+                                    const at::Tensor& batch_sizes, const char* op) {
+  check_float(out, "out", op);
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), op, ": out must be contiguous (N, H), got ", out.sizes());
+  const Packed pk = check_packed(batch_sizes, out.size(0), op);
+  const int64_t H = out.size(1);
+  check_like(w_hh, out, "w_hh", op);
+  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({gates * H, H}), op, ": w_hh must be (", gates * H, ", ", H,
+              "), got ", w_hh.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
+              out.sizes());
+  check_like(grad_out, out, "grad_out", op);
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef({pk.N, saved_width}), op, ": saved tensors do not match the output");
+  return pk;
+}
+
 // Returns (out (N, H), h_n, c_n, c_all (N, H), gates (N, 4H)): lstm_pass_fwd's, packed.
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(
@@ -152,15 +182,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_pack
     Dev::row_blocks(B, G, pk.T(), w.nbytes(), [&](int64_t b0, int64_t b1) {
       const at::Tensor hg_buf = at::empty({b1 - b0, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
-      for (int64_t s = 0; s < pk.T(); ++s) {
-        const int64_t t = o.fwd(s), p = o.before(t), e = std::min(b1, pk.sizes[t]);
-        if (e <= b0) continue;
+      walk(pk, o, false, b0, b1, [&](int64_t t, int64_t p, int64_t e) {
         pieces(b0, e, pk.with_prev(o, t), [&](int64_t r0, int64_t r1, bool has_prev) {
           Dev::gemm(r1 - r0, has_prev ? y.at(p, r0) : h_init + r0 * H, W, hg, xg);
           Dev::lstm_fwd(x.at(t, r0), hg, bp, has_prev ? c.at(p, r0) : c_init + r0 * H, g.at(t, r0), c.at(t, r0),
                         y.at(t, r0), r1 - r0, H);
         });
-      }
+      });
     });
   });
   return {out, final_states(out, pk, o), final_states(c_all, pk, o).to(xg.scalar_type()), c_all, gates};
@@ -173,17 +201,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_pack
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& out,
     const at::Tensor& c_all, const at::Tensor& gates, bool reverse) {
   constexpr const char* op = "lstm_packed_bwd";
-  check_float(out, "out", op);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), op, ": out must be contiguous (N, H), got ", out.sizes());
-  const Packed pk = check_packed(batch_sizes, out.size(0), op);
+  const Packed pk = check_packed_backward(grad_out, out, w_hh, gates, 4, 4 * out.size(-1), batch_sizes, op);
   const int64_t B = pk.B, H = out.size(1), G = 4 * H;
-  check_like(w_hh, out, "w_hh", op);
-  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({G, H}), op, ": w_hh must be (", G, ", ", H, "), got ", w_hh.sizes());
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
-              out.sizes());
-  check_like(grad_out, out, "grad_out", op);
-  TORCH_CHECK(c_all.sizes() == out.sizes() && gates.sizes() == at::IntArrayRef({pk.N, G}), op,
-              ": saved tensors do not match the output");
+  TORCH_CHECK(c_all.sizes() == out.sizes(), op, ": saved tensors do not match the output");
   for (const auto& [s, what] : {std::pair{&h0, "h0"}, {&c0, "c0"}, {&grad_hn, "grad_hn"}, {&grad_cn, "grad_cn"}}) {
     check_packed_state(*s, pk, H, out, what, op);
   }
@@ -208,16 +228,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_pack
     const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, pk.T(), w);
     Dev::row_blocks(B, G, pk.T(), w.nbytes(), [&](int64_t b0, int64_t b1) {
       BlockPart<Dev> part(b0, G, 1);
-      for (int64_t s = 0; s < pk.T(); ++s) {
-        const int64_t t = o.bwd(s), p = o.before(t), e = std::min(b1, pk.sizes[t]);
-        if (e <= b0) continue;
+      walk(pk, o, true, b0, b1, [&](int64_t t, int64_t p, int64_t e) {
         pieces(b0, e, pk.with_prev(o, t), [&](int64_t r0, int64_t r1, bool has_prev) {
           Dev::lstm_bwd(dy.at(t, r0), dhp + r0 * H, g.at(t, r0), has_prev ? c.at(p, r0) : c_init + r0 * H,
                         c.at(t, r0), dcp + r0 * H, dx.at(t, r0), r1 - r0, H);
         });
         part.add(0, dx.at(t, b0), e - b0);
         Dev::gemm(e - b0, dx.at(t, b0), W, dhp + b0 * H, out);
-      }
+      });
       part.finish({&db});
     });
   });
@@ -253,15 +271,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_packed_fwd(const at::Tensor& 
     Dev::row_blocks(B, G, pk.T(), w.nbytes(), [&](int64_t b0, int64_t b1) {
       const at::Tensor hg_buf = at::empty({b1 - b0, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
-      for (int64_t s = 0; s < pk.T(); ++s) {
-        const int64_t t = o.fwd(s), p = o.before(t), e = std::min(b1, pk.sizes[t]);
-        if (e <= b0) continue;
+      walk(pk, o, false, b0, b1, [&](int64_t t, int64_t p, int64_t e) {
         pieces(b0, e, pk.with_prev(o, t), [&](int64_t r0, int64_t r1, bool has_prev) {
           const T* h_prev = has_prev ? y.at(p, r0) : h_init + r0 * H;
           Dev::gemm(r1 - r0, h_prev, W, hg, xg);
           Dev::gru_fwd(x.at(t, r0), hg, bip, bhp, h_prev, sv.at(t, r0), y.at(t, r0), r1 - r0, H);
         });
-      }
+      });
     });
   });
   return {out, final_states(out, pk, o), saved};
@@ -273,16 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_packe
     const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& w_hh, const at::Tensor& out, const at::Tensor& saved, bool reverse) {
   constexpr const char* op = "gru_packed_bwd";
-  check_float(out, "out", op);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), op, ": out must be contiguous (N, H), got ", out.sizes());
-  const Packed pk = check_packed(batch_sizes, out.size(0), op);
+  const Packed pk = check_packed_backward(grad_out, out, w_hh, saved, 3, 4 * out.size(-1), batch_sizes, op);
   const int64_t B = pk.B, H = out.size(1), G = 3 * H;
-  check_like(w_hh, out, "w_hh", op);
-  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({G, H}), op, ": w_hh must be (", G, ", ", H, "), got ", w_hh.sizes());
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
-              out.sizes());
-  check_like(grad_out, out, "grad_out", op);
-  TORCH_CHECK(saved.sizes() == at::IntArrayRef({pk.N, 4 * H}), op, ": saved gates do not match the output");
   check_packed_state(h0, pk, H, out, "h0", op);
   check_packed_state(grad_hn, pk, H, out, "grad_hn", op);
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
@@ -308,9 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_packe
     const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, pk.T(), w);
     Dev::row_blocks(B, G, pk.T(), w.nbytes(), [&](int64_t b0, int64_t b1) {
       BlockPart<Dev> part(b0, G, 2);
-      for (int64_t s = 0; s < pk.T(); ++s) {
-        const int64_t t = o.bwd(s), p = o.before(t), e = std::min(b1, pk.sizes[t]);
-        if (e <= b0) continue;
+      walk(pk, o, true, b0, b1, [&](int64_t t, int64_t p, int64_t e) {
         pieces(b0, e, pk.with_prev(o, t), [&](int64_t r0, int64_t r1, bool has_prev) {
           Dev::gru_bwd(dy.at(t, r0), dhp + r0 * H, direct + r0 * H, sv.at(t, r0),
                        has_prev ? y.at(p, r0) : h_init + r0 * H, dx.at(t, r0), dg.at(t, r0), r1 - r0, H);
@@ -318,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_packe
         part.add(0, dx.at(t, b0), e - b0);
         part.add(1, dg.at(t, b0), e - b0);
         Dev::gemm(e - b0, dg.at(t, b0), W, dhp + b0 * H, out);
-      }
+      });
       part.finish({&db_ih, &db_hh});
     });
   });
