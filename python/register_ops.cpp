@@ -78,11 +78,13 @@ TORCH_LIBRARY(fck, m) {
   // The same layers over a PackedSequence's rows (CPU): xg (N, G*H), batch_sizes[t] rows at step t (a
   // PackedSequence's, int64 on the CPU); outputs and saved tensors packed the same way, h_n/c_n each sequence's
   // state at its last step. Autograd in Python (fastcore_kernels/ops/rnn.py).
-  m.def("lstm_packed_fwd(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, Tensor? bias, "
-        "bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", kFixedStrides);
+  // An LSTM's w_hr: its projection (proj_size), as lstm_proj_layer_fwd's; u is then the cell outputs (N, H), else
+  // empty, and the backward's fifth result W_hr's gradient (else empty).
+  m.def("lstm_packed_fwd(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
+        "Tensor? bias, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", kFixedStrides);
   m.def("lstm_packed_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor batch_sizes, Tensor h0, "
-        "Tensor c0, Tensor w_hh, Tensor out, Tensor c_all, Tensor gates, bool reverse) -> (Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)", kFixedStrides);
+        "Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor out, Tensor u, Tensor c_all, Tensor gates, bool reverse) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", kFixedStrides);
   m.def("gru_packed_fwd(Tensor xg, Tensor batch_sizes, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "bool reverse) -> (Tensor, Tensor, Tensor)", kFixedStrides);
   m.def("gru_packed_bwd(Tensor grad_out, Tensor grad_hn, Tensor batch_sizes, Tensor h0, Tensor w_hh, Tensor out, "

@@ -1188,16 +1188,18 @@ def test_cpp_guards():
         torch.ops.fck.lstm_layer_fwd(torch.randn(2, 3, 8).transpose(0, 1), h0, h0, w, None, False)
     bs = torch.tensor([2, 1])
     with pytest.raises(RuntimeError, match="non-increasing"):
-        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), torch.tensor([1, 2]), h0[:1], h0[:1], w, None, False)
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), torch.tensor([1, 2]), h0[:1], h0[:1], w, None, None, False)
     with pytest.raises(RuntimeError, match="sum to 3 but the packed tensors have 4 rows"):
         torch.ops.fck.gru_packed_fwd(torch.randn(4, 6), bs, h0, torch.randn(6, 2), None, None, False)
     with pytest.raises(RuntimeError, match="1-D int64 CPU"):
-        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs.int(), h0, h0, w, None, True)
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs.int(), h0, h0, w, None, None, True)
     with pytest.raises(RuntimeError, match="h0 must be \\(2, 2\\)"):
-        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs, h0[:1], h0, w, None, True)
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs, h0[:1], h0, w, None, None, True)
+    with pytest.raises(RuntimeError, match="w_hr must be"):
+        torch.ops.fck.lstm_packed_fwd(torch.randn(3, 8), bs, h0, h0, w, torch.randn(2, 2), None, True)
     with pytest.raises(RuntimeError, match="saved tensors do not match"):
         out = torch.randn(3, 2)
-        torch.ops.fck.lstm_packed_bwd(out, h0, h0, bs, h0, h0, w, out, out, torch.randn(3, 4), False)
+        torch.ops.fck.lstm_packed_bwd(out, h0, h0, bs, h0, h0, w, None, out, out, out, torch.randn(2, 8), False)
 
 
 # ---- library citizenship ----
@@ -1235,11 +1237,13 @@ def test_opcheck(backend):
         bs = torch.tensor([2, 2, 1])
         x4, x3 = xg4.reshape(-1, 4 * H)[:5], xg3.reshape(-1, 3 * H)[:5]
         for reverse in (False, True):
-            torch.library.opcheck(torch.ops.fck.lstm_packed_fwd, (x4, bs, h0, c0, w4, b4, reverse), test_utils=tests)
-            o, hn, cn, c_all, gates = torch.ops.fck.lstm_packed_fwd(x4, bs, h0, c0, w4, None, reverse)
-            torch.library.opcheck(torch.ops.fck.lstm_packed_bwd,
-                                  (torch.randn_like(o), hn, cn, bs, h0, c0, w4, o, c_all, gates, reverse),
-                                  test_utils=tests)
+            for w_hh, h, w_r in ((w4, h0, None), (wp4, hp, w_hr)):  # without and with a projection
+                torch.library.opcheck(torch.ops.fck.lstm_packed_fwd, (x4, bs, h, c0, w_hh, w_r, b4, reverse),
+                                      test_utils=tests)
+                o, hn, cn, c_all, gates, u = torch.ops.fck.lstm_packed_fwd(x4, bs, h, c0, w_hh, w_r, None, reverse)
+                torch.library.opcheck(torch.ops.fck.lstm_packed_bwd, (torch.randn_like(o), hn, cn, bs, h, c0, w_hh,
+                                                                      w_r, o, u, c_all, gates, reverse),
+                                      test_utils=tests)
             torch.library.opcheck(torch.ops.fck.gru_packed_fwd, (x3, bs, h0, w3, b3, None, reverse), test_utils=tests)
             o, hn, saved = torch.ops.fck.gru_packed_fwd(x3, bs, h0, w3, b3, b3, reverse)
             torch.library.opcheck(torch.ops.fck.gru_packed_bwd, (torch.randn_like(o), hn, bs, h0, w3, o, saved,

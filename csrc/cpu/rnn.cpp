@@ -557,15 +557,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer
   return rnn::gru_layer_bwd<RnnSteps>(grad_out, grad_hn, h0, w_hh, out, saved, reverse);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(FCK_LSTM_PACKED_FWD_ARGS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(
+    FCK_LSTM_PACKED_FWD_ARGS) {
   check_cpu(xg, "lstm_packed_fwd");
-  return rnn::lstm_packed_fwd<RnnSteps>(xg, batch_sizes, h0, c0, w_hh, bias, reverse);
+  return rnn::lstm_packed_fwd<RnnSteps>(xg, batch_sizes, h0, c0, w_hh, w_hr, bias, reverse);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(FCK_LSTM_PACKED_BWD_ARGS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(
+    FCK_LSTM_PACKED_BWD_ARGS) {
   check_cpu(out, "lstm_packed_bwd");
-  return rnn::lstm_packed_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, batch_sizes, h0, c0, w_hh, out, c_all, gates,
-                                        reverse);
+  return rnn::lstm_packed_bwd<RnnSteps>(grad_out, grad_hn, grad_cn, batch_sizes, h0, c0, w_hh, w_hr, out, u, c_all,
+                                        gates, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_packed_fwd(FCK_GRU_PACKED_FWD_ARGS) {

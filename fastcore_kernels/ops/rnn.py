@@ -11,8 +11,8 @@ it is at every call, so a weight-dropped W_hh (AWD-LSTM) costs nothing extra: th
 buffer to rebuild, unlike cuDNN's. The reference backend runs the same driver on the plain-PyTorch layers.
 
 A PackedSequence's rows (step t: its batch_sizes[t] longest sequences) go through `fck::lstm_packed_fwd`/`_bwd`
-and `fck::gru_packed_fwd`/`_bwd` on the CPU (one call per layer and direction); the other backends, and an LSTM
-with a projection, run the padded layer ops once per run of steps with the same batch size (_packed_direction).
+(with or without a projection) and `fck::gru_packed_fwd`/`_bwd` on the CPU (one call per layer and direction); the
+other backends run the padded layer ops once per run of steps with the same batch size (_packed_direction).
 """
 
 from __future__ import annotations
@@ -89,16 +89,18 @@ def _fake_lstm_proj_bwd(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, u, 
             torch.empty_like(w_hr), out.new_empty(4 * H))
 
 
-def _fake_lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, bias, reverse):
-    N, H = xg.shape[0], w_hh.shape[1]
-    return (xg.new_empty(N, H), torch.empty_like(h0), torch.empty_like(c0), _acc_like(xg, N, H),
-            _acc_like(xg, N, 4 * H))
+def _fake_lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, w_hr, bias, reverse):
+    N, H = xg.shape[0], xg.shape[1] // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    return (xg.new_empty(N, P), torch.empty_like(h0), torch.empty_like(c0), _acc_like(xg, N, H),
+            _acc_like(xg, N, 4 * H), xg.new_empty(0) if w_hr is None else xg.new_empty(N, H))
 
 
-def _fake_lstm_packed_bwd(grad_out, grad_hn, grad_cn, batch_sizes, h0, c0, w_hh, out, c_all, gates, reverse):
-    N, H = out.shape
+def _fake_lstm_packed_bwd(grad_out, grad_hn, grad_cn, batch_sizes, h0, c0, w_hh, w_hr, out, u, c_all, gates,
+                          reverse):
+    N, H = c_all.shape
     return (out.new_empty(N, 4 * H), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh),
-            out.new_empty(4 * H))
+            out.new_empty(0) if w_hr is None else torch.empty_like(w_hr), out.new_empty(4 * H))
 
 
 def _fake_gru_packed_fwd(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse):
@@ -188,22 +190,23 @@ class _LSTMProjLayer(torch.autograd.Function):
 
 class _LSTMPackedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, batch_sizes, h0, c0, w_hh, bias, reverse):
-        out, h_n, c_n, c_all, gates = torch.ops.fck.lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, bias, reverse)
-        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, out, c_all, gates)
+    def forward(ctx, xg, batch_sizes, h0, c0, w_hh, w_hr, bias, reverse):
+        out, h_n, c_n, c_all, gates, u = torch.ops.fck.lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, w_hr, bias,
+                                                                       reverse)
+        ctx.save_for_backward(batch_sizes, h0, c0, w_hh, w_hr, out, u, c_all, gates)
         ctx.reverse = reverse
         return out, h_n, c_n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
-        batch_sizes, h0, c0, w_hh, out, c_all, gates = ctx.saved_tensors
-        dxg, dh0, dc0, dw, db = torch.ops.fck.lstm_packed_bwd(d_out.contiguous(), d_hn.contiguous(),
-                                                              d_cn.contiguous(), batch_sizes, h0, c0, w_hh, out,
-                                                              c_all, gates, ctx.reverse)
+        batch_sizes, h0, c0, w_hh, w_hr, out, u, c_all, gates = ctx.saved_tensors
+        grads = torch.ops.fck.lstm_packed_bwd(d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), batch_sizes,
+                                              h0, c0, w_hh, w_hr, out, u, c_all, gates, ctx.reverse)
+        dxg, dh0, dc0, dw, dwr, db = grads
         need = ctx.needs_input_grad
         return (dxg if need[0] else None, None, dh0 if need[2] else None, dc0 if need[3] else None,
-                dw if need[4] else None, db if need[5] else None, None)
+                dw if need[4] else None, dwr if need[5] else None, db if need[6] else None, None)
 
 
 class _GRUPackedLayer(torch.autograd.Function):
@@ -562,10 +565,10 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl,
 
 def _direction(lstm, xg, h0, c0, weights, reverse, impl, packed):
     """One layer in one direction from its input projection xg: (out, h_n, c_n), c_n None for a GRU. Packed rows go
-    to the CPU's packed op, or by runs of equal batch size (_packed_direction) to the padded layer ops."""
+    to the CPU's packed ops, or by runs of equal batch size (_packed_direction) to the padded layer ops."""
     _, w_hh, b_ih, b_hh, w_hr = weights
-    if packed and impl == "cpu" and w_hr is None:
-        return _packed_layer(lstm, xg, packed[1], h0, c0, w_hh, b_ih, b_hh, reverse)
+    if packed and impl == "cpu":
+        return _packed_layer(lstm, xg, packed[1], h0, c0, w_hh, w_hr, b_ih, b_hh, reverse)
     if not lstm:
         def step(xg3, h, c, reverse):
             return (*gru_layer(xg3, h, w_hh, b_ih, b_hh, reverse, impl), None)
@@ -641,14 +644,14 @@ def _packed_direction(layer, xg, runs, h0, c0, reverse):
     return out, h_n, c_n
 
 
-def _packed_layer(lstm, xg, batch_sizes, h0, c0, w_hh, b_ih, b_hh, reverse):
+def _packed_layer(lstm, xg, batch_sizes, h0, c0, w_hh, w_hr, b_ih, b_hh, reverse):
     """One layer and direction over packed rows in one op (the CPU's `fck::lstm_packed_fwd`/`gru_packed_fwd`,
     csrc/include/fck/rnn_packed.h): (out, h_n, c_n); c_n None for a GRU."""
     if lstm:
         bias = None if b_ih is None else b_ih + b_hh
-        if _grad_needed(xg, h0, c0, w_hh, bias):
-            return _LSTMPackedLayer.apply(xg, batch_sizes, h0, c0, w_hh, bias, reverse)
-        return torch.ops.fck.lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, bias, reverse)[:3]
+        if _grad_needed(xg, h0, c0, w_hh, w_hr, bias):
+            return _LSTMPackedLayer.apply(xg, batch_sizes, h0, c0, w_hh, w_hr, bias, reverse)
+        return torch.ops.fck.lstm_packed_fwd(xg, batch_sizes, h0, c0, w_hh, w_hr, bias, reverse)[:3]
     if _grad_needed(xg, h0, w_hh, b_ih, b_hh):
         return (*_GRUPackedLayer.apply(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse), None)
     return (*torch.ops.fck.gru_packed_fwd(xg, batch_sizes, h0, w_hh, b_ih, b_hh, reverse)[:2], None)

@@ -73,11 +73,13 @@ namespace fck {
 
 #define FCK_LSTM_PACKED_FWD_ARGS                                                                             \
   const at::Tensor &xg, const at::Tensor &batch_sizes, const at::Tensor &h0, const at::Tensor &c0,              \
-      const at::Tensor &w_hh, const std::optional<at::Tensor>&bias, bool reverse
+      const at::Tensor &w_hh, const std::optional<at::Tensor>&w_hr, const std::optional<at::Tensor>&bias,       \
+      bool reverse
 #define FCK_LSTM_PACKED_BWD_ARGS                                                                             \
   const at::Tensor &grad_out, const at::Tensor &grad_hn, const at::Tensor &grad_cn,                             \
       const at::Tensor &batch_sizes, const at::Tensor &h0, const at::Tensor &c0, const at::Tensor &w_hh,        \
-      const at::Tensor &out, const at::Tensor &c_all, const at::Tensor &gates, bool reverse
+      const std::optional<at::Tensor>&w_hr, const at::Tensor &out, const at::Tensor &u,                        \
+      const at::Tensor &c_all, const at::Tensor &gates, bool reverse
 #define FCK_GRU_PACKED_FWD_ARGS                                                                              \
   const at::Tensor &xg, const at::Tensor &batch_sizes, const at::Tensor &h0, const at::Tensor &w_hh,            \
       const std::optional<at::Tensor>&b_ih, const std::optional<at::Tensor>&b_hh, bool reverse
@@ -88,8 +90,10 @@ namespace fck {
 namespace cpu {
 FCK_RNN_DECLS
 // A layer over a PackedSequence's rows (csrc/include/fck/rnn_packed.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(FCK_LSTM_PACKED_FWD_ARGS);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(FCK_LSTM_PACKED_BWD_ARGS);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(
+    FCK_LSTM_PACKED_FWD_ARGS);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(
+    FCK_LSTM_PACKED_BWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_packed_fwd(FCK_GRU_PACKED_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_packed_bwd(FCK_GRU_PACKED_BWD_ARGS);
 // The forward passes without the saved tensors (no backward will run): (out, h_n, c_n) and (out, h_n).

@@ -132,7 +132,7 @@ inline Packed check_packed_layer(const at::Tensor& xg, const at::Tensor& batch_s
   return pk;
 }
 
-// What both backward passes check: out (N, H) and its gradient, w_hh (gates H, H), the saved (N, saved_width)
+// What the GRU's backward checks: out (N, H) and its gradient, w_hh (gates H, H), the saved (N, saved_width)
 // tensor; returns the packing.
 inline Packed check_packed_backward(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& w_hh,
                                     const at::Tensor& saved, int64_t gates, int64_t saved_width,
@@ -151,96 +151,163 @@ inline Packed check_packed_backward(const at::Tensor& grad_out, const at::Tensor
   return pk;
 }
 
-// Returns (out (N, H), h_n, c_n, c_all (N, H), gates (N, 4H)): lstm_pass_fwd's, packed.
+// The LSTM's output width P for cell width H: proj_size with a projection w_hr (P, H), else H; w_hh (4H, P), both
+// like `x`.
+inline int64_t packed_lstm_width(int64_t H, const at::Tensor& w_hh, const at::Tensor& w_hr, const at::Tensor& x,
+                                 const char* op) {
+  if (w_hr.defined()) return check_proj_weights(w_hh, w_hr, H, x, op);
+  check_like(w_hh, x, "w_hh", op);
+  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({4 * H, H}), op, ": w_hh must be (", 4 * H, ", ", H, "), got ",
+              w_hh.sizes());
+  return H;
+}
+
+// Returns (out (N, P), h_n, c_n, c_all (N, H), gates (N, 4H), u (N, H) with a projection, else empty):
+// lstm_pass_fwd's, packed. With a projection each step's cell writes u = o * tanh(c) and a second GEMM projects it
+// into the output, h = u W_hr^T.
 template <class Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(
     const at::Tensor& xg, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& bias, bool reverse) {
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr_opt, const std::optional<at::Tensor>& bias,
+    bool reverse) {
   constexpr const char* op = "lstm_packed_fwd";
-  const Packed pk = check_packed_layer(xg, batch_sizes, h0, w_hh, 4, op);
-  const int64_t B = pk.B, H = w_hh.size(1), G = 4 * H;
+  check_float(xg, "xg", op);
+  TORCH_CHECK(xg.dim() == 2 && xg.is_contiguous(), op, ": xg must be contiguous (N, 4*H), got ", xg.sizes());
+  const at::Tensor w_hr = w_hr_opt.value_or(at::Tensor());
+  const bool proj = w_hr.defined();
+  TORCH_CHECK(xg.size(1) % 4 == 0, op, ": xg must have 4*H features, got ", xg.size(1));
+  const int64_t H = xg.size(1) / 4, G = 4 * H, P = packed_lstm_width(H, w_hh, w_hr, xg, op);
+  const Packed pk = check_packed(batch_sizes, xg.size(0), op);
+  const int64_t B = pk.B;
+  check_packed_state(h0, pk, P, xg, "h0", op);
   check_packed_state(c0, pk, H, xg, "c0", op);
   const at::Tensor b = bias_or_zeros(bias, xg, G, "bias", op);
   const auto acc = xg.options().dtype(acc_type(xg.scalar_type()));
-  at::Tensor out = Dev::empty({pk.N, H}, xg.options());
+  at::Tensor out = Dev::empty({pk.N, P}, xg.options());
   at::Tensor c_all = Dev::empty({pk.N, H}, acc);
   at::Tensor gates = Dev::empty({pk.N, G}, acc);
+  at::Tensor u_all = proj ? Dev::empty({pk.N, H}, xg.options()) : at::empty({0}, xg.options());
   const at::Tensor h0c = h0.contiguous(), c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
+  const at::Tensor wr = proj ? w_hr.contiguous() : at::Tensor();
   const Order o{pk.T(), reverse};
   Dev::dispatch(xg.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = typename Dev::template Acc<T>;
     const auto x = pseq<const T>(xg, pk, G);
-    const auto y = pseq<T>(out, pk, H);
+    const auto y = pseq<T>(out, pk, P);
+    const auto u = proj ? pseq<T>(u_all, pk, H) : y;  // the cell's output: the layer's own without a projection
     const auto c = pseq<A>(c_all, pk, H);
     const auto g = pseq<A>(gates, pk, G);
     const T* h_init = reinterpret_cast<const T*>(h0c.data_ptr());
     const A* c_init = reinterpret_cast<const A*>(c0a.data_ptr());
     const T* bp = reinterpret_cast<const T*>(b.data_ptr());
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    const Weight<T> W = Dev::template weight<T>(wp, true, G, H, B, pk.T(), w);
-    Dev::row_blocks(B, G, pk.T(), w.nbytes(), [&](int64_t b0, int64_t b1) {
+    const Weight<T> W = Dev::template weight<T>(wp, true, G, P, B, pk.T(), w);
+    const Weight<T> Wr = proj ? Dev::template weight<T>(reinterpret_cast<const T*>(wr.data_ptr()), true, P, H, B,
+                                                         pk.T(), wr)
+                              : Weight<T>{};
+    Dev::row_blocks(B, G, pk.T(), w.nbytes() + (proj ? wr.nbytes() : 0), [&](int64_t b0, int64_t b1) {
       const at::Tensor hg_buf = at::empty({b1 - b0, G}, xg.options());
       T* hg = reinterpret_cast<T*>(hg_buf.data_ptr());
       walk(pk, o, false, b0, b1, [&](int64_t t, int64_t p, int64_t e) {
         pieces(b0, e, pk.with_prev(o, t), [&](int64_t r0, int64_t r1, bool has_prev) {
-          Dev::gemm(r1 - r0, has_prev ? y.at(p, r0) : h_init + r0 * H, W, hg, xg);
+          Dev::gemm(r1 - r0, has_prev ? y.at(p, r0) : h_init + r0 * P, W, hg, xg);
           Dev::lstm_fwd(x.at(t, r0), hg, bp, has_prev ? c.at(p, r0) : c_init + r0 * H, g.at(t, r0), c.at(t, r0),
-                        y.at(t, r0), r1 - r0, H);
+                        u.at(t, r0), r1 - r0, H);
         });
+        if (proj) Dev::gemm(e - b0, u.at(t, b0), Wr, y.at(t, b0), xg);
       });
     });
   });
-  return {out, final_states(out, pk, o), final_states(c_all, pk, o).to(xg.scalar_type()), c_all, gates};
+  return {out, final_states(out, pk, o), final_states(c_all, pk, o).to(xg.scalar_type()), c_all, gates, u_all};
 }
 
-// Returns (grad xg, grad h0, grad c0, grad w_hh, grad bias).
+// Returns (grad xg, grad h0, grad c0, grad w_hh, grad w_hr (empty without a projection), grad bias). Without a
+// projection the recurrent gradient lives in one (B, H) buffer (see the top). With one, the gradient reaching h_t is
+// r_t (+ grad_out's part, which enters through du = grad_out W_hr, one GEMM before the loop), kept per packed row
+// for W_hr's gradient: r starts as grad_hn at each row's last step, and each step's GEMM writes the r of the step
+// before it, or, for the rows that began there, h0's gradient.
 template <class Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_bwd(
     const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& grad_cn, const at::Tensor& batch_sizes,
-    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& out,
-    const at::Tensor& c_all, const at::Tensor& gates, bool reverse) {
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr_opt,
+    const at::Tensor& out, const at::Tensor& u_all, const at::Tensor& c_all, const at::Tensor& gates,
+    bool reverse) {
   constexpr const char* op = "lstm_packed_bwd";
-  const Packed pk = check_packed_backward(grad_out, out, w_hh, gates, 4, 4 * out.size(-1), batch_sizes, op);
-  const int64_t B = pk.B, H = out.size(1), G = 4 * H;
-  TORCH_CHECK(c_all.sizes() == out.sizes(), op, ": saved tensors do not match the output");
-  for (const auto& [s, what] : {std::pair{&h0, "h0"}, {&c0, "c0"}, {&grad_hn, "grad_hn"}, {&grad_cn, "grad_cn"}}) {
-    check_packed_state(*s, pk, H, out, what, op);
+  check_float(out, "out", op);
+  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, op, ": saved gates must be (N, 4*H), got ", gates.sizes());
+  const at::Tensor w_hr = w_hr_opt.value_or(at::Tensor());
+  const bool proj = w_hr.defined();
+  const int64_t H = gates.size(1) / 4, G = 4 * H, P = packed_lstm_width(H, w_hh, w_hr, out, op);
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(1) == P, op, ": out must be contiguous (N, ", P,
+              "), got ", out.sizes());
+  const Packed pk = check_packed(batch_sizes, out.size(0), op);
+  const int64_t B = pk.B;
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.is_contiguous(), op, ": grad_out must be contiguous ",
+              out.sizes());
+  check_like(grad_out, out, "grad_out", op);
+  TORCH_CHECK(gates.size(0) == pk.N && c_all.sizes() == at::IntArrayRef({pk.N, H}) &&
+                  (!proj || u_all.sizes() == c_all.sizes()),
+              op, ": saved tensors do not match the output");
+  for (const auto& [s, what, width] : {std::tuple{&h0, "h0", P}, {&c0, "c0", H}, {&grad_hn, "grad_hn", P},
+                                       {&grad_cn, "grad_cn", H}}) {
+    check_packed_state(*s, pk, width, out, what, op);
   }
   const auto acc = out.options().dtype(acc_type(out.scalar_type()));
   at::Tensor dxg = Dev::empty({pk.N, G}, out.options());
   BlockSums db(G);
   at::Tensor dc = grad_cn.to(acc, false, /*copy=*/true).contiguous();
-  at::Tensor dh = grad_hn.contiguous().clone();
-  const at::Tensor c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
+  at::Tensor dh = proj ? at::empty({B, P}, out.options()) : grad_hn.contiguous().clone();
+  const at::Tensor wr = proj ? w_hr.contiguous() : at::Tensor();
+  const at::Tensor du_all = proj ? at::mm(grad_out, wr) : grad_out;
+  at::Tensor r_all = proj ? Dev::empty({pk.N, P}, out.options()) : at::Tensor();
   const Order o{pk.T(), reverse};
+  if (proj) {
+    std::vector<int64_t> last(B);
+    for (int64_t b = 0; b < B; ++b) last[b] = pk.off[pk.last_step(o, b)] + b;
+    r_all.index_copy_(0, at::from_blob(last.data(), {B}, at::TensorOptions().dtype(at::kLong)), grad_hn);
+  }
+  const at::Tensor c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
   Dev::dispatch(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = typename Dev::template Acc<T>;
-    const auto dy = pseq<const T>(grad_out, pk, H);
+    const auto dy = pseq<const T>(du_all, pk, H);
     const auto dx = pseq<T>(dxg, pk, G);
     const auto g = pseq<const A>(gates, pk, G);
     const auto c = pseq<const A>(c_all, pk, H);
+    const auto r = proj ? pseq<T>(r_all, pk, P) : PSeq<T>{nullptr, &pk, P};  // r_t, with a projection
     const A* c_init = reinterpret_cast<const A*>(c0a.data_ptr());
     T* dhp = reinterpret_cast<T*>(dh.data_ptr());
     A* dcp = reinterpret_cast<A*>(dc.data_ptr());
     const T* wp = reinterpret_cast<const T*>(w.data_ptr());
-    const Weight<T> W = Dev::template weight<T>(wp, false, H, G, B, pk.T(), w);
-    Dev::row_blocks(B, G, pk.T(), w.nbytes(), [&](int64_t b0, int64_t b1) {
+    const Weight<T> W = Dev::template weight<T>(wp, false, P, G, B, pk.T(), w);
+    const Weight<T> Wr = proj ? Dev::template weight<T>(reinterpret_cast<const T*>(wr.data_ptr()), false, H, P, B,
+                                                         pk.T(), wr)
+                              : Weight<T>{};
+    Dev::row_blocks(B, G, pk.T(), w.nbytes() + (proj ? wr.nbytes() : 0), [&](int64_t b0, int64_t b1) {
       BlockPart<Dev> part(b0, G, 1);
+      const at::Tensor rh_buf = proj ? at::empty({b1 - b0, H}, out.options()) : at::Tensor();
+      T* rh = proj ? reinterpret_cast<T*>(rh_buf.data_ptr()) : nullptr;
       walk(pk, o, true, b0, b1, [&](int64_t t, int64_t p, int64_t e) {
-        pieces(b0, e, pk.with_prev(o, t), [&](int64_t r0, int64_t r1, bool has_prev) {
-          Dev::lstm_bwd(dy.at(t, r0), dhp + r0 * H, g.at(t, r0), has_prev ? c.at(p, r0) : c_init + r0 * H,
-                        c.at(t, r0), dcp + r0 * H, dx.at(t, r0), r1 - r0, H);
+        if (proj) Dev::gemm(e - b0, r.at(t, b0), Wr, rh, out);
+        const int64_t with_prev = pk.with_prev(o, t);
+        pieces(b0, e, with_prev, [&](int64_t r0, int64_t r1, bool has_prev) {
+          Dev::lstm_bwd(dy.at(t, r0), proj ? rh + (r0 - b0) * H : dhp + r0 * H, g.at(t, r0),
+                        has_prev ? c.at(p, r0) : c_init + r0 * H, c.at(t, r0), dcp + r0 * H, dx.at(t, r0), r1 - r0,
+                        H);
         });
         part.add(0, dx.at(t, b0), e - b0);
-        Dev::gemm(e - b0, dx.at(t, b0), W, dhp + b0 * H, out);
+        if (!proj) return Dev::gemm(e - b0, dx.at(t, b0), W, dhp + b0 * P, out);
+        pieces(b0, e, with_prev, [&](int64_t r0, int64_t r1, bool has_prev) {
+          Dev::gemm(r1 - r0, dx.at(t, r0), W, has_prev ? r.at(p, r0) : dhp + r0 * P, out);
+        });
       });
       part.finish({&db});
     });
   });
   const at::Tensor dw = at::mm(dxg.t(), previous_states(out, h0, pk, o));
-  return {dxg, dh, dc.to(c0.scalar_type()), dw, db.result(dxg.unsqueeze(0))};
+  const at::Tensor dwr = proj ? at::mm(r_all.add_(grad_out).t(), u_all) : at::empty({0}, out.options());
+  return {dxg, dh, dc.to(c0.scalar_type()), dw, dwr, db.result(dxg.unsqueeze(0))};
 }
 
 // Returns (out (N, H), h_n, saved (N, 4H)).
