@@ -61,6 +61,7 @@ def cases(quick: bool):
     out.append(("lesson7 LSTM, packed T14-70", "lstm", 64, 64, 2, 64, 70, "packed"))
     if not quick:
         out.append(("LSTM 400->256 x2 bidir, B64 packed T20-100", "lstm/bidir", 400, 256, 2, 64, 100, "packed"))
+        out.append(("LSTM 256->512 proj 128 x2, B32 packed T14-70", "lstm/128", 256, 512, 2, 32, 70, "packed"))
     return out
 
 
