@@ -7,9 +7,10 @@
 // sequences' order (longest first), so the rows active at a step are a prefix [0, batch_sizes[t]) and shrink with t.
 // Each row keeps its own state: forward in time, every row active at t was active at t - 1, so its previous state
 // is the previous step's output; in reverse, the rows that join at t (those past the batch of t + 1) start from h0
-// and c0, the rest from step t + 1: a step is at most two pieces of contiguous rows. The backward needs no pieces
-// for the recurrent gradient: its buffer starts as grad_hn (grad_cn), and a row's entry is first read at the row's
-// last step in time order and last written at its first, so it ends as that row's gradient of h0 (c0).
+// and c0, the rest from step t + 1: a step is at most two pieces of contiguous rows. Without a projection the
+// backward needs no pieces for the recurrent gradient: its buffer starts as grad_hn (grad_cn), and a row's entry is
+// first read at the row's last step in time order and last written at its first, so it ends as that row's gradient
+// of h0 (c0). With one, the gradient reaching h is kept per packed row (for W_hr's gradient; see lstm_packed_bwd).
 #pragma once
 
 #include <ATen/ATen.h>
