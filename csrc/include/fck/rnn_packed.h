@@ -93,24 +93,42 @@ void walk(const Packed& pk, const Order& o, bool backward, int64_t b0, int64_t b
   }
 }
 
-// Each packed row's previous hidden state (h0's row, or a step's output), stacked: W_hh's gradient is then one GEMM.
+// An index tensor of the given row numbers (a CPU tensor, as the packed tensors are).
+inline at::Tensor row_index(std::vector<int64_t>&& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  return at::from_blob(rows.data(), {n}, at::TensorOptions().dtype(at::kLong)).clone();
+}
+
+// The packed row where each sequence's state ends up (its last active step in time order), by sequence.
+inline at::Tensor last_rows(const Packed& pk, const Order& o) {
+  std::vector<int64_t> rows(pk.B);
+  for (int64_t b = 0; b < pk.B; ++b) rows[b] = pk.off[pk.last_step(o, b)] + b;
+  return row_index(std::move(rows));
+}
+
+// Each packed row's previous hidden state (a step's output, or for a sequence's first step its h0 row), stacked:
+// W_hh's gradient is then one GEMM. Gathered from out, then the B first rows overwritten from h0 (concatenating
+// out and h0 to gather from both would copy out once more).
 inline at::Tensor previous_states(const at::Tensor& out, const at::Tensor& h0, const Packed& pk, const Order& o) {
-  std::vector<int64_t> index(pk.N);
+  std::vector<int64_t> index(pk.N), first(pk.B);
   for (int64_t t = 0; t < pk.T(); ++t) {
     const int64_t prev = pk.with_prev(o, t);
     for (int64_t b = 0; b < pk.sizes[t]; ++b) {
-      index[pk.off[t] + b] = b < prev ? pk.off[o.before(t)] + b : pk.N + b;
+      const int64_t row = pk.off[t] + b;
+      if (b < prev) {
+        index[row] = pk.off[o.before(t)] + b;
+      } else {
+        index[row] = row;  // overwritten below
+        first[b] = row;
+      }
     }
   }
-  const at::Tensor idx = at::from_blob(index.data(), {pk.N}, at::TensorOptions().dtype(at::kLong));
-  return at::cat({out, h0.contiguous()}).index_select(0, idx);
+  return out.index_select(0, row_index(std::move(index))).index_copy_(0, row_index(std::move(first)), h0);
 }
 
 // Final states: row b of `all` (N, W) at its last step.
 inline at::Tensor final_states(const at::Tensor& all, const Packed& pk, const Order& o) {
-  std::vector<int64_t> index(pk.B);
-  for (int64_t b = 0; b < pk.B; ++b) index[b] = pk.off[pk.last_step(o, b)] + b;
-  return all.index_select(0, at::from_blob(index.data(), {pk.B}, at::TensorOptions().dtype(at::kLong)));
+  return all.index_select(0, last_rows(pk, o));
 }
 
 inline void check_packed_state(const at::Tensor& s, const Packed& pk, int64_t W, const at::Tensor& x,
@@ -258,16 +276,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dxg = Dev::empty({pk.N, G}, out.options());
   BlockSums db(G);
   at::Tensor dc = grad_cn.to(acc, false, /*copy=*/true).contiguous();
-  at::Tensor dh = proj ? at::empty({B, P}, out.options()) : grad_hn.contiguous().clone();
+  at::Tensor dh = proj ? at::empty({B, P}, out.options()) : grad_hn.clone(at::MemoryFormat::Contiguous);
   const at::Tensor wr = proj ? w_hr.contiguous() : at::Tensor();
   const at::Tensor du_all = proj ? at::mm(grad_out, wr) : grad_out;
   at::Tensor r_all = proj ? Dev::empty({pk.N, P}, out.options()) : at::Tensor();
   const Order o{pk.T(), reverse};
-  if (proj) {
-    std::vector<int64_t> last(B);
-    for (int64_t b = 0; b < B; ++b) last[b] = pk.off[pk.last_step(o, b)] + b;
-    r_all.index_copy_(0, at::from_blob(last.data(), {B}, at::TensorOptions().dtype(at::kLong)), grad_hn);
-  }
+  if (proj) r_all.index_copy_(0, last_rows(pk, o), grad_hn);
   const at::Tensor c0a = c0.to(acc).contiguous(), w = w_hh.contiguous();
   Dev::dispatch(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -366,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_packe
   at::Tensor dhg = Dev::empty({pk.N, G}, out.options());
   BlockSums db_ih(G), db_hh(G);
   at::Tensor dh_direct = at::zeros({B, H}, acc);
-  at::Tensor dh = grad_hn.contiguous().clone();
+  at::Tensor dh = grad_hn.clone(at::MemoryFormat::Contiguous);
   const at::Tensor h0c = h0.contiguous(), w = w_hh.contiguous();
   const Order o{pk.T(), reverse};
   Dev::dispatch(out.scalar_type(), [&](auto tag) {
