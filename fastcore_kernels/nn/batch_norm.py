@@ -7,35 +7,38 @@ freezing) keeps working.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
+from fastcore_kernels import _backend
+from fastcore_kernels.nn._script import NotScriptable
 from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu, training_conv2d
 
 
-class _FusedBatchNormMixin:
+class _FusedBatchNormMixin(NotScriptable):
     """torch's _BatchNorm.forward bookkeeping (batch counter, momentum=None cumulative average, which statistics
     to use), leading to one fused kernel call."""
 
     _relu = False
     # What a fused module adds to its batch norm (a ReLU, a residual add, the convolution that absorbed it), or None.
-    # torch's conversions that rebuild batch norms from their attributes (SyncBatchNorm.convert_sync_batchnorm,
-    # eager-mode quantization) would silently drop it; both read `qconfig`, so a fused module refuses there.
+    # torch's SyncBatchNorm.convert_sync_batchnorm rebuilds batch norms from their attributes and would silently
+    # drop it. It asks `hasattr(module, "qconfig")` right after the rebuild, so a fused module refuses that one
+    # caller there. Only that caller: code that walks every attribute (torch.jit.trace's `dir()` scan,
+    # inspect.getmembers) must see a plain missing attribute.
     _fused_extra = None
-
-    def _refuse_rebuild(self):
-        return TypeError(
-            f"{type(self).__name__} is a batch norm fused with {self._fused_extra}: torch's conversions that rebuild "
-            "batch norms from their attributes (SyncBatchNorm.convert_sync_batchnorm, eager-mode quantization) would "
-            "drop it and compute something else. Convert the model before fastcore_kernels.fuse(), which leaves "
-            "SyncBatchNorm as it is.")
 
     @property
     def qconfig(self):
-        if self._fused_extra:
-            raise self._refuse_rebuild()
+        if self._fused_extra and sys._getframe(1).f_code.co_name == "convert_sync_batchnorm":
+            raise TypeError(
+                f"{type(self).__name__} is a batch norm fused with {self._fused_extra}: "
+                "SyncBatchNorm.convert_sync_batchnorm rebuilds batch norms from their attributes and would drop it "
+                "and compute something else. Convert the model before fastcore_kernels.fuse(), which leaves "
+                "SyncBatchNorm as it is.")
         try:
             return self.__dict__["_fck_qconfig"]
         except KeyError:
@@ -43,8 +46,6 @@ class _FusedBatchNormMixin:
 
     @qconfig.setter
     def qconfig(self, value):
-        if self._fused_extra:
-            raise self._refuse_rebuild()
         self.__dict__["_fck_qconfig"] = value
 
     def _bn_args(self):
@@ -137,7 +138,7 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
         return super().extra_repr() + ", absorbed by the preceding FusedConv2d"
 
 
-class FusedConv2d(nn.Conv2d):
+class FusedConv2d(NotScriptable, nn.Conv2d):
     """A Conv2d followed by the batch norm it absorbed and a ReLU: relu(bn(conv(x))) in training (the convolution,
     by Winograd on the CPU where it applies, + the fused BN-ReLU kernel) and a BN-folded convolution with the ReLU
     fused in eval.
@@ -174,12 +175,14 @@ class FusedConv2d(nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
-        cache = self.__dict__.setdefault("_fold_cache", FoldCache())  # absorb() swaps the class: no __init__ ran
+        # absorb() swaps the class, so no __init__ made the cache. A compiled graph folds inline and keeps none
+        # (torch 2.4's export cannot trace the dict call).
+        cache = None if _backend.compiling() else self.__dict__.setdefault("_fold_cache", FoldCache())
         return conv_bn_relu(input, self.weight, self.bias, running_mean, running_var, weight, bias, False, factor,
                             eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache)
 
 
-class ConvBNReLU2d(nn.Sequential):
+class ConvBNReLU2d(NotScriptable, nn.Sequential):
     """Conv2d -> BatchNorm2d -> ReLU as one fused block, with the state_dict of `nn.Sequential(Conv2d, BatchNorm2d,
     ReLU)` (keys `0.weight`, `1.weight`, `1.running_mean`, ...), the layout of fastai's ConvLayer and torchvision's
     Conv2dNormActivation. Children: 0 a FusedConv2d, 1 its AbsorbedBatchNorm2d, 2 an Identity."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastcore_kernels.nn._script import NotScriptable
 from fastcore_kernels.ops.embedding_bag import EmbeddingUpdate, embedding, embedding_bag
 
 
-class Embedding(nn.Embedding):
+class Embedding(NotScriptable, nn.Embedding):
     """torch.nn.Embedding on the fused kernels."""
 
     def forward(self, input):
@@ -16,7 +17,7 @@ class Embedding(nn.Embedding):
                          self.scale_grad_by_freq, self.sparse)
 
 
-class EmbeddingBag(nn.EmbeddingBag):
+class EmbeddingBag(NotScriptable, nn.EmbeddingBag):
     """torch.nn.EmbeddingBag on the fused kernels. `update=EmbeddingUpdate("rowwise_adagrad", lr=0.1)` makes the
     backward step the touched rows itself (leave the weight out of the optimizer's params then)."""
 

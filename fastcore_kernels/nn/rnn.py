@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastcore_kernels.nn._script import NotScriptable
 from fastcore_kernels.ops import rnn as ops
 
-class _Sequence:
+
+class _Sequence(NotScriptable):
     """What LSTM and GRU share: the weights by name, and the options torch's module holds."""
 
     def _params(self):
@@ -38,14 +40,14 @@ class GRU(_Sequence, nn.GRU):
         return ops.gru(input, self._params(), hx, **self._options())
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(NotScriptable, nn.LSTMCell):
     """torch.nn.LSTMCell on the fused cell kernel: forward(input, (h, c)=None) -> (h', c')."""
 
     def forward(self, input, hx=None):
         return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(NotScriptable, nn.GRUCell):
     """torch.nn.GRUCell on the fused cell kernel: forward(input, h=None) -> h'."""
 
     def forward(self, input, hx=None):
