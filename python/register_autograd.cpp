@@ -45,6 +45,16 @@ void refuse_double_backward(const char* op) {
                               "use torch's module for this part of the model");
 }
 
+// The recurrent layer nodes keep what their kernels' backward reads, not their input projection, so they cannot
+// re-run their forward; the whole-stack and cell nodes can (rnn_seq_grad_graph, rnn_cell_grad_graph).
+void refuse_layer_double_backward(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "fastcore_kernels ", op,
+                              ": this path's fused backward is not differentiable (double backward / "
+                              "create_graph=True). Stacks without dropout between layers, without proj_size and on "
+                              "padded input, and the cells, support it on the cpu and cuda backends; elsewhere use "
+                              "torch's module for this part.");
+}
+
 using EmbeddingBagFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            int64_t, const std::optional<at::Tensor>&, int64_t);
 using EmbeddingBagBwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -280,6 +290,30 @@ FCK_OP_HANDLE(lstm_bwd, LstmBwd, "fck::lstm_layer_bwd")
 FCK_OP_HANDLE(gru_fwd, GruFwd, "fck::gru_layer_fwd")
 FCK_OP_HANDLE(gru_bwd, GruBwd, "fck::gru_layer_bwd")
 
+// Backwards that build a graph (create_graph=True): the forward re-run on differentiable ops from the node's inputs
+// (fastcore_kernels/ops/rnn.py defines both). Each returns a gradient per tensor input, empty where none is needed.
+using SeqGradGraph = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&,
+                                             bool, bool, int64_t, bool);
+using CellGradGraph = std::vector<at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                              const at::Tensor&, const std::optional<at::Tensor>&,
+                                              const std::optional<at::Tensor>&);
+FCK_OP_HANDLE(rnn_seq_grad_graph, SeqGradGraph, "fck::rnn_seq_grad_graph")
+FCK_OP_HANDLE(rnn_cell_grad_graph, CellGradGraph, "fck::rnn_cell_grad_graph")
+
+// The graph op's gradients (one per tensor argument, `given` says which were passed: an absent optional is no
+// input edge) for the inputs that need one, the others undefined; `total` counts every argument of forward.
+variable_list needed(AutogradContext* ctx, std::vector<at::Tensor> grads, const std::vector<bool>& given,
+                     size_t total) {
+  variable_list result(total);
+  size_t edge = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (given[i] && ctx->needs_input_grad(edge++)) result[i] = std::move(grads[i]);
+  }
+  return result;
+}
+
 struct LstmLayer : public torch::autograd::Function<LstmLayer> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xg, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& bias, bool reverse) {
@@ -293,7 +327,7 @@ struct LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    refuse_double_backward("lstm");
+    refuse_layer_double_backward("lstm");
     auto [dxg, dh0, dc0, dw, db] = lstm_bwd().call(
         grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
         ctx->saved_data["reverse"].toBool());
@@ -314,7 +348,7 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    refuse_double_backward("gru");
+    refuse_layer_double_backward("gru");
     auto [dxg, dh0, dw, db_ih, db_hh] = gru_bwd().call(
         grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], s[2], s[3], ctx->saved_data["reverse"].toBool());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -399,7 +433,8 @@ struct LstmCell : public torch::autograd::Function<LstmCell> {
                                const std::optional<at::Tensor>& b_hh) {
     auto [out, h_n, c_n, c_all, gates] =
         lstm_fwd().call(cell_xg(x, w_ih), h, c, w_hh, summed_bias(b_ih, b_hh), false);
-    ctx->save_for_backward({x, h, c, w_ih, w_hh, out, c_all, gates});
+    ctx->save_for_backward({x, h, c, w_ih, w_hh, out, c_all, gates, b_ih.value_or(at::Tensor()),
+                            b_hh.value_or(at::Tensor())});
     ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), h.requires_grad(),    c.requires_grad(),
                                                 w_ih.requires_grad(), w_hh.requires_grad(), needs(b_ih),
                                                 needs(b_hh)};
@@ -409,7 +444,11 @@ struct LstmCell : public torch::autograd::Function<LstmCell> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
-    refuse_double_backward("lstm_cell");
+    if (at::GradMode::is_enabled()) {  // create_graph: re-run on differentiable ops
+      return needed(ctx, rnn_cell_grad_graph().call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], opt(s[8]),
+                                                     opt(s[9])),
+                    {true, true, true, true, true, s[8].defined(), s[9].defined()}, 7);
+    }
     // h' is the one-step output and h_n both: its gradient enters once, as the output's.
     const at::Tensor dh = grads[0].contiguous();
     auto [dxg, dh0, dc0, dw_hh, db] = lstm_bwd().call(dh.unsqueeze(0), at::zeros_like(dh), grads[1].contiguous(),
@@ -426,7 +465,7 @@ struct GruCell : public torch::autograd::Function<GruCell> {
                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                             const std::optional<at::Tensor>& b_hh) {
     auto [out, h_n, saved] = gru_fwd().call(cell_xg(x, w_ih), h, w_hh, b_ih, b_hh, false);
-    ctx->save_for_backward({x, h, w_ih, w_hh, out, saved});
+    ctx->save_for_backward({x, h, w_ih, w_hh, out, saved, b_ih.value_or(at::Tensor()), b_hh.value_or(at::Tensor())});
     // in the LSTM's argument order (no c), so input_grads reads the same slots
     ctx->saved_data["need"] = std::vector<bool>{x.requires_grad(), h.requires_grad(), false, w_ih.requires_grad(),
                                                 w_hh.requires_grad(), needs(b_ih), needs(b_hh)};
@@ -436,7 +475,12 @@ struct GruCell : public torch::autograd::Function<GruCell> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const c10::List<bool> need = ctx->saved_data["need"].toBoolList();
-    refuse_double_backward("gru_cell");
+    if (at::GradMode::is_enabled()) {  // create_graph: as the LSTM cell's, without c
+      std::vector<at::Tensor> g = rnn_cell_grad_graph().call(grads[0], std::nullopt, s[0], s[1], std::nullopt, s[2],
+                                                             s[3], opt(s[6]), opt(s[7]));
+      g.erase(g.begin() + 2);  // dc
+      return needed(ctx, std::move(g), {true, true, true, true, s[6].defined(), s[7].defined()}, 6);
+    }
     const at::Tensor dh = grads[0].contiguous();
     auto [dxg, dh0, dw_hh, db_ih, db_hh] =
         gru_bwd().call(dh.unsqueeze(0), at::zeros_like(dh), s[1], s[3], s[4], s[5], false);
@@ -548,6 +592,7 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
     std::vector<at::Tensor> saved{h0, c0};
     saved.insert(saved.end(), params.begin(), params.end());
     variable_list r = seq_forward(x, params, h0, c0, sp, &saved);
+    saved.push_back(x);  // last: for a backward that builds a graph (its storage is the first layer's input's)
     ctx->save_for_backward(saved);
     ctx->saved_data["spec"] = std::vector<int64_t>{lstm, has_biases, layers, sp.dirs, int64_t(params.size())};
     if (!lstm) r[2] = at::empty({0}, x.options());  // an output of the node must be a tensor
@@ -555,12 +600,17 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::AutoDispatchBelowADInplaceOrView below;
     const variable_list s = ctx->get_saved_variables();
-    refuse_double_backward("lstm/gru");
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
     const SeqSpec sp{spec[0] != 0, spec[1] != 0, spec[2], spec[3]};
     const int64_t P = spec[4], L = sp.layers, D = sp.dirs;
+    if (at::GradMode::is_enabled()) {  // create_graph: the stack re-run on differentiable ops from its inputs
+      const std::vector<at::Tensor> params(s.begin() + 2, s.begin() + 2 + P);
+      return needed(ctx, rnn_seq_grad_graph().call(grads[0], grads[1], grads[2], s.back(), params, s[0], s[1],
+                                                   sp.lstm, sp.has_biases, L, D == 2),
+                    std::vector<bool>(1 + P + 2, true), 1 + P + 2 + 4);
+    }
+    const at::AutoDispatchBelowADInplaceOrView below;
     const at::Tensor &h0 = s[0], &c0 = s[1];
     const auto param = [&](int64_t i) -> const at::Tensor& { return s[2 + i]; };
     // after h0, c0 and the params: per layer its input, then per direction (out, c_all, gates) or (out, saved)

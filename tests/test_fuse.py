@@ -236,6 +236,56 @@ def test_fused_model_survives_deepcopy_and_pickle():
         torch.testing.assert_close(other(x), fused_model(x))
 
 
+def _penalty_derivatives(f, leaves, dy):
+    """A gradient penalty's derivatives: g = d <f(), dy> / d leaves with a graph, then d |g|^2 / d leaves."""
+    first = torch.autograd.grad((f() * dy).sum(), leaves, create_graph=True)
+    penalty = sum((g ** 2).sum() for g in first)
+    second = torch.autograd.grad(penalty, leaves, allow_unused=True)  # a last bias only shifts a ReLU's mask
+    return [g.detach() for g in first] + [torch.zeros_like(t) if g is None else g for g, t in zip(second, leaves)]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradient_penalty_through_a_fused_model_matches_torch(mode):
+    """create_graph=True (a gradient penalty) through a fused model — conv-BN-ReLU blocks, a ResNet block's
+    BN-add-ReLU, BN-ReLU — gives the stock model's first and second derivatives (float64)."""
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    model = small_resnet()
+    _randomize_bn_state(model)
+    model = model.double()
+    fused_model = fck.fuse(model)
+    assert any(isinstance(m, fnn.FusedConv2d) for m in fused_model.modules())
+    x, dy = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+
+    def derivatives(m):
+        m = getattr(m, mode)()
+        xx = x.clone().requires_grad_()
+        leaves = [xx, *m.parameters()]
+        return _penalty_derivatives(lambda: m(xx), leaves, dy)
+
+    for got, want in zip(derivatives(fused_model), derivatives(model)):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_winograd_training_convolution_double_backward():
+    """The training convolution by Winograd (fp32) has a backward that builds no graph; under create_graph it re-runs
+    as torch's convolution, so a penalty's derivatives match F.conv2d's."""
+    from fastcore_kernels.ops.conv_bn_relu import _winograd_tile_for, training_conv2d
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(8, 48, 32, 32), torch.randn(48, 48, 3, 3) * 0.05, torch.randn(48)
+    assert _winograd_tile_for(x, w, 1, 1, 1, 1)  # this shape takes the Winograd kernels
+    dy = torch.randn(8, 48, 32, 32)
+    for need_x in (True, False):
+        results = []
+        for conv in (training_conv2d, F.conv2d):
+            leaves = [t.clone().requires_grad_(need) for t, need in ((x, need_x), (w, True), (b, True))]
+            results.append(_penalty_derivatives(lambda: conv(*leaves, 1, 1, 1, 1), [t for t in leaves
+                                                                                     if t.requires_grad], dy))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_sync_batchnorm_conversion_refuses_fused_modules_and_works_before_fuse():
     """torch's SyncBatchNorm.convert_sync_batchnorm rebuilds every batch norm from its attributes: on a fused model it
     would drop the fused ReLU / residual add, and re-normalise the output of a convolution that absorbed its batch

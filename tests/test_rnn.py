@@ -1148,26 +1148,109 @@ def test_bad_input():
         fckF.gru_cell(torch.randn(2, 4), None, torch.randn(18, 4), torch.randn(18, 5))
 
 
+def _penalty_grads(module, x, hx):
+    """A gradient penalty's gradients: g = d loss / d (x, params, states) with a graph, then d |g|^2 / d (x, params,
+    states). Each output gets its own weights, so a mix-up of outputs shows."""
+    out = module(x, hx) if hx is not None else module(x)
+    outs = [t for t in (out if isinstance(out, tuple) else (out,)) for t in (t if isinstance(t, tuple) else (t,))]
+    g = torch.Generator().manual_seed(3)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() + (o ** 2).sum()
+               for o in outs)
+    states = [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+    leaves = [x, *module.parameters(), *states]
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    penalty = sum((f ** 2).sum() for f in first)
+    return [f.detach() for f in first] + list(torch.autograd.grad(penalty, leaves))
+
+
+def _double_backward_cases(device):
+    x3, x2 = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    h = torch.randn(2 * 2, 3, 6, dtype=torch.float64)
+    return [
+        ("LSTM 2 layers, bidirectional, states given", lambda m: m.LSTM(4, 6, num_layers=2, bidirectional=True), x3,
+         (h, torch.randn_like(h))),
+        ("GRU 2 layers, batch_first", lambda m: m.GRU(4, 6, num_layers=2, batch_first=True), x3.transpose(0, 1),
+         None),
+        ("LSTM without biases", lambda m: m.LSTM(4, 6, bias=False), x3, None),
+        ("LSTMCell", lambda m: m.LSTMCell(4, 6), x2, (torch.randn(3, 6, dtype=torch.float64),
+                                                      torch.randn(3, 6, dtype=torch.float64))),
+        ("GRUCell", lambda m: m.GRUCell(4, 6), x2, torch.randn(3, 6, dtype=torch.float64)),
+        ("GRUCell without biases", lambda m: m.GRUCell(4, 6, bias=False), x2, None),
+    ]
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
-def test_double_backward_is_refused_not_silently_wrong(backend, device):
-    """The fused recurrent backward is not differentiable: a backward with create_graph=True (a gradient penalty)
-    gets an error from every backend, never a graph that silently drops the second derivative (the reference
-    backend, plain PyTorch, differentiates as torch does)."""
+def test_double_backward_matches_torch(backend, device):
+    """A backward that builds a graph (create_graph=True: a gradient penalty, a Hessian-vector product) through the
+    whole-stack and cell paths gives torch's first and second derivatives: the C++ nodes re-run their forward on
+    differentiable ops from their inputs (ops/rnn.py: rnn_seq_grad_graph, rnn_cell_grad_graph). The Triton
+    backend's per-layer path refuses (test below)."""
+    skip_unless_runnable(backend, device)
+    if backend == "triton":
+        pytest.skip("the Triton backend's layers refuse double backward (test_double_backward_refusals)")
+    torch.manual_seed(4)
+    for name, make, x, hx in _double_backward_cases(device):
+        theirs = make(nn).double().to(device)
+        ours = make(fnn).double().to(device)
+        ours.load_state_dict(theirs.state_dict())
+
+        def inputs():
+            states = None if hx is None else tuple(t.to(device).requires_grad_() for t in (
+                hx if isinstance(hx, tuple) else (hx,)))
+            return x.to(device).requires_grad_(), (states[0] if states and len(states) == 1 else states)
+        with fck.use_backend(backend):
+            got = _penalty_grads(ours, *inputs())
+        want = _penalty_grads(theirs, *inputs())
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_double_backward_gradgradcheck_cpu():
+    """gradgradcheck of the fused stack and cells on the C++ path (float64)."""
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(5)
+    with fck.use_backend("cpu"):
+        lstm = fnn.LSTM(3, 4, num_layers=2).double()
+        x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+        h, c = (torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradgradcheck(lambda x, h, c: lstm(x, (h, c))[0], (x, h, c))
+        gru_cell = fnn.GRUCell(3, 4).double()
+        w = list(gru_cell.parameters())
+        xs = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+        hs = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(
+            lambda x, h, *w: rnn_ops.gru_cell(x, h, *w), (xs, hs, *w))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_double_backward_refusals(backend, device):
+    """Where the fused backward cannot build a graph — the per-layer paths: dropout between layers in training,
+    proj_size, packed input, and every Triton path — a backward with create_graph=True raises a clear error, never a
+    graph that silently drops the second derivative. The reference backend differentiates them all (plain
+    PyTorch)."""
     skip_unless_runnable(backend, device)
     torch.manual_seed(2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
+    cases = [(fnn.LSTM(3, 4, num_layers=2, dropout=0.3), x), (fnn.LSTM(3, 4, proj_size=2), x),
+             (fnn.GRU(3, 4), packed), (fnn.LSTM(3, 4), packed)]
+    if backend == "triton":
+        cases += [(fnn.LSTM(3, 4), x), (fnn.GRUCell(3, 4), x[0]), (fnn.LSTMCell(3, 4), x[0])]
     with fck.use_backend(backend):
-        for module, x in ((fnn.LSTM(3, 4, num_layers=2), torch.randn(5, 2, 3)), (fnn.GRU(3, 4), torch.randn(5, 2, 3)),
-                          (fnn.LSTMCell(3, 4), torch.randn(2, 3)), (fnn.GRUCell(3, 4), torch.randn(2, 3))):
-            module, x = module.double().to(device), x.double().to(device).requires_grad_()
-            out = module(x)
-            y = out[0] if isinstance(out, tuple) else out
+        for module, inp in cases:
+            module = module.double().to(device).train()
+            inp = inp.to(device)
+            out = module(inp)[0] if not isinstance(module, nn.RNNCellBase) else module(inp)
+            y = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out[0] if isinstance(out, tuple) \
+                else out
+            params = list(module.parameters())
             if backend == "reference":
-                g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
-                assert g.requires_grad
+                g = torch.autograd.grad((y ** 2).sum(), params, create_graph=True)
+                assert all(t.requires_grad for t in g)
                 continue
-            with pytest.raises((NotImplementedError, RuntimeError), match="not differentiable|differentiate twice"):
-                g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
-                (g ** 2).sum().backward()
+            with pytest.raises(NotImplementedError, match="not differentiable"):
+                torch.autograd.grad((y ** 2).sum(), params, create_graph=True)
 
 
 def test_cpp_guards():

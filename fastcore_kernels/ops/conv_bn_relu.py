@@ -147,9 +147,10 @@ class _WinogradConv2d(torch.autograd.Function):
         return torch.ops.fck.conv3x3_winograd(x, torch.ops.fck.winograd_weight(w, m), b, pad, w.shape[0], False)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: torch's convolution re-run and differentiated, as a graph
+            return _conv_grads_with_graph(ctx, gy, x, w)
         if not _dense_nchw_or_nhwc(gy):
             gy = gy.contiguous(memory_format=x.suggest_memory_format())
         gx = gw = gb = None
@@ -164,6 +165,19 @@ class _WinogradConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gb = gy.sum((0, 2, 3))
         return gx, gw, gb, None, None
+
+
+def _conv_grads_with_graph(ctx, gy, x, w):
+    """_WinogradConv2d's gradients as differentiable ops, for a backward that builds a graph (a gradient penalty):
+    the Winograd kernels' results carry none. The bias adds nothing to the convolution's Jacobian, so only x and w
+    take part in the re-run."""
+    need = ctx.needs_input_grad
+    inputs = [t for t, n in ((x, need[0]), (w, need[1])) if n]
+    got = iter(torch.autograd.grad(F.conv2d(x, w, None, 1, ctx.pad), inputs, gy, create_graph=True)
+               if inputs else ())
+    gx = next(got) if need[0] else None
+    gw = next(got) if need[1] else None
+    return gx, gw, gy.sum((0, 2, 3)) if need[2] else None, None, None
 
 
 def training_conv2d(x, w, b, stride, padding, dilation, groups):

@@ -132,6 +132,70 @@ for _name, _schema in (("lstm_layer_fwd", LSTM_FWD_SCHEMA), ("lstm_layer_bwd", L
     triton_op(f"{_name}_triton", f"rnn.{_name}", _schema, _FAKES[_name])
 
 
+# ---- backwards that build a graph (create_graph=True) ----
+# A gradient penalty or a Hessian-vector product differentiates a backward again; the kernels' backward builds no
+# graph. The C++ nodes of whole stacks and of cells (python/register_autograd.cpp) keep their inputs, so under
+# create_graph they call these ops: the forward re-run from those inputs on the reference ops (plain PyTorch) and
+# differentiated with a graph, exact to any order and costing nothing unless asked for. The per-layer nodes
+# (dropout between layers, proj_size, packed input, the Triton backend) hold only what their own backward reads,
+# not the input projection, so they refuse (_refuse_graph).
+_LIB = torch.library.Library("fck", "FRAGMENT")
+_LIB.define("rnn_seq_grad_graph(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor x, Tensor[] params, "
+            "Tensor h0, Tensor c0, bool lstm, bool has_biases, int num_layers, bool bidirectional) -> Tensor[]")
+_LIB.define("rnn_cell_grad_graph(Tensor grad_h, Tensor? grad_c, Tensor x, Tensor h, Tensor? c, Tensor w_ih, "
+            "Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor[]")
+
+
+def _grads_with_graph(outputs, grads, inputs):
+    """d outputs / d inputs against grads, as a graph; an empty tensor for each input that needs no gradient."""
+    want = [t for t in inputs if t.requires_grad]
+    with torch.enable_grad():
+        got = iter(torch.autograd.grad(outputs, want, grads, create_graph=True, allow_unused=True))
+    result = []
+    for t in inputs:
+        g = next(got) if t.requires_grad else t.new_empty(0)
+        result.append(torch.zeros_like(t) if g is None else g)
+    return result
+
+
+def _seq_grad_graph(grad_out, grad_hn, grad_cn, x, params, h0, c0, lstm, has_biases, num_layers, bidirectional):
+    """[dx, *dparams, dh0, dc0] of a fck::lstm_seq / gru_seq stack (a GRU's c0 and grad_cn are empty)."""
+    D = 2 if bidirectional else 1
+    weights = _layer_params(list(params), has_biases, num_layers, D, False)
+    with torch.enable_grad():
+        out, h_n, c_n = _rnn_layers(lstm, x, [h0, c0] if lstm else [h0], weights, num_layers, D, 0.0, False,
+                                    "reference")
+    outputs, grads = ([out, h_n, c_n], [grad_out, grad_hn, grad_cn]) if lstm else ([out, h_n], [grad_out, grad_hn])
+    return _grads_with_graph(outputs, grads, [x, *params, h0, c0])
+
+
+def _cell_grad_graph(grad_h, grad_c, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """[dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh] of a fck::lstm_cell, or of a gru_cell (c None, dc empty)."""
+    present = [t for t in (b_ih, b_hh) if t is not None]
+    with torch.enable_grad():
+        if c is None:
+            outputs, grads = [reference.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)], [grad_h]
+        else:
+            outputs, grads = list(reference.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)), [grad_h, grad_c]
+    got = _grads_with_graph(outputs, grads, [x, h, w_ih, w_hh, *present] + ([] if c is None else [c]))
+    dc = x.new_empty(0) if c is None else got.pop()
+    db = got[4:] if present else [x.new_empty(0)] * 2
+    return [got[0], got[1], dc, got[2], got[3], *db]
+
+
+_LIB.impl("rnn_seq_grad_graph", _seq_grad_graph, "CompositeImplicitAutograd")
+_LIB.impl("rnn_cell_grad_graph", _cell_grad_graph, "CompositeImplicitAutograd")
+
+
+def _refuse_graph(name: str) -> None:
+    """The per-layer autograd Functions' answer to a backward that builds a graph (see above)."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"fastcore_kernels {name}: this path's fused backward is not differentiable (double backward / "
+            "create_graph=True). Stacks without dropout between layers, without proj_size and on padded input, "
+            "and the cells, support it on the cpu and cuda backends; elsewhere use torch's module for this part.")
+
+
 def _kernel(name: str, backend: str):
     return getattr(torch.ops.fck, f"{name}_triton" if backend == "triton" else name)
 
@@ -145,8 +209,8 @@ class _LSTMLayer(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
+        _refuse_graph("lstm")
         h0, c0, w_hh, out, c_all, gates = ctx.saved_tensors
         grads = _kernel("lstm_layer_bwd", ctx.backend)(
             d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), h0, c0, w_hh, out, c_all, gates, ctx.reverse)
@@ -162,8 +226,8 @@ class _GRULayer(torch.autograd.Function):
         return out, h_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn):
+        _refuse_graph("gru")
         h0, w_hh, out, saved = ctx.saved_tensors
         grads = _kernel("gru_layer_bwd", ctx.backend)(
             d_out.contiguous(), d_hn.contiguous(), h0, w_hh, out, saved, ctx.reverse)
@@ -180,8 +244,8 @@ class _LSTMProjLayer(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
+        _refuse_graph("lstm")
         h0, c0, w_hh, w_hr, out, u, c_all, gates = ctx.saved_tensors
         grads = _kernel("lstm_proj_layer_bwd", ctx.backend)(d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(),
                                                             h0, c0, w_hh, w_hr, out, u, c_all, gates, ctx.reverse)
@@ -198,8 +262,8 @@ class _LSTMPackedLayer(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
+        _refuse_graph("lstm")
         batch_sizes, h0, c0, w_hh, w_hr, out, u, c_all, gates = ctx.saved_tensors
         grads = torch.ops.fck.lstm_packed_bwd(d_out.contiguous(), d_hn.contiguous(), d_cn.contiguous(), batch_sizes,
                                               h0, c0, w_hh, w_hr, out, u, c_all, gates, ctx.reverse)
@@ -218,8 +282,8 @@ class _GRUPackedLayer(torch.autograd.Function):
         return out, h_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn):
+        _refuse_graph("gru")
         batch_sizes, h0, w_hh, out, saved = ctx.saved_tensors
         dxg, dh0, dw, db_ih, db_hh = torch.ops.fck.gru_packed_bwd(d_out.contiguous(), d_hn.contiguous(),
                                                                   batch_sizes, h0, w_hh, out, saved, ctx.reverse)
