@@ -50,9 +50,9 @@ void refuse_double_backward(const char* op) {
 void refuse_layer_double_backward(const char* op) {
   TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "fastcore_kernels ", op,
                               ": this path's fused backward is not differentiable (double backward / "
-                              "create_graph=True). Stacks without dropout between layers, without proj_size and on "
-                              "padded input, and the cells, support it on the cpu and cuda backends; elsewhere use "
-                              "torch's module for this part.");
+                              "create_graph=True). Stacks without proj_size on padded input, and the cells, support "
+                              "it on the cpu and cuda backends in eager mode; elsewhere use torch's module for this "
+                              "part.");
 }
 
 using EmbeddingBagFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -294,7 +294,8 @@ FCK_OP_HANDLE(gru_bwd, GruBwd, "fck::gru_layer_bwd")
 // (fastcore_kernels/ops/rnn.py defines both). Each returns a gradient per tensor input, empty where none is needed.
 using SeqGradGraph = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                              const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&,
-                                             bool, bool, int64_t, bool);
+                                             bool, bool, int64_t, bool,
+                                             const c10::List<std::optional<at::Tensor>>&);
 using CellGradGraph = std::vector<at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                               const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                               const at::Tensor&, const std::optional<at::Tensor>&,
@@ -528,6 +529,9 @@ at::Tensor gru_cell_autograd(const at::Tensor& x, const at::Tensor& h, const at:
 struct SeqSpec {
   bool lstm, has_biases;
   int64_t layers, dirs;
+  double dropout = 0;  // between layers, where `train`
+  bool train = false;
+  bool drops() const { return train && dropout > 0 && layers > 1; }
   int64_t per() const { return has_biases ? 4 : 2; }
   int64_t w_ih(int64_t k) const { return k * per(); }
   int64_t w_hh(int64_t k) const { return k * per() + 1; }
@@ -542,16 +546,45 @@ at::Tensor initial_state(const std::optional<at::Tensor>& s, const at::Tensor& x
   return s.has_value() ? s->contiguous() : at::zeros({sp.layers * sp.dirs, x.size(1), H}, x.options());
 }
 
-// Runs the stack. With `saved`, each layer's input, then per direction the layer's output and the tensors its
-// backward reads, are appended to it; without, the layers run as plain ops (a CPU inference saves nothing).
+// Dropout between layers as torch's F.dropout draws and computes it, so the stack gives the layer-by-layer
+// composition's bits for a seed. Returns the dropped input and what its backward keeps: on CUDA the fused kernel's
+// boolean mask, elsewhere the Bernoulli noise scaled by 1 / (1 - p) (a scalar where p = 1 or the input is empty).
+std::pair<at::Tensor, at::Tensor> drop(const at::Tensor& input, double p) {
+  if (p >= 1 || input.numel() == 0) {
+    const at::Tensor zero = at::zeros({}, input.options());
+    return {p >= 1 ? input * zero : input, p >= 1 ? zero : at::ones({}, input.options())};
+  }
+  if (input.is_cuda()) {
+    auto [out, mask] = at::native_dropout(input, p, true);
+    return {out, mask};
+  }
+  at::Tensor noise = at::empty_like(input).bernoulli_(1 - p);
+  noise.div_(1 - p);
+  return {input * noise, noise};
+}
+
+// The factor drop() multiplied its input by, as a tensor of the input's dtype.
+at::Tensor drop_factor(const at::Tensor& kept, double p, at::ScalarType dtype) {
+  return kept.scalar_type() == at::kBool ? kept.to(dtype).mul_(1.0 / (1.0 - p)) : kept;
+}
+
+at::Tensor drop_backward(const at::Tensor& grad, const at::Tensor& kept, double p) {
+  return kept.scalar_type() == at::kBool ? at::native_dropout_backward(grad, kept, 1.0 / (1.0 - p)) : grad * kept;
+}
+
+// Runs the stack. With `saved`, per layer its input and what its dropout keeps (undefined where none), then per
+// direction the layer's output and the tensors its backward reads, are appended to it; without, the layers run as
+// plain ops (a CPU inference saves nothing).
 variable_list seq_forward(const at::Tensor& x, at::TensorList params, const at::Tensor& h0, const at::Tensor& c0,
                           const SeqSpec& sp, std::vector<at::Tensor>* saved) {
   const int64_t T = x.size(0), B = x.size(1);
   at::Tensor input = x;
   std::vector<at::Tensor> h_n, c_n;
   for (int64_t l = 0; l < sp.layers; ++l) {
+    at::Tensor kept;
+    if (l > 0 && sp.drops()) std::tie(input, kept) = drop(input, sp.dropout);
     const at::Tensor x2d = input.reshape({T * B, input.size(2)});
-    if (saved) saved->push_back(x2d);
+    if (saved) saved->insert(saved->end(), {x2d, kept});
     std::vector<at::Tensor> outs;
     for (int64_t d = 0; d < sp.dirs; ++d) {
       const int64_t k = l * sp.dirs + d;
@@ -586,15 +619,17 @@ variable_list seq_forward(const at::Tensor& x, at::TensorList params, const at::
 
 struct RnnSeq : public torch::autograd::Function<RnnSeq> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList params, const at::Tensor& h0,
-                               const at::Tensor& c0, bool lstm, bool has_biases, int64_t layers, bool bidirectional) {
+                               const at::Tensor& c0, bool lstm, bool has_biases, int64_t layers, bool bidirectional,
+                               double dropout, bool train) {
     const at::AutoDispatchBelowADInplaceOrView below;
-    const SeqSpec sp{lstm, has_biases, layers, bidirectional ? 2 : 1};
+    const SeqSpec sp{lstm, has_biases, layers, bidirectional ? 2 : 1, dropout, train};
     std::vector<at::Tensor> saved{h0, c0};
     saved.insert(saved.end(), params.begin(), params.end());
     variable_list r = seq_forward(x, params, h0, c0, sp, &saved);
     saved.push_back(x);  // last: for a backward that builds a graph (its storage is the first layer's input's)
     ctx->save_for_backward(saved);
     ctx->saved_data["spec"] = std::vector<int64_t>{lstm, has_biases, layers, sp.dirs, int64_t(params.size())};
+    ctx->saved_data["dropout"] = dropout;
     if (!lstm) r[2] = at::empty({0}, x.options());  // an output of the node must be a tensor
     return r;
   }
@@ -604,21 +639,29 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
     const SeqSpec sp{spec[0] != 0, spec[1] != 0, spec[2], spec[3]};
     const int64_t P = spec[4], L = sp.layers, D = sp.dirs;
+    // after h0, c0 and the params: per layer its input and what its dropout kept, then per direction
+    // (out, c_all, gates) or (out, saved)
+    const int64_t per_dir = sp.lstm ? 3 : 2, per_layer = 2 + D * per_dir;
+    const auto at_layer = [&](int64_t l, int64_t i) -> const at::Tensor& { return s[2 + P + l * per_layer + i]; };
     if (at::GradMode::is_enabled()) {  // create_graph: the stack re-run on differentiable ops from its inputs
       const std::vector<at::Tensor> params(s.begin() + 2, s.begin() + 2 + P);
+      const double p = ctx->saved_data["dropout"].toDouble();
+      c10::List<std::optional<at::Tensor>> noise;
+      for (int64_t l = 0; l < L; ++l) {
+        const at::Tensor& kept = at_layer(l, 1);
+        noise.push_back(kept.defined() ? std::optional<at::Tensor>(drop_factor(kept, p, s.back().scalar_type()))
+                                       : std::nullopt);
+      }
       return needed(ctx, rnn_seq_grad_graph().call(grads[0], grads[1], grads[2], s.back(), params, s[0], s[1],
-                                                   sp.lstm, sp.has_biases, L, D == 2),
-                    std::vector<bool>(1 + P + 2, true), 1 + P + 2 + 4);
+                                                   sp.lstm, sp.has_biases, L, D == 2, noise),
+                    std::vector<bool>(1 + P + 2, true), 1 + P + 2 + 6);
     }
     const at::AutoDispatchBelowADInplaceOrView below;
     const at::Tensor &h0 = s[0], &c0 = s[1];
     const auto param = [&](int64_t i) -> const at::Tensor& { return s[2 + i]; };
-    // after h0, c0 and the params: per layer its input, then per direction (out, c_all, gates) or (out, saved)
-    const int64_t per_dir = sp.lstm ? 3 : 2, per_layer = 1 + D * per_dir;
-    const auto at_layer = [&](int64_t l, int64_t i) -> const at::Tensor& { return s[2 + P + l * per_layer + i]; };
     const int64_t H = h0.size(2), T = grads[0].size(0), B = grads[0].size(1);
 
-    variable_list result(1 + P + 2 + 4);  // x, params, h0, c0, then the four non-tensor arguments
+    variable_list result(1 + P + 2 + 6);  // x, params, h0, c0, then the six non-tensor arguments
     std::vector<at::Tensor> dh0(L * D), dc0(L * D);
     at::Tensor dinput = grads[0];
     for (int64_t l = L - 1; l >= 0; --l) {
@@ -628,17 +671,17 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
         const int64_t k = l * D + d;
         const at::Tensor dy = (D == 1 ? dinput : dinput.narrow(2, d * H, H)).contiguous();
         const at::Tensor& w_hh = param(sp.w_hh(k));
-        const at::Tensor& out = at_layer(l, 1 + d * per_dir);
+        const at::Tensor& out = at_layer(l, 2 + d * per_dir);
         at::Tensor dxg, dw_hh, db_ih, db_hh;
         if (sp.lstm) {
           auto [g_x, g_h0, g_c0, g_w, g_b] =
               lstm_bwd().call(dy, grads[1][k].contiguous(), grads[2][k].contiguous(), h0[k], c0[k], w_hh, out,
-                              at_layer(l, 2 + d * per_dir), at_layer(l, 3 + d * per_dir), d == 1);
+                              at_layer(l, 3 + d * per_dir), at_layer(l, 4 + d * per_dir), d == 1);
           dxg = g_x, dh0[k] = g_h0, dc0[k] = g_c0, dw_hh = g_w, db_ih = g_b;
           if (sp.has_biases) db_hh = g_b.clone();  // b_ih + b_hh: one gradient, two parameters' own tensors
         } else {
           auto [g_x, g_h0, g_w, g_bi, g_bh] =
-              gru_bwd().call(dy, grads[1][k].contiguous(), h0[k], w_hh, out, at_layer(l, 2 + d * per_dir), d == 1);
+              gru_bwd().call(dy, grads[1][k].contiguous(), h0[k], w_hh, out, at_layer(l, 3 + d * per_dir), d == 1);
           dxg = g_x, dh0[k] = g_h0, dw_hh = g_w, db_ih = g_bi, db_hh = g_bh;
         }
         const at::Tensor dxg2d = dxg.view({T * B, dxg.size(2)});
@@ -652,6 +695,9 @@ struct RnnSeq : public torch::autograd::Function<RnnSeq> {
         if (sp.has_biases) result[1 + wi + 2] = db_ih, result[1 + wi + 3] = db_hh;
       }
       if (dx2d.defined()) dinput = dx2d.view({T, B, x2d.size(1)});
+      if (dx2d.defined() && at_layer(l, 1).defined()) {  // through the dropout
+        dinput = drop_backward(dinput, at_layer(l, 1), ctx->saved_data["dropout"].toDouble());
+      }
     }
     if (ctx->needs_input_grad(0)) result[0] = dinput;
     if (ctx->needs_input_grad(1 + P)) result[1 + P] = at::stack(dh0);
@@ -669,19 +715,23 @@ bool seq_needs_grad(const at::Tensor& x, at::TensorList params, const std::optio
 }
 
 SeqSpec seq_spec(const at::Tensor& x, at::TensorList params, bool lstm, bool has_biases, int64_t layers,
-                 bool bidirectional, const char* op) {
-  const SeqSpec sp{lstm, has_biases, layers, bidirectional ? 2 : 1};
+                 bool bidirectional, double dropout, bool train, const char* op) {
+  const SeqSpec sp{lstm, has_biases, layers, bidirectional ? 2 : 1, dropout, train};
   TORCH_CHECK(x.dim() == 3, op, ": input must be (T, B, input_size), got ", x.sizes());
   TORCH_CHECK(layers > 0 && int64_t(params.size()) == sp.per() * layers * sp.dirs, op, ": expected ",
               sp.per() * layers * sp.dirs, " weight tensors, got ", params.size());
+  // checked where torch's stack checks it: when it draws
+  TORCH_CHECK(!(train && layers > 1 && dropout != 0) || (dropout >= 0 && dropout <= 1),
+              "dropout probability has to be between 0 and 1, but got ", dropout);
   return sp;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_plain(const at::Tensor& x, at::TensorList params,
                                                               const std::optional<at::Tensor>& h0,
                                                               const std::optional<at::Tensor>& c0, bool has_biases,
-                                                              int64_t layers, bool bidirectional) {
-  const SeqSpec sp = seq_spec(x, params, true, has_biases, layers, bidirectional, "fck::lstm_seq");
+                                                              int64_t layers, bool bidirectional, double dropout,
+                                                              bool train) {
+  const SeqSpec sp = seq_spec(x, params, true, has_biases, layers, bidirectional, dropout, train, "fck::lstm_seq");
   const int64_t H = params[1].size(1);
   const variable_list r =
       seq_forward(x, params, initial_state(h0, x, sp, H), initial_state(c0, x, sp, H), sp, nullptr);
@@ -691,19 +741,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_plain(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_seq_autograd(const at::Tensor& x, at::TensorList params,
                                                                  const std::optional<at::Tensor>& h0,
                                                                  const std::optional<at::Tensor>& c0,
-                                                                 bool has_biases, int64_t layers, bool bidirectional) {
-  if (!seq_needs_grad(x, params, h0, c0)) return lstm_seq_plain(x, params, h0, c0, has_biases, layers, bidirectional);
-  const SeqSpec sp = seq_spec(x, params, true, has_biases, layers, bidirectional, "fck::lstm_seq");
+                                                                 bool has_biases, int64_t layers, bool bidirectional,
+                                                                 double dropout, bool train) {
+  if (!seq_needs_grad(x, params, h0, c0)) {
+    return lstm_seq_plain(x, params, h0, c0, has_biases, layers, bidirectional, dropout, train);
+  }
+  const SeqSpec sp = seq_spec(x, params, true, has_biases, layers, bidirectional, dropout, train, "fck::lstm_seq");
   const int64_t H = params[1].size(1);
   const variable_list r = RnnSeq::apply(x, params, initial_state(h0, x, sp, H), initial_state(c0, x, sp, H), true,
-                                        has_biases, layers, bidirectional);
+                                        has_biases, layers, bidirectional, dropout, train);
   return {r[0], r[1], r[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor> gru_seq_plain(const at::Tensor& x, at::TensorList params,
                                                  const std::optional<at::Tensor>& h0, bool has_biases, int64_t layers,
-                                                 bool bidirectional) {
-  const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, "fck::gru_seq");
+                                                 bool bidirectional, double dropout, bool train) {
+  const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, dropout, train, "fck::gru_seq");
   const at::Tensor h = initial_state(h0, x, sp, params[1].size(1));
   const variable_list r = seq_forward(x, params, h, h, sp, nullptr);
   return {r[0], r[1]};
@@ -711,15 +764,15 @@ std::tuple<at::Tensor, at::Tensor> gru_seq_plain(const at::Tensor& x, at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> gru_seq_autograd(const at::Tensor& x, at::TensorList params,
                                                     const std::optional<at::Tensor>& h0, bool has_biases,
-                                                    int64_t layers, bool bidirectional) {
+                                                    int64_t layers, bool bidirectional, double dropout, bool train) {
   if (!seq_needs_grad(x, params, h0, std::nullopt)) {
-    return gru_seq_plain(x, params, h0, has_biases, layers, bidirectional);
+    return gru_seq_plain(x, params, h0, has_biases, layers, bidirectional, dropout, train);
   }
-  const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, "fck::gru_seq");
+  const SeqSpec sp = seq_spec(x, params, false, has_biases, layers, bidirectional, dropout, train, "fck::gru_seq");
   const at::Tensor h = initial_state(h0, x, sp, params[1].size(1));
   // the GRU has no cell state: c0's slot holds an empty tensor that no gradient reaches
   const variable_list r = RnnSeq::apply(x, params, h, at::empty({0}, x.options()), false, has_biases, layers,
-                                        bidirectional);
+                                        bidirectional, dropout, train);
   return {r[0], r[1]};
 }
 

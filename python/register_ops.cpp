@@ -116,13 +116,14 @@ TORCH_LIBRARY(fck, m) {
         "(Tensor, Tensor)", kFixedStrides);
   m.def("gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor",
         kFixedStrides);
-  // A whole multi-layer stack without inter-layer dropout, x (T, B, I), params in torch's flat order, states
-  // (layers * directions, B, H) or None for zeros: every layer's projection, pass and gradient as one autograd node
-  // in C++ (register_autograd.cpp). Returns (output, h_n, c_n) / (output, h_n).
+  // A whole multi-layer stack, x (T, B, I), params in torch's flat order, states (layers * directions, B, H) or
+  // None for zeros, dropout between layers where `train` (drawn as F.dropout draws it): every layer's projection,
+  // pass and gradient as one autograd node in C++ (register_autograd.cpp). Returns (output, h_n, c_n) /
+  // (output, h_n).
   m.def("lstm_seq(Tensor x, Tensor[] params, Tensor? h0, Tensor? c0, bool has_biases, int num_layers, "
-        "bool bidirectional) -> (Tensor, Tensor, Tensor)", kFixedStrides);
-  m.def("gru_seq(Tensor x, Tensor[] params, Tensor? h0, bool has_biases, int num_layers, bool bidirectional) -> "
-        "(Tensor, Tensor)", kFixedStrides);
+        "bool bidirectional, float dropout=0., bool train=False) -> (Tensor, Tensor, Tensor)", kFixedStrides);
+  m.def("gru_seq(Tensor x, Tensor[] params, Tensor? h0, bool has_biases, int num_layers, bool bidirectional, "
+        "float dropout=0., bool train=False) -> (Tensor, Tensor)", kFixedStrides);
   // Frees the cached blocks of the CPU output pool (csrc/include/fck/cpu_pool.h); returns the bytes released.
   m.def("cpu_pool_release() -> int", &fck::cpu::pool_release_cached);
   // A contiguous (row-major) copy of x in a pooled block: a channels_last result turned back into NCHW without

@@ -344,13 +344,15 @@ SEQ_CASES = {  # name: (I, H, layers, bidirectional, bias, T, B, states given, w
 }
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("case", list(SEQ_CASES))
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_sequence_node_matches_the_layer_composition(device, mode, case):
+def test_sequence_node_matches_the_layer_composition(device, mode, case, dropout):
     """The whole stack as one C++ node (fck::lstm_seq / gru_seq) against the same ops composed layer by layer in
     Python: on the CPU the same bits (outputs and every gradient), on CUDA within fp32 rounding (cuBLAS may order
-    the weight gradient's sums differently); gradients only for what requires them."""
+    the weight gradient's sums differently); gradients only for what requires them. Dropout between layers is drawn
+    as F.dropout draws it: the same seed, the same masks."""
     skip_unless_runnable(device, device)
     I, H, L, bi, bias, T, B, states, needs = SEQ_CASES[case]
     D = 2 if bi else 1
@@ -374,14 +376,15 @@ def test_sequence_node_matches_the_layer_composition(device, mode, case):
         xs = x.clone().requires_grad_(needs in ("all", "input"))
         ps = [p.clone().requires_grad_(needs in ("all", "weights")) for p in params]
         st = [s if s is None else s.clone().requires_grad_(needs == "all") for s in given]
+        torch.manual_seed(12)
         if fused:
             seq = torch.ops.fck.lstm_seq if mode == "lstm" else torch.ops.fck.gru_seq
-            outs = list(seq(xs, ps, *st, bias, L, bi))
+            outs = list(seq(xs, ps, *st, bias, L, bi, dropout, True))
         else:
             per = 4 if bias else 2
             weights = [tuple(ps[k * per:(k + 1) * per]) + ((None, None) if not bias else ()) + (None,)
                        for k in range(L * D)]
-            outs = list(rnn_ops._rnn_layers(mode == "lstm", xs, st, weights, L, D, 0.0, True, device))
+            outs = list(rnn_ops._rnn_layers(mode == "lstm", xs, st, weights, L, D, dropout, True, device))
         outs = [o for o in outs if o is not None]
         leaves = [t for t in [xs, *ps, *st] if t is not None and t.requires_grad]
         grads = torch.autograd.grad(sum((o * dy).sum() for o, dy in zip(outs, dys)), leaves)
@@ -1150,7 +1153,9 @@ def test_bad_input():
 
 def _penalty_grads(module, x, hx):
     """A gradient penalty's gradients: g = d loss / d (x, params, states) with a graph, then d |g|^2 / d (x, params,
-    states). Each output gets its own weights, so a mix-up of outputs shows."""
+    states). Each output gets its own weights, so a mix-up of outputs shows. Seeded, so dropout draws the same masks
+    in torch's module and ours."""
+    torch.manual_seed(8)
     out = module(x, hx) if hx is not None else module(x)
     outs = [t for t in (out if isinstance(out, tuple) else (out,)) for t in (t if isinstance(t, tuple) else (t,))]
     g = torch.Generator().manual_seed(3)
@@ -1171,6 +1176,7 @@ def _double_backward_cases(device):
          (h, torch.randn_like(h))),
         ("GRU 2 layers, batch_first", lambda m: m.GRU(4, 6, num_layers=2, batch_first=True), x3.transpose(0, 1),
          None),
+        ("LSTM 3 layers, dropout between them", lambda m: m.LSTM(4, 6, num_layers=3, dropout=0.5), x3, None),
         ("LSTM without biases", lambda m: m.LSTM(4, 6, bias=False), x3, None),
         ("LSTMCell", lambda m: m.LSTMCell(4, 6), x2, (torch.randn(3, 6, dtype=torch.float64),
                                                       torch.randn(3, 6, dtype=torch.float64))),
@@ -1206,6 +1212,26 @@ def test_double_backward_matches_torch(backend, device):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_double_backward_with_dropout_between_layers(mode, device):
+    """A training stack with dropout between layers: the C++ node saves the dropout it drew and its graph-building
+    backward re-runs the stack with it, so a gradient penalty's derivatives match the reference backend's (plain
+    PyTorch, F.dropout drawing the same masks from the same seed)."""
+    skip_unless_runnable(device, device)
+    cls = fnn.LSTM if mode == "lstm" else fnn.GRU
+    torch.manual_seed(6)
+    module = cls(4, 5, num_layers=3, dropout=0.5, bidirectional=True).double().to(device).train()
+    x = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
+    results = []
+    for backend in (device, "reference"):
+        torch.manual_seed(7)
+        with fck.use_backend(backend):
+            results.append(_penalty_grads(module, x.clone().requires_grad_(), None))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
 def test_double_backward_gradgradcheck_cpu():
     """gradgradcheck of the fused stack and cells on the C++ path (float64)."""
     skip_unless_runnable("cpu", "cpu")
@@ -1225,18 +1251,17 @@ def test_double_backward_gradgradcheck_cpu():
 
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_double_backward_refusals(backend, device):
-    """Where the fused backward cannot build a graph — the per-layer paths: dropout between layers in training,
-    proj_size, packed input, and every Triton path — a backward with create_graph=True raises a clear error, never a
-    graph that silently drops the second derivative. The reference backend differentiates them all (plain
-    PyTorch)."""
+    """Where the fused backward cannot build a graph — the per-layer paths: proj_size, packed input, and every Triton
+    path — a backward with create_graph=True raises a clear error, never a graph that silently drops the second
+    derivative. The reference backend differentiates them all (plain PyTorch)."""
     skip_unless_runnable(backend, device)
     torch.manual_seed(2)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
-    cases = [(fnn.LSTM(3, 4, num_layers=2, dropout=0.3), x), (fnn.LSTM(3, 4, proj_size=2), x),
-             (fnn.GRU(3, 4), packed), (fnn.LSTM(3, 4), packed)]
+    cases = [(fnn.LSTM(3, 4, proj_size=2), x), (fnn.GRU(3, 4), packed), (fnn.LSTM(3, 4), packed)]
     if backend == "triton":
-        cases += [(fnn.LSTM(3, 4), x), (fnn.GRUCell(3, 4), x[0]), (fnn.LSTMCell(3, 4), x[0])]
+        cases += [(fnn.LSTM(3, 4, num_layers=2, dropout=0.3), x), (fnn.GRUCell(3, 4), x[0]),
+                  (fnn.LSTMCell(3, 4), x[0])]
     with fck.use_backend(backend):
         for module, inp in cases:
             module = module.double().to(device).train()

@@ -137,11 +137,12 @@ for _name, _schema in (("lstm_layer_fwd", LSTM_FWD_SCHEMA), ("lstm_layer_bwd", L
 # graph. The C++ nodes of whole stacks and of cells (python/register_autograd.cpp) keep their inputs, so under
 # create_graph they call these ops: the forward re-run from those inputs on the reference ops (plain PyTorch) and
 # differentiated with a graph, exact to any order and costing nothing unless asked for. The per-layer nodes
-# (dropout between layers, proj_size, packed input, the Triton backend) hold only what their own backward reads,
-# not the input projection, so they refuse (_refuse_graph).
+# (proj_size, packed input, the Triton backend, compiled graphs) hold only what their own backward reads, not the
+# input projection, so they refuse (_refuse_graph).
 _LIB = torch.library.Library("fck", "FRAGMENT")
 _LIB.define("rnn_seq_grad_graph(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor x, Tensor[] params, "
-            "Tensor h0, Tensor c0, bool lstm, bool has_biases, int num_layers, bool bidirectional) -> Tensor[]")
+            "Tensor h0, Tensor c0, bool lstm, bool has_biases, int num_layers, bool bidirectional, "
+            "Tensor?[] noise) -> Tensor[]")
 _LIB.define("rnn_cell_grad_graph(Tensor grad_h, Tensor? grad_c, Tensor x, Tensor h, Tensor? c, Tensor w_ih, "
             "Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor[]")
 
@@ -158,13 +159,15 @@ def _grads_with_graph(outputs, grads, inputs):
     return result
 
 
-def _seq_grad_graph(grad_out, grad_hn, grad_cn, x, params, h0, c0, lstm, has_biases, num_layers, bidirectional):
-    """[dx, *dparams, dh0, dc0] of a fck::lstm_seq / gru_seq stack (a GRU's c0 and grad_cn are empty)."""
+def _seq_grad_graph(grad_out, grad_hn, grad_cn, x, params, h0, c0, lstm, has_biases, num_layers, bidirectional,
+                    noise):
+    """[dx, *dparams, dh0, dc0] of a fck::lstm_seq / gru_seq stack (a GRU's c0 and grad_cn are empty); noise: each
+    layer's dropout factor as the forward drew it, or None."""
     D = 2 if bidirectional else 1
     weights = _layer_params(list(params), has_biases, num_layers, D, False)
     with torch.enable_grad():
         out, h_n, c_n = _rnn_layers(lstm, x, [h0, c0] if lstm else [h0], weights, num_layers, D, 0.0, False,
-                                    "reference")
+                                    "reference", noise=noise)
     outputs, grads = ([out, h_n, c_n], [grad_out, grad_hn, grad_cn]) if lstm else ([out, h_n], [grad_out, grad_hn])
     return _grads_with_graph(outputs, grads, [x, *params, h0, c0])
 
@@ -192,8 +195,8 @@ def _refuse_graph(name: str) -> None:
     if torch.is_grad_enabled():
         raise NotImplementedError(
             f"fastcore_kernels {name}: this path's fused backward is not differentiable (double backward / "
-            "create_graph=True). Stacks without dropout between layers, without proj_size and on padded input, "
-            "and the cells, support it on the cpu and cuda backends; elsewhere use torch's module for this part.")
+            "create_graph=True). Stacks without proj_size on padded input, and the cells, support it on the cpu "
+            "and cuda backends in eager mode; elsewhere use torch's module for this part.")
 
 
 def _kernel(name: str, backend: str):
@@ -587,21 +590,22 @@ def _rnn_in_dtype(mode, input, hx, params, has_biases, num_layers, dropout, trai
         out, h_n, c_n = _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl,
                                     (runs, batch_sizes))
         return _rnn_result(out, h_n, c_n, lstm, True, False)
-    if impl in ("cpu", "cuda") and not _backend.compiling() and not (dropout > 0 and training and num_layers > 1) \
-            and not proj:
-        # the whole stack as one C++ autograd node (register_autograd.cpp): the same ops, no per-layer Python
+    if impl in ("cpu", "cuda") and not _backend.compiling() and not proj:
+        # the whole stack as one C++ autograd node (register_autograd.cpp): the same ops and dropout draws, no
+        # per-layer Python
         seq = torch.ops.fck.lstm_seq if lstm else torch.ops.fck.gru_seq
-        r = seq(x, list(params), *given, has_biases, num_layers, bidirectional)
+        r = seq(x, list(params), *given, has_biases, num_layers, bidirectional, float(dropout), bool(training))
         return _rnn_result(r[0], r[1], r[2] if lstm else None, lstm, batched, batch_first)
     out, h_n, c_n = _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl)
     return _rnn_result(out, h_n, c_n, lstm, batched, batch_first)
 
 
-def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl, packed=None):
+def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl, packed=None, noise=None):
     """The stack composed in Python, layer by layer: x (T, B, I) — or, with `packed` = (runs, batch_sizes), a
     PackedSequence's rows (N, I) — `given` states (L*D, B, P) and (L*D, B, H) or None, weights per layer and
     direction. Runs dropout between layers, projections, packed input, the Triton and reference backends and
-    torch.compile. The input projection of every step is one GEMM (biases go into the kernels)."""
+    torch.compile. The input projection of every step is one GEMM (biases go into the kernels). `noise`: each
+    layer's dropout factor drawn before (a graph-building backward's re-run), instead of drawing it."""
     B = packed[0][0][2] if packed else x.shape[1]
     w_hr0 = weights[0][4]
     H = w_hr0.shape[1] if w_hr0 is not None else weights[0][1].shape[-1]
@@ -609,7 +613,9 @@ def _rnn_layers(lstm, x, given, weights, num_layers, D, dropout, training, impl,
     full = [x.new_zeros(num_layers * D, B, P if i == 0 else H) if s is None else s for i, s in enumerate(given)]
     h_n, c_n = [], []
     for layer in range(num_layers):
-        if layer > 0 and dropout > 0 and training:
+        if noise is not None and noise[layer] is not None:
+            x = x * noise[layer]
+        elif layer > 0 and dropout > 0 and training:
             x = F.dropout(x, dropout, True)
         outs = []
         for d in range(D):
