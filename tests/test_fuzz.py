@@ -307,8 +307,10 @@ def test_conv_bn_relu_fuzz():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_fuzz(backend):
     """LSTM (with and without proj_size) and GRU modules: layers, directions, batch_first, unbatched inputs,
-    PackedSequence inputs (random lengths, sorted or not), biases, given or zero initial states; outputs, final
-    states and every gradient, in float64."""
+    PackedSequence inputs (random lengths, sorted or not), biases, given or zero initial states, dropout between
+    layers (the same seed draws torch's masks); outputs, final states and every gradient, in float64; in some cases
+    a gradient penalty's second derivatives (create_graph=True) where the path supports them (padded input, no
+    proj_size, not Triton), and its clear refusal where it does not."""
     skip_unless_runnable(backend, "cpu")
     for seed in _seeds(backend, 5):
         r = random.Random(seed)
@@ -316,6 +318,8 @@ def test_rnn_fuzz(backend):
         I, H = r.choice([1, 3, 16]), r.choice([1, 5, 16, 33])
         kw = dict(num_layers=r.choice([1, 2, 3]), bidirectional=r.random() < 0.4, batch_first=r.random() < 0.5,
                   bias=r.random() < 0.8, dtype=torch.float64)
+        if kw["num_layers"] > 1 and r.random() < 0.3:
+            kw["dropout"] = r.choice([0.3, 0.5])
         if kind == "LSTM" and H > 1 and r.random() < 0.25:
             kw["proj_size"] = r.randrange(1, H)
         B, T, batched, give = r.choice([1, 2, 7]), r.choice([1, 2, 9]), r.random() < 0.85, r.random() < 0.5
@@ -325,8 +329,9 @@ def test_rnn_fuzz(backend):
         enforce_sorted = r.random() < 0.3
         if enforce_sorted:
             lengths = lengths.sort(descending=True).values
+        second = r.random() < 0.3
         case = dict(seed=seed, kind=kind, I=I, H=H, B=B, T=T, batched=batched, given_state=give, **kw,
-                    packed=lengths.tolist() if packed else False)
+                    packed=lengths.tolist() if packed else False, second_order=second)
         torch.manual_seed(seed)  # the module's initial weights
         theirs_m = getattr(nn, kind)(I, H, **kw)
         ours_m = getattr(fnn, kind)(I, H, **kw)
@@ -339,6 +344,7 @@ def test_rnn_fuzz(backend):
         c0 = _randn(g, L, *batch, H) if give and kind == "LSTM" else None
 
         def run(m):
+            torch.manual_seed(seed)  # dropout's draws
             xs = x.clone().requires_grad_()
             states = [t.clone().requires_grad_() for t in (h0, c0) if t is not None]
             hx = None if not give else (tuple(states) if kind == "LSTM" else states[0])
@@ -349,16 +355,28 @@ def test_rnn_fuzz(backend):
             out = out.data if packed else out
             finals = list(st) if kind == "LSTM" else [st]
             loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
-            (loss + sum((s * s).sum() for s in finals)).backward()
-            return ([out.detach()] + [s.detach() for s in finals] + [xs.grad] + [s.grad for s in states]
-                    + [p.grad for p in m.parameters()])
+            loss = loss + sum((s * s).sum() for s in finals)
+            leaves = [xs, *states, *m.parameters()]
+            if not second:
+                loss.backward()
+                return [out.detach()] + [s.detach() for s in finals] + [t.grad for t in leaves]
+            first = torch.autograd.grad(loss, leaves, create_graph=True)
+            penalty = sum((f * f).sum() for f in first)
+            again = torch.autograd.grad(penalty, leaves, allow_unused=True)
+            return [out.detach()] + [s.detach() for s in finals] + [f.detach() for f in first] + [
+                torch.zeros_like(t) if a is None else a for a, t in zip(again, leaves)]
 
         theirs = run(theirs_m)
         with fck.use_backend(backend):
+            if second and backend != "reference" and (backend == "triton" or packed or kw.get("proj_size")):
+                with pytest.raises(NotImplementedError, match="not differentiable"):
+                    run(ours_m)
+                continue
             ours = run(ours_m)
         assert len(ours) == len(theirs)
         for i, (a, c) in enumerate(zip(ours, theirs)):
-            _close(a, c, f"result {i} (output, final states, grad input, grad states, grad params)", case, 1e-9)
+            _close(a, c, f"result {i} (output, final states, grads of input, states, params[, their "
+                   "penalty's])", case, 1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -369,7 +387,9 @@ def test_cell_fuzz(backend):
         kind = r.choice(["LSTMCell", "GRUCell"])
         I, H, bias = r.choice([1, 4, 17]), r.choice([1, 3, 32, 65]), r.random() < 0.7
         batched, give, B = r.random() < 0.8, r.random() < 0.6, r.choice([1, 2, 9])
-        case = dict(seed=seed, kind=kind, I=I, H=H, bias=bias, batched=batched, given_state=give, B=B)
+        second = r.random() < 0.3  # a gradient penalty's second derivatives too
+        case = dict(seed=seed, kind=kind, I=I, H=H, bias=bias, batched=batched, given_state=give, B=B,
+                    second_order=second)
         torch.manual_seed(seed)
         theirs_m = getattr(nn, kind)(I, H, bias=bias, dtype=torch.float64)
         ours_m = getattr(fnn, kind)(I, H, bias=bias, dtype=torch.float64)
@@ -384,11 +404,22 @@ def test_cell_fuzz(backend):
             hx = None if not give else (tuple(hs) if kind == "LSTMCell" else hs[0])
             out = m(xs, hx)
             outs = list(out) if isinstance(out, tuple) else [out]
-            sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs).backward()
-            return [o.detach() for o in outs] + [xs.grad] + [h.grad for h in hs] + [p.grad for p in m.parameters()]
+            loss = sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+            leaves = [xs, *hs, *m.parameters()]
+            if not second:
+                loss.backward()
+                return [o.detach() for o in outs] + [t.grad for t in leaves]
+            first = torch.autograd.grad(loss, leaves, create_graph=True)
+            again = torch.autograd.grad(sum((f * f).sum() for f in first), leaves, allow_unused=True)
+            return [o.detach() for o in outs] + [f.detach() for f in first] + [
+                torch.zeros_like(t) if a is None else a for a, t in zip(again, leaves)]
 
         theirs = run(theirs_m)
         with fck.use_backend(backend):
+            if second and backend == "triton":
+                with pytest.raises(NotImplementedError, match="not differentiable"):
+                    run(ours_m)
+                continue
             ours = run(ours_m)
         for i, (a, c) in enumerate(zip(ours, theirs)):
             _close(a, c, f"result {i}", case, 1e-10)
