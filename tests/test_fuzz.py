@@ -53,6 +53,15 @@ def _poison_some(r, t):
     return t
 
 
+def _penalty_grads(loss, leaves):
+    """A gradient penalty's derivatives: g = d loss / d leaves with a graph, then d |g|^2 / d leaves (zeros where
+    |g|^2 does not depend on a leaf, or on none: a constant gradient)."""
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    penalty = sum((f * f).sum() for f in first)
+    again = torch.autograd.grad(penalty, leaves, allow_unused=True) if penalty.requires_grad else [None] * len(leaves)
+    return [f.detach() for f in first] + [torch.zeros_like(t) if a is None else a for a, t in zip(again, leaves)]
+
+
 def _both(run_theirs, run_ours, case):
     """Both sides' results, or both sides' refusal."""
     try:
@@ -210,10 +219,13 @@ def test_batch_norm_fuzz(backend):
         momentum = r.choice([0.1, 0.3, None])
         kind = r.choice(["bn", "relu", "add"])
         channels_last = rank == 4 and r.random() < 0.3
+        second = r.random() < 0.3  # a gradient penalty's second derivatives (finite inputs only)
         case = dict(seed=seed, shape=shape, kind=kind, training=training, affine=affine, stats=stats,
                     momentum=momentum, channels_last=channels_last)
         g = torch.Generator().manual_seed(seed)
         x = _poison_some(r, _randn(g, *shape, scale=r.choice([1, 5]), shift=r.choice([0, 3, 100])))
+        second = second and bool(x.isfinite().all())
+        case["second_order"] = second
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         res = _randn(g, *shape) if kind == "add" else None
@@ -225,8 +237,10 @@ def test_batch_norm_fuzz(backend):
             leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, res, w, b)]
             rm_, rv_ = (rm.clone(), rv.clone()) if stats else (None, None)
             out = fn(leaves[0], leaves[1], rm_, rv_, leaves[2], leaves[3])
-            out.backward(dy)
-            return [out.detach(), rm_, rv_] + [None if t is None else t.grad for t in leaves]
+            if not second:
+                out.backward(dy)
+                return [out.detach(), rm_, rv_] + [None if t is None else t.grad for t in leaves]
+            return [out.detach(), rm_, rv_] + _penalty_grads((out * dy).sum(), [t for t in leaves if t is not None])
 
         def theirs_fn(x_, res_, rm_, rv_, w_, b_):
             y = F.batch_norm(x_, rm_, rv_, w_, b_, training, momentum, 1e-5)
@@ -243,6 +257,10 @@ def test_batch_norm_fuzz(backend):
 
         theirs, ours, _ = _both(lambda: run(theirs_fn), lambda: run(ours_fn), case)
         names = ("output", "running_mean", "running_var", "grad input", "grad residual", "grad weight", "grad bias")
+        if second:
+            n = len(theirs or ()) - 3
+            names = names[:3] + tuple(f"gradient {i}" for i in range(n // 2)) + tuple(
+                f"penalty's gradient {i}" for i in range(n // 2))
         for what, a, c in zip(names, ours or (), theirs or ()):
             if what == "running_mean" and a is not None:
                 # A batch holding inf: torch's mean is inf (a sum), the kernels' may be NaN (their merges of shifted
@@ -360,11 +378,7 @@ def test_rnn_fuzz(backend):
             if not second:
                 loss.backward()
                 return [out.detach()] + [s.detach() for s in finals] + [t.grad for t in leaves]
-            first = torch.autograd.grad(loss, leaves, create_graph=True)
-            penalty = sum((f * f).sum() for f in first)
-            again = torch.autograd.grad(penalty, leaves, allow_unused=True)
-            return [out.detach()] + [s.detach() for s in finals] + [f.detach() for f in first] + [
-                torch.zeros_like(t) if a is None else a for a, t in zip(again, leaves)]
+            return [out.detach()] + [s.detach() for s in finals] + _penalty_grads(loss, leaves)
 
         theirs = run(theirs_m)
         with fck.use_backend(backend):
@@ -409,10 +423,7 @@ def test_cell_fuzz(backend):
             if not second:
                 loss.backward()
                 return [o.detach() for o in outs] + [t.grad for t in leaves]
-            first = torch.autograd.grad(loss, leaves, create_graph=True)
-            again = torch.autograd.grad(sum((f * f).sum() for f in first), leaves, allow_unused=True)
-            return [o.detach() for o in outs] + [f.detach() for f in first] + [
-                torch.zeros_like(t) if a is None else a for a, t in zip(again, leaves)]
+            return [o.detach() for o in outs] + _penalty_grads(loss, leaves)
 
         theirs = run(theirs_m)
         with fck.use_backend(backend):
@@ -526,18 +537,28 @@ def test_fuse_fuzz():
         model = _random_model(r)
         fused = fck.fuse(copy.deepcopy(model))
         x = _randn(torch.Generator().manual_seed(seed), 4, 3, 7, 7)
+        second = r.random() < 0.3  # a gradient penalty's second derivatives instead of a plain backward
         for mode in ("train", "eval", "train"):
             results = []
             for m in (model, fused):
                 getattr(m, mode)()
                 xs = x.clone().requires_grad_()
                 y = m(xs)
-                (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+                loss = (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum()
+                leaves = [xs, *m.parameters()]
+                if second:
+                    results.append([y.detach()] + _penalty_grads(loss, leaves))
+                    continue
+                loss.backward()
                 results.append([y.detach(), xs.grad] + [p.grad.clone() for p in m.parameters()])
                 m.zero_grad(set_to_none=True)
             assert len(results[0]) == len(results[1]), seed
+            # second derivatives: one scale for all, as a bias before a batch norm has a zero gradient whose rounding
+            # noise is relative to the model's other gradients
+            scale = max(1.0, max(c.abs().max().item() for c in results[0])) if second else 1.0
             for i, (a, c) in enumerate(zip(*results)):
-                _close(a, c, f"{mode}: result {i} (output, grad input, grad params)", dict(seed=seed), 1e-9)
+                _close(a, c, f"{mode}: result {i} (output, grad input, grad params[, their penalty's])",
+                       dict(seed=seed, second_order=second), 1e-9 * scale, 1e-7 if second else None)
         ours_sd, theirs_sd = fused.state_dict(), model.state_dict()
         assert list(ours_sd) == list(theirs_sd), seed
         for key in theirs_sd:
