@@ -409,6 +409,9 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_plain(const at::Tensor& xg, const a
 std::optional<at::Tensor> summed_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fck::lstm_cell: give both b_ih and b_hh, or neither");
   if (!b_ih) return std::nullopt;
+  // the sum would promote a mixed pair to a dtype the layer then accepts
+  TORCH_CHECK(b_ih->scalar_type() == b_hh->scalar_type(), "fck::lstm_cell: b_ih is ", b_ih->scalar_type(),
+              " but b_hh is ", b_hh->scalar_type());
   return at::add(*b_ih, *b_hh);
 }
 

@@ -1149,6 +1149,20 @@ def test_bad_input():
         fnn.GRUCell(4, 6)(torch.randn(2, 2, 4))
     with pytest.raises(ValueError, match="weight_hh must be"):
         fckF.gru_cell(torch.randn(2, 4), None, torch.randn(18, 4), torch.randn(18, 5))
+    # with a state given, a batched call goes straight to the C++ op; what it refuses gets the checked path's error
+    x, h, w_ih, w_hh, b = torch.randn(2, 4), torch.randn(2, 6), torch.randn(24, 4), torch.randn(24, 6), torch.randn(24)
+    with pytest.raises(TypeError, match="bias_hh is torch.float64 but input is torch.float32"):
+        fckF.lstm_cell(x, (h, h), w_ih, w_hh, b, b.double())
+    with pytest.raises(TypeError, match="bias_hh is torch.float32 but input is torch.float64"):
+        fckF.lstm_cell(x.double(), (h.double(), h.double()), w_ih.double(), w_hh.double(), b.double(), b)
+    with pytest.raises(ValueError, match="give both bias_ih and bias_hh"):
+        fckF.gru_cell(x, h, w_ih[:18], w_hh[:18], b[:18], None)
+    with pytest.raises(TypeError, match="cx is torch.float64"):
+        fckF.lstm_cell(x, (h, h.double()), w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="Expected cx to have shape"):
+        fckF.lstm_cell(x, (h, h[:1]), w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\)"):
+        fckF.gru_cell(torch.randn(2, 5), h, w_ih[:18], w_hh[:18])
 
 
 def _penalty_grads(module, x, hx):
@@ -1308,6 +1322,14 @@ def test_cpp_guards():
     with pytest.raises(RuntimeError, match="saved tensors do not match"):
         out = torch.randn(3, 2)
         torch.ops.fck.lstm_packed_bwd(out, h0, h0, bs, h0, h0, w, None, out, out, out, torch.randn(2, 8), False)
+    # the cells (the batched cell path calls them without Python's checks): a mixed bias pair would sum to a dtype
+    # the layer accepts
+    x64, h64, b = torch.randn(2, 3, dtype=torch.float64), h0.double(), torch.randn(8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="b_ih is Double but b_hh is Float"):
+        torch.ops.fck.lstm_cell(x64, h64, h64, torch.randn(8, 3).double(), w.double(), b, b.float())
+    with pytest.raises(RuntimeError):
+        torch.ops.fck.gru_cell(x64, h64, torch.randn(6, 3).double(), torch.randn(6, 2).double(), b[:6],
+                               b[:6].float())
 
 
 # ---- library citizenship ----

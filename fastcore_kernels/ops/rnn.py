@@ -428,8 +428,25 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     return out if input.device.type != "cpu" else tuple(_torch_cpu_dtype(t, input) for t in out)
 
 
+def _cell_op(op, backend, x, *args):
+    """A batched cell call straight to its C++ op, whose own checks refuse every bad input (test_cpp_guards), or
+    None to take the checked path. Python's checks cost a batch-1 LSTMCell a fifth of its time; on a failure the
+    checked path runs them and raises torch's error."""
+    if x.dim() != 2 or _backend.compiling() or _backend.resolve(x.device, backend, op=op) not in ("cpu", "cuda"):
+        return None
+    try:
+        return getattr(torch.ops.fck, op)(x, *args)
+    except Exception:
+        return None
+
+
 def _lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     name = "lstm_cell"
+    if hx is not None and isinstance(input, torch.Tensor):
+        h, c = hx
+        out = _cell_op(name, backend, input, h, c, w_ih, w_hh, b_ih, b_hh)
+        if out is not None:
+            return out
     h, c = (None, None) if hx is None else hx
     batched = _cell_input(input, (h, c), name, ("hx", "cx"))
     x = input if batched else input.unsqueeze(0)
@@ -457,6 +474,10 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
 
 def _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     name = "gru_cell"
+    if hx is not None and isinstance(input, torch.Tensor) and (b_ih is None) == (b_hh is None):
+        out = _cell_op(name, backend, input, hx, w_ih, w_hh, b_ih, b_hh)
+        if out is not None:
+            return out
     batched = _cell_input(input, (hx,), name, ("hx",))
     x = input if batched else input.unsqueeze(0)
     H = _check_weights(x, w_ih, w_hh, b_ih, b_hh, 3, name)
