@@ -39,21 +39,18 @@ bool plain_cpu(std::initializer_list<at::Tensor> tensors) {
 // A backward asked to build a graph (create_graph=True: a gradient penalty, a Hessian-vector product) must be
 // differentiable; the kernels' backward is not, and its result would silently carry no second derivative. Ops
 // whose backward has a differentiable form below take it; the others refuse, as torch's embedding_bag does.
-void refuse_double_backward(const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "fastcore_kernels ", op,
-                              ": the fused backward is not differentiable (double backward / create_graph=True); "
-                              "use torch's module for this part of the model");
-}
-
-// The recurrent layer nodes keep what their kernels' backward reads, not their input projection, so they cannot
-// re-run their forward; the whole-stack and cell nodes can (rnn_seq_grad_graph, rnn_cell_grad_graph).
-void refuse_layer_double_backward(const char* op) {
+// `works`: where the op's family does support it, if anywhere. (The recurrent layer nodes keep what their kernels'
+// backward reads, not their input projection, so they cannot re-run their forward; the whole-stack and cell nodes
+// can: rnn_seq_grad_graph, rnn_cell_grad_graph.)
+void refuse_double_backward(const char* op, const char* works = "") {
   TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "fastcore_kernels ", op,
                               ": this path's fused backward is not differentiable (double backward / "
-                              "create_graph=True). Stacks without proj_size on padded input, and the cells, support "
-                              "it on the cpu and cuda backends in eager mode; elsewhere use torch's module for this "
-                              "part.");
+                              "create_graph=True). ", works, "Use torch's module for this part of the model.");
 }
+
+constexpr const char* kRnnDoubleBackward =
+    "Stacks without proj_size on padded input, and the cells, support it on the cpu and cuda backends in eager "
+    "mode. ";
 
 using EmbeddingBagFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                            int64_t, const std::optional<at::Tensor>&, int64_t);
@@ -328,7 +325,7 @@ struct LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    refuse_layer_double_backward("lstm");
+    refuse_double_backward("lstm", kRnnDoubleBackward);
     auto [dxg, dh0, dc0, dw, db] = lstm_bwd().call(
         grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
         ctx->saved_data["reverse"].toBool());
@@ -349,7 +346,7 @@ struct GruLayer : public torch::autograd::Function<GruLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    refuse_layer_double_backward("gru");
+    refuse_double_backward("gru", kRnnDoubleBackward);
     auto [dxg, dh0, dw, db_ih, db_hh] = gru_bwd().call(
         grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], s[2], s[3], ctx->saved_data["reverse"].toBool());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
 from fastcore_kernels import _backend
 from fastcore_kernels.nn._script import NotScriptable
+from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
 from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu, training_conv2d
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastcore_kernels import _backend
 from fastcore_kernels._ext import extension
 from fastcore_kernels.ops._autocast import autocast_dtype, lower
+from fastcore_kernels.ops._graph import grads_with_graph
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 
 
@@ -172,11 +173,7 @@ def _conv_grads_with_graph(ctx, gy, x, w):
     the Winograd kernels' results carry none. The bias adds nothing to the convolution's Jacobian, so only x and w
     take part in the re-run."""
     need = ctx.needs_input_grad
-    inputs = [t for t, n in ((x, need[0]), (w, need[1])) if n]
-    got = iter(torch.autograd.grad(F.conv2d(x, w, None, 1, ctx.pad), inputs, gy, create_graph=True)
-               if inputs else ())
-    gx = next(got) if need[0] else None
-    gw = next(got) if need[1] else None
+    gx, gw = grads_with_graph(F.conv2d(x, w, None, 1, ctx.pad), gy, (x, w), need[:2])
     return gx, gw, gy.sum((0, 2, 3)) if need[2] else None, None, None
 
 

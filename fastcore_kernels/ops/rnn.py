@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from fastcore_kernels import _backend
 from fastcore_kernels.ops._autocast import autocast_dtype, lower
+from fastcore_kernels.ops._graph import grads_with_graph
 from fastcore_kernels.ops._triton_op import triton_op
 from fastcore_kernels.reference import rnn as reference
 
@@ -148,15 +149,10 @@ _LIB.define("rnn_cell_grad_graph(Tensor grad_h, Tensor? grad_c, Tensor x, Tensor
 
 
 def _grads_with_graph(outputs, grads, inputs):
-    """d outputs / d inputs against grads, as a graph; an empty tensor for each input that needs no gradient."""
-    want = [t for t in inputs if t.requires_grad]
-    with torch.enable_grad():
-        got = iter(torch.autograd.grad(outputs, want, grads, create_graph=True, allow_unused=True))
-    result = []
-    for t in inputs:
-        g = next(got) if t.requires_grad else t.new_empty(0)
-        result.append(torch.zeros_like(t) if g is None else g)
-    return result
+    """grads_with_graph for the inputs that require a gradient, an empty tensor for the others (a Tensor[] result
+    holds no None; the C++ node picks by needs_input_grad)."""
+    got = grads_with_graph(outputs, grads, inputs, [t.requires_grad for t in inputs])
+    return [t.new_empty(0) if g is None else g for g, t in zip(got, inputs)]
 
 
 def _seq_grad_graph(grad_out, grad_hn, grad_cn, x, params, h0, c0, lstm, has_biases, num_layers, bidirectional,
