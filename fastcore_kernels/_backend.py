@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = ("auto",) + BACKENDS
@@ -183,6 +184,8 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
     """The backend that will run an op on `device`: `choice` if given, else the user's selection. `implemented`
     names the backends the op has kernels for; "auto" skips the others, an explicit choice of one raises."""
     traced = compiling()
+    if not traced and transformed():
+        return "reference"
     choice = _validate(choice) if choice is not None else _choice(traced)
     if choice == "auto":
         if not traced:
@@ -208,6 +211,14 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
     if not _serves(choice, kind):
         raise RuntimeError(f"fastcore_kernels backend {choice!r} cannot run on {kind} tensors: {_status(choice)}")
     return choice
+
+
+def transformed() -> bool:
+    """True inside a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or a forward-mode AD level
+    (torch.autograd.forward_ad.dual_level). Our kernels have C++ autograd nodes and no batching or forward-mode rules,
+    which the transforms need, so every op then runs its reference implementation (plain PyTorch ops, which every
+    transform composes through), whatever backend was chosen."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def compiling() -> bool:

@@ -151,6 +151,21 @@ def residual_in_one_dtype(x, residual, keep=None):
     return x.to(dtype), residual.to(dtype)
 
 
+# torch's message for a vmap over a training batch norm whose running statistics are shared by the vmapped calls
+# (each would update them in place with its own batch's statistics).
+_VMAP_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched.\nIf you are using a module and do not need eval mode, please set `track_running_stats` "
+    "to be False. For a model of batch norms, torch.func.replace_all_batch_norm_modules_(model) does that in place.")
+
+
+def _vmapped_over_stats(x, running_mean, running_var) -> bool:
+    if not _backend.transformed():
+        return False
+    batched = torch._C._functorch.is_batchedtensor
+    return batched(x) and not (batched(running_mean) and batched(running_var))
+
+
 def batch_norm_act(x, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
                    backend=None, name="batch_norm"):
     """relu?(batch_norm(x) + residual?) on the selected backend; see fastcore_kernels.functional for the API."""
@@ -158,6 +173,8 @@ def batch_norm_act(x, residual, running_mean, running_var, weight, bias, trainin
     training, momentum, eps, relu = bool(training), float(momentum), float(eps), bool(relu)
     impl = _backend.resolve(x.device, backend)
     if impl == "reference":
+        if training and running_mean is not None and _vmapped_over_stats(x, running_mean, running_var):
+            raise RuntimeError(_VMAP_RUNNING_STATS)
         return reference.batch_norm_act(x, residual, running_mean, running_var, weight, bias, training, momentum,
                                         eps, relu)
     fmt = _memory_format(x)

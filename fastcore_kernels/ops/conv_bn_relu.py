@@ -184,7 +184,7 @@ def training_conv2d(x, w, b, stride, padding, dilation, groups):
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         x, w, b = lower((x, w, b), dtype)
-    m = 0 if _backend.compiling() else _winograd_tile_for(x, w, stride, padding, dilation, groups)
+    m = 0 if _backend.compiling() or _backend.transformed() else _winograd_tile_for(x, w, stride, padding, dilation, groups)
     if m and max(_pair(padding)) <= 2:
         return _WinogradConv2d.apply(x, w, b, _pair(padding), m)
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
@@ -296,7 +296,7 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     if running_mean.numel() != weight.shape[0] or running_var.numel() != weight.shape[0]:
         raise RuntimeError(f"running_mean should contain {weight.shape[0]} elements not {running_mean.numel()}")
     tensors = (input, weight, bias, bn_weight, bn_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _backend.transformed() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
         return torch.relu(F.conv2d(input, w, b, stride, padding, dilation, groups))
 

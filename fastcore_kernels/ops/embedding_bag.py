@@ -56,21 +56,39 @@ def _kernels(backend: str):
     return torch.ops.fck.embedding_bag_fwd, torch.ops.fck.embedding_bag_bwd  # resolve() has loaded the library
 
 
-# (An explicit schema: torch 2.4 cannot infer one from this module's postponed annotations.)
-@torch.library.custom_op("fck::embedding_bag_checked", mutates_args=(),
-                         schema="(Tensor indices, Tensor offsets, int num_weights) -> Tensor")
+# A library op rather than torch.library.custom_op: torch 2.4 runs a custom_op under torch.func's grad and jvp
+# through an autograd.Function that those transforms refuse.
+_LIB = torch.library.Library("fck", "FRAGMENT")
+_LIB.define("embedding_bag_checked(Tensor indices, Tensor offsets, int num_weights) -> Tensor")
+
+
+def _check_and_copy(indices, offsets, num_weights):
+    reference.check_bags(indices, offsets, num_weights)
+    return indices.clone()
+
+
 def _checked(indices, offsets, num_weights):
     """A copy of `indices` once they and `offsets` pass the bag kernels' checks (reference.check_bags). For the code
     outside the kernels that reads rows by index — the reference backend, max_norm's renormalisation — as an op,
     so that torch.compile keeps the check (data-dependent, it cannot be traced) and orders what reads the indices
     after it (they read its result)."""
-    reference.check_bags(indices, offsets, num_weights)
-    return indices.clone()
+    return torch.ops.fck.embedding_bag_checked(indices, offsets, num_weights)
 
 
-@_checked.register_fake
-def _(indices, offsets, num_weights):
-    return torch.empty_like(indices)
+def _checked_vmap(info, in_dims, indices, offsets, num_weights):
+    """Under torch.func.vmap (the reference ops run there): each vmapped call's indices checked against its offsets.
+    Without this rule torch loops over the batch anyway, with a warning that it has no batching rule."""
+    samples = [t.movedim(d, 0) if d is not None else None for t, d in zip((indices, offsets), in_dims[:2])]
+    for b in range(info.batch_size):
+        reference.check_bags(*(t if s is None else s[b] for t, s in zip((indices, offsets), samples)), num_weights)
+    return indices.clone(), in_dims[0]
+
+
+_LIB.impl("embedding_bag_checked", _check_and_copy, "CompositeExplicitAutograd")
+torch.library.register_fake("fck::embedding_bag_checked")(lambda indices, offsets, num_weights:
+                                                          torch.empty_like(indices))
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; torch 2.4 loops with its warning
+    torch.library.register_vmap("fck::embedding_bag_checked", _checked_vmap)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
