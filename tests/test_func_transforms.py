@@ -263,3 +263,13 @@ def test_vmap_checks_every_sample(make):
     xs[2, 1, 0] = 10
     with pytest.raises(IndexError, match="takes value 10 which is not in the valid range"):
         vmap(make())(xs)
+
+
+@pytest.mark.parametrize("name", ["linear-bn-relu train", "conv-bn-relu eval", "lstm", "gru", "lstm cell"])
+def test_hessian(name):
+    """torch.func.hessian (jacfwd over jacrev) of a loss in the input, against reverse-over-reverse of the torch
+    model."""
+    twin, fused, x = _pair(name)
+    want = jacrev(jacrev(lambda xx: _loss(twin)(_params(twin), xx)))(x)
+    torch.testing.assert_close(torch.func.hessian(lambda xx: _loss(fused)(_params(fused), xx))(x), want,
+                               rtol=1e-9, atol=1e-10)
