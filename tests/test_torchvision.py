@@ -1,0 +1,72 @@
+"""fuse() on the models users already have: torchvision's architectures (basic and bottleneck ResNet blocks, grouped
+convolutions, DenseNet's pre-activation BN-ReLU-conv, MobileNet's ReLU6 and EfficientNet's SiLU, which stay torch's,
+squeeze-excitation, channel shuffles, Inception branches). In float64, in train and eval mode: the fused model's
+outputs, every parameter's gradient and the running statistics against the torch model's; state_dicts both ways."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastcore_kernels as fck
+
+tvm = pytest.importorskip("torchvision.models")
+
+MODELS = {
+    "resnet18": {},
+    "resnet50": {},
+    "resnext50_32x4d": {},
+    "densenet121": {},
+    "mobilenet_v2": {},
+    "efficientnet_b0": {},
+    "regnet_y_400mf": {},
+    "shufflenet_v2_x0_5": {},
+    "mobilenet_v3_small": {},
+    "googlenet": {"aux_logits": False, "init_weights": True},
+}
+
+
+def _fused_count(model):
+    return sum(type(m).__module__.startswith("fastcore_kernels") for m in model.modules())
+
+
+def _close(got, want, what):
+    """Within 1e-9 of the tensor's largest value: float64 sums in another order (a 2048-channel layer's gradients
+    reach 1e3 while some of their elements are 1e-6)."""
+    assert got.shape == want.shape, what
+    err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+    assert err <= 1e-9 * max(want.double().abs().max().item() if want.numel() else 0.0, 1e-3), (what, err)
+
+
+def _run(model, x, train):
+    model.train(train)
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+    return out.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_torchvision_model(name):
+    torch.manual_seed(0)
+    twin = getattr(tvm, name)(weights=None, num_classes=10, **MODELS[name]).double()
+    for m in twin.modules():  # running statistics unlike the batch's, so eval mode shows them
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    fused = fck.fuse(copy.deepcopy(twin))
+    assert _fused_count(fused) > 0
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for train in (True, False):
+        want, want_grads = _run(twin, x, train)
+        got, got_grads = _run(fused, x, train)
+        _close(got, want, "output")
+        assert got_grads.keys() == want_grads.keys()
+        for k, g in want_grads.items():
+            _close(got_grads[k], g, k)
+    for k, b in twin.state_dict().items():  # running statistics after the training step; num_batches_tracked
+        _close(fused.state_dict()[k], b, k)
+    twin.load_state_dict(fused.state_dict())
+    fused.load_state_dict(twin.state_dict())
