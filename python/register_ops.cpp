@@ -142,6 +142,12 @@ TORCH_LIBRARY(fck, m) {
   // Its weight gradient: the (K, C, 3, 3) gradient of that convolution's weight given x and grad_out, by F(m x m).
   m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_out, int[2] padding, int m) -> Tensor", kFixedStrides);
   m.def("winograd_available() -> bool", &fck::cpu::winograd_available);
+  // 2-D max pooling of a contiguous (N, C, H, W) input with torch's semantics (max_pool2d): the output and, when
+  // save_indices, each maximum's position in its input plane as int32 (ih * W + iw; else empty). The backward adds
+  // grad_output at those positions of a zero (N, C, H, W) = input_size gradient.
+  m.def("max_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode, bool save_indices) -> (Tensor, Tensor)", kFixedStrides);
+  m.def("max_pool2d_bwd(Tensor grad_output, Tensor indices, int[4] input_size) -> Tensor", kFixedStrides);
 }
 
 namespace {
@@ -183,6 +189,8 @@ TORCH_LIBRARY_IMPL(fck, ADInplaceOrView, m) {
 TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("contiguous_pooled", &fck::cpu::contiguous_pooled);
   m.impl("mm_pooled", &fck::cpu::mm_pooled);
+  m.impl("max_pool2d_fwd", &fck::cpu::max_pool2d_fwd);
+  m.impl("max_pool2d_bwd", &fck::cpu::max_pool2d_bwd);
   m.impl("winograd_weight", &fck::cpu::winograd_weight);
   m.impl("conv3x3_winograd", &fck::cpu::conv3x3_winograd);
   m.impl("conv3x3_winograd_weight_grad", &fck::cpu::conv3x3_winograd_weight_grad);

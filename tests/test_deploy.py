@@ -43,6 +43,7 @@ def _cases():
         "GRU": (lambda: fnn.GRU(3, 4, bidirectional=True), (torch.randn(6, 2, 3, generator=g),)),
         "LSTMCell": (lambda: fnn.LSTMCell(3, 4), (torch.randn(2, 3, generator=g),)),
         "GRUCell": (lambda: fnn.GRUCell(3, 4), (torch.randn(2, 3, generator=g),)),
+        "MaxPool2d": (lambda: fnn.MaxPool2d(3, 2, 1), (torch.randn(2, 3, 9, 8, generator=g),)),
     }
 
 

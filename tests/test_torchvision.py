@@ -70,3 +70,30 @@ def test_fused_torchvision_model(name):
         _close(fused.state_dict()[k], b, k)
     twin.load_state_dict(fused.state_dict())
     fused.load_state_dict(twin.state_dict())
+
+
+def test_traced_and_exported_resnet():
+    """What users ship: torch.jit.trace (with its check, which re-runs without grad) saved and loaded, and
+    torch.export, of a fused ResNet-18 in eval mode give the eager outputs; the loaded trace still differentiates."""
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    fused = fck.fuse(tvm.resnet18(weights=None)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    want = fused(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(fused, x)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    xs = x.clone().requires_grad_()
+    got = loaded(xs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    xr = x.clone().requires_grad_()
+    fused(xr).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.export.export(fused, (x,)).module()(x), want, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
     Embedding, EmbeddingBag                the fastcore_kernels drop-ins
     LSTM, GRU, LSTMCell, GRUCell           the fastcore_kernels drop-ins
+    MaxPool2d                              the fastcore_kernels drop-in (a ResNet stem's pool)
 
 Modules are converted in place (their class changes; parameters, buffers and hooks stay), and fused-away ReLUs
 disappear from the graph or become nn.Identity, so every parameter and buffer keeps its state_dict key: the fused
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fastcore_kernels.nn import batch_norm as fused
-from fastcore_kernels.nn import embedding, rnn
+from fastcore_kernels.nn import embedding, pool, rnn
 
 _DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d,
             nn.Embedding: embedding.Embedding, nn.EmbeddingBag: embedding.EmbeddingBag, nn.LSTM: rnn.LSTM,
-            nn.GRU: rnn.GRU, nn.LSTMCell: rnn.LSTMCell, nn.GRUCell: rnn.GRUCell}
+            nn.GRU: rnn.GRU, nn.LSTMCell: rnn.LSTMCell, nn.GRUCell: rnn.GRUCell, nn.MaxPool2d: pool.MaxPool2d}
 _BN_RELU = {nn.BatchNorm1d: fused.BatchNormReLU1d, nn.BatchNorm2d: fused.BatchNormReLU2d}
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)

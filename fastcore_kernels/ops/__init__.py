@@ -6,6 +6,7 @@ from fastcore_kernels.ops.adam import adam_
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
 from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
+from fastcore_kernels.ops.max_pool import max_pool2d
 from fastcore_kernels.ops.rnn import gru, gru_cell, lstm, lstm_cell
 
 
@@ -19,13 +20,14 @@ def release_cpu_pool() -> int:
 
 def _register_fakes() -> None:
     """Called once the C++ library is loaded: its ops get fake (meta) kernels so torch.compile can trace them."""
-    from fastcore_kernels.ops import adam, batch_norm, rnn
+    from fastcore_kernels.ops import adam, batch_norm, max_pool, rnn
     from fastcore_kernels.ops.embedding_bag import register_fake as register_embedding_bag_fakes
 
     adam.register_fake()
     batch_norm.register_fake()
     register_embedding_bag_fakes()
     rnn.register_fake()
+    max_pool.register_fake()
     # the pooled-output helpers (CPU): plain tensors of the result's shape
     torch.library.register_fake("fck::mm_pooled")(lambda a, b: a.new_empty(a.shape[0], b.shape[1]))
     torch.library.register_fake("fck::contiguous_pooled")(
@@ -46,4 +48,4 @@ def _register_fakes() -> None:
 
 
 __all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "gru", "gru_cell", "lstm", "lstm_cell",
-           "release_cpu_pool"]
+           "max_pool2d", "release_cpu_pool"]

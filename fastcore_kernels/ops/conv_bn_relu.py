@@ -71,6 +71,22 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
     return y
 
 
+_winograd_cpu: list[bool] = []
+
+
+def _winograd_available() -> bool:
+    """Whether this CPU runs the Winograd kernels (AVX2 + FMA), asked once, outside any torch.jit.trace: the trace
+    cannot record an op that returns a bool."""
+    if not _winograd_cpu:
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            _winograd_cpu.append(bool(torch.ops.fck.winograd_available()))
+        finally:
+            torch._C._set_tracing_state(tracing)
+    return _winograd_cpu[0]
+
+
 def _winograd_tile() -> int:
     m = os.environ.get("FCK_CONV_WINOGRAD", "4")
     if m not in ("0", "2", "4"):
@@ -93,7 +109,7 @@ def _winograd_tile_for(x, w, stride, padding, dilation, groups) -> int:
             or not (w.shape[0] >= 32 or w.shape[1] >= 16) or not extension().ok):
         return 0
     m = _winograd_tile()
-    if m == 0 or not torch.ops.fck.winograd_available():
+    if m == 0 or not _winograd_available():
         return 0
     pad = _pair(padding)
     H, W = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
@@ -296,7 +312,10 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     if running_mean.numel() != weight.shape[0] or running_var.numel() != weight.shape[0]:
         raise RuntimeError(f"running_mean should contain {weight.shape[0]} elements not {running_mean.numel()}")
     tensors = (input, weight, bias, bn_weight, bn_bias)
-    if _backend.transformed() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    # Under torch.func transforms, and under torch.jit.trace whatever the grad mode (a trace whose path hung on it
+    # would differ from its check's), torch's ops on the folded weight.
+    if (_backend.transformed() or torch.jit.is_tracing()
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
         return torch.relu(F.conv2d(input, w, b, stride, padding, dilation, groups))
 

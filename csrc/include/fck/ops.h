@@ -111,6 +111,11 @@ at::Tensor embedding_lookup_bwd(const at::Tensor &grad, const at::Tensor &flat, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(FCK_BATCH_NORM_FWD_ARGS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(FCK_BATCH_NORM_BWD_ARGS);
 // conv_winograd.cpp: a 3x3 convolution (+ bias, + ReLU) by Winograd's F(m x m, 3 x 3) (AVX2 + FMA CPUs).
+// max_pool.cpp: 2-D max pooling of contiguous NCHW input; the indices are int32 positions in each input plane.
+std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor &x, at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, bool ceil_mode, bool save_indices);
+at::Tensor max_pool2d_bwd(const at::Tensor &grad_output, const at::Tensor &indices, at::IntArrayRef input_size);
 bool winograd_available();
 at::Tensor winograd_weight(const at::Tensor &w, int64_t m, bool transposed);
 at::Tensor conv3x3_winograd(const at::Tensor &x, const at::Tensor &u, const c10::optional<at::Tensor> &bias,
