@@ -1,9 +1,9 @@
-"""2-D max pooling against torch's max_pool2d in the same run: fwd (inference), fwd with indices (training), bwd
-and fwd+bwd, on a ResNet stem's pool (3x3, stride 2, padding 1) at ImageNet and ResNet-34 batch shapes, a VGG-style
+"""2-D max pooling against torch's max_pool2d in the same run: fwd (inference), fwd-train (recorded for a backward,
+so with indices), bwd and fwd+bwd, on a ResNet stem's pool (3x3, stride 2, padding 1) at ImageNet and ResNet-34 batch shapes, a VGG-style
 2x2 pool and a stride-1 3x3 pool (Inception branches); plus a whole torchvision ResNet-18's inference, stock against
 fuse()'d, when torchvision is installed. NCHW, the layout torch's CPU kernel is slow in. Bytes counted: input read
-and output written (fwd), plus int32 / int64 indices written by the training forward and read by the backward, and
-the input gradient written.
+and output written (fwd), plus the indices (counted at 8 bytes, torch's int64; ours are int32) written by the
+training forward and read by the backward, and the input gradient written.
 
     python -m benchmarks.bench_max_pool [--device cpu] [--reps 9] [--out results.json]
 """
@@ -35,7 +35,7 @@ def bench_pool(res, device, label, shape, k, s, p, reps):
     xg = x.clone().requires_grad_()
     modes = {
         "fwd": (lambda f: lambda: f(x), n_in + n_out),
-        "fwd+idx": (lambda f: lambda: f(x, return_indices=True), n_in + 3 * n_out),
+        "fwd-train": (lambda f: lambda: f(xg), n_in + 3 * n_out),  # recorded for a backward: indices saved
         "bwd": (lambda f: (lambda y: lambda: torch.autograd.grad(y, xg, dy, retain_graph=True))(f(xg)),
                 2 * n_out + n_in),
         "fwd+bwd": (lambda f: lambda: torch.autograd.grad(f(xg), xg, dy), n_in + 3 * n_out + 2 * n_out + n_in),
@@ -43,7 +43,7 @@ def bench_pool(res, device, label, shape, k, s, p, reps):
     for mode, (build, nbytes) in modes.items():
         fns = {name: build(f) for name, f in providers.items()}
         if device.type == "cpu":
-            with torch.inference_mode(mode.startswith("fwd") and "bwd" not in mode):
+            with torch.inference_mode(mode == "fwd"):
                 timed = interleaved_time_ms(fns, reps=reps)
         else:
             timed = {name: time_ms(f, device) for name, f in fns.items()}
