@@ -1,9 +1,9 @@
 """2-D max pooling against torch's max_pool2d in the same run: fwd (inference), fwd-train (recorded for a backward,
-so with indices), bwd and fwd+bwd, on a ResNet stem's pool (3x3, stride 2, padding 1) at ImageNet and ResNet-34 batch shapes, a VGG-style
-2x2 pool and a stride-1 3x3 pool (Inception branches); plus a whole torchvision ResNet-18's inference, stock against
-fuse()'d, when torchvision is installed. NCHW, the layout torch's CPU kernel is slow in. Bytes counted: input read
-and output written (fwd), plus the indices (counted at 8 bytes, torch's int64; ours are int32) written by the
-training forward and read by the backward, and the input gradient written.
+so with indices), bwd and fwd+bwd, on a ResNet stem's pool (3x3, stride 2, padding 1) at ImageNet and ResNet-34
+batch shapes, a VGG-style 2x2 pool and a stride-1 3x3 pool (Inception branches); plus a whole torchvision
+ResNet-18's inference, stock against fuse()'d, when torchvision is installed. NCHW, the layout torch's CPU kernel is
+slow in. Bytes counted: input read and output written (fwd), plus the indices (counted at 8 bytes, torch's int64;
+ours are int32) written by the training forward and read by the backward, and the input gradient written.
 
     python -m benchmarks.bench_max_pool [--device cpu] [--reps 9] [--out results.json]
 """

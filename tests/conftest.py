@@ -13,6 +13,26 @@ import fastcore_kernels as fck  # noqa: E402
 ALL_BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
+class ResNetBlock(torch.nn.Module):
+    """A ResNet block written as users write one (functional ReLU, in-place add of the block's own activation):
+    fuse() rewrites it with torch.fx."""
+
+    def __init__(self, c_in=3, c=8):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        identity = out
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return torch.relu(out)
+
+
 def devices() -> list:
     return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

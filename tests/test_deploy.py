@@ -11,23 +11,7 @@ from torch import nn
 import fastcore_kernels as fck
 from fastcore_kernels import nn as fnn
 
-
-class _Block(nn.Module):
-    """A ResNet block written as users write one (functional ReLU, in-place add): fuse() rewrites it with torch.fx."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        identity = out
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return torch.relu(out)
+from conftest import ResNetBlock
 
 
 def _cases():
@@ -36,7 +20,7 @@ def _cases():
         "BatchNorm1d": (lambda: fnn.BatchNorm1d(4), (torch.randn(5, 4, generator=g),)),
         "BatchNormReLU2d": (lambda: fnn.BatchNormReLU2d(4), (torch.randn(2, 4, 5, 5, generator=g),)),
         "ConvBNReLU2d": (lambda: fnn.ConvBNReLU2d(3, 4, 3), (torch.randn(2, 3, 8, 8, generator=g),)),
-        "fused block": (lambda: fck.fuse(_Block()), (torch.randn(2, 3, 8, 8, generator=g),)),
+        "fused block": (lambda: fck.fuse(ResNetBlock()), (torch.randn(2, 3, 8, 8, generator=g),)),
         "Embedding": (lambda: fnn.Embedding(10, 3, padding_idx=0), (torch.randint(0, 10, (4, 5), generator=g),)),
         "EmbeddingBag": (lambda: fnn.EmbeddingBag(10, 3, mode="max"), (torch.randint(0, 10, (4, 5), generator=g),)),
         "LSTM": (lambda: fnn.LSTM(3, 4, 2, batch_first=True), (torch.randn(2, 6, 3, generator=g),)),

@@ -14,25 +14,7 @@ from torch.func import functional_call, grad, jacrev, jvp, replace_all_batch_nor
 import fastcore_kernels as fck
 from fastcore_kernels import _backend
 
-from conftest import skip_unless_runnable
-
-
-class _Block(nn.Module):
-    """A ResNet block with a functional ReLU and an in-place add: fuse() rewrites it with torch.fx."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        identity = out
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return torch.relu(out)
+from conftest import ResNetBlock, skip_unless_runnable
 
 
 def _randn(*shape):
@@ -57,8 +39,9 @@ def _models():
         "linear-bn-relu train": (lambda: replace_all_batch_norm_modules_(seq_bn()), lambda: _randn(7, 5)),
         "conv-bn-relu eval": (lambda: conv_bn().eval(), lambda: _randn(2, 3, 6, 5)),
         "conv-bn-relu train": (lambda: replace_all_batch_norm_modules_(conv_bn()), lambda: _randn(2, 3, 6, 5)),
-        "resnet block eval": (lambda: _Block().eval(), lambda: _randn(2, 3, 5, 5)),
-        "resnet block train": (lambda: replace_all_batch_norm_modules_(_Block()), lambda: _randn(2, 3, 5, 5)),
+        "resnet block eval": (lambda: ResNetBlock(3, 4).eval(), lambda: _randn(2, 3, 5, 5)),
+        "resnet block train": (lambda: replace_all_batch_norm_modules_(ResNetBlock(3, 4)),
+                               lambda: _randn(2, 3, 5, 5)),
         "embedding": (lambda: nn.Embedding(10, 3, padding_idx=2), lambda: _index(10, 4, 3)),
         "embedding-bag mean": (lambda: nn.EmbeddingBag(10, 3), lambda: _index(10, 4, 3)),
         "embedding-bag max": (lambda: nn.EmbeddingBag(10, 3, mode="max"), lambda: _index(10, 4, 3)),

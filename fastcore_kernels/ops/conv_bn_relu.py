@@ -200,7 +200,8 @@ def training_conv2d(x, w, b, stride, padding, dilation, groups):
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         x, w, b = lower((x, w, b), dtype)
-    m = 0 if _backend.compiling() or _backend.transformed() else _winograd_tile_for(x, w, stride, padding, dilation, groups)
+    plain = _backend.compiling() or _backend.transformed()
+    m = 0 if plain else _winograd_tile_for(x, w, stride, padding, dilation, groups)
     if m and max(_pair(padding)) <= 2:
         return _WinogradConv2d.apply(x, w, b, _pair(padding), m)
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
