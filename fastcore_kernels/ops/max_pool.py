@@ -36,9 +36,12 @@ def register_fake() -> None:
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.input_shape = inputs[0].shape
+    ctx.set_materialize_grads(False)  # else the indices' absent gradient arrives as a zero int32 tensor
 
 
 def _backward(ctx, grad, _):
+    if grad is None:
+        return (None,) * 7
     (indices,) = ctx.saved_tensors
     if torch.is_grad_enabled():  # a backward that builds a graph (double backward): the same sums, as ops
         gx = reference.max_pool2d_backward(grad, indices, ctx.input_shape)
