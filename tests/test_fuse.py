@@ -120,7 +120,10 @@ def test_fuse_resnet_same_outputs_gradients_and_state_dict(device, backend):
     fused_model = fck.fuse(model)
     assert list(fused_model.state_dict()) == list(original.state_dict())
     kinds = {type(m).__name__ for m in fused_model.modules()}
-    assert {"FusedConv2d", "BatchNormAddReLU2d", "BatchNormReLU1d", "BatchNorm2d"} <= kinds
+    assert {"FusedConv2d", "AbsorbedBatchNorm2d", "BatchNormAddReLU2d", "BatchNormReLU1d"} <= kinds
+    # the downsample branch, Conv2d -> BatchNorm2d with no ReLU, is absorbed too
+    downsample = [m for m in fused_model.modules() if isinstance(m, fnn.FusedConv2d) and not m._relu]
+    assert len(downsample) == 1 and downsample[0].stride == (2, 2)
     assert all(type(m) is not nn.BatchNorm2d for m in fused_model.modules())
     # the original model is untouched by the default inplace=False
     assert all(type(m) in (nn.BatchNorm2d, nn.BatchNorm1d) for m in model.modules()
@@ -197,7 +200,7 @@ def test_fuse_channels_last_and_report(capsys):
     out = capsys.readouterr().out
     assert "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d" in out
     assert "add + ReLU as BatchNormAddReLU2d" in out
-    assert "swapped 4.downsample.1" in out
+    assert "fused 4.downsample.0 + 4.downsample.1: Conv2d -> BatchNorm2d as FusedConv2d (no ReLU)" in out
     assert fused_model.fck_fuse_report == out.strip().splitlines()
     _compare(model, fused_model, torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last), "cpu")
 
@@ -408,8 +411,8 @@ def test_a_sequential_chain_passes_the_fused_output_on_without_a_copy():
     t = torch.randn(2, 4, 5, 5, requires_grad=True)
     for bn in (seq[1], block[1]):
         assert type(bn) is fck.nn.AbsorbedBatchNorm2d and bn(t) is t
-    outside = fck.fuse(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)))  # nothing fused
-    assert type(outside[1]) is not fck.nn.AbsorbedBatchNorm2d
+    outside = fck.fuse(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(4)))  # no chain
+    assert type(outside[2]) is not fck.nn.AbsorbedBatchNorm2d
     x = torch.randn(2, 3, 7, 7, requires_grad=True)
     y = seq(x)
     y.sum().backward()  # the chain's gradient still flows through the fused op
@@ -456,3 +459,33 @@ def test_inplace_ops_bump_version_counters():
     m, v, s = torch.zeros(10), torch.zeros(10), torch.zeros(())
     torch.ops.fck.adam_([p], [g], [m], [v], [], [], [s], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, 1.0)
     assert (p._version, m._version, v._version, s._version, g._version) == (1, 1, 1, 1, 0)
+
+
+class _ConvBNNoReLU(nn.Module):
+    """Conv -> BN chains followed by other activations or by an add, written in a forward (fx's path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.hardswish(self.bn1(self.conv1(x))) + self.bn2(self.conv2(x))
+
+
+def test_conv_bn_without_relu_is_absorbed_and_folded_in_eval():
+    """Conv2d -> BatchNorm2d followed by anything but a ReLU (MobileNet's ReLU6, EfficientNet's SiLU, a ResNet's
+    downsample, a projection before an add): absorbed without the ReLU; in eval the folded convolution does the
+    batch norm's work, so no batch-norm op runs at all."""
+    torch.manual_seed(0)
+    for model in (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                                nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)), _ConvBNNoReLU()):
+        _randomize_bn_state(model)
+        model = model.double()  # the math, without float32's summation-order noise
+        fused_model = fck.fuse(copy.deepcopy(model))
+        convs = [m for m in fused_model.modules() if isinstance(m, fnn.FusedConv2d)]
+        assert len(convs) == 2 and not any(m._relu for m in convs)
+        _compare(model, fused_model, torch.randn(2, 3, 9, 9, dtype=torch.float64), "cpu", atol=1e-9)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            fused_model.eval()(torch.randn(2, 3, 9, 9, dtype=torch.float64))
+        assert not any("batch_norm" in e.name for e in prof.events())

@@ -121,8 +121,8 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
     """A BatchNorm2d whose work is done by the fused convolution before it (FusedConv2d): it keeps its parameters,
     buffers and state_dict keys where the model had them, and passes its input through."""
 
-    # True where it sits in a (FusedConv2d, this, Identity) Sequential, whose ReLU the fusion removed: what follows
-    # sees the fused output as it would see a stock ReLU's (saved for the backward, like torch's ReLU output).
+    # True where it directly follows its FusedConv2d in a Sequential ((FusedConv2d, this, Identity) when the fusion
+    # removed a ReLU): what follows sees the fused output as it would see a stock ReLU's or BN's.
     chained = False
     _fused_extra = "the convolution before it, which does its work"
 
@@ -141,21 +141,26 @@ class AbsorbedBatchNorm2d(BatchNorm2d):
 class FusedConv2d(NotScriptable, nn.Conv2d):
     """A Conv2d followed by the batch norm it absorbed and a ReLU: relu(bn(conv(x))) in training (the convolution,
     by Winograd on the CPU where it applies, + the fused BN-ReLU kernel) and a BN-folded convolution with the ReLU
-    fused in eval.
+    fused in eval. Absorbed without the ReLU (relu=False: a batch norm followed by something else, or nothing),
+    bn(conv(x)): in eval the folded convolution alone, no pass for the batch norm.
 
     The batch norm module stays registered where it was (as an AbsorbedBatchNorm2d), so state_dict keys do not move;
     this module refers to it without owning it.
     """
 
+    _relu = True
+
     @classmethod
-    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FusedConv2d":
-        """Turn `conv` (an exact nn.Conv2d) into a FusedConv2d and `bn` into its AbsorbedBatchNorm2d, in place."""
+    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "FusedConv2d":
+        """Turn `conv` (an exact nn.Conv2d) into a FusedConv2d and `bn` into its AbsorbedBatchNorm2d, in place; the
+        ReLU after them included unless relu=False."""
         if bn.num_features != conv.out_channels:
             raise ValueError(f"cannot fuse: {bn.num_features} batch-norm features after {conv.out_channels} "
                              "convolution channels")
         conv.__class__ = cls
         bn.__class__ = AbsorbedBatchNorm2d
         conv._absorbed = [bn]  # a list: not registered as a child, so it is not saved twice
+        conv._relu = relu
         return conv
 
     @property
@@ -168,7 +173,7 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         if use_batch_stats:
             y = (training_conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                  if self.padding_mode == "zeros" else self._conv_forward(input, self.weight, self.bias))
-            return batch_norm_act(y, None, running_mean, running_var, weight, bias, True, factor, eps, True,
+            return batch_norm_act(y, None, running_mean, running_var, weight, bias, True, factor, eps, self._relu,
                                   name="FusedConv2d")
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -179,7 +184,7 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         # (torch 2.4's export cannot trace the dict call).
         cache = None if _backend.compiling() else self.__dict__.setdefault("_fold_cache", FoldCache())
         return conv_bn_relu(input, self.weight, self.bias, running_mean, running_var, weight, bias, False, factor,
-                            eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache)
+                            eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache, relu=self._relu)
 
 
 class ConvBNReLU2d(NotScriptable, nn.Sequential):

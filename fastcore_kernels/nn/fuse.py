@@ -4,6 +4,7 @@ Patterns, found in `nn.Sequential` containers by position and in any other modul
 module at a time, its children kept as leaves, so the user's classes survive everywhere the patterns are absent):
 
     Conv2d -> BatchNorm2d -> ReLU          conv becomes FusedConv2d, the BN its AbsorbedBatchNorm2d
+    Conv2d -> BatchNorm2d (anything else)  the same without the ReLU (in eval, the folded convolution alone)
     BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
@@ -63,6 +64,13 @@ class _Fuser:
                                    "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d")
                 done.update((id(m), id(nxt)))
                 i += 3
+            elif type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d:
+                fused.FusedConv2d.absorb(m, nxt, relu=False)
+                nxt.chained = True
+                self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]}: Conv2d -> BatchNorm2d as "
+                                   "FusedConv2d (no ReLU)")
+                done.update((id(m), id(nxt)))
+                i += 2
             elif type(m) in _BN_RELU and _is_relu_module(nxt):
                 m.__class__ = _BN_RELU[type(m)]
                 seq._modules[mods[i + 1][0]] = nn.Identity()
@@ -132,6 +140,14 @@ class _Fuser:
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 self.report.append(f"fused {prefix}{node.target} + ReLU as {type(bn).__name__}")
+                changed = True
+            elif (type(bn) is nn.BatchNorm2d and isinstance(prev, fx.Node) and prev.op == "call_module"
+                  and type(mods.get(prev.target)) is nn.Conv2d and _only_user(prev) is node):
+                fused.FusedConv2d.absorb(mods[prev.target], bn, relu=False)
+                node.replace_all_uses_with(prev)
+                graph.erase_node(node)
+                self.report.append(f"fused {prefix}{prev.target} + {prefix}{node.target}: Conv2d -> BatchNorm2d as "
+                                   "FusedConv2d (no ReLU)")
                 changed = True
         if not changed:
             return module

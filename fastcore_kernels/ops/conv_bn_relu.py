@@ -47,8 +47,8 @@ def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     return w, shift.to(weight.dtype)
 
 
-def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None):
-    """oneDNN's convolution with the ReLU in its epilogue, or None where it does not apply. With a fold_cache, the
+def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None, relu=True):
+    """oneDNN's convolution with the ReLU in its epilogue (without one: relu=False), or None where it does not apply. With a fold_cache, the
     weight is kept reordered into oneDNN's blocked layout for this input shape (repacked when either changes): with
     a plain weight oneDNN reorders it and picks a slower NCHW kernel on every call; prepacked, it runs in NHWC
     (the AMD host, N=64, 3x3 C->C: 212 -> 164 ms at 56x56, 166 -> 126 at 7x7) and returns a channels_last tensor,
@@ -61,11 +61,12 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
         return None
     args = (_pair(padding), _pair(stride), _pair(dilation), groups)
     reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+    attr = "relu" if relu else "none"
     if fold_cache is None or reorder is None or w.shape[1] < 8:
-        return op(x, w, b, *args, "relu", [], "")
+        return op(x, w, b, *args, attr, [], "")
     key = (tuple(x.shape), *map(tuple, args[:3]), groups)
     packed = fold_cache.packed(w, key, lambda: reorder(w, *args, list(x.shape)))
-    y = op(x, packed, b, *args, "relu", [], "")
+    y = op(x, packed, b, *args, attr, [], "")
     if x.is_contiguous() and not y.is_contiguous():
         y = torch.ops.fck.contiguous_pooled(y) if extension().ok else y.contiguous()
     return y
@@ -135,8 +136,9 @@ def _winograd_work(x, w, m, pad) -> int:
     return w.shape[0] * w.shape[1] * x.shape[0] * -(-H // m) * -(-W // m)
 
 
-def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
-    """Eval: relu(conv2d(x, w, b)) by the Winograd kernel, or None where it does not apply. The transformed weight
+def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache, relu=True):
+    """Eval: relu(conv2d(x, w, b)) (without the ReLU: relu=False) by the Winograd kernel, or None where it does not
+    apply. The transformed weight
     is kept in the fold cache (a module's); without one it is made per call (0.2 ms at 64 x 64 channels, 2.3 ms at
     512 x 512: still well ahead of a direct convolution). Not while torch.compile traces (the caller passes no
     cache then either): Inductor gets torch's convolution to fuse and plan."""
@@ -147,7 +149,7 @@ def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache):
         return None
     make = lambda: torch.ops.fck.winograd_weight(w, m)  # noqa: E731
     u = make() if fold_cache is None else fold_cache.packed(w, ("winograd", m), make)
-    return torch.ops.fck.conv3x3_winograd(x, u, b, _pair(padding), w.shape[0], True)
+    return torch.ops.fck.conv3x3_winograd(x, u, b, _pair(padding), w.shape[0], relu)
 
 
 class _WinogradConv2d(torch.autograd.Function):
@@ -300,13 +302,14 @@ class FoldCache:
 
 
 def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
-                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None, fold_cache=None):
+                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None, fold_cache=None, relu=True):
     """relu(batch_norm(conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
-    bn_weight, bn_bias, training, momentum, eps)), with torch's argument semantics for both ops. fold_cache (a
-    FoldCache): where the folded weights are kept between eval calls without gradients."""
+    bn_weight, bn_bias, training, momentum, eps)), with torch's argument semantics for both ops; relu=False: the
+    batch-normalized convolution alone (in eval, the folded convolution: no pass of its own for the batch norm).
+    fold_cache (a FoldCache): where the folded weights are kept between eval calls without gradients."""
     if training:
         y = training_conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return batch_norm_act(y, None, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, True,
+        return batch_norm_act(y, None, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, relu,
                               backend, name="conv_bn_relu")
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
@@ -318,7 +321,8 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     if (_backend.transformed() or torch.jit.is_tracing()
             or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
-        return torch.relu(F.conv2d(input, w, b, stride, padding, dilation, groups))
+        y = F.conv2d(input, w, b, stride, padding, dilation, groups)
+        return torch.relu(y) if relu else y
 
     def fold():
         return fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
@@ -331,11 +335,12 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     dtype = autocast_dtype(input.device)
     if dtype is not None:  # torch's convolution would run in autocast's dtype: the folded one does too
         input, w, b = lower((input, w, b), dtype)
-    y = _winograd_conv_relu(input, w, b, stride, padding, dilation, groups, cache)
+    y = _winograd_conv_relu(input, w, b, stride, padding, dilation, groups, cache, relu)
     if y is None:
-        y = _onednn_conv_relu(input, w, b, stride, padding, dilation, groups, cache)
-    if y is None:
+        y = _onednn_conv_relu(input, w, b, stride, padding, dilation, groups, cache, relu)
+    if y is None and relu:
         y = _cudnn_conv_relu(input, w, b, stride, padding, dilation, groups)
     if y is None:
-        y = F.conv2d(input, w, b, stride, padding, dilation, groups).relu_()
+        y = F.conv2d(input, w, b, stride, padding, dilation, groups)
+        y = y.relu_() if relu else y
     return y
