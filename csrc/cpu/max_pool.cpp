@@ -1,13 +1,14 @@
 // 2-D max pooling on the CPU for contiguous NCHW input, forward (values and each maximum's position in its plane)
 // and backward (each output's gradient added to the input position it came from).
 //
-// torch's NCHW kernel walks each output's window element by element (a ResNet stem's 16x64x112x112 pool takes ~45 ms
-// on two cores, ~1 GB/s). Here a plane's output row is built a window row at a time: for each window element
-// (kh, kw), one pass over the whole output row takes input row ih at columns ow * sW + kw * dW - pW, a strided load
-// the compiler vectorizes, and keeps the running maximum and its index in row buffers. The window elements are
-// visited in torch's order (kh, then kw) with torch's test (larger, or NaN), so ties go to the first maximum in
-// row-major order and a NaN to the last NaN, as in torch: the same values and the same indices, hence the same
-// gradients. Output columns whose window crosses the left or right edge take a scalar loop.
+// torch's NCHW kernel walks each output's window element by element, testing every position against the edges (a
+// ResNet stem's 16x64x112x112 pool takes ~45 ms on two cores, ~1 GB/s). Here each output row is built 8 columns at
+// a time: for every window element (kh, kw) one vector load (two and a deinterleave at stride 2) of the input row,
+// the running maxima and their indices kept in AVX2 registers across the whole window. Padding, and the overhang of
+// ceil_mode's last windows, are -inf borders of a per-plane copy, so no loop tests an edge: -inf never replaces a
+// maximum, as torch never visits those positions. The window elements are visited in torch's order (kh, then kw)
+// with torch's test (larger, or NaN), so ties go to the first maximum in row-major order and a NaN to the last NaN:
+// the same values and the same indices, hence the same gradients.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -182,7 +183,7 @@ FCK_HOST_DEVICE void forward_planes(const raw_t<T>* x, raw_t<T>* y, int32_t* ind
 // a caller of the op itself can pass one) is skipped and reported: returns false.
 template <typename T>
 FCK_HOST_DEVICE bool backward_planes(const raw_t<T>* gy, const int32_t* ind, raw_t<T>* gx, int64_t p0, int64_t p1,
-                            const Pool2d& q) {
+                                     const Pool2d& q) {
   using A = acc_t<T>;
   const int64_t plane = q.H * q.W, outs = q.OH * q.OW;
   std::vector<A> buf(std::is_same<raw_t<T>, A>::value ? 0 : plane);
