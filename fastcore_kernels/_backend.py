@@ -217,7 +217,10 @@ def transformed() -> bool:
     """True inside a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or a forward-mode AD level
     (torch.autograd.forward_ad.dual_level). Our kernels have C++ autograd nodes and no batching or forward-mode rules,
     which the transforms need, so every op then runs its reference implementation (plain PyTorch ops, which every
-    transform composes through), whatever backend was chosen."""
+    transform composes through), whatever backend was chosen. False while torch.compile traces (it takes the
+    Python paths anyway, and torch 2.4's cannot trace the question)."""
+    if compiling():
+        return False
     return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
