@@ -950,7 +950,10 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
         for conv in (nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Conv2d(16, 32, 1)):
             other = fck.fuse(nn.Sequential(conv, seq[1], nn.ReLU())).eval()
             torch.testing.assert_close(other(x), nn.Sequential(conv, seq[1], nn.ReLU())(x), rtol=1e-4, atol=1e-4)
-            assert other[0]._fold_cache.pack_key[0] == tuple(x.shape)
+            # oneDNN's, with its weight prepacked for this shape; a 1x1 convolution's plain (its output's copy back
+            # to NCHW would cost more than the prepacked layout gains)
+            key = other[0]._fold_cache.pack_key
+            assert key[0] == tuple(x.shape) if conv.kernel_size == (3, 3) else key is None
     # training mode: the module's convolution takes the same path (a Winograd node in the graph unless disabled)
     fused.train(), seq.train()
     for inp in (x, xc):
