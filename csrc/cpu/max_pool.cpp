@@ -279,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor& x, at::IntAr
 #endif
     const auto* src = reinterpret_cast<const raw_t<T>*>(x.data_ptr());
     auto* dst = reinterpret_cast<raw_t<T>*>(y.data_ptr());
-    int32_t* at = save_indices ? ind.data_ptr<int32_t>() : nullptr;
-    at::parallel_for(0, planes, plane_grain(q), [&](int64_t p0, int64_t p1) { run(src, dst, at, p0, p1, q); });
+    int32_t* idx = save_indices ? ind.data_ptr<int32_t>() : nullptr;
+    at::parallel_for(0, planes, plane_grain(q), [&](int64_t p0, int64_t p1) { run(src, dst, idx, p0, p1, q); });
   });
   return {y, ind};
 }
@@ -305,10 +305,10 @@ at::Tensor max_pool2d_bwd(const at::Tensor& grad_output, const at::Tensor& indic
 #endif
     const auto* g = reinterpret_cast<const raw_t<T>*>(gy.data_ptr());
     auto* dst = reinterpret_cast<raw_t<T>*>(gx.data_ptr());
-    const int32_t* at = ind.data_ptr<int32_t>();
+    const int32_t* idx = ind.data_ptr<int32_t>();
     std::atomic<bool> ok{true};
     at::parallel_for(0, planes, plane_grain(q), [&](int64_t p0, int64_t p1) {
-      if (!run(g, at, dst, p0, p1, q)) ok = false;
+      if (!run(g, idx, dst, p0, p1, q)) ok = false;
     });
     TORCH_CHECK(ok, "max_pool2d backward: an index lies outside its input plane of ", q.H, " x ", q.W);
   });
