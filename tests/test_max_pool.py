@@ -153,17 +153,36 @@ def test_bad_arguments_raise_as_torch():
     assert max_pool2d(empty, 2).shape == F.max_pool2d(empty, 2).shape
 
 
-def test_backward_op_refuses_bad_indices():
-    """The backward op trusts nothing it is given: an index outside its plane is an error, never a write."""
+def test_backward_op_never_writes_outside_the_plane():
+    """The backward op trusts nothing it is given: a negative index is an error, one past the plane (an empty
+    window's, see below) carries no gradient; neither is ever written."""
     skip_unless_runnable("cpu", "cpu")
     grad = torch.randn(1, 2, 3, 3)
     idx = torch.zeros(1, 2, 3, 3, dtype=torch.int32)
     idx[0, 1, 2, 2] = 36
-    with pytest.raises(RuntimeError, match="outside its input plane"):
-        torch.ops.fck.max_pool2d_bwd(grad, idx, [1, 2, 6, 6])
+    got = torch.ops.fck.max_pool2d_bwd(grad, idx, [1, 2, 6, 6])
+    assert got[0, 1, 0, 0] == grad[0, 1].sum() - grad[0, 1, 2, 2] and (got.view(2, -1)[:, 1:] == 0).all()
     idx[0, 1, 2, 2] = -1
-    with pytest.raises(RuntimeError, match="outside its input plane"):
+    with pytest.raises(RuntimeError, match="negative index"):
         torch.ops.fck.max_pool2d_bwd(grad, idx, [1, 2, 6, 6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_windows_that_hold_no_input(dtype):
+    """A dilated window over a one-row input (3 rows, dilation 2, padding 1: rows -1, 1, 3) holds nothing: torch
+    gives -inf and an index past the plane, and its backward writes there (a crash); ours gives the same forward and
+    sends that output's gradient nowhere."""
+    skip_unless_runnable("cpu", "cpu")
+    x = torch.randn(3, 5, 1, 21, dtype=dtype)
+    args = ((3, 2), (4, 4), (1, 0), (2, 3), True)
+    want, want_idx = F.max_pool2d(x, *args, return_indices=True)
+    assert (want_idx >= 21).any()  # the empty windows' positions
+    xs = x.clone().requires_grad_()
+    with fck.use_backend("cpu"):
+        got, idx = max_pool2d(xs, *args, return_indices=True)
+    assert torch.equal(got.detach(), want) and torch.equal(idx, want_idx)
+    got.backward(torch.ones_like(got))
+    assert torch.equal(xs.grad, torch.zeros_like(x))  # every window here is empty
 
 
 def test_module_and_fuse():

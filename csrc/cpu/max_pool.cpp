@@ -179,8 +179,10 @@ FCK_HOST_DEVICE void forward_planes(const raw_t<T>* x, raw_t<T>* y, int32_t* ind
 }
 
 // The backward for a range of planes: the plane's gradient zeroed, then each output's gradient added at its index,
-// in output order (the same sums every run). fp16/bf16 add in fp32 and round once. An index outside its plane (only
-// a caller of the op itself can pass one) is skipped and reported: returns false.
+// in output order (the same sums every run). fp16/bf16 add in fp32 and round once. An index at or past the plane's
+// end is a window that holds no input (torch's forward reports its first position as if the input went on: a
+// dilated window over a one-row input, say): its gradient goes nowhere. A negative index (only a caller of the op
+// itself can pass one) is skipped and reported: returns false.
 template <typename T>
 FCK_HOST_DEVICE bool backward_planes(const raw_t<T>* gy, const int32_t* ind, raw_t<T>* gx, int64_t p0, int64_t p1,
                                      const Pool2d& q) {
@@ -194,11 +196,11 @@ FCK_HOST_DEVICE bool backward_planes(const raw_t<T>* gy, const int32_t* ind, raw
     const raw_t<T>* g = gy + p * outs;
     const int32_t* i = ind + p * outs;
     for (int64_t o = 0; o < outs; ++o) {
-      if (uint32_t(i[o]) >= uint64_t(plane)) {
+      if (i[o] < 0) {
         ok = false;
-        continue;
+      } else if (i[o] < plane) {
+        acc[i[o]] += Storage<T>::load(g[o]);
       }
-      acc[i[o]] += Storage<T>::load(g[o]);
     }
     if (!buf.empty()) {
       raw_t<T>* dst = gx + p * plane;
@@ -310,7 +312,8 @@ at::Tensor max_pool2d_bwd(const at::Tensor& grad_output, const at::Tensor& indic
     at::parallel_for(0, planes, plane_grain(q), [&](int64_t p0, int64_t p1) {
       if (!run(g, idx, dst, p0, p1, q)) ok = false;
     });
-    TORCH_CHECK(ok, "max_pool2d backward: an index lies outside its input plane of ", q.H, " x ", q.W);
+    TORCH_CHECK(ok, "max_pool2d backward: negative index (positions in an input plane of ", q.H, " x ", q.W,
+                " start at 0)");
   });
   return gx;
 }

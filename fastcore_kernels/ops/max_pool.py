@@ -50,16 +50,24 @@ def _backward(ctx, grad, _):
     return gx, None, None, None, None, None, None
 
 
-def _ours(x, k, s, p, d) -> bool:
+def _pooled_size(n, k, s, p, d, ceil_mode) -> int:
+    """torch's pooling output size (csrc/cpu/max_pool.cpp's pooled_size)."""
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= n + p else out
+
+
+def _ours(x, k, s, p, d, ceil_mode) -> bool:
     """Whether our kernel serves this call: a float NCHW input (not channels_last, which torch runs well) with a
-    valid configuration. Anything else goes to torch's op, which raises torch's errors for bad arguments."""
+    valid configuration. Anything else goes to torch's op, which raises torch's errors for bad arguments. (Valid
+    configurations whose windows can hold no input at all, a dilated window over a one-row input say, are ours:
+    torch's backward writes outside the input for them.)"""
     if x.dtype not in _DTYPES or x.dim() not in (3, 4) or x.numel() == 0:
         return False
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return False
     if min(k) <= 0 or min(s) <= 0 or min(d) <= 0 or min(p) < 0 or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
         return False
-    return all((n + 2 * pad - dil * (kk - 1) - 1) >= 0 for n, kk, pad, dil in zip(x.shape[-2:], k, p, d))
+    return all(_pooled_size(*dims, ceil_mode) > 0 for dims in zip(x.shape[-2:], k, s, p, d))
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *,
@@ -70,7 +78,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     k = _pair(kernel_size)
     s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else _pair(stride)
     p, d = _pair(padding), _pair(dilation)
-    if impl == "reference" or _backend.compiling() or not _ours(input, k, s, p, d):
+    if impl == "reference" or _backend.compiling() or not _ours(input, k, s, p, d, ceil_mode):
         return reference.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     x = input.unsqueeze(0) if input.dim() == 3 else input
     x = x.contiguous()
