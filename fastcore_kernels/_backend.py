@@ -184,7 +184,7 @@ def resolve(device: torch.device, choice: str | None = None, implemented: tuple[
     """The backend that will run an op on `device`: `choice` if given, else the user's selection. `implemented`
     names the backends the op has kernels for; "auto" skips the others, an explicit choice of one raises."""
     traced = compiling()
-    if not traced and transformed():
+    if not traced and _in_transform():
         return "reference"
     choice = _validate(choice) if choice is not None else _choice(traced)
     if choice == "auto":
@@ -219,8 +219,10 @@ def transformed() -> bool:
     which the transforms need, so every op then runs its reference implementation (plain PyTorch ops, which every
     transform composes through), whatever backend was chosen. False while torch.compile traces (it takes the
     Python paths anyway, and torch 2.4's cannot trace the question)."""
-    if compiling():
-        return False
+    return not compiling() and _in_transform()
+
+
+def _in_transform() -> bool:
     return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 

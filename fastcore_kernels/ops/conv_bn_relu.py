@@ -141,10 +141,9 @@ def _winograd_work(x, w, m, pad) -> int:
 
 def _winograd_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache, relu=True):
     """Eval: relu(conv2d(x, w, b)) (without the ReLU: relu=False) by the Winograd kernel, or None where it does not
-    apply. The transformed weight
-    is kept in the fold cache (a module's); without one it is made per call (0.2 ms at 64 x 64 channels, 2.3 ms at
-    512 x 512: still well ahead of a direct convolution). Not while torch.compile traces (the caller passes no
-    cache then either): Inductor gets torch's convolution to fuse and plan."""
+    apply. The transformed weight is kept in the fold cache (a module's); without one it is made per call (0.2 ms at
+    64 x 64 channels, 2.3 ms at 512 x 512: still well ahead of a direct convolution). Not while torch.compile traces
+    (the caller passes no cache then either): Inductor gets torch's convolution to fuse and plan."""
     if _backend.compiling():
         return None
     m = _winograd_tile_for(x, w, stride, padding, dilation, groups)
