@@ -148,6 +148,12 @@ TORCH_LIBRARY(fck, m) {
   m.def("max_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode, bool save_indices) -> (Tensor, Tensor)", kFixedStrides);
   m.def("max_pool2d_bwd(Tensor grad_output, Tensor indices, int[4] input_size) -> Tensor", kFixedStrides);
+  // 2-D average pooling of a contiguous (N, C, H, W) input with torch's semantics (avg_pool2d), and its backward:
+  // the gradient of an input of input_size.
+  m.def("avg_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+        "bool count_include_pad, int? divisor_override) -> Tensor", kFixedStrides);
+  m.def("avg_pool2d_bwd(Tensor grad_output, int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor", kFixedStrides);
 }
 
 namespace {
@@ -191,6 +197,8 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("mm_pooled", &fck::cpu::mm_pooled);
   m.impl("max_pool2d_fwd", &fck::cpu::max_pool2d_fwd);
   m.impl("max_pool2d_bwd", &fck::cpu::max_pool2d_bwd);
+  m.impl("avg_pool2d_fwd", &fck::cpu::avg_pool2d_fwd);
+  m.impl("avg_pool2d_bwd", &fck::cpu::avg_pool2d_bwd);
   m.impl("winograd_weight", &fck::cpu::winograd_weight);
   m.impl("conv3x3_winograd", &fck::cpu::conv3x3_winograd);
   m.impl("conv3x3_winograd_weight_grad", &fck::cpu::conv3x3_winograd_weight_grad);

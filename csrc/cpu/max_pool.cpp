@@ -23,25 +23,11 @@
 #include "fck/cpu_vec.h"
 #include "fck/macros.h"
 #include "fck/ops.h"
+#include "fck/pool2d.h"
 
 namespace fck {
 namespace cpu {
 namespace {
-
-struct Pool2d {
-  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
-  int64_t H, W, OH, OW;
-};
-
-// torch's pooling output size (pooling_output_shape): the strided count rounded down (up with ceil_mode; a negative
-// span rounds toward minus infinity, so an input too small gives no output), and with ceil_mode the last window
-// must start inside the input or its left padding.
-int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
-  const int64_t span = in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-  int64_t out = (span >= 0 ? span / s : -((-span + s - 1) / s)) + 1;
-  if (ceil_mode && (out - 1) * s >= in + p) --out;
-  return out;
-}
 
 constexpr int64_t kBlock = 8;  // output columns a block keeps in registers (one AVX2 vector of fp32)
 
@@ -237,11 +223,6 @@ void forward_base(const raw_t<T>* x, raw_t<T>* y, int32_t* ind, int64_t p0, int6
 template <typename T>
 bool backward_base(const raw_t<T>* gy, const int32_t* ind, raw_t<T>* gx, int64_t p0, int64_t p1, const Pool2d& q) {
   return backward_planes<T>(gy, ind, gx, p0, p1, q);
-}
-
-// Planes per task: at least ~64k input values, so a small pool stays on the calling thread.
-int64_t plane_grain(const Pool2d& q) {
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, q.H * q.W));
 }
 
 Pool2d check(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,

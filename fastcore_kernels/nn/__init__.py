@@ -5,9 +5,9 @@ from fastcore_kernels.nn.batch_norm import (AbsorbedBatchNorm2d, BatchNorm1d, Ba
                                             FusedConv2d)
 from fastcore_kernels.nn.embedding import Embedding, EmbeddingBag, EmbeddingUpdate
 from fastcore_kernels.nn.fuse import fuse
-from fastcore_kernels.nn.pool import MaxPool2d
+from fastcore_kernels.nn.pool import AvgPool2d, MaxPool2d
 from fastcore_kernels.nn.rnn import GRU, LSTM, GRUCell, LSTMCell
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU2d",
            "ConvBNReLU2d", "FusedConv2d", "AbsorbedBatchNorm2d", "Embedding", "EmbeddingBag", "EmbeddingUpdate",
-           "LSTM", "GRU", "LSTMCell", "GRUCell", "MaxPool2d", "fuse"]
+           "LSTM", "GRU", "LSTMCell", "GRUCell", "MaxPool2d", "AvgPool2d", "fuse"]

@@ -10,7 +10,8 @@ module at a time, its children kept as leaves, so the user's classes survive eve
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
     Embedding, EmbeddingBag                the fastcore_kernels drop-ins
     LSTM, GRU, LSTMCell, GRUCell           the fastcore_kernels drop-ins
-    MaxPool2d                              the fastcore_kernels drop-in (a ResNet stem's pool)
+    MaxPool2d, AvgPool2d                   the fastcore_kernels drop-ins (a ResNet stem's pool, DenseNet's)
+    F.max_pool2d, F.avg_pool2d calls       fastcore_kernels' functions (Inception's blocks pool functionally)
 
 Modules are converted in place (their class changes; parameters, buffers and hooks stay), and fused-away ReLUs
 disappear from the graph or become nn.Identity, so every parameter and buffer keeps its state_dict key: the fused
@@ -30,13 +31,17 @@ from torch import fx, nn
 
 from fastcore_kernels.nn import batch_norm as fused
 from fastcore_kernels.nn import embedding, pool, rnn
+from fastcore_kernels.ops.avg_pool import avg_pool2d
+from fastcore_kernels.ops.max_pool import max_pool2d
 
 _DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d,
             nn.Embedding: embedding.Embedding, nn.EmbeddingBag: embedding.EmbeddingBag, nn.LSTM: rnn.LSTM,
-            nn.GRU: rnn.GRU, nn.LSTMCell: rnn.LSTMCell, nn.GRUCell: rnn.GRUCell, nn.MaxPool2d: pool.MaxPool2d}
+            nn.GRU: rnn.GRU, nn.LSTMCell: rnn.LSTMCell, nn.GRUCell: rnn.GRUCell, nn.MaxPool2d: pool.MaxPool2d,
+            nn.AvgPool2d: pool.AvgPool2d}
 _BN_RELU = {nn.BatchNorm1d: fused.BatchNormReLU1d, nn.BatchNorm2d: fused.BatchNormReLU2d}
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_POOL_FUNCTIONS = {F.max_pool2d: max_pool2d, F.avg_pool2d: avg_pool2d}  # the same signatures
 
 
 def _is_relu_module(m) -> bool:
@@ -85,7 +90,7 @@ class _Fuser:
     # ---- any other module: patterns in its own forward, traced with torch.fx ----
     def traced(self, module: nn.Module, prefix: str) -> nn.Module:
         kinds = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
-        if not any(type(c) in kinds for c in module.children()):
+        if not any(type(c) in kinds for c in module.children()) and not _pools_functionally(type(module)):
             return module
 
         class LeafTracer(fx.Tracer):
@@ -104,6 +109,11 @@ class _Fuser:
         mods = dict(module.named_children())
         changed = False
         for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+                self.report.append(f"swapped {prefix}{node.name}: F.{node.target.__name__} call")
+                node.target = _POOL_FUNCTIONS[node.target]
+                changed = True
+                continue
             if node.op != "call_module" or type(mods.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d):
                 continue
             bn = mods[node.target]
@@ -181,6 +191,19 @@ class _Fuser:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, fused._FusedBatchNormMixin):
             self.report.append(f"left {name}: {type(m).__name__} is not a torch class fuse() converts")
         return m
+
+
+def _pools_functionally(cls) -> bool:
+    """Whether a method of the module's class names max_pool2d or avg_pool2d (torchvision's Inception blocks call
+    F.avg_pool2d in their forward): such a module is traced even without convolution or batch-norm children."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn."):
+            continue
+        for f in vars(klass).values():
+            names = getattr(getattr(f, "__code__", None), "co_names", ())
+            if "max_pool2d" in names or "avg_pool2d" in names:
+                return True
+    return False
 
 
 def _only_user(node: fx.Node):

@@ -3,6 +3,7 @@
 import torch
 
 from fastcore_kernels.ops.adam import adam_
+from fastcore_kernels.ops.avg_pool import avg_pool2d
 from fastcore_kernels.ops.batch_norm import batch_norm_act
 from fastcore_kernels.ops.conv_bn_relu import conv_bn_relu
 from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
@@ -20,7 +21,7 @@ def release_cpu_pool() -> int:
 
 def _register_fakes() -> None:
     """Called once the C++ library is loaded: its ops get fake (meta) kernels so torch.compile can trace them."""
-    from fastcore_kernels.ops import adam, batch_norm, max_pool, rnn
+    from fastcore_kernels.ops import adam, avg_pool, batch_norm, max_pool, rnn
     from fastcore_kernels.ops.embedding_bag import register_fake as register_embedding_bag_fakes
 
     adam.register_fake()
@@ -28,6 +29,7 @@ def _register_fakes() -> None:
     register_embedding_bag_fakes()
     rnn.register_fake()
     max_pool.register_fake()
+    avg_pool.register_fake()
     # the pooled-output helpers (CPU): plain tensors of the result's shape
     torch.library.register_fake("fck::mm_pooled")(lambda a, b: a.new_empty(a.shape[0], b.shape[1]))
     torch.library.register_fake("fck::contiguous_pooled")(
@@ -47,5 +49,5 @@ def _register_fakes() -> None:
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 
 
-__all__ = ["adam_", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "gru", "gru_cell", "lstm",
+__all__ = ["adam_", "avg_pool2d", "batch_norm_act", "conv_bn_relu", "embedding", "embedding_bag", "gru", "gru_cell", "lstm",
            "lstm_cell", "max_pool2d", "release_cpu_pool"]

@@ -51,9 +51,17 @@ def _backward(ctx, grad, _):
 
 
 def _pooled_size(n, k, s, p, d, ceil_mode) -> int:
-    """torch's pooling output size (csrc/cpu/max_pool.cpp's pooled_size)."""
+    """torch's pooling output size (csrc/include/fck/pool2d.h's pooled_size)."""
     out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
     return out - 1 if ceil_mode and (out - 1) * s >= n + p else out
+
+
+def _planar_float(x) -> bool:
+    """A non-empty float (C, H, W) or (N, C, H, W) input that is not channels_last: what the pooling kernels take
+    (torch has vectorized kernels for channels_last)."""
+    if x.dtype not in _DTYPES or x.dim() not in (3, 4) or x.numel() == 0:
+        return False
+    return not (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _ours(x, k, s, p, d, ceil_mode) -> bool:
@@ -61,9 +69,7 @@ def _ours(x, k, s, p, d, ceil_mode) -> bool:
     valid configuration. Anything else goes to torch's op, which raises torch's errors for bad arguments. (Valid
     configurations whose windows can hold no input at all, a dilated window over a one-row input say, are ours:
     torch's backward writes outside the input for them.)"""
-    if x.dtype not in _DTYPES or x.dim() not in (3, 4) or x.numel() == 0:
-        return False
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if not _planar_float(x):
         return False
     if min(k) <= 0 or min(s) <= 0 or min(d) <= 0 or min(p) < 0 or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
         return False

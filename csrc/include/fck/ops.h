@@ -116,6 +116,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor &x, at::IntAr
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation, bool ceil_mode, bool save_indices);
 at::Tensor max_pool2d_bwd(const at::Tensor &grad_output, const at::Tensor &indices, at::IntArrayRef input_size);
+// avg_pool.cpp: 2-D average pooling of contiguous NCHW input, and its backward (the gradient of an input of
+// input_size).
+at::Tensor avg_pool2d_fwd(const at::Tensor &x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                          c10::optional<int64_t> divisor_override);
+at::Tensor avg_pool2d_bwd(const at::Tensor &grad_output, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                          c10::optional<int64_t> divisor_override);
 bool winograd_available();
 at::Tensor winograd_weight(const at::Tensor &w, int64_t m, bool transposed);
 at::Tensor conv3x3_winograd(const at::Tensor &x, const at::Tensor &u, const c10::optional<at::Tensor> &bias,
