@@ -2,15 +2,16 @@
 //
 // torch's NCHW kernel sums each output's window element by element, testing the edges as it goes: Inception's 3x3
 // stride-1 pool over 16x192x35x35 takes ~15 ms on two cores, 33 times a copy of the tensor. A window's sum is
-// separable: each output row first adds its window's input rows into one row of column sums (contiguous rows, so
-// vector adds whatever the stride), then each output adds kW of those sums (vector loads at stride 1 and 2).
-// Padding is zero columns at both ends of that row, so no loop tests an edge. The backward is the same two steps
-// transposed: each output's gradient, divided by its divisor, is spread over its kW columns of a zeroed row, and
-// the row is added into the input rows its window covers.
+// separable: first the window's rows are added (whole rows, so vector adds whatever the stride), then its columns
+// (vector loads at stride 1 and 2). Each plane is copied into a zero-bordered layout (Layout below) in which both
+// sums are single loops over the whole plane, so no loop tests an edge and short rows cost no per-row loop. The
+// backward is the same two steps transposed: each output's gradient, over its divisor, spread over its window's
+// columns, then over its window's rows.
 //
 // Divisors are torch's: the window's rows times its columns, each counted inside the padded input
-// (count_include_pad) or inside the input, or divisor_override. Sums run in fp32 for fp16/bf16 and in a different
-// order than torch's (columns first), so values agree to rounding, not to the bit.
+// (count_include_pad) or inside the input, or divisor_override. Sums run in fp32 for fp16/bf16, in another order
+// than torch's, and are multiplied by the divisor's reciprocal (torch divides): values agree to rounding, not to
+// the bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -76,6 +77,28 @@ __attribute__((target("avx2,fma,f16c"))) inline void copy_row_avx2(const float* 
 }
 #endif
 
+// out[i] = a[i] * b[i] for a row: the same, with AVX2 and a masked tail for fp32 (a scalar tail cost as much as the
+// row's vectors at 35 values).
+#ifdef FCK_HAVE_AVX2_CLONE
+__attribute__((target("avx2,fma,f16c"))) inline void scale_row_avx2(const float* a, const float* b, float* out,
+                                                                    int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+  if (i < n) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(out + i, m, _mm256_mul_ps(_mm256_maskload_ps(a + i, m), _mm256_maskload_ps(b + i, m)));
+  }
+}
+#endif
+
+template <typename A, bool kAvx2>
+FCK_HOST_DEVICE void scale_row(const A* a, const A* b, A* out, int64_t n) {
+#ifdef FCK_HAVE_AVX2_CLONE
+  if constexpr (kAvx2 && std::is_same<A, float>::value) return scale_row_avx2(a, b, out, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+}
+
 // n values from storage to the accumulation type (fp32 with AVX2: copy_row_avx2).
 template <typename T, bool kAvx2>
 FCK_HOST_DEVICE void load_row(const raw_t<T>* src, acc_t<T>* dst, int64_t n) {
@@ -94,16 +117,23 @@ FCK_HOST_DEVICE void store_row(const acc_t<T>* src, raw_t<T>* dst, int64_t n) {
 }
 
 // v[j] = p[j] + p[j + PW] + ... (kH rows) for j < n: the window's rows summed, for consecutive output rows at once
-// when the row stride is 1.
+// when the row stride is 1. Up to three rows a pass (each pass loads and stores v once: the passes, not the adds,
+// were the cost).
 template <typename A>
 FCK_HOST_DEVICE void sum_rows(const A* __restrict p, int64_t n, int64_t kH, int64_t PW, A* __restrict v) {
   if (kH == 1) {
     std::copy(p, p + n, v);
-    return;
+  } else if (kH == 2) {
+    for (int64_t j = 0; j < n; ++j) v[j] = p[j] + p[PW + j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) v[j] = p[j] + p[PW + j] + p[2 * PW + j];
   }
-  for (int64_t j = 0; j < n; ++j) v[j] = p[j] + p[PW + j];
-  for (int64_t i = 2; i < kH; ++i) {
-    for (int64_t j = 0; j < n; ++j) v[j] += p[i * PW + j];
+  for (int64_t i = 3; i < kH; i += 2) {
+    if (i + 1 < kH) {
+      for (int64_t j = 0; j < n; ++j) v[j] += p[i * PW + j] + p[(i + 1) * PW + j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) v[j] += p[i * PW + j];
+    }
   }
 }
 
@@ -116,13 +146,23 @@ FCK_HOST_DEVICE void add_rows(const A* __restrict v, int64_t n, int64_t kH, int6
 }
 
 // h[m] = v[m S] + v[m S + 1] + ... (kW columns) for m < n, S the column stride (a template constant for 1 and 2, so
-// the compiler vectorizes the strided loads; 0: the runtime stride s).
+// the compiler vectorizes the strided loads; 0: the runtime stride s). Up to three columns a pass, as sum_rows.
 template <int S, typename A>
 FCK_HOST_DEVICE void sum_columns(const A* __restrict v, int64_t n, int64_t kW, int64_t s, A* __restrict h) {
   const int64_t st = S ? S : s;
-  for (int64_t m = 0; m < n; ++m) h[m] = v[m * st];
-  for (int64_t j = 1; j < kW; ++j) {
-    for (int64_t m = 0; m < n; ++m) h[m] += v[m * st + j];
+  if (kW == 1) {
+    for (int64_t m = 0; m < n; ++m) h[m] = v[m * st];
+  } else if (kW == 2) {
+    for (int64_t m = 0; m < n; ++m) h[m] = v[m * st] + v[m * st + 1];
+  } else {
+    for (int64_t m = 0; m < n; ++m) h[m] = v[m * st] + v[m * st + 1] + v[m * st + 2];
+  }
+  for (int64_t j = 3; j < kW; j += 2) {
+    if (j + 1 < kW) {
+      for (int64_t m = 0; m < n; ++m) h[m] += v[m * st + j] + v[m * st + j + 1];
+    } else {
+      for (int64_t m = 0; m < n; ++m) h[m] += v[m * st + j];
+    }
   }
 }
 
@@ -159,11 +199,10 @@ FCK_HOST_DEVICE void columns_transpose(const A* h, int64_t n, const Pool2d& q, i
   }
 }
 
-// Each output's divisor (OH x OW, the same for every plane; as the accumulation type: small integers, exact). A
-// window that holds no input (not possible for valid arguments) sums to 0 and gets an infinite divisor: 0, as
-// torch gives.
+// The reciprocal of each output's divisor (OH x OW, the same for every plane). A window that holds no input (not
+// possible for valid arguments) gets 0: its output is 0, as torch gives.
 template <typename A>
-std::vector<A> divisors(const AvgPool2d& a) {
+std::vector<A> reciprocal_divisors(const AvgPool2d& a) {
   const Pool2d& q = a.q;
   std::vector<A> d(q.OH * q.OW);
   for (int64_t oh = 0; oh < q.OH; ++oh) {
@@ -187,7 +226,7 @@ FCK_HOST_DEVICE void forward_planes(const raw_t<T>* x, raw_t<T>* y, int64_t p0, 
   const Layout l = layout(q);
   // v has kW values of slack: the last row's unused sums read past its end (zeros, never an output)
   std::vector<A> pad(l.PH * l.PW, A(0)), v(q.OH * l.PW + q.kW, A(0)), h(q.OH * l.M), out(kDirect ? 0 : q.OW);
-  const std::vector<A> div = divisors<A>(a);
+  const std::vector<A> div = reciprocal_divisors<A>(a);
   for (int64_t p = p0; p < p1; ++p) {
     const raw_t<T>* plane = x + p * q.H * q.W;
     for (int64_t ih = 0; ih < q.H; ++ih) {
@@ -206,7 +245,7 @@ FCK_HOST_DEVICE void forward_planes(const raw_t<T>* x, raw_t<T>* y, int64_t p0, 
       const A* d = div.data() + oh * q.OW;
       raw_t<T>* dst = y + (p * q.OH + oh) * q.OW;
       A* o = kDirect ? reinterpret_cast<A*>(dst) : out.data();
-      for (int64_t ow = 0; ow < q.OW; ++ow) o[ow] = sums[ow] * d[ow];
+      scale_row<A, kAvx2>(sums, d, o, q.OW);
       if (!kDirect) narrow<T, kAvx2>(out.data(), dst, q.OW);
     }
   }
@@ -224,7 +263,7 @@ FCK_HOST_DEVICE void backward_planes(const raw_t<T>* gy, raw_t<T>* gx, int64_t p
   const Layout l = layout(q);
   // h's columns past OW stay zero, so the spread adds nothing from them (and nothing past v's slack)
   std::vector<A> pad(l.PH * l.PW), v(q.OH * l.PW + q.kW), h(q.OH * l.M, A(0)), g(kDirect ? 0 : q.OW);
-  const std::vector<A> div = divisors<A>(a);
+  const std::vector<A> div = reciprocal_divisors<A>(a);
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t oh = 0; oh < q.OH; ++oh) {
       const raw_t<T>* src = gy + (p * q.OH + oh) * q.OW;
@@ -232,7 +271,7 @@ FCK_HOST_DEVICE void backward_planes(const raw_t<T>* gy, raw_t<T>* gx, int64_t p
       const A* gr = kDirect ? reinterpret_cast<const A*>(src) : g.data();
       A* scaled = h.data() + oh * l.M;
       const A* d = div.data() + oh * q.OW;
-      for (int64_t ow = 0; ow < q.OW; ++ow) scaled[ow] = gr[ow] * d[ow];
+      scale_row<A, kAvx2>(gr, d, scaled, q.OW);
     }
     columns_transpose(h.data(), q.OH * l.M, q, v.size(), v.data());
     std::fill(pad.begin(), pad.end(), A(0));
