@@ -320,6 +320,88 @@ def test_conv_bn_relu_fuzz():
                 _close(a, c, what, case, tol * max(1.0, c.abs().max().item()), tol)
 
 
+# ---- pooling ----
+
+class _AddAtIndices(torch.autograd.Function):
+    """torch's max_pool2d output, whose gradient is added at torch's indices (its contract), without torch's own
+    backward: that writes outside the input for windows that hold no input (their index lies past the plane),
+    which get no gradient here. The backward is linear ops, so it differentiates again."""
+
+    @staticmethod
+    def forward(ctx, t, out, idx):
+        ctx.save_for_backward(idx)
+        ctx.shape = t.shape
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        plane = ctx.shape[-1] * ctx.shape[-2]
+        flat = grad.new_zeros(grad.shape[:-2] + (plane + 1,))
+        flat = flat.scatter_add(-1, idx.flatten(-2).clamp(max=plane), grad.flatten(-2))
+        return flat[..., :plane].reshape(ctx.shape), None, None
+
+
+def _max_pool_truth(t, args):
+    out, idx = F.max_pool2d(t.detach(), *args, return_indices=True)
+    return _AddAtIndices.apply(t, out, idx), idx
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("op", ("max", "avg"))
+def test_pool_fuzz(op, backend):
+    """max_pool2d and avg_pool2d: kernels, strides, padding (up to torch's limit and past it), dilation (max),
+    ceil_mode, count_include_pad and divisor_override (avg), unbatched input, planes from 1x1 up, NaN/inf; outputs,
+    max's indices, gradients, and in some cases a gradient penalty's second derivatives, in float64."""
+    skip_unless_runnable(backend, "cpu")
+    compared = 0
+    for seed in _seeds(backend, 9 if op == "max" else 10):
+        r = random.Random(seed)
+        shape = [r.choice([1, 2, 3]), r.choice([1, 4, 9])][r.random() < 0.2:] + [r.randint(1, 24), r.randint(1, 24)]
+        k = (r.randint(1, 6), r.randint(1, 6))
+        s = None if r.random() < 0.2 else (r.randint(1, 4), r.randint(1, 4))
+        p = (r.randint(0, k[0] // 2 + (r.random() < 0.1)), r.randint(0, k[1] // 2))
+        ceil = r.random() < 0.5
+        if op == "max":
+            d = (r.randint(1, 3), r.randint(1, 3))
+            args = (k, s, p, d, ceil)
+            theirs_fn, ours_fn = (lambda t: _max_pool_truth(t, args),
+                                  lambda t: fckF.max_pool2d(t, *args, return_indices=True, backend=backend))
+        else:
+            args = (k, s, p, ceil, r.random() < 0.5, r.choice([None, None, None, 3, -2]))
+            theirs_fn, ours_fn = (lambda t: (F.avg_pool2d(t, *args),),
+                                  lambda t: (fckF.avg_pool2d(t, *args, backend=backend),))
+        second = r.random() < 0.3
+        case = dict(seed=seed, op=op, shape=shape, args=args, second_order=second)
+        g = torch.Generator().manual_seed(seed)
+        x = _poison_some(r, _randn(g, *shape))
+        second = second and bool(x.isfinite().all())
+
+        def run(fn):
+            leaf = x.clone().requires_grad_()
+            out = fn(leaf)
+            dy = _randn(torch.Generator().manual_seed(seed), *out[0].shape)
+            if second:
+                grads = _penalty_grads((out[0] * dy).sum(), [leaf])
+            else:
+                grads = list(torch.autograd.grad(out[0], leaf, dy))
+            return [o.detach() for o in out] + grads
+
+        theirs, ours, _ = _both(lambda: run(theirs_fn), lambda: run(ours_fn), case)
+        if backend == "reference" and theirs and op == "max" and (theirs[1] >= shape[-1] * shape[-2]).any():
+            theirs, ours = theirs[:2], ours[:2]  # the reference is torch's op, whose backward misplaces these
+        names = ("output", "indices", "grad input", "penalty's gradient") if op == "max" else (
+            "output", "grad input", "penalty's gradient")
+        for what, a, c in zip(names, ours or (), theirs or ()):
+            if what == "indices" or (op == "max" and what == "output"):
+                assert torch.equal(a, c) or (a.isnan() == c.isnan()).all() and torch.equal(
+                    a.nan_to_num(), c.nan_to_num()), f"{case}: {what}"
+            else:
+                _close(a, c, what, case, 1e-9)
+        compared += theirs is not None
+    assert compared >= len(_seeds(backend, 0)) // 2, f"only {compared} configurations torch accepts"
+
+
 # ---- recurrent modules ----
 
 @pytest.mark.parametrize("backend", BACKENDS)

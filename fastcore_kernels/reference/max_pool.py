@@ -16,7 +16,9 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mod
 def max_pool2d_backward(grad: torch.Tensor, indices: torch.Tensor, input_shape) -> torch.Tensor:
     """The input's gradient from the output's and the forward's plane indices, as differentiable ops (linear in
     grad): what the kernels' backward computes, for a backward that builds a graph."""
-    planes = grad.shape[0] * grad.shape[1]
-    flat = grad.new_zeros(planes, input_shape[-2] * input_shape[-1])
-    flat = flat.scatter_add(1, indices.reshape(planes, -1).long(), grad.reshape(planes, -1))
-    return flat.view(input_shape)
+    planes, plane = grad.shape[0] * grad.shape[1], input_shape[-2] * input_shape[-1]
+    # A window that holds no input reports an index at or past the plane's end: its gradient goes to a sink column
+    # that is dropped, as the kernels send it nowhere.
+    flat = grad.new_zeros(planes, plane + 1)
+    flat = flat.scatter_add(1, indices.reshape(planes, -1).long().clamp(max=plane), grad.reshape(planes, -1))
+    return flat[:, :plane].reshape(input_shape)
