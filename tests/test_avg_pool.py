@@ -128,6 +128,16 @@ def test_layouts_and_views():
     torch.testing.assert_close(avg_pool2d(view, 2, 2), F.avg_pool2d(view, 2, 2))
 
 
+def test_huge_planes_run_torchs_op(monkeypatch):
+    """Planes above the kernel's buffer limit go to torch's op (no plane-sized buffers per thread)."""
+    from fastcore_kernels.ops import avg_pool
+
+    x = torch.randn(1, 2, 40, 30, requires_grad=True)
+    monkeypatch.setattr(avg_pool, "_MAX_PLANE", 40 * 30 - 1)
+    got = avg_pool2d(x, 3, 2, 1)
+    assert "avg_pool2d_fwd" not in got.grad_fn.name() and torch.equal(got, F.avg_pool2d(x, 3, 2, 1))
+
+
 def test_bad_arguments_raise_as_torch():
     x = torch.randn(2, 3, 8, 8)
     bad = [dict(kernel_size=0), dict(kernel_size=2, padding=2), dict(kernel_size=3, stride=0), dict(kernel_size=9),

@@ -53,10 +53,16 @@ def _backward_backward(ctx, grad):
     return (torch.ops.fck.avg_pool2d_fwd(grad.contiguous(), *ctx.args),) + (None,) * 7
 
 
+# The kernel keeps three plane-sized buffers per thread (the padded plane, its row sums, its window sums): planes
+# above 4M values (16 MB each in fp32; 2048 x 2048) go to torch's op, which needs none.
+_MAX_PLANE = 1 << 22
+
+
 def _ours(x, k, s, p, ceil_mode, divisor_override) -> bool:
-    """Whether our kernel serves this call: a float NCHW input (not channels_last) with a valid configuration.
-    Anything else goes to torch's op, which raises torch's errors for bad arguments."""
-    if not _planar_float(x) or divisor_override == 0:
+    """Whether our kernel serves this call: a float NCHW input (not channels_last) with a valid configuration and
+    planes of at most _MAX_PLANE values. Anything else goes to torch's op, which raises torch's errors for bad
+    arguments."""
+    if not _planar_float(x) or divisor_override == 0 or x.shape[-2] * x.shape[-1] > _MAX_PLANE:
         return False
     if min(k) <= 0 or min(s) <= 0 or min(p) < 0 or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
         return False
