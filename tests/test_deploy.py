@@ -28,6 +28,10 @@ def _cases():
         "LSTMCell": (lambda: fnn.LSTMCell(3, 4), (torch.randn(2, 3, generator=g),)),
         "GRUCell": (lambda: fnn.GRUCell(3, 4), (torch.randn(2, 3, generator=g),)),
         "MaxPool2d": (lambda: fnn.MaxPool2d(3, 2, 1), (torch.randn(2, 3, 9, 8, generator=g),)),
+        "AvgPool2d": (lambda: fnn.AvgPool2d(3, 2, 1), (torch.randn(2, 3, 9, 8, generator=g),)),
+        # enough tiles for the CPU's Winograd path in eval
+        "conv + ReLU": (lambda: fck.fuse(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())),
+                        (torch.randn(9, 16, 17, 15, generator=g),)),
     }
 
 

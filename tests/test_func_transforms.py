@@ -50,6 +50,8 @@ def _models():
         "gru": (lambda: nn.GRU(3, 4, 2), lambda: _randn(4, 2, 3)),
         "lstm cell": (lambda: nn.LSTMCell(3, 4), lambda: _randn(2, 3)),
         "gru cell": (lambda: nn.GRUCell(3, 4), lambda: _randn(2, 3)),
+        "conv-relu pools": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                                                  nn.MaxPool2d(2, 1)), lambda: _randn(3, 6, 5)),
     }
 
 

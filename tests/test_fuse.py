@@ -489,3 +489,64 @@ def test_conv_bn_without_relu_is_absorbed_and_folded_in_eval():
         with torch.no_grad(), torch.profiler.profile() as prof:
             fused_model.eval()(torch.randn(2, 3, 9, 9, dtype=torch.float64))
         assert not any("batch_norm" in e.name for e in prof.events())
+
+
+class _ConvReLUs(nn.Module):
+    """Conv -> ReLU in a forward (fx's path), a convolution called twice (left as it is: fusing the ReLU into it
+    would change its other call) and a batch norm called twice (the same)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        z = torch.relu(self.conv2(y)) + self.conv2(y)
+        return F.relu(self.bn(z)) + self.bn(y)
+
+
+def test_conv_relu_without_batch_norm():
+    """Conv2d -> ReLU (VGG's, AlexNet's layers) becomes ConvReLU2d: in eval the ReLU runs in the convolution's
+    epilogue (by Winograd on the CPU: fp32 within its rounding of torch's), in training Winograd's three
+    convolutions then torch's ReLU; float64 runs torch's convolution, so equal to rounding."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(32, 32, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 16, 1), nn.ReLU())
+    model = nn.Sequential(seq, _ConvReLUs())
+    model64 = copy.deepcopy(model).double()  # before the fp32 steps move the two models' running statistics apart
+    fused_model = fck.fuse(copy.deepcopy(model))
+    conv_relus = [n for n, m in fused_model.named_modules() if type(m) is fnn.ConvReLU2d]
+    assert conv_relus == ["0.0", "0.2", "0.5", "1.conv1"], conv_relus
+    assert type(fused_model[1].conv2) is nn.Conv2d and type(fused_model[1].bn) is fnn.BatchNorm2d
+    assert fused_model.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(9, 16, 17, 15)  # enough tiles for the CPU's Winograd path
+    for train in (True, False):
+        model.train(train), fused_model.train(train)
+        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, got = model(xs), fused_model(xf)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+        want.square().sum().backward()
+        got.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), fused_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-4 * p.grad.abs().max().item(), msg=name)
+        torch.testing.assert_close(xf.grad, xs.grad, rtol=0, atol=1e-4 * xs.grad.abs().max().item())
+        with torch.no_grad():  # the inference path (epilogue ReLU, packed weights), twice: the cache's second use
+            for _ in range(2):
+                torch.testing.assert_close(fused_model(x), model(x), rtol=0, atol=1e-5 * scale)
+    _compare(model64, fck.fuse(copy.deepcopy(model64)), torch.randn(2, 16, 9, 9, dtype=torch.float64), "cpu",
+             atol=1e-9)
+
+
+def test_conv_relu_weights_updated_in_place_are_seen():
+    """The eval path keeps the packed weight between calls: an in-place update (an optimizer step) must show."""
+    torch.manual_seed(0)
+    fused = fck.fuse(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())).eval()
+    x = torch.randn(9, 16, 17, 15)
+    with torch.no_grad():
+        fused(x)
+        fused[0].weight.mul_(-1.5)
+        want = F.relu(F.conv2d(x, fused[0].weight, fused[0].bias, padding=1))
+        torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-5 * want.abs().max().item())

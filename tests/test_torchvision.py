@@ -1,7 +1,8 @@
 """fuse() on the models users already have: torchvision's architectures (basic and bottleneck ResNet blocks, grouped
 convolutions, DenseNet's pre-activation BN-ReLU-conv, MobileNet's ReLU6 and EfficientNet's SiLU, which stay torch's,
-squeeze-excitation, channel shuffles, Inception branches). In float64, in train and eval mode: the fused model's
-outputs, every parameter's gradient and the running statistics against the torch model's; state_dicts both ways."""
+squeeze-excitation, channel shuffles, Inception branches, SqueezeNet's convolutions without batch norm). In float64,
+in train and eval mode: the fused model's outputs, every parameter's gradient and the running statistics against
+the torch model's; state_dicts both ways."""
 
 import copy
 
@@ -25,6 +26,7 @@ MODELS = {
     "mobilenet_v3_small": {},
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},  # F.avg_pool2d / F.max_pool2d in its blocks
+    "squeezenet1_1": {},  # convolutions followed by ReLUs, no batch norm
 }
 SIZE = {"inception_v3": 107}  # its stem needs at least 75 x 75; 107: 2 x 2 maps in its last blocks
 
@@ -60,6 +62,8 @@ def test_fused_torchvision_model(name):
             m.running_var.uniform_(0.5, 1.5)
     fused = fck.fuse(copy.deepcopy(twin))
     assert _fused_count(fused) > 0
+    if name == "squeezenet1_1":
+        assert sum(type(m) is fck.nn.ConvReLU2d for m in fused.modules()) == 26  # every convolution
     if name in ("densenet121", "inception_v3"):  # their average pools (modules, functional calls) are ours
         assert any("AvgPool2d" in line or "F.avg_pool2d" in line for line in fused.fck_fuse_report)
     x = torch.randn(2, 3, SIZE.get(name, 64), SIZE.get(name, 64), dtype=torch.float64)

@@ -16,7 +16,7 @@ from torch import nn
 from fastcore_kernels import _backend
 from fastcore_kernels.nn._script import NotScriptable
 from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
-from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv_bn_relu, training_conv2d
+from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv2d_relu, conv_bn_relu, training_conv2d
 
 
 class _FusedBatchNormMixin(NotScriptable):
@@ -185,6 +185,19 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         cache = None if _backend.compiling() else self.__dict__.setdefault("_fold_cache", FoldCache())
         return conv_bn_relu(input, self.weight, self.bias, running_mean, running_var, weight, bias, False, factor,
                             eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache, relu=self._relu)
+
+
+class ConvReLU2d(NotScriptable, nn.Conv2d):
+    """A Conv2d followed by the ReLU fuse() removed (VGG's and AlexNet's layers, any convolution without a batch
+    norm): relu(conv(x)), the convolution by Winograd on the CPU where it applies (3x3, stride 1), in eval with the
+    ReLU in the convolution's epilogue and the packed weight kept between calls. The state_dict of nn.Conv2d."""
+
+    def forward(self, input):
+        if self.padding_mode != "zeros":
+            return torch.relu(self._conv_forward(input, self.weight, self.bias))
+        cache = None if _backend.compiling() else self.__dict__.setdefault("_fold_cache", FoldCache())
+        return conv2d_relu(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                           fold_cache=cache)
 
 
 class ConvBNReLU2d(NotScriptable, nn.Sequential):

@@ -5,6 +5,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
 
     Conv2d -> BatchNorm2d -> ReLU          conv becomes FusedConv2d, the BN its AbsorbedBatchNorm2d
     Conv2d -> BatchNorm2d (anything else)  the same without the ReLU (in eval, the folded convolution alone)
+    Conv2d -> ReLU                         ConvReLU2d (Winograd where it applies, the ReLU in the epilogue)
     BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
@@ -21,6 +22,7 @@ subclass of them is left alone and reported.
 
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 from collections import OrderedDict
@@ -76,6 +78,12 @@ class _Fuser:
                                    "FusedConv2d (no ReLU)")
                 done.update((id(m), id(nxt)))
                 i += 2
+            elif type(m) is nn.Conv2d and _is_relu_module(nxt):
+                m.__class__ = fused.ConvReLU2d
+                seq._modules[mods[i + 1][0]] = nn.Identity()
+                self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]}: Conv2d -> ReLU as ConvReLU2d")
+                done.add(id(m))
+                i += 2
             elif type(m) in _BN_RELU and _is_relu_module(nxt):
                 m.__class__ = _BN_RELU[type(m)]
                 seq._modules[mods[i + 1][0]] = nn.Identity()
@@ -107,6 +115,9 @@ class _Fuser:
                                f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             return module
         mods = dict(module.named_children())
+        # A module called more than once keeps its class: fusing one call's successor into it would change the
+        # others.
+        calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
         changed = False
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
@@ -114,14 +125,15 @@ class _Fuser:
                 node.target = _POOL_FUNCTIONS[node.target]
                 changed = True
                 continue
-            if node.op != "call_module" or type(mods.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if (node.op != "call_module" or type(mods.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d)
+                    or calls[node.target] > 1):
                 continue
             bn = mods[node.target]
             user = _only_user(node)
             prev = node.args[0] if node.args else None
-            if (type(bn) is nn.BatchNorm2d and isinstance(prev, fx.Node) and prev.op == "call_module"
-                    and type(mods.get(prev.target)) is nn.Conv2d and _only_user(prev) is node
-                    and user is not None and _is_relu_node(user, mods)):
+            conv_before = (isinstance(prev, fx.Node) and prev.op == "call_module" and calls[prev.target] == 1
+                           and type(mods.get(prev.target)) is nn.Conv2d and _only_user(prev) is node)
+            if type(bn) is nn.BatchNorm2d and conv_before and user is not None and _is_relu_node(user, mods):
                 fused.FusedConv2d.absorb(mods[prev.target], bn)
                 user.replace_all_uses_with(prev)
                 graph.erase_node(user)
@@ -151,13 +163,21 @@ class _Fuser:
                 graph.erase_node(user)
                 self.report.append(f"fused {prefix}{node.target} + ReLU as {type(bn).__name__}")
                 changed = True
-            elif (type(bn) is nn.BatchNorm2d and isinstance(prev, fx.Node) and prev.op == "call_module"
-                  and type(mods.get(prev.target)) is nn.Conv2d and _only_user(prev) is node):
+            elif type(bn) is nn.BatchNorm2d and conv_before:
                 fused.FusedConv2d.absorb(mods[prev.target], bn, relu=False)
                 node.replace_all_uses_with(prev)
                 graph.erase_node(node)
                 self.report.append(f"fused {prefix}{prev.target} + {prefix}{node.target}: Conv2d -> BatchNorm2d as "
                                    "FusedConv2d (no ReLU)")
+                changed = True
+        for node in list(graph.nodes):  # the convolutions no batch norm absorbed
+            user = _only_user(node)
+            if (node.op == "call_module" and type(mods.get(node.target)) is nn.Conv2d and calls[node.target] == 1
+                    and user is not None and _is_relu_node(user, mods)):
+                mods[node.target].__class__ = fused.ConvReLU2d
+                user.replace_all_uses_with(node)
+                graph.erase_node(user)
+                self.report.append(f"fused {prefix}{node.target} + ReLU: Conv2d -> ReLU as ConvReLU2d")
                 changed = True
         if not changed:
             return module

@@ -334,8 +334,28 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     else:
         w, b = fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
     cache = None if fold_cache is None or _backend.compiling() else fold_cache
+    return _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu)
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, fold_cache=None):
+    """relu(conv2d(input, weight, bias, stride, padding, dilation, groups)), torch's semantics. Recorded for a
+    backward: the convolution of training_conv2d (by Winograd where it applies), then torch's ReLU. Otherwise the
+    ReLU runs in the convolution's epilogue (Winograd's or oneDNN's), with the weight kept packed in fold_cache
+    between calls."""
+    if _backend.transformed() or torch.jit.is_tracing():
+        return torch.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        return torch.relu(training_conv2d(input, weight, bias, stride, padding, dilation, groups))
+    cache = None if fold_cache is None or _backend.compiling() else fold_cache
+    if cache is not None:  # nothing to fold: the cache keys the packed weight on these tensors' versions
+        cache.get((weight, bias), 0.0, lambda: (weight, bias))
+    return _conv_act(input, weight, bias, stride, padding, dilation, groups, cache, True)
+
+
+def _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu):
+    """Eval: conv2d (+ ReLU) by the fastest kernel that applies: Winograd, oneDNN, cuDNN, torch's conv2d."""
     dtype = autocast_dtype(input.device)
-    if dtype is not None:  # torch's convolution would run in autocast's dtype: the folded one does too
+    if dtype is not None:  # torch's convolution would run in autocast's dtype: ours does too
         input, w, b = lower((input, w, b), dtype)
     y = _winograd_conv_relu(input, w, b, stride, padding, dilation, groups, cache, relu)
     if y is None:
