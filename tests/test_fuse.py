@@ -550,3 +550,15 @@ def test_conv_relu_weights_updated_in_place_are_seen():
         fused[0].weight.mul_(-1.5)
         want = F.relu(F.conv2d(x, fused[0].weight, fused[0].bias, padding=1))
         torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_modules_in_more_than_one_place_keep_their_class():
+    """A convolution or batch norm shared between two places (tied weights) is not fused with what follows one of
+    them; a shared ReLU module is (its slot becomes an Identity, the other slot keeps it)."""
+    torch.manual_seed(0)
+    conv, bn, relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+    model = nn.Sequential(conv, relu, conv, nn.Sequential(bn, relu), bn, nn.Conv2d(4, 4, 1), relu)
+    fused_model = fck.fuse(copy.deepcopy(model))
+    assert type(fused_model[0]) is nn.Conv2d and type(fused_model[3][0]) is fnn.BatchNorm2d
+    assert type(fused_model[5]) is fnn.ConvReLU2d and type(fused_model[6]) is nn.Identity
+    _compare(model.double(), fused_model.double(), torch.randn(2, 4, 6, 6, dtype=torch.float64), "cpu", atol=1e-9)

@@ -51,8 +51,16 @@ def _is_relu_module(m) -> bool:
 
 
 class _Fuser:
-    def __init__(self):
+    def __init__(self, model: nn.Module):
         self.report: list[str] = []
+        # Modules that sit in more than one place (shared weights) keep their class: a successor fused into one
+        # place would run in the others too.
+        seen = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self.shared = {i for i, n in seen.items() if n > 1}
+
+    def free(self, *modules) -> bool:
+        """None of these sits in more than one place (a shared ReLU does no harm: its slot is what is replaced)."""
+        return not any(id(m) in self.shared for m in modules if not _is_relu_module(m))
 
     # ---- nn.Sequential: patterns by position ----
     def sequential(self, seq: nn.Sequential, prefix: str) -> set[int]:
@@ -63,7 +71,9 @@ class _Fuser:
             name, m = mods[i]
             nxt = mods[i + 1][1] if i + 1 < len(mods) else None
             nxt2 = mods[i + 2][1] if i + 2 < len(mods) else None
-            if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _is_relu_module(nxt2):
+            if not self.free(m, nxt):
+                i += 1
+            elif type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _is_relu_module(nxt2):
                 fused.FusedConv2d.absorb(m, nxt)
                 seq._modules[mods[i + 2][0]] = nn.Identity()
                 nxt.chained = True
@@ -118,6 +128,7 @@ class _Fuser:
         # A module called more than once keeps its class: fusing one call's successor into it would change the
         # others.
         calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+        calls.update(name for name, m in mods.items() if not self.free(m))
         changed = False
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
@@ -264,7 +275,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
     """
     if not inplace:
         model = copy.deepcopy(model)
-    fuser = _Fuser()
+    fuser = _Fuser(model)
     if not list(model.children()):
         model = fuser.leaf(model, type(model).__name__)
     else:
