@@ -4,8 +4,8 @@ and fwd+bwd.
 
 Max: a ResNet stem's pool (3x3, stride 2, padding 1) at ImageNet and ResNet-34 batch shapes, a VGG-style 2x2 pool,
 a stride-1 3x3 pool. Average: Inception v3's 3x3 stride-1 branch pools at their three sizes (35x35, 17x17, 8x8)
-and DenseNet's 2x2 transitions. Plus whole torchvision models' inference, stock against fuse()'d, when torchvision
-is installed: ResNet-18 (the stem's max pool) and Inception v3 (functional average and max pools).
+and DenseNet's 2x2 transitions. Whole models (ResNet-18's stem pool, Inception v3's functional pools):
+benchmarks/bench_models.py.
 
 Bytes counted: input read and output written (fwd); max pooling's indices (counted at 8 bytes, torch's int64; ours
 are int32) written by the training forward and read by the backward; the input gradient written.
@@ -16,8 +16,6 @@ are int32) written by the training forward and read by the backward; the input g
 from __future__ import annotations
 
 import argparse
-import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -62,42 +60,11 @@ def bench_pool(res, device, op, label, shape, k, s, p, reps):
             print(f"  {op:<11}{label:<18}{mode:<10}{name:<9} p50 {times[1]:9.3f} ms", flush=True)
 
 
-def bench_model(res, device, name, size, reps):
-    try:
-        import torchvision.models as tvm
-    except ImportError:
-        print("  (no torchvision: the whole-model rows are skipped)")
-        return
-    import fastcore_kernels as fck
-
-    torch.manual_seed(0)
-    kw = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
-    stock = getattr(tvm, name)(weights=None, **kw).to(device).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fused = fck.fuse(copy.deepcopy(stock)).eval()
-    x = torch.randn(16, 3, size, size, device=device)
-
-    def run(model):
-        def step():
-            with torch.inference_mode():
-                return model(x)
-        return step
-
-    fns = {"torch": run(stock), "fck": run(fused)}
-    timed = interleaved_time_ms(fns, reps=reps) if device.type == "cpu" else \
-        {provider: time_ms(f, device) for provider, f in fns.items()}
-    for provider, times in timed.items():
-        res.add(name, provider, "inference", f"16x3x{size}x{size}", times, x.numel() * 4)
-        print(f"  {name} inference {provider:<6} p50 {times[1]:9.3f} ms", flush=True)
-
-
 def main(argv=None) -> Results:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--op", choices=("max", "avg", "both"), default="both")
     ap.add_argument("--reps", type=int, default=9, help="repetitions per provider (round-robin)")
-    ap.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -108,10 +75,6 @@ def main(argv=None) -> Results:
     for op in ops:
         for label, shape, k, s, p in OPS[op][2]:
             bench_pool(res, device, op, label, shape, k, s, p, args.reps)
-    if not args.no_model:
-        models = {"max_pool2d": ("resnet18", 224), "avg_pool2d": ("inception_v3", 299)}
-        for op in ops:
-            bench_model(res, device, *models[op], max(3, args.reps // 2))
     return res.finish("torch", args.out)
 
 

@@ -1,0 +1,86 @@
+"""Whole torchvision models, stock against `fastcore_kernels.fuse()`'d, in the same run: inference (eval,
+inference_mode) and optionally a training step (forward, backward of the sum, no optimizer), fp32 NCHW. The two
+copies hold the same weights; their calls alternate (round-robin), so the machine's drift falls on both alike.
+Bytes: the input batch (a model's time is not bandwidth-bound; the column is there for the common table).
+
+    python -m benchmarks.bench_models [--device cpu] [--models resnet18,vgg11,...] [--batch 16] [--train]
+                                      [--reps 5] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+
+from benchmarks.common import Results, interleaved_time_ms, time_ms
+
+# name -> (constructor keywords, image size)
+MODELS = {
+    "resnet18": ({}, 224), "resnet50": ({}, 224), "densenet121": ({}, 224), "mobilenet_v2": ({}, 224),
+    "googlenet": ({"aux_logits": False, "init_weights": True}, 224),
+    "inception_v3": ({"aux_logits": False, "init_weights": True}, 299),
+    "vgg11": ({}, 224), "vgg16": ({}, 224), "squeezenet1_1": ({}, 224), "alexnet": ({}, 224),
+}
+DEFAULT = "resnet18,resnet50,densenet121,mobilenet_v2,googlenet,inception_v3,vgg11,squeezenet1_1,alexnet"
+
+
+def bench_model(res, device, name, batch, train, reps):
+    import torchvision.models as tvm
+
+    import fastcore_kernels as fck
+
+    kw, size = MODELS[name]
+    torch.manual_seed(0)
+    stock = getattr(tvm, name)(weights=None, **kw).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fck.fuse(copy.deepcopy(stock))
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def run(model):
+        model.train(train)
+        if train:
+            return lambda: model(x).sum().backward()
+
+        def step():
+            with torch.inference_mode():
+                return model(x)
+        return step
+
+    fns = {"torch": run(stock), "fck": run(fused)}
+    timed = interleaved_time_ms(fns, reps=reps) if device.type == "cpu" else \
+        {provider: time_ms(f, device, reps) for provider, f in fns.items()}
+    mode = "train step" if train else "inference"
+    for provider, times in timed.items():
+        res.add(name, provider, mode, f"{batch}x3x{size}x{size}", times, x.numel() * 4)
+    print(f"  {name:<14}{mode:<11} torch p50 {timed['torch'][1]:9.1f} ms   fck p50 {timed['fck'][1]:9.1f} ms   "
+          f"{timed['torch'][1] / timed['fck'][1]:5.2f}x", flush=True)
+
+
+def main(argv=None) -> Results:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default=DEFAULT, help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--train", action="store_true", help="time a training step instead of inference")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per provider (round-robin)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench_models needs torchvision")
+    device = torch.device(args.device)
+    res = Results(device, args.out)
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        bench_model(res, device, name, args.batch, args.train, args.reps)
+    return res.finish("torch", args.out)
+
+
+if __name__ == "__main__":
+    main()
