@@ -149,18 +149,22 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
     """
 
     _relu = True
+    _act = ()  # the absorbed activation module, when not a ReLU (a tuple: not registered as a child)
 
     @classmethod
-    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "FusedConv2d":
+    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, act: nn.Module | None = None
+               ) -> "FusedConv2d":
         """Turn `conv` (an exact nn.Conv2d) into a FusedConv2d and `bn` into its AbsorbedBatchNorm2d, in place; the
-        ReLU after them included unless relu=False."""
+        ReLU after them included unless relu=False; or another activation module after them, act (ReLU6, SiLU,
+        Hardswish, LeakyReLU, Hardtanh: in eval oneDNN runs it in the convolution's epilogue)."""
         if bn.num_features != conv.out_channels:
             raise ValueError(f"cannot fuse: {bn.num_features} batch-norm features after {conv.out_channels} "
                              "convolution channels")
         conv.__class__ = cls
         bn.__class__ = AbsorbedBatchNorm2d
         conv._absorbed = [bn]  # a list: not registered as a child, so it is not saved twice
-        conv._relu = relu
+        conv._relu = relu and act is None
+        conv._act = () if act is None else (act,)
         return conv
 
     @property
@@ -173,8 +177,9 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         if use_batch_stats:
             y = (training_conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                  if self.padding_mode == "zeros" else self._conv_forward(input, self.weight, self.bias))
-            return batch_norm_act(y, None, running_mean, running_var, weight, bias, True, factor, eps, self._relu,
-                                  name="FusedConv2d")
+            y = batch_norm_act(y, None, running_mean, running_var, weight, bias, True, factor, eps, self._relu,
+                               name="FusedConv2d")
+            return self._act[0](y) if self._act else y
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
@@ -184,7 +189,8 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         # (torch 2.4's export cannot trace the dict call).
         cache = None if _backend.compiling() else self.__dict__.setdefault("_fold_cache", FoldCache())
         return conv_bn_relu(input, self.weight, self.bias, running_mean, running_var, weight, bias, False, factor,
-                            eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache, relu=self._relu)
+                            eps, self.stride, padding, self.dilation, self.groups, fold_cache=cache, relu=self._relu,
+                            act=self._act[0] if self._act else None)
 
 
 class ConvReLU2d(NotScriptable, nn.Conv2d):

@@ -4,6 +4,8 @@ Patterns, found in `nn.Sequential` containers by position and in any other modul
 module at a time, its children kept as leaves, so the user's classes survive everywhere the patterns are absent):
 
     Conv2d -> BatchNorm2d -> ReLU          conv becomes FusedConv2d, the BN its AbsorbedBatchNorm2d
+    Conv2d -> BatchNorm2d -> ReLU6, SiLU,  FusedConv2d with that activation (in eval oneDNN runs it in the
+      Hardswish, LeakyReLU, Hardtanh     folded convolution's epilogue: MobileNet's, EfficientNet's blocks)
     Conv2d -> BatchNorm2d (anything else)  the same without the ReLU (in eval, the folded convolution alone)
     Conv2d -> ReLU                         ConvReLU2d (Winograd where it applies, the ReLU in the epilogue)
     BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
@@ -34,6 +36,7 @@ from torch import fx, nn
 from fastcore_kernels.nn import batch_norm as fused
 from fastcore_kernels.nn import embedding, pool, rnn
 from fastcore_kernels.ops.avg_pool import avg_pool2d
+from fastcore_kernels.ops.conv_bn_relu import epilogue
 from fastcore_kernels.ops.max_pool import max_pool2d
 
 _DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d,
@@ -79,6 +82,14 @@ class _Fuser:
                 nxt.chained = True
                 self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]} + {prefix}{mods[i + 2][0]}: "
                                    "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d")
+                done.update((id(m), id(nxt)))
+                i += 3
+            elif type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and epilogue(nxt2) is not None:
+                fused.FusedConv2d.absorb(m, nxt, act=nxt2)
+                seq._modules[mods[i + 2][0]] = nn.Identity()
+                nxt.chained = True
+                self.report.append(f"fused {prefix}{name} + {prefix}{mods[i + 1][0]} + {prefix}{mods[i + 2][0]}: "
+                                   f"Conv2d -> BatchNorm2d -> {type(nxt2).__name__} as FusedConv2d")
                 done.update((id(m), id(nxt)))
                 i += 3
             elif type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d:
@@ -173,6 +184,16 @@ class _Fuser:
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 self.report.append(f"fused {prefix}{node.target} + ReLU as {type(bn).__name__}")
+                changed = True
+            elif (type(bn) is nn.BatchNorm2d and conv_before and user is not None and user.op == "call_module"
+                  and epilogue(mods.get(user.target)) is not None):
+                act = mods[user.target]
+                fused.FusedConv2d.absorb(mods[prev.target], bn, act=act)
+                user.replace_all_uses_with(prev)
+                graph.erase_node(user)
+                graph.erase_node(node)
+                self.report.append(f"fused {prefix}{prev.target} + {prefix}{node.target} + {prefix}{user.target}: "
+                                   f"Conv2d -> BatchNorm2d -> {type(act).__name__} as FusedConv2d")
                 changed = True
             elif type(bn) is nn.BatchNorm2d and conv_before:
                 fused.FusedConv2d.absorb(mods[prev.target], bn, relu=False)

@@ -21,6 +21,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastcore_kernels import _backend
 from fastcore_kernels._ext import extension
@@ -47,9 +48,26 @@ def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     return w, shift.to(weight.dtype)
 
 
-def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None, relu=True):
-    """oneDNN's convolution with the ReLU in its epilogue (without one: relu=False), or None where it does not
-    apply. With a fold_cache, the weight is kept reordered into oneDNN's blocked layout for this input shape
+def epilogue(act):
+    """For an activation module after a convolution (and its batch norm) that oneDNN can run in the convolution's
+    epilogue: (oneDNN's name for it, its scalars, the same activation in place on a tensor); None for others."""
+    t = type(act)
+    if t is nn.ReLU6 or t is nn.Hardtanh:
+        lo, hi = float(act.min_val), float(act.max_val)
+        return "hardtanh", [lo, hi], lambda y: F.hardtanh_(y, lo, hi)
+    if t is nn.SiLU:
+        return "swish", [], lambda y: F.silu(y, inplace=True)
+    if t is nn.Hardswish:
+        return "hardswish", [], lambda y: F.hardswish(y, inplace=True)
+    if t is nn.LeakyReLU:
+        slope = float(act.negative_slope)
+        return "leaky_relu", [slope], lambda y: F.leaky_relu_(y, slope)
+    return None
+
+
+def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None, relu=True, act=None):
+    """oneDNN's convolution with the ReLU in its epilogue (without one: relu=False; another activation: act, an
+    epilogue() triple), or None where it does not apply. With a fold_cache, the weight is kept reordered into oneDNN's blocked layout for this input shape
     (repacked when either changes): with a plain weight oneDNN reorders it and picks a slower NCHW kernel on every
     call; prepacked, it runs in NHWC (the AMD host, N=64, 3x3 C->C: 212 -> 164 ms at 56x56, 166 -> 126 at 7x7) and
     returns a channels_last tensor, which is copied back to the input's NCHW order in a pooled block (14 ms at
@@ -64,12 +82,12 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
         return None
     args = (_pair(padding), _pair(stride), _pair(dilation), groups)
     reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
-    attr = "relu" if relu else "none"
+    attr, scalars = act[:2] if act is not None else ("relu" if relu else "none", [])
     if fold_cache is None or reorder is None or w.shape[1] < 8 or w.shape[2] * w.shape[3] == 1:
-        return op(x, w, b, *args, attr, [], "")
+        return op(x, w, b, *args, attr, scalars, "")
     key = (tuple(x.shape), *map(tuple, args[:3]), groups)
     packed = fold_cache.packed(w, key, lambda: reorder(w, *args, list(x.shape)))
-    y = op(x, packed, b, *args, attr, [], "")
+    y = op(x, packed, b, *args, attr, scalars, "")
     if x.is_contiguous() and not y.is_contiguous():
         y = torch.ops.fck.contiguous_pooled(y) if extension().ok else y.contiguous()
     return y
@@ -304,15 +322,20 @@ class FoldCache:
 
 
 def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
-                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None, fold_cache=None, relu=True):
+                 eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None, fold_cache=None, relu=True,
+                 act=None):
     """relu(batch_norm(conv2d(input, weight, bias, stride, padding, dilation, groups), running_mean, running_var,
     bn_weight, bn_bias, training, momentum, eps)), with torch's argument semantics for both ops; relu=False: the
-    batch-normalized convolution alone (in eval, the folded convolution: no pass of its own for the batch norm).
+    batch-normalized convolution alone (in eval, the folded convolution: no pass of its own for the batch norm);
+    act: instead of the ReLU, an activation module (ReLU6, Hardtanh, SiLU, Hardswish, LeakyReLU: in eval run in the
+    convolution's epilogue, see epilogue()).
     fold_cache (a FoldCache): where the folded weights are kept between eval calls without gradients."""
+    relu = relu and act is None
     if training:
         y = training_conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return batch_norm_act(y, None, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, relu,
-                              backend, name="conv_bn_relu")
+        y = batch_norm_act(y, None, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, relu,
+                           backend, name="conv_bn_relu")
+        return y if act is None else act(y)
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if running_mean.numel() != weight.shape[0] or running_var.numel() != weight.shape[0]:
@@ -324,7 +347,7 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
             or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
         y = F.conv2d(input, w, b, stride, padding, dilation, groups)
-        return torch.relu(y) if relu else y
+        return act(y) if act is not None else torch.relu(y) if relu else y
 
     def fold():
         return fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
@@ -334,7 +357,27 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     else:
         w, b = fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
     cache = None if fold_cache is None or _backend.compiling() else fold_cache
+    if act is not None:
+        return _conv_epilogue(input, w, b, stride, padding, dilation, groups, cache, act)
     return _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu)
+
+
+def _conv_epilogue(input, w, b, stride, padding, dilation, groups, cache, act):
+    """Eval: act(conv2d(...)): Winograd's convolution then the activation in place where Winograd applies, else
+    oneDNN's with the activation in its epilogue, else torch's convolution and activation."""
+    spec = epilogue(act)
+    if spec is None:
+        return act(_conv_act(input, w, b, stride, padding, dilation, groups, cache, False))
+    dtype = autocast_dtype(input.device)
+    if dtype is not None:
+        input, w, b = lower((input, w, b), dtype)
+    y = _winograd_conv_relu(input, w, b, stride, padding, dilation, groups, cache, False)
+    if y is None:
+        y = _onednn_conv_relu(input, w, b, stride, padding, dilation, groups, cache, False, spec)
+        if y is not None:
+            return y
+        y = F.conv2d(input, w, b, stride, padding, dilation, groups)
+    return spec[2](y)
 
 
 def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, fold_cache=None):
