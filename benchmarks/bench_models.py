@@ -23,8 +23,10 @@ MODELS = {
     "googlenet": ({"aux_logits": False, "init_weights": True}, 224),
     "inception_v3": ({"aux_logits": False, "init_weights": True}, 299),
     "vgg11": ({}, 224), "vgg16": ({}, 224), "squeezenet1_1": ({}, 224), "alexnet": ({}, 224),
+    "mobilenet_v3_large": ({}, 224), "efficientnet_b0": ({}, 224), "mnasnet1_0": ({}, 224),
 }
-DEFAULT = "resnet18,resnet50,densenet121,mobilenet_v2,googlenet,inception_v3,vgg11,squeezenet1_1,alexnet"
+DEFAULT = ("resnet18,resnet50,densenet121,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,googlenet,inception_v3,"
+           "vgg11,squeezenet1_1,alexnet")
 
 
 def bench_model(res, device, name, batch, train, reps):
@@ -56,7 +58,7 @@ def bench_model(res, device, name, batch, train, reps):
     mode = "train step" if train else "inference"
     for provider, times in timed.items():
         res.add(name, provider, mode, f"{batch}x3x{size}x{size}", times, x.numel() * 4)
-    print(f"  {name:<14}{mode:<11} torch p50 {timed['torch'][1]:9.1f} ms   fck p50 {timed['fck'][1]:9.1f} ms   "
+    print(f"  {name:<19}{mode:<11} torch p50 {timed['torch'][1]:9.1f} ms   fck p50 {timed['fck'][1]:9.1f} ms   "
           f"{timed['torch'][1] / timed['fck'][1]:5.2f}x", flush=True)
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CPU_SOURCES = ["csrc/cpu/adam.cpp", "csrc/cpu/batch_norm.cpp", "csrc/cpu/pool.cpp", "csrc/cpu/embedding_bag.cpp",
                "csrc/cpu/rnn.cpp", "csrc/cpu/conv_winograd.cpp", "csrc/cpu/max_pool.cpp", "csrc/cpu/avg_pool.cpp",
-               "python/register_ops.cpp", "python/register_autograd.cpp", "python/module.cpp"]
+               "csrc/cpu/depthwise_conv.cpp", "python/register_ops.cpp", "python/register_autograd.cpp", "python/module.cpp"]
 CUDA_SOURCES = ["csrc/cuda/adam.cu", "csrc/cuda/batch_norm.cu", "csrc/cuda/embedding_bag.cu", "csrc/cuda/rnn.cu",
                 "python/register_ops_cuda.cpp"]
 INCLUDE_DIRS = ["csrc/include"]

@@ -148,6 +148,11 @@ TORCH_LIBRARY(fck, m) {
   m.def("max_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode, bool save_indices) -> (Tensor, Tensor)", kFixedStrides);
   m.def("max_pool2d_bwd(Tensor grad_output, Tensor indices, int[4] input_size) -> Tensor", kFixedStrides);
+  // A depthwise convolution (groups == channels) of a contiguous (N, C, H, W) fp32 input with a (C, 1, kH, kW)
+  // weight, + bias, + an activation (0 none, 1 ReLU, 2 hardtanh(min, max), 3 leaky ReLU(slope), 4 hardswish), for
+  // inference (no autograd).
+  m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int act, "
+        "float[] scalars) -> Tensor", kFixedStrides);
   // 2-D average pooling of a contiguous (N, C, H, W) input with torch's semantics (avg_pool2d), and its backward:
   // the gradient of an input of input_size.
   m.def("avg_pool2d_fwd(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
@@ -198,6 +203,7 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("max_pool2d_fwd", &fck::cpu::max_pool2d_fwd);
   m.impl("max_pool2d_bwd", &fck::cpu::max_pool2d_bwd);
   m.impl("avg_pool2d_fwd", &fck::cpu::avg_pool2d_fwd);
+  m.impl("depthwise_conv2d", &fck::cpu::depthwise_conv2d);
   m.impl("avg_pool2d_bwd", &fck::cpu::avg_pool2d_bwd);
   m.impl("winograd_weight", &fck::cpu::winograd_weight);
   m.impl("conv3x3_winograd", &fck::cpu::conv3x3_winograd);

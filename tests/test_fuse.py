@@ -562,3 +562,35 @@ def test_modules_in_more_than_one_place_keep_their_class():
     assert type(fused_model[0]) is nn.Conv2d and type(fused_model[3][0]) is fnn.BatchNorm2d
     assert type(fused_model[5]) is fnn.ConvReLU2d and type(fused_model[6]) is nn.Identity
     _compare(model.double(), fused_model.double(), torch.randn(2, 4, 6, 6, dtype=torch.float64), "cpu", atol=1e-9)
+
+
+class _ConvBNActs(nn.Module):
+    """Conv -> BN -> activation modules in a forward (fx's path), as EfficientNet-style blocks write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.Hardtanh(-1, 2)
+        self.conv3, self.bn3, self.act3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.GELU()  # not absorbed
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.conv1(x)))
+        return self.act3(self.bn3(self.conv3(self.act2(self.bn2(self.conv2(y)))))) + y
+
+
+def test_conv_bn_activation_is_absorbed():
+    """Conv2d -> BatchNorm2d -> ReLU6 / SiLU / Hardswish / LeakyReLU / Hardtanh: the activation goes into the
+    FusedConv2d (eval: oneDNN's epilogue or in place after Winograd; training: the module itself after our batch
+    norm); others (GELU) follow the batch-norm-absorbing convolution. float64 train and eval: torch's values."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.LeakyReLU(0.3), nn.Conv2d(8, 3, 3, padding=1),
+                        nn.BatchNorm2d(3), nn.Hardswish())
+    for model, absorbed in ((seq, 3), (_ConvBNActs(), 2)):
+        _randomize_bn_state(model)
+        model = model.double()
+        fused_model = fck.fuse(copy.deepcopy(model))
+        convs = [m for m in fused_model.modules() if type(m) is fnn.FusedConv2d]
+        assert len(convs) == 3 and sum(bool(m._act) for m in convs) == absorbed
+        assert fused_model.state_dict().keys() == model.state_dict().keys()
+        _compare(model, fused_model, torch.randn(2, 3, 9, 9, dtype=torch.float64), "cpu", atol=1e-9)

@@ -45,6 +45,12 @@ def _register_fakes() -> None:
             memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
     torch.library.register_fake("fck::conv3x3_winograd")(winograd_conv_fake)
+
+    def depthwise_fake(x, w, b, stride, padding, act, scalars):
+        return x.new_empty(x.shape[0], x.shape[1], (x.shape[2] + 2 * padding[0] - w.shape[2]) // stride[0] + 1,
+                           (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1)
+
+    torch.library.register_fake("fck::depthwise_conv2d")(depthwise_fake)
     torch.library.register_fake("fck::conv3x3_winograd_weight_grad")(
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 

@@ -1,0 +1,192 @@
+// Depthwise 2-D convolution (groups == channels, one filter a channel) on the CPU for contiguous NCHW fp32 input,
+// for inference: + bias, + an activation in the same pass.
+//
+// oneDNN runs NCHW depthwise layers far below memory speed here (MobileNet v2's 3x3 stride-2 layer over
+// 16x96x112x112 took 35 ms, a fifth of the whole fused model's inference; the same layer channels-last, 0.8 ms). A
+// depthwise convolution is a per-plane stencil, so it takes the average pool's layout (csrc/cpu/avg_pool.cpp): each
+// plane copied into a zero-bordered PH x PW block, PW a multiple of the column stride, so that output m of the
+// flattened output (rows of M = sH PW / sW values, the first OW of each an output) reads input m sW + i PW + j for
+// filter tap (i, j). Each filter row is then one vector loop over the whole plane (stride-2 rows compute, and
+// drop, the odd rows' values too: simpler than a loop per row, and the layer is memory-bound anyway).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fck/cpu_pool.h"
+#include "fck/cpu_vec.h"
+#include "fck/macros.h"
+#include "fck/ops.h"
+#include "fck/pool2d.h"
+
+namespace fck {
+namespace cpu {
+namespace {
+
+// The activations the kernel applies itself (SiLU's exp is left to torch, in place on the output).
+enum Act : int64_t { kNone = 0, kReLU = 1, kHardtanh = 2, kLeakyReLU = 3, kHardswish = 4 };
+
+struct Depthwise {
+  Pool2d q;   // the window geometry (kernel, stride, padding; dilation 1)
+  int64_t C;  // channels: plane p uses filter p % C
+  Act act;
+  float lo, hi;  // hardtanh's bounds; leaky ReLU's slope in lo
+  int64_t PH, PW, M;
+};
+
+// h[m] (+)= w[0] v[m S] + w[1] v[m S + 1] + ... + w[KW - 1] v[m S + KW - 1] for m < n: one filter row over the
+// flattened plane. KW and S are template constants where they are common (3 and 5 taps, strides 1 and 2), so the
+// taps unroll and the loads vectorize; 0: the runtime values.
+template <int KW, int S, bool kFirst>
+FCK_HOST_DEVICE void filter_row(const float* __restrict v, const float* __restrict w, int64_t n, int64_t kw,
+                                int64_t s, float* __restrict h) {
+  const int64_t taps = KW ? KW : kw, st = S ? S : s;
+  for (int64_t m = 0; m < n; ++m) {
+    float acc = kFirst ? 0.0f : h[m];
+    for (int64_t j = 0; j < taps; ++j) acc += w[j] * v[m * st + j];
+    h[m] = acc;
+  }
+}
+
+template <int KW, int S>
+FCK_HOST_DEVICE void filter_rows(const float* pad, const float* w, const Depthwise& d, float* h) {
+  const int64_t n = d.q.OH * d.M;
+  for (int64_t i = 0; i < d.q.kH; ++i) {
+    const float* v = pad + i * d.PW;
+    const float* wi = w + i * d.q.kW;
+    if (i == 0) {
+      filter_row<KW, S, true>(v, wi, n, d.q.kW, d.q.sW, h);
+    } else {
+      filter_row<KW, S, false>(v, wi, n, d.q.kW, d.q.sW, h);
+    }
+  }
+}
+
+template <int KW>
+FCK_HOST_DEVICE void filter_rows_strided(const float* pad, const float* w, const Depthwise& d, float* h) {
+  if (d.q.sW == 1) {
+    filter_rows<KW, 1>(pad, w, d, h);
+  } else if (d.q.sW == 2) {
+    filter_rows<KW, 2>(pad, w, d, h);
+  } else {
+    filter_rows<KW, 0>(pad, w, d, h);
+  }
+}
+
+// out[i] = act(h[i] + b) for a row.
+FCK_HOST_DEVICE void finish_row(const float* __restrict h, float b, const Depthwise& d, int64_t n,
+                                float* __restrict out) {
+  switch (d.act) {
+    case kReLU:
+      for (int64_t i = 0; i < n; ++i) out[i] = std::max(h[i] + b, 0.0f);
+      break;
+    case kHardtanh:
+      for (int64_t i = 0; i < n; ++i) out[i] = std::min(std::max(h[i] + b, d.lo), d.hi);
+      break;
+    case kLeakyReLU:
+      for (int64_t i = 0; i < n; ++i) {
+        const float y = h[i] + b;
+        out[i] = y > 0.0f ? y : y * d.lo;
+      }
+      break;
+    case kHardswish:  // torch's: x * min(max(x + 3, 0), 6) / 6
+      for (int64_t i = 0; i < n; ++i) {
+        const float y = h[i] + b;
+        out[i] = y * std::min(std::max(y + 3.0f, 0.0f), 6.0f) / 6.0f;
+      }
+      break;
+    default:
+      for (int64_t i = 0; i < n; ++i) out[i] = h[i] + b;
+  }
+}
+
+// Planes [p0, p1); compiled twice (baseline x86-64 and AVX2) by the wrappers below.
+FCK_HOST_DEVICE void depthwise_planes(const float* x, const float* w, const float* bias, float* y, int64_t p0,
+                                      int64_t p1, const Depthwise& d) {
+  const Pool2d& q = d.q;
+  // The last virtual row's sums (the dropped ones past OW, and with sH > 1 the dropped rows') read up to sH - 1
+  // rows and kW values past the copy: zeros, never written
+  std::vector<float> pad((d.PH + q.sH) * d.PW + q.kW, 0.0f), h(q.OH * d.M);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % d.C;
+    const float* plane = x + p * q.H * q.W;
+    for (int64_t ih = 0; ih < q.H; ++ih) {
+      std::copy(plane + ih * q.W, plane + (ih + 1) * q.W, pad.data() + (ih + q.pH) * d.PW + q.pW);
+    }
+    const float* wc = w + c * q.kH * q.kW;
+    if (q.kW == 3) {
+      filter_rows_strided<3>(pad.data(), wc, d, h.data());
+    } else if (q.kW == 5) {
+      filter_rows_strided<5>(pad.data(), wc, d, h.data());
+    } else {
+      filter_rows_strided<0>(pad.data(), wc, d, h.data());
+    }
+    const float b = bias ? bias[c] : 0.0f;
+    for (int64_t oh = 0; oh < q.OH; ++oh) {
+      finish_row(h.data() + oh * d.M, b, d, q.OW, y + (p * q.OH + oh) * q.OW);
+    }
+  }
+}
+
+#ifdef FCK_HAVE_AVX2_CLONE
+__attribute__((target("avx2,fma,f16c"))) void depthwise_avx2(const float* x, const float* w, const float* bias,
+                                                             float* y, int64_t p0, int64_t p1, const Depthwise& d) {
+  depthwise_planes(x, w, bias, y, p0, p1, d);
+}
+#endif
+void depthwise_base(const float* x, const float* w, const float* bias, float* y, int64_t p0, int64_t p1,
+                    const Depthwise& d) {
+  depthwise_planes(x, w, bias, y, p0, p1, d);
+}
+
+}  // namespace
+
+at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
+                            at::ArrayRef<double> scalars) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "depthwise_conv2d: expected CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "depthwise_conv2d: expected float32 tensors");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "depthwise_conv2d: expected a contiguous (N, C, H, W) input, got ",
+              x.sizes(), " and strides ", x.strides());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.is_contiguous(),
+              "depthwise_conv2d: expected a contiguous (", C, ", 1, kH, kW) weight, got ", weight.sizes());
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == C &&
+                        bias->is_contiguous() && bias->device().is_cpu()),
+              "depthwise_conv2d: expected a contiguous float32 bias of ", C, " values");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              "depthwise_conv2d: stride must be positive and padding non-negative, two values each");
+  TORCH_CHECK(act >= kNone && act <= kHardswish, "depthwise_conv2d: unknown activation ", act);
+  TORCH_CHECK((act != kHardtanh || scalars.size() == 2) && (act != kLeakyReLU || scalars.size() == 1),
+              "depthwise_conv2d: hardtanh takes (min, max), leaky ReLU its slope");
+  Pool2d q{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], 1, 1, x.size(2), x.size(3),
+           0, 0};
+  TORCH_CHECK(q.kH > 0 && q.kW > 0, "depthwise_conv2d: empty filter");
+  q.OH = pooled_size(q.H, q.kH, q.sH, q.pH, 1, false);
+  q.OW = pooled_size(q.W, q.kW, q.sW, q.pW, 1, false);
+  TORCH_CHECK(q.OH > 0 && q.OW > 0, "depthwise_conv2d: output size is too small for input ", x.sizes());
+  Depthwise d{q, C, Act(act), 0.0f, 0.0f, 0, 0, 0};
+  if (act == kHardtanh) d.lo = float(scalars[0]), d.hi = float(scalars[1]);
+  if (act == kLeakyReLU) d.lo = float(scalars[0]);
+  d.PH = std::max(q.H + 2 * q.pH, (q.OH - 1) * q.sH + q.kH);
+  d.PW = std::max(q.W + 2 * q.pW, (q.OW - 1) * q.sW + q.kW);
+  d.PW = (d.PW + q.sW - 1) / q.sW * q.sW;
+  d.M = q.sH * d.PW / q.sW;
+  at::Tensor y = pooled_empty({x.size(0), C, q.OH, q.OW}, x.options());
+  auto run = &depthwise_base;
+#ifdef FCK_HAVE_AVX2_CLONE
+  if (cpu_runs_avx2_clone()) run = &depthwise_avx2;
+#endif
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.size(0) * C, plane_grain(q), [&](int64_t p0, int64_t p1) { run(xp, wp, bp, yp, p0, p1, d); });
+  return y;
+}
+
+}  // namespace cpu
+}  // namespace fck
