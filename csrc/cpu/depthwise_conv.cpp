@@ -129,6 +129,80 @@ FCK_HOST_DEVICE void depthwise_planes(const float* x, const float* w, const floa
   }
 }
 
+// The weight gradient's taps of one filter row for one plane: acc[j] += sum over m of g[m] v[m S + j], j < KW, g
+// the plane's output gradient in the flattened layout (zeros where no output is). Sums run in 8 lanes (a float sum
+// the compiler may not reorder would not vectorize) and are added to acc once a plane.
+template <int KW, int S>
+FCK_HOST_DEVICE void tap_sums(const float* __restrict g, const float* __restrict v, int64_t n, int64_t kw,
+                              int64_t s, double* acc) {
+  const int64_t taps = KW ? KW : kw, st = S ? S : s;
+  for (int64_t j = 0; j < taps; ++j) {
+    float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t m = 0;
+    for (; m + 8 <= n; m += 8) {
+      for (int64_t l = 0; l < 8; ++l) lanes[l] += g[m + l] * v[(m + l) * st + j];
+    }
+    for (; m < n; ++m) lanes[m % 8] += g[m] * v[m * st + j];
+    double total = 0;
+    for (int64_t l = 0; l < 8; ++l) total += lanes[l];
+    acc[j] += total;
+  }
+}
+
+template <int KW>
+FCK_HOST_DEVICE void tap_sums_strided(const float* g, const float* v, int64_t n, const Depthwise& d, double* acc) {
+  if (d.q.sW == 1) {
+    tap_sums<KW, 1>(g, v, n, d.q.kW, 1, acc);
+  } else if (d.q.sW == 2) {
+    tap_sums<KW, 2>(g, v, n, d.q.kW, 2, acc);
+  } else {
+    tap_sums<KW, 0>(g, v, n, d.q.kW, d.q.sW, acc);
+  }
+}
+
+// The weight gradient of channels [c0, c1): for each channel, every image's plane and output-gradient plane in the
+// flattened layout, each filter tap's sum of products, summed over the images in double. A thread owns whole
+// channels, so nothing is reduced across threads and the bits do not depend on the thread count.
+FCK_HOST_DEVICE void weight_grad_channels(const float* x, const float* gy, double* gw, int64_t N, int64_t c0,
+                                          int64_t c1, const Depthwise& d) {
+  const Pool2d& q = d.q;
+  std::vector<float> pad((d.PH + q.sH) * d.PW + q.kW, 0.0f), g(q.OH * d.M, 0.0f);  // borders and junk stay 0
+  const int64_t n = q.OH * d.M;
+  for (int64_t c = c0; c < c1; ++c) {
+    double* acc = gw + c * q.kH * q.kW;
+    for (int64_t b = 0; b < N; ++b) {
+      const int64_t p = b * d.C + c;
+      const float* plane = x + p * q.H * q.W;
+      for (int64_t ih = 0; ih < q.H; ++ih) {
+        std::copy(plane + ih * q.W, plane + (ih + 1) * q.W, pad.data() + (ih + q.pH) * d.PW + q.pW);
+      }
+      const float* gp = gy + p * q.OH * q.OW;
+      for (int64_t oh = 0; oh < q.OH; ++oh) std::copy(gp + oh * q.OW, gp + (oh + 1) * q.OW, g.data() + oh * d.M);
+      for (int64_t i = 0; i < q.kH; ++i) {
+        const float* v = pad.data() + i * d.PW;
+        if (q.kW == 3) {
+          tap_sums_strided<3>(g.data(), v, n, d, acc + i * q.kW);
+        } else if (q.kW == 5) {
+          tap_sums_strided<5>(g.data(), v, n, d, acc + i * q.kW);
+        } else {
+          tap_sums_strided<0>(g.data(), v, n, d, acc + i * q.kW);
+        }
+      }
+    }
+  }
+}
+
+#ifdef FCK_HAVE_AVX2_CLONE
+__attribute__((target("avx2,fma,f16c"))) void weight_grad_avx2(const float* x, const float* gy, double* gw, int64_t N,
+                                                               int64_t c0, int64_t c1, const Depthwise& d) {
+  weight_grad_channels(x, gy, gw, N, c0, c1, d);
+}
+#endif
+void weight_grad_base(const float* x, const float* gy, double* gw, int64_t N, int64_t c0, int64_t c1,
+                      const Depthwise& d) {
+  weight_grad_channels(x, gy, gw, N, c0, c1, d);
+}
+
 #ifdef FCK_HAVE_AVX2_CLONE
 __attribute__((target("avx2,fma,f16c"))) void depthwise_avx2(const float* x, const float* w, const float* bias,
                                                              float* y, int64_t p0, int64_t p1, const Depthwise& d) {
@@ -138,6 +212,25 @@ __attribute__((target("avx2,fma,f16c"))) void depthwise_avx2(const float* x, con
 void depthwise_base(const float* x, const float* w, const float* bias, float* y, int64_t p0, int64_t p1,
                     const Depthwise& d) {
   depthwise_planes(x, w, bias, y, p0, p1, d);
+}
+
+// The layout of x's planes for a kH x kW filter (see the file's comment).
+Depthwise geometry(const at::Tensor& x, int64_t kH, int64_t kW, at::IntArrayRef stride, at::IntArrayRef padding,
+                   const char* op) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              op, ": stride must be positive and padding non-negative, two values each");
+  Pool2d q{kH, kW, stride[0], stride[1], padding[0], padding[1], 1, 1, x.size(2), x.size(3), 0, 0};
+  TORCH_CHECK(q.kH > 0 && q.kW > 0, op, ": empty filter");
+  q.OH = pooled_size(q.H, q.kH, q.sH, q.pH, 1, false);
+  q.OW = pooled_size(q.W, q.kW, q.sW, q.pW, 1, false);
+  TORCH_CHECK(q.OH > 0 && q.OW > 0, op, ": output size is too small for input ", x.sizes());
+  Depthwise d{q, x.size(1), kNone, 0.0f, 0.0f, 0, 0, 0};
+  d.PH = std::max(q.H + 2 * q.pH, (q.OH - 1) * q.sH + q.kH);
+  d.PW = std::max(q.W + 2 * q.pW, (q.OW - 1) * q.sW + q.kW);
+  d.PW = (d.PW + q.sW - 1) / q.sW * q.sW;
+  d.M = q.sH * d.PW / q.sW;
+  return d;
 }
 
 }  // namespace
@@ -156,25 +249,14 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == C &&
                         bias->is_contiguous() && bias->device().is_cpu()),
               "depthwise_conv2d: expected a contiguous float32 bias of ", C, " values");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              "depthwise_conv2d: stride must be positive and padding non-negative, two values each");
   TORCH_CHECK(act >= kNone && act <= kHardswish, "depthwise_conv2d: unknown activation ", act);
   TORCH_CHECK((act != kHardtanh || scalars.size() == 2) && (act != kLeakyReLU || scalars.size() == 1),
               "depthwise_conv2d: hardtanh takes (min, max), leaky ReLU its slope");
-  Pool2d q{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], 1, 1, x.size(2), x.size(3),
-           0, 0};
-  TORCH_CHECK(q.kH > 0 && q.kW > 0, "depthwise_conv2d: empty filter");
-  q.OH = pooled_size(q.H, q.kH, q.sH, q.pH, 1, false);
-  q.OW = pooled_size(q.W, q.kW, q.sW, q.pW, 1, false);
-  TORCH_CHECK(q.OH > 0 && q.OW > 0, "depthwise_conv2d: output size is too small for input ", x.sizes());
-  Depthwise d{q, C, Act(act), 0.0f, 0.0f, 0, 0, 0};
+  Depthwise d = geometry(x, weight.size(2), weight.size(3), stride, padding, "depthwise_conv2d");
+  d.act = Act(act);
   if (act == kHardtanh) d.lo = float(scalars[0]), d.hi = float(scalars[1]);
   if (act == kLeakyReLU) d.lo = float(scalars[0]);
-  d.PH = std::max(q.H + 2 * q.pH, (q.OH - 1) * q.sH + q.kH);
-  d.PW = std::max(q.W + 2 * q.pW, (q.OW - 1) * q.sW + q.kW);
-  d.PW = (d.PW + q.sW - 1) / q.sW * q.sW;
-  d.M = q.sH * d.PW / q.sW;
+  const Pool2d& q = d.q;
   at::Tensor y = pooled_empty({x.size(0), C, q.OH, q.OW}, x.options());
   auto run = &depthwise_base;
 #ifdef FCK_HAVE_AVX2_CLONE
@@ -186,6 +268,34 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, x.size(0) * C, plane_grain(q), [&](int64_t p0, int64_t p1) { run(xp, wp, bp, yp, p0, p1, d); });
   return y;
+}
+
+at::Tensor depthwise_conv2d_weight_grad(const at::Tensor& x, const at::Tensor& grad_output, at::IntArrayRef kernel_size,
+                                       at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "depthwise_conv2d_weight_grad";
+  TORCH_CHECK(x.device().is_cpu() && grad_output.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && grad_output.scalar_type() == at::kFloat, op,
+              ": expected float32 tensors");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && grad_output.dim() == 4 && grad_output.is_contiguous(), op,
+              ": expected contiguous (N, C, H, W) tensors");
+  TORCH_CHECK(kernel_size.size() == 2, op, ": kernel_size must have two values");
+  const Depthwise d = geometry(x, kernel_size[0], kernel_size[1], stride, padding, op);
+  TORCH_CHECK(grad_output.size(0) == x.size(0) && grad_output.size(1) == d.C && grad_output.size(2) == d.q.OH &&
+                  grad_output.size(3) == d.q.OW,
+              op, ": grad_output ", grad_output.sizes(), " does not match the forward's output (", x.size(0), ", ",
+              d.C, ", ", d.q.OH, ", ", d.q.OW, ")");
+  at::Tensor gw = at::zeros({d.C, 1, d.q.kH, d.q.kW}, x.options().dtype(at::kDouble));
+  auto run = &weight_grad_base;
+#ifdef FCK_HAVE_AVX2_CLONE
+  if (cpu_runs_avx2_clone()) run = &weight_grad_avx2;
+#endif
+  const float* xp = x.data_ptr<float>();
+  const float* gp = grad_output.data_ptr<float>();
+  double* wp = gw.data_ptr<double>();
+  const int64_t N = x.size(0);
+  const int64_t grain = std::max<int64_t>(1, plane_grain(d.q) / std::max<int64_t>(1, N));
+  at::parallel_for(0, d.C, grain, [&](int64_t c0, int64_t c1) { run(xp, gp, wp, N, c0, c1, d); });
+  return gw.to(at::kFloat);
 }
 
 }  // namespace cpu

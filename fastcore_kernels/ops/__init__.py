@@ -51,6 +51,8 @@ def _register_fakes() -> None:
                            (x.shape[3] + 2 * padding[1] - w.shape[3]) // stride[1] + 1)
 
     torch.library.register_fake("fck::depthwise_conv2d")(depthwise_fake)
+    torch.library.register_fake("fck::depthwise_conv2d_weight_grad")(
+        lambda x, grad_out, kernel_size, stride, padding: x.new_empty(x.shape[1], 1, *kernel_size))
     torch.library.register_fake("fck::conv3x3_winograd_weight_grad")(
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 

@@ -216,13 +216,16 @@ def _conv_grads_with_graph(ctx, gy, x, w):
 
 
 def training_conv2d(x, w, b, stride, padding, dilation, groups):
-    """F.conv2d for conv-BN-ReLU's training forward: by Winograd where it applies (see _WinogradConv2d). Inside
+    """F.conv2d for conv-BN-ReLU's training forward: by Winograd where it applies (see _WinogradConv2d), depthwise
+    convolutions by our depthwise kernels (_DepthwiseConv2d). Inside
     torch.autocast in its dtype, as torch's convolution (oneDNN's bf16 AMX kernels on this CPU ran a 32-channel
     28x28 layer at twice our fp32 Winograd's speed)."""
     dtype = autocast_dtype(x.device)
     if dtype is not None:
         x, w, b = lower((x, w, b), dtype)
     plain = _backend.compiling() or _backend.transformed()
+    if not plain and _depthwise_applies(x, w, b, padding, dilation, groups):
+        return _DepthwiseConv2d.apply(x, w, b, _pair(stride), _pair(padding))
     m = 0 if plain else _winograd_tile_for(x, w, stride, padding, dilation, groups)
     if m and max(_pair(padding)) <= 2:
         return _WinogradConv2d.apply(x, w, b, _pair(padding), m)
@@ -407,17 +410,58 @@ _DEPTHWISE_MIN_PLANE = 144
 _DEPTHWISE_ACTS = {"none": 0, "relu": 1, "hardtanh": 2, "leaky_relu": 3, "hardswish": 4, "swish": 0}
 
 
+def _depthwise_applies(x, w, b, padding, dilation, groups) -> bool:
+    """Whether our depthwise kernels take this convolution: one filter a channel, fp32 NCHW on the CPU, planes of
+    at least _DEPTHWISE_MIN_PLANE values, not while torch.compile traces."""
+    return not (_backend.compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+                or w.dtype != torch.float32 or (b is not None and b.dtype != torch.float32) or x.dim() != 4
+                or not x.is_contiguous() or groups == 1 or x.shape[1] != groups or w.shape[0] != groups
+                or w.shape[1] != 1 or isinstance(padding, str) or _pair(dilation) != [1, 1]
+                or x.shape[2] * x.shape[3] < _DEPTHWISE_MIN_PLANE or not extension().ok)
+
+
 def _depthwise_conv(x, w, b, stride, padding, dilation, groups, relu, spec):
     """Eval: a depthwise convolution (one filter a channel) + its activation by our kernel
     (csrc/cpu/depthwise_conv.cpp), or None where it does not apply or would not win. SiLU's exp runs as torch's,
     in place on the output."""
-    if (_backend.compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or (b is not None and b.dtype != torch.float32) or x.dim() != 4 or not x.is_contiguous()
-            or groups == 1 or x.shape[1] != groups or w.shape[0] != groups or w.shape[1] != 1
-            or isinstance(padding, str) or _pair(dilation) != [1, 1]
-            or x.shape[2] * x.shape[3] < _DEPTHWISE_MIN_PLANE or not extension().ok):
+    if not _depthwise_applies(x, w, b, padding, dilation, groups):
         return None
     name, scalars = spec[:2] if spec else ("relu" if relu else "none", [])
     y = torch.ops.fck.depthwise_conv2d(x, w.contiguous(), b, _pair(stride), _pair(padding), _DEPTHWISE_ACTS[name],
                                        scalars)
     return F.silu(y, inplace=True) if name == "swish" else y
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """A depthwise conv2d for training on our kernels: the forward; the input gradient at stride 1 (the same
+    depthwise convolution of grad_output with the flipped filters and padding k - 1 - p; other strides: oneDNN's);
+    the weight gradient (each tap's sum of products over every image's plane, csrc/cpu/depthwise_conv.cpp). oneDNN's
+    NCHW kernels took 58 ms for MobileNet v2's 96-channel 112x112 layer's backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, pad):
+        ctx.save_for_backward(x, w)
+        ctx.stride, ctx.pad = stride, pad
+        return torch.ops.fck.depthwise_conv2d(x, w.contiguous(), b, stride, pad, 0, [])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: torch's convolution re-run and differentiated, as a graph
+            gx, gw = grads_with_graph(F.conv2d(x, w, None, ctx.stride, ctx.pad, 1, x.shape[1]), gy, (x, w), need[:2])
+            return gx, gw, gy.sum((0, 2, 3)) if need[2] else None, None, None
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        k = list(w.shape[2:])
+        if need[0] and ctx.stride == [1, 1] and all(p <= n - 1 for p, n in zip(ctx.pad, k)):
+            gx = torch.ops.fck.depthwise_conv2d(gy, w.flip((2, 3)).contiguous(), None, [1, 1],
+                                                [n - 1 - p for p, n in zip(ctx.pad, k)], 0, [])
+        elif need[0]:
+            gx = torch.ops.aten.convolution_backward(gy, x, w, None, ctx.stride, ctx.pad, [1, 1], False, [0, 0],
+                                                     x.shape[1], [True, False, False])[0]
+        if need[1]:
+            gw = torch.ops.fck.depthwise_conv2d_weight_grad(x, gy, k, ctx.stride, ctx.pad)
+        if need[2]:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb, None, None
