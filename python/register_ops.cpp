@@ -153,7 +153,10 @@ TORCH_LIBRARY(fck, m) {
   // inference (no autograd).
   m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int act, "
         "float[] scalars) -> Tensor", kFixedStrides);
-  // Its weight gradient, (C, 1, kH, kW), from the input and the output's gradient (fp32, summed in double).
+  // Its input gradient (of an input of input_size) and weight gradient, (C, 1, kH, kW), from the input and the
+  // output's gradient (fp32; the weight's summed in double).
+  m.def("depthwise_conv2d_input_grad(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, "
+        "int[2] padding) -> Tensor", kFixedStrides);
   m.def("depthwise_conv2d_weight_grad(Tensor input, Tensor grad_output, int[2] kernel_size, int[2] stride, "
         "int[2] padding) -> Tensor", kFixedStrides);
   // 2-D average pooling of a contiguous (N, C, H, W) input with torch's semantics (avg_pool2d), and its backward:
@@ -208,6 +211,7 @@ TORCH_LIBRARY_IMPL(fck, CPU, m) {
   m.impl("avg_pool2d_fwd", &fck::cpu::avg_pool2d_fwd);
   m.impl("depthwise_conv2d", &fck::cpu::depthwise_conv2d);
   m.impl("depthwise_conv2d_weight_grad", &fck::cpu::depthwise_conv2d_weight_grad);
+  m.impl("depthwise_conv2d_input_grad", &fck::cpu::depthwise_conv2d_input_grad);
   m.impl("avg_pool2d_bwd", &fck::cpu::avg_pool2d_bwd);
   m.impl("winograd_weight", &fck::cpu::winograd_weight);
   m.impl("conv3x3_winograd", &fck::cpu::conv3x3_winograd);

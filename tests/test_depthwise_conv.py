@@ -1,7 +1,8 @@
-"""The CPU depthwise convolution (csrc/cpu/depthwise_conv.cpp; eval conv-BN-act and conv-ReLU layers with one
-filter a channel: MobileNet's, EfficientNet's) against torch's convolution and activation in float64: kernels,
-strides, padding beyond half the kernel, planes from 1x1 up, every activation; outputs written into a poisoned
-pooled block; its argument checks; and fused models that take it, in eval, against the stock ones."""
+"""The CPU depthwise convolution (csrc/cpu/depthwise_conv.cpp; conv-BN-act and conv-ReLU layers with one filter a
+channel: MobileNet's, EfficientNet's) against torch's convolution and activation in float64: kernels, strides,
+padding beyond half the kernel, planes from 1x1 up, every activation; its input and weight gradients (training);
+outputs written into a poisoned pooled block; its argument checks; and fused models that take it, in eval and in
+training, against the stock ones."""
 
 import copy
 import random
@@ -47,6 +48,36 @@ def test_against_torch():
     assert compared > 200
 
 
+def test_gradients_against_torch():
+    """Training: the autograd Function on the three kernels against float64 torch, outputs and all gradients;
+    strides 1 to 3 (the input gradient's phases), odd and even paddings."""
+    skip_unless_runnable("cpu", "cpu")
+    from fastcore_kernels.ops.conv_bn_relu import _DepthwiseConv2d
+
+    r = random.Random(1)
+    for seed in range(200):
+        k = r.choice([(3, 3), (5, 5), (3, 5), (1, 1), (7, 7)])
+        s = r.choice([[1, 1], [2, 2], [1, 2], [3, 3]])
+        p = [r.randint(0, k[0] // 2 + 1), r.randint(0, k[1] // 2 + 1)]
+        shape = (r.randint(1, 3), r.randint(1, 6), r.randint(1, 25), r.randint(1, 25))
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=g).requires_grad_()
+        w = torch.randn(shape[1], 1, *k, generator=g).requires_grad_()
+        b = torch.randn(shape[1], generator=g).requires_grad_()
+        case = dict(seed=seed, shape=shape, k=k, s=s, p=p)
+        try:
+            want = F.conv2d(x.double(), w.double(), b.double(), s, p, 1, shape[1])
+        except RuntimeError:
+            continue
+        dy = torch.randn(want.shape, generator=g)
+        wants = torch.autograd.grad(want, (x, w, b), dy.double())
+        got = _DepthwiseConv2d.apply(x, w, b, s, p)
+        gots = torch.autograd.grad(got, (x, w, b), dy)
+        for what, a, c in zip(("output", "grad input", "grad weight", "grad bias"), (got,) + gots, (want,) + wants):
+            torch.testing.assert_close(a.double(), c.double(), rtol=1e-5, atol=1e-5 * max(1.0, c.abs().max().item()),
+                                       msg=lambda m: f"{case} {what}: {m}")
+
+
 def test_every_output_written():
     skip_unless_runnable("cpu", "cpu")
     x, w, b = torch.randn(4, 32, 64, 64), torch.randn(32, 1, 3, 3), torch.randn(32)
@@ -73,10 +104,30 @@ def test_arguments_are_checked():
             torch.ops.fck.depthwise_conv2d(*args)
 
 
+def test_gradient_ops_check_their_arguments():
+    skip_unless_runnable("cpu", "cpu")
+    x, w, gy = torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(2, 4, 8, 8)
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.fck.depthwise_conv2d_input_grad(gy[:, :, :7].contiguous(), w, [2, 4, 8, 8], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.fck.depthwise_conv2d_weight_grad(x, gy, [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.fck.depthwise_conv2d_input_grad(gy, torch.randn(3, 1, 3, 3), [2, 4, 8, 8], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.fck.depthwise_conv2d_weight_grad(x.double(), gy.double(), [3, 3], [1, 1], [1, 1])
+
+
 def test_opcheck():
     skip_unless_runnable("cpu", "cpu")
-    args = (torch.randn(2, 4, 13, 12), torch.randn(4, 1, 3, 3), torch.randn(4), [2, 1], [1, 1], 2, [0.0, 6.0])
-    torch.library.opcheck(torch.ops.fck.depthwise_conv2d, args, test_utils=("test_schema", "test_faketensor"))
+    x, w = torch.randn(2, 4, 13, 12), torch.randn(4, 1, 3, 3)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fck.depthwise_conv2d, (x, w, torch.randn(4), [2, 1], [1, 1], 2, [0.0, 6.0]),
+                          test_utils=utils)
+    gy = torch.randn(2, 4, 7, 12)
+    torch.library.opcheck(torch.ops.fck.depthwise_conv2d_input_grad, (gy, w, list(x.shape), [2, 1], [1, 1]),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.fck.depthwise_conv2d_weight_grad, (x, gy, [3, 3], [2, 1], [1, 1]),
+                          test_utils=utils)
 
 
 def _inverted_residual(act):
@@ -104,6 +155,17 @@ def test_fused_blocks_in_eval(act):
         with torch.no_grad():
             want, got = model(x), fused(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # Training gradients against a float64 twin: as close as the stock fp32 model's (small gradients such as a
+    # batch norm's weight's are sums that cancel: both fp32 models miss them by ~1e-5 where they reach 3e-3).
+    twin = copy.deepcopy(model).double()
+    xs, xf, xd = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+    for m, inp in ((model, xs), (fused, xf), (twin, xd)):
+        m(inp).square().sum().backward()
+    grads = zip(["input"] + [n for n, _ in model.named_parameters()], [xs.grad] + [p.grad for p in model.parameters()],
+                [xf.grad] + [p.grad for p in fused.parameters()], [xd.grad] + [p.grad for p in twin.parameters()])
+    for name, stock, ours, truth in grads:
+        budget = 3 * (stock.double() - truth).abs().max().item() + 1e-6 * truth.abs().max().item()
+        assert (ours.double() - truth).abs().max().item() <= budget, name
     if runnable("cpu", "cpu"):  # without the extension the depthwise layers run torch's convolution
         with torch.no_grad(), torch.profiler.profile() as prof:
             fused.eval()(x)

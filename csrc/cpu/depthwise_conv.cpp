@@ -192,6 +192,63 @@ FCK_HOST_DEVICE void weight_grad_channels(const float* x, const float* gy, doubl
   }
 }
 
+// The input gradient of planes [p0, p1): the forward transposed. Output m's gradient times tap (i, j) goes to
+// position m sW + i PW + j of the plane's layout; with the layout kept as sW interleaved phases (position q in
+// phase q mod sW at q / sW; PW is a multiple of sW, so tap (i, j) always lands in phase j mod sW), every tap is one
+// contiguous vector loop at any stride. The inside of the layout is the input's gradient.
+FCK_HOST_DEVICE void input_grad_planes(const float* gy, const float* w, float* gx, int64_t p0, int64_t p1,
+                                       const Depthwise& d) {
+  const Pool2d& q = d.q;
+  const int64_t S = q.sW, n = q.OH * d.M;
+  const int64_t len = ((d.PH + q.sH) * d.PW + q.kW) / S + 1;  // a phase's length, with the forward's slack
+  std::vector<float> g(n, 0.0f), phases(S * len);  // g's junk (past OW, the dropped rows) stays 0
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* gp = gy + p * q.OH * q.OW;
+    for (int64_t oh = 0; oh < q.OH; ++oh) std::copy(gp + oh * q.OW, gp + (oh + 1) * q.OW, g.data() + oh * d.M);
+    std::fill(phases.begin(), phases.end(), 0.0f);
+    const float* wc = w + (p % d.C) * q.kH * q.kW;
+    for (int64_t i = 0; i < q.kH; ++i) {
+      for (int64_t j = 0; j < q.kW; ++j) {
+        const int64_t at = i * d.PW + j;
+        float* dst = phases.data() + (at % S) * len + at / S;
+        const float wij = wc[i * q.kW + j];
+        for (int64_t m = 0; m < n; ++m) dst[m] += wij * g[m];
+      }
+    }
+    float* plane = gx + p * q.H * q.W;
+    for (int64_t ih = 0; ih < q.H; ++ih) {
+      const int64_t row = (ih + q.pH) * d.PW + q.pW;
+      float* dst = plane + ih * q.W;
+      if (S == 1) {
+        std::copy(phases.data() + row, phases.data() + row + q.W, dst);
+      } else if (S == 2) {  // the two phases interleaved, pairs at a time (the compiler vectorizes the pairs)
+        const float* even = phases.data() + (row + 1) / 2;
+        const float* odd = phases.data() + len + row / 2;
+        int64_t iw = 0;
+        if (row % 2) dst[iw++] = *odd++;
+        for (; iw + 2 <= q.W; iw += 2, ++even, ++odd) dst[iw] = *even, dst[iw + 1] = *odd;
+        if (iw < q.W) dst[iw] = *even;
+      } else {  // phase and index stepped along the row: no division per value
+        int64_t ph = row % S, ix = row / S;
+        for (int64_t iw = 0; iw < q.W; ++iw) {
+          dst[iw] = phases[ph * len + ix];
+          if (++ph == S) ph = 0, ++ix;
+        }
+      }
+    }
+  }
+}
+
+#ifdef FCK_HAVE_AVX2_CLONE
+__attribute__((target("avx2,fma,f16c"))) void input_grad_avx2(const float* gy, const float* w, float* gx, int64_t p0,
+                                                              int64_t p1, const Depthwise& d) {
+  input_grad_planes(gy, w, gx, p0, p1, d);
+}
+#endif
+void input_grad_base(const float* gy, const float* w, float* gx, int64_t p0, int64_t p1, const Depthwise& d) {
+  input_grad_planes(gy, w, gx, p0, p1, d);
+}
+
 #ifdef FCK_HAVE_AVX2_CLONE
 __attribute__((target("avx2,fma,f16c"))) void weight_grad_avx2(const float* x, const float* gy, double* gw, int64_t N,
                                                                int64_t c0, int64_t c1, const Depthwise& d) {
@@ -215,17 +272,17 @@ void depthwise_base(const float* x, const float* w, const float* bias, float* y,
 }
 
 // The layout of x's planes for a kH x kW filter (see the file's comment).
-Depthwise geometry(const at::Tensor& x, int64_t kH, int64_t kW, at::IntArrayRef stride, at::IntArrayRef padding,
+Depthwise geometry(at::IntArrayRef x, int64_t kH, int64_t kW, at::IntArrayRef stride, at::IntArrayRef padding,
                    const char* op) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
                   padding[1] >= 0,
               op, ": stride must be positive and padding non-negative, two values each");
-  Pool2d q{kH, kW, stride[0], stride[1], padding[0], padding[1], 1, 1, x.size(2), x.size(3), 0, 0};
+  Pool2d q{kH, kW, stride[0], stride[1], padding[0], padding[1], 1, 1, x[2], x[3], 0, 0};
   TORCH_CHECK(q.kH > 0 && q.kW > 0, op, ": empty filter");
   q.OH = pooled_size(q.H, q.kH, q.sH, q.pH, 1, false);
   q.OW = pooled_size(q.W, q.kW, q.sW, q.pW, 1, false);
-  TORCH_CHECK(q.OH > 0 && q.OW > 0, op, ": output size is too small for input ", x.sizes());
-  Depthwise d{q, x.size(1), kNone, 0.0f, 0.0f, 0, 0, 0};
+  TORCH_CHECK(q.OH > 0 && q.OW > 0, op, ": output size is too small for input ", x);
+  Depthwise d{q, x[1], kNone, 0.0f, 0.0f, 0, 0, 0};
   d.PH = std::max(q.H + 2 * q.pH, (q.OH - 1) * q.sH + q.kH);
   d.PW = std::max(q.W + 2 * q.pW, (q.OW - 1) * q.sW + q.kW);
   d.PW = (d.PW + q.sW - 1) / q.sW * q.sW;
@@ -252,7 +309,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(act >= kNone && act <= kHardswish, "depthwise_conv2d: unknown activation ", act);
   TORCH_CHECK((act != kHardtanh || scalars.size() == 2) && (act != kLeakyReLU || scalars.size() == 1),
               "depthwise_conv2d: hardtanh takes (min, max), leaky ReLU its slope");
-  Depthwise d = geometry(x, weight.size(2), weight.size(3), stride, padding, "depthwise_conv2d");
+  Depthwise d = geometry(x.sizes(), weight.size(2), weight.size(3), stride, padding, "depthwise_conv2d");
   d.act = Act(act);
   if (act == kHardtanh) d.lo = float(scalars[0]), d.hi = float(scalars[1]);
   if (act == kLeakyReLU) d.lo = float(scalars[0]);
@@ -279,7 +336,7 @@ at::Tensor depthwise_conv2d_weight_grad(const at::Tensor& x, const at::Tensor& g
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && grad_output.dim() == 4 && grad_output.is_contiguous(), op,
               ": expected contiguous (N, C, H, W) tensors");
   TORCH_CHECK(kernel_size.size() == 2, op, ": kernel_size must have two values");
-  const Depthwise d = geometry(x, kernel_size[0], kernel_size[1], stride, padding, op);
+  const Depthwise d = geometry(x.sizes(), kernel_size[0], kernel_size[1], stride, padding, op);
   TORCH_CHECK(grad_output.size(0) == x.size(0) && grad_output.size(1) == d.C && grad_output.size(2) == d.q.OH &&
                   grad_output.size(3) == d.q.OW,
               op, ": grad_output ", grad_output.sizes(), " does not match the forward's output (", x.size(0), ", ",
@@ -296,6 +353,34 @@ at::Tensor depthwise_conv2d_weight_grad(const at::Tensor& x, const at::Tensor& g
   const int64_t grain = std::max<int64_t>(1, plane_grain(d.q) / std::max<int64_t>(1, N));
   at::parallel_for(0, d.C, grain, [&](int64_t c0, int64_t c1) { run(xp, gp, wp, N, c0, c1, d); });
   return gw.to(at::kFloat);
+}
+
+at::Tensor depthwise_conv2d_input_grad(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "depthwise_conv2d_input_grad";
+  TORCH_CHECK(grad_output.device().is_cpu() && weight.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, op,
+              ": expected float32 tensors");
+  TORCH_CHECK(input_size.size() == 4 && grad_output.dim() == 4 && grad_output.is_contiguous(), op,
+              ": expected a contiguous (N, C, OH, OW) grad_output and an (N, C, H, W) input_size");
+  const int64_t C = input_size[1];
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.is_contiguous(), op,
+              ": expected a contiguous (", C, ", 1, kH, kW) weight, got ", weight.sizes());
+  const Depthwise d = geometry(input_size, weight.size(2), weight.size(3), stride, padding, op);
+  TORCH_CHECK(grad_output.size(0) == input_size[0] && grad_output.size(1) == C && grad_output.size(2) == d.q.OH &&
+                  grad_output.size(3) == d.q.OW,
+              op, ": grad_output ", grad_output.sizes(), " does not match the forward's output for input ",
+              input_size);
+  at::Tensor gx = pooled_empty(input_size, grad_output.options());
+  auto run = &input_grad_base;
+#ifdef FCK_HAVE_AVX2_CLONE
+  if (cpu_runs_avx2_clone()) run = &input_grad_avx2;
+#endif
+  const float* gp = grad_output.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* xp = gx.data_ptr<float>();
+  at::parallel_for(0, input_size[0] * C, plane_grain(d.q), [&](int64_t p0, int64_t p1) { run(gp, wp, xp, p0, p1, d); });
+  return gx;
 }
 
 }  // namespace cpu

@@ -53,6 +53,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("fck::depthwise_conv2d")(depthwise_fake)
     torch.library.register_fake("fck::depthwise_conv2d_weight_grad")(
         lambda x, grad_out, kernel_size, stride, padding: x.new_empty(x.shape[1], 1, *kernel_size))
+    torch.library.register_fake("fck::depthwise_conv2d_input_grad")(
+        lambda grad_out, w, input_size, stride, padding: grad_out.new_empty(input_size))
     torch.library.register_fake("fck::conv3x3_winograd_weight_grad")(
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 

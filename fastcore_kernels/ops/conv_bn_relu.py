@@ -433,9 +433,8 @@ def _depthwise_conv(x, w, b, stride, padding, dilation, groups, relu, spec):
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
-    """A depthwise conv2d for training on our kernels: the forward; the input gradient at stride 1 (the same
-    depthwise convolution of grad_output with the flipped filters and padding k - 1 - p; other strides: oneDNN's);
-    the weight gradient (each tap's sum of products over every image's plane, csrc/cpu/depthwise_conv.cpp). oneDNN's
+    """A depthwise conv2d for training on our kernels (csrc/cpu/depthwise_conv.cpp): the forward, the input gradient
+    (the forward transposed) and the weight gradient (each tap's sum of products over every image's plane). oneDNN's
     NCHW kernels took 58 ms for MobileNet v2's 96-channel 112x112 layer's backward."""
 
     @staticmethod
@@ -454,12 +453,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
         gy = gy.contiguous()
         gx = gw = gb = None
         k = list(w.shape[2:])
-        if need[0] and ctx.stride == [1, 1] and all(p <= n - 1 for p, n in zip(ctx.pad, k)):
-            gx = torch.ops.fck.depthwise_conv2d(gy, w.flip((2, 3)).contiguous(), None, [1, 1],
-                                                [n - 1 - p for p, n in zip(ctx.pad, k)], 0, [])
-        elif need[0]:
-            gx = torch.ops.aten.convolution_backward(gy, x, w, None, ctx.stride, ctx.pad, [1, 1], False, [0, 0],
-                                                     x.shape[1], [True, False, False])[0]
+        if need[0]:
+            gx = torch.ops.fck.depthwise_conv2d_input_grad(gy, w.contiguous(), list(x.shape), ctx.stride, ctx.pad)
         if need[1]:
             gw = torch.ops.fck.depthwise_conv2d_weight_grad(x, gy, k, ctx.stride, ctx.pad)
         if need[2]:

@@ -121,7 +121,10 @@ at::Tensor max_pool2d_bwd(const at::Tensor &grad_output, const at::Tensor &indic
 at::Tensor depthwise_conv2d(const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
                             at::ArrayRef<double> scalars);
-// Its weight gradient, (C, 1, kH, kW), given the input and the output's gradient.
+// Its input gradient (of an input of input_size) and weight gradient, (C, 1, kH, kW), given the input and the
+// output's gradient.
+at::Tensor depthwise_conv2d_input_grad(const at::Tensor &grad_output, const at::Tensor &weight,
+                                      at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding);
 at::Tensor depthwise_conv2d_weight_grad(const at::Tensor &x, const at::Tensor &grad_output,
                                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding);
 // avg_pool.cpp: 2-D average pooling of contiguous NCHW input, and its backward (the gradient of an input of
