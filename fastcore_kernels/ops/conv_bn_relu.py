@@ -405,19 +405,22 @@ def _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu, spec=
 
 
 # Depthwise layers on planes smaller than this stay oneDNN's: at 7x7 (960 channels, N = 16) it ran at par with ours
-# (0.50 against 0.54 ms), from 14x14 up ours won (1.1 against 0.73 ms) and by 8-9x at 56x56 and 112x112.
+# (0.50 against 0.54 ms), from 14x14 up ours won (1.1 against 0.73 ms) and by 8-9x at 56x56 and 112x112. Planes
+# above _DEPTHWISE_MAX_PLANE too: the kernels keep a few plane-sized buffers per thread.
 _DEPTHWISE_MIN_PLANE = 144
+_DEPTHWISE_MAX_PLANE = 1 << 22
 _DEPTHWISE_ACTS = {"none": 0, "relu": 1, "hardtanh": 2, "leaky_relu": 3, "hardswish": 4, "swish": 0}
 
 
 def _depthwise_applies(x, w, b, padding, dilation, groups) -> bool:
     """Whether our depthwise kernels take this convolution: one filter a channel, fp32 NCHW on the CPU, planes of
-    at least _DEPTHWISE_MIN_PLANE values, not while torch.compile traces."""
+    _DEPTHWISE_MIN_PLANE to _DEPTHWISE_MAX_PLANE values, not while torch.compile traces."""
     return not (_backend.compiling() or x.device.type != "cpu" or x.dtype != torch.float32
                 or w.dtype != torch.float32 or (b is not None and b.dtype != torch.float32) or x.dim() != 4
                 or not x.is_contiguous() or groups == 1 or x.shape[1] != groups or w.shape[0] != groups
                 or w.shape[1] != 1 or isinstance(padding, str) or _pair(dilation) != [1, 1]
-                or x.shape[2] * x.shape[3] < _DEPTHWISE_MIN_PLANE or not extension().ok)
+                or not _DEPTHWISE_MIN_PLANE <= x.shape[2] * x.shape[3] <= _DEPTHWISE_MAX_PLANE
+                or not extension().ok)
 
 
 def _depthwise_conv(x, w, b, stride, padding, dilation, groups, relu, spec):
