@@ -1,10 +1,10 @@
 """avg_pool2d (and nn.AvgPool2d, fuse's drop-in and its swap of functional calls) on every backend against
 torch.nn.functional.avg_pool2d computed in float64: values and gradients for kernels, strides, padding,
 count_include_pad, divisor_override, ceil_mode's partial last windows, odd sizes, unbatched input, dtypes; NaN and
-inf; the paths that stay torch's (channels_last, bad arguments, empty batches); double backward; torch.compile."""
+inf; the paths that stay torch's (bad arguments, empty batches, huge planes; channels_last: test_max_pool.py);
+double backward; torch.compile."""
 
 import itertools
-import re
 
 import pytest
 import torch
@@ -115,19 +115,6 @@ def test_gradcheck(backend):
             assert torch.autograd.gradgradcheck(f, (x,))
 
 
-def test_layouts_and_views():
-    """channels_last input runs torch's own kernel (its layout kept); a strided view is pooled as a contiguous
-    copy."""
-    skip_unless_runnable("cpu", "cpu")
-    x = torch.randn(2, 8, 14, 15)
-    cl = x.contiguous(memory_format=torch.channels_last)
-    got = avg_pool2d(cl, 3, 2, 1)
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, F.avg_pool2d(cl, 3, 2, 1))
-    view = torch.randn(2, 8, 30, 31)[:, ::2, 1::2, ::2]
-    torch.testing.assert_close(avg_pool2d(view, 2, 2), F.avg_pool2d(view, 2, 2))
-
-
 def test_huge_planes_run_torchs_op(monkeypatch):
     """Planes above the kernel's buffer limit go to torch's op (no plane-sized buffers per thread)."""
     from fastcore_kernels.ops import avg_pool
@@ -138,25 +125,9 @@ def test_huge_planes_run_torchs_op(monkeypatch):
     assert "avg_pool2d_fwd" not in got.grad_fn.name() and torch.equal(got, F.avg_pool2d(x, 3, 2, 1))
 
 
-def test_bad_arguments_raise_as_torch():
-    x = torch.randn(2, 3, 8, 8)
-    bad = [dict(kernel_size=0), dict(kernel_size=2, padding=2), dict(kernel_size=3, stride=0), dict(kernel_size=9),
-           dict(kernel_size=2, divisor_override=0), dict(kernel_size=3, padding=-1)]
-    for kw in bad:
-        with pytest.raises(RuntimeError) as theirs:
-            F.avg_pool2d(x, **kw)
-        with pytest.raises(RuntimeError) as ours:
-            avg_pool2d(x, **kw)
-        assert str(ours.value) == str(theirs.value), kw
-    for t in (torch.randn(8, 8), torch.randn(1, 2, 3, 8, 8)):  # wrong rank: torch's error
-        with pytest.raises(Exception) as theirs:
-            F.avg_pool2d(t, 2)
-        with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
-            avg_pool2d(t, 2)
-    empty = torch.randn(0, 3, 8, 8)
-    assert avg_pool2d(empty, 2).shape == F.avg_pool2d(empty, 2).shape
-    assert torch.equal(avg_pool2d(torch.arange(16).view(1, 1, 4, 4), 2), F.avg_pool2d(  # integers: torch's op
-        torch.arange(16).view(1, 1, 4, 4), 2))
+def test_integer_input_runs_torchs_op():
+    x = torch.arange(16).view(1, 1, 4, 4)
+    assert torch.equal(avg_pool2d(x, 2), F.avg_pool2d(x, 2))
 
 
 def test_ops_check_their_arguments():
