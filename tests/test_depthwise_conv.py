@@ -78,6 +78,24 @@ def test_gradients_against_torch():
                                        msg=lambda m: f"{case} {what}: {m}")
 
 
+def test_gradient_penalty_matches_torch():
+    """create_graph=True through the training Function: its backward re-runs torch's convolution as a graph, so
+    second derivatives match torch's."""
+    skip_unless_runnable("cpu", "cpu")
+    from fastcore_kernels.ops.conv_bn_relu import _DepthwiseConv2d
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 3, 13, 12, generator=g), torch.randn(3, 1, 3, 3, generator=g)
+    results = []
+    for conv in (lambda a, b: F.conv2d(a, b, None, 2, 1, 1, 3), lambda a, b: _DepthwiseConv2d.apply(a, b, None,
+                                                                                                     [2, 2], [1, 1])):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ga, gb = torch.autograd.grad(conv(a, b).square().sum(), (a, b), create_graph=True)
+        results.append(torch.autograd.grad(ga.square().sum() + gb.square().sum(), (a, b)))
+    for got, want in zip(*reversed(results)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_every_output_written():
     skip_unless_runnable("cpu", "cpu")
     x, w, b = torch.randn(4, 32, 64, 64), torch.randn(32, 1, 3, 3), torch.randn(32)

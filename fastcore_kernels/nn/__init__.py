@@ -9,5 +9,5 @@ from fastcore_kernels.nn.pool import AvgPool2d, MaxPool2d
 from fastcore_kernels.nn.rnn import GRU, LSTM, GRUCell, LSTMCell
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormAddReLU2d",
-           "ConvBNReLU2d", "ConvReLU2d", "FusedConv2d", "AbsorbedBatchNorm2d", "Embedding", "EmbeddingBag", "EmbeddingUpdate",
-           "LSTM", "GRU", "LSTMCell", "GRUCell", "MaxPool2d", "AvgPool2d", "fuse"]
+           "ConvBNReLU2d", "ConvReLU2d", "FusedConv2d", "AbsorbedBatchNorm2d", "Embedding", "EmbeddingBag",
+           "EmbeddingUpdate", "LSTM", "GRU", "LSTMCell", "GRUCell", "MaxPool2d", "AvgPool2d", "fuse"]

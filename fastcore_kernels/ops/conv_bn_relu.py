@@ -67,15 +67,15 @@ def epilogue(act):
 
 def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None, relu=True, act=None):
     """oneDNN's convolution with the ReLU in its epilogue (without one: relu=False; another activation: act, an
-    epilogue() triple), or None where it does not apply. With a fold_cache, the weight is kept reordered into oneDNN's blocked layout for this input shape
-    (repacked when either changes): with a plain weight oneDNN reorders it and picks a slower NCHW kernel on every
-    call; prepacked, it runs in NHWC (the AMD host, N=64, 3x3 C->C: 212 -> 164 ms at 56x56, 166 -> 126 at 7x7) and
-    returns a channels_last tensor, which is copied back to the input's NCHW order in a pooled block (14 ms at
-    56x56; a fresh tensor page-faults: 41). Not for fewer than 8 input channels per group: a network's stem, where
-    the blocked layout pads the channels (lesson 1's 1 -> 16 channels at 28x28, N=64: 2.1 ms prepacked against 0.4
-    plain on the Xeon). Not for 1x1 convolutions, whose output copy costs more than the layout gains (the Xeon,
-    8x192x28x28 -> 64 channels: 0.69-0.77 ms plain against 1.3-1.9 prepacked; GoogLeNet's and ResNet-50's many 1x1
-    layers)."""
+    epilogue() triple), or None where it does not apply. With a fold_cache, the weight is kept reordered into
+    oneDNN's blocked layout for this input shape (repacked when either changes): with a plain weight oneDNN reorders
+    it and picks a slower NCHW kernel on every call; prepacked, it runs in NHWC (the AMD host, N=64, 3x3 C->C: 212
+    -> 164 ms at 56x56, 166 -> 126 at 7x7) and returns a channels_last tensor, which is copied back to the input's
+    NCHW order in a pooled block (14 ms at 56x56; a fresh tensor page-faults: 41). Not for fewer than 8 input
+    channels per group: a network's stem, where the blocked layout pads the channels (lesson 1's 1 -> 16 channels at
+    28x28, N=64: 2.1 ms prepacked against 0.4 plain on the Xeon). Not for 1x1 convolutions, whose output copy costs
+    more than the layout gains (the Xeon, 8x192x28x28 -> 64 channels: 0.69-0.77 ms plain against 1.3-1.9 prepacked;
+    GoogLeNet's and ResNet-50's many 1x1 layers)."""
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     if (op is None or not torch.backends.mkldnn.is_available() or x.device.type != "cpu"
             or x.dtype != torch.float32 or isinstance(padding, str) or x.dim() != 4):
@@ -363,8 +363,6 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     spec = None if act is None else epilogue(act)
     y = _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu, spec)
     return act(y) if act is not None and spec is None else y
-
-
 
 
 def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, fold_cache=None):
