@@ -387,6 +387,22 @@ def test_fused_module_compiles_fullgraph():
     torch.testing.assert_close(fused_model[1].running_var, model[1].running_var)
 
 
+def test_fused_eval_model_compiles_fullgraph():
+    """Eval: the fused convolutions (conv-BN-ReLU, conv-BN-ReLU6 depthwise, conv-ReLU) under torch.compile run
+    torch's convolution for Inductor to plan: the whole model compiles as one graph and gives eager's values."""
+    skip_unless_runnable("cpu", "cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 4, 1), nn.ReLU(), nn.AvgPool2d(2), nn.MaxPool2d(2))
+    _randomize_bn_state(model)
+    fused_model = fck.fuse(copy.deepcopy(model)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        got = torch.compile(fused_model, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(got, model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 def test_fuse_leaves_bn_plus_constant_alone():
     class AddConst(nn.Module):
         def __init__(self):

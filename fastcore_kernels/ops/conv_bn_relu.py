@@ -77,7 +77,9 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
     more than the layout gains (the Xeon, 8x192x28x28 -> 64 channels: 0.69-0.77 ms plain against 1.3-1.9 prepacked;
     GoogLeNet's and ResNet-50's many 1x1 layers)."""
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-    if (op is None or not torch.backends.mkldnn.is_available() or x.device.type != "cpu"
+    # Not while torch.compile traces: Inductor gets torch's convolution to fuse and plan (and dynamo refuses to
+    # trace torch.backends.mkldnn.is_available).
+    if (op is None or _backend.compiling() or not torch.backends.mkldnn.is_available() or x.device.type != "cpu"
             or x.dtype != torch.float32 or isinstance(padding, str) or x.dim() != 4):
         return None
     args = (_pair(padding), _pair(stride), _pair(dilation), groups)
