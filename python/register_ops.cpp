@@ -149,8 +149,8 @@ TORCH_LIBRARY(fck, m) {
         "bool ceil_mode, bool save_indices) -> (Tensor, Tensor)", kFixedStrides);
   m.def("max_pool2d_bwd(Tensor grad_output, Tensor indices, int[4] input_size) -> Tensor", kFixedStrides);
   // A depthwise convolution (groups == channels) of a contiguous (N, C, H, W) fp32 input with a (C, 1, kH, kW)
-  // weight, + bias, + an activation (0 none, 1 ReLU, 2 hardtanh(min, max), 3 leaky ReLU(slope), 4 hardswish), for
-  // inference (no autograd).
+  // weight, + bias, + an activation (0 none, 1 ReLU, 2 hardtanh(min, max), 3 leaky ReLU(slope), 4 hardswish). No
+  // autograd of its own: training wraps it and the two gradient ops below (ops/conv_bn_relu.py).
   m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int act, "
         "float[] scalars) -> Tensor", kFixedStrides);
   // Its input gradient (of an input of input_size) and weight gradient, (C, 1, kH, kW), from the input and the

@@ -1,5 +1,5 @@
-// Depthwise 2-D convolution (groups == channels, one filter a channel) on the CPU for contiguous NCHW fp32 input,
-// for inference: + bias, + an activation in the same pass.
+// Depthwise 2-D convolution (groups == channels, one filter a channel) on the CPU for contiguous NCHW fp32 input:
+// the forward (+ bias, + an activation in the same pass) and, for training, the input and weight gradients.
 //
 // oneDNN runs NCHW depthwise layers far below memory speed here (MobileNet v2's 3x3 stride-2 layer over
 // 16x96x112x112 took 35 ms, a fifth of the whole fused model's inference; the same layer channels-last, 0.8 ms). A

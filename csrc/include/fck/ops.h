@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor &x, at::IntAr
                                                   at::IntArrayRef dilation, bool ceil_mode, bool save_indices);
 at::Tensor max_pool2d_bwd(const at::Tensor &grad_output, const at::Tensor &indices, at::IntArrayRef input_size);
 // depthwise_conv.cpp: a depthwise convolution (one filter a channel) of contiguous NCHW fp32 input, + bias, + act
-// (0 none, 1 ReLU, 2 hardtanh(scalars[0], scalars[1]), 3 leaky ReLU(scalars[0]), 4 hardswish), for inference.
+// (0 none, 1 ReLU, 2 hardtanh(scalars[0], scalars[1]), 3 leaky ReLU(scalars[0]), 4 hardswish).
 at::Tensor depthwise_conv2d(const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &bias,
                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t act,
                             at::ArrayRef<double> scalars);
