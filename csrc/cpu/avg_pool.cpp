@@ -340,10 +340,7 @@ at::Tensor avg_pool2d_fwd(const at::Tensor& x, at::IntArrayRef kernel_size, at::
   at::Tensor y = pooled_empty({x.size(0), x.size(1), a.q.OH, a.q.OW}, x.options());
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto run = &forward_base<T>;
-#ifdef FCK_HAVE_AVX2_CLONE
-    if (cpu_runs_avx2_clone()) run = &forward_avx2<T>;
-#endif
+    const auto run = FCK_PICK_CLONE(&forward_base<T>, &forward_avx2<T>);
     const auto* src = reinterpret_cast<const raw_t<T>*>(x.data_ptr());
     auto* dst = reinterpret_cast<raw_t<T>*>(y.data_ptr());
     at::parallel_for(0, x.size(0) * x.size(1), plane_grain(a.q),
@@ -366,10 +363,7 @@ at::Tensor avg_pool2d_bwd(const at::Tensor& grad_output, at::IntArrayRef input_s
   at::Tensor gx = pooled_empty(input_size, grad_output.options());
   dispatch_float(gy.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto run = &backward_base<T>;
-#ifdef FCK_HAVE_AVX2_CLONE
-    if (cpu_runs_avx2_clone()) run = &backward_avx2<T>;
-#endif
+    const auto run = FCK_PICK_CLONE(&backward_base<T>, &backward_avx2<T>);
     const auto* g = reinterpret_cast<const raw_t<T>*>(gy.data_ptr());
     auto* dst = reinterpret_cast<raw_t<T>*>(gx.data_ptr());
     at::parallel_for(0, input_size[0] * input_size[1], plane_grain(a.q),

@@ -315,10 +315,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const
   if (act == kLeakyReLU) d.lo = float(scalars[0]);
   const Pool2d& q = d.q;
   at::Tensor y = pooled_empty({x.size(0), C, q.OH, q.OW}, x.options());
-  auto run = &depthwise_base;
-#ifdef FCK_HAVE_AVX2_CLONE
-  if (cpu_runs_avx2_clone()) run = &depthwise_avx2;
-#endif
+  const auto run = FCK_PICK_CLONE(&depthwise_base, &depthwise_avx2);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
@@ -342,10 +339,7 @@ at::Tensor depthwise_conv2d_weight_grad(const at::Tensor& x, const at::Tensor& g
               op, ": grad_output ", grad_output.sizes(), " does not match the forward's output (", x.size(0), ", ",
               d.C, ", ", d.q.OH, ", ", d.q.OW, ")");
   at::Tensor gw = at::zeros({d.C, 1, d.q.kH, d.q.kW}, x.options().dtype(at::kDouble));
-  auto run = &weight_grad_base;
-#ifdef FCK_HAVE_AVX2_CLONE
-  if (cpu_runs_avx2_clone()) run = &weight_grad_avx2;
-#endif
+  const auto run = FCK_PICK_CLONE(&weight_grad_base, &weight_grad_avx2);
   const float* xp = x.data_ptr<float>();
   const float* gp = grad_output.data_ptr<float>();
   double* wp = gw.data_ptr<double>();
@@ -372,10 +366,7 @@ at::Tensor depthwise_conv2d_input_grad(const at::Tensor& grad_output, const at::
               op, ": grad_output ", grad_output.sizes(), " does not match the forward's output for input ",
               input_size);
   at::Tensor gx = pooled_empty(input_size, grad_output.options());
-  auto run = &input_grad_base;
-#ifdef FCK_HAVE_AVX2_CLONE
-  if (cpu_runs_avx2_clone()) run = &input_grad_avx2;
-#endif
+  const auto run = FCK_PICK_CLONE(&input_grad_base, &input_grad_avx2);
   const float* gp = grad_output.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* xp = gx.data_ptr<float>();

@@ -256,10 +256,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd(const at::Tensor& x, at::IntAr
                                 : at::empty({0}, x.options().dtype(at::kInt));
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto run = &forward_base<T>;
-#ifdef FCK_HAVE_AVX2_CLONE
-    if (cpu_runs_avx2_clone()) run = &forward_avx2<T>;
-#endif
+    const auto run = FCK_PICK_CLONE(&forward_base<T>, &forward_avx2<T>);
     const auto* src = reinterpret_cast<const raw_t<T>*>(x.data_ptr());
     auto* dst = reinterpret_cast<raw_t<T>*>(y.data_ptr());
     int32_t* idx = save_indices ? ind.data_ptr<int32_t>() : nullptr;
@@ -282,10 +279,7 @@ at::Tensor max_pool2d_bwd(const at::Tensor& grad_output, const at::Tensor& indic
   const int64_t planes = input_size[0] * input_size[1];
   dispatch_float(gy.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto run = &backward_base<T>;
-#ifdef FCK_HAVE_AVX2_CLONE
-    if (cpu_runs_avx2_clone()) run = &backward_avx2<T>;
-#endif
+    const auto run = FCK_PICK_CLONE(&backward_base<T>, &backward_avx2<T>);
     const auto* g = reinterpret_cast<const raw_t<T>*>(gy.data_ptr());
     auto* dst = reinterpret_cast<raw_t<T>*>(gx.data_ptr());
     const int32_t* idx = ind.data_ptr<int32_t>();

@@ -415,9 +415,10 @@ _DEPTHWISE_ACTS = {"none": 0, "relu": 1, "hardtanh": 2, "leaky_relu": 3, "hardsw
 def _depthwise_applies(x, w, b, padding, dilation, groups) -> bool:
     """Whether our depthwise kernels take this convolution: one filter a channel, fp32 NCHW on the CPU, planes of
     _DEPTHWISE_MIN_PLANE to _DEPTHWISE_MAX_PLANE values, not while torch.compile traces."""
-    return not (_backend.compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+    # groups first: every training convolution asks, and most are not depthwise
+    return not (groups == 1 or _backend.compiling() or x.device.type != "cpu" or x.dtype != torch.float32
                 or w.dtype != torch.float32 or (b is not None and b.dtype != torch.float32) or x.dim() != 4
-                or not x.is_contiguous() or groups == 1 or x.shape[1] != groups or w.shape[0] != groups
+                or not x.is_contiguous() or x.shape[1] != groups or w.shape[0] != groups
                 or w.shape[1] != 1 or isinstance(padding, str) or _pair(dilation) != [1, 1]
                 or not _DEPTHWISE_MIN_PLANE <= x.shape[2] * x.shape[3] <= _DEPTHWISE_MAX_PLANE
                 or not extension().ok)

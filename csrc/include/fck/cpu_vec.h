@@ -193,6 +193,14 @@ inline bool cpu_runs_avx2_clone() {
 #endif
 }
 
+// A kernel's AVX2 clone where this CPU runs it, else its baseline one (without the clones, the AVX2 name is never
+// compiled).
+#ifdef FCK_HAVE_AVX2_CLONE
+#define FCK_PICK_CLONE(base, avx2) (::fck::cpu::cpu_runs_avx2_clone() ? (avx2) : (base))
+#else
+#define FCK_PICK_CLONE(base, avx2) (base)
+#endif
+
 // Whether to take the AVX-512 kernels (the panel GEMM, the RNN cells' clones). FCK_NO_AVX512=1 keeps the AVX2 ones
 // on an AVX-512 CPU: the two give the same bits, which tests/test_cpu_isa.py checks by running both.
 inline bool cpu_runs_avx512() {
