@@ -7,7 +7,7 @@ choice of `fastcore_kernels.set_backend`/`use_backend`/FCK_BACKEND applies.
 from __future__ import annotations
 
 from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
-from fastcore_kernels.ops.conv_bn_relu import conv2d_relu, conv_bn_relu
+from fastcore_kernels.ops.conv_bn_relu import conv2d, conv2d_relu, conv_bn_relu
 from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
 from fastcore_kernels.ops.avg_pool import avg_pool2d
 from fastcore_kernels.ops.max_pool import max_pool2d
@@ -66,5 +66,5 @@ def gru(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, t
                     backend)
 
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "conv2d_relu", "embedding", "embedding_bag",
-           "lstm_cell", "gru_cell", "lstm", "gru", "max_pool2d", "avg_pool2d"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "conv2d", "conv2d_relu", "embedding",
+           "embedding_bag",            "lstm_cell", "gru_cell", "lstm", "gru", "max_pool2d", "avg_pool2d"]

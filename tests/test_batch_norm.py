@@ -584,11 +584,11 @@ def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
     must each be seen (compared with the unfused module given the same change)."""
     skip_unless_runnable("cpu" if device == "cpu" else "cuda", device)
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).to(device).eval()
+    seq = nn.Sequential(nn.Conv2d(64, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).to(device).eval()
     seq[1].running_mean.normal_()
     seq[1].running_var.uniform_(0.5, 2)
     fused = fck.fuse(seq).eval()
-    x = torch.randn(2, 8, 9, 9, device=device)
+    x = torch.randn(2, 64, 9, 9, device=device)  # 64 input channels: oneDNN's packed weight on the CPU
     tol = dict(rtol=1e-4, atol=1e-4)
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(fused(x), seq(x), **tol)
@@ -599,8 +599,8 @@ def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
         assert y.is_contiguous()  # the input's memory format, whatever layout the convolution ran in
         if device == "cpu" and torch.backends.mkldnn.is_available():
             assert fused[0]._fold_cache.pack is not None  # oneDNN's prepacked weight
-        for x2 in (torch.randn(5, 8, 11, 7, device=device),  # a new input shape: packed again
-                   torch.randn(5, 8, 11, 7, device=device).contiguous(memory_format=torch.channels_last)):
+        for x2 in (torch.randn(5, 64, 11, 7, device=device),  # a new input shape: packed again
+                   torch.randn(5, 64, 11, 7, device=device).contiguous(memory_format=torch.channels_last)):
             y2, t2 = fused(x2), seq(x2)
             torch.testing.assert_close(y2, t2, **tol)
             assert y2.stride() == t2.stride()
@@ -941,7 +941,8 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
         y = fused(x)
         torch.testing.assert_close(y, seq(x), rtol=1e-4, atol=1e-4)
         key = fused[0]._fold_cache.pack_key
-        assert key == (("winograd", int(setting)) if setting != "0" else (tuple(x.shape), (1, 1), (1, 1), (1, 1), 1))
+        # without Winograd, oneDNN on the plain weight: 16 input channels are too few for its packed layout
+        assert key == (("winograd", int(setting)) if setting != "0" else None)
         xc = x.contiguous(memory_format=torch.channels_last)
         y, yt = fused(xc), seq(xc)
         torch.testing.assert_close(y, yt, rtol=1e-4, atol=1e-4)
@@ -950,10 +951,9 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
         for conv in (nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Conv2d(16, 32, 1)):
             other = fck.fuse(nn.Sequential(conv, seq[1], nn.ReLU())).eval()
             torch.testing.assert_close(other(x), nn.Sequential(conv, seq[1], nn.ReLU())(x), rtol=1e-4, atol=1e-4)
-            # oneDNN's, with its weight prepacked for this shape; a 1x1 convolution's plain (its output's copy back
-            # to NCHW would cost more than the prepacked layout gains)
-            key = other[0]._fold_cache.pack_key
-            assert key[0] == tuple(x.shape) if conv.kernel_size == (3, 3) else key is None
+            # oneDNN's on the plain weight: 16 input channels (and a 1x1 convolution, whose output's copy back to
+            # NCHW would cost more than the prepacked layout gains)
+            assert other[0]._fold_cache.pack_key is None
     # training mode: the module's convolution takes the same path (a Winograd node in the graph unless disabled)
     fused.train(), seq.train()
     for inp in (x, xc):
@@ -1011,8 +1011,10 @@ def test_winograd_weight_grad_on_any_thread_count():
 
 
 def test_fused_conv_stem_is_not_prepacked():
-    """A convolution with fewer than 8 input channels (a network's stem) runs oneDNN on its plain weight: the blocked
-    layout pads the channels (5x slower for 1 -> 16 at 28x28 on this library's Xeon). Results match either way."""
+    """A convolution with fewer than 64 input channels (a network's stem, a narrow layer) runs oneDNN on its plain
+    weight: the blocked layout pads a stem's channels (5x slower for 1 -> 16 at 28x28 on this library's Xeon), and
+    at 16-32 channels its copy back to NCHW costs more than it gains. Results match either way; from 64 input
+    channels the weight is packed."""
     skip_unless_runnable("cpu", "cpu")
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
@@ -1021,3 +1023,10 @@ def test_fused_conv_stem_is_not_prepacked():
     with torch.no_grad():
         torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
     assert fused[0]._fold_cache.pack is None
+    for cin, packed in ((32, False), (64, True)):
+        seq = nn.Sequential(nn.Conv2d(cin, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+        fused = fck.fuse(copy.deepcopy(seq)).eval()
+        x = torch.randn(4, cin, 12, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
+        assert (fused[0]._fold_cache.pack is not None) == (packed and torch.backends.mkldnn.is_available())

@@ -1,6 +1,7 @@
 """The batch-norm modules as drop-ins for torch's, and fuse(model) on Sequential chains and ResNet blocks."""
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -523,10 +524,11 @@ class _ConvReLUs(nn.Module):
         return F.relu(self.bn(z)) + self.bn(y)
 
 
-def test_conv_relu_without_batch_norm():
+def test_conv_relu_without_batch_norm(monkeypatch):
     """Conv2d -> ReLU (VGG's, AlexNet's layers) becomes ConvReLU2d: in eval the ReLU runs in the convolution's
     epilogue (by Winograd on the CPU: fp32 within its rounding of torch's), in training Winograd's three
     convolutions then torch's ReLU; float64 runs torch's convolution, so equal to rounding."""
+    _winograd_for_small_shapes(monkeypatch)
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(32, 32, 3, padding=1),
                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 16, 1), nn.ReLU())
@@ -535,10 +537,14 @@ def test_conv_relu_without_batch_norm():
     fused_model = fck.fuse(copy.deepcopy(model))
     conv_relus = [n for n, m in fused_model.named_modules() if type(m) is fnn.ConvReLU2d]
     assert conv_relus == ["0.0", "0.2", "0.5", "1.conv1"], conv_relus
-    assert type(fused_model[1].conv2) is nn.Conv2d and type(fused_model[1].bn) is fnn.BatchNorm2d
+    # called twice: not fused with either call's ReLU, only the drop-in
+    assert type(fused_model[1].conv2) is fnn.Conv2d and type(fused_model[1].bn) is fnn.BatchNorm2d
     assert fused_model.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(9, 16, 17, 15)  # enough tiles for the CPU's Winograd path
     for train in (True, False):
+        if train:  # on a copy: this call's batch must not enter the running statistics
+            probe = copy.deepcopy(fused_model)(x.clone().requires_grad_())
+            assert any("Winograd" in n for n in _graph_nodes(probe)) or not _winograd_for_small_shapes(monkeypatch)
         model.train(train), fused_model.train(train)
         xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         want, got = model(xs), fused_model(xf)
@@ -554,6 +560,113 @@ def test_conv_relu_without_batch_norm():
                 torch.testing.assert_close(fused_model(x), model(x), rtol=0, atol=1e-5 * scale)
     _compare(model64, fck.fuse(copy.deepcopy(model64)), torch.randn(2, 16, 9, 9, dtype=torch.float64), "cpu",
              atol=1e-9)
+
+
+# (in, out, kernel, keyword arguments, input shape, the training graph's node): each path of the drop-in Conv2d.
+# Winograd (3x3, stride 1, padding up to 2, NCHW and channels_last), our depthwise kernels (planes of 144 values and
+# up, any stride), oneDNN (1x1, strided, dilated, grouped, string padding), torch's own (padding modes, unbatched).
+_CONV_CASES = [
+    (16, 32, 3, {"padding": 1}, (9, 16, 17, 15), "Winograd"),
+    (16, 32, 3, {"padding": 1, "bias": False, "channels_last": True}, (9, 16, 17, 15), "Winograd"),
+    (16, 24, 3, {"padding": (2, 0)}, (9, 16, 19, 13), "Winograd"),
+    (24, 24, 3, {"padding": 1, "groups": 24}, (5, 24, 14, 13), "Depthwise"),
+    (24, 24, 5, {"padding": 2, "stride": 2, "groups": 24, "bias": False}, (3, 24, 23, 17), "Depthwise"),
+    (16, 8, 1, {}, (4, 16, 9, 7), "Convolution"),
+    (16, 16, 3, {"stride": 2, "padding": 1}, (4, 16, 15, 16), "Convolution"),
+    (16, 16, 3, {"dilation": 2, "padding": 2}, (4, 16, 11, 9), "Convolution"),
+    (16, 32, 3, {"groups": 2, "padding": 1}, (4, 16, 10, 9), "Convolution"),
+    (16, 16, 3, {"padding": "same"}, (4, 16, 9, 11), "Convolution"),
+    (16, 16, 3, {"padding": 1, "padding_mode": "reflect"}, (4, 16, 9, 11), "Convolution"),
+    (16, 16, 3, {"padding": 1}, (16, 13, 10), "Convolution"),  # unbatched
+]
+
+
+def _graph_nodes(y) -> set[str]:
+    nodes, stack = set(), [y.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is not None and n not in nodes:
+            nodes.add(n)
+            stack.extend(f for f, _ in n.next_functions)
+    return {type(n).__name__ for n in nodes}
+
+
+def _winograd_for_small_shapes(monkeypatch):
+    """Let the small test shapes take the Winograd kernels, all three (the size rules would send them to oneDNN)."""
+    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
+    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WORK", 0)
+    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WEIGHT_GRAD_WORK", 0)
+    return cbr.extension().ok and cbr._winograd_available()
+
+
+@pytest.mark.parametrize("case", range(len(_CONV_CASES)))
+def test_conv2d_drop_in(monkeypatch, case):
+    """fuse() makes every convolution nothing absorbed (a ResNet block's second one, before BatchNormAddReLU2d) the
+    Conv2d drop-in: against nn.Conv2d with the same weights, outputs and every gradient with grad (training's
+    kernels, checked by the graph's node), and outputs without (eval's: packed weights, reused on the second call
+    and remade after an in-place update); float64 to rounding, and gradcheck."""
+    cin, cout, k, kw, shape, node = _CONV_CASES[case]
+    kw = dict(kw)
+    channels_last = kw.pop("channels_last", False)
+    ours = _winograd_for_small_shapes(monkeypatch)
+    torch.manual_seed(case)
+    conv = nn.Conv2d(cin, cout, k, **kw)
+    fused = fck.fuse(copy.deepcopy(conv))
+    assert type(fused) is fnn.Conv2d and fused.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = conv(xs), fused(xf)
+    assert any(node in n for n in _graph_nodes(got)) or not ours, _graph_nodes(got)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+    if channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    gy = torch.randn_like(want)
+    want.backward(gy)
+    got.backward(gy)
+    grads = [(xf.grad, xs.grad), (fused.weight.grad, conv.weight.grad)]
+    grads += [(fused.bias.grad, conv.bias.grad)] if conv.bias is not None else []
+    for a, b in grads:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), conv(x), rtol=0, atol=1e-5 * scale)
+        conv.weight.mul_(-1.5)
+        fused.weight.mul_(-1.5)
+        torch.testing.assert_close(fused(x), conv(x), rtol=0, atol=1.5e-5 * scale)
+    conv64, fused64 = conv.double(), fused.double()
+    torch.testing.assert_close(fused64(x.double()), conv64(x.double()), rtol=0, atol=1e-12 * scale)
+    small = x.double()[..., :7, :7]
+    small = (small[:1] if small.dim() == 4 else small).clone().requires_grad_()  # one image: gradcheck's cost
+    assert torch.autograd.gradcheck(fused64, (small,))
+
+
+def test_resnet_block_second_convolution_is_the_drop_in(monkeypatch):
+    """In a BasicBlock the second convolution feeds the batch norm + add + ReLU, which fuses without it: it becomes
+    the Conv2d drop-in (by Winograd in fp32 training and eval), and the block still matches torch's."""
+    torch.manual_seed(0)
+    model = BasicBlock(32, 32)
+    _randomize_bn_state(model)
+    fused_model = fck.fuse(copy.deepcopy(model))
+    assert type(fused_model.conv2) is fnn.Conv2d and type(fused_model.bn2) is fnn.BatchNormAddReLU2d
+    x = torch.randn(16, 32, 16, 16)  # 256 tiles: enough for two threads
+    ours = _winograd_for_small_shapes(monkeypatch)
+    for train in (True, False, True):
+        model.train(train), fused_model.train(train)
+        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, got = model(xs), fused_model(xf)
+        assert "_WinogradConv2dBackward" in _graph_nodes(got) or not ours
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        want.square().sum().backward()
+        got.square().sum().backward()
+        pairs = [(xf.grad, xs.grad)] + [(q.grad, p.grad) for p, q in zip(model.parameters(), fused_model.parameters())]
+        for a, b in pairs:  # fp32 sums over 4096 positions in other orders: within 1e-4 of the largest
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+        model.zero_grad(), fused_model.zero_grad()
+    for (name, a), b in zip(model.state_dict().items(), fused_model.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_conv_relu_weights_updated_in_place_are_seen():
@@ -575,7 +688,7 @@ def test_modules_in_more_than_one_place_keep_their_class():
     conv, bn, relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
     model = nn.Sequential(conv, relu, conv, nn.Sequential(bn, relu), bn, nn.Conv2d(4, 4, 1), relu)
     fused_model = fck.fuse(copy.deepcopy(model))
-    assert type(fused_model[0]) is nn.Conv2d and type(fused_model[3][0]) is fnn.BatchNorm2d
+    assert type(fused_model[0]) is fnn.Conv2d and type(fused_model[3][0]) is fnn.BatchNorm2d
     assert type(fused_model[5]) is fnn.ConvReLU2d and type(fused_model[6]) is nn.Identity
     _compare(model.double(), fused_model.double(), torch.randn(2, 4, 6, 6, dtype=torch.float64), "cpu", atol=1e-9)
 

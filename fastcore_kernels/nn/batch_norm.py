@@ -16,7 +16,7 @@ from torch import nn
 from fastcore_kernels import _backend
 from fastcore_kernels.nn._script import NotScriptable
 from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
-from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv2d_relu, conv_bn_relu, training_conv2d
+from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv2d, conv_bn_relu, training_conv2d
 
 
 class _FusedBatchNormMixin(NotScriptable):
@@ -193,17 +193,28 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
                             act=self._act[0] if self._act else None)
 
 
-class ConvReLU2d(NotScriptable, nn.Conv2d):
-    """A Conv2d followed by the ReLU fuse() removed (VGG's and AlexNet's layers, any convolution without a batch
-    norm): relu(conv(x)), the convolution by Winograd on the CPU where it applies (3x3, stride 1), in eval with the
-    ReLU in the convolution's epilogue and the packed weight kept between calls. The state_dict of nn.Conv2d."""
+class Conv2d(NotScriptable, nn.Conv2d):
+    """nn.Conv2d's drop-in: what fuse() makes of a convolution nothing absorbed (a ResNet block's second convolution,
+    before its BatchNormAddReLU2d). Winograd (3x3, stride 1) or our depthwise kernels where they apply, in training
+    and in eval; in eval otherwise oneDNN with the packed weight kept between calls. The state_dict of nn.Conv2d."""
+
+    _relu = False
 
     def forward(self, input):
         if self.padding_mode != "zeros":
-            return torch.relu(self._conv_forward(input, self.weight, self.bias))
+            y = self._conv_forward(input, self.weight, self.bias)
+            return torch.relu(y) if self._relu else y
         cache = None if _backend.compiling() else self.__dict__.setdefault("_fold_cache", FoldCache())
-        return conv2d_relu(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                           fold_cache=cache)
+        return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                      fold_cache=cache, relu=self._relu)
+
+
+class ConvReLU2d(Conv2d):
+    """A Conv2d followed by the ReLU fuse() removed (VGG's and AlexNet's layers, any convolution without a batch
+    norm): relu(conv(x)), the convolution as Conv2d's, in eval with the ReLU in the convolution's epilogue. The
+    state_dict of nn.Conv2d."""
+
+    _relu = True
 
 
 class ConvBNReLU2d(NotScriptable, nn.Sequential):

@@ -8,6 +8,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
       Hardswish, LeakyReLU, Hardtanh     folded convolution's epilogue: MobileNet's, EfficientNet's blocks)
     Conv2d -> BatchNorm2d (anything else)  the same without the ReLU (in eval, the folded convolution alone)
     Conv2d -> ReLU                         ConvReLU2d (Winograd where it applies, the ReLU in the epilogue)
+    any other Conv2d                       the fastcore_kernels drop-in (Winograd, our depthwise kernels)
     BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
@@ -42,7 +43,7 @@ from fastcore_kernels.ops.max_pool import max_pool2d
 _DROP_IN = {nn.BatchNorm1d: fused.BatchNorm1d, nn.BatchNorm2d: fused.BatchNorm2d, nn.BatchNorm3d: fused.BatchNorm3d,
             nn.Embedding: embedding.Embedding, nn.EmbeddingBag: embedding.EmbeddingBag, nn.LSTM: rnn.LSTM,
             nn.GRU: rnn.GRU, nn.LSTMCell: rnn.LSTMCell, nn.GRUCell: rnn.GRUCell, nn.MaxPool2d: pool.MaxPool2d,
-            nn.AvgPool2d: pool.AvgPool2d}
+            nn.AvgPool2d: pool.AvgPool2d, nn.Conv2d: fused.Conv2d}
 _BN_RELU = {nn.BatchNorm1d: fused.BatchNormReLU1d, nn.BatchNorm2d: fused.BatchNormReLU2d}
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)

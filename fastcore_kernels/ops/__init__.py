@@ -5,7 +5,7 @@ import torch
 from fastcore_kernels.ops.adam import adam_
 from fastcore_kernels.ops.avg_pool import avg_pool2d
 from fastcore_kernels.ops.batch_norm import batch_norm_act
-from fastcore_kernels.ops.conv_bn_relu import conv2d_relu, conv_bn_relu
+from fastcore_kernels.ops.conv_bn_relu import conv2d, conv2d_relu, conv_bn_relu
 from fastcore_kernels.ops.embedding_bag import embedding, embedding_bag
 from fastcore_kernels.ops.max_pool import max_pool2d
 from fastcore_kernels.ops.rnn import gru, gru_cell, lstm, lstm_cell
@@ -59,5 +59,5 @@ def _register_fakes() -> None:
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 
 
-__all__ = ["adam_", "avg_pool2d", "batch_norm_act", "conv2d_relu", "conv_bn_relu", "embedding", "embedding_bag", "gru",
+__all__ = ["adam_", "avg_pool2d", "batch_norm_act", "conv2d", "conv2d_relu", "conv_bn_relu", "embedding", "embedding_bag", "gru",
            "gru_cell", "lstm", "lstm_cell", "max_pool2d", "release_cpu_pool"]

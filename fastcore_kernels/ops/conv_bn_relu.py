@@ -71,11 +71,12 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
     oneDNN's blocked layout for this input shape (repacked when either changes): with a plain weight oneDNN reorders
     it and picks a slower NCHW kernel on every call; prepacked, it runs in NHWC (the AMD host, N=64, 3x3 C->C: 212
     -> 164 ms at 56x56, 166 -> 126 at 7x7) and returns a channels_last tensor, which is copied back to the input's
-    NCHW order in a pooled block (14 ms at 56x56; a fresh tensor page-faults: 41). Not for fewer than 8 input
-    channels per group: a network's stem, where the blocked layout pads the channels (lesson 1's 1 -> 16 channels at
-    28x28, N=64: 2.1 ms prepacked against 0.4 plain on the Xeon). Not for 1x1 convolutions, whose output copy costs
-    more than the layout gains (the Xeon, 8x192x28x28 -> 64 channels: 0.69-0.77 ms plain against 1.3-1.9 prepacked;
-    GoogLeNet's and ResNet-50's many 1x1 layers)."""
+    NCHW order in a pooled block (14 ms at 56x56; a fresh tensor page-faults: 41). Not for fewer than 64 input
+    channels per group: on the Xeon the packed path lost there, the layout's copy back costing more than it gains
+    (3x3, N=64: 16 channels at 14x14 283 against 237 us plain, 32 at 28x28 3.1 against 2.4 ms; a stem's 1 -> 16
+    at 28x28 2.1 against 0.4 ms), while from 64 channels up the two ran within 10% either way. Not for 1x1
+    convolutions, whose output copy costs more than the layout gains (the Xeon, 8x192x28x28 -> 64 channels:
+    0.69-0.77 ms plain against 1.3-1.9 prepacked; GoogLeNet's and ResNet-50's many 1x1 layers)."""
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     # Not while torch.compile traces: Inductor gets torch's convolution to fuse and plan (and dynamo refuses to
     # trace torch.backends.mkldnn.is_available).
@@ -85,7 +86,7 @@ def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=Non
     args = (_pair(padding), _pair(stride), _pair(dilation), groups)
     reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
     attr, scalars = act[:2] if act is not None else ("relu" if relu else "none", [])
-    if fold_cache is None or reorder is None or w.shape[1] < 8 or w.shape[2] * w.shape[3] == 1:
+    if fold_cache is None or reorder is None or w.shape[1] < 64 or w.shape[2] * w.shape[3] == 1:
         return op(x, w, b, *args, attr, scalars, "")
     key = (tuple(x.shape), *map(tuple, args[:3]), groups)
     packed = fold_cache.packed(w, key, lambda: reorder(w, *args, list(x.shape)))
@@ -367,19 +368,27 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     return act(y) if act is not None and spec is None else y
 
 
-def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, fold_cache=None):
-    """relu(conv2d(input, weight, bias, stride, padding, dilation, groups)), torch's semantics. Recorded for a
-    backward: the convolution of training_conv2d (by Winograd where it applies), then torch's ReLU. Otherwise the
-    ReLU runs in the convolution's epilogue (Winograd's or oneDNN's), with the weight kept packed in fold_cache
-    between calls."""
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, fold_cache=None, relu=False):
+    """conv2d(input, weight, bias, stride, padding, dilation, groups), torch's semantics; relu=True: relu(conv2d(...)).
+    Recorded for a backward: the convolution of training_conv2d (Winograd or our depthwise kernels where they apply),
+    then torch's ReLU. Otherwise the fastest kernel that applies (_conv_act), the ReLU in its epilogue, with the
+    weight kept packed in fold_cache between calls."""
     if _backend.transformed() or torch.jit.is_tracing():
-        return torch.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return torch.relu(training_conv2d(input, weight, bias, stride, padding, dilation, groups))
-    cache = None if fold_cache is None or _backend.compiling() else fold_cache
-    if cache is not None:  # nothing to fold: the cache keys the packed weight on these tensors' versions
-        cache.get((weight, bias), 0.0, lambda: (weight, bias))
-    return _conv_act(input, weight, bias, stride, padding, dilation, groups, cache, True)
+        y = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        y = training_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    else:
+        cache = None if fold_cache is None or _backend.compiling() else fold_cache
+        if cache is not None:  # nothing to fold: the cache keys the packed weight on these tensors' versions
+            cache.get((weight, bias), 0.0, lambda: (weight, bias))
+        return _conv_act(input, weight, bias, stride, padding, dilation, groups, cache, relu)
+    return torch.relu(y) if relu else y
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, fold_cache=None):
+    """relu(conv2d(input, weight, bias, stride, padding, dilation, groups)), torch's semantics: conv2d(...,
+    relu=True)."""
+    return conv2d(input, weight, bias, stride, padding, dilation, groups, fold_cache=fold_cache, relu=True)
 
 
 def _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu, spec=None):
