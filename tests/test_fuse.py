@@ -643,6 +643,31 @@ def test_conv2d_drop_in(monkeypatch, case):
     assert torch.autograd.gradcheck(fused64, (small,))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv2d_drop_in_takes_gradients_of_any_layout(monkeypatch, channels_last):
+    """DenseNet concatenates each convolution's output with its input: the gradient that comes back is a slice of
+    the concatenation's (neither NCHW- nor channels_last-dense). The Winograd backward takes it."""
+    ours = _winograd_for_small_shapes(monkeypatch)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    fused = fck.fuse(copy.deepcopy(conv))
+    x = torch.randn(9, 16, 17, 15)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for module in (conv, fused):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        assert "_WinogradConv2dBackward" in _graph_nodes(y) or module is conv or not ours
+        out = torch.cat([xi, y], 1)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad, module.weight.grad, module.bias.grad])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5 * outs[0].abs().max().item())
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
+
+
 def test_resnet_block_second_convolution_is_the_drop_in(monkeypatch):
     """In a BasicBlock the second convolution feeds the batch norm + add + ReLU, which fuses without it: it becomes
     the Conv2d drop-in (by Winograd in fp32 training and eval), and the block still matches torch's."""

@@ -193,8 +193,9 @@ class _WinogradConv2d(torch.autograd.Function):
         x, w = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: torch's convolution re-run and differentiated, as a graph
             return _conv_grads_with_graph(ctx, gy, x, w)
-        if not _dense_nchw_or_nhwc(gy):
-            gy = gy.contiguous(memory_format=x.suggest_memory_format())
+        if not _dense_nchw_or_nhwc(gy):  # a slice of a larger gradient: torch.cat's backward (DenseNet's blocks)
+            nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            gy = gy.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             ut = torch.ops.fck.winograd_weight(w, ctx.m, True)
