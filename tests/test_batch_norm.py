@@ -584,11 +584,12 @@ def test_fused_conv_keeps_folded_weights_until_a_source_changes(device):
     must each be seen (compared with the unfused module given the same change)."""
     skip_unless_runnable("cpu" if device == "cpu" else "cuda", device)
     torch.manual_seed(0)
-    seq = nn.Sequential(nn.Conv2d(64, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).to(device).eval()
+    seq = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU()).to(device).eval()
     seq[1].running_mean.normal_()
     seq[1].running_var.uniform_(0.5, 2)
     fused = fck.fuse(seq).eval()
-    x = torch.randn(2, 64, 9, 9, device=device)  # 64 input channels: oneDNN's packed weight on the CPU
+    # 64 input channels and 75M multiply-adds (too few tiles for Winograd): oneDNN's packed weight on the CPU
+    x = torch.randn(8, 64, 16, 16, device=device)
     tol = dict(rtol=1e-4, atol=1e-4)
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(fused(x), seq(x), **tol)
@@ -1023,10 +1024,12 @@ def test_fused_conv_stem_is_not_prepacked():
     with torch.no_grad():
         torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
     assert fused[0]._fold_cache.pack is None
-    for cin, packed in ((32, False), (64, True)):
-        seq = nn.Sequential(nn.Conv2d(cin, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    # packed from 64 input channels and _ONEDNN_PACK_MIN_WORK multiply-adds (4M; 4 x 16 x 16 x 64 x 64 x 9 =
+    # 38M, 1 x 8 x 8 x 64 x 64 x 9 = 2.4M)
+    for cin, n, size, packed in ((32, 4, 32, False), (64, 4, 32, True), (64, 1, 16, False)):
+        seq = nn.Sequential(nn.Conv2d(cin, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU()).eval()
         fused = fck.fuse(copy.deepcopy(seq)).eval()
-        x = torch.randn(4, cin, 12, 12)
+        x = torch.randn(n, cin, size, size)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), seq(x), rtol=1e-4, atol=1e-4)
         assert (fused[0]._fold_cache.pack is not None) == (packed and torch.backends.mkldnn.is_available())

@@ -748,3 +748,22 @@ def test_conv_bn_activation_is_absorbed():
         assert len(convs) == 3 and sum(bool(m._act) for m in convs) == absorbed
         assert fused_model.state_dict().keys() == model.state_dict().keys()
         _compare(model, fused_model, torch.randn(2, 3, 9, 9, dtype=torch.float64), "cpu", atol=1e-9)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish, lambda: nn.LeakyReLU(0.2),
+                                 lambda: nn.Hardtanh(-1.0, 2.0), nn.ReLU])
+@pytest.mark.parametrize("cin,n,size,packed", [(64, 4, 32, True), (16, 1, 8, False)], ids=["packed", "small"])
+def test_conv_bn_activation_eval_in_float32(act, cin, n, size, packed):
+    """fp32 eval of conv-BN-activation: oneDNN's epilogue on the packed weight (64 input channels, enough work), or
+    torch's convolution and the activation in place (a batch of one's small layer): torch's values either way."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(cin, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), act())
+    _randomize_bn_state(seq)
+    seq.eval()
+    fused = fck.fuse(copy.deepcopy(seq)).eval()
+    x = torch.randn(n, cin, size, size)
+    with torch.no_grad():
+        want = seq(x)
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert (fused[0]._fold_cache.pack is not None) == (packed and torch.backends.mkldnn.is_available())

@@ -66,34 +66,44 @@ def epilogue(act):
 
 
 def _onednn_conv_relu(x, w, b, stride, padding, dilation, groups, fold_cache=None, relu=True, act=None):
-    """oneDNN's convolution with the ReLU in its epilogue (without one: relu=False; another activation: act, an
-    epilogue() triple), or None where it does not apply. With a fold_cache, the weight is kept reordered into
-    oneDNN's blocked layout for this input shape (repacked when either changes): with a plain weight oneDNN reorders
-    it and picks a slower NCHW kernel on every call; prepacked, it runs in NHWC (the AMD host, N=64, 3x3 C->C: 212
-    -> 164 ms at 56x56, 166 -> 126 at 7x7) and returns a channels_last tensor, which is copied back to the input's
-    NCHW order in a pooled block (14 ms at 56x56; a fresh tensor page-faults: 41). Not for fewer than 64 input
-    channels per group: on the Xeon the packed path lost there, the layout's copy back costing more than it gains
-    (3x3, N=64: 16 channels at 14x14 283 against 237 us plain, 32 at 28x28 3.1 against 2.4 ms; a stem's 1 -> 16
-    at 28x28 2.1 against 0.4 ms), while from 64 channels up the two ran within 10% either way. Not for 1x1
-    convolutions, whose output copy costs more than the layout gains (the Xeon, 8x192x28x28 -> 64 channels:
-    0.69-0.77 ms plain against 1.3-1.9 prepacked; GoogLeNet's and ResNet-50's many 1x1 layers)."""
-    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-    # Not while torch.compile traces: Inductor gets torch's convolution to fuse and plan (and dynamo refuses to
-    # trace torch.backends.mkldnn.is_available).
-    if (op is None or _backend.compiling() or not torch.backends.mkldnn.is_available() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or isinstance(padding, str) or x.dim() != 4):
+    """oneDNN's convolution on a weight kept reordered into its blocked layout for this input shape (repacked when
+    either changes), with the ReLU in its epilogue (without one: relu=False; another activation: act, an
+    epilogue() triple); None where that does not apply or would not win, and the caller runs torch's convolution
+    and the activation in place. oneDNN's fused op on a plain weight ran at torch's convolution's speed plus ~45 us
+    a call, which a batch of one's small layers feel (50 against 8 us for 1 -> 16 channels at 28x28).
+    Prepacked, oneDNN runs in NHWC (the AMD host, N=64, 3x3 C->C: 212 -> 164 ms at 56x56, 166 -> 126 at 7x7) and
+    returns a channels_last tensor, which is copied back to the input's NCHW order in a pooled block (14 ms at
+    56x56; a fresh tensor page-faults: 41). Not for fewer than 64 input channels per group: on the Xeon the packed
+    path lost there, the layout's copy back costing more than it gains (3x3, N=64: 16 channels at 14x14 283 against
+    237 us plain, 32 at 28x28 3.1 against 2.4 ms; a stem's 1 -> 16 at 28x28 2.1 against 0.4 ms), while from 64
+    channels up the two ran within 10% either way (a batch of one's 512 channels at 7x7: 0.61 against 1.0 ms).
+    Not below _ONEDNN_PACK_MIN_WORK multiply-adds, where the packed path's own costs show (64 channels at 4x4,
+    stride 2, batch 1: 41 against 17 us). Not for 1x1 convolutions, whose output copy costs more than the layout
+    gains (the Xeon, 8x192x28x28 -> 64 channels: 0.69-0.77 ms plain against 1.3-1.9 prepacked; GoogLeNet's and
+    ResNet-50's many 1x1 layers)."""
+    if (fold_cache is None or w.shape[1] < 64 or x.dim() != 4 or w.shape[2] * w.shape[3] == 1
+            or isinstance(padding, str)):
         return None
     args = (_pair(padding), _pair(stride), _pair(dilation), groups)
+    if x.shape[0] * x.shape[2] * x.shape[3] // (args[1][0] * args[1][1]) * w.numel() < _ONEDNN_PACK_MIN_WORK:
+        return None
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     reorder = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+    # Not while torch.compile traces: Inductor gets torch's convolution to fuse and plan (and dynamo refuses to
+    # trace torch.backends.mkldnn.is_available).
+    if (op is None or reorder is None or _backend.compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available()):
+        return None
     attr, scalars = act[:2] if act is not None else ("relu" if relu else "none", [])
-    if fold_cache is None or reorder is None or w.shape[1] < 64 or w.shape[2] * w.shape[3] == 1:
-        return op(x, w, b, *args, attr, scalars, "")
     key = (tuple(x.shape), *map(tuple, args[:3]), groups)
     packed = fold_cache.packed(w, key, lambda: reorder(w, *args, list(x.shape)))
     y = op(x, packed, b, *args, attr, scalars, "")
     if x.is_contiguous() and not y.is_contiguous():
         y = torch.ops.fck.contiguous_pooled(y) if extension().ok else y.contiguous()
     return y
+
+
+_ONEDNN_PACK_MIN_WORK = 4 << 20
 
 
 _winograd_cpu: list[bool] = []
@@ -127,18 +137,23 @@ def _winograd_tile_for(x, w, stride, padding, dilation, groups) -> int:
     """The Winograd tile (2 or 4) for this convolution, or 0 where it does not apply or would not win: it needs a
     3x3, stride-1, ungrouped convolution of a dense fp32 CPU input, NCHW or channels_last (the output follows), and
     enough work to pay for its fixed costs: tiles for every thread, _WINOGRAD_MIN_WORK multiply-adds, not both
-    channel counts tiny (8 -> 16 lost to oneDNN). On ResNet-34's 3x3 layers at N = 64 it runs 1.2-2x oneDNN."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 4
-            or tuple(w.shape[2:]) != (3, 3) or groups != 1 or isinstance(padding, str)
-            or _pair(stride) != [1, 1] or _pair(dilation) != [1, 1] or not _dense_nchw_or_nhwc(x)
-            or not (w.shape[0] >= 32 or w.shape[1] >= 16) or not extension().ok):
-        return 0
-    m = _winograd_tile()
-    if m == 0 or not _winograd_available():
+    channel counts tiny (8 -> 16 lost to oneDNN). On ResNet-34's 3x3 layers at N = 64 it runs 1.2-2x oneDNN.
+    The size rules come first: they turn down a batch of one's small layers in a few attribute reads, where the
+    other checks cost more than such a convolution's ~10 us."""
+    if (groups != 1 or x.dim() != 4 or w.dim() != 4 or w.shape[2] != 3 or w.shape[3] != 3
+            or isinstance(padding, str) or not (w.shape[0] >= 32 or w.shape[1] >= 16)):
         return 0
     pad = _pair(padding)
     H, W = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
-    if min(H, W) < 1:
+    # 2x2 tiles are the most tiles, and the most work, either tile size can give
+    if min(H, W) < 1 or _winograd_work(x, w, 2, pad) < _WINOGRAD_MIN_WORK:
+        return 0
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+            or _pair(stride) != [1, 1] or _pair(dilation) != [1, 1] or not _dense_nchw_or_nhwc(x)
+            or not extension().ok):
+        return 0
+    m = _winograd_tile()
+    if m == 0 or not _winograd_available():
         return 0
     tiles = x.shape[0] * -(-H // m) * -(-W // m)
     if tiles < 64 * torch.get_num_threads() or _winograd_work(x, w, m, pad) < _WINOGRAD_MIN_WORK:
@@ -242,9 +257,11 @@ _cudnn_conv_relu_works = True
 def _cudnn_conv_relu(x, w, b, stride, padding, dilation, groups):
     """cuDNN's convolution with bias and ReLU in one kernel, or None where it does not apply."""
     global _cudnn_conv_relu_works
+    if x.device.type != "cuda" or not _cudnn_conv_relu_works:
+        return None
     op = getattr(torch, "cudnn_convolution_relu", None)
-    if (not _cudnn_conv_relu_works or op is None or x.device.type != "cuda" or not torch.backends.cudnn.enabled
-            or x.dtype not in (torch.float32, torch.float16) or isinstance(padding, str) or x.dim() != 4):
+    if (op is None or not torch.backends.cudnn.enabled or x.dtype not in (torch.float32, torch.float16)
+            or isinstance(padding, str) or x.dim() != 4):
         return None
     try:
         return op(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
@@ -394,8 +411,8 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
 
 def _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu, spec=None):
     """Eval: conv2d, + ReLU (relu) or + another activation (spec, an epilogue() triple), by the fastest kernel
-    that applies: our depthwise kernel, Winograd (another activation then in place), oneDNN (with the activation in
-    its epilogue), cuDNN (ReLU), torch's conv2d."""
+    that applies: our depthwise kernel, Winograd (another activation then in place), oneDNN on a packed weight
+    (with the activation in its epilogue), cuDNN (ReLU), torch's conv2d (the activation in place)."""
     dtype = autocast_dtype(input.device)
     if dtype is not None:  # torch's convolution would run in autocast's dtype: ours does too
         input, w, b = lower((input, w, b), dtype)
