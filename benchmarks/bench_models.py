@@ -1,10 +1,11 @@
 """Whole torchvision models, stock against `fastcore_kernels.fuse()`'d, in the same run: inference (eval,
-inference_mode) and optionally a training step (forward, backward of the sum, no optimizer), fp32 NCHW. The two
-copies hold the same weights; their calls alternate (round-robin), so the machine's drift falls on both alike.
+inference_mode) and optionally a training step (forward, backward of the sum, no optimizer), fp32, the weights
+stored NCHW and/or channels_last (`--layouts`; the input is NCHW). The copies hold the same weights; their calls
+alternate (round-robin), so the machine's drift falls on all alike. "vs torch" is against stock NCHW.
 Bytes: the input batch (a model's time is not bandwidth-bound; the column is there for the common table).
 
     python -m benchmarks.bench_models [--device cpu] [--models resnet18,vgg11,...] [--batch 16] [--train]
-                                      [--reps 5] [--out results.json]
+                                      [--layouts nchw,channels_last] [--reps 5] [--out results.json]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DEFAULT = ("resnet18,resnet50,densenet121,mobilenet_v2,mobilenet_v3_large,effici
            "vgg11,squeezenet1_1,alexnet")
 
 
-def bench_model(res, device, name, batch, train, reps):
+def bench_model(res, device, name, batch, train, reps, layouts=("nchw",)):
     import torchvision.models as tvm
 
     import fastcore_kernels as fck
@@ -37,9 +38,14 @@ def bench_model(res, device, name, batch, train, reps):
     kw, size = MODELS[name]
     torch.manual_seed(0)
     stock = getattr(tvm, name)(weights=None, **kw).to(device)
+    models = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused = fck.fuse(copy.deepcopy(stock))
+        if "nchw" in layouts:
+            models["torch"], models["fck"] = stock, fck.fuse(copy.deepcopy(stock))
+        if "channels_last" in layouts:  # the same weights stored channels_last: NHWC activations on both sides
+            models["torch-cl"] = copy.deepcopy(stock).to(memory_format=torch.channels_last)
+            models["fck-cl"] = fck.fuse(copy.deepcopy(stock), channels_last=True)
     x = torch.randn(batch, 3, size, size, device=device)
 
     def run(model):
@@ -52,14 +58,17 @@ def bench_model(res, device, name, batch, train, reps):
                 return model(x)
         return step
 
-    fns = {"torch": run(stock), "fck": run(fused)}
+    fns = {provider: run(model) for provider, model in models.items()}
     timed = interleaved_time_ms(fns, reps=reps) if device.type == "cpu" else \
         {provider: time_ms(f, device, reps) for provider, f in fns.items()}
     mode = "train step" if train else "inference"
     for provider, times in timed.items():
         res.add(name, provider, mode, f"{batch}x3x{size}x{size}", times, x.numel() * 4)
-    print(f"  {name:<19}{mode:<11} torch p50 {timed['torch'][1]:9.1f} ms   fck p50 {timed['fck'][1]:9.1f} ms   "
-          f"{timed['torch'][1] / timed['fck'][1]:5.2f}x", flush=True)
+    for suffix in ("", "-cl"):
+        if "torch" + suffix in timed:
+            stock_ms, fused_ms = timed["torch" + suffix][1], timed["fck" + suffix][1]
+            print(f"  {name:<19}{mode:<11}{suffix or '   ':<4}torch p50 {stock_ms:9.1f} ms   fck p50 {fused_ms:9.1f} ms"
+                  f"   {stock_ms / fused_ms:5.2f}x", flush=True)
 
 
 def main(argv=None) -> Results:
@@ -69,8 +78,13 @@ def main(argv=None) -> Results:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--train", action="store_true", help="time a training step instead of inference")
     ap.add_argument("--reps", type=int, default=5, help="repetitions per provider (round-robin)")
+    ap.add_argument("--layouts", default="nchw", help="comma-separated, of: nchw, channels_last (the weights stored "
+                    "channels_last on both sides: fuse(..., channels_last=True) and model.to(memory_format=...))")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"nchw", "channels_last"}:
+        raise SystemExit(f"--layouts takes nchw and/or channels_last, got {args.layouts!r}")
     try:
         import torchvision  # noqa: F401
     except ImportError:
@@ -80,7 +94,7 @@ def main(argv=None) -> Results:
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        bench_model(res, device, name, args.batch, args.train, args.reps)
+        bench_model(res, device, name, args.batch, args.train, args.reps, layouts)
     return res.finish("torch", args.out)
 
 

@@ -767,3 +767,44 @@ def test_conv_bn_activation_eval_in_float32(act, cin, n, size, packed):
         for _ in range(2):
             torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
     assert (fused[0]._fold_cache.pack is not None) == (packed and torch.backends.mkldnn.is_available())
+
+
+class _MobileBlock(nn.Module):
+    """MobileNet v2's inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, ReLU6s, an identity add."""
+
+    def __init__(self, c=8, e=4):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e, bias=False),
+                                nn.BatchNorm2d(c * e), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "mobile"])
+def test_fuse_channels_last(kind):
+    """fuse(..., channels_last=True) stores the convolution weights channels_last, so an NCHW input's activations
+    run NHWC from the first convolution on: outputs, every gradient and the running statistics match the NCHW
+    torch model's (float64, train and eval), fp32 within rounding, and the state_dicts move both ways."""
+    torch.manual_seed(0)
+    model = small_resnet() if kind == "resnet" else nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _MobileBlock(),
+                                                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    _randomize_bn_state(model)
+    fused = fck.fuse(copy.deepcopy(model), channels_last=True)
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert any("channels_last" in line for line in fused.fck_fuse_report)
+    seen = []
+    last = convs[-1]
+    last.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].is_contiguous(
+        memory_format=torch.channels_last) and not inp[0].is_contiguous()))
+    x = torch.randn(8, 3, 14, 14)
+    with torch.no_grad():
+        want = model.eval()(x)
+        torch.testing.assert_close(fused.eval()(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert seen and all(seen)  # an inner layer's input is NHWC
+    _compare(copy.deepcopy(model).double(), copy.deepcopy(fused).double(), x.double(), "cpu", atol=1e-9)
+    model.load_state_dict(fused.state_dict())
+    fused.load_state_dict(model.state_dict())

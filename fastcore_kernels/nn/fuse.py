@@ -288,16 +288,26 @@ def _is_add_node(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and plain
 
 
-def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, channels_last: bool = False) -> nn.Module:
     """The model with fastcore_kernels' fused modules swapped in (see the module docstring for what is fused).
 
     Outputs and gradients match the original within dtype tolerance in train and eval mode; state_dict keys are
     unchanged. With `inplace=False` the original is left untouched. `verbose=True` prints what was fused, swapped
     and left alone; the same lines are kept in `model.fck_fuse_report`.
+
+    `channels_last=True` also stores the 4-D parameters (convolution weights) channels_last, as
+    `model.to(memory_format=torch.channels_last)` does: from the first convolution on, whatever the input's
+    layout, activations are NHWC, the layout in which the CPU's oneDNN kernels (depthwise ones above all) and our
+    Winograd, batch-norm and pooling kernels run fastest. Values are unchanged; 4-D outputs come back
+    channels_last (a `.view` of one that needs NCHW strides raises, `.reshape` works).
     """
     if not inplace:
         model = copy.deepcopy(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     fuser = _Fuser(model)
+    if channels_last:
+        fuser.report.append("stored the 4-D parameters channels_last: convolutions run NHWC from the first on")
     if not list(model.children()):
         model = fuser.leaf(model, type(model).__name__)
     else:
