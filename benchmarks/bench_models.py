@@ -5,13 +5,14 @@ alternate (round-robin), so the machine's drift falls on all alike. "vs torch" i
 Bytes: the input batch (a model's time is not bandwidth-bound; the column is there for the common table).
 
     python -m benchmarks.bench_models [--device cpu] [--models resnet18,vgg11,...] [--batch 16] [--train]
-                                      [--layouts nchw,channels_last] [--reps 5] [--out results.json]
+                                      [--layouts nchw,channels_last] [--compile] [--reps 5] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import unittest.mock
 import warnings
 
 import torch
@@ -30,7 +31,7 @@ DEFAULT = ("resnet18,resnet50,densenet121,mobilenet_v2,mobilenet_v3_large,effici
            "vgg11,squeezenet1_1,alexnet")
 
 
-def bench_model(res, device, name, batch, train, reps, layouts=("nchw",)):
+def bench_model(res, device, name, batch, train, reps, layouts=("nchw",), compile_stock=False):
     import torchvision.models as tvm
 
     import fastcore_kernels as fck
@@ -46,6 +47,9 @@ def bench_model(res, device, name, batch, train, reps, layouts=("nchw",)):
         if "channels_last" in layouts:  # the same weights stored channels_last: NHWC activations on both sides
             models["torch-cl"] = copy.deepcopy(stock).to(memory_format=torch.channels_last)
             models["fck-cl"] = fck.fuse(copy.deepcopy(stock), channels_last=True)
+        if compile_stock:  # Inductor compiles on the first (warm-up) call
+            for suffix in [s for s, layout in (("", "nchw"), ("-cl", "channels_last")) if layout in layouts]:
+                models["torch.compile" + suffix] = torch.compile(copy.deepcopy(models["torch" + suffix]))
     x = torch.randn(batch, 3, size, size, device=device)
 
     def run(model):
@@ -59,16 +63,23 @@ def bench_model(res, device, name, batch, train, reps, layouts=("nchw",)):
         return step
 
     fns = {provider: run(model) for provider, model in models.items()}
-    timed = interleaved_time_ms(fns, reps=reps) if device.type == "cpu" else \
-        {provider: time_ms(f, device, reps) for provider, f in fns.items()}
+    import torch._inductor.config as inductor_config
+
+    # Inference compiled as Inductor is told to for it (freezing: weights folded and prepacked as constants)
+    with unittest.mock.patch.object(inductor_config, "freezing", not train):
+        timed = interleaved_time_ms(fns, reps=reps) if device.type == "cpu" else \
+            {provider: time_ms(f, device, reps) for provider, f in fns.items()}
     mode = "train step" if train else "inference"
     for provider, times in timed.items():
         res.add(name, provider, mode, f"{batch}x3x{size}x{size}", times, x.numel() * 4)
     for suffix in ("", "-cl"):
         if "torch" + suffix in timed:
             stock_ms, fused_ms = timed["torch" + suffix][1], timed["fck" + suffix][1]
+            compiled = timed.get("torch.compile" + suffix)
             print(f"  {name:<19}{mode:<11}{suffix or '   ':<4}torch p50 {stock_ms:9.1f} ms   fck p50 {fused_ms:9.1f} ms"
-                  f"   {stock_ms / fused_ms:5.2f}x", flush=True)
+                  f"   {stock_ms / fused_ms:5.2f}x" + (f"   torch.compile p50 {compiled[1]:9.1f} ms   fck "
+                                                      f"{compiled[1] / fused_ms:5.2f}x it" if compiled else ""),
+                  flush=True)
 
 
 def main(argv=None) -> Results:
@@ -80,6 +91,8 @@ def main(argv=None) -> Results:
     ap.add_argument("--reps", type=int, default=5, help="repetitions per provider (round-robin)")
     ap.add_argument("--layouts", default="nchw", help="comma-separated, of: nchw, channels_last (the weights stored "
                     "channels_last on both sides: fuse(..., channels_last=True) and model.to(memory_format=...))")
+    ap.add_argument("--compile", action="store_true", help="also stock torch.compile'd (for inference with "
+                    "Inductor's freezing), in each layout")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     layouts = args.layouts.split(",")
@@ -94,7 +107,7 @@ def main(argv=None) -> Results:
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-        bench_model(res, device, name, args.batch, args.train, args.reps, layouts)
+        bench_model(res, device, name, args.batch, args.train, args.reps, layouts, args.compile)
     return res.finish("torch", args.out)
 
 
