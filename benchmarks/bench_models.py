@@ -21,7 +21,8 @@ from benchmarks.common import Results, interleaved_time_ms, time_ms
 
 # name -> (constructor keywords, image size)
 MODELS = {
-    "resnet18": ({}, 224), "resnet34": ({}, 224), "resnet50": ({}, 224), "densenet121": ({}, 224), "mobilenet_v2": ({}, 224),
+    "resnet18": ({}, 224), "resnet34": ({}, 224), "resnet50": ({}, 224), "densenet121": ({}, 224),
+    "mobilenet_v2": ({}, 224),
     "googlenet": ({"aux_logits": False, "init_weights": True}, 224),
     "inception_v3": ({"aux_logits": False, "init_weights": True}, 299),
     "vgg11": ({}, 224), "vgg16": ({}, 224), "squeezenet1_1": ({}, 224), "alexnet": ({}, 224),

@@ -67,4 +67,4 @@ def gru(input, params, hx=None, *, has_biases=True, num_layers=1, dropout=0.0, t
 
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "conv_bn_relu", "conv2d", "conv2d_relu", "embedding",
-           "embedding_bag",            "lstm_cell", "gru_cell", "lstm", "gru", "max_pool2d", "avg_pool2d"]
+           "embedding_bag", "lstm_cell", "gru_cell", "lstm", "gru", "max_pool2d", "avg_pool2d"]

@@ -59,5 +59,5 @@ def _register_fakes() -> None:
         lambda x, grad_out, padding, m: x.new_empty(grad_out.shape[1], x.shape[1], 3, 3))
 
 
-__all__ = ["adam_", "avg_pool2d", "batch_norm_act", "conv2d", "conv2d_relu", "conv_bn_relu", "embedding", "embedding_bag", "gru",
-           "gru_cell", "lstm", "lstm_cell", "max_pool2d", "release_cpu_pool"]
+__all__ = ["adam_", "avg_pool2d", "batch_norm_act", "conv2d", "conv2d_relu", "conv_bn_relu", "embedding",
+           "embedding_bag", "gru", "gru_cell", "lstm", "lstm_cell", "max_pool2d", "release_cpu_pool"]
