@@ -808,3 +808,27 @@ def test_fuse_channels_last(kind):
     _compare(copy.deepcopy(model).double(), copy.deepcopy(fused).double(), x.double(), "cpu", atol=1e-9)
     model.load_state_dict(fused.state_dict())
     fused.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("conv", [lambda: nn.Conv2d(16, 64, 1), lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+                                  lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1)], ids=["1x1", "depthwise", "3x3"])
+def test_channels_last_eval_packs_every_width(conv):
+    """An NHWC input's oneDNN output needs no copy back to NCHW: eval packs the weight of 1x1, depthwise and narrow
+    convolutions too (NCHW keeps them plain), with torch's values."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(conv(), nn.BatchNorm2d(conv().out_channels), nn.ReLU6())
+    _randomize_bn_state(seq)
+    seq.eval()
+    cin = seq[0].in_channels
+    x = torch.randn(16, cin, 32, 32)
+    for channels_last in (True, False):
+        fused = fck.fuse(copy.deepcopy(seq), channels_last=channels_last).eval()
+        inp = x.to(memory_format=torch.channels_last) if channels_last else x
+        with torch.no_grad():
+            want = seq(inp)
+            for _ in range(2):
+                got = fused(inp)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if torch.backends.mkldnn.is_available():
+            assert (fused[0]._fold_cache.pack_key is not None) == channels_last
