@@ -121,7 +121,9 @@ def test_fuse_resnet_same_outputs_gradients_and_state_dict(device, backend):
     fused_model = fck.fuse(model)
     assert list(fused_model.state_dict()) == list(original.state_dict())
     kinds = {type(m).__name__ for m in fused_model.modules()}
-    assert {"FusedConv2d", "AbsorbedBatchNorm2d", "BatchNormAddReLU2d", "BatchNormReLU1d"} <= kinds
+    assert {"FusedConv2d", "AbsorbedBatchNorm2d", "BatchNormReLU1d"} <= kinds
+    # each block's tail, Conv2d -> BatchNorm2d -> add -> ReLU, is one FusedConv2d called with the residual
+    assert sum(isinstance(m, fnn.FusedConv2d) and m._residual for m in fused_model.modules()) == 3
     # the downsample branch, Conv2d -> BatchNorm2d with no ReLU, is absorbed too
     downsample = [m for m in fused_model.modules() if isinstance(m, fnn.FusedConv2d) and not m._relu]
     assert len(downsample) == 1 and downsample[0].stride == (2, 2)
@@ -161,7 +163,7 @@ def test_fused_resnet_under_autocast(backend):
     model = nn.Sequential(blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     _randomize_bn_state(model)
     original, fused_model = model, fck.fuse(copy.deepcopy(model))
-    kept = [str(m.add_keeps) for m in fused_model.modules() if isinstance(m, fnn.BatchNormAddReLU2d)]
+    kept = [str(m.add_keeps) for m in fused_model.modules() if isinstance(m, fnn.FusedConv2d) and m._residual]
     assert kept == ["None", "residual", "input"]
     x = torch.randn(3, 16, 10, 10)
     weights = torch.linspace(-1, 1, 16)
@@ -200,7 +202,7 @@ def test_fuse_channels_last_and_report(capsys):
     fused_model = fck.fuse(model, verbose=True)
     out = capsys.readouterr().out
     assert "Conv2d -> BatchNorm2d -> ReLU as FusedConv2d" in out
-    assert "add + ReLU as BatchNormAddReLU2d" in out
+    assert "Conv2d -> BatchNorm2d -> add -> ReLU as FusedConv2d" in out
     assert "fused 4.downsample.0 + 4.downsample.1: Conv2d -> BatchNorm2d as FusedConv2d (no ReLU)" in out
     assert fused_model.fck_fuse_report == out.strip().splitlines()
     _compare(model, fused_model, torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last), "cpu")
@@ -601,7 +603,7 @@ def _winograd_for_small_shapes(monkeypatch):
 
 @pytest.mark.parametrize("case", range(len(_CONV_CASES)))
 def test_conv2d_drop_in(monkeypatch, case):
-    """fuse() makes every convolution nothing absorbed (a ResNet block's second one, before BatchNormAddReLU2d) the
+    """fuse() makes every convolution nothing absorbed (DenseNet's after their BN-ReLU, one called twice) the
     Conv2d drop-in: against nn.Conv2d with the same weights, outputs and every gradient with grad (training's
     kernels, checked by the graph's node), and outputs without (eval's: packed weights, reused on the second call
     and remade after an in-place update); float64 to rounding, and gradcheck."""
@@ -668,14 +670,15 @@ def test_conv2d_drop_in_takes_gradients_of_any_layout(monkeypatch, channels_last
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
 
 
-def test_resnet_block_second_convolution_is_the_drop_in(monkeypatch):
-    """In a BasicBlock the second convolution feeds the batch norm + add + ReLU, which fuses without it: it becomes
-    the Conv2d drop-in (by Winograd in fp32 training and eval), and the block still matches torch's."""
+def test_resnet_block_tail_is_one_fused_convolution(monkeypatch):
+    """In a BasicBlock the second convolution, its batch norm, the add and the ReLU become one FusedConv2d called
+    with the residual (by Winograd + the fused batch norm + add + ReLU in fp32 training and NCHW eval), and the
+    block still matches torch's."""
     torch.manual_seed(0)
     model = BasicBlock(32, 32)
     _randomize_bn_state(model)
     fused_model = fck.fuse(copy.deepcopy(model))
-    assert type(fused_model.conv2) is fnn.Conv2d and type(fused_model.bn2) is fnn.BatchNormAddReLU2d
+    assert type(fused_model.conv2) is fnn.FusedConv2d and fused_model.conv2._residual
     x = torch.randn(16, 32, 16, 16)  # 256 tiles: enough for two threads
     ours = _winograd_for_small_shapes(monkeypatch)
     for train in (True, False, True):
@@ -832,3 +835,31 @@ def test_channels_last_eval_packs_every_width(conv):
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if torch.backends.mkldnn.is_available():
             assert (fused[0]._fold_cache.pack_key is not None) == channels_last
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_resnet_tail_eval_in_one_onednn_call(channels_last):
+    """Eval on NHWC: a bottleneck's last 1x1 convolution, its batch norm, the add and the ReLU are one oneDNN call on
+    the folded, packed weight (the add and the ReLU in its epilogue); NCHW takes the convolution and the fused batch
+    norm + add + ReLU pass. torch's values either way; a residual of the wrong shape is refused."""
+    torch.manual_seed(0)
+    model = Bottleneck(64, 16)
+    _randomize_bn_state(model)
+    model.eval()
+    fused = fck.fuse(copy.deepcopy(model), channels_last=channels_last).eval()
+    assert fused.conv3._residual
+    x = torch.randn(16, 64, 20, 20)  # conv3: 6.6M multiply-adds, enough for the packed weight
+    if channels_last:  # the residual too (the block's input): as every block's after a channels_last model's stem
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(2):
+            got = fused(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if torch.backends.mkldnn.is_available():
+            assert (fused.conv3._fold_cache.pack is not None) == channels_last
+        with pytest.raises(ValueError, match="residual has shape"):  # as BatchNormAddReLU2d's
+            fused.conv3(x.to(memory_format=torch.channels_last)[:, :16], torch.randn(16, 64, 19, 20))
+    with pytest.raises(TypeError, match="residual"):
+        fused.conv3(x[:, :16])

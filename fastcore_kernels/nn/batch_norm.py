@@ -16,7 +16,7 @@ from torch import nn
 from fastcore_kernels import _backend
 from fastcore_kernels.nn._script import NotScriptable
 from fastcore_kernels.ops.batch_norm import batch_norm_act, residual_in_one_dtype
-from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv2d, conv_bn_relu, training_conv2d
+from fastcore_kernels.ops.conv_bn_relu import FoldCache, conv2d, conv_bn_add_relu, conv_bn_relu, training_conv2d
 
 
 class _FusedBatchNormMixin(NotScriptable):
@@ -146,34 +146,60 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
 
     The batch norm module stays registered where it was (as an AbsorbedBatchNorm2d), so state_dict keys do not move;
     this module refers to it without owning it.
+
+    Absorbed with a residual add (residual=True, a ResNet block's tail), it is called as `forward(x, residual)` and
+    gives relu(bn(conv(x)) + residual): in training the convolution + the fused batch norm + add + ReLU; in eval on
+    NHWC input one oneDNN call with the add and the ReLU in the folded convolution's epilogue. `add_keeps` as
+    BatchNormAddReLU2d's.
     """
 
     _relu = True
     _act = ()  # the absorbed activation module, when not a ReLU (a tuple: not registered as a child)
+    _residual = False
+    add_keeps = None
 
     @classmethod
-    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, act: nn.Module | None = None
-               ) -> "FusedConv2d":
+    def absorb(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, act: nn.Module | None = None,
+               residual: bool = False) -> "FusedConv2d":
         """Turn `conv` (an exact nn.Conv2d) into a FusedConv2d and `bn` into its AbsorbedBatchNorm2d, in place; the
         ReLU after them included unless relu=False; or another activation module after them, act (ReLU6, SiLU,
-        Hardswish, LeakyReLU, Hardtanh: in eval oneDNN runs it in the convolution's epilogue)."""
+        Hardswish, LeakyReLU, Hardtanh: in eval oneDNN runs it in the convolution's epilogue); or a residual add
+        and then the ReLU (residual=True)."""
         if bn.num_features != conv.out_channels:
             raise ValueError(f"cannot fuse: {bn.num_features} batch-norm features after {conv.out_channels} "
                              "convolution channels")
+        if residual and act is not None:
+            raise ValueError("cannot fuse: a residual add is absorbed with a ReLU only")
         conv.__class__ = cls
         bn.__class__ = AbsorbedBatchNorm2d
         conv._absorbed = [bn]  # a list: not registered as a child, so it is not saved twice
-        conv._relu = relu and act is None
+        conv._relu = (relu and act is None) or residual
         conv._act = () if act is None else (act,)
+        conv._residual = residual
         return conv
 
     @property
     def bn(self) -> AbsorbedBatchNorm2d:
         return self._absorbed[0]
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
+        if self._residual != (residual is not None):
+            raise TypeError("FusedConv2d.forward: " + ("this module absorbed a residual add: forward(input, residual)"
+                                                       if self._residual else "takes no residual"))
         bn = self.bn
         running_mean, running_var, weight, bias, use_batch_stats, factor, eps = bn._bn_args()
+        if residual is not None:
+            if self.padding_mode != "zeros":
+                y, residual = residual_in_one_dtype(self._conv_forward(input, self.weight, self.bias), residual,
+                                                    self.add_keeps)
+                return batch_norm_act(y, residual, running_mean, running_var, weight, bias, use_batch_stats, factor,
+                                      eps, True, name="FusedConv2d")
+            compiling = _backend.compiling()
+            fold_cache = None if compiling else self.__dict__.setdefault("_fold_cache", FoldCache())
+            raw_cache = None if compiling else self.__dict__.setdefault("_raw_cache", FoldCache())
+            return conv_bn_add_relu(input, residual, self.weight, self.bias, running_mean, running_var, weight, bias,
+                                    use_batch_stats, factor, eps, self.stride, self.padding, self.dilation,
+                                    self.groups, fold_cache=fold_cache, raw_cache=raw_cache, add_keeps=self.add_keeps)
         if use_batch_stats:
             y = (training_conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                  if self.padding_mode == "zeros" else self._conv_forward(input, self.weight, self.bias))

@@ -9,6 +9,7 @@ module at a time, its children kept as leaves, so the user's classes survive eve
     Conv2d -> BatchNorm2d (anything else)  the same without the ReLU (in eval, the folded convolution alone)
     Conv2d -> ReLU                         ConvReLU2d (Winograd where it applies, the ReLU in the epilogue)
     any other Conv2d                       the fastcore_kernels drop-in (Winograd, our depthwise kernels)
+    Conv2d -> BatchNorm2d -> + -> ReLU     FusedConv2d with the residual add, called as conv(x, residual)
     BatchNorm2d -> (+ residual) -> ReLU    BatchNormAddReLU2d, called as bn(x, residual)
     BatchNorm1d/2d -> ReLU                 BatchNormReLU1d/2d
     any other BatchNorm1d/2d/3d            the fastcore_kernels drop-in
@@ -169,16 +170,28 @@ class _Fuser:
                   and _only_user(user) is not None and _is_relu_node(_only_user(user), mods)):
                 relu = _only_user(user)
                 other = user.args[1] if user.args[0] is node else user.args[0]
-                bn.__class__ = fused.BatchNormAddReLU2d
-                if user.target in (operator.iadd, "add_"):  # in place: the mutated operand's dtype stays
-                    bn.add_keeps = "input" if user.args[0] is node else "residual"
+                # in place: the mutated operand's dtype stays
+                keeps = ("input" if user.args[0] is node else "residual") if user.target in (
+                    operator.iadd, "add_") else None
+                if conv_before:  # the block's last convolution absorbs it all, called as conv(x, residual)
+                    target, args = prev.target, (prev.args[0], other)
+                    fused.FusedConv2d.absorb(mods[prev.target], bn, residual=True).add_keeps = keeps
+                else:
+                    target, args = node.target, (node.args[0], other)
+                    bn.__class__ = fused.BatchNormAddReLU2d
+                    bn.add_keeps = keeps
                 with graph.inserting_before(user):  # where both the BN input and the residual exist
-                    fused_node = graph.call_module(node.target, (node.args[0], other))
+                    fused_node = graph.call_module(target, args)
                 relu.replace_all_uses_with(fused_node)
                 graph.erase_node(relu)
                 graph.erase_node(user)
                 graph.erase_node(node)
-                self.report.append(f"fused {prefix}{node.target} + add + ReLU as BatchNormAddReLU2d")
+                if conv_before:
+                    graph.erase_node(prev)
+                    self.report.append(f"fused {prefix}{prev.target} + {prefix}{node.target} + add + ReLU: Conv2d -> "
+                                       "BatchNorm2d -> add -> ReLU as FusedConv2d")
+                else:
+                    self.report.append(f"fused {prefix}{node.target} + add + ReLU as BatchNormAddReLU2d")
                 changed = True
             elif user is not None and _is_relu_node(user, mods):
                 bn.__class__ = _BN_RELU[type(bn)]
