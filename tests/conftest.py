@@ -48,6 +48,28 @@ def skip_unless_runnable(backend: str, device: str) -> None:
         pytest.skip(f"backend {backend} cannot run on {device} here: {fck.backends()[backend]}")
 
 
+def graph_node_names(y) -> set[str]:
+    """The class names of every node in y's autograd graph: which kernels' autograd nodes a forward recorded."""
+    nodes, stack = set(), [y.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is not None and n not in nodes:
+            nodes.add(n)
+            stack.extend(f for f, _ in n.next_functions)
+    return {type(n).__name__ for n in nodes}
+
+
+def winograd_for_small_shapes(monkeypatch, weight_grad=True) -> bool:
+    """Let the small test shapes take the Winograd kernels (the size rules would send them to oneDNN), the weight
+    gradient too unless weight_grad=False. Returns whether this machine runs them at all."""
+    import importlib
+
+    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
+    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WORK", 0)
+    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WEIGHT_GRAD_WORK", 0 if weight_grad else float("inf"))
+    return cbr.extension().ok and cbr._winograd_available()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -15,7 +15,7 @@ import fastcore_kernels as fck
 import fastcore_kernels.functional as fckF
 from fastcore_kernels.reference.batch_norm import batch_norm_act as reference_bn
 
-from conftest import ALL_BACKENDS, devices, skip_unless_runnable
+from conftest import ALL_BACKENDS, devices, graph_node_names, skip_unless_runnable, winograd_for_small_shapes
 
 VARIANTS = ("plain", "relu", "add_relu")
 
@@ -729,13 +729,7 @@ def test_relu_mask_from_the_input_is_the_outputs(device, shape, channels_last, d
 
 def _ran_winograd(y) -> bool:
     """Whether y's autograd graph holds the Winograd convolution's node."""
-    nodes, stack = set(), [y.grad_fn]
-    while stack:
-        n = stack.pop()
-        if n is not None and n not in nodes:
-            nodes.add(n)
-            stack.extend(f for f, _ in n.next_functions)
-    return any("WinogradConv2d" in type(n).__name__ for n in nodes)
+    return any("WinogradConv2d" in name for name in graph_node_names(y))
 
 
 def _winograd_or_skip():
@@ -834,20 +828,13 @@ def test_winograd_conv_rejects_bad_input():
     assert torch.equal(wgrad(torch.randn(0, 4, 5, 5), torch.randn(0, 6, 5, 5), [1, 1], 4), torch.zeros(6, 4, 3, 3))
 
 
-def _winograd_for_small_shapes(monkeypatch, weight_grad=True):
-    """Let the small test shapes take the Winograd kernels (the size rules would send them to oneDNN)."""
-    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
-    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WORK", 0)
-    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WEIGHT_GRAD_WORK", 0 if weight_grad else float("inf"))
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_fused_conv_follows_autocast(monkeypatch, channels_last):
     """Inside torch.autocast a convolution runs in its dtype: the fused one too, in training (not the fp32 Winograd
     kernel, which the size rules would pick here) and eval (the folded weights cast): the stock block's output dtype,
     and its bf16 error against the fp32 run within 2x the stock block's, outputs and gradients."""
     _winograd_or_skip()
-    _winograd_for_small_shapes(monkeypatch)
+    winograd_for_small_shapes(monkeypatch)
     torch.manual_seed(0)
     stock = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
     with torch.no_grad():
@@ -886,7 +873,7 @@ def test_conv_bn_relu_training_by_winograd_matches_torch(monkeypatch, weight_gra
     Winograd, else the weight gradient by oneDNN; outputs, running statistics and every gradient against the
     unfused torch ops, for both tiles and with the direct path (0)."""
     _winograd_or_skip()
-    _winograd_for_small_shapes(monkeypatch, weight_grad == "winograd")
+    winograd_for_small_shapes(monkeypatch, weight_grad == "winograd")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 16, 17, 15, generator=g)
     conv_w, conv_b = torch.randn(32, 16, 3, 3, generator=g) * 0.1, torch.randn(32, generator=g)
@@ -930,7 +917,7 @@ def test_fused_conv_takes_the_winograd_kernel_as_configured(monkeypatch, setting
     the tile, 0 for oneDNN), NCHW or channels_last, keeps the transformed weight in its fold cache, and matches the
     unfused module; a stride of 2 and a 1x1 kernel keep the direct convolution. Training takes the same path."""
     _winograd_or_skip()
-    _winograd_for_small_shapes(monkeypatch)
+    winograd_for_small_shapes(monkeypatch)
     monkeypatch.setenv("FCK_CONV_WINOGRAD", setting)
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()

@@ -1,7 +1,6 @@
 """The batch-norm modules as drop-ins for torch's, and fuse(model) on Sequential chains and ResNet blocks."""
 
 import copy
-import importlib
 import io
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 import fastcore_kernels as fck
 from fastcore_kernels import nn as fnn
 
-from conftest import ALL_BACKENDS, devices, skip_unless_runnable
+from conftest import ALL_BACKENDS, devices, graph_node_names, skip_unless_runnable, winograd_for_small_shapes
 
 
 class BasicBlock(nn.Module):
@@ -530,7 +529,7 @@ def test_conv_relu_without_batch_norm(monkeypatch):
     """Conv2d -> ReLU (VGG's, AlexNet's layers) becomes ConvReLU2d: in eval the ReLU runs in the convolution's
     epilogue (by Winograd on the CPU: fp32 within its rounding of torch's), in training Winograd's three
     convolutions then torch's ReLU; float64 runs torch's convolution, so equal to rounding."""
-    _winograd_for_small_shapes(monkeypatch)
+    winograd_for_small_shapes(monkeypatch)
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(32, 32, 3, padding=1),
                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 16, 1), nn.ReLU())
@@ -546,7 +545,7 @@ def test_conv_relu_without_batch_norm(monkeypatch):
     for train in (True, False):
         if train:  # on a copy: this call's batch must not enter the running statistics
             probe = copy.deepcopy(fused_model)(x.clone().requires_grad_())
-            assert any("Winograd" in n for n in _graph_nodes(probe)) or not _winograd_for_small_shapes(monkeypatch)
+            assert any("Winograd" in n for n in graph_node_names(probe)) or not winograd_for_small_shapes(monkeypatch)
         model.train(train), fused_model.train(train)
         xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         want, got = model(xs), fused_model(xf)
@@ -583,24 +582,6 @@ _CONV_CASES = [
 ]
 
 
-def _graph_nodes(y) -> set[str]:
-    nodes, stack = set(), [y.grad_fn]
-    while stack:
-        n = stack.pop()
-        if n is not None and n not in nodes:
-            nodes.add(n)
-            stack.extend(f for f, _ in n.next_functions)
-    return {type(n).__name__ for n in nodes}
-
-
-def _winograd_for_small_shapes(monkeypatch):
-    """Let the small test shapes take the Winograd kernels, all three (the size rules would send them to oneDNN)."""
-    cbr = importlib.import_module("fastcore_kernels.ops.conv_bn_relu")  # the package exports the function's name
-    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WORK", 0)
-    monkeypatch.setattr(cbr, "_WINOGRAD_MIN_WEIGHT_GRAD_WORK", 0)
-    return cbr.extension().ok and cbr._winograd_available()
-
-
 @pytest.mark.parametrize("case", range(len(_CONV_CASES)))
 def test_conv2d_drop_in(monkeypatch, case):
     """fuse() makes every convolution nothing absorbed (DenseNet's after their BN-ReLU, one called twice) the
@@ -610,7 +591,7 @@ def test_conv2d_drop_in(monkeypatch, case):
     cin, cout, k, kw, shape, node = _CONV_CASES[case]
     kw = dict(kw)
     channels_last = kw.pop("channels_last", False)
-    ours = _winograd_for_small_shapes(monkeypatch)
+    ours = winograd_for_small_shapes(monkeypatch)
     torch.manual_seed(case)
     conv = nn.Conv2d(cin, cout, k, **kw)
     fused = fck.fuse(copy.deepcopy(conv))
@@ -620,7 +601,7 @@ def test_conv2d_drop_in(monkeypatch, case):
         x = x.to(memory_format=torch.channels_last)
     xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     want, got = conv(xs), fused(xf)
-    assert any(node in n for n in _graph_nodes(got)) or not ours, _graph_nodes(got)
+    assert any(node in n for n in graph_node_names(got)) or not ours, graph_node_names(got)
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
     if channels_last:
@@ -649,7 +630,7 @@ def test_conv2d_drop_in(monkeypatch, case):
 def test_conv2d_drop_in_takes_gradients_of_any_layout(monkeypatch, channels_last):
     """DenseNet concatenates each convolution's output with its input: the gradient that comes back is a slice of
     the concatenation's (neither NCHW- nor channels_last-dense). The Winograd backward takes it."""
-    ours = _winograd_for_small_shapes(monkeypatch)
+    ours = winograd_for_small_shapes(monkeypatch)
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 3, padding=1)
     fused = fck.fuse(copy.deepcopy(conv))
@@ -660,7 +641,7 @@ def test_conv2d_drop_in_takes_gradients_of_any_layout(monkeypatch, channels_last
     for module in (conv, fused):
         xi = x.clone().requires_grad_()
         y = module(xi)
-        assert "_WinogradConv2dBackward" in _graph_nodes(y) or module is conv or not ours
+        assert "_WinogradConv2dBackward" in graph_node_names(y) or module is conv or not ours
         out = torch.cat([xi, y], 1)
         (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         outs.append(out.detach())
@@ -680,12 +661,12 @@ def test_resnet_block_tail_is_one_fused_convolution(monkeypatch):
     fused_model = fck.fuse(copy.deepcopy(model))
     assert type(fused_model.conv2) is fnn.FusedConv2d and fused_model.conv2._residual
     x = torch.randn(16, 32, 16, 16)  # 256 tiles: enough for two threads
-    ours = _winograd_for_small_shapes(monkeypatch)
+    ours = winograd_for_small_shapes(monkeypatch)
     for train in (True, False, True):
         model.train(train), fused_model.train(train)
         xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         want, got = model(xs), fused_model(xf)
-        assert "_WinogradConv2dBackward" in _graph_nodes(got) or not ours
+        assert "_WinogradConv2dBackward" in graph_node_names(got) or not ours
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
         want.square().sum().backward()
         got.square().sum().backward()
@@ -813,6 +794,17 @@ def test_fuse_channels_last(kind):
     fused.load_state_dict(model.state_dict())
 
 
+def _eval_twice_matches(fused, model, x):
+    """The fused model's eval output without gradients, twice (the second call on the cached weights), against the
+    model's; the last output."""
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(2):
+            got = fused(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    return got
+
+
 @pytest.mark.parametrize("conv", [lambda: nn.Conv2d(16, 64, 1), lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
                                   lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1)], ids=["1x1", "depthwise", "3x3"])
 def test_channels_last_eval_packs_every_width(conv):
@@ -826,12 +818,7 @@ def test_channels_last_eval_packs_every_width(conv):
     x = torch.randn(16, cin, 32, 32)
     for channels_last in (True, False):
         fused = fck.fuse(copy.deepcopy(seq), channels_last=channels_last).eval()
-        inp = x.to(memory_format=torch.channels_last) if channels_last else x
-        with torch.no_grad():
-            want = seq(inp)
-            for _ in range(2):
-                got = fused(inp)
-                torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        got = _eval_twice_matches(fused, seq, x.to(memory_format=torch.channels_last) if channels_last else x)
         assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if torch.backends.mkldnn.is_available():
             assert (fused[0]._fold_cache.pack_key is not None) == channels_last
@@ -851,14 +838,11 @@ def test_resnet_tail_eval_in_one_onednn_call(channels_last):
     x = torch.randn(16, 64, 20, 20)  # conv3: 6.6M multiply-adds, enough for the packed weight
     if channels_last:  # the residual too (the block's input): as every block's after a channels_last model's stem
         x = x.to(memory_format=torch.channels_last)
+    got = _eval_twice_matches(fused, model, x)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if torch.backends.mkldnn.is_available():
+        assert (fused.conv3._fold_cache.pack is not None) == channels_last
     with torch.no_grad():
-        want = model(x)
-        for _ in range(2):
-            got = fused(x)
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
-        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        if torch.backends.mkldnn.is_available():
-            assert (fused.conv3._fold_cache.pack is not None) == channels_last
         with pytest.raises(ValueError, match="residual has shape"):  # as BatchNormAddReLU2d's
             fused.conv3(x.to(memory_format=torch.channels_last)[:, :16], torch.randn(16, 64, 19, 20))
     with pytest.raises(TypeError, match="residual"):
