@@ -220,9 +220,9 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
 
 
 class Conv2d(NotScriptable, nn.Conv2d):
-    """nn.Conv2d's drop-in: what fuse() makes of a convolution nothing absorbed (a ResNet block's second convolution,
-    before its BatchNormAddReLU2d). Winograd (3x3, stride 1) or our depthwise kernels where they apply, in training
-    and in eval; in eval otherwise oneDNN with the packed weight kept between calls. The state_dict of nn.Conv2d."""
+    """nn.Conv2d's drop-in: what fuse() makes of a convolution nothing absorbed (DenseNet's after their BN-ReLU, one
+    called twice). Winograd (3x3, stride 1) or our depthwise kernels where they apply, in training and in eval; in
+    eval otherwise oneDNN with the packed weight kept between calls. The state_dict of nn.Conv2d."""
 
     _relu = False
 

@@ -134,7 +134,7 @@ def _onednn_conv_add_relu(x, w, b, residual, stride, padding, dilation, groups, 
     out = [x.shape[0], w.shape[0]] + [(x.shape[i + 2] + 2 * args[0][i] - args[2][i] * (w.shape[i + 2] - 1) - 1)
                                       // args[1][i] + 1 for i in range(2)]
     if list(residual.shape) != out:
-        return None  # the unfused path raises torch's error
+        return None  # the unfused path refuses it with its message
     return op.binary(x, residual, packed, b, *args, "add", None, "relu", [], "")
 
 
