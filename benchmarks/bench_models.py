@@ -11,6 +11,7 @@ Bytes: the input batch (a model's time is not bandwidth-bound; the column is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import unittest.mock
 import warnings
@@ -64,10 +65,12 @@ def bench_model(res, device, name, batch, train, reps, layouts=("nchw",), compil
         return step
 
     fns = {provider: run(model) for provider, model in models.items()}
-    import torch._inductor.config as inductor_config
+    settings = contextlib.nullcontext()
+    if compile_stock:  # inference compiled as Inductor is told to for it (freezing: weights folded, prepacked)
+        import torch._inductor.config as inductor_config
 
-    # Inference compiled as Inductor is told to for it (freezing: weights folded and prepacked as constants)
-    with unittest.mock.patch.object(inductor_config, "freezing", not train):
+        settings = unittest.mock.patch.object(inductor_config, "freezing", not train)
+    with settings:
         timed = interleaved_time_ms(fns, reps=reps) if device.type == "cpu" else \
             {provider: time_ms(f, device, reps) for provider, f in fns.items()}
     mode = "train step" if train else "inference"

@@ -847,3 +847,26 @@ def test_resnet_tail_eval_in_one_onednn_call(channels_last):
             fused.conv3(x.to(memory_format=torch.channels_last)[:, :16], torch.randn(16, 64, 19, 20))
     with pytest.raises(TypeError, match="residual"):
         fused.conv3(x[:, :16])
+
+
+class _ReflectTail(nn.Module):
+    """A block tail whose convolution pads by reflection: conv -> BN -> add -> ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
+def test_residual_tail_with_a_padding_mode():
+    """The absorbed tail pads by the convolution's padding mode itself (the kernels pad with zeros): torch's
+    outputs, gradients and running statistics, train and eval."""
+    torch.manual_seed(0)
+    model = _ReflectTail()
+    _randomize_bn_state(model)
+    fused = fck.fuse(copy.deepcopy(model))
+    assert type(fused.conv) is fnn.FusedConv2d and fused.conv._residual
+    _compare(model.double(), fused.double(), torch.randn(3, 4, 7, 6, dtype=torch.float64), "cpu", atol=1e-9)

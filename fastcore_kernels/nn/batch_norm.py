@@ -189,17 +189,15 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         bn = self.bn
         running_mean, running_var, weight, bias, use_batch_stats, factor, eps = bn._bn_args()
         if residual is not None:
-            if self.padding_mode != "zeros":
-                y, residual = residual_in_one_dtype(self._conv_forward(input, self.weight, self.bias), residual,
-                                                    self.add_keeps)
-                return batch_norm_act(y, residual, running_mean, running_var, weight, bias, use_batch_stats, factor,
-                                      eps, True, name="FusedConv2d")
+            padding = self.padding
+            if self.padding_mode != "zeros":  # padded here, so the convolution pads nothing
+                input, padding = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
             compiling = _backend.compiling()
             fold_cache = None if compiling else self.__dict__.setdefault("_fold_cache", FoldCache())
             raw_cache = None if compiling else self.__dict__.setdefault("_raw_cache", FoldCache())
             return conv_bn_add_relu(input, residual, self.weight, self.bias, running_mean, running_var, weight, bias,
-                                    use_batch_stats, factor, eps, self.stride, self.padding, self.dilation,
-                                    self.groups, fold_cache=fold_cache, raw_cache=raw_cache, add_keeps=self.add_keeps)
+                                    use_batch_stats, factor, eps, self.stride, padding, self.dilation, self.groups,
+                                    fold_cache=fold_cache, raw_cache=raw_cache, add_keeps=self.add_keeps)
         if use_batch_stats:
             y = (training_conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
                  if self.padding_mode == "zeros" else self._conv_forward(input, self.weight, self.bias))

@@ -316,10 +316,9 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False, channel
     """
     if not inplace:
         model = copy.deepcopy(model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     fuser = _Fuser(model)
     if channels_last:
+        model.to(memory_format=torch.channels_last)
         fuser.report.append("stored the 4-D parameters channels_last: convolutions run NHWC from the first on")
     if not list(model.children()):
         model = fuser.leaf(model, type(model).__name__)

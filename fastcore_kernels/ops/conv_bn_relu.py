@@ -118,15 +118,17 @@ def _onednn_packed(x, w, stride, padding, dilation, groups, fold_cache):
     return op, fold_cache.packed(w, key, lambda: reorder(w, *args, list(x.shape))), args
 
 
-def _onednn_conv_add_relu(x, w, b, residual, stride, padding, dilation, groups, fold_cache):
-    """relu(conv2d(x, w, b) + residual) in one oneDNN call, the add and the ReLU in the epilogue of the convolution
-    on its packed weight, or None where that does not apply: NHWC input and residual only (an NCHW input's packed
-    output is NHWC, which an NCHW residual does not match), fp32, outside autocast. A ResNet bottleneck's 1x1 layer
-    into 1024 channels at 14x14 (batch 16): 4.0 ms against 4.3 for the convolution alone with the ReLU; the batch
-    norm + add + ReLU pass it replaces read two tensors of that size and wrote one."""
+def _onednn_conv_add_relu(x, residual, folded, stride, padding, dilation, groups, fold_cache):
+    """relu(conv2d(x, w, b) + residual) in one oneDNN call, (w, b) = folded(), the add and the ReLU in the epilogue
+    of the convolution on its packed weight, or None where that does not apply: NHWC input and residual only (an
+    NCHW input's packed output is NHWC, which an NCHW residual does not match), fp32, outside autocast. Those are
+    tested before anything is folded. A ResNet bottleneck's 1x1 layer into 1024 channels at 14x14 (batch 16): 4.0 ms
+    against 4.3 for the convolution alone with the ReLU; the batch norm + add + ReLU pass it replaces read two
+    tensors of that size and wrote one."""
     if (residual.dtype != x.dtype or residual.dim() != 4 or residual.is_contiguous()
             or not residual.is_contiguous(memory_format=torch.channels_last) or autocast_dtype(x.device) is not None):
         return None
+    w, b = folded()
     found = _onednn_packed(x, w, stride, padding, dilation, groups, fold_cache)
     if found is None or not hasattr(found[0], "binary"):
         return None
@@ -380,6 +382,25 @@ class FoldCache:
         return pack
 
 
+def _recorded(*tensors) -> bool:
+    """Whether an eval call must run as torch's differentiable ops: under torch.func transforms, under
+    torch.jit.trace whatever the grad mode (a trace whose path hung on it would differ from its check's), or with
+    gradients to record for any of these tensors."""
+    return (_backend.transformed() or torch.jit.is_tracing()
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, fold_cache):
+    """The batch norm folded into the convolution's (weight, bias): from fold_cache while the tensors it came from
+    are unchanged (none: folded now)."""
+    def fold():
+        return fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
+
+    if fold_cache is None:
+        return fold()
+    return fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
+
+
 def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1,
                  eps=1e-5, stride=1, padding=0, dilation=1, groups=1, *, backend=None, fold_cache=None, relu=True,
                  act=None):
@@ -399,23 +420,12 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight, bn_b
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if running_mean.numel() != weight.shape[0] or running_var.numel() != weight.shape[0]:
         raise RuntimeError(f"running_mean should contain {weight.shape[0]} elements not {running_mean.numel()}")
-    tensors = (input, weight, bias, bn_weight, bn_bias)
-    # Under torch.func transforms, and under torch.jit.trace whatever the grad mode (a trace whose path hung on it
-    # would differ from its check's), torch's ops on the folded weight.
-    if (_backend.transformed() or torch.jit.is_tracing()
-            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    if _recorded(input, weight, bias, bn_weight, bn_bias):  # torch's ops on the folded weight
         w, b = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
         y = F.conv2d(input, w, b, stride, padding, dilation, groups)
         return act(y) if act is not None else torch.relu(y) if relu else y
-
-    def fold():
-        return fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
-
-    if fold_cache is None or _backend.compiling():
-        w, b = fold()
-    else:
-        w, b = fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
     cache = None if fold_cache is None or _backend.compiling() else fold_cache
+    w, b = _folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, cache)
     spec = None if act is None else epilogue(act)
     y = _conv_act(input, w, b, stride, padding, dilation, groups, cache, relu, spec)
     return act(y) if act is not None and spec is None else y
@@ -430,21 +440,15 @@ def conv_bn_add_relu(input, residual, weight, bias, running_mean, running_var, b
     with the weight kept in raw_cache), then the fused batch norm + add + ReLU pass. Eval without gradients on NHWC
     fp32: one oneDNN call on the folded, packed weight (kept in fold_cache) with the add and the ReLU in its
     epilogue, no pass of their own."""
-    if not training and not (_backend.transformed() or torch.jit.is_tracing() or _backend.compiling()
-                             or fold_cache is None or torch.is_grad_enabled() and any(
-                                 t is not None and t.requires_grad
-                                 for t in (input, residual, weight, bias, bn_weight, bn_bias))):
-        if running_mean is None or running_var is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
-
-        def fold():
-            return fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
-
-        if running_mean.numel() == weight.shape[0] and running_var.numel() == weight.shape[0]:
-            w, b = fold_cache.get((weight, bias, running_mean, running_var, bn_weight, bn_bias), float(eps), fold)
-            y = _onednn_conv_add_relu(input, w, b, residual, stride, padding, dilation, groups, fold_cache)
-            if y is not None:
-                return y
+    if (not training and fold_cache is not None and not _backend.compiling()
+            and running_mean is not None and running_var is not None
+            and running_mean.numel() == weight.shape[0] == running_var.numel()
+            and not _recorded(input, residual, weight, bias, bn_weight, bn_bias)):
+        y = _onednn_conv_add_relu(
+            input, residual, lambda: _folded(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                                             fold_cache), stride, padding, dilation, groups, fold_cache)
+        if y is not None:
+            return y
     y = (training_conv2d(input, weight, bias, stride, padding, dilation, groups) if training else
          conv2d(input, weight, bias, stride, padding, dilation, groups, fold_cache=raw_cache))
     y, residual = residual_in_one_dtype(y, residual, add_keeps)
